@@ -1,0 +1,238 @@
+"""Cost of one DP-SGD step relative to one non-private SGD step, per Opacus gradient mode.
+
+DP-SGD (Abadi et al., CCS 2016) needs every example's gradient norm to clip it. Opacus
+(Yousefpour et al., 2021) offers several ways to get it, with very different costs:
+
+* ``hooks`` — materialises per-example gradients from forward/backward hooks
+  (``B × |θ|`` floats: the dominant cost on wide dense layers);
+* ``ew`` — the same through PyTorch's ExpandedWeights;
+* ``ghost`` — ghost clipping (Li et al., ICLR 2022; Bu et al. 2022-23): per-example norms of
+  linear layers from activations and output gradients, then a second backward pass on the
+  re-weighted loss; layers without a ghost norm (conv, GroupNorm) fall back to materialised
+  per-example gradients.
+
+This script times one optimiser step (forward, backward, clip, noise, update) on a fixed
+batch for each model and mode, interleaving the variants repeat by repeat so that machine
+noise hits them alike, and reports the median over repeats divided by the non-private step.
+It prints a table, the fastest mode per model and the mode dpfed's trainer uses
+(:func:`site_agent.trainer.choose_grad_sample_mode`), and writes
+``bench/results/dp_step.json``.
+
+Run: ``.venv/bin/python bench/bench_dp_step.py`` (about two minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import opacus
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.models import build_model, count_parameters  # noqa: E402
+from common.specs import Conv2dSpec, ConvLayerSpec, MLPSpec, ModelSpec  # noqa: E402
+from site_agent.trainer import choose_grad_sample_mode  # noqa: E402
+
+MODES = ("hooks", "ew", "ghost")
+RESULTS = Path(__file__).resolve().parent / "results" / "dp_step.json"
+
+Step = Callable[[], None]
+
+
+def _specs() -> dict[str, ModelSpec]:
+    return {
+        "mlp 64-256-256-10": MLPSpec(kind="mlp", input_dim=64, num_classes=10, hidden=(256, 256)),
+        "mlp 784-1024-1024-10": MLPSpec(
+            kind="mlp", input_dim=784, num_classes=10, hidden=(1024, 1024)
+        ),
+        "cnn 1x28x28 c16-c32-fc128": Conv2dSpec(
+            kind="cnn2d",
+            input_dim=784,
+            num_classes=10,
+            input_shape=(1, 28, 28),
+            conv=(ConvLayerSpec(channels=16, pool=2), ConvLayerSpec(channels=32, pool=2)),
+            hidden=(128,),
+            groupnorm_groups=4,
+        ),
+    }
+
+
+def _nonprivate_step(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor) -> Step:
+    model = build_model(spec, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    crit = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        crit(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def _dp_step(spec: ModelSpec, mode: str, x: torch.Tensor, y: torch.Tensor) -> Step:
+    model = build_model(spec, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    crit = nn.CrossEntropyLoss()
+    loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        made: tuple[Any, ...] = PrivacyEngine(accountant="rdp").make_private(
+            module=model,
+            optimizer=opt,
+            criterion=crit,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+            grad_sample_mode=mode,
+        )
+    if len(made) == 4:
+        dp_model, dp_opt, dp_crit, _ = made
+    else:
+        dp_model, dp_opt, _ = made
+        dp_crit = crit
+
+    def step() -> None:
+        dp_opt.zero_grad(set_to_none=True)
+        dp_crit(dp_model(x), y).backward()
+        dp_opt.step()
+
+    return step
+
+
+def _time(step: Step, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - start) / n
+
+
+def bench_model(
+    name: str, spec: ModelSpec, *, batch: int, repeats: int, repeat_s: float
+) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, spec.input_dim, generator=g)
+    y = torch.randint(0, spec.num_classes, (batch,), generator=g)
+
+    steps: dict[str, Step] = {"sgd": _nonprivate_step(spec, x, y)}
+    errors: dict[str, str] = {}
+    for mode in MODES:
+        try:
+            candidate = _dp_step(spec, mode, x, y)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                candidate()  # fails here, not at make_private, when a mode cannot run
+            steps[mode] = candidate
+        except Exception as err:  # report an unsupported mode, don't stop the benchmark
+            errors[mode] = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
+
+    # Warm up, and size each repeat to about repeat_s seconds per variant.
+    per_repeat: dict[str, int] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for key, step in steps.items():
+            t = _time(step, 2)
+            per_repeat[key] = max(1, min(50, round(repeat_s / max(t, 1e-6))))
+        samples: dict[str, list[float]] = {key: [] for key in steps}
+        for _ in range(repeats):  # interleaved: every variant sees the same machine state
+            for key, step in steps.items():
+                samples[key].append(_time(step, per_repeat[key]))
+
+    median = {key: statistics.median(v) for key, v in samples.items()}
+    base = median["sgd"]
+    ratios = {mode: median[mode] / base for mode in MODES if mode in median}
+    fastest = min(ratios, key=lambda m: ratios[m])
+    default = choose_grad_sample_mode(spec)
+    return {
+        "model": name,
+        "spec": spec.model_dump(mode="json"),
+        "parameters": count_parameters(build_model(spec)),
+        "batch_size": batch,
+        "nonprivate_ms": base * 1e3,
+        "ms": {mode: median[mode] * 1e3 for mode in MODES if mode in median},
+        "ratio": ratios,
+        "unsupported": errors,
+        "fastest_mode": fastest,
+        "default_mode": default,
+        "default_ratio": ratios.get(default),
+        "steps_per_repeat": per_repeat,
+        "repeats": repeats,
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'model':<28}{'params':>10}{'sgd ms':>9}"
+    for mode in MODES:
+        head += f"{mode + ' ms':>11}{'×':>7}"
+    head += f"{'fastest':>9}{'default':>9}{'default ×':>11}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        line = f"{r['model']:<28}{r['parameters']:>10,}{r['nonprivate_ms']:>9.2f}"
+        for mode in MODES:
+            if mode in r["ms"]:
+                line += f"{r['ms'][mode]:>11.2f}{r['ratio'][mode]:>6.2f}×"
+            else:
+                line += f"{'n/a':>11}{'':>7}"
+        default_ratio = r["default_ratio"]
+        shown = f"{default_ratio:.2f}×" if default_ratio is not None else "n/a"
+        line += f"{r['fastest_mode']:>9}{r['default_mode']:>9}{shown:>11}"
+        lines.append(line)
+    for r in rows:
+        for mode, err in r["unsupported"].items():
+            lines.append(f"  {r['model']}: {mode} unsupported ({err})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeat-seconds", type=float, default=0.4)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    rows = [
+        bench_model(
+            name, spec, batch=args.batch, repeats=args.repeats, repeat_s=args.repeat_seconds
+        )
+        for name, spec in _specs().items()
+    ]
+    env = {
+        "torch": torch.__version__,
+        "opacus": opacus.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    print(
+        f"DP-SGD step time / non-private SGD step time (batch {args.batch}, median of "
+        f"{args.repeats} interleaved repeats; torch {env['torch']}, opacus {env['opacus']}, "
+        f"{env['torch_threads']} threads)"
+    )
+    print(_table(rows))
+    print(f"wall time {env['wall_s']} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""Declarative job specification: what a data scientist asks the sites to run.
+
+A job is *data*, never code. Everything a site agent needs to build and train the model is in
+this closed vocabulary; it is validated with ``extra="forbid"`` on both sides of the wire (the
+orchestrator when a job is submitted, every site agent again when a task arrives), so an
+unknown key or an out-of-range value is refused with a message naming the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.errors import InvalidSpecError
+
+Activation = Literal["relu", "tanh", "gelu", "sigmoid", "elu", "leaky_relu"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LinearSpec(_Frozen):
+    """Multinomial logistic regression: one affine layer."""
+
+    kind: Literal["linear"]
+    input_dim: int = Field(ge=1, le=1_000_000)
+    num_classes: int = Field(ge=2, le=100_000)
+
+
+class MLPSpec(_Frozen):
+    """Fully connected network: ``input_dim -> hidden[0] -> ... -> num_classes``."""
+
+    kind: Literal["mlp"]
+    input_dim: int = Field(ge=1, le=1_000_000)
+    num_classes: int = Field(ge=2, le=100_000)
+    hidden: tuple[Annotated[int, Field(ge=1, le=65_536)], ...] = Field(
+        default=(64,), max_length=32
+    )
+    activation: Activation = "relu"
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+class ConvLayerSpec(_Frozen):
+    channels: int = Field(ge=1, le=4096)
+    kernel_size: int = Field(default=3, ge=1, le=31)
+    stride: int = Field(default=1, ge=1, le=8)
+    pool: int = Field(default=1, ge=1, le=8, description="max-pool window after the layer; 1 = none")
+
+
+class Conv1dSpec(_Frozen):
+    """1-D conv net over rows of ``input_dim`` features reshaped to ``(channels, length)``."""
+
+    kind: Literal["cnn1d"]
+    input_dim: int = Field(ge=1, le=1_000_000)
+    num_classes: int = Field(ge=2, le=100_000)
+    input_shape: tuple[int, int] = Field(description="(channels, length); product = input_dim")
+    conv: tuple[ConvLayerSpec, ...] = Field(min_length=1, max_length=16)
+    hidden: tuple[Annotated[int, Field(ge=1, le=65_536)], ...] = Field(default=(), max_length=8)
+    activation: Activation = "relu"
+    groupnorm_groups: int = Field(
+        default=0, ge=0, le=64, description="GroupNorm after each conv (0 = none); DP-safe"
+    )
+
+    @model_validator(mode="after")
+    def _shape_matches(self) -> Conv1dSpec:
+        c, length = self.input_shape
+        if c < 1 or length < 1 or c * length != self.input_dim:
+            raise ValueError(
+                f"input_shape {self.input_shape} does not multiply to input_dim {self.input_dim}"
+            )
+        return self
+
+
+class Conv2dSpec(_Frozen):
+    """2-D conv net over rows reshaped to ``(channels, height, width)`` (e.g. 1x8x8 digits)."""
+
+    kind: Literal["cnn2d"]
+    input_dim: int = Field(ge=1, le=1_000_000)
+    num_classes: int = Field(ge=2, le=100_000)
+    input_shape: tuple[int, int, int] = Field(description="(channels, height, width)")
+    conv: tuple[ConvLayerSpec, ...] = Field(min_length=1, max_length=16)
+    hidden: tuple[Annotated[int, Field(ge=1, le=65_536)], ...] = Field(default=(), max_length=8)
+    activation: Activation = "relu"
+    groupnorm_groups: int = Field(default=0, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _shape_matches(self) -> Conv2dSpec:
+        c, h, w = self.input_shape
+        if min(c, h, w) < 1 or c * h * w != self.input_dim:
+            raise ValueError(
+                f"input_shape {self.input_shape} does not multiply to input_dim {self.input_dim}"
+            )
+        return self
+
+
+ModelSpec = Annotated[
+    LinearSpec | MLPSpec | Conv1dSpec | Conv2dSpec, Field(discriminator="kind")
+]
+
+
+class OptimizerSpec(_Frozen):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(default=0.1, gt=0.0, le=10.0)
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class DPSpec(_Frozen):
+    """Sample-level DP-SGD parameters requested for every site.
+
+    Exactly one of ``noise_multiplier`` and ``target_epsilon`` is set. With ``target_epsilon``
+    each site's σ is calibrated to its own sample rate so that no site passes the target over
+    the planned rounds.
+    """
+
+    noise_multiplier: float | None = Field(default=None, gt=0.0, le=1000.0)
+    target_epsilon: float | None = Field(default=None, gt=0.0, le=1000.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0, le=1e6)
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> DPSpec:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("set exactly one of dp.noise_multiplier and dp.target_epsilon")
+        if self.delta >= 0.01:
+            raise ValueError(f"dp.delta={self.delta} is not a meaningful guarantee; use < 0.01")
+        return self
+
+
+class MetricsSpec(_Frozen):
+    """How the sites report validation metrics (loss, accuracy) each round.
+
+    Metrics are computed on site data, so they leave a site only through the Gaussian
+    mechanism and are charged to the site's ledger like any release. ``exact: true`` asks for
+    un-noised metrics; a site sends those only when its own policy allows it, and the model
+    card then says they are outside the guarantee.
+    """
+
+    enabled: bool = True
+    noise_multiplier: float = Field(default=20.0, gt=0.0, le=1e6)
+    loss_bound: float = Field(default=5.0, gt=0.0, le=1e3, description="per-example loss clip")
+    exact: bool = False
+
+
+class JobSpec(_Frozen):
+    """A federated DP training job (``job.yaml``)."""
+
+    kind: Literal["train"] = "train"
+    name: str | None = Field(default=None, max_length=200)
+    dataset: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")
+    model: ModelSpec
+    rounds: int = Field(ge=1, le=10_000)
+    local_epochs: float | None = Field(default=1.0, gt=0.0, le=1000.0)
+    local_steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    batch_size: int = Field(ge=1, le=1_000_000, description="expected (Poisson) batch size")
+    optimizer: OptimizerSpec = OptimizerSpec()
+    dp: DPSpec
+    metrics: MetricsSpec = MetricsSpec()
+    min_sites: int = Field(default=1, ge=1, le=100_000)
+    round_timeout_s: float = Field(default=600.0, gt=0.0, le=86_400.0)
+    start_timeout_s: float = Field(default=120.0, gt=0.0, le=86_400.0)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_xor_epochs(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("local_steps") is not None:
+            data = dict(data)
+            if data.get("local_epochs") is not None and "local_epochs" in data:
+                raise ValueError("set only one of local_epochs and local_steps")
+            data["local_epochs"] = None
+        return data
+
+
+def format_validation_error(err: ValidationError, *, source: str) -> str:
+    """One line per bad field, naming it by its dotted path (``dp.delta: ...``)."""
+    lines = [f"invalid {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        lines.append(f"  {loc or '<root>'}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_job_spec(data: Any, *, source: str = "job spec") -> JobSpec:
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise InvalidSpecError(format_validation_error(err, source=source)) from None
+
+
+def job_spec_from_json(text: str) -> JobSpec:
+    try:
+        return JobSpec.model_validate_json(text)
+    except ValidationError as err:
+        raise InvalidSpecError(format_validation_error(err, source="job spec")) from None
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise InvalidSpecError(f"job spec file not found: {p}") from None
+    except yaml.YAMLError as err:
+        raise InvalidSpecError(f"job spec {p} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise InvalidSpecError(f"job spec {p} must be a YAML mapping, got {type(raw).__name__}")
+    return parse_job_spec(raw, source=f"job spec {p}")

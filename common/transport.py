@@ -1,0 +1,53 @@
+"""gRPC settings shared by both ends (message limits, keepalive) and address checks."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from common.errors import InvalidSpecError
+
+# Chunks are 1 MiB; anything much larger than that on the wire is malformed or hostile.
+MAX_MESSAGE_BYTES = 8 << 20
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InvalidSpecError(f"address {address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(address: str) -> bool:
+    host, _ = split_address(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_loopback_for_plaintext(address: str) -> None:
+    """Plaintext gRPC is for one machine only; across a network the traffic must be TLS."""
+    if not is_loopback(address):
+        raise InvalidSpecError(
+            f"refusing plaintext gRPC on non-loopback address {address}: "
+            "plaintext is only allowed on 127.0.0.1/::1/localhost"
+        )

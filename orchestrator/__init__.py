@@ -1,0 +1,1 @@
+"""The orchestrator: schedules rounds, aggregates, accounts and releases models."""

@@ -1,0 +1,49 @@
+"""Weighted FedAvg (McMahan et al. 2017) folded into one running sum as updates arrive.
+
+``flwr.server.strategy.aggregate.aggregate`` computes the same weighted mean but needs every
+site's update in memory at once; here each update is added to a float64 running sum and
+dropped, so peak memory is a small multiple of the model size whatever the number of sites.
+``tests/unit/test_aggregation.py`` checks the result against Flower's function.
+
+Averaging DP-noised deltas is post-processing: it costs no privacy (Dwork & Roth 2014, Prop. 2.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from common.errors import InvalidUpdateError
+
+
+class RunningWeightedMean:
+    """Σ wᵢ·Δᵢ / Σ wᵢ over a stream of state dicts with identical keys and shapes."""
+
+    def __init__(self, reference: Mapping[str, torch.Tensor]) -> None:
+        self._sum: dict[str, torch.Tensor] = {
+            k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()
+        }
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
+        if not weight > 0:
+            raise InvalidUpdateError(f"aggregation weight must be positive, got {weight}")
+        if delta.keys() != self._sum.keys():
+            raise InvalidUpdateError("update tensors do not match the model's")
+        for k, acc in self._sum.items():
+            acc.add_(delta[k].to(torch.float64), alpha=float(weight))
+        self.total_weight += float(weight)
+        self.count += 1
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        if self.count == 0:
+            raise InvalidUpdateError("no update to aggregate")
+        return {k: (v / self.total_weight).to(torch.float32) for k, v in self._sum.items()}
+
+
+def apply_delta(
+    state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    return {k: (v.to(torch.float32) + delta[k].to(torch.float32)) for k, v in state.items()}

@@ -1,0 +1,207 @@
+"""Hands tasks to dialled-in agents and their results back to the round that asked.
+
+Agents open no port: they long-poll :meth:`Broker.pull`. A round dispatches one task per
+selected site with :meth:`Broker.dispatch` and reads results (updates or failures) from its own
+queue. A site may only fetch the model of, and answer, a task addressed to it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+from common.domain import TaskAssignment, TaskFailure, UpdateMeta
+from common.errors import InvalidSpecError, NotFoundError, PermissionDeniedError
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    meta: UpdateMeta
+    blob: bytes
+
+
+@dataclass(frozen=True)
+class FailureResult:
+    failure: TaskFailure
+
+
+Result = UpdateResult | FailureResult
+
+
+@dataclass
+class _Pending:
+    assignment: TaskAssignment
+    site_id: str
+    blob: bytes
+    results: queue.Queue[Result]
+    delivered: bool = False
+
+
+@dataclass
+class _Presence:
+    session_id: str
+    last_seen: float
+    state: str = "idle"
+    delivered: set[str] = field(default_factory=set)
+
+
+class Broker:
+    def __init__(self, *, offline_after_s: float = 30.0) -> None:
+        self._cv = threading.Condition()
+        self._queues: dict[str, deque[str]] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._presence: dict[str, _Presence] = {}
+        self.offline_after_s = offline_after_s
+
+    # ------------------------------------------------------------ presence
+
+    def connect(self, site_id: str) -> str:
+        """A (re-)registration. Tasks the site's previous session had taken are lost with it."""
+        session_id = uuid.uuid4().hex
+        with self._cv:
+            old = self._presence.get(site_id)
+            self._presence[site_id] = _Presence(session_id=session_id, last_seen=time.time())
+            if old is not None:
+                for task_id in list(old.delivered):
+                    self._fail_locked(
+                        task_id, "UNAVAILABLE", "the site agent restarted while running the task"
+                    )
+            self._queues.setdefault(site_id, deque())
+            self._cv.notify_all()
+        return session_id
+
+    def seen(self, site_id: str, session_id: str, *, state: str | None = None) -> bool:
+        """Record a sign of life; False when the session is unknown (re-register)."""
+        with self._cv:
+            p = self._presence.get(site_id)
+            if p is None or p.session_id != session_id:
+                return False
+            p.last_seen = time.time()
+            if state is not None:
+                p.state = state
+            return True
+
+    def online(self, site_id: str) -> bool:
+        with self._cv:
+            p = self._presence.get(site_id)
+            return p is not None and time.time() - p.last_seen <= self.offline_after_s
+
+    def presence(self, site_id: str) -> tuple[float, str] | None:
+        with self._cv:
+            p = self._presence.get(site_id)
+            return None if p is None else (p.last_seen, p.state)
+
+    # ------------------------------------------------------------ rounds side
+
+    def dispatch(self, site_id: str, assignment: TaskAssignment, blob: bytes) -> queue.Queue[Result]:
+        results: queue.Queue[Result] = queue.Queue()
+        self.dispatch_into(site_id, assignment, blob, results)
+        return results
+
+    def dispatch_into(
+        self, site_id: str, assignment: TaskAssignment, blob: bytes, results: queue.Queue[Result]
+    ) -> None:
+        with self._cv:
+            self._pending[assignment.task_id] = _Pending(assignment, site_id, blob, results)
+            self._queues.setdefault(site_id, deque()).append(assignment.task_id)
+            self._cv.notify_all()
+
+    def cancel(self, task_ids: list[str]) -> None:
+        """Forget tasks whose round is over; late answers are refused."""
+        with self._cv:
+            for tid in task_ids:
+                p = self._pending.pop(tid, None)
+                if p is not None:
+                    q = self._queues.get(p.site_id)
+                    if q is not None and tid in q:
+                        q.remove(tid)
+                    pres = self._presence.get(p.site_id)
+                    if pres is not None:
+                        pres.delivered.discard(tid)
+
+    def check_liveness(self, task_ids: list[str]) -> None:
+        """Fail the tasks whose site has gone silent, so a round need not wait its deadline."""
+        now = time.time()
+        with self._cv:
+            for tid in task_ids:
+                p = self._pending.get(tid)
+                if p is None:
+                    continue
+                pres = self._presence.get(p.site_id)
+                if pres is None or now - pres.last_seen > self.offline_after_s:
+                    self._fail_locked(tid, "UNAVAILABLE", "the site stopped answering (offline)")
+
+    # ------------------------------------------------------------ agent side
+
+    def pull(self, site_id: str, session_id: str, *, wait_s: float) -> TaskAssignment | None:
+        deadline = time.time() + max(0.0, min(wait_s, 60.0))
+        with self._cv:
+            while True:
+                pres = self._presence.get(site_id)
+                if pres is None or pres.session_id != session_id:
+                    raise PermissionDeniedError(
+                        f"site {site_id!r} has no live session; register first"
+                    )
+                pres.last_seen = time.time()
+                q = self._queues.setdefault(site_id, deque())
+                while q:
+                    tid = q.popleft()
+                    p = self._pending.get(tid)
+                    if p is not None:
+                        p.delivered = True
+                        pres.delivered.add(tid)
+                        return p.assignment
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    return None
+                self._cv.wait(timeout=remaining)
+
+    def model_blob(self, site_id: str, task_id: str) -> bytes:
+        with self._cv:
+            p = self._owned(site_id, task_id)
+            return p.blob
+
+    def push_update(self, meta: UpdateMeta, blob: bytes) -> None:
+        with self._cv:
+            p = self._owned(meta.site_id, meta.task_id)
+            if len(blob) != meta.total_size:
+                raise InvalidSpecError(
+                    f"update for task {meta.task_id} has {len(blob)} bytes, "
+                    f"header announced {meta.total_size}"
+                )
+            self._finish_locked(meta.task_id)
+            p.results.put(UpdateResult(meta=meta, blob=blob))
+
+    def report_failure(self, failure: TaskFailure) -> None:
+        with self._cv:
+            self._owned(failure.site_id, failure.task_id)
+            self._fail_locked(failure.task_id, failure.code, failure.reason)
+
+    # ------------------------------------------------------------ internals
+
+    def _owned(self, site_id: str, task_id: str) -> _Pending:
+        p = self._pending.get(task_id)
+        if p is None:
+            raise NotFoundError(f"task {task_id!r} is unknown or its round is over")
+        if p.site_id != site_id:
+            raise PermissionDeniedError(f"task {task_id!r} is not addressed to site {site_id!r}")
+        return p
+
+    def _finish_locked(self, task_id: str) -> _Pending | None:
+        p = self._pending.pop(task_id, None)
+        if p is not None:
+            pres = self._presence.get(p.site_id)
+            if pres is not None:
+                pres.delivered.discard(task_id)
+        return p
+
+    def _fail_locked(self, task_id: str, code: str, reason: str) -> None:
+        p = self._finish_locked(task_id)
+        if p is not None:
+            p.results.put(
+                FailureResult(TaskFailure(site_id=p.site_id, task_id=task_id, code=code, reason=reason))
+            )

@@ -1,0 +1,305 @@
+"""`orchestrator` command line: serve, launch, plan, status, jobs, sites, ledger, pull.
+
+Every command that talks to a running orchestrator takes ``--server HOST:PORT`` (default
+``$DPFED_SERVER`` or 127.0.0.1:50051). Tables and progress go to standard error; standard
+output carries only what scripts read (the job id of ``launch``, JSON with ``--json``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.cli_support import err_console, run_app, setup_logging
+from common.domain import JobStatus
+from common.errors import DpfedError, JobFailedError
+from common.specs import load_job_spec
+from orchestrator.client import ControlClient
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="dpfed orchestrator: run the server and drive federated DP jobs.",
+)
+out = Console(highlight=False)
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+ServerOpt = Annotated[
+    str,
+    typer.Option("--server", "-s", envvar="DPFED_SERVER", help="orchestrator HOST:PORT"),
+]
+
+
+def _fmt_eps(x: float) -> str:
+    return "-" if not math.isfinite(x) or x == 0 else f"{x:.3f}"
+
+
+def _fmt_time(t: float) -> str:
+    if t <= 0:
+        return "-"
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _fmt_metric(x: float) -> str:
+    return "-" if not math.isfinite(x) else f"{x:.3f}"
+
+
+@app.command()
+def serve(
+    listen: Annotated[str, typer.Option(help="HOST:PORT to listen on")] = DEFAULT_SERVER,
+    state_dir: Annotated[Path, typer.Option(help="folder for the database, checkpoints, models")] = Path(
+        "./orchestrator-state"
+    ),
+    db_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL (default: SQLite in the state dir)")
+    ] = None,
+    offline_after: Annotated[
+        float, typer.Option(help="seconds of silence before a site counts as offline")
+    ] = 30.0,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Run the orchestrator until SIGTERM/SIGINT; unfinished jobs resume at the next start."""
+    from orchestrator.server import serve_forever, start_server
+
+    setup_logging(log_level)
+    running = start_server(
+        listen=listen, state_dir=state_dir, db_url=db_url, offline_after_s=offline_after
+    )
+    err_console.print(f"orchestrator listening on 127.0.0.1:{running.port}")
+    serve_forever(running)
+
+
+@app.command()
+def launch(
+    job_file: Annotated[Path, typer.Argument(help="job.yaml")],
+    server: ServerOpt = DEFAULT_SERVER,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the job until it ends")] = False,
+) -> None:
+    """Submit a job; print its id (last line of stdout). With --wait, exit 0 only on release."""
+    spec = load_job_spec(job_file)
+    with ControlClient(server) as client:
+        job_id = client.submit(spec.model_dump_json())
+        print(job_id, flush=True)
+        if wait:
+            final = _follow(client, job_id, spec.rounds)
+            _print_result(final)
+            if final.state != "completed" or not final.model_released:
+                raise JobFailedError(f"job {job_id} {final.state}: {final.error or 'no model'}")
+
+
+def _follow(client: ControlClient, job_id: str, rounds: int) -> JobStatus:
+    last: JobStatus | None = None
+    seen_events = 0
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    ) as progress:
+        bar = progress.add_task(f"{job_id} rounds", total=rounds, info="waiting for sites")
+        for status in client.watch(job_id):
+            last = status
+            for ev in status.events[seen_events:]:
+                if ev.level != "info":
+                    who = f"[{ev.site_id}] " if ev.site_id else ""
+                    progress.console.print(f"[yellow]{ev.level}[/]: {who}{ev.message}")
+            seen_events = len(status.events)
+            info = status.state
+            if status.history:
+                h = status.history[-1]
+                info = f"acc {_fmt_metric(h.accuracy)}  loss {_fmt_metric(h.loss)}  ε {_fmt_eps(h.epsilon)}"
+            progress.update(bar, completed=status.round, info=info)
+    if last is None:
+        raise DpfedError(f"lost track of job {job_id}")
+    if not last.terminal:
+        last = client.job(job_id)
+    return last
+
+
+def _print_result(status: JobStatus) -> None:
+    if status.state == "completed":
+        err_console.print(
+            f"[green]completed[/]: model released, ε = {status.epsilon:.4g}, δ = {status.delta:g} "
+            f"({status.accountant.upper()} accountant, max over {len(status.sites)} sites)"
+        )
+    else:
+        err_console.print(f"[red]{status.state}[/]: {status.error}")
+
+
+@app.command()
+def plan(job_file: Annotated[Path, typer.Argument(help="job.yaml")], server: ServerOpt = DEFAULT_SERVER) -> None:
+    """Project each site's ε for a job before launching it, and who would refuse."""
+    spec = load_job_spec(job_file)
+    with ControlClient(server) as client:
+        p = client.plan(spec.model_dump_json())
+    t = Table(title=f"plan for dataset {spec.dataset!r}, {spec.rounds} rounds, δ={p.delta:g}")
+    for col in ("site", "rows", "σ", "q", "steps", "job ε", "lifetime ε before → after", "budget", "verdict"):
+        t.add_column(col)
+    for s in p.sites:
+        t.add_row(
+            s.site_id,
+            str(s.num_examples),
+            f"{s.noise_multiplier:.3g}",
+            f"{s.sample_rate:.3g}",
+            str(s.steps),
+            _fmt_eps(s.projected_epsilon),
+            f"{s.dataset_epsilon_before:.3f} → {s.dataset_epsilon_after:.3f}",
+            f"{s.max_epsilon:.3g}",
+            f"[red]refuse[/]: {s.reason}" if s.would_refuse else "[green]ok[/]",
+        )
+    out.print(t)
+    verdict = "feasible" if p.feasible else f"NOT feasible: {p.message}"
+    out.print(f"released model ε ≈ {p.epsilon:.3f} ({p.accountant.upper()}); {verdict}")
+    if not p.feasible:
+        raise typer.Exit(4)
+
+
+@app.command()
+def status(
+    job_id: Annotated[str, typer.Argument()],
+    server: ServerOpt = DEFAULT_SERVER,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Show one job: state, rounds, metrics per round, each site's spend, events."""
+    with ControlClient(server) as client:
+        s = client.job(job_id)
+    if as_json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(s), default=str, indent=2))
+        return
+    out.print(
+        f"[bold]{s.job_id}[/] {s.name}  dataset={s.dataset}  state={s.state}  "
+        f"rounds {s.round}/{s.rounds}  ε={_fmt_eps(s.epsilon)} δ={s.delta:g}"
+        + (f"\n[red]error:[/] {s.error}" if s.error else "")
+    )
+    if s.history:
+        t = Table(title="rounds")
+        for col in ("round", "sites", "examples", "val loss", "val acc", "ε after", "seconds"):
+            t.add_column(col)
+        for h in s.history:
+            t.add_row(str(h.round), ", ".join(h.site_ids), str(h.num_examples),
+                      _fmt_metric(h.loss), _fmt_metric(h.accuracy), _fmt_eps(h.epsilon),
+                      f"{h.duration_s:.1f}")
+        out.print(t)
+    if s.sites:
+        t = Table(title="privacy spend per site (this job)")
+        for col in ("site", "examples", "σ", "q", "steps", "C", "ε (job)", "dataset ε (lifetime)"):
+            t.add_column(col)
+        for sp in s.sites:
+            t.add_row(sp.site_id, str(sp.num_examples), f"{sp.noise_multiplier:.3g}",
+                      f"{sp.sample_rate:.3g}", str(sp.steps), f"{sp.max_grad_norm:g}",
+                      _fmt_eps(sp.epsilon), _fmt_eps(sp.dataset_epsilon))
+        out.print(t)
+    if s.events:
+        t = Table(title="events")
+        for col in ("time", "level", "site", "message"):
+            t.add_column(col)
+        for ev in s.events[-20:]:
+            t.add_row(_fmt_time(ev.time), ev.level, ev.site_id or "-", ev.message)
+        out.print(t)
+
+
+@app.command()
+def jobs(server: ServerOpt = DEFAULT_SERVER) -> None:
+    """List jobs."""
+    with ControlClient(server) as client:
+        rows = client.jobs()
+    t = Table(title="jobs")
+    for col in ("job", "name", "dataset", "state", "rounds", "ε", "δ", "model", "created"):
+        t.add_column(col)
+    for j in rows:
+        t.add_row(j.job_id, j.name or "-", j.dataset, j.state, f"{j.round}/{j.rounds}",
+                  _fmt_eps(j.epsilon), f"{j.delta:g}", "released" if j.model_released else "-",
+                  _fmt_time(j.created_at))
+    out.print(t)
+
+
+@app.command()
+def sites(server: ServerOpt = DEFAULT_SERVER) -> None:
+    """List registered sites and the datasets each exposes (name, rows, columns)."""
+    with ControlClient(server) as client:
+        rows = client.sites()
+    t = Table(title="sites")
+    for col in ("site", "state", "last seen", "version", "dataset", "rows", "columns", "ε spent / budget"):
+        t.add_column(col)
+    for s in rows:
+        for i, d in enumerate(s.datasets or ()):
+            cols = ", ".join(d.columns)
+            if len(cols) > 60:
+                cols = f"{len(d.columns)} columns: {', '.join(d.columns[:4])}, …"
+            t.add_row(
+                s.site_id if i == 0 else "", s.state if i == 0 else "",
+                _fmt_time(s.last_seen) if i == 0 else "", s.version if i == 0 else "",
+                d.name, str(d.num_rows), f"{cols} → label {d.label}",
+                f"{d.epsilon_spent:.3f} / {d.max_epsilon:.3g}",
+            )
+    out.print(t)
+
+
+@app.command()
+def ledger(server: ServerOpt = DEFAULT_SERVER) -> None:
+    """Privacy spend per site, dataset and job, with each dataset's lifetime spend."""
+    with ControlClient(server) as client:
+        rows, site_rows = client.ledger()
+    t = Table(title="spend per job (at the job's δ)")
+    for col in ("site", "dataset", "job", "rounds", "ε", "δ"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r.site_id, r.dataset, r.job_id, str(r.rounds), _fmt_eps(r.epsilon), f"{r.delta:g}")
+    out.print(t)
+    t = Table(title="lifetime spend per dataset (as each site reports it, at the site's δ)")
+    for col in ("site", "dataset", "ε spent", "budget", "remaining", "δ"):
+        t.add_column(col)
+    for s in site_rows:
+        for d in s.datasets:
+            t.add_row(s.site_id, d.name, f"{d.epsilon_spent:.3f}", f"{d.max_epsilon:.3g}",
+                      f"{max(0.0, d.max_epsilon - d.epsilon_spent):.3f}", f"{d.policy_delta:g}")
+    out.print(t)
+
+
+@app.command()
+def pull(
+    job_id: Annotated[str, typer.Argument()],
+    out_dir: Annotated[Path, typer.Option("--out", help="folder to write the model into")],
+    server: ServerOpt = DEFAULT_SERVER,
+) -> None:
+    """Download a released model: OUT/model.safetensors and OUT/model_card.json."""
+    with ControlClient(server) as client:
+        card, weights = client.download(job_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "model.safetensors").write_bytes(weights)
+    (out_dir / "model_card.json").write_text(card)
+    c = json.loads(card)
+    err_console.print(
+        f"wrote {out_dir}/model.safetensors and model_card.json "
+        f"(ε = {c['epsilon']:.4g}, δ = {c['delta']:g}); load with "
+        f"common.models.load_model({str(out_dir)!r})"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_app(app, argv, prog="orchestrator")
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    run()

@@ -1,0 +1,106 @@
+"""The CLI's client of the ControlService: domain types in and out, gRPC errors as DpfedError."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import TracebackType
+
+import grpc
+
+from common import serde
+from common.domain import JobStatus, LedgerRow, Plan, SiteStatus
+from common.errors import DpfedError, UnavailableError, error_from_status
+from common.transport import CHANNEL_OPTIONS
+from protos.dpfed.v1 import dpfed_pb2 as pb
+from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
+
+_TIMEOUT_S = 30.0
+
+
+def _translate(err: grpc.RpcError, address: str) -> DpfedError:
+    if isinstance(err, grpc.Call):
+        code = err.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return UnavailableError(f"cannot reach the orchestrator at {address}: {err.details()}")
+        return error_from_status(code.name, err.details() or code.name)
+    return DpfedError(str(err))
+
+
+class ControlClient:
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.ControlServiceStub(self._channel)
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def submit(self, spec_json: str) -> str:
+        try:
+            resp = self._stub.SubmitJob(pb.SubmitJobRequest(job_spec_json=spec_json), timeout=_TIMEOUT_S)
+        except grpc.RpcError as err:
+            raise _translate(err, self.address) from None
+        return str(resp.job_id)
+
+    def plan(self, spec_json: str) -> Plan:
+        try:
+            resp = self._stub.PlanJob(pb.SubmitJobRequest(job_spec_json=spec_json), timeout=120.0)
+        except grpc.RpcError as err:
+            raise _translate(err, self.address) from None
+        return serde.plan_from_proto(resp)
+
+    def job(self, job_id: str) -> JobStatus:
+        try:
+            return serde.job_status_from_proto(self._stub.GetJob(pb.JobRef(job_id=job_id), timeout=_TIMEOUT_S))
+        except grpc.RpcError as err:
+            raise _translate(err, self.address) from None
+
+    def jobs(self) -> list[JobStatus]:
+        try:
+            resp = self._stub.ListJobs(pb.ListJobsRequest(), timeout=_TIMEOUT_S)
+        except grpc.RpcError as err:
+            raise _translate(err, self.address) from None
+        return [serde.job_status_from_proto(j) for j in resp.jobs]
+
+    def sites(self) -> list[SiteStatus]:
+        try:
+            resp = self._stub.ListSites(pb.ListSitesRequest(), timeout=_TIMEOUT_S)
+        except grpc.RpcError as err:
+            raise _translate(err, self.address) from None
+        return [serde.site_status_from_proto(s) for s in resp.sites]
+
+    def ledger(self) -> tuple[list[LedgerRow], list[SiteStatus]]:
+        try:
+            resp = self._stub.GetLedger(pb.LedgerRequest(), timeout=120.0)
+        except grpc.RpcError as err:
+            raise _translate(err, self.address) from None
+        return (
+            [serde.ledger_row_from_proto(r) for r in resp.rows],
+            [serde.site_status_from_proto(s) for s in resp.sites],
+        )
+
+    def watch(self, job_id: str) -> Iterator[JobStatus]:
+        try:
+            for msg in self._stub.WatchJob(pb.JobRef(job_id=job_id)):
+                yield serde.job_status_from_proto(msg)
+        except grpc.RpcError as err:
+            raise _translate(err, self.address) from None
+
+    def download(self, job_id: str) -> tuple[str, bytes]:
+        try:
+            parts = self._stub.DownloadModel(pb.JobRef(job_id=job_id), timeout=600.0)
+            first = next(parts, None)
+            if first is None or first.WhichOneof("item") != "model_card_json":
+                raise DpfedError("the orchestrator sent no model card")
+            weights = serde.blob_from_chunks(p.weights for p in parts)
+        except grpc.RpcError as err:
+            raise _translate(err, self.address) from None
+        return first.model_card_json, weights

@@ -1,0 +1,225 @@
+"""The orchestrator's core, behind the gRPC servicers: sites, jobs, plans, ledger, models.
+
+No gRPC here. The servicers translate messages with ``common.serde`` and call these methods;
+errors are ``common.errors`` types that the transport maps to statuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+from common.accounting import DpEvent, compute_epsilon
+from common.domain import (
+    DatasetInfo,
+    JobStatus,
+    LedgerRow,
+    Plan,
+    SiteRegistration,
+    SiteStatus,
+    TaskAssignment,
+    TaskFailure,
+    UpdateMeta,
+)
+from common.errors import InvalidSpecError, NotFoundError
+from common.specs import JobSpec, job_spec_from_json
+from orchestrator.broker import Broker
+from orchestrator.planning import ACCOUNTANT, plan_job, site_dataset
+from orchestrator.rounds import JobRunner
+from orchestrator.store import JobRow, Store
+from orchestrator.views import charged_events, job_status, ledger_rows, site_status
+
+log = logging.getLogger("dpfed.orchestrator")
+
+
+class Coordinator:
+    def __init__(
+        self, state_dir: Path, *, db_url: str | None = None, offline_after_s: float = 30.0
+    ) -> None:
+        self.store = Store(state_dir, url=db_url)
+        self.broker = Broker(offline_after_s=offline_after_s)
+        self._stopping = threading.Event()
+        self._runners: dict[str, JobRunner] = {}
+        self._cv = threading.Condition()
+        self._versions: dict[str, int] = {}
+        self.heartbeat_s = max(1.0, offline_after_s / 4)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Resume every job that was pending or running when the orchestrator stopped."""
+        for row in self.store.jobs():
+            if row.state in ("pending", "running"):
+                self._start_runner(row.job_id)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stopping.set()
+        with self._cv:
+            self._cv.notify_all()
+        for r in list(self._runners.values()):
+            r.join(timeout=timeout_s)
+        self.store.close()
+
+    def _start_runner(self, job_id: str) -> None:
+        runner = JobRunner(
+            job_id=job_id,
+            store=self.store,
+            broker=self.broker,
+            on_change=self._changed,
+            stopping=self._stopping,
+        )
+        self._runners[job_id] = runner
+        runner.start()
+
+    def _changed(self, job_id: str) -> None:
+        with self._cv:
+            self._versions[job_id] = self._versions.get(job_id, 0) + 1
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------ agents
+
+    def register(self, reg: SiteRegistration) -> str:
+        session_id = self.broker.connect(reg.site_id)
+        self.store.upsert_site(
+            site_id=reg.site_id,
+            version=reg.agent_version,
+            session_id=session_id,
+            datasets=[_dataset_dict(d) for d in reg.datasets],
+            policy={**asdict(reg.policy), "allowed_models": list(reg.policy.allowed_models)},
+        )
+        log.info("site=%s registered (%d datasets)", reg.site_id, len(reg.datasets))
+        return session_id
+
+    def heartbeat(
+        self, site_id: str, session_id: str, *, state: str, datasets: list[DatasetInfo]
+    ) -> bool:
+        if not self.broker.seen(site_id, session_id, state=state or "idle"):
+            return False
+        self.store.touch_site(
+            site_id,
+            state=state or "idle",
+            datasets=[_dataset_dict(d) for d in datasets] if datasets else None,
+        )
+        return True
+
+    def pull(self, site_id: str, session_id: str, wait_s: float) -> TaskAssignment | None:
+        return self.broker.pull(site_id, session_id, wait_s=wait_s)
+
+    def model_blob(self, site_id: str, task_id: str) -> bytes:
+        return self.broker.model_blob(site_id, task_id)
+
+    def push_update(self, meta: UpdateMeta, blob: bytes) -> None:
+        self.broker.push_update(meta, blob)
+
+    def report_failure(self, failure: TaskFailure) -> None:
+        self.broker.report_failure(failure)
+
+    # ------------------------------------------------------------ data scientists
+
+    def sites(self) -> list[SiteStatus]:
+        return [site_status(r, self.broker) for r in self.store.sites()]
+
+    def _validate_against_sites(self, spec: JobSpec) -> None:
+        holders = [(s, site_dataset(s, spec.dataset)) for s in self.sites()]
+        holders = [(s, d) for s, d in holders if d is not None]
+        if not holders:
+            raise NotFoundError(f"no registered site exposes dataset {spec.dataset!r}")
+        for s, d in holders:
+            assert d is not None
+            if len(d.columns) != spec.model.input_dim:
+                raise InvalidSpecError(
+                    f"model.input_dim={spec.model.input_dim} but dataset {spec.dataset!r} at "
+                    f"site {s.site_id} has {len(d.columns)} feature columns"
+                )
+
+    def submit(self, spec_json: str) -> str:
+        spec = job_spec_from_json(spec_json)
+        self._validate_against_sites(spec)
+        job_id = "job-" + uuid.uuid4().hex[:12]
+        now = time.time()
+        self.store.add_job(
+            JobRow(
+                job_id=job_id,
+                name=spec.name or "",
+                dataset=spec.dataset,
+                spec_json=spec.model_dump_json(),
+                state="pending",
+                round=0,
+                rounds=spec.rounds,
+                epsilon=0.0,
+                delta=spec.dp.delta,
+                accountant=ACCOUNTANT,
+                created_at=now,
+                updated_at=now,
+                participants={},
+            )
+        )
+        self.store.add_event(job_id, "info", f"job submitted for dataset {spec.dataset!r}")
+        self._start_runner(job_id)
+        return job_id
+
+    def plan(self, spec_json: str) -> Plan:
+        spec = job_spec_from_json(spec_json)
+        self._validate_against_sites(spec)
+        return plan_job(spec, self.sites())
+
+    def _per_site_epsilon(self, job_id: str, delta: float) -> dict[str, float]:
+        by_site: dict[str, list[DpEvent]] = {}
+        for c in self.store.charges(job_id):
+            by_site.setdefault(c.site_id, []).extend(e.event for e in charged_events(c.events))
+        return {
+            sid: compute_epsilon(evs, delta=delta, accountant=ACCOUNTANT).epsilon
+            for sid, evs in by_site.items()
+        }
+
+    def job(self, job_id: str) -> JobStatus:
+        row = self.store.job(job_id)
+        return job_status(row, self.store, self._per_site_epsilon(job_id, row.delta))
+
+    def jobs(self) -> list[JobStatus]:
+        return [job_status(r, self.store, {}) for r in self.store.jobs()]
+
+    def watch(self, job_id: str, *, poll_s: float = 5.0) -> Iterator[JobStatus]:
+        """Yield the job's status now and after every change, until it ends."""
+        status = self.job(job_id)
+        yield status
+        seen = -1
+        while not status.terminal and not self._stopping.is_set():
+            with self._cv:
+                version = self._versions.get(job_id, 0)
+                if version == seen:
+                    self._cv.wait(timeout=poll_s)
+                    version = self._versions.get(job_id, 0)
+            if version != seen:
+                seen = version
+                status = self.job(job_id)
+                yield status
+
+    def ledger(self) -> tuple[list[LedgerRow], list[SiteStatus]]:
+        eps: dict[tuple[str, str], float] = {}
+        for row in self.store.jobs():
+            for sid, e in self._per_site_epsilon(row.job_id, row.delta).items():
+                eps[(row.job_id, sid)] = e
+        return ledger_rows(self.store.charges(), eps), self.sites()
+
+    def model_files(self, job_id: str) -> tuple[str, bytes]:
+        row = self.store.job(job_id)
+        if not row.model_released:
+            raise NotFoundError(
+                f"job {job_id} has released no model (state: {row.state}"
+                + (f"; {row.error}" if row.error else "")
+                + ")"
+            )
+        d = self.store.paths.model_dir(job_id)
+        return (d / "model_card.json").read_text(), (d / "model.safetensors").read_bytes()
+
+
+def _dataset_dict(d: DatasetInfo) -> dict[str, object]:
+    out = asdict(d)
+    out["columns"] = list(d.columns)
+    return out

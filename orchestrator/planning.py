@@ -1,0 +1,132 @@
+"""Before a job runs: which sites take part, each site's σ, and what the job will cost them.
+
+Sites hold disjoint records, so the released model's sample-level ε is the maximum over sites
+of each site's composed ε for the job (parallel composition), not the sum.
+
+With ``dp.target_epsilon`` each site's σ is calibrated to its own sample rate (sites differ in
+size) so that no site passes the target over all planned rounds, counting the metric releases.
+The plan is advisory: every site re-checks each task against its own ledger and policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.accounting import DpEvent, calibrate_noise_multiplier, compute_epsilon
+from common.domain import DatasetInfo, Plan, SitePlan, SiteStatus
+from common.errors import PrivacyAccountingError
+from common.schedule import task_schedule
+from common.specs import JobSpec
+
+ACCOUNTANT = "prv"
+
+
+@dataclass(frozen=True)
+class SiteTaskPlan:
+    site_id: str
+    dataset: DatasetInfo
+    sample_rate: float
+    steps: int
+    noise_multiplier: float
+
+
+def metrics_event(spec: JobSpec) -> DpEvent | None:
+    """The Gaussian-mechanism release of one round's validation metrics (None if exact/off)."""
+    if not spec.metrics.enabled or spec.metrics.exact:
+        return None
+    return DpEvent(noise_multiplier=spec.metrics.noise_multiplier, sample_rate=1.0, steps=1)
+
+
+def job_events(spec: JobSpec, *, noise_multiplier: float, sample_rate: float, steps: int, rounds: int) -> list[DpEvent]:
+    events = [DpEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps * rounds)]
+    m = metrics_event(spec)
+    if m is not None:
+        events.append(DpEvent(noise_multiplier=m.noise_multiplier, sample_rate=1.0, steps=rounds))
+    return events
+
+
+def site_dataset(site: SiteStatus, name: str) -> DatasetInfo | None:
+    return next((d for d in site.datasets if d.name == name), None)
+
+
+def plan_site(spec: JobSpec, site_id: str, ds: DatasetInfo) -> SiteTaskPlan:
+    q, steps = task_schedule(
+        num_examples=ds.num_rows,
+        batch_size=spec.batch_size,
+        local_epochs=spec.local_epochs,
+        local_steps=spec.local_steps,
+    )
+    if spec.dp.noise_multiplier is not None:
+        sigma = spec.dp.noise_multiplier
+    else:
+        assert spec.dp.target_epsilon is not None
+        m = metrics_event(spec)
+        prior = [] if m is None else [DpEvent(m.noise_multiplier, 1.0, spec.rounds)]
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=spec.dp.target_epsilon,
+            sample_rate=q,
+            steps=steps * spec.rounds,
+            delta=spec.dp.delta,
+            prior_events=prior,
+            accountant=ACCOUNTANT,
+        )
+    return SiteTaskPlan(site_id=site_id, dataset=ds, sample_rate=q, steps=steps, noise_multiplier=sigma)
+
+
+def plan_job(spec: JobSpec, sites: list[SiteStatus]) -> Plan:
+    """Project each site's cost for ``spec`` and say which sites would refuse it."""
+    rows: list[SitePlan] = []
+    for site in sites:
+        ds = site_dataset(site, spec.dataset)
+        if ds is None:
+            continue
+        reason = ""
+        try:
+            p = plan_site(spec, site.site_id, ds)
+        except (PrivacyAccountingError, ValueError) as err:
+            rows.append(
+                SitePlan(site.site_id, ds.num_rows, 0.0, 0.0, 0, float("inf"), ds.epsilon_spent,
+                         float("inf"), ds.max_epsilon, True, str(err))
+            )
+            continue
+        events = job_events(spec, noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate,
+                            steps=p.steps, rounds=spec.rounds)
+        eps_job = compute_epsilon(events, delta=spec.dp.delta, accountant=ACCOUNTANT).epsilon
+        # The site composes the job with its whole history at its own δ; without that history
+        # here, sequential composition of the two ε gives the planning estimate.
+        eps_at_site_delta = compute_epsilon(
+            events, delta=ds.policy_delta or spec.dp.delta, accountant=ACCOUNTANT
+        ).epsilon
+        after = ds.epsilon_spent + eps_at_site_delta
+        pol = site.policy
+        if pol is not None:
+            if p.noise_multiplier < pol.min_noise_multiplier:
+                reason = (f"noise multiplier {p.noise_multiplier:.3g} is below the site's minimum "
+                          f"{pol.min_noise_multiplier:.3g}")
+            elif spec.dp.delta > pol.delta:
+                reason = f"δ={spec.dp.delta:g} is above the site's δ={pol.delta:g}"
+            elif spec.model.kind not in pol.allowed_models:
+                reason = f"model kind {spec.model.kind!r} is not allowed by the site"
+            elif spec.rounds > pol.max_rounds:
+                reason = f"{spec.rounds} rounds exceed the site's maximum {pol.max_rounds}"
+            elif spec.metrics.exact and not pol.allow_exact_metrics:
+                reason = "the site does not release exact metrics"
+        if not reason and ds.max_epsilon > 0 and after > ds.max_epsilon:
+            reason = (f"projected lifetime ε {after:.3g} would pass the site's budget "
+                      f"{ds.max_epsilon:.3g} (spent so far {ds.epsilon_spent:.3g})")
+        rows.append(
+            SitePlan(site_id=site.site_id, num_examples=ds.num_rows,
+                     noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate,
+                     steps=p.steps * spec.rounds, projected_epsilon=eps_job,
+                     dataset_epsilon_before=ds.epsilon_spent, dataset_epsilon_after=after,
+                     max_epsilon=ds.max_epsilon, would_refuse=bool(reason), reason=reason)
+        )
+    willing = [r for r in rows if not r.would_refuse]
+    feasible = len(willing) >= spec.min_sites
+    message = "" if feasible else (
+        f"{len(willing)} site(s) would take the job; it needs min_sites={spec.min_sites}"
+        if rows else f"no registered site exposes dataset {spec.dataset!r}"
+    )
+    eps = max((r.projected_epsilon for r in willing), default=0.0)
+    return Plan(sites=tuple(rows), epsilon=eps, delta=spec.dp.delta, accountant=ACCOUNTANT,
+                feasible=feasible, message=message)

@@ -1,0 +1,431 @@
+"""The round loop of one training job (no gRPC here: the broker stands between).
+
+Each round: send the global model to every participating site, fold each update into a running
+weighted mean as it arrives (after checking it), stop when every site answered or the deadline
+passed, require ``min_sites`` accepted updates, apply the mean delta, checkpoint, and account.
+After the last round the model is released with its model card.
+
+Privacy: the job's ε is composed per site from every update the orchestrator *received* (even
+one it then rejected: it was seen), and the released ε is the maximum over sites (disjoint
+records: parallel composition). Averaging noised deltas is post-processing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from common.accounting import DpEvent, compute_epsilon
+from common.domain import TaskAssignment, UpdateMeta
+from common.errors import DpfedError, InvalidUpdateError, JobFailedError, PrivacyAccountingError
+from common.models import build_model, save_model
+from common.specs import JobSpec, job_spec_from_json
+from common.tensors import check_update, l2_norm, state_from_bytes, state_to_bytes
+from common.version import __version__
+from orchestrator.aggregation import RunningWeightedMean, apply_delta
+from orchestrator.broker import Broker, FailureResult, Result, UpdateResult
+from orchestrator.planning import ACCOUNTANT, plan_site, site_dataset
+from orchestrator.store import ChargeRow, RoundRow, Store, atomic_write
+from orchestrator.views import site_status
+
+log = logging.getLogger("dpfed.orchestrator")
+
+# Sites whose clipped, noised update is implausibly large are rejected: the delta of `steps`
+# steps of clipped SGD has norm at most lr·steps·(C + noise), and noise of std σC per coordinate
+# over d coordinates has norm ≈ σC√d per step. The factor leaves room for momentum/Adam.
+_NORM_SLACK = 10.0
+
+
+@dataclass(frozen=True)
+class Participant:
+    site_id: str
+    noise_multiplier: float
+    num_examples: int
+
+
+class JobRunner(threading.Thread):
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        store: Store,
+        broker: Broker,
+        on_change: Callable[[str], None],
+        stopping: threading.Event,
+        poll_s: float = 0.5,
+    ) -> None:
+        super().__init__(name=f"job-{job_id}", daemon=True)
+        self.job_id = job_id
+        self.store = store
+        self.broker = broker
+        self.on_change = on_change
+        self.stopping = stopping
+        self.poll_s = poll_s
+        row = store.job(job_id)
+        self.spec: JobSpec = job_spec_from_json(row.spec_json)
+
+    # ------------------------------------------------------------------ top level
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except _Stopped:
+            return
+        except DpfedError as err:
+            self._fail(str(err))
+        except Exception as err:  # a bug must fail the job visibly, not hang it
+            log.exception("job %s crashed", self.job_id)
+            self._fail(f"internal error: {type(err).__name__}: {err}")
+
+    def _run(self) -> None:
+        row = self.store.job(self.job_id)
+        if row.state in ("completed", "failed"):
+            return
+        participants = self._participants(row.participants)
+        self.store.update_job(self.job_id, state="running")
+        self.on_change(self.job_id)
+        state = self._load_global(row.round)
+        for rnd in range(row.round + 1, self.spec.rounds + 1):
+            if self.stopping.is_set():
+                return  # orchestrator shutting down: resume from the checkpoint later
+            state, participants = self._round(rnd, state, participants)
+        if self.stopping.is_set():
+            return
+        self._release(state)
+
+    def _event(self, level: str, message: str, site_id: str = "") -> None:
+        self.store.add_event(self.job_id, level, message, site_id=site_id)
+        getattr(log, "warning" if level != "info" else "info")(
+            "job=%s site=%s %s", self.job_id, site_id or "-", message
+        )
+        self.on_change(self.job_id)
+
+    def _fail(self, reason: str) -> None:
+        self.store.add_event(self.job_id, "error", reason)
+        self.store.update_job(self.job_id, state="failed", error=reason)
+        log.error("job=%s failed: %s", self.job_id, reason)
+        self.on_change(self.job_id)
+
+    # ------------------------------------------------------------------ participants
+
+    def _participants(self, fixed: dict[str, float]) -> list[Participant]:
+        """Sites with the dataset, online, at least min_sites of them (waits up to start_timeout)."""
+        spec = self.spec
+        deadline = time.time() + spec.start_timeout_s
+        announced = False
+        while True:
+            sites = {s.site_id: s for s in (site_status(r, self.broker) for r in self.store.sites())}
+            chosen: list[Participant] = []
+            for sid, site in sorted(sites.items()):
+                ds = site_dataset(site, spec.dataset)
+                if ds is None or (site.state == "offline" and sid not in fixed):
+                    continue
+                if fixed and sid not in fixed:
+                    continue
+                if sid in fixed:
+                    chosen.append(Participant(sid, fixed[sid], ds.num_rows))
+                    continue
+                if ds.num_rows < 1:
+                    continue
+                plan = plan_site(spec, sid, ds)
+                chosen.append(Participant(sid, plan.noise_multiplier, ds.num_rows))
+            if fixed or len(chosen) >= spec.min_sites:
+                break
+            if not announced:
+                self._event(
+                    "info",
+                    f"waiting for {spec.min_sites} online site(s) with dataset "
+                    f"{spec.dataset!r}; {len(chosen)} now",
+                )
+                announced = True
+            if time.time() > deadline or self.stopping.is_set():
+                raise JobFailedError(
+                    f"only {len(chosen)} online site(s) expose dataset {spec.dataset!r} "
+                    f"({', '.join(p.site_id for p in chosen) or 'none'}); the job needs "
+                    f"min_sites={spec.min_sites} (waited {spec.start_timeout_s:g} s)"
+                )
+            time.sleep(self.poll_s)
+        if not fixed:
+            self.store.update_job(
+                self.job_id, participants={p.site_id: p.noise_multiplier for p in chosen}
+            )
+            self._event(
+                "info",
+                "sites: "
+                + ", ".join(f"{p.site_id} (σ={p.noise_multiplier:.3g})" for p in chosen),
+            )
+        return chosen
+
+    # ------------------------------------------------------------------ model state
+
+    def _load_global(self, completed_rounds: int) -> dict[str, torch.Tensor]:
+        if completed_rounds > 0:
+            path = self.store.paths.checkpoint(self.job_id, completed_rounds)
+            self._event("info", f"resuming after round {completed_rounds} from its checkpoint")
+            return state_from_bytes(path.read_bytes())
+        seed = self.spec.seed if self.spec.seed is not None else 0
+        model = build_model(self.spec.model, seed=seed)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    # ------------------------------------------------------------------ one round
+
+    def _round(
+        self, rnd: int, state: dict[str, torch.Tensor], participants: list[Participant]
+    ) -> tuple[dict[str, torch.Tensor], list[Participant]]:
+        spec = self.spec
+        t0 = time.time()
+        blob = state_to_bytes(state)
+        sha = hashlib.sha256(blob).hexdigest()
+        deadline = t0 + spec.round_timeout_s
+        results: queue.Queue[Result] = queue.Queue()
+        outstanding: dict[str, Participant] = {}
+        spec_json = spec.model_dump_json()
+        for p in participants:
+            task = TaskAssignment(
+                task_id=uuid.uuid4().hex,
+                job_id=self.job_id,
+                round=rnd,
+                rounds=spec.rounds,
+                job_spec_json=spec_json,
+                dataset=spec.dataset,
+                noise_multiplier=p.noise_multiplier,
+                model_size=len(blob),
+                model_sha256=sha,
+                deadline_unix=deadline,
+            )
+            outstanding[task.task_id] = p
+            self.broker.dispatch_into(p.site_id, task, blob, results)
+        del blob
+
+        agg = RunningWeightedMean(state)
+        accepted: list[UpdateMeta] = []
+        charges: list[ChargeRow] = []
+        refused: set[str] = set()
+        problems: list[str] = []
+        while outstanding and time.time() < deadline and not self.stopping.is_set():
+            try:
+                res = results.get(timeout=self.poll_s)
+            except queue.Empty:
+                self.broker.check_liveness(list(outstanding))
+                continue
+            if isinstance(res, FailureResult):
+                f = res.failure
+                p = outstanding.pop(f.task_id, None)
+                if p is None:
+                    continue
+                if f.code == "FAILED_PRECONDITION":
+                    refused.add(p.site_id)
+                    msg = f"site {p.site_id} refused round {rnd}: {f.reason}"
+                else:
+                    msg = f"site {p.site_id} failed round {rnd} ({f.code}): {f.reason}"
+                problems.append(msg)
+                self._event("warning", msg, p.site_id)
+                continue
+            assert isinstance(res, UpdateResult)
+            p = outstanding.pop(res.meta.task_id, None)
+            if p is None:
+                continue
+            charges.append(self._charge_row(rnd, p, res.meta))
+            try:
+                delta = self._check(res, state, p)
+            except InvalidUpdateError as err:
+                msg = f"rejected the update of site {p.site_id} in round {rnd}: {err}"
+                problems.append(msg)
+                self._event("warning", msg, p.site_id)
+                continue
+            agg.add(delta, res.meta.num_examples)
+            accepted.append(res.meta)
+            del delta, res
+
+        late = list(outstanding)
+        self.broker.cancel(late)
+        if self.stopping.is_set():
+            # Shutdown mid-round: nothing is committed; the round reruns after restart. The
+            # charges the sites made for it stay in their ledgers (over-count, never under).
+            raise _Stopped()
+        for tid in late:
+            p = outstanding[tid]
+            msg = f"site {p.site_id} did not answer round {rnd} within {spec.round_timeout_s:g} s"
+            problems.append(msg)
+            self._event("warning", msg, p.site_id)
+
+        if len(accepted) < spec.min_sites:
+            # Record what was received: it was seen, so it counts against the job's ε.
+            self.store.add_charges(charges)
+            raise JobFailedError(
+                f"round {rnd}: {len(accepted)} site update(s) accepted, "
+                f"min_sites={spec.min_sites}. " + " | ".join(problems)
+            )
+
+        new_state = apply_delta(state, agg.mean())
+        atomic_write(self.store.paths.checkpoint(self.job_id, rnd), state_to_bytes(new_state))
+        loss, acc, exact = _pooled_metrics(accepted)
+        epsilon, per_site = self._job_epsilon(extra=charges)
+        self.store.commit_round(
+            RoundRow(
+                job_id=self.job_id,
+                round=rnd,
+                site_ids=[m.site_id for m in accepted],
+                loss=loss,
+                accuracy=acc,
+                num_examples=sum(m.num_examples for m in accepted),
+                duration_s=time.time() - t0,
+                epsilon=epsilon,
+                metrics_exact=exact,
+            ),
+            charges,
+            round=rnd,
+            epsilon=epsilon,
+            accountant=ACCOUNTANT,
+        )
+        self.on_change(self.job_id)
+        remaining = [p for p in participants if p.site_id not in refused]
+        if refused:
+            self._event(
+                "warning",
+                f"dropped site(s) {', '.join(sorted(refused))} from the job after refusal",
+            )
+        return new_state, remaining
+
+    def _charge_row(self, rnd: int, p: Participant, meta: UpdateMeta) -> ChargeRow:
+        r = meta.dp_report
+        return ChargeRow(
+            job_id=self.job_id,
+            round=rnd,
+            site_id=p.site_id,
+            dataset=self.spec.dataset,
+            task_id=meta.task_id,
+            num_examples=meta.num_examples,
+            max_grad_norm=r.max_grad_norm,
+            delta=r.delta,
+            dataset_epsilon=r.dataset_epsilon,
+            policy_delta=r.policy_delta,
+            events=[
+                {
+                    "kind": e.kind,
+                    "noise_multiplier": e.event.noise_multiplier,
+                    "sample_rate": e.event.sample_rate,
+                    "steps": e.event.steps,
+                }
+                for e in r.events
+            ],
+            grad_sample_mode=r.grad_sample_mode,
+        )
+
+    def _check(
+        self, res: UpdateResult, state: dict[str, torch.Tensor], p: Participant
+    ) -> dict[str, torch.Tensor]:
+        """Reject an update that does not match the model or its own DP report."""
+        spec = self.spec
+        meta = res.meta
+        if hashlib.sha256(res.blob).hexdigest() != meta.sha256:
+            raise InvalidUpdateError("its bytes do not match the announced sha256")
+        rep = meta.dp_report
+        train = rep.train_event
+        if train is None:
+            raise InvalidUpdateError("its DP report has no training event")
+        if train.noise_multiplier < p.noise_multiplier * (1 - 1e-9):
+            raise InvalidUpdateError(
+                f"it was trained with σ={train.noise_multiplier:g} < assigned {p.noise_multiplier:g}"
+            )
+        if abs(rep.max_grad_norm - spec.dp.max_grad_norm) > 1e-9 * spec.dp.max_grad_norm:
+            raise InvalidUpdateError(
+                f"max_grad_norm {rep.max_grad_norm:g} differs from the job's {spec.dp.max_grad_norm:g}"
+            )
+        if rep.delta > spec.dp.delta:
+            raise InvalidUpdateError(f"its δ={rep.delta:g} is above the job's {spec.dp.delta:g}")
+        if meta.metrics is not None and meta.metrics.exact and not spec.metrics.exact:
+            raise InvalidUpdateError("it carries exact metrics the job did not ask for")
+        try:
+            delta = state_from_bytes(res.blob)
+        except Exception as err:
+            raise InvalidUpdateError(f"its tensors cannot be decoded: {err}") from None
+        check_update(delta, state)
+        bound = _norm_bound(spec, train, num_params=sum(v.numel() for v in state.values()))
+        norm = l2_norm(delta)
+        if norm > bound:
+            raise InvalidUpdateError(
+                f"its norm {norm:.3g} is inconsistent with its DP report (bound {bound:.3g})"
+            )
+        return delta
+
+    # ------------------------------------------------------------------ accounting
+
+    def _job_epsilon(self, *, extra: Sequence[ChargeRow] = ()) -> tuple[float, dict[str, float]]:
+        by_site: dict[str, list[DpEvent]] = {}
+        for c in [*self.store.charges(self.job_id), *extra]:
+            by_site.setdefault(c.site_id, []).extend(
+                DpEvent(e["noise_multiplier"], e["sample_rate"], int(e["steps"])) for e in c.events
+            )
+        per_site: dict[str, float] = {}
+        for sid, events in by_site.items():
+            b = compute_epsilon(events, delta=self.spec.dp.delta, accountant=ACCOUNTANT)
+            if not math.isfinite(b.epsilon):
+                raise PrivacyAccountingError(f"no finite ε for site {sid}")
+            per_site[sid] = b.epsilon
+        return max(per_site.values(), default=0.0), per_site
+
+    # ------------------------------------------------------------------ release
+
+    def _release(self, state: dict[str, torch.Tensor]) -> None:
+        from orchestrator.release import build_model_card
+
+        epsilon, per_site = self._job_epsilon()
+        row = self.store.job(self.job_id)
+        card = build_model_card(
+            row=row,
+            spec=self.spec,
+            rounds=self.store.rounds(self.job_id),
+            charges=self.store.charges(self.job_id),
+            per_site_epsilon=per_site,
+            epsilon=epsilon,
+            version=__version__,
+        )
+        model = build_model(self.spec.model)
+        model.load_state_dict(state)
+        save_model(self.store.paths.model_dir(self.job_id), module_or_state=model, card=card)
+        self.store.update_job(
+            self.job_id, state="completed", model_released=True, epsilon=epsilon
+        )
+        self._event("info", f"model released: ε={epsilon:.4g}, δ={self.spec.dp.delta:g}")
+
+
+class _Stopped(DpfedError):
+    """Internal: the orchestrator is shutting down mid-round."""
+
+
+def _pooled_metrics(accepted: list[UpdateMeta]) -> tuple[float | None, float | None, bool]:
+    ms = [m.metrics for m in accepted if m.metrics is not None]
+    n = sum(m.num_examples for m in ms)
+    if not ms or n <= 0:
+        return None, None, False
+    acc = min(1.0, max(0.0, sum(m.correct_sum for m in ms) / n))
+    loss = max(0.0, sum(m.loss_sum for m in ms) / n)
+    return loss, acc, any(m.exact for m in ms)
+
+
+def _norm_bound(spec: JobSpec, train: DpEvent, *, num_params: int) -> float:
+    lr = spec.optimizer.lr
+    c = spec.dp.max_grad_norm
+    per_step = c * (1.0 + train.noise_multiplier * math.sqrt(num_params) * 1.5 + 3.0)
+    # Adam normalises step sizes: each coordinate moves by at most ~lr per step.
+    if spec.optimizer.name == "adam":
+        per_step_adam = lr * math.sqrt(num_params)
+        return _NORM_SLACK * train.steps * per_step_adam
+    momentum_gain = 1.0 / (1.0 - spec.optimizer.momentum)
+    return _NORM_SLACK * train.steps * lr * per_step * momentum_gain
+
+
+def card_json(card: dict[str, Any]) -> str:
+    return json.dumps(card, indent=2, sort_keys=False)

@@ -1,0 +1,80 @@
+"""The orchestrator process: one gRPC port serving agents, the CLI and health checks."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.transport import SERVER_OPTIONS, require_loopback_for_plaintext
+from orchestrator.coordinator import Coordinator
+from orchestrator.servicers import AgentServicer, ControlServicer
+from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
+
+log = logging.getLogger("dpfed.orchestrator")
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    coordinator: Coordinator
+    port: int
+    health: health.HealthServicer
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.coordinator.stop()
+        self.server.stop(grace_s).wait()
+
+
+def start_server(
+    *,
+    listen: str,
+    state_dir: Path,
+    db_url: str | None = None,
+    offline_after_s: float = 30.0,
+    max_workers: int = 64,
+) -> RunningServer:
+    require_loopback_for_plaintext(listen)
+    coordinator = Coordinator(state_dir, db_url=db_url, offline_after_s=offline_after_s)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        options=SERVER_OPTIONS,
+    )
+    pb_grpc.add_AgentServiceServicer_to_server(AgentServicer(coordinator), server)
+    pb_grpc.add_ControlServiceServicer_to_server(ControlServicer(coordinator), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"could not bind {listen}")
+    server.start()
+    for name in ("", "dpfed.v1.AgentService", "dpfed.v1.ControlService"):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    coordinator.start()
+    log.info("orchestrator listening on %s (state: %s)", listen, state_dir)
+    return RunningServer(server=server, coordinator=coordinator, port=port, health=health_servicer)
+
+
+def serve_forever(running: RunningServer) -> None:
+    """Block until SIGTERM/SIGINT, then stop gracefully (jobs resume from checkpoints)."""
+    done = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: shutting down", signum)
+        done.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    done.wait()
+    running.stop()

@@ -1,0 +1,180 @@
+"""Thin gRPC servicers: translate with ``common.serde``, call the coordinator, map errors.
+
+Every ``DpfedError`` becomes ``context.abort(status, message)`` through the table in
+``common.errors``; anything else is an INTERNAL error whose details stay in the server log.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from common import serde
+from common.errors import DpfedError, InvalidSpecError
+from orchestrator.coordinator import Coordinator
+from protos.dpfed.v1 import dpfed_pb2 as pb
+from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
+
+log = logging.getLogger("dpfed.orchestrator")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def abort_on_error(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except DpfedError as err:
+            context.abort(grpc.StatusCode[err.grpc_status], str(err))
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def abort_on_error_stream(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from fn(self, request, context)
+        except DpfedError as err:
+            context.abort(grpc.StatusCode[err.grpc_status], str(err))
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+class AgentServicer(pb_grpc.AgentServiceServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.c = coordinator
+
+    @abort_on_error
+    def Register(
+        self, request: pb.RegisterRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterResponse:
+        reg = serde.registration_from_proto(request)
+        session_id = self.c.register(reg)
+        return pb.RegisterResponse(session_id=session_id, heartbeat_seconds=self.c.heartbeat_s)
+
+    @abort_on_error
+    def PullTask(
+        self, request: pb.PullTaskRequest, context: grpc.ServicerContext
+    ) -> pb.PullTaskResponse:
+        task = self.c.pull(request.site_id, request.session_id, request.wait_seconds)
+        if task is None:
+            return pb.PullTaskResponse()
+        return pb.PullTaskResponse(task=serde.task_to_proto(task))
+
+    @abort_on_error_stream
+    def FetchModel(
+        self, request: pb.FetchModelRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Chunk]:
+        blob = self.c.model_blob(request.site_id, request.task_id)
+        yield from serde.blob_to_chunks(blob)
+
+    @abort_on_error
+    def PushUpdate(
+        self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+    ) -> pb.PushUpdateResponse:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("item") != "header":
+            raise InvalidSpecError("an update stream must start with its header")
+        meta = serde.update_meta_from_proto(first.header)
+        # Ownership is checked before the bytes are read.
+        self.c.model_blob(meta.site_id, meta.task_id)
+
+        def chunks() -> Iterator[pb.Chunk]:
+            for msg in request_iterator:
+                if msg.WhichOneof("item") != "chunk":
+                    raise InvalidSpecError("an update stream has one header, then chunks")
+                yield msg.chunk
+
+        blob = serde.blob_from_chunks(chunks(), expected_size=meta.total_size)
+        self.c.push_update(meta, blob)
+        return pb.PushUpdateResponse(accepted=True, message="received")
+
+    @abort_on_error
+    def ReportFailure(
+        self, request: pb.TaskFailure, context: grpc.ServicerContext
+    ) -> pb.ReportFailureResponse:
+        self.c.report_failure(serde.failure_from_proto(request))
+        return pb.ReportFailureResponse()
+
+    @abort_on_error
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatResponse:
+        known = self.c.heartbeat(
+            request.site_id,
+            request.session_id,
+            state=request.state,
+            datasets=[serde.dataset_info_from_proto(d) for d in request.datasets],
+        )
+        return pb.HeartbeatResponse(known=known)
+
+
+class ControlServicer(pb_grpc.ControlServiceServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.c = coordinator
+
+    @abort_on_error
+    def SubmitJob(
+        self, request: pb.SubmitJobRequest, context: grpc.ServicerContext
+    ) -> pb.SubmitJobResponse:
+        return pb.SubmitJobResponse(job_id=self.c.submit(request.job_spec_json))
+
+    @abort_on_error
+    def PlanJob(
+        self, request: pb.SubmitJobRequest, context: grpc.ServicerContext
+    ) -> pb.PlanResponse:
+        return serde.plan_to_proto(self.c.plan(request.job_spec_json))
+
+    @abort_on_error
+    def GetJob(self, request: pb.JobRef, context: grpc.ServicerContext) -> pb.JobStatus:
+        return serde.job_status_to_proto(self.c.job(request.job_id))
+
+    @abort_on_error
+    def ListJobs(
+        self, request: pb.ListJobsRequest, context: grpc.ServicerContext
+    ) -> pb.ListJobsResponse:
+        return pb.ListJobsResponse(jobs=[serde.job_status_to_proto(j) for j in self.c.jobs()])
+
+    @abort_on_error_stream
+    def WatchJob(self, request: pb.JobRef, context: grpc.ServicerContext) -> Iterator[pb.JobStatus]:
+        for status in self.c.watch(request.job_id):
+            if not context.is_active():
+                return
+            yield serde.job_status_to_proto(status)
+
+    @abort_on_error
+    def ListSites(
+        self, request: pb.ListSitesRequest, context: grpc.ServicerContext
+    ) -> pb.ListSitesResponse:
+        return pb.ListSitesResponse(sites=[serde.site_status_to_proto(s) for s in self.c.sites()])
+
+    @abort_on_error
+    def GetLedger(
+        self, request: pb.LedgerRequest, context: grpc.ServicerContext
+    ) -> pb.LedgerResponse:
+        rows, sites = self.c.ledger()
+        return pb.LedgerResponse(
+            rows=[serde.ledger_row_to_proto(r) for r in rows],
+            sites=[serde.site_status_to_proto(s) for s in sites],
+        )
+
+    @abort_on_error_stream
+    def DownloadModel(
+        self, request: pb.JobRef, context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelPart]:
+        card, weights = self.c.model_files(request.job_id)
+        yield pb.ModelPart(model_card_json=card)
+        for ch in serde.blob_to_chunks(weights):
+            yield pb.ModelPart(weights=ch)

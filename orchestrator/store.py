@@ -1,0 +1,298 @@
+"""The orchestrator's durable state: sites, jobs, rounds, the job ledger (SQLAlchemy).
+
+SQLite in the state directory is the embedded default; the URL can point at PostgreSQL. Model
+checkpoints and released models are files next to the database (``checkpoints/``,
+``models/``), written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from common.errors import NotFoundError
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SiteRow(Base):
+    __tablename__ = "sites"
+    site_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), default="")
+    session_id: Mapped[str] = mapped_column(String(64), default="")
+    registered_at: Mapped[float] = mapped_column(Float, default=0.0)
+    last_seen: Mapped[float] = mapped_column(Float, default=0.0)
+    state: Mapped[str] = mapped_column(String(32), default="idle")
+    datasets: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    policy: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    dataset: Mapped[str] = mapped_column(String(200))
+    spec_json: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(32), default="pending")
+    round: Mapped[int] = mapped_column(Integer, default=0)
+    rounds: Mapped[int] = mapped_column(Integer)
+    epsilon: Mapped[float] = mapped_column(Float, default=0.0)
+    delta: Mapped[float] = mapped_column(Float)
+    accountant: Mapped[str] = mapped_column(String(32), default="")
+    error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    model_released: Mapped[bool] = mapped_column(Boolean, default=False)
+    # site_id -> resolved noise multiplier; fixed when the job starts
+    participants: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+
+
+class RoundRow(Base):
+    __tablename__ = "rounds"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.job_id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    num_examples: Mapped[int] = mapped_column(Integer, default=0)
+    duration_s: Mapped[float] = mapped_column(Float, default=0.0)
+    epsilon: Mapped[float] = mapped_column(Float, default=0.0)
+    metrics_exact: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class JobEventRow(Base):
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.job_id"), index=True)
+    time: Mapped[float] = mapped_column(Float)
+    level: Mapped[str] = mapped_column(String(16))
+    site_id: Mapped[str] = mapped_column(String(128), default="")
+    message: Mapped[str] = mapped_column(Text)
+
+
+class ChargeRow(Base):
+    """What a site reported it charged for one accepted update (the job ledger)."""
+
+    __tablename__ = "charges"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.job_id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    site_id: Mapped[str] = mapped_column(String(128), index=True)
+    dataset: Mapped[str] = mapped_column(String(200))
+    task_id: Mapped[str] = mapped_column(String(64), unique=True)
+    num_examples: Mapped[int] = mapped_column(Integer)
+    max_grad_norm: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    dataset_epsilon: Mapped[float] = mapped_column(Float)
+    policy_delta: Mapped[float] = mapped_column(Float)
+    events: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    grad_sample_mode: Mapped[str] = mapped_column(String(32), default="")
+
+
+@dataclass(frozen=True)
+class StorePaths:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    def checkpoint(self, job_id: str, round_: int) -> Path:
+        return self.checkpoints / job_id / f"round-{round_:05d}.safetensors"
+
+    def model_dir(self, job_id: str) -> Path:
+        return self.models / job_id
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+
+class Store:
+    """Thread-safe access to the orchestrator's state."""
+
+    def __init__(self, state_dir: Path, *, url: str | None = None) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.paths = StorePaths(state_dir)
+        self.paths.checkpoints.mkdir(exist_ok=True)
+        self.paths.models.mkdir(exist_ok=True)
+        self.url = url or f"sqlite:///{state_dir / 'orchestrator.db'}"
+        self.engine = create_engine(
+            self.url,
+            connect_args={"check_same_thread": False} if self.url.startswith("sqlite") else {},
+        )
+        if self.url.startswith("sqlite"):
+            _sqlite_pragmas(self.engine)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._lock, self._sessions() as s, s.begin():
+            yield s
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---------------------------------------------------------------- sites
+
+    def upsert_site(
+        self,
+        *,
+        site_id: str,
+        version: str,
+        session_id: str,
+        datasets: list[dict[str, Any]],
+        policy: dict[str, Any],
+    ) -> None:
+        now = time.time()
+        with self.session() as s:
+            row = s.get(SiteRow, site_id)
+            if row is None:
+                row = SiteRow(site_id=site_id, registered_at=now)
+                s.add(row)
+            row.version = version
+            row.session_id = session_id
+            row.last_seen = now
+            row.state = "idle"
+            row.datasets = datasets
+            row.policy = policy
+
+    def touch_site(
+        self, site_id: str, *, state: str, datasets: list[dict[str, Any]] | None = None
+    ) -> None:
+        with self.session() as s:
+            row = s.get(SiteRow, site_id)
+            if row is None:
+                return
+            row.last_seen = time.time()
+            row.state = state
+            if datasets is not None:
+                row.datasets = datasets
+
+    def sites(self) -> list[SiteRow]:
+        with self.session() as s:
+            return list(s.scalars(select(SiteRow).order_by(SiteRow.site_id)))
+
+    def site(self, site_id: str) -> SiteRow | None:
+        with self.session() as s:
+            return s.get(SiteRow, site_id)
+
+    # ---------------------------------------------------------------- jobs
+
+    def add_job(self, row: JobRow) -> None:
+        with self.session() as s:
+            s.add(row)
+
+    def job(self, job_id: str) -> JobRow:
+        with self.session() as s:
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise NotFoundError(f"no job with id {job_id!r}")
+            return row
+
+    def jobs(self) -> list[JobRow]:
+        with self.session() as s:
+            return list(s.scalars(select(JobRow).order_by(JobRow.created_at)))
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        with self.session() as s:
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise NotFoundError(f"no job with id {job_id!r}")
+            for k, v in fields.items():
+                setattr(row, k, v)
+            row.updated_at = time.time()
+
+    def add_event(self, job_id: str, level: str, message: str, *, site_id: str = "") -> None:
+        with self.session() as s:
+            s.add(
+                JobEventRow(
+                    job_id=job_id, time=time.time(), level=level, site_id=site_id, message=message
+                )
+            )
+
+    def events(self, job_id: str) -> list[JobEventRow]:
+        with self.session() as s:
+            q = select(JobEventRow).where(JobEventRow.job_id == job_id).order_by(JobEventRow.id)
+            return list(s.scalars(q))
+
+    def commit_round(self, rnd: RoundRow, charges: list[ChargeRow], **job_fields: Any) -> None:
+        """Record a finished round, its charges and the job's progress in one transaction."""
+        with self.session() as s:
+            s.merge(rnd)
+            for c in charges:
+                s.add(c)
+            row = s.get(JobRow, rnd.job_id)
+            if row is None:
+                raise NotFoundError(f"no job with id {rnd.job_id!r}")
+            for k, v in job_fields.items():
+                setattr(row, k, v)
+            row.updated_at = time.time()
+
+    def add_charges(self, charges: list[ChargeRow]) -> None:
+        with self.session() as s:
+            for c in charges:
+                s.add(c)
+
+    def rounds(self, job_id: str) -> list[RoundRow]:
+        with self.session() as s:
+            q = select(RoundRow).where(RoundRow.job_id == job_id).order_by(RoundRow.round)
+            return list(s.scalars(q))
+
+    def charges(self, job_id: str | None = None) -> list[ChargeRow]:
+        with self.session() as s:
+            q = select(ChargeRow).order_by(ChargeRow.id)
+            if job_id is not None:
+                q = q.where(ChargeRow.job_id == job_id)
+            return list(s.scalars(q))
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write-then-rename, fsynced: a crash leaves the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)

@@ -1,0 +1,139 @@
+"""Read models: the store's rows (plus live presence) as the domain types the CLI shows."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from common.accounting import DpEvent
+from common.domain import (
+    ChargedEvent,
+    DatasetInfo,
+    JobEvent,
+    JobStatus,
+    LedgerRow,
+    PolicySummary,
+    RoundSummary,
+    SiteSpend,
+    SiteStatus,
+)
+from orchestrator.broker import Broker
+from orchestrator.store import ChargeRow, JobRow, SiteRow, Store
+
+
+def charged_events(raw: list[dict[str, Any]]) -> tuple[ChargedEvent, ...]:
+    return tuple(
+        ChargedEvent(
+            kind=str(e["kind"]),
+            event=DpEvent(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])),
+        )
+        for e in raw
+    )
+
+
+def site_status(row: SiteRow, broker: Broker) -> SiteStatus:
+    live = broker.presence(row.site_id)
+    if live is not None and broker.online(row.site_id):
+        last_seen, state = live[0], live[1]
+    else:
+        last_seen, state = (live[0] if live else row.last_seen), "offline"
+    return SiteStatus(
+        site_id=row.site_id,
+        datasets=tuple(DatasetInfo(**{**d, "columns": tuple(d["columns"])}) for d in row.datasets),
+        last_seen=last_seen,
+        version=row.version,
+        state=state,
+        policy=(
+            PolicySummary(**{**row.policy, "allowed_models": tuple(row.policy["allowed_models"])})
+            if row.policy
+            else None
+        ),
+    )
+
+
+def site_spends(charges: list[ChargeRow], per_site_epsilon: dict[str, float]) -> list[SiteSpend]:
+    """Per site: the job's totals (steps summed, σ and q of its training events)."""
+    out: dict[str, SiteSpend] = {}
+    for c in charges:
+        evs = charged_events(c.events)
+        train = [e.event for e in evs if e.kind == "train"]
+        prev = out.get(c.site_id)
+        steps = sum(e.steps for e in train) + (prev.steps if prev else 0)
+        out[c.site_id] = SiteSpend(
+            site_id=c.site_id,
+            num_examples=c.num_examples,
+            noise_multiplier=train[-1].noise_multiplier if train else 0.0,
+            sample_rate=train[-1].sample_rate if train else 0.0,
+            steps=steps,
+            max_grad_norm=c.max_grad_norm,
+            epsilon=per_site_epsilon.get(c.site_id, 0.0),
+            dataset_epsilon=max(c.dataset_epsilon, prev.dataset_epsilon if prev else 0.0),
+            events=(prev.events if prev else ()) + evs,
+        )
+    return [out[k] for k in sorted(out)]
+
+
+def _nan(x: float | None) -> float:
+    return math.nan if x is None else x
+
+
+def job_status(row: JobRow, store: Store, per_site_epsilon: dict[str, float]) -> JobStatus:
+    rounds = store.rounds(row.job_id)
+    return JobStatus(
+        job_id=row.job_id,
+        name=row.name,
+        dataset=row.dataset,
+        state=row.state,
+        round=row.round,
+        rounds=row.rounds,
+        epsilon=row.epsilon,
+        delta=row.delta,
+        accountant=row.accountant,
+        error=row.error,
+        history=tuple(
+            RoundSummary(
+                round=r.round,
+                site_ids=tuple(r.site_ids),
+                loss=_nan(r.loss),
+                accuracy=_nan(r.accuracy),
+                num_examples=r.num_examples,
+                duration_s=r.duration_s,
+                epsilon=r.epsilon,
+            )
+            for r in rounds
+        ),
+        sites=tuple(site_spends(store.charges(row.job_id), per_site_epsilon)),
+        events=tuple(
+            JobEvent(time=e.time, level=e.level, site_id=e.site_id, message=e.message)
+            for e in store.events(row.job_id)
+        ),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        job_spec_json=row.spec_json,
+        model_released=row.model_released,
+    )
+
+
+def ledger_rows(
+    charges: list[ChargeRow], epsilon_of: dict[tuple[str, str], float]
+) -> list[LedgerRow]:
+    grouped: dict[tuple[str, str, str], list[ChargeRow]] = {}
+    for c in charges:
+        grouped.setdefault((c.site_id, c.dataset, c.job_id), []).append(c)
+    rows = []
+    for (site_id, dataset, job_id), cs in sorted(grouped.items()):
+        events: tuple[ChargedEvent, ...] = ()
+        for c in cs:
+            events += charged_events(c.events)
+        rows.append(
+            LedgerRow(
+                site_id=site_id,
+                dataset=dataset,
+                job_id=job_id,
+                epsilon=epsilon_of.get((job_id, site_id), math.nan),
+                delta=cs[0].delta,
+                rounds=len({c.round for c in cs}),
+                events=events,
+            )
+        )
+    return rows

@@ -1,0 +1,1 @@
+"""Versioned wire protocol (dpfed.v1) and its committed generated code."""

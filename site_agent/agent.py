@@ -1,0 +1,204 @@
+"""The site agent's connection loop: dial out, register, long-poll tasks, push results.
+
+The site opens no port. If the orchestrator is away the agent retries with capped exponential
+backoff and jitter; if the orchestrator forgot its session (restart) it registers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from common import serde
+from common.domain import SiteRegistration, TaskAssignment, TaskFailure, UpdateMeta
+from common.errors import DpfedError
+from common.transport import CHANNEL_OPTIONS, require_loopback_for_plaintext
+from common.version import __version__
+from site_agent.config import SiteConfig
+from site_agent.executor import TaskExecutor
+from site_agent.ledger import Ledger
+from protos.dpfed.v1 import dpfed_pb2 as pb
+from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
+
+log = logging.getLogger("dpfed.site_agent")
+
+_RPC_TIMEOUT_S = 30.0
+_TRANSFER_TIMEOUT_S = 600.0
+
+
+class _SessionLost(Exception):
+    pass
+
+
+class SiteAgent:
+    def __init__(self, config: SiteConfig, *, ledger: Ledger | None = None) -> None:
+        if config.insecure:
+            require_loopback_for_plaintext(config.orchestrator)
+        self.config = config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.ledger = ledger or Ledger(config.state_dir / "ledger.sqlite")
+        self.executor = TaskExecutor(config, self.ledger)
+        self.stopping = threading.Event()
+        self.tasks_done = 0
+        self._state = "idle"
+        self._task_id = ""
+
+    # ------------------------------------------------------------ main loop
+
+    def run(self) -> None:
+        backoff = 0.5
+        while not self.stopping.is_set():
+            try:
+                with grpc.insecure_channel(self.config.orchestrator, options=CHANNEL_OPTIONS) as ch:
+                    stub = pb_grpc.AgentServiceStub(ch)
+                    session = self._register(stub)
+                    backoff = 0.5
+                    self._serve_session(stub, session)
+            except _SessionLost:
+                log.info("site=%s session lost; registering again", self.config.site_id)
+                continue
+            except grpc.RpcError as err:
+                code = err.code() if isinstance(err, grpc.Call) else None
+                log.warning(
+                    "site=%s orchestrator %s unreachable (%s); retrying in %.1f s",
+                    self.config.site_id,
+                    self.config.orchestrator,
+                    code.name if code else err,
+                    backoff,
+                )
+                self.stopping.wait(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 30.0)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    def _registration(self) -> SiteRegistration:
+        return SiteRegistration(
+            site_id=self.config.site_id,
+            agent_version=__version__,
+            datasets=tuple(self.executor.dataset_infos()),
+            policy=self.executor.policy_summary(),
+        )
+
+    def _register(self, stub: pb_grpc.AgentServiceStub) -> str:
+        req = serde.registration_to_proto(self._registration())
+        resp = stub.Register(req, timeout=_RPC_TIMEOUT_S, wait_for_ready=False)
+        log.info("site=%s registered with %s", self.config.site_id, self.config.orchestrator)
+        return str(resp.session_id)
+
+    def _serve_session(self, stub: pb_grpc.AgentServiceStub, session: str) -> None:
+        lost = threading.Event()
+        hb = threading.Thread(
+            target=self._heartbeats, args=(stub, session, lost), daemon=True, name="heartbeat"
+        )
+        hb.start()
+        try:
+            while not self.stopping.is_set() and not lost.is_set():
+                try:
+                    resp = stub.PullTask(
+                        pb.PullTaskRequest(
+                            site_id=self.config.site_id,
+                            session_id=session,
+                            wait_seconds=self.config.poll_seconds,
+                        ),
+                        timeout=self.config.poll_seconds + _RPC_TIMEOUT_S,
+                    )
+                except grpc.RpcError as err:
+                    if isinstance(err, grpc.Call) and err.code() == grpc.StatusCode.PERMISSION_DENIED:
+                        raise _SessionLost() from None
+                    raise
+                if resp.HasField("task"):
+                    self._handle(stub, serde.task_from_proto(resp.task))
+            if lost.is_set():
+                raise _SessionLost()
+        finally:
+            lost.set()
+            hb.join(timeout=1.0)
+
+    def _heartbeats(self, stub: pb_grpc.AgentServiceStub, session: str, lost: threading.Event) -> None:
+        while not lost.wait(self.config.heartbeat_seconds):
+            try:
+                resp = stub.Heartbeat(
+                    pb.HeartbeatRequest(
+                        site_id=self.config.site_id,
+                        session_id=session,
+                        state=self._state,
+                        task_id=self._task_id,
+                        datasets=[
+                            serde.dataset_info_to_proto(d) for d in self.executor.dataset_infos()
+                        ],
+                    ),
+                    timeout=_RPC_TIMEOUT_S,
+                )
+                if not resp.known:
+                    lost.set()
+            except grpc.RpcError:
+                continue  # the pull loop notices an outage and reconnects
+
+    # ------------------------------------------------------------ one task
+
+    def _fetch(self, stub: pb_grpc.AgentServiceStub, task: TaskAssignment) -> bytes:
+        chunks = stub.FetchModel(
+            pb.FetchModelRequest(site_id=self.config.site_id, task_id=task.task_id),
+            timeout=_TRANSFER_TIMEOUT_S,
+        )
+        return serde.blob_from_chunks(chunks, expected_size=task.model_size)
+
+    def _handle(self, stub: pb_grpc.AgentServiceStub, task: TaskAssignment) -> None:
+        log.info(
+            "site=%s job=%s round=%d/%d task received",
+            self.config.site_id, task.job_id, task.round, task.rounds,
+        )
+        self._state, self._task_id = "training", task.task_id
+        try:
+            blob = self._fetch(stub, task)
+            try:
+                meta, delta = self.executor.execute(task, blob)
+            except DpfedError as err:
+                log.warning("site=%s job=%s refused: %s", self.config.site_id, task.job_id, err)
+                self._report(stub, task, err.grpc_status, str(err))
+                return
+            except Exception as err:
+                # Details stay in the site's log: an exception message could quote data.
+                log.exception("site=%s job=%s task crashed", self.config.site_id, task.job_id)
+                self._report(
+                    stub, task, "INTERNAL", f"the site agent failed: {type(err).__name__}"
+                )
+                return
+            stub.PushUpdate(_update_stream(meta, delta), timeout=_TRANSFER_TIMEOUT_S)
+            self.tasks_done += 1
+            log.info(
+                "site=%s job=%s round=%d update sent (task ε=%.3f, dataset ε=%.3f)",
+                self.config.site_id, task.job_id, task.round,
+                meta.dp_report.task_epsilon, meta.dp_report.dataset_epsilon,
+            )
+        except grpc.RpcError as err:
+            if isinstance(err, grpc.Call) and err.code() in (
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.PERMISSION_DENIED,
+            ):
+                log.warning("site=%s task %s: %s", self.config.site_id, task.task_id, err.details())
+                return
+            raise
+        finally:
+            self._state, self._task_id = "idle", ""
+
+    def _report(self, stub: pb_grpc.AgentServiceStub, task: TaskAssignment, code: str, reason: str) -> None:
+        failure = TaskFailure(
+            site_id=self.config.site_id, task_id=task.task_id, code=code, reason=reason
+        )
+        stub.ReportFailure(serde.failure_to_proto(failure), timeout=_RPC_TIMEOUT_S)
+
+
+def _update_stream(meta: UpdateMeta, delta: bytes) -> Iterator[pb.UpdateChunk]:
+    yield pb.UpdateChunk(header=serde.update_meta_to_proto(meta))
+    for ch in serde.blob_to_chunks(delta):
+        yield pb.UpdateChunk(chunk=ch)

@@ -1,0 +1,277 @@
+"""The trust boundary: decide whether a task may run on this site's data, run it, and say
+exactly what leaves.
+
+Order of operations for every task (no gRPC here; ``site_agent.agent`` carries the bytes):
+
+1. validate the declarative spec again (never trust the orchestrator's validation);
+2. check the global model matches the spec's architecture;
+3. project the task's privacy cost with RDP and refuse it if the site's policy or the
+   dataset's remaining budget does not allow it (``PolicyRefusal``);
+4. **charge the ledger (durable) before anything computed on the data exists**, so a crash
+   can over-count but never under-count (write-ahead);
+5. train with Opacus DP-SGD, release validation metrics through the Gaussian mechanism;
+6. return only the noised delta, the example count and the DP report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from common.accounting import DpEvent, compute_epsilon
+from common.domain import (
+    ChargedEvent,
+    DatasetInfo,
+    DpReport,
+    Metrics,
+    PolicySummary,
+    TaskAssignment,
+    UpdateMeta,
+)
+from common.errors import InvalidSpecError, NotFoundError
+from common.models import build_model, count_parameters
+from common.schedule import task_schedule
+from common.specs import JobSpec, job_spec_from_json
+from common.tensors import check_update, state_from_bytes, state_to_bytes
+from site_agent.config import SiteConfig
+from site_agent.data import LocalDataset, load_dataset, split_train_validation
+from site_agent.ledger import Ledger
+from site_agent.policy import TaskCost, check_task
+from site_agent.trainer import TrainParams, evaluate, train_local
+
+log = logging.getLogger("dpfed.site_agent")
+
+ACCOUNTANT = "prv"
+
+
+@dataclass(frozen=True)
+class _Split:
+    train: LocalDataset
+    validation: LocalDataset | None
+
+
+class TaskExecutor:
+    def __init__(self, config: SiteConfig, ledger: Ledger) -> None:
+        self.config = config
+        self.ledger = ledger
+        self._splits: dict[str, _Split] = {}
+        self._lock = threading.Lock()
+        for ds in config.datasets:
+            self._split(ds.name)  # fail fast on a broken dataset at start-up
+
+    # ------------------------------------------------------------ what the site discloses
+
+    def _split(self, name: str) -> _Split:
+        with self._lock:
+            if name not in self._splits:
+                cfg = self.config.dataset(name)
+                if cfg is None:
+                    raise NotFoundError(
+                        f"site {self.config.site_id} has no dataset named {name!r}"
+                    )
+                full = load_dataset(cfg)
+                if cfg.validation_fraction > 0 and len(full.labels) >= 10:
+                    # A stable split (seeded by site and dataset) keeps each record on one side.
+                    seed = zlib.crc32(f"{self.config.site_id}/{name}".encode())
+                    train, val = split_train_validation(full, cfg.validation_fraction, seed)
+                    self._splits[name] = _Split(train, val if len(val.labels) else None)
+                else:
+                    self._splits[name] = _Split(full, None)
+            return self._splits[name]
+
+    def dataset_infos(self) -> list[DatasetInfo]:
+        out = []
+        for cfg in self.config.datasets:
+            sp = self._split(cfg.name)
+            spent = self.ledger.spent(cfg.name, delta=self.config.policy.delta).epsilon
+            out.append(
+                DatasetInfo(
+                    name=cfg.name,
+                    num_rows=len(sp.train.labels),
+                    columns=sp.train.feature_names,
+                    label=sp.train.label_name,
+                    epsilon_spent=spent,
+                    max_epsilon=self.config.max_epsilon_for(cfg.name),
+                    policy_delta=self.config.policy.delta,
+                    num_validation_rows=0 if sp.validation is None else len(sp.validation.labels),
+                )
+            )
+        return out
+
+    def policy_summary(self) -> PolicySummary:
+        p = self.config.policy
+        return PolicySummary(
+            max_epsilon=p.max_epsilon,
+            delta=p.delta,
+            min_noise_multiplier=p.min_noise_multiplier,
+            max_rounds=p.max_rounds,
+            allowed_models=tuple(p.allowed_models),
+            allow_exact_metrics=p.allow_exact_metrics,
+            max_steps_per_task=p.max_steps_per_task,
+            max_parameters=p.max_parameters,
+        )
+
+    # ------------------------------------------------------------ one task
+
+    def execute(self, task: TaskAssignment, global_blob: bytes) -> tuple[UpdateMeta, bytes]:
+        """Run one task; raises PolicyRefusal / InvalidSpecError / NotFoundError to refuse it."""
+        spec: JobSpec = job_spec_from_json(task.job_spec_json)
+        if spec.dataset != task.dataset:
+            raise InvalidSpecError(
+                f"task names dataset {task.dataset!r} but its spec names {spec.dataset!r}"
+            )
+        split = self._split(task.dataset)
+        train = split.train
+        n_features = train.features.shape[1]
+        if spec.model.input_dim != n_features:
+            raise InvalidSpecError(
+                f"model.input_dim={spec.model.input_dim} but dataset {task.dataset!r} has "
+                f"{n_features} feature columns"
+            )
+        if train.num_classes_seen > spec.model.num_classes:
+            raise InvalidSpecError(
+                f"model.num_classes={spec.model.num_classes} is too small for the labels of "
+                f"dataset {task.dataset!r}"
+            )
+        if hashlib.sha256(global_blob).hexdigest() != task.model_sha256:
+            raise InvalidSpecError("the global model's bytes do not match the task's sha256")
+        model = build_model(spec.model)
+        reference = model.state_dict()
+        global_state = state_from_bytes(global_blob)
+        check_update(global_state, reference)
+
+        sigma = task.noise_multiplier
+        q, steps = task_schedule(
+            num_examples=len(train.labels),
+            batch_size=spec.batch_size,
+            local_epochs=spec.local_epochs,
+            local_steps=spec.local_steps,
+        )
+        exact = spec.metrics.enabled and spec.metrics.exact
+        want_metrics = spec.metrics.enabled and split.validation is not None
+        train_event = DpEvent(noise_multiplier=sigma, sample_rate=q, steps=steps)
+        metric_event = (
+            DpEvent(noise_multiplier=spec.metrics.noise_multiplier, sample_rate=1.0, steps=1)
+            if want_metrics and not exact
+            else None
+        )
+        cost_events = (train_event,) + ((metric_event,) if metric_event else ())
+        cost = TaskCost(events=cost_events, delta=spec.dp.delta)
+        policy = self.config.policy
+        projection = check_task(
+            policy=policy,
+            max_epsilon=self.config.max_epsilon_for(task.dataset),
+            dataset=task.dataset,
+            model_kind=spec.model.kind,
+            num_parameters=count_parameters(model),
+            round=task.round,
+            rounds=task.rounds,
+            noise_multiplier=sigma,
+            task_delta=spec.dp.delta,
+            steps=steps,
+            cost=cost,
+            history=self.ledger.events(task.dataset),
+            exact_metrics=exact and want_metrics,
+        )
+        log.info(
+            "site=%s job=%s round=%d accepted: projected ε %.3f → %.3f of %.3f",
+            self.config.site_id,
+            task.job_id,
+            task.round,
+            projection.epsilon_before,
+            projection.epsilon_after,
+            projection.max_epsilon,
+        )
+
+        # Write-ahead: durable before anything computed on the data exists.
+        self.ledger.charge(
+            dataset=task.dataset,
+            job_id=task.job_id,
+            round=task.round,
+            task_id=task.task_id,
+            kind="train",
+            events=[train_event],
+            delta=spec.dp.delta,
+        )
+        if metric_event is not None:
+            self.ledger.charge(
+                dataset=task.dataset,
+                job_id=task.job_id,
+                round=task.round,
+                task_id=task.task_id,
+                kind="metrics",
+                events=[metric_event],
+                delta=spec.dp.delta,
+            )
+
+        result = train_local(
+            model_spec=spec.model,
+            global_state=global_state,
+            features=train.features,
+            labels=train.labels,
+            params=TrainParams(
+                noise_multiplier=sigma,
+                max_grad_norm=spec.dp.max_grad_norm,
+                batch_size=spec.batch_size,
+                local_epochs=spec.local_epochs,
+                local_steps=spec.local_steps,
+                optimizer=spec.optimizer,
+                seed=spec.seed,
+            ),
+        )
+        metrics: Metrics | None = None
+        if want_metrics and split.validation is not None:
+            local = {k: global_state[k] + result.delta[k] for k in global_state}
+            ev = evaluate(
+                model_spec=spec.model,
+                state=local,
+                features=split.validation.features,
+                labels=split.validation.labels,
+                loss_bound=spec.metrics.loss_bound,
+                noise_multiplier=None if exact else spec.metrics.noise_multiplier,
+            )
+            metrics = Metrics(
+                loss=ev.loss,
+                accuracy=ev.accuracy,
+                correct_sum=ev.correct_sum,
+                loss_sum=ev.loss_sum,
+                num_examples=ev.num_examples,
+                noise_multiplier=ev.noise_multiplier,
+                exact=ev.noise_multiplier is None,
+            )
+
+        charged = tuple(ChargedEvent("train" if e is train_event else "metrics", e) for e in cost_events)
+        task_eps = compute_epsilon(list(cost_events), delta=spec.dp.delta, accountant=ACCOUNTANT)
+        job_eps = compute_epsilon(
+            self.ledger.events(task.dataset, job_id=task.job_id),
+            delta=spec.dp.delta,
+            accountant=ACCOUNTANT,
+        )
+        lifetime = self.ledger.spent(task.dataset, delta=policy.delta, accountant=ACCOUNTANT)
+        report = DpReport(
+            events=charged,
+            max_grad_norm=spec.dp.max_grad_norm,
+            delta=spec.dp.delta,
+            task_epsilon=task_eps.epsilon,
+            job_epsilon=job_eps.epsilon,
+            dataset_epsilon=lifetime.epsilon,
+            policy_delta=policy.delta,
+            accountant=task_eps.accountant,
+            grad_sample_mode=result.grad_sample_mode,
+        )
+        blob = state_to_bytes({k: v.to(torch.float32).contiguous() for k, v in result.delta.items()})
+        meta = UpdateMeta(
+            site_id=self.config.site_id,
+            task_id=task.task_id,
+            num_examples=result.num_examples,
+            dp_report=report,
+            metrics=metrics,
+            total_size=len(blob),
+            sha256=hashlib.sha256(blob).hexdigest(),
+        )
+        return meta, blob

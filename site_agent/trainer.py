@@ -1,0 +1,405 @@
+"""Local DP-SGD at a site, and differentially private validation metrics.
+
+Pure functions over arrays: no gRPC, no ledger, no files. The agent loop checks the task
+against the site's policy, charges the ledger (write-ahead) and only then calls
+:func:`train_local`; what leaves the site is :attr:`LocalResult.delta` and the public
+parameters that the accountant needs.
+
+DP-SGD (Abadi et al., "Deep Learning with Differential Privacy", CCS 2016) as implemented
+by Opacus (Yousefpour et al., "Opacus: User-Friendly Differential Privacy Library in
+PyTorch", 2021): each step draws a Poisson sample of the rows (each row independently with
+probability ``q``), clips every example's gradient to L2 norm ``max_grad_norm`` (C), sums
+them, adds Gaussian noise ``N(0, (σ·C)²)`` per coordinate and takes an optimiser step on
+that sum divided by the public expected batch size ``q·N``. The released delta is
+post-processing of the noised gradients, so it carries the guarantee the site's
+accountant computes from ``(q, σ, steps)`` (sampled Gaussian mechanism; Mironov et al.,
+"Rényi Differential Privacy of the Sampled Gaussian Mechanism", 2019).
+
+What the guarantee rests on, and how this module keeps it:
+
+* **Secret randomness.** The Poisson sample and the noise must be unpredictable to anyone
+  who sees the delta. Both come from generators seeded from the operating system's entropy
+  pool (:func:`secrets.randbits`), created for each call and never exposed. Nothing here
+  seeds them from the job's ``seed``: a seed the orchestrator knows would let it subtract
+  the noise. (Opacus' default, the process-wide torch RNG, would be as good only as long as
+  no code in the process ever called ``torch.manual_seed``.) The job seed reaches
+  :func:`common.models.build_model` only, which leaves the global RNG untouched.
+  Opacus' ``secure_mode`` (a CSPRNG plus the floating-point attack countermeasure of
+  Mironov, "On Significance of the Least Significant Bits for Differential Privacy", CCS
+  2012) needs ``torchcsprng``, which is not a dependency; the noise is PyTorch's
+  Mersenne-Twister Gaussian sampler.
+* **Every step is a DP step.** An empty Poisson sample still takes a noise-only step, and
+  exactly ``steps`` steps run: the accountant's count is the truth.
+* **No un-noised output.** The training loss is never computed into a number, logged or
+  returned; validation metrics leave only through :func:`evaluate`'s Gaussian mechanism.
+
+Per-example gradients come from one of Opacus' ``grad_sample_mode``\\ s (see
+:func:`choose_grad_sample_mode`).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from common.errors import InvalidSpecError
+from common.models import build_model, load_weights
+from common.specs import ModelSpec, OptimizerSpec
+
+GHOST_KINDS = frozenset({"linear", "mlp"})
+"""Model kinds trained with ghost clipping; every other kind uses per-sample hooks."""
+
+_EVAL_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """What one local training task runs. All of it is public (it comes with the task)."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    batch_size: int
+    """Expected batch size under Poisson sampling: ``q = batch_size / num_examples``."""
+    local_epochs: float | None
+    local_steps: int | None
+    optimizer: OptimizerSpec
+    seed: int | None = None
+    """Seeds model construction only; never the DP noise or the sampling."""
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What local training releases: the noised model delta and the public DP parameters."""
+
+    delta: dict[str, Tensor]
+    """``new_weights - global_weights``, keyed like ``build_model(spec).state_dict()``,
+    float32 on CPU."""
+    num_examples: int
+    sample_rate: float
+    steps: int
+    noise_multiplier: float
+    max_grad_norm: float
+    grad_sample_mode: str
+    """The Opacus mode that computed per-example gradients (``"ghost"`` or ``"hooks"``)."""
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    """Validation metrics as released by :func:`evaluate`.
+
+    ``correct_sum`` and ``loss_sum`` are the (noised) sums actually released, so that the
+    orchestrator can pool sites by adding them; ``accuracy`` and ``loss`` are derived from
+    them by post-processing. ``noise_multiplier`` is ``None`` for exact, un-noised metrics.
+    """
+
+    loss: float
+    accuracy: float
+    num_examples: int
+    noise_multiplier: float | None
+    correct_sum: float
+    loss_sum: float
+
+
+def plan_steps(
+    *, num_examples: int, batch_size: int, local_epochs: float | None, local_steps: int | None
+) -> tuple[float, int]:
+    """The sample rate and number of DP-SGD steps of a task: ``(q, steps)``.
+
+    ``q = min(1, batch_size / num_examples)`` is the Poisson sampling probability of each
+    row; ``steps = local_steps``, or ``ceil(local_epochs / q)`` (one epoch is ``1/q``
+    expected batches). The site's ledger charges exactly these numbers, and
+    :func:`train_local` runs exactly them.
+
+    Raises:
+        InvalidSpecError: non-positive sizes, or not exactly one of ``local_epochs`` and
+            ``local_steps``.
+    """
+    if num_examples < 1:
+        raise InvalidSpecError("Local training needs at least one example.")
+    if batch_size < 1:
+        raise InvalidSpecError(f"batch_size must be at least 1, got {batch_size}.")
+    if (local_epochs is None) == (local_steps is None):
+        raise InvalidSpecError("Set exactly one of local_epochs and local_steps.")
+    q = min(1.0, batch_size / num_examples)
+    if local_steps is not None:
+        if local_steps < 1:
+            raise InvalidSpecError(f"local_steps must be at least 1, got {local_steps}.")
+        return q, int(local_steps)
+    assert local_epochs is not None
+    if not (local_epochs > 0.0 and math.isfinite(local_epochs)):
+        raise InvalidSpecError(f"local_epochs must be positive, got {local_epochs}.")
+    # Round first so that 3.0000000000000004 expected batches is 3 steps, not 4.
+    return q, max(1, math.ceil(round(local_epochs / q, 9)))
+
+
+def choose_grad_sample_mode(spec: ModelSpec) -> str:
+    """The fastest Opacus per-example-gradient mode that supports the model.
+
+    * ``"ghost"`` — ghost clipping (Li et al., "Large Language Models Can Be Strong
+      Differentially Private Learners", ICLR 2022; Bu et al., "Automatic Clipping" /
+      "Differentially Private Optimization on Large Model at Small Cost", 2022-23): for a
+      linear layer the per-example gradient norm is computed from activations and output
+      gradients without materialising the ``(B, out, in)`` per-example gradients, then a
+      second backward pass on the clipping-weighted loss yields the clipped sum. For the
+      dense nets (``linear``, ``mlp``) every trainable layer is ``nn.Linear``, so nothing
+      per-example is ever materialised: memory and time stay close to non-private
+      training.
+    * ``"hooks"`` — per-example gradients from forward/backward hooks (Opacus' default),
+      for conv nets: Opacus has no ghost norm for convolutions or GroupNorm, so ghost mode
+      would materialise their per-example gradients anyway *and* pay a second backward.
+
+    ``bench/bench_dp_step.py`` measures these choices.
+    """
+    return "ghost" if spec.kind in GHOST_KINDS else "hooks"
+
+
+def _private_generator() -> torch.Generator:
+    """A torch generator seeded from the OS entropy pool, known to no one else."""
+    return torch.Generator().manual_seed(secrets.randbits(64))
+
+
+def _check_arrays(
+    spec: ModelSpec, features: npt.ArrayLike, labels: npt.ArrayLike
+) -> tuple[Tensor, Tensor]:
+    x = np.asarray(features)
+    y = np.asarray(labels)
+    if x.ndim != 2 or x.shape[1] != spec.input_dim:
+        raise InvalidSpecError(
+            f"The features have shape {x.shape}, the model needs (N, {spec.input_dim})."
+        )
+    if y.shape != (x.shape[0],):
+        raise InvalidSpecError(
+            f"The labels have shape {y.shape}, expected ({x.shape[0]},) to match the features."
+        )
+    if not np.issubdtype(y.dtype, np.integer):
+        raise InvalidSpecError("The labels must be integers (class indices).")
+    # Messages say *that* a value is out of range, never which value (it is site data).
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= spec.num_classes):
+        raise InvalidSpecError(
+            f"Some labels are outside 0..{spec.num_classes - 1}; the model has "
+            f"{spec.num_classes} classes."
+        )
+    if not np.isfinite(x).all():
+        raise InvalidSpecError("The features hold NaN or infinite values.")
+    return (
+        torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)),
+    )
+
+
+def _optimizer(spec: OptimizerSpec, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if spec.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+        )
+    if spec.momentum != 0.0:
+        # Refuse rather than ignore: a user who set it expects it to matter.
+        raise InvalidSpecError(
+            "optimizer.momentum applies to sgd only; adam has its own moment estimates."
+        )
+    return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def _check_params(params: TrainParams) -> None:
+    if not (params.noise_multiplier >= 0.0 and math.isfinite(params.noise_multiplier)):
+        raise InvalidSpecError(
+            f"noise_multiplier must be a finite number >= 0, got {params.noise_multiplier}."
+        )
+    if not (params.max_grad_norm > 0.0 and math.isfinite(params.max_grad_norm)):
+        raise InvalidSpecError(
+            f"max_grad_norm must be a finite number > 0, got {params.max_grad_norm}."
+        )
+
+
+def train_local(
+    *,
+    model_spec: ModelSpec,
+    global_state: Mapping[str, Tensor],
+    features: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    params: TrainParams,
+) -> LocalResult:
+    """Run DP-SGD from ``global_state`` on the site's rows; return the noised delta.
+
+    Runs exactly ``steps`` steps with Poisson sample rate ``q`` as :func:`plan_steps`
+    computes them; the caller charges the ledger with the same numbers *before* calling.
+
+    The Poisson loader is built here, with the exact ``q`` (Opacus' ``poisson_sampling=True``
+    would re-derive the rate as ``1 / ceil(N / batch_size)``, which differs from ``q``
+    unless ``batch_size`` divides ``N``: the accountant must be told the rate that ran), and
+    Opacus' averaging denominator is set to the same public ``q·N``.
+
+    Args:
+        model_spec: the task's model.
+        global_state: the current global weights (``build_model(spec).state_dict()`` keys).
+        features: float array ``(N, input_dim)``.
+        labels: integer class indices ``(N,)``.
+        params: the task's DP and optimiser parameters.
+
+    Raises:
+        InvalidSpecError: arrays, weights or parameters that do not fit the spec.
+    """
+    _check_params(params)
+    x, y = _check_arrays(model_spec, features, labels)
+    n = int(x.shape[0])
+    q, steps = plan_steps(
+        num_examples=n,
+        batch_size=params.batch_size,
+        local_epochs=params.local_epochs,
+        local_steps=params.local_steps,
+    )
+    mode = choose_grad_sample_mode(model_spec)
+
+    net = build_model(model_spec, seed=params.seed)
+    load_weights(net, global_state, what="the global weights")
+    net.train()
+    start = {k: v.detach().to(torch.float32).clone() for k, v in net.state_dict().items()}
+
+    loader = DPDataLoader(TensorDataset(x, y), sample_rate=q, generator=_private_generator())
+    optimizer = _optimizer(params.optimizer, list(net.parameters()))
+    criterion = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        # "Secure RNG turned off": our generators are seeded from OS entropy (see module doc).
+        warnings.simplefilter("ignore", UserWarning)
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+        made: tuple[Any, ...] = engine.make_private(
+            module=net,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=loader,
+            noise_multiplier=params.noise_multiplier,
+            max_grad_norm=params.max_grad_norm,
+            poisson_sampling=False,  # the loader above already samples, at the exact q
+            grad_sample_mode=mode,
+            noise_generator=_private_generator(),
+        )
+    if mode == "ghost":
+        dp_model, dp_optimizer, dp_criterion, dp_loader = made
+    else:
+        dp_model, dp_optimizer, dp_loader = made
+        dp_criterion = criterion
+    # Each Poisson batch is one step; accumulating several would break the accounting.
+    dp_model.forbid_grad_accumulation()
+    # Unbiased average over the public expected batch size q·N (a public constant, so the
+    # division is post-processing of the noised sum).
+    dp_optimizer.expected_batch_size = q * n
+
+    batches = iter(dp_loader)
+    for _ in range(steps):
+        try:
+            xb, yb = next(batches)
+        except StopIteration:  # one "epoch" of 1/q samples is over: keep sampling
+            batches = iter(dp_loader)
+            xb, yb = next(batches)
+        dp_optimizer.zero_grad(set_to_none=True)
+        # The loss is a tensor that only ever reaches backward(): never a number.
+        dp_criterion(dp_model(xb), yb).backward()
+        dp_optimizer.step()
+        if dp_optimizer._is_last_step_skipped:  # pragma: no cover - would void accounting
+            raise RuntimeError("Opacus skipped a DP-SGD step; the accounting would be wrong.")
+
+    # GradSampleModule wraps ``net`` and trains its parameters in place, so ``net``'s own
+    # state dict has the spec's key names (no "_module." prefix).
+    end = net.state_dict()
+    delta = {k: (end[k].detach().to(torch.float32) - start[k]).cpu().contiguous() for k in start}
+    if hasattr(dp_model, "_close"):
+        dp_model._close()
+    return LocalResult(
+        delta=delta,
+        num_examples=n,
+        sample_rate=q,
+        steps=steps,
+        noise_multiplier=float(params.noise_multiplier),
+        max_grad_norm=float(params.max_grad_norm),
+        grad_sample_mode=mode,
+    )
+
+
+def evaluate(
+    *,
+    model_spec: ModelSpec,
+    state: Mapping[str, Tensor],
+    features: npt.ArrayLike,
+    labels: npt.ArrayLike,
+    loss_bound: float,
+    noise_multiplier: float | None,
+) -> EvalMetrics:
+    """Validation loss and accuracy on site data, released through the Gaussian mechanism.
+
+    Each example ``i`` contributes the pair ``v_i = (c_i, ℓ_i)`` with ``c_i ∈ {0, 1}`` (is
+    the prediction correct) and ``ℓ_i = min(max(loss_i, 0), B) / B ∈ [0, 1]`` (its
+    cross-entropy clipped to ``[0, B]``, ``B = loss_bound``, then scaled). Adding or
+    removing one example changes ``Σ v_i`` by ``v_i``, whose L2 norm is at most ``√2``;
+    replacing one changes each coordinate by at most 1, again at most ``√2``. So releasing
+    ``Σ v_i + N(0, (σ·√2)² I₂)`` is one Gaussian mechanism with noise multiplier ``σ``
+    (noise standard deviation over L2 sensitivity; Dwork & Roth, "The Algorithmic
+    Foundations of Differential Privacy", 2014, §3.5 and App. A), which the site's
+    accountant composes with its DP-SGD steps.
+
+    Released: ``correct_sum`` (noised count), ``loss_sum`` (noised ``Σ ℓ_i`` times ``B``),
+    and, by post-processing, ``accuracy = clip(correct_sum / N, 0, 1)`` and
+    ``loss = max(0, loss_sum / N)``. ``N`` itself is released exactly, as every site's
+    example counts are (see DESIGN.md). With ``noise_multiplier=None`` the exact values are
+    returned (outside any guarantee; the site's policy decides whether they may leave).
+
+    The noise comes from a generator seeded from OS entropy, never from a known seed.
+
+    Raises:
+        InvalidSpecError: empty or mis-shaped data, a non-positive ``loss_bound`` or
+            ``noise_multiplier``, or weights that do not fit the spec.
+    """
+    if not (loss_bound > 0.0 and math.isfinite(loss_bound)):
+        raise InvalidSpecError(f"loss_bound must be a finite number > 0, got {loss_bound}.")
+    if noise_multiplier is not None and not (
+        noise_multiplier > 0.0 and math.isfinite(noise_multiplier)
+    ):
+        raise InvalidSpecError(
+            f"noise_multiplier must be a finite number > 0 or None, got {noise_multiplier}."
+        )
+    x, y = _check_arrays(model_spec, features, labels)
+    n = int(x.shape[0])
+    if n == 0:
+        raise InvalidSpecError("There are no validation examples to evaluate on.")
+
+    net = build_model(model_spec)
+    load_weights(net, state, what="the weights to evaluate")
+    net.eval()
+    sums = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, n, _EVAL_BATCH):
+            xb, yb = x[start : start + _EVAL_BATCH], y[start : start + _EVAL_BATCH]
+            logits = net(xb)
+            per_example = nn.functional.cross_entropy(logits, yb, reduction="none")
+            # NaN or inf losses count as the bound: the clip must hold for *every* example.
+            per_example = torch.nan_to_num(per_example, nan=loss_bound, posinf=loss_bound)
+            scaled = per_example.to(torch.float64).clamp(0.0, loss_bound) / loss_bound
+            sums[0] += (logits.argmax(dim=1) == yb).sum().to(torch.float64)
+            sums[1] += scaled.sum()
+
+    if noise_multiplier is not None:
+        std = noise_multiplier * math.sqrt(2.0)
+        sums += torch.normal(
+            0.0, std, size=(2,), generator=_private_generator(), dtype=torch.float64
+        )
+    correct_sum = float(sums[0])
+    loss_sum = float(sums[1]) * loss_bound
+    return EvalMetrics(
+        loss=max(0.0, loss_sum / n),
+        accuracy=min(1.0, max(0.0, correct_sum / n)),
+        num_examples=n,
+        noise_multiplier=noise_multiplier,
+        correct_sum=correct_sum,
+        loss_sum=loss_sum,
+    )
