@@ -18,6 +18,10 @@ It prints a table, the fastest mode per model and the mode dpfed's trainer uses
 (:func:`site_agent.trainer.choose_grad_sample_mode`), and writes
 ``bench/results/dp_step.json``.
 
+It runs single-threaded by default (``--threads`` to change): on a shared machine a
+multi-threaded step stalls whenever one of its threads is descheduled (every parallel
+region waits at a barrier), and the ratios then measure the neighbours, not the code.
+
 Run: ``.venv/bin/python bench/bench_dp_step.py`` (about two minutes on 2 CPU cores).
 """
 
@@ -42,9 +46,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.models import build_model, count_parameters  # noqa: E402
-from common.specs import Conv2dSpec, ConvLayerSpec, MLPSpec, ModelSpec  # noqa: E402
-from site_agent.trainer import choose_grad_sample_mode  # noqa: E402
+from common.models import build_model, count_parameters
+from common.specs import Conv2dSpec, ConvLayerSpec, MLPSpec, ModelSpec
+from site_agent.trainer import choose_grad_sample_mode
 
 MODES = ("hooks", "ew", "ghost")
 RESULTS = Path(__file__).resolve().parent / "results" / "dp_step.json"
@@ -202,8 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--repeat-seconds", type=float, default=0.4)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: see the module docstring)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
     rows = [

@@ -21,10 +21,11 @@ What is returned
 ----------------
 :func:`compute_epsilon` returns an :class:`EpsilonBound` whose ``epsilon`` is an *upper bound*
 on the ε of the composed mechanism at the given δ: the numerical error of the accountant is
-already added, never subtracted. An empty history costs ε = 0. A bound that comes out NaN or
-infinite raises :class:`~common.errors.PrivacyAccountingError`: nothing may be released on it.
-The Gaussian-DP (μ-GDP / CLT) approximation is never used: it is an approximation, not a bound
-(at q=0.01, σ=1, 10,000 steps, δ=1e-5 it gives 6.01 while the true ε is about 6.19).
+already added, never subtracted. An empty history costs ε = 0. When no finite bound exists
+(NaN or infinity from every accountant) :class:`~common.errors.PrivacyAccountingError` is
+raised: nothing may be released on it. The Gaussian-DP (μ-GDP / CLT) approximation is never
+used: it is an approximation, not a bound (at q=0.01, σ=1, 10,000 steps, δ=1e-5 it gives 6.01
+while the true ε is about 6.19).
 
 Accountants (``accountant=``)
 -----------------------------
@@ -33,30 +34,36 @@ Accountants (``accountant=``)
     "Numerical Composition of Differential Privacy", NeurIPS, arXiv:2106.02848, as implemented
     by Opacus (``opacus.accountants.PRVAccountant`` and its ``analysis.prv`` package). The
     reported ε is the accountant's ``eps_upper`` (estimate + ``eps_error``, evaluated at
-    δ − ``delta_error``); ``epsilon_estimate`` is its point estimate. This module builds the
-    discretisation domain exactly as ``PRVAccountant._get_dprv`` does, with two differences
-    that only make it finer or safer: the number of grid points is rounded up to a size the FFT
-    handles quickly (a finer mesh than the paper requires), and ``eps_error`` scales with the
-    size of ε (0.1% of the RDP bound, at least 1e-3, at most 0.5) instead of a fixed 0.01,
-    so small budgets keep their relative accuracy. When the grid would not fit in memory, or
-    Opacus's PRV code refuses the input (δ so small that floating-point error dominates, or a
-    discretisation whose mean drifts), the bound is computed by ``"pld"`` instead and
-    :attr:`EpsilonBound.accountant` says ``"pld"``.
+    δ − ``delta_error``, with ``delta_error`` = δ/1000); ``epsilon_estimate`` is its point
+    estimate. The grid is built as ``PRVAccountant._get_dprv`` builds it (same half-width rule,
+    computed from cached RDP curves), with two changes that only make it finer: the number of
+    points is rounded up to a size the FFT handles quickly, and ``eps_error`` scales with ε
+    (0.3% of the RDP bound, within [1e-3, 0.5]) instead of a fixed 0.01, so small budgets keep
+    their relative accuracy and large ones stay affordable. PRV falls back to ``"pld"`` (and
+    :attr:`EpsilonBound.accountant` says so) when the grid would exceed
+    :data:`PRV_MAX_DOMAIN_SIZE` points, when Opacus's PRV code raises or returns a non-finite
+    value (observed for very weak noise, e.g. σ=0.05 at q=0.01), or when δ is below the
+    float64 resolution of the grid (``eps64 · size > δ − delta_error``; Opacus checks against
+    ``longdouble``, which is too lax: at δ=1e-13 its PRV disagrees with PLD by 10%+).
 ``"pld"``
     Privacy loss distributions (Koskela, Jälkö & Honkela 2020, "Computing Tight Differential
     Privacy Guarantees Using FFT", AISTATS; Doroshenko, Ghazi, Kamath, Kumar & Manurangsi 2022,
     "Connect the Dots: Tighter Discrete Approximations of Privacy Loss Distributions", PETS),
     as implemented by Google's ``dp_accounting.pld.PLDAccountant`` with its pessimistic
     (upper-bound) discretisation. The value discretisation interval is 1e-3, widened for very
-    large ε (ε_RDP / 5000) so the support stays small.
+    large ε (ε_RDP / 5000) so the support stays small. When PLD gives no finite bound (δ below
+    the tail mass it truncates, e.g. δ=1e-15 over 2,000 steps), the RDP bound is reported.
 ``"rdp"``
     Rényi DP (Mironov 2017, "Rényi Differential Privacy", CSF, arXiv:1702.07476; Mironov,
     Talwar & Zhang 2019, "Rényi Differential Privacy of the Sampled Gaussian Mechanism",
     arXiv:1908.10530) with the RDP → (ε, δ) conversion of Balle et al. 2020 (AISTATS,
     arXiv:1905.09982, Thm. 21), from ``opacus.accountants.analysis.rdp``, over Opacus's order
-    grid extended with orders 128, 256 and 512. Looser (≈ 6.71 instead of ≈ 6.19 in the
-    example above) but fast and always an upper bound: the site uses it to project a task's
-    cost before it trains (:func:`rdp_epsilon`).
+    grid extended with orders 11, 128, 256 and 512. Looser (≈ 6.71 instead of ≈ 6.19 in the
+    example above) but analytic, fast and always an upper bound: the site uses it to project a
+    task's cost before it trains (:func:`rdp_epsilon`).
+
+All three are upper bounds, so the smaller of two is one too: a PRV or PLD result above the
+RDP bound (a sign of numerical trouble) is replaced by the RDP bound, labelled ``"rdp"``.
 
 Events with identical ``(σ, q)`` are merged (their steps summed) before accounting, which is
 exact: self-composition is composition. It keeps a ledger of a thousand jobs fast.
@@ -64,6 +71,7 @@ exact: self-composition is composition. It keeps a ledger of a thousand jobs fas
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -74,14 +82,15 @@ from typing import Final
 
 import dp_accounting
 import numpy as np
+import numpy.typing as npt
 from dp_accounting.pld import PLDAccountant
+from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.analysis.prv import (
     Domain,
     PoissonSubsampledGaussianPRV,
     TruncatedPrivacyRandomVariable,
     compose_heterogeneous,
-    compute_safe_domain_size,
     discretize,
 )
 from scipy.fft import next_fast_len
@@ -103,19 +112,18 @@ _log = logging.getLogger(__name__)
 ACCOUNTANTS: Final = ("prv", "pld", "rdp")
 """Accountant names accepted by :func:`compute_epsilon`."""
 
-RDP_ORDERS: Final[tuple[float, ...]] = (
-    *(1 + x / 10.0 for x in range(1, 101)),
-    *(float(a) for a in range(12, 64)),
-    128.0,
-    256.0,
-    512.0,
-)
-"""Rényi orders α: Opacus's default grid extended towards 1 and towards large α."""
+_OPACUS_ORDERS: Final[tuple[float, ...]] = tuple(float(a) for a in RDPAccountant.DEFAULT_ALPHAS)
+
+RDP_ORDERS: Final[tuple[float, ...]] = tuple(sorted({*_OPACUS_ORDERS, 11.0, 128.0, 256.0, 512.0}))
+"""Rényi orders α: Opacus's default grid (1.1 … 10.9, 12 … 63) plus 11, 128, 256 and 512."""
+
+_OPACUS_MASK: Final = np.isin(np.array(RDP_ORDERS), np.array(_OPACUS_ORDERS))
 
 PRV_MAX_DOMAIN_SIZE: Final = 2**22
 """Largest PRV grid (points) computed; beyond it (≈ 0.3 GB of work arrays) PLD is used."""
 
 _PRV_DELTA_ERROR_FRACTION: Final = 1e-3  # delta_error = δ/1000, as Opacus's default
+_PRV_RELATIVE_ERROR: Final = 3e-3  # eps_error = 0.3% of the RDP bound (clipped to [1e-3, 0.5])
 _PLD_VALUE_DISCRETIZATION: Final = 1e-3
 _SIGMA_SEARCH_MIN: Final = 1e-2
 _SIGMA_SEARCH_MAX: Final = 1000.0
@@ -214,22 +222,49 @@ def _finite_or_raise(value: float, what: str) -> float:
 # --------------------------------------------------------------------------- RDP
 
 
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> npt.NDArray[np.float64]:
+    """RDP of one step of the sampled Gaussian mechanism at every order of RDP_ORDERS.
+
+    Cached: a ledger repeats the same (σ, q) many times, and RDP composes additively, so a
+    history's curve is Σ steps · per-step curve (exactly what ``compute_rdp`` does).
+    """
+    curve = np.asarray(
+        rdp_analysis.compute_rdp(
+            q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS)
+        ),
+        dtype=np.float64,
+    )
+    curve.flags.writeable = False
+    return curve
+
+
+def _rdp_curve(merged: Sequence[DpEvent]) -> npt.NDArray[np.float64]:
+    total = np.zeros(len(RDP_ORDERS))
+    for e in merged:
+        total += e.steps * _rdp_per_step(e.noise_multiplier, e.sample_rate)
+    return total
+
+
+def _rdp_to_epsilon(
+    curve: npt.NDArray[np.float64], delta: float, *, opacus_grid: bool = False
+) -> float:
+    orders = np.array(RDP_ORDERS)
+    if opacus_grid:
+        orders, curve = orders[_OPACUS_MASK], curve[_OPACUS_MASK]
+    with np.errstate(invalid="ignore", over="ignore"), warnings.catch_warnings():
+        # "Optimal order is the smallest/largest alpha" only says the bound could be
+        # tighter with a wider grid; it is still a valid upper bound.
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        eps, _ = rdp_analysis.get_privacy_spent(orders=list(orders), rdp=list(curve), delta=delta)
+    return float(eps)
+
+
 def _rdp_raw(merged: Sequence[DpEvent], delta: float) -> float:
     """RDP ε (may be inf/NaN) of already merged events; 0.0 for none."""
     if not merged:
         return 0.0
-    orders = list(RDP_ORDERS)
-    total = np.zeros(len(orders))
-    for e in merged:
-        total += rdp_analysis.compute_rdp(
-            q=e.sample_rate, noise_multiplier=e.noise_multiplier, steps=e.steps, orders=orders
-        )
-    with warnings.catch_warnings():
-        # "Optimal order is the smallest/largest alpha" only says the bound could be
-        # tighter with a wider grid; it is still a valid upper bound.
-        warnings.filterwarnings("ignore", message="Optimal order is the")
-        eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=total, delta=delta)
-    return float(eps)
+    return _rdp_to_epsilon(_rdp_curve(merged), delta)
 
 
 def rdp_epsilon(events: Sequence[DpEvent], *, delta: float) -> float:
@@ -270,28 +305,34 @@ class _PrvUnavailable(Exception):
     """PRV cannot give a bound for this input; the caller falls back to PLD."""
 
 
-def _prv_domain(
-    prvs: Sequence[PoissonSubsampledGaussianPRV],
-    steps: Sequence[int],
-    eps_error: float,
-    delta_error: float,
-) -> Domain:
+def _safe_half_width(merged: Sequence[DpEvent], eps_error: float, delta_error: float) -> float:
+    """Half-width L of the PRV grid: Opacus's ``compute_safe_domain_size``, from cached RDP.
+
+    Same rule (Gopi et al. 2021, Remark 5.6, as in Opacus and microsoft/prv_accountant): L
+    bounds the RDP ε of the whole composition at δ_error/4 and of every single step at
+    δ_error/(8·total steps), over Opacus's default orders; plus a margin of 3.
+    """
+    total = sum(e.steps for e in merged)
+    half_width = _rdp_to_epsilon(_rdp_curve(merged), delta_error / 4, opacus_grid=True)
+    for e in merged:
+        one_step = _rdp_per_step(e.noise_multiplier, e.sample_rate)
+        half_width = max(
+            half_width,
+            _rdp_to_epsilon(one_step, delta_error / (8 * total), opacus_grid=True),
+        )
+    return max(half_width, eps_error) + 3
+
+
+def _prv_domain(merged: Sequence[DpEvent], eps_error: float, delta_error: float) -> Domain:
     """The PRV grid of Gopi et al. (Remark 5.6), as ``PRVAccountant._get_domain`` builds it.
 
     Same half-width L and the required mesh; the number of points is then rounded up to an
     FFT-friendly even size, which only makes the mesh finer (more accurate).
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the")
-        half_width = float(
-            compute_safe_domain_size(
-                prvs=list(prvs),
-                max_self_compositions=list(steps),
-                eps_error=eps_error,
-                delta_error=delta_error,
-            )
-        )
-    mesh = eps_error / math.sqrt(sum(steps) * math.log(12 / delta_error) / 2)
+    half_width = _safe_half_width(merged, eps_error, delta_error)
+    if not math.isfinite(half_width):
+        raise _PrvUnavailable(f"the PRV grid half-width is {half_width}")
+    mesh = eps_error / math.sqrt(sum(e.steps for e in merged) * math.log(12 / delta_error) / 2)
     # Domain.create_aligned(-L, L, mesh) gives t_min = -k·mesh, t_max = (k+1)·mesh, 2k+2 points.
     k = math.ceil(half_width / mesh)
     if 2 * k + 2 > PRV_MAX_DOMAIN_SIZE:
@@ -305,14 +346,21 @@ def _prv_domain(
 
 def _prv_epsilon(merged: Sequence[DpEvent], delta: float, scale: float) -> tuple[float, float]:
     """(eps_upper, eps_estimate) by Opacus's PRV analysis; raises _PrvUnavailable."""
-    eps_error = min(0.5, max(1e-3, 1e-3 * scale))
+    eps_error = min(0.5, max(1e-3, _PRV_RELATIVE_ERROR * scale))
     delta_error = delta * _PRV_DELTA_ERROR_FRACTION
     prvs = [PoissonSubsampledGaussianPRV(e.sample_rate, e.noise_multiplier) for e in merged]
     steps = [e.steps for e in merged]
     try:
         # q == 1 makes log(1 − q) = −inf inside the PRV's pdf/cdf; that is the intended branch.
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            domain = _prv_domain(prvs, steps, eps_error, delta_error)
+            domain = _prv_domain(merged, eps_error, delta_error)
+            # The FFT composition runs in float64, so rounding error in the tail sums is about
+            # eps64 · size; Opacus guards with longdouble's eps, which is too lax on x86
+            # (observed: δ=1e-13, 10,000 steps: 12.39 against PLD's 10.99). Require float64.
+            if np.finfo(np.float64).eps * domain.size > delta - delta_error:
+                raise _PrvUnavailable(
+                    f"δ={delta:g} is below the float64 resolution of a {domain.size:,}-point grid"
+                )
             truncated = [
                 TruncatedPrivacyRandomVariable(p, domain.t_min, domain.t_max) for p in prvs
             ]
@@ -351,17 +399,40 @@ def compute_epsilon(
     if accountant == "prv":
         try:
             upper, estimate = _prv_epsilon(merged, delta, scale)
-        except _PrvUnavailable as why:
-            _log.info("PRV accountant unavailable (%s); using PLD instead.", why)
+        except _PrvUnavailable as unavailable:
+            _log.info("PRV accountant unavailable (%s); using PLD instead.", unavailable)
         else:
-            return EpsilonBound(
-                epsilon=_finite_or_raise(upper, "PRV"),
-                delta=delta,
-                accountant="prv",
-                epsilon_estimate=estimate,
+            return _at_most_rdp(
+                EpsilonBound(
+                    epsilon=upper, delta=delta, accountant="prv", epsilon_estimate=estimate
+                ),
+                scale,
             )
-    eps = _finite_or_raise(_pld_epsilon(merged, delta, scale), "PLD")
-    return EpsilonBound(epsilon=eps, delta=delta, accountant="pld")
+    try:
+        eps = _pld_epsilon(merged, delta, scale)
+    except (ValueError, ArithmeticError, MemoryError) as err:
+        eps, problem = math.nan, f"{type(err).__name__}: {err}"
+    else:
+        problem = f"it returned ε = {eps}"
+    if math.isfinite(eps) and eps >= 0:
+        return _at_most_rdp(EpsilonBound(epsilon=eps, delta=delta, accountant="pld"), scale)
+    # E.g. δ below the mass PLD truncates to infinity. RDP is looser but still a bound.
+    _log.warning("PLD accountant unusable (%s); reporting the RDP bound instead.", problem)
+    return EpsilonBound(epsilon=scale, delta=delta, accountant="rdp")
+
+
+def _at_most_rdp(bound: EpsilonBound, rdp_bound: float) -> EpsilonBound:
+    """The smaller of two sound upper bounds. A tight accountant above RDP signals numerical
+    trouble (seen with PLD at δ ≈ 1e-13, where its pessimistic tail mass blows up)."""
+    if bound.epsilon <= rdp_bound:
+        return bound
+    _log.info(
+        "%s bound ε=%.6g exceeds the RDP bound ε=%.6g; reporting RDP.",
+        bound.accountant.upper(),
+        bound.epsilon,
+        rdp_bound,
+    )
+    return EpsilonBound(epsilon=rdp_bound, delta=bound.delta, accountant="rdp")
 
 
 def calibrate_noise_multiplier(
@@ -373,14 +444,15 @@ def calibrate_noise_multiplier(
     prior_events: Sequence[DpEvent] = (),
     accountant: str = "prv",
 ) -> float:
-    """The smallest σ (to 0.1%, rounded up) keeping ``prior_events`` + ``(σ, q, steps)`` ≤ target.
+    """The smallest σ keeping ``prior_events`` + ``DpEvent(σ, q, steps)`` within the target.
 
-    The returned σ has been checked: ``compute_epsilon`` of the composed history at ``delta``
-    with the same accountant is at most ``target_epsilon``. The search covers σ in
-    [0.01, 1000]; if even σ = 1000 exceeds the target (for instance because the prior spend
-    is already past it), :class:`PrivacyAccountingError` is raised.
+    Conservative: the returned σ is one at which ``compute_epsilon`` of the composed history
+    at ``delta``, with the same accountant, was evaluated and found ≤ ``target_epsilon``; the
+    search stops once that ε is within 0.2% of the target (or σ is pinned to 0.1%). The search
+    covers σ in [0.01, 1000]; if even σ = 1000 exceeds the target (for instance because the
+    prior spend is already past it), :class:`PrivacyAccountingError` is raised.
     """
-    if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, int | float):
+    if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, Real):
         raise ValueError(f"The target ε must be a number, got {target_epsilon!r}.")
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError(f"The target ε must be positive and finite, got {target_epsilon}.")
@@ -388,6 +460,7 @@ def calibrate_noise_multiplier(
     _check_accountant(accountant)
     DpEvent(1.0, sample_rate, steps)  # validates q and steps with the event's messages
     prior = _check_events(prior_events)
+    target = float(target_epsilon)
 
     def epsilon_at(sigma: float) -> float:
         history = [*prior, DpEvent(sigma, sample_rate, steps)]
@@ -399,57 +472,97 @@ def calibrate_noise_multiplier(
     def rdp_at(sigma: float) -> float:
         return _rdp_raw(_merge([*prior, DpEvent(sigma, sample_rate, steps)]), delta)
 
-    hi = _SIGMA_SEARCH_MAX
-    eps_hi = epsilon_at(hi)
-    if eps_hi > target_epsilon:
-        prior_eps = compute_epsilon(prior, delta=delta, accountant=accountant).epsilon
-        raise PrivacyAccountingError(
+    def impossible(eps_max: float) -> PrivacyAccountingError:
+        try:
+            prior_eps = f"{compute_epsilon(prior, delta=delta, accountant=accountant).epsilon:.4g}"
+        except PrivacyAccountingError:
+            prior_eps = "unbounded"
+        return PrivacyAccountingError(
             f"No noise multiplier up to {_SIGMA_SEARCH_MAX:g} keeps ε at δ={delta:g} within "
-            f"the target {target_epsilon:g}: even σ={hi:g} gives ε={eps_hi:.4g} "
-            f"(the prior spend alone is ε={prior_eps:.4g})."
+            f"the target {target:g}: σ={_SIGMA_SEARCH_MAX:g} gives ε={eps_max:.4g} "
+            f"(the prior spend alone is ε={prior_eps})."
         )
-    # Bracket with the fast RDP bound first: RDP ≥ the tight accountants, so the RDP-calibrated
-    # σ is (almost always) feasible, and the tight σ lies a little below it.
-    rdp_sigma = _bisect(rdp_at, target_epsilon, _SIGMA_SEARCH_MIN, hi, rtol=1e-3)
-    if rdp_sigma < hi:
-        eps_rdp_sigma = epsilon_at(rdp_sigma)
-        if eps_rdp_sigma <= target_epsilon:
-            hi, eps_hi = rdp_sigma, eps_rdp_sigma
+
+    # 1. Feasible end. RDP bounds the tight accountants from above, so the RDP-calibrated σ
+    #    (cheap: cached RDP curves) is feasible for them too, and their σ lies a little below.
+    if not rdp_at(_SIGMA_SEARCH_MAX) <= target:
+        hi, eps_hi = _SIGMA_SEARCH_MAX, epsilon_at(_SIGMA_SEARCH_MAX)
+    else:
+        hi, _ = _illinois(rdp_at, target, _SIGMA_SEARCH_MIN, _SIGMA_SEARCH_MAX, rtol=1e-2)
+        eps_hi = epsilon_at(hi)
+        while not eps_hi <= target and hi < _SIGMA_SEARCH_MAX:  # numerical error near RDP
+            hi = min(_SIGMA_SEARCH_MAX, hi * 1.25)
+            eps_hi = epsilon_at(hi)
+    if not eps_hi <= target:
+        raise impossible(eps_hi)
+    if accountant == "rdp":
+        lo = hi / (1 + 1e-2)
+        return _illinois(epsilon_at, target, lo, hi, rtol=1e-3, eps_hi=eps_hi)[0]
+    # 2. Infeasible end, stepping down from the RDP answer.
     lo = hi
-    while lo > _SIGMA_SEARCH_MIN:
-        lo = max(_SIGMA_SEARCH_MIN, lo * 0.8)
+    while True:
+        if lo <= _SIGMA_SEARCH_MIN:
+            return hi  # even the smallest σ searched meets the target
+        lo = max(_SIGMA_SEARCH_MIN, lo * 0.85)
         eps_lo = epsilon_at(lo)
-        if eps_lo > target_epsilon:
+        if not eps_lo <= target:
             break
         hi, eps_hi = lo, eps_lo
-    else:
-        return hi  # even the smallest σ searched meets the target
-    return _bisect(epsilon_at, target_epsilon, lo, hi, rtol=1e-3, eps_hi=eps_hi)
+    # 3. Refine inside [lo, hi].
+    return _illinois(epsilon_at, target, lo, hi, rtol=1e-3, eps_lo=eps_lo, eps_hi=eps_hi)[0]
 
 
-def _bisect(
+def _illinois(
     epsilon_at: Callable[[float], float],
     target: float,
     lo: float,
     hi: float,
     *,
     rtol: float,
+    eps_lo: float | None = None,
     eps_hi: float | None = None,
-) -> float:
-    """Geometric bisection for the feasible end ``hi`` (ε(hi) ≤ target) of a bracket.
+) -> tuple[float, float]:
+    """(σ, ε(σ)) for the smallest evaluated feasible σ (ε ≤ target) found in ``[lo, hi]``.
 
-    Returns ``hi`` unchanged if it is infeasible. Stops when the bracket is within ``rtol``
-    or ε(hi) is within 0.1% of the target; the answer is always an evaluated feasible point.
+    ε(σ) is decreasing; ``hi`` must be feasible (else it is returned as is). Regula falsi with
+    the Illinois modification on (log σ, log ε), falling back to geometric bisection where ε
+    is infinite or zero. Stops when ε(hi) is within 0.2% below the target or hi/lo ≤ 1 + rtol;
+    the answer is always an evaluated feasible point, so it errs towards more noise.
     """
     if eps_hi is None:
         eps_hi = epsilon_at(hi)
     if not eps_hi <= target:
-        return hi
-    while hi / lo > 1 + rtol and eps_hi < target * (1 - 1e-3):
-        mid = math.sqrt(lo * hi)
+        return hi, eps_hi
+    if eps_lo is None:
+        eps_lo = epsilon_at(lo)
+    if eps_lo <= target:
+        return lo, eps_lo
+    log_target = math.log(target)
+
+    def log_gap(eps: float) -> float:
+        return math.log(eps) - log_target if 0 < eps < math.inf else math.nan
+
+    f_lo, f_hi = log_gap(eps_lo), log_gap(eps_hi)
+    side = 0
+    for _ in range(100):
+        if hi / lo <= 1 + rtol or eps_hi >= target * (1 - 2e-3):
+            break
+        x_lo, x_hi = math.log(lo), math.log(hi)
+        x = (x_lo + x_hi) / 2
+        if math.isfinite(f_lo) and math.isfinite(f_hi) and f_lo != f_hi:
+            x_secant = x_hi - f_hi * (x_hi - x_lo) / (f_hi - f_lo)
+            if x_lo < x_secant < x_hi:
+                x = x_secant
+        mid = min(max(math.exp(x), lo * (1 + rtol / 4)), hi / (1 + rtol / 4))
         eps_mid = epsilon_at(mid)
         if eps_mid <= target:  # NaN counts as infeasible
-            hi, eps_hi = mid, eps_mid
+            hi, eps_hi, f_hi = mid, eps_mid, log_gap(eps_mid)
+            if side == 1:
+                f_lo /= 2
+            side = 1
         else:
-            lo = mid
-    return hi
+            lo, f_lo = mid, log_gap(eps_mid)
+            if side == -1:
+                f_hi /= 2
+            side = -1
+    return hi, eps_hi

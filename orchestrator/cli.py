@@ -32,7 +32,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="dpfed orchestrator: run the server and drive federated DP jobs.",
 )
-out = Console(highlight=False)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 ServerOpt = Annotated[

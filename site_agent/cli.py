@@ -23,7 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="dpfed site agent: the trust boundary in front of one site's data.",
 )
-out = Console(highlight=False)
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="site.yaml")]
 

@@ -63,6 +63,7 @@ class TaskExecutor:
         self._lock = threading.Lock()
         for ds in config.datasets:
             self._split(ds.name)  # fail fast on a broken dataset at start-up
+        self._infos: list[DatasetInfo] = self._compute_infos()
 
     # ------------------------------------------------------------ what the site discloses
 
@@ -85,6 +86,10 @@ class TaskExecutor:
             return self._splits[name]
 
     def dataset_infos(self) -> list[DatasetInfo]:
+        """What the site discloses about its datasets; recomputed only when the ledger moves."""
+        return list(self._infos)
+
+    def _compute_infos(self) -> list[DatasetInfo]:
         out = []
         for cfg in self.config.datasets:
             sp = self._split(cfg.name)
@@ -265,6 +270,7 @@ class TaskExecutor:
             grad_sample_mode=result.grad_sample_mode,
         )
         blob = state_to_bytes({k: v.to(torch.float32).contiguous() for k, v in result.delta.items()})
+        self._infos = self._compute_infos()
         meta = UpdateMeta(
             site_id=self.config.site_id,
             task_id=task.task_id,

@@ -58,8 +58,12 @@ from common.errors import InvalidSpecError
 from common.models import build_model, load_weights
 from common.specs import ModelSpec, OptimizerSpec
 
-GHOST_KINDS = frozenset({"linear", "mlp"})
-"""Model kinds trained with ghost clipping; every other kind uses per-sample hooks."""
+GHOST_KINDS = frozenset({"linear", "mlp", "cnn1d", "cnn2d"})
+"""Model kinds trained with ghost clipping (all of them; see :func:`choose_grad_sample_mode`)."""
+
+SUPPORTED_MODES = ("ghost", "hooks")
+"""Opacus modes :func:`train_local` runs. ``"ew"`` (ExpandedWeights) is left out: it fails on
+the empty batches Poisson sampling produces."""
 
 _EVAL_BATCH = 4096
 
@@ -145,22 +149,22 @@ def plan_steps(
 
 
 def choose_grad_sample_mode(spec: ModelSpec) -> str:
-    """The fastest Opacus per-example-gradient mode that supports the model.
+    """The fastest Opacus per-example-gradient mode that supports the model: ``"ghost"``.
 
-    * ``"ghost"`` — ghost clipping (Li et al., "Large Language Models Can Be Strong
-      Differentially Private Learners", ICLR 2022; Bu et al., "Automatic Clipping" /
-      "Differentially Private Optimization on Large Model at Small Cost", 2022-23): for a
-      linear layer the per-example gradient norm is computed from activations and output
-      gradients without materialising the ``(B, out, in)`` per-example gradients, then a
-      second backward pass on the clipping-weighted loss yields the clipped sum. For the
-      dense nets (``linear``, ``mlp``) every trainable layer is ``nn.Linear``, so nothing
-      per-example is ever materialised: memory and time stay close to non-private
-      training.
-    * ``"hooks"`` — per-example gradients from forward/backward hooks (Opacus' default),
-      for conv nets: Opacus has no ghost norm for convolutions or GroupNorm, so ghost mode
-      would materialise their per-example gradients anyway *and* pay a second backward.
+    Opacus' ``"ghost"`` mode (ghost clipping: Li et al., "Large Language Models Can Be
+    Strong Differentially Private Learners", ICLR 2022; Bu et al., "Scalable and Efficient
+    Training of Large Convolutional Neural Networks with Differential Privacy", NeurIPS
+    2022) runs two backward passes: the first yields each example's gradient norm, the
+    second the gradient of the loss re-weighted by each example's clipping factor, which *is*
+    the sum of clipped per-example gradients. For ``nn.Linear`` the norm comes straight from
+    activations and output gradients, so a dense net never materialises a ``(B, out, in)``
+    per-example gradient. Conv and GroupNorm layers have no ghost norm in Opacus; they fall
+    back to per-example gradients that are reduced to norms and dropped layer by layer.
 
-    ``bench/bench_dp_step.py`` measures these choices.
+    Measured against ``"hooks"`` (per-example gradients for every layer, kept until the
+    optimiser clips them) by ``bench/bench_dp_step.py``, ghost is the faster mode for every
+    kind of the zoo, conv nets included, and it needs less memory. ``tests/unit/
+    test_trainer.py`` checks that both modes produce the same clipped update on every kind.
     """
     return "ghost" if spec.kind in GHOST_KINDS else "hooks"
 
@@ -230,6 +234,7 @@ def train_local(
     features: npt.ArrayLike,
     labels: npt.ArrayLike,
     params: TrainParams,
+    grad_sample_mode: str | None = None,
 ) -> LocalResult:
     """Run DP-SGD from ``global_state`` on the site's rows; return the noised delta.
 
@@ -247,6 +252,9 @@ def train_local(
         features: float array ``(N, input_dim)``.
         labels: integer class indices ``(N,)``.
         params: the task's DP and optimiser parameters.
+        grad_sample_mode: ``"ghost"`` or ``"hooks"`` to override
+            :func:`choose_grad_sample_mode` (tests and benchmarks). Both compute the same
+            clipped sum, so the guarantee does not depend on it; only speed does.
 
     Raises:
         InvalidSpecError: arrays, weights or parameters that do not fit the spec.
@@ -260,7 +268,11 @@ def train_local(
         local_epochs=params.local_epochs,
         local_steps=params.local_steps,
     )
-    mode = choose_grad_sample_mode(model_spec)
+    mode = choose_grad_sample_mode(model_spec) if grad_sample_mode is None else grad_sample_mode
+    if mode not in SUPPORTED_MODES:
+        raise InvalidSpecError(
+            f"grad_sample_mode must be one of {', '.join(SUPPORTED_MODES)}, got {mode!r}."
+        )
 
     net = build_model(model_spec, seed=params.seed)
     load_weights(net, global_state, what="the global weights")
@@ -297,18 +309,23 @@ def train_local(
     dp_optimizer.expected_batch_size = q * n
 
     batches = iter(dp_loader)
-    for _ in range(steps):
-        try:
-            xb, yb = next(batches)
-        except StopIteration:  # one "epoch" of 1/q samples is over: keep sampling
-            batches = iter(dp_loader)
-            xb, yb = next(batches)
-        dp_optimizer.zero_grad(set_to_none=True)
-        # The loss is a tensor that only ever reaches backward(): never a number.
-        dp_criterion(dp_model(xb), yb).backward()
-        dp_optimizer.step()
-        if dp_optimizer._is_last_step_skipped:  # pragma: no cover - would void accounting
-            raise RuntimeError("Opacus skipped a DP-SGD step; the accounting would be wrong.")
+    with warnings.catch_warnings():
+        # PyTorch notes that the first layer's input needs no gradient; expected here.
+        warnings.filterwarnings(
+            "ignore", message="Full backward hook is firing", category=UserWarning
+        )
+        for _ in range(steps):
+            try:
+                xb, yb = next(batches)
+            except StopIteration:  # one "epoch" of 1/q samples is over: keep sampling
+                batches = iter(dp_loader)
+                xb, yb = next(batches)
+            dp_optimizer.zero_grad(set_to_none=True)
+            # The loss is a tensor that only ever reaches backward(): never a number.
+            dp_criterion(dp_model(xb), yb).backward()
+            dp_optimizer.step()
+            if dp_optimizer._is_last_step_skipped:  # pragma: no cover - would void accounting
+                raise RuntimeError("Opacus skipped a DP-SGD step; the accounting would be wrong.")
 
     # GradSampleModule wraps ``net`` and trains its parameters in place, so ``net``'s own
     # state dict has the spec's key names (no "_module." prefix).

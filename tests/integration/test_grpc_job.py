@@ -1,0 +1,237 @@
+"""In-process gRPC: an orchestrator on 127.0.0.1:0 and site agents in threads, real wire."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from sklearn.datasets import load_digits
+
+from common.accounting import DpEvent, compute_epsilon
+from common.errors import InvalidSpecError, NotFoundError
+from common.models import load_model
+from common.specs import parse_job_spec
+from orchestrator.client import ControlClient
+from orchestrator.server import RunningServer, start_server
+from site_agent.agent import SiteAgent
+from site_agent.config import load_site_config
+from site_agent.ledger import Ledger
+
+
+@dataclass
+class Net:
+    server: RunningServer
+    agents: dict[str, SiteAgent]
+    threads: dict[str, threading.Thread]
+    root: Path
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def stop_agent(self, site_id: str) -> None:
+        self.agents[site_id].stop()
+        self.threads[site_id].join(timeout=30)
+        self.agents[site_id].close()
+
+
+def _write_site(root: Path, site_id: str, x: np.ndarray, y: np.ndarray, port: int, **policy: Any) -> Path:
+    d = root / site_id
+    d.mkdir(parents=True)
+    cols = [f"f{i}" for i in range(x.shape[1])]
+    np.savetxt(d / "data.csv", np.column_stack([x, y]), delimiter=",",
+               header=",".join([*cols, "label"]), comments="", fmt=["%.5f"] * len(cols) + ["%d"])
+    cfg = {
+        "site_id": site_id,
+        "orchestrator": f"127.0.0.1:{port}",
+        "state_dir": "state",
+        "datasets": [{"name": "digits", "path": "data.csv", "label": "label"}],
+        "policy": {"max_epsilon": 50.0, "delta": 1e-5, "min_noise_multiplier": 0.5, **policy},
+        "poll_seconds": 1.0,
+        "heartbeat_seconds": 0.5,
+    }
+    (d / "site.yaml").write_text(yaml.safe_dump(cfg))
+    return d / "site.yaml"
+
+
+@pytest.fixture
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    x, y = load_digits(return_X_y=True)
+    return (x / 16.0).astype(np.float32), y.astype(np.int64)
+
+
+def _start(tmp_path: Path, digits: tuple[np.ndarray, np.ndarray], policies: dict[str, dict[str, Any]]) -> Net:
+    server = start_server(listen="127.0.0.1:0", state_dir=tmp_path / "orch", offline_after_s=3.0)
+    x, y = digits
+    parts = np.array_split(np.random.default_rng(0).permutation(len(y))[:900], len(policies))
+    agents, threads = {}, {}
+    for (site_id, pol), idx in zip(policies.items(), parts, strict=True):
+        cfg = load_site_config(_write_site(tmp_path, site_id, x[idx], y[idx], server.port, **pol))
+        agent = SiteAgent(cfg)
+        t = threading.Thread(target=agent.run, daemon=True)
+        t.start()
+        agents[site_id], threads[site_id] = agent, t
+    net = Net(server, agents, threads, tmp_path)
+    deadline = time.time() + 30
+    with ControlClient(net.address) as c:
+        while len([s for s in c.sites() if s.state != "offline"]) < len(policies):
+            assert time.time() < deadline, "agents did not register"
+            time.sleep(0.1)
+    return net
+
+
+@pytest.fixture
+def net_factory(tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]) -> Iterator[Any]:
+    nets: list[Net] = []
+
+    def make(policies: dict[str, dict[str, Any]]) -> Net:
+        nets.append(_start(tmp_path, digits, policies))
+        return nets[-1]
+
+    yield make
+    for n in nets:
+        for sid, a in n.agents.items():
+            a.stop()
+            n.threads[sid].join(timeout=30)
+        n.server.stop(0.5)
+
+
+def _job(**over: Any) -> str:
+    spec = {
+        "dataset": "digits",
+        "model": {"kind": "mlp", "input_dim": 64, "num_classes": 10, "hidden": [32]},
+        "rounds": 2,
+        "local_steps": 6,
+        "batch_size": 32,
+        "optimizer": {"name": "sgd", "lr": 0.5},
+        "dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5},
+        "min_sites": 3,
+        "round_timeout_s": 60,
+        "start_timeout_s": 20,
+        "seed": 1,
+        **over,
+    }
+    return parse_job_spec(spec).model_dump_json()
+
+
+def _wait(c: ControlClient, job_id: str, timeout_s: float = 120) -> Any:
+    last = None
+    for st in c.watch(job_id):
+        last = st
+    assert last is not None
+    return last
+
+
+def test_job_runs_end_to_end_and_card_matches_site_ledgers(net_factory: Any, tmp_path: Path) -> None:
+    net = net_factory({"a": {}, "b": {}, "c": {}})
+    with ControlClient(net.address) as c:
+        job_id = c.submit(_job())
+        st = _wait(c, job_id)
+        assert st.state == "completed", st.error
+        assert st.model_released and st.round == 2
+        card_json, weights = c.download(job_id)
+    card = json.loads(card_json)
+    for key in ("job_id", "model", "epsilon", "delta", "accountant", "rounds", "sites", "metrics"):
+        assert key in card
+    assert card["rounds"] == 2 and len(card["metrics"]) == 2
+    assert {s["site_id"] for s in card["sites"]} == {"a", "b", "c"}
+    # The card's ε is the max over sites, and each site's ε is what its own ledger composes.
+    assert card["epsilon"] == pytest.approx(max(s["epsilon"] for s in card["sites"]))
+    for s in card["sites"]:
+        with Ledger(tmp_path / s["site_id"] / "state" / "ledger.sqlite") as led:
+            evs = led.events("digits", job_id=job_id)
+        assert len(evs) == 4  # 2 rounds x (train + metrics)
+        assert compute_epsilon(evs, delta=1e-5).epsilon == pytest.approx(s["epsilon"], rel=1e-6)
+        assert s["steps"] == 12 and s["noise_multiplier"] == 1.0
+    out = tmp_path / "pulled"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(weights)
+    (out / "model_card.json").write_text(card_json)
+    model = load_model(out)
+    assert model(torch.zeros(5, 64)).shape == (5, 10)
+
+
+def test_refusing_site_is_reported_with_its_id_and_reason(net_factory: Any) -> None:
+    net = net_factory({"a": {}, "b": {}, "stingy": {"max_epsilon": 0.5}})
+    with ControlClient(net.address) as c:
+        st = _wait(c, c.submit(_job(min_sites=3)))
+        assert st.state == "failed"
+        assert "stingy" in st.error and "refused" in st.error
+        # With min_sites=2 the job goes on without the refusing site.
+        st = _wait(c, c.submit(_job(min_sites=2)))
+        assert st.state == "completed", st.error
+        assert {s.site_id for s in st.sites} == {"a", "b"}
+        assert any("stingy" in e.message and "refused" in e.message for e in st.events)
+
+
+def test_plan_projects_refusals_and_target_epsilon_calibrates_per_site(net_factory: Any) -> None:
+    net = net_factory({"a": {}, "b": {}, "stingy": {"max_epsilon": 0.5}})
+    with ControlClient(net.address) as c:
+        plan = c.plan(_job())
+        verdict = {s.site_id: s.would_refuse for s in plan.sites}
+        assert verdict == {"a": False, "b": False, "stingy": True}
+        assert not plan.feasible
+        spec = _job(dp={"target_epsilon": 3.0, "max_grad_norm": 1.0, "delta": 1e-5}, min_sites=2)
+        st = _wait(c, c.submit(spec))
+        assert st.state == "completed", st.error
+        assert st.epsilon <= 3.0 * 1.01
+
+
+def test_bad_requests_name_the_problem(net_factory: Any) -> None:
+    net = net_factory({"a": {}})
+    with ControlClient(net.address) as c:
+        with pytest.raises(InvalidSpecError, match="input_dim"):
+            c.submit(_job(model={"kind": "linear", "input_dim": 30, "num_classes": 10}))
+        with pytest.raises(NotFoundError, match="no registered site exposes dataset"):
+            c.submit(_job(dataset="nope"))
+        with pytest.raises(InvalidSpecError, match="rounds"):
+            c.submit(json.dumps({**json.loads(_job()), "rounds": 0}))
+        with pytest.raises(NotFoundError):
+            c.job("job-doesnotexist")
+        with pytest.raises(NotFoundError):
+            c.download("job-doesnotexist")
+
+
+def test_site_that_disappears_is_named_and_job_continues(net_factory: Any) -> None:
+    net = net_factory({"a": {}, "b": {}, "c": {}})
+    with ControlClient(net.address) as c:
+        job_id = c.submit(_job(rounds=3, min_sites=2))
+        for st in c.watch(job_id):
+            if st.round >= 1:
+                break
+        net.stop_agent("c")
+        st = _wait(c, job_id)
+        assert st.state == "completed", st.error
+        assert sorted(st.history[-1].site_ids) == ["a", "b"]
+        assert any(e.site_id == "c" for e in st.events if e.level == "warning")
+
+
+def test_large_model_travels_in_chunks(net_factory: Any) -> None:
+    net = net_factory({"a": {}})
+    # 64*2048 + 2048*640 + ... ≈ 1.5M parameters ≈ 6 MB: above gRPC's 4 MiB message limit.
+    spec = _job(model={"kind": "mlp", "input_dim": 64, "num_classes": 10, "hidden": [2048, 640]},
+                rounds=1, local_steps=1, min_sites=1)
+    with ControlClient(net.address) as c:
+        st = _wait(c, c.submit(spec))
+        assert st.state == "completed", st.error
+        _, weights = c.download(st.job_id)
+    assert len(weights) > 5_000_000
+
+
+def test_update_charges_match_dp_events(net_factory: Any, tmp_path: Path) -> None:
+    net = net_factory({"a": {}})
+    with ControlClient(net.address) as c:
+        st = _wait(c, c.submit(_job(rounds=1, min_sites=1, metrics={"enabled": False})))
+        assert st.state == "completed", st.error
+    with Ledger(tmp_path / "a" / "state" / "ledger.sqlite") as led:
+        evs = led.events("digits")
+    assert evs == [DpEvent(noise_multiplier=1.0, sample_rate=evs[0].sample_rate, steps=6)]
