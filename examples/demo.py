@@ -57,7 +57,8 @@ def prepare(
     *,
     port: int,
     rounds: int = 5,
-    noise_multiplier: float = 1.0,
+    noise_multiplier: float | None = 1.0,
+    target_epsilon: float | None = None,
     max_epsilon: float = 10.0,
     hidden: Sequence[int] = (64,),
     local_epochs: float = 1.0,
@@ -111,7 +112,15 @@ def prepare(
         "local_epochs": local_epochs,
         "batch_size": 32,
         "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.0},
-        "dp": {"noise_multiplier": noise_multiplier, "max_grad_norm": 1.0, "delta": 1.0e-5},
+        "dp": {
+            **(
+                {"target_epsilon": target_epsilon}
+                if target_epsilon is not None
+                else {"noise_multiplier": noise_multiplier}
+            ),
+            "max_grad_norm": 1.0,
+            "delta": 1.0e-5,
+        },
         "min_sites": 3,
         "round_timeout_s": 300,
         "seed": seed,
@@ -228,13 +237,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("demo-state"))
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--noise-multiplier", type=float, default=1.0)
+    ap.add_argument("--target-epsilon", type=float, default=4.0,
+                    help="calibrate each site's σ so that no site passes this ε (default 4)")
+    ap.add_argument("--noise-multiplier", type=float, default=None,
+                    help="fixed σ for every site instead of --target-epsilon")
     ap.add_argument("--keep", action="store_true", help="keep the previous workdir's state")
     args = ap.parse_args(argv)
     if args.workdir.exists() and not args.keep:
         shutil.rmtree(args.workdir)
     port = free_port()
-    files = prepare(args.workdir, port=port, rounds=args.rounds, noise_multiplier=args.noise_multiplier)
+    files = prepare(
+        args.workdir,
+        port=port,
+        rounds=args.rounds,
+        noise_multiplier=args.noise_multiplier,
+        target_epsilon=None if args.noise_multiplier is not None else args.target_epsilon,
+    )
     print(f"demo: 3 sites (50/30/20% of digits), {len(files.test_y)} held-out test rows; "
           f"logs in {args.workdir}/", flush=True)
     with running_cluster(files, port) as cluster:

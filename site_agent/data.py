@@ -116,8 +116,16 @@ def _is_number(text: str) -> bool:
 
 
 def _bad_line(mask: npt.NDArray[np.bool_]) -> int:
-    """1-based line number in the file of the first flagged data row (line 1 is the header)."""
+    """1-based line number of the first flagged record (line 1 is the header).
+
+    Exact unless a quoted field spans lines above it; then it is the record's number + 1.
+    """
     return int(np.argmax(mask)) + 2
+
+
+def _cells(mask: npt.NDArray[np.bool_]) -> str:
+    n = int(mask.sum())
+    return "1 cell does" if n == 1 else f"{n} cells do"
 
 
 def _numeric_column(
@@ -227,13 +235,13 @@ def load_dataset(cfg: DatasetConfig) -> LocalDataset:
     if not_int.any():
         raise InvalidSpecError(
             f"The label column {cfg.label!r} of {path} must hold whole numbers (class "
-            f"indices), but {int(not_int.sum())} cells do not (first at line {_bad_line(not_int)})."
+            f"indices), but {_cells(not_int)} not (first at line {_bad_line(not_int)})."
         )
     out_of_range = (raw_labels < 0) | (raw_labels > MAX_LABEL)
     if out_of_range.any():
         raise InvalidSpecError(
             f"The label column {cfg.label!r} of {path} must hold class indices from 0 to "
-            f"{MAX_LABEL}, but {int(out_of_range.sum())} cells do not "
+            f"{MAX_LABEL}, but {_cells(out_of_range)} not "
             f"(first at line {_bad_line(out_of_range)})."
         )
     labels = raw_labels.astype(np.int64)

@@ -54,7 +54,9 @@ CHUNK_OVERHEAD = 64  # tags + varints of offset/total_size/length, generously
 # ------------------------------------------------------------------ realistic instances
 
 TRAIN = ChargedEvent(kind="train", event=DpEvent(noise_multiplier=1.1, sample_rate=0.032, steps=32))
-METRICS = ChargedEvent(kind="metrics", event=DpEvent(noise_multiplier=20.0, sample_rate=1.0, steps=1))
+METRICS = ChargedEvent(
+    kind="metrics", event=DpEvent(noise_multiplier=20.0, sample_rate=1.0, steps=1)
+)
 
 CREDIT = DatasetInfo(
     name="credit",
@@ -117,8 +119,13 @@ NOISED_METRICS = Metrics(
     noise_multiplier=20.0,
 )
 EXACT_METRICS = Metrics(
-    loss=0.5, accuracy=0.75, correct_sum=3.0, loss_sum=2.0, num_examples=4,
-    noise_multiplier=None, exact=True,
+    loss=0.5,
+    accuracy=0.75,
+    correct_sum=3.0,
+    loss_sum=2.0,
+    num_examples=4,
+    noise_multiplier=None,
+    exact=True,
 )
 
 UPDATE = UpdateMeta(
@@ -139,13 +146,25 @@ FAILURE = TaskFailure(
 )
 
 ROUND = RoundSummary(
-    round=2, site_ids=("bank-a", "bank-b"), loss=0.6, accuracy=0.7, num_examples=48_000,
-    duration_s=12.5, epsilon=1.9,
+    round=2,
+    site_ids=("bank-a", "bank-b"),
+    loss=0.6,
+    accuracy=0.7,
+    num_examples=48_000,
+    duration_s=12.5,
+    epsilon=1.9,
 )
 
 SPEND = SiteSpend(
-    site_id="bank-a", num_examples=24_000, noise_multiplier=1.1, sample_rate=0.032, steps=64,
-    max_grad_norm=1.0, epsilon=1.37, dataset_epsilon=2.9, events=(TRAIN, METRICS),
+    site_id="bank-a",
+    num_examples=24_000,
+    noise_multiplier=1.1,
+    sample_rate=0.032,
+    steps=64,
+    max_grad_norm=1.0,
+    epsilon=1.37,
+    dataset_epsilon=2.9,
+    events=(TRAIN, METRICS),
 )
 
 JOB = JobStatus(
@@ -172,8 +191,12 @@ JOB = JobStatus(
 )
 
 SITE_STATUS = SiteStatus(
-    site_id="bank-a", datasets=(CREDIT,), last_seen=1_764_000_100.0, version="0.1.0",
-    state="training", policy=POLICY,
+    site_id="bank-a",
+    datasets=(CREDIT,),
+    last_seen=1_764_000_100.0,
+    version="0.1.0",
+    state="training",
+    policy=POLICY,
 )
 
 PLAN = Plan(
@@ -189,7 +212,12 @@ PLAN = Plan(
 )
 
 LEDGER = LedgerRow(
-    site_id="bank-a", dataset="credit", job_id="job-42", epsilon=1.37, delta=1e-5, rounds=2,
+    site_id="bank-a",
+    dataset="credit",
+    job_id="job-42",
+    epsilon=1.37,
+    delta=1e-5,
+    rounds=2,
     events=(TRAIN, METRICS),
 )
 
@@ -213,24 +241,34 @@ PAIRS: list[tuple[str, Any, Callable[[Any], Message], Callable[[Any], Any]]] = [
     ("noised metrics", NOISED_METRICS, serde.metrics_to_proto, serde.metrics_from_proto),
     ("exact metrics", EXACT_METRICS, serde.metrics_to_proto, serde.metrics_from_proto),
     ("update", UPDATE, serde.update_meta_to_proto, serde.update_meta_from_proto),
-    ("update without metrics", replace(UPDATE, metrics=None),
-     serde.update_meta_to_proto, serde.update_meta_from_proto),
+    (
+        "update without metrics",
+        replace(UPDATE, metrics=None),
+        serde.update_meta_to_proto,
+        serde.update_meta_from_proto,
+    ),
     ("failure", FAILURE, serde.failure_to_proto, serde.failure_from_proto),
     ("round", ROUND, serde.round_to_proto, serde.round_from_proto),
     ("site spend", SPEND, serde.site_spend_to_proto, serde.site_spend_from_proto),
     ("job status", JOB, serde.job_status_to_proto, serde.job_status_from_proto),
     ("site status", SITE_STATUS, serde.site_status_to_proto, serde.site_status_from_proto),
-    ("site status without policy", replace(SITE_STATUS, policy=None),
-     serde.site_status_to_proto, serde.site_status_from_proto),
+    (
+        "site status without policy",
+        replace(SITE_STATUS, policy=None),
+        serde.site_status_to_proto,
+        serde.site_status_from_proto,
+    ),
     ("plan", PLAN, serde.plan_to_proto, serde.plan_from_proto),
     ("ledger row", LEDGER, serde.ledger_row_to_proto, serde.ledger_row_from_proto),
 ]
 
 
-@pytest.mark.parametrize(("value", "to_proto", "from_proto"), [p[1:] for p in PAIRS],
-                         ids=[p[0] for p in PAIRS])
-def test_round_trip(value: T, to_proto: Callable[[T], Message],
-                    from_proto: Callable[[Message], T]) -> None:
+@pytest.mark.parametrize(
+    ("value", "to_proto", "from_proto"), [p[1:] for p in PAIRS], ids=[p[0] for p in PAIRS]
+)
+def test_round_trip(
+    value: T, to_proto: Callable[[T], Message], from_proto: Callable[[Message], T]
+) -> None:
     back = from_proto(through_bytes(to_proto(value)))
     assert back == value
     assert type(back) is type(value)
@@ -298,18 +336,36 @@ def _blob_chunks() -> list[ProtoChunk]:
     ("name", "edit", "match"),
     [
         ("gap", lambda cs: [cs[0], cs[2], cs[3]], "offset"),
-        ("overlap", lambda cs: [cs[0], cs[1], ProtoChunk(data=b"XXXX", offset=6, total_size=16),
-                                cs[2], cs[3]], "offset"),
+        (
+            "overlap",
+            lambda cs: [
+                cs[0],
+                cs[1],
+                ProtoChunk(data=b"XXXX", offset=6, total_size=16),
+                cs[2],
+                cs[3],
+            ],
+            "offset",
+        ),
         ("repeat", lambda cs: [cs[0], cs[1], cs[1], cs[2], cs[3]], "offset"),
         ("reordered", lambda cs: [cs[1], cs[0], cs[2], cs[3]], "offset"),
         ("truncated", lambda cs: cs[:3], "ended after 12 of 16"),
         ("no chunks after header", lambda cs: [], None),
-        ("changing total", lambda cs: [cs[0], ProtoChunk(data=cs[1].data, offset=4, total_size=20),
-                                       cs[2], cs[3]], "total size"),
-        ("longer than announced",
-         lambda cs: [*cs, ProtoChunk(data=b"!", offset=16, total_size=16)], "larger"),
-        ("oversized chunk", lambda cs: [ProtoChunk(data=b"x" * 17, offset=0, total_size=16)],
-         "larger"),
+        (
+            "changing total",
+            lambda cs: [cs[0], ProtoChunk(data=cs[1].data, offset=4, total_size=20), cs[2], cs[3]],
+            "total size",
+        ),
+        (
+            "longer than announced",
+            lambda cs: [*cs, ProtoChunk(data=b"!", offset=16, total_size=16)],
+            "larger",
+        ),
+        (
+            "oversized chunk",
+            lambda cs: [ProtoChunk(data=b"x" * 17, offset=0, total_size=16)],
+            "larger",
+        ),
         ("negative total", lambda cs: [ProtoChunk(data=b"", offset=0, total_size=-1)], None),
     ],
 )

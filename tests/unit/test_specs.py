@@ -175,9 +175,10 @@ def test_conv_models_with_matching_shape_parse(model: dict[str, Any], cls: type)
         ("optimizer.nesterov", lambda d: d["optimizer"].update(nesterov=True)),
         ("metrics.period", lambda d: d.update(metrics={"period": 3})),
         ("learning_rate", lambda d: d.update(learning_rate=0.1)),
-        ("model.cnn1d.conv.0.padding", lambda d: d.update(model={
-            **CNN1D, "conv": [{"channels": 4, "padding": 1}]
-        })),
+        (
+            "model.cnn1d.conv.0.padding",
+            lambda d: d.update(model={**CNN1D, "conv": [{"channels": 4, "padding": 1}]}),
+        ),
     ],
 )
 def test_unknown_keys_are_refused_by_dotted_path(path: str, mutate: Any) -> None:
@@ -201,8 +202,10 @@ def test_unknown_keys_are_refused_by_dotted_path(path: str, mutate: Any) -> None
         ("min_sites", {"min_sites": 0}),
         ("dataset", {"dataset": "../etc/passwd"}),
         ("model.mlp.input_dim", {"model": {"kind": "mlp", "input_dim": 0, "num_classes": 2}}),
-        ("model.mlp.dropout", {"model": {"kind": "mlp", "input_dim": 3, "num_classes": 2,
-                                          "dropout": 1.0}}),
+        (
+            "model.mlp.dropout",
+            {"model": {"kind": "mlp", "input_dim": 3, "num_classes": 2, "dropout": 1.0}},
+        ),
         ("optimizer.name", {"optimizer": {"name": "lbfgs"}}),
         ("optimizer.lr", {"optimizer": {"lr": -0.1}}),
         ("dp.max_grad_norm", {"dp": {"noise_multiplier": 1.0, "max_grad_norm": 0}}),
@@ -444,13 +447,23 @@ _scalars = (
 )
 json_values = st.recursive(
     _scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 _keys = st.sampled_from(
-    [*JobSpec.model_fields, "model.kind", "model.input_shape", "model.conv", "dp.delta",
-     "dp.target_epsilon", "dp.noise_multiplier", "metrics.exact", "optimizer.lr"]
+    [
+        *JobSpec.model_fields,
+        "model.kind",
+        "model.input_shape",
+        "model.conv",
+        "dp.delta",
+        "dp.target_epsilon",
+        "dp.noise_multiplier",
+        "metrics.exact",
+        "optimizer.lr",
+    ]
 ) | st.text(max_size=8)
 
 
