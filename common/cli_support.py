@@ -13,9 +13,7 @@ from rich.console import Console
 
 from common.errors import DpfedError
 
-err_console = Console(
-    stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160
-)
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 
 def run_app(app: typer.Typer, argv: Sequence[str] | None, *, prog: str) -> int:

@@ -381,8 +381,8 @@ def save_model(
 def load_model(path: str | Path) -> nn.Module:
     """Load a released dpfed model for inference.
 
-    ``path`` is the model folder written by the orchestrator (``dpfed model download`` puts
-    it on disk): it holds ``model.safetensors`` and ``model_card.json``. The module is
+    ``path`` is a released model's folder, as the orchestrator writes it with
+    :func:`save_model`: it holds ``model.safetensors`` and ``model_card.json``. The module is
     rebuilt from the card's ``"model"`` spec through the closed model zoo, so loading a
     model never runs code from the file (safetensors holds tensors only). The weights must
     match the spec exactly and the spec stored in the weights' metadata must equal the

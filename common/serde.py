@@ -160,10 +160,12 @@ def policy_to_proto(p: PolicySummary) -> ProtoPolicySummary:
 
 
 def policy_from_proto(msg: ProtoPolicySummary) -> PolicySummary:
+    if min(msg.max_rounds, msg.max_steps_per_task, msg.max_parameters) < 0:
+        raise InvalidSpecError("policy summary: negative limits")
     return PolicySummary(
-        max_epsilon=msg.max_epsilon,
-        delta=msg.delta,
-        min_noise_multiplier=msg.min_noise_multiplier,
+        max_epsilon=_finite("policy.max_epsilon", msg.max_epsilon),
+        delta=_finite("policy.delta", msg.delta),
+        min_noise_multiplier=_finite("policy.min_noise_multiplier", msg.min_noise_multiplier),
         max_rounds=msg.max_rounds,
         allowed_models=tuple(msg.allowed_models),
         allow_exact_metrics=msg.allow_exact_metrics,
@@ -221,7 +223,7 @@ def task_from_proto(msg: ProtoTask) -> TaskAssignment:
         noise_multiplier=_finite("noise_multiplier", msg.noise_multiplier),
         model_size=int(msg.model_size),
         model_sha256=msg.model_sha256,
-        deadline_unix=float(msg.deadline_unix),
+        deadline_unix=_finite("deadline_unix", msg.deadline_unix),
     )
 
 
@@ -272,7 +274,11 @@ def metrics_from_proto(msg: ProtoMetrics) -> Metrics:
         correct_sum=_finite("metrics.correct_sum", msg.correct_sum),
         loss_sum=_finite("metrics.loss_sum", msg.loss_sum),
         num_examples=int(msg.num_examples),
-        noise_multiplier=msg.noise_multiplier if msg.noise_multiplier > 0 else None,
+        noise_multiplier=(
+            _finite("metrics.noise_multiplier", msg.noise_multiplier)
+            if msg.noise_multiplier > 0
+            else None
+        ),
         exact=msg.exact,
     )
 

@@ -37,9 +37,7 @@ class MLPSpec(_Frozen):
     kind: Literal["mlp"]
     input_dim: int = Field(ge=1, le=1_000_000)
     num_classes: int = Field(ge=2, le=100_000)
-    hidden: tuple[Annotated[int, Field(ge=1, le=65_536)], ...] = Field(
-        default=(64,), max_length=32
-    )
+    hidden: tuple[Annotated[int, Field(ge=1, le=65_536)], ...] = Field(default=(64,), max_length=32)
     activation: Activation = "relu"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
@@ -48,7 +46,9 @@ class ConvLayerSpec(_Frozen):
     channels: int = Field(ge=1, le=4096)
     kernel_size: int = Field(default=3, ge=1, le=31)
     stride: int = Field(default=1, ge=1, le=8)
-    pool: int = Field(default=1, ge=1, le=8, description="max-pool window after the layer; 1 = none")
+    pool: int = Field(
+        default=1, ge=1, le=8, description="max-pool window after the layer; 1 = none"
+    )
 
 
 class Conv1dSpec(_Frozen):
@@ -97,9 +97,7 @@ class Conv2dSpec(_Frozen):
         return self
 
 
-ModelSpec = Annotated[
-    LinearSpec | MLPSpec | Conv1dSpec | Conv2dSpec, Field(discriminator="kind")
-]
+ModelSpec = Annotated[LinearSpec | MLPSpec | Conv1dSpec | Conv2dSpec, Field(discriminator="kind")]
 
 
 class OptimizerSpec(_Frozen):
@@ -131,6 +129,27 @@ class DPSpec(_Frozen):
         return self
 
 
+class SiteDPSpec(_Frozen):
+    """Optional site-level DP: DP-FedAvg (McMahan et al. 2018) on top of sample-level DP-SGD.
+
+    The orchestrator clips each site's update to ``clip_norm`` (L2), sums the clipped updates
+    with uniform weights, adds Gaussian noise of std ``noise_multiplier · clip_norm`` and divides
+    by the number of sites selected for the job. This hides whether any one *site* took part,
+    at the price of noise that only many sites can average out. With ``adaptive: true`` the
+    clip norm follows the ``target_quantile`` of update norms, estimated with a noised count
+    (Andrew et al. 2021), whose noise is accounted for in ``noise_multiplier``.
+    """
+
+    noise_multiplier: float = Field(gt=0.0, le=1000.0)
+    clip_norm: float = Field(gt=0.0, le=1e6)
+    adaptive: bool = False
+    target_quantile: float = Field(default=0.5, gt=0.0, lt=1.0)
+    clip_learning_rate: float = Field(default=0.2, gt=0.0, le=10.0)
+    count_noise_multiplier: float | None = Field(
+        default=None, gt=0.0, description="σ_b of the unclipped count; default: sites / 20"
+    )
+
+
 class MetricsSpec(_Frozen):
     """How the sites report validation metrics (loss, accuracy) each round.
 
@@ -160,6 +179,7 @@ class JobSpec(_Frozen):
     optimizer: OptimizerSpec = OptimizerSpec()
     dp: DPSpec
     metrics: MetricsSpec = MetricsSpec()
+    site_dp: SiteDPSpec | None = None
     min_sites: int = Field(default=1, ge=1, le=100_000)
     round_timeout_s: float = Field(default=600.0, gt=0.0, le=86_400.0)
     start_timeout_s: float = Field(default=120.0, gt=0.0, le=86_400.0)

@@ -85,7 +85,9 @@ def prepare(
         data = np.column_stack([x_pool[idx], y_pool[idx]])
         header = ",".join([*columns, "digit"])
         fmt = ["%.6f"] * len(columns) + ["%d"]
-        np.savetxt(site_dir / "digits.csv", data, delimiter=",", header=header, comments="", fmt=fmt)
+        np.savetxt(
+            site_dir / "digits.csv", data, delimiter=",", header=header, comments="", fmt=fmt
+        )
         cfg = {
             "site_id": site_id,
             "orchestrator": f"127.0.0.1:{port}",
@@ -150,9 +152,19 @@ class Cluster:
     def start_orchestrator(self) -> None:
         fd = self._log("orchestrator")
         self.procs["orchestrator"] = subprocess.Popen(
-            [bin_path("orchestrator"), "serve", "--listen", self.server,
-             "--state-dir", str(self.workdir / "orchestrator-state"), "--offline-after", "10"],
-            stdout=fd, stderr=fd, start_new_session=True,
+            [
+                bin_path("orchestrator"),
+                "serve",
+                "--listen",
+                self.server,
+                "--state-dir",
+                str(self.workdir / "orchestrator-state"),
+                "--offline-after",
+                "10",
+            ],
+            stdout=fd,
+            stderr=fd,
+            start_new_session=True,
         )
         os.close(fd)
         wait_for_port(self.port, timeout_s=60)
@@ -161,7 +173,9 @@ class Cluster:
         fd = self._log(site_id)
         self.procs[site_id] = subprocess.Popen(
             [bin_path("site-agent"), "serve", "--config", str(self.site_configs[site_id])],
-            stdout=fd, stderr=fd, start_new_session=True,
+            stdout=fd,
+            stderr=fd,
+            start_new_session=True,
         )
         os.close(fd)
 
@@ -196,7 +210,9 @@ class Cluster:
                 except Exception:
                     pass
                 time.sleep(0.5)
-        raise TimeoutError(f"{n} sites did not register within {timeout_s} s; see {self.workdir}/*.log")
+        raise TimeoutError(
+            f"{n} sites did not register within {timeout_s} s; see {self.workdir}/*.log"
+        )
 
 
 @contextmanager
@@ -234,13 +250,23 @@ def evaluate_pulled(model_dir: Path, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--workdir", type=Path, default=Path("demo-state"))
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--target-epsilon", type=float, default=4.0,
-                    help="calibrate each site's σ so that no site passes this ε (default 4)")
-    ap.add_argument("--noise-multiplier", type=float, default=None,
-                    help="fixed σ for every site instead of --target-epsilon")
+    ap.add_argument(
+        "--target-epsilon",
+        type=float,
+        default=4.0,
+        help="calibrate each site's σ so that no site passes this ε (default 4)",
+    )
+    ap.add_argument(
+        "--noise-multiplier",
+        type=float,
+        default=None,
+        help="fixed σ for every site instead of --target-epsilon",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the previous workdir's state")
     args = ap.parse_args(argv)
     if args.workdir.exists() and not args.keep:
@@ -253,34 +279,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         noise_multiplier=args.noise_multiplier,
         target_epsilon=None if args.noise_multiplier is not None else args.target_epsilon,
     )
-    print(f"demo: 3 sites (50/30/20% of digits), {len(files.test_y)} held-out test rows; "
-          f"logs in {args.workdir}/", flush=True)
+    print(
+        f"demo: 3 sites (50/30/20% of digits), {len(files.test_y)} held-out test rows; "
+        f"logs in {args.workdir}/",
+        flush=True,
+    )
     with running_cluster(files, port) as cluster:
         orch = bin_path("orchestrator")
         subprocess.run([orch, "sites", "--server", cluster.server], check=True)
         subprocess.run([orch, "plan", str(files.job_file), "--server", cluster.server], check=False)
         proc = subprocess.run(
             [orch, "launch", str(files.job_file), "--server", cluster.server, "--wait"],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         job_id = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
         if proc.returncode != 0:
             print(f"demo: job {job_id} did not release a model (exit {proc.returncode})")
             return proc.returncode
         out_dir = args.workdir / "model"
-        subprocess.run([orch, "pull", job_id, "--out", str(out_dir), "--server", cluster.server], check=True)
+        subprocess.run(
+            [orch, "pull", job_id, "--out", str(out_dir), "--server", cluster.server], check=True
+        )
         subprocess.run([orch, "status", job_id, "--server", cluster.server], check=True)
     card = json.loads((out_dir / "model_card.json").read_text())
     acc = evaluate_pulled(out_dir, files.test_x, files.test_y)
     print()
-    print(f"held-out test accuracy: {acc:.3f}  (chance: 0.100; {len(files.test_y)} rows no site saw)")
-    print(f"privacy guarantee:      (ε = {card['epsilon']:.3f}, δ = {card['delta']:g}) sample-level DP, "
-          f"{card['accountant'].upper()} accountant, max over sites:")
+    print(
+        f"held-out test accuracy: {acc:.3f}  (chance: 0.100; {len(files.test_y)} rows no site saw)"
+    )
+    print(
+        f"privacy guarantee:      (ε = {card['epsilon']:.3f}, δ = {card['delta']:g}) sample-level DP, "
+        f"{card['accountant'].upper()} accountant, max over sites:"
+    )
     for s in card["sites"]:
-        print(f"  {s['site_id']}: {s['num_examples']} rows, σ={s['noise_multiplier']:.3g}, "
-              f"q={s['sample_rate']:.3g}, steps={s['steps']}, ε={s['epsilon']:.3f}")
-    print(f"model: {out_dir}/model.safetensors + model_card.json; "
-          f"load with common.models.load_model({str(out_dir)!r})")
+        print(
+            f"  {s['site_id']}: {s['num_examples']} rows, σ={s['noise_multiplier']:.3g}, "
+            f"q={s['sample_rate']:.3g}, steps={s['steps']}, ε={s['epsilon']:.3f}"
+        )
+    print(
+        f"model: {out_dir}/model.safetensors + model_card.json; "
+        f"load with common.models.load_model({str(out_dir)!r})"
+    )
     return 0
 
 

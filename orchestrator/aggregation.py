@@ -10,6 +10,7 @@ Averaging DP-noised deltas is post-processing: it costs no privacy (Dwork & Roth
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -28,10 +29,15 @@ class RunningWeightedMean:
         self.count = 0
 
     def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
-        if not weight > 0:
+        if not (weight > 0 and math.isfinite(weight)):
             raise InvalidUpdateError(f"aggregation weight must be positive, got {weight}")
         if delta.keys() != self._sum.keys():
             raise InvalidUpdateError("update tensors do not match the model's")
+        for k, acc in self._sum.items():
+            if delta[k].shape != acc.shape:
+                raise InvalidUpdateError(
+                    f"tensor {k!r} has shape {tuple(delta[k].shape)}, expected {tuple(acc.shape)}"
+                )
         for k, acc in self._sum.items():
             acc.add_(delta[k].to(torch.float64), alpha=float(weight))
         self.total_weight += float(weight)

@@ -97,7 +97,9 @@ class Broker:
 
     # ------------------------------------------------------------ rounds side
 
-    def dispatch(self, site_id: str, assignment: TaskAssignment, blob: bytes) -> queue.Queue[Result]:
+    def dispatch(
+        self, site_id: str, assignment: TaskAssignment, blob: bytes
+    ) -> queue.Queue[Result]:
         results: queue.Queue[Result] = queue.Queue()
         self.dispatch_into(site_id, assignment, blob, results)
         return results
@@ -203,5 +205,7 @@ class Broker:
         p = self._finish_locked(task_id)
         if p is not None:
             p.results.put(
-                FailureResult(TaskFailure(site_id=p.site_id, task_id=task_id, code=code, reason=reason))
+                FailureResult(
+                    TaskFailure(site_id=p.site_id, task_id=task_id, code=code, reason=reason)
+                )
             )

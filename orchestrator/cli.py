@@ -58,9 +58,9 @@ def _fmt_metric(x: float) -> str:
 @app.command()
 def serve(
     listen: Annotated[str, typer.Option(help="HOST:PORT to listen on")] = DEFAULT_SERVER,
-    state_dir: Annotated[Path, typer.Option(help="folder for the database, checkpoints, models")] = Path(
-        "./orchestrator-state"
-    ),
+    state_dir: Annotated[
+        Path, typer.Option(help="folder for the database, checkpoints, models")
+    ] = Path("./orchestrator-state"),
     db_url: Annotated[
         str | None, typer.Option(help="SQLAlchemy URL (default: SQLite in the state dir)")
     ] = None,
@@ -141,13 +141,25 @@ def _print_result(status: JobStatus) -> None:
 
 
 @app.command()
-def plan(job_file: Annotated[Path, typer.Argument(help="job.yaml")], server: ServerOpt = DEFAULT_SERVER) -> None:
+def plan(
+    job_file: Annotated[Path, typer.Argument(help="job.yaml")], server: ServerOpt = DEFAULT_SERVER
+) -> None:
     """Project each site's ε for a job before launching it, and who would refuse."""
     spec = load_job_spec(job_file)
     with ControlClient(server) as client:
         p = client.plan(spec.model_dump_json())
     t = Table(title=f"plan for dataset {spec.dataset!r}, {spec.rounds} rounds, δ={p.delta:g}")
-    for col in ("site", "rows", "σ", "q", "steps", "job ε", "lifetime ε before → after", "budget", "verdict"):
+    for col in (
+        "site",
+        "rows",
+        "σ",
+        "q",
+        "steps",
+        "job ε",
+        "lifetime ε before → after",
+        "budget",
+        "verdict",
+    ):
         t.add_column(col)
     for s in p.sites:
         t.add_row(
@@ -192,18 +204,31 @@ def status(
         for col in ("round", "sites", "examples", "val loss", "val acc", "ε after", "seconds"):
             t.add_column(col)
         for h in s.history:
-            t.add_row(str(h.round), ", ".join(h.site_ids), str(h.num_examples),
-                      _fmt_metric(h.loss), _fmt_metric(h.accuracy), _fmt_eps(h.epsilon),
-                      f"{h.duration_s:.1f}")
+            t.add_row(
+                str(h.round),
+                ", ".join(h.site_ids),
+                str(h.num_examples),
+                _fmt_metric(h.loss),
+                _fmt_metric(h.accuracy),
+                _fmt_eps(h.epsilon),
+                f"{h.duration_s:.1f}",
+            )
         out.print(t)
     if s.sites:
         t = Table(title="privacy spend per site (this job)")
         for col in ("site", "examples", "σ", "q", "steps", "C", "ε (job)", "dataset ε (lifetime)"):
             t.add_column(col)
         for sp in s.sites:
-            t.add_row(sp.site_id, str(sp.num_examples), f"{sp.noise_multiplier:.3g}",
-                      f"{sp.sample_rate:.3g}", str(sp.steps), f"{sp.max_grad_norm:g}",
-                      _fmt_eps(sp.epsilon), _fmt_eps(sp.dataset_epsilon))
+            t.add_row(
+                sp.site_id,
+                str(sp.num_examples),
+                f"{sp.noise_multiplier:.3g}",
+                f"{sp.sample_rate:.3g}",
+                str(sp.steps),
+                f"{sp.max_grad_norm:g}",
+                _fmt_eps(sp.epsilon),
+                _fmt_eps(sp.dataset_epsilon),
+            )
         out.print(t)
     if s.events:
         t = Table(title="events")
@@ -223,9 +248,17 @@ def jobs(server: ServerOpt = DEFAULT_SERVER) -> None:
     for col in ("job", "name", "dataset", "state", "rounds", "ε", "δ", "model", "created"):
         t.add_column(col)
     for j in rows:
-        t.add_row(j.job_id, j.name or "-", j.dataset, j.state, f"{j.round}/{j.rounds}",
-                  _fmt_eps(j.epsilon), f"{j.delta:g}", "released" if j.model_released else "-",
-                  _fmt_time(j.created_at))
+        t.add_row(
+            j.job_id,
+            j.name or "-",
+            j.dataset,
+            j.state,
+            f"{j.round}/{j.rounds}",
+            _fmt_eps(j.epsilon),
+            f"{j.delta:g}",
+            "released" if j.model_released else "-",
+            _fmt_time(j.created_at),
+        )
     out.print(t)
 
 
@@ -235,7 +268,16 @@ def sites(server: ServerOpt = DEFAULT_SERVER) -> None:
     with ControlClient(server) as client:
         rows = client.sites()
     t = Table(title="sites")
-    for col in ("site", "state", "last seen", "version", "dataset", "rows", "columns", "ε spent / budget"):
+    for col in (
+        "site",
+        "state",
+        "last seen",
+        "version",
+        "dataset",
+        "rows",
+        "columns",
+        "ε spent / budget",
+    ):
         t.add_column(col)
     for s in rows:
         for i, d in enumerate(s.datasets or ()):
@@ -243,9 +285,13 @@ def sites(server: ServerOpt = DEFAULT_SERVER) -> None:
             if len(cols) > 60:
                 cols = f"{len(d.columns)} columns: {', '.join(d.columns[:4])}, …"
             t.add_row(
-                s.site_id if i == 0 else "", s.state if i == 0 else "",
-                _fmt_time(s.last_seen) if i == 0 else "", s.version if i == 0 else "",
-                d.name, str(d.num_rows), f"{cols} → label {d.label}",
+                s.site_id if i == 0 else "",
+                s.state if i == 0 else "",
+                _fmt_time(s.last_seen) if i == 0 else "",
+                s.version if i == 0 else "",
+                d.name,
+                str(d.num_rows),
+                f"{cols} → label {d.label}",
                 f"{d.epsilon_spent:.3f} / {d.max_epsilon:.3g}",
             )
     out.print(t)
@@ -260,15 +306,23 @@ def ledger(server: ServerOpt = DEFAULT_SERVER) -> None:
     for col in ("site", "dataset", "job", "rounds", "ε", "δ"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r.site_id, r.dataset, r.job_id, str(r.rounds), _fmt_eps(r.epsilon), f"{r.delta:g}")
+        t.add_row(
+            r.site_id, r.dataset, r.job_id, str(r.rounds), _fmt_eps(r.epsilon), f"{r.delta:g}"
+        )
     out.print(t)
     t = Table(title="lifetime spend per dataset (as each site reports it, at the site's δ)")
     for col in ("site", "dataset", "ε spent", "budget", "remaining", "δ"):
         t.add_column(col)
     for s in site_rows:
         for d in s.datasets:
-            t.add_row(s.site_id, d.name, f"{d.epsilon_spent:.3f}", f"{d.max_epsilon:.3g}",
-                      f"{max(0.0, d.max_epsilon - d.epsilon_spent):.3f}", f"{d.policy_delta:g}")
+            t.add_row(
+                s.site_id,
+                d.name,
+                f"{d.epsilon_spent:.3f}",
+                f"{d.max_epsilon:.3g}",
+                f"{max(0.0, d.max_epsilon - d.epsilon_spent):.3f}",
+                f"{d.policy_delta:g}",
+            )
     out.print(t)
 
 

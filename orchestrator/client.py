@@ -45,7 +45,9 @@ class ControlClient:
 
     def submit(self, spec_json: str) -> str:
         try:
-            resp = self._stub.SubmitJob(pb.SubmitJobRequest(job_spec_json=spec_json), timeout=_TIMEOUT_S)
+            resp = self._stub.SubmitJob(
+                pb.SubmitJobRequest(job_spec_json=spec_json), timeout=_TIMEOUT_S
+            )
         except grpc.RpcError as err:
             raise _translate(err, self.address) from None
         return str(resp.job_id)
@@ -59,7 +61,9 @@ class ControlClient:
 
     def job(self, job_id: str) -> JobStatus:
         try:
-            return serde.job_status_from_proto(self._stub.GetJob(pb.JobRef(job_id=job_id), timeout=_TIMEOUT_S))
+            return serde.job_status_from_proto(
+                self._stub.GetJob(pb.JobRef(job_id=job_id), timeout=_TIMEOUT_S)
+            )
         except grpc.RpcError as err:
             raise _translate(err, self.address) from None
 

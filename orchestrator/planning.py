@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from common.accounting import DpEvent, calibrate_noise_multiplier, compute_epsilon
 from common.domain import DatasetInfo, Plan, SitePlan, SiteStatus
 from common.errors import PrivacyAccountingError
+from common.models import count_spec_parameters
 from common.schedule import task_schedule
 from common.specs import JobSpec
 
@@ -37,8 +38,12 @@ def metrics_event(spec: JobSpec) -> DpEvent | None:
     return DpEvent(noise_multiplier=spec.metrics.noise_multiplier, sample_rate=1.0, steps=1)
 
 
-def job_events(spec: JobSpec, *, noise_multiplier: float, sample_rate: float, steps: int, rounds: int) -> list[DpEvent]:
-    events = [DpEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps * rounds)]
+def job_events(
+    spec: JobSpec, *, noise_multiplier: float, sample_rate: float, steps: int, rounds: int
+) -> list[DpEvent]:
+    events = [
+        DpEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps * rounds)
+    ]
     m = metrics_event(spec)
     if m is not None:
         events.append(DpEvent(noise_multiplier=m.noise_multiplier, sample_rate=1.0, steps=rounds))
@@ -70,7 +75,9 @@ def plan_site(spec: JobSpec, site_id: str, ds: DatasetInfo) -> SiteTaskPlan:
             prior_events=prior,
             accountant=ACCOUNTANT,
         )
-    return SiteTaskPlan(site_id=site_id, dataset=ds, sample_rate=q, steps=steps, noise_multiplier=sigma)
+    return SiteTaskPlan(
+        site_id=site_id, dataset=ds, sample_rate=q, steps=steps, noise_multiplier=sigma
+    )
 
 
 def plan_job(spec: JobSpec, sites: list[SiteStatus]) -> Plan:
@@ -85,12 +92,28 @@ def plan_job(spec: JobSpec, sites: list[SiteStatus]) -> Plan:
             p = plan_site(spec, site.site_id, ds)
         except (PrivacyAccountingError, ValueError) as err:
             rows.append(
-                SitePlan(site.site_id, ds.num_rows, 0.0, 0.0, 0, float("inf"), ds.epsilon_spent,
-                         float("inf"), ds.max_epsilon, True, str(err))
+                SitePlan(
+                    site.site_id,
+                    ds.num_rows,
+                    0.0,
+                    0.0,
+                    0,
+                    float("inf"),
+                    ds.epsilon_spent,
+                    float("inf"),
+                    ds.max_epsilon,
+                    True,
+                    str(err),
+                )
             )
             continue
-        events = job_events(spec, noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate,
-                            steps=p.steps, rounds=spec.rounds)
+        events = job_events(
+            spec,
+            noise_multiplier=p.noise_multiplier,
+            sample_rate=p.sample_rate,
+            steps=p.steps,
+            rounds=spec.rounds,
+        )
         eps_job = compute_epsilon(events, delta=spec.dp.delta, accountant=ACCOUNTANT).epsilon
         # The site composes the job with its whole history at its own δ; without that history
         # here, sequential composition of the two ε gives the planning estimate.
@@ -101,8 +124,10 @@ def plan_job(spec: JobSpec, sites: list[SiteStatus]) -> Plan:
         pol = site.policy
         if pol is not None:
             if p.noise_multiplier < pol.min_noise_multiplier:
-                reason = (f"noise multiplier {p.noise_multiplier:.3g} is below the site's minimum "
-                          f"{pol.min_noise_multiplier:.3g}")
+                reason = (
+                    f"noise multiplier {p.noise_multiplier:.3g} is below the site's minimum "
+                    f"{pol.min_noise_multiplier:.3g}"
+                )
             elif spec.dp.delta > pol.delta:
                 reason = f"δ={spec.dp.delta:g} is above the site's δ={pol.delta:g}"
             elif spec.model.kind not in pol.allowed_models:
@@ -111,22 +136,59 @@ def plan_job(spec: JobSpec, sites: list[SiteStatus]) -> Plan:
                 reason = f"{spec.rounds} rounds exceed the site's maximum {pol.max_rounds}"
             elif spec.metrics.exact and not pol.allow_exact_metrics:
                 reason = "the site does not release exact metrics"
+            elif pol.max_steps_per_task and p.steps > pol.max_steps_per_task:
+                reason = (
+                    f"{p.steps} steps per round exceed the site's maximum {pol.max_steps_per_task}"
+                )
+            elif pol.max_parameters and count_spec_parameters(spec.model) > pol.max_parameters:
+                reason = (
+                    f"the model's {count_spec_parameters(spec.model)} parameters exceed the "
+                    f"site's maximum {pol.max_parameters}"
+                )
+            elif (
+                m := metrics_event(spec)
+            ) is not None and m.noise_multiplier < pol.min_noise_multiplier:
+                reason = (
+                    f"metrics noise multiplier {m.noise_multiplier:g} is below the site's "
+                    f"minimum {pol.min_noise_multiplier:g}"
+                )
         if not reason and ds.max_epsilon > 0 and after > ds.max_epsilon:
-            reason = (f"projected lifetime ε {after:.3g} would pass the site's budget "
-                      f"{ds.max_epsilon:.3g} (spent so far {ds.epsilon_spent:.3g})")
+            reason = (
+                f"projected lifetime ε {after:.3g} would pass the site's budget "
+                f"{ds.max_epsilon:.3g} (spent so far {ds.epsilon_spent:.3g})"
+            )
         rows.append(
-            SitePlan(site_id=site.site_id, num_examples=ds.num_rows,
-                     noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate,
-                     steps=p.steps * spec.rounds, projected_epsilon=eps_job,
-                     dataset_epsilon_before=ds.epsilon_spent, dataset_epsilon_after=after,
-                     max_epsilon=ds.max_epsilon, would_refuse=bool(reason), reason=reason)
+            SitePlan(
+                site_id=site.site_id,
+                num_examples=ds.num_rows,
+                noise_multiplier=p.noise_multiplier,
+                sample_rate=p.sample_rate,
+                steps=p.steps * spec.rounds,
+                projected_epsilon=eps_job,
+                dataset_epsilon_before=ds.epsilon_spent,
+                dataset_epsilon_after=after,
+                max_epsilon=ds.max_epsilon,
+                would_refuse=bool(reason),
+                reason=reason,
+            )
         )
     willing = [r for r in rows if not r.would_refuse]
     feasible = len(willing) >= spec.min_sites
-    message = "" if feasible else (
-        f"{len(willing)} site(s) would take the job; it needs min_sites={spec.min_sites}"
-        if rows else f"no registered site exposes dataset {spec.dataset!r}"
+    message = (
+        ""
+        if feasible
+        else (
+            f"{len(willing)} site(s) would take the job; it needs min_sites={spec.min_sites}"
+            if rows
+            else f"no registered site exposes dataset {spec.dataset!r}"
+        )
     )
     eps = max((r.projected_epsilon for r in willing), default=0.0)
-    return Plan(sites=tuple(rows), epsilon=eps, delta=spec.dp.delta, accountant=ACCOUNTANT,
-                feasible=feasible, message=message)
+    return Plan(
+        sites=tuple(rows),
+        epsilon=eps,
+        delta=spec.dp.delta,
+        accountant=ACCOUNTANT,
+        feasible=feasible,
+        message=message,
+    )

@@ -36,6 +36,7 @@ from common.version import __version__
 from orchestrator.aggregation import RunningWeightedMean, apply_delta
 from orchestrator.broker import Broker, FailureResult, Result, UpdateResult
 from orchestrator.planning import ACCOUNTANT, plan_site, site_dataset
+from orchestrator.site_dp import round_for, site_level_events, sum_noise_multiplier
 from orchestrator.store import ChargeRow, RoundRow, Store, atomic_write
 from orchestrator.views import site_status
 
@@ -125,7 +126,9 @@ class JobRunner(threading.Thread):
         deadline = time.time() + spec.start_timeout_s
         announced = False
         while True:
-            sites = {s.site_id: s for s in (site_status(r, self.broker) for r in self.store.sites())}
+            sites = {
+                s.site_id: s for s in (site_status(r, self.broker) for r in self.store.sites())
+            }
             chosen: list[Participant] = []
             for sid, site in sorted(sites.items()):
                 ds = site_dataset(site, spec.dataset)
@@ -156,14 +159,19 @@ class JobRunner(threading.Thread):
                     f"min_sites={spec.min_sites} (waited {spec.start_timeout_s:g} s)"
                 )
             time.sleep(self.poll_s)
+        if spec.site_dp is not None and spec.site_dp.adaptive:
+            # Fails the job early with a clear reason when 2·σ_b <= z.
+            sum_noise_multiplier(
+                spec.site_dp.noise_multiplier,
+                spec.site_dp.count_noise_multiplier or len(chosen) / 20.0,
+            )
         if not fixed:
             self.store.update_job(
                 self.job_id, participants={p.site_id: p.noise_multiplier for p in chosen}
             )
             self._event(
                 "info",
-                "sites: "
-                + ", ".join(f"{p.site_id} (σ={p.noise_multiplier:.3g})" for p in chosen),
+                "sites: " + ", ".join(f"{p.site_id} (σ={p.noise_multiplier:.3g})" for p in chosen),
             )
         return chosen
 
@@ -209,6 +217,10 @@ class JobRunner(threading.Thread):
         del blob
 
         agg = RunningWeightedMean(state)
+        sdp = None
+        if spec.site_dp is not None:
+            clip = self.store.job(self.job_id).site_clip_norm or spec.site_dp.clip_norm
+            sdp = round_for(spec.site_dp, clip_norm=clip, num_sites=len(participants))
         accepted: list[UpdateMeta] = []
         charges: list[ChargeRow] = []
         refused: set[str] = set()
@@ -221,9 +233,9 @@ class JobRunner(threading.Thread):
                 continue
             if isinstance(res, FailureResult):
                 f = res.failure
-                p = outstanding.pop(f.task_id, None)
-                if p is None:
+                if f.task_id not in outstanding:
                     continue
+                p = outstanding.pop(f.task_id)
                 if f.code == "FAILED_PRECONDITION":
                     refused.add(p.site_id)
                     msg = f"site {p.site_id} refused round {rnd}: {f.reason}"
@@ -233,9 +245,9 @@ class JobRunner(threading.Thread):
                 self._event("warning", msg, p.site_id)
                 continue
             assert isinstance(res, UpdateResult)
-            p = outstanding.pop(res.meta.task_id, None)
-            if p is None:
+            if res.meta.task_id not in outstanding:
                 continue
+            p = outstanding.pop(res.meta.task_id)
             charges.append(self._charge_row(rnd, p, res.meta))
             try:
                 delta = self._check(res, state, p)
@@ -244,7 +256,10 @@ class JobRunner(threading.Thread):
                 problems.append(msg)
                 self._event("warning", msg, p.site_id)
                 continue
-            agg.add(delta, res.meta.num_examples)
+            if sdp is not None:
+                sdp.add(delta)
+            else:
+                agg.add(delta, res.meta.num_examples)
             accepted.append(res.meta)
             del delta, res
 
@@ -268,10 +283,21 @@ class JobRunner(threading.Thread):
                 f"min_sites={spec.min_sites}. " + " | ".join(problems)
             )
 
-        new_state = apply_delta(state, agg.mean())
+        job_fields: dict[str, Any] = {}
+        if sdp is not None and spec.site_dp is not None:
+            mean, next_clip = sdp.finish(spec.site_dp)
+            job_fields["site_clip_norm"] = next_clip
+            if spec.site_dp.adaptive:
+                self._event(
+                    "info",
+                    f"round {rnd}: site-level clip norm {sdp.clip_norm:.4g} → {next_clip:.4g}",
+                )
+        else:
+            mean = agg.mean()
+        new_state = apply_delta(state, mean)
         atomic_write(self.store.paths.checkpoint(self.job_id, rnd), state_to_bytes(new_state))
         loss, acc, exact = _pooled_metrics(accepted)
-        epsilon, per_site = self._job_epsilon(extra=charges)
+        epsilon, _ = self._job_epsilon(extra=charges)
         self.store.commit_round(
             RoundRow(
                 job_id=self.job_id,
@@ -288,6 +314,7 @@ class JobRunner(threading.Thread):
             round=rnd,
             epsilon=epsilon,
             accountant=ACCOUNTANT,
+            **job_fields,
         )
         self.on_change(self.job_id)
         remaining = [p for p in participants if p.site_id not in refused]
@@ -392,12 +419,32 @@ class JobRunner(threading.Thread):
             epsilon=epsilon,
             version=__version__,
         )
+        if self.spec.site_dp is not None:
+            sdp = self.spec.site_dp
+            site_eps = compute_epsilon(
+                site_level_events(sdp, len(card["metrics"])),
+                delta=self.spec.dp.delta,
+                accountant=ACCOUNTANT,
+            ).epsilon
+            card["site_level_dp"] = {
+                "epsilon": site_eps,
+                "delta": self.spec.dp.delta,
+                "accountant": ACCOUNTANT,
+                "mechanism": "DP-FedAvg (McMahan et al. 2018): server-side clipping + Gaussian noise"
+                + (", adaptive clipping (Andrew et al. 2021)" if sdp.adaptive else ""),
+                "noise_multiplier": sdp.noise_multiplier,
+                "initial_clip_norm": sdp.clip_norm,
+                "final_clip_norm": row.site_clip_norm or sdp.clip_norm,
+                "protects": (
+                    "whether any one whole site (all of its records) took part, against anyone "
+                    "who sees the released model; it relies on the orchestrator adding this "
+                    "noise honestly. The sample-level guarantee above holds independently."
+                ),
+            }
         model = build_model(self.spec.model)
         model.load_state_dict(state)
         save_model(self.store.paths.model_dir(self.job_id), module_or_state=model, card=card)
-        self.store.update_job(
-            self.job_id, state="completed", model_released=True, epsilon=epsilon
-        )
+        self.store.update_job(self.job_id, state="completed", model_released=True, epsilon=epsilon)
         self._event("info", f"model released: ε={epsilon:.4g}, δ={self.spec.dp.delta:g}")
 
 

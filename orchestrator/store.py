@@ -69,6 +69,8 @@ class JobRow(Base):
     model_released: Mapped[bool] = mapped_column(Boolean, default=False)
     # site_id -> resolved noise multiplier; fixed when the job starts
     participants: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    # site-level DP (DP-FedAvg): the clip norm for the next round (adaptive clipping moves it)
+    site_clip_norm: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class RoundRow(Base):

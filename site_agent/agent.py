@@ -18,11 +18,11 @@ from common.domain import SiteRegistration, TaskAssignment, TaskFailure, UpdateM
 from common.errors import DpfedError
 from common.transport import CHANNEL_OPTIONS, require_loopback_for_plaintext
 from common.version import __version__
+from protos.dpfed.v1 import dpfed_pb2 as pb
+from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 from site_agent.config import SiteConfig
 from site_agent.executor import TaskExecutor
 from site_agent.ledger import Ledger
-from protos.dpfed.v1 import dpfed_pb2 as pb
-from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 
 log = logging.getLogger("dpfed.site_agent")
 
@@ -111,7 +111,10 @@ class SiteAgent:
                         timeout=self.config.poll_seconds + _RPC_TIMEOUT_S,
                     )
                 except grpc.RpcError as err:
-                    if isinstance(err, grpc.Call) and err.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    if (
+                        isinstance(err, grpc.Call)
+                        and err.code() == grpc.StatusCode.PERMISSION_DENIED
+                    ):
                         raise _SessionLost() from None
                     raise
                 if resp.HasField("task"):
@@ -122,7 +125,9 @@ class SiteAgent:
             lost.set()
             hb.join(timeout=1.0)
 
-    def _heartbeats(self, stub: pb_grpc.AgentServiceStub, session: str, lost: threading.Event) -> None:
+    def _heartbeats(
+        self, stub: pb_grpc.AgentServiceStub, session: str, lost: threading.Event
+    ) -> None:
         while not lost.wait(self.config.heartbeat_seconds):
             try:
                 resp = stub.Heartbeat(
@@ -154,7 +159,10 @@ class SiteAgent:
     def _handle(self, stub: pb_grpc.AgentServiceStub, task: TaskAssignment) -> None:
         log.info(
             "site=%s job=%s round=%d/%d task received",
-            self.config.site_id, task.job_id, task.round, task.rounds,
+            self.config.site_id,
+            task.job_id,
+            task.round,
+            task.rounds,
         )
         self._state, self._task_id = "training", task.task_id
         try:
@@ -168,16 +176,17 @@ class SiteAgent:
             except Exception as err:
                 # Details stay in the site's log: an exception message could quote data.
                 log.exception("site=%s job=%s task crashed", self.config.site_id, task.job_id)
-                self._report(
-                    stub, task, "INTERNAL", f"the site agent failed: {type(err).__name__}"
-                )
+                self._report(stub, task, "INTERNAL", f"the site agent failed: {type(err).__name__}")
                 return
             stub.PushUpdate(_update_stream(meta, delta), timeout=_TRANSFER_TIMEOUT_S)
             self.tasks_done += 1
             log.info(
                 "site=%s job=%s round=%d update sent (task ε=%.3f, dataset ε=%.3f)",
-                self.config.site_id, task.job_id, task.round,
-                meta.dp_report.task_epsilon, meta.dp_report.dataset_epsilon,
+                self.config.site_id,
+                task.job_id,
+                task.round,
+                meta.dp_report.task_epsilon,
+                meta.dp_report.dataset_epsilon,
             )
         except grpc.RpcError as err:
             if isinstance(err, grpc.Call) and err.code() in (
@@ -191,7 +200,9 @@ class SiteAgent:
         finally:
             self._state, self._task_id = "idle", ""
 
-    def _report(self, stub: pb_grpc.AgentServiceStub, task: TaskAssignment, code: str, reason: str) -> None:
+    def _report(
+        self, stub: pb_grpc.AgentServiceStub, task: TaskAssignment, code: str, reason: str
+    ) -> None:
         failure = TaskFailure(
             site_id=self.config.site_id, task_id=task.task_id, code=code, reason=reason
         )

@@ -73,7 +73,9 @@ def ledger(
     cfg = load_site_config(config)
     path = cfg.state_dir / "ledger.sqlite"
     with Ledger(path) as led:
-        t = Table(title=f"site {cfg.site_id}: privacy budget per dataset (δ = {cfg.policy.delta:g})")
+        t = Table(
+            title=f"site {cfg.site_id}: privacy budget per dataset (δ = {cfg.policy.delta:g})"
+        )
         for col in ("dataset", "ε spent", "budget", "remaining", "jobs", "events", "accountant"):
             t.add_column(col)
         names = [d.name for d in cfg.datasets]
@@ -98,9 +100,18 @@ def ledger(
                 t.add_column(col)
             for e in led.entries():
                 eps = compute_epsilon([e.event], delta=e.delta).epsilon
-                t.add_row(str(e.id), e.dataset, e.job_id, str(e.round), e.kind,
-                          f"{e.event.noise_multiplier:.3g}", f"{e.event.sample_rate:.3g}",
-                          str(e.event.steps), f"{e.delta:g}", f"{eps:.3f}")
+                t.add_row(
+                    str(e.id),
+                    e.dataset,
+                    e.job_id,
+                    str(e.round),
+                    e.kind,
+                    f"{e.event.noise_multiplier:.3g}",
+                    f"{e.event.sample_rate:.3g}",
+                    str(e.event.steps),
+                    f"{e.delta:g}",
+                    f"{eps:.3f}",
+                )
             out.print(t)
 
 

@@ -72,9 +72,7 @@ class TaskExecutor:
             if name not in self._splits:
                 cfg = self.config.dataset(name)
                 if cfg is None:
-                    raise NotFoundError(
-                        f"site {self.config.site_id} has no dataset named {name!r}"
-                    )
+                    raise NotFoundError(f"site {self.config.site_id} has no dataset named {name!r}")
                 full = load_dataset(cfg)
                 if cfg.validation_fraction > 0 and len(full.labels) >= 10:
                     # A stable split (seeded by site and dataset) keeps each record on one side.
@@ -250,7 +248,9 @@ class TaskExecutor:
                 exact=ev.noise_multiplier is None,
             )
 
-        charged = tuple(ChargedEvent("train" if e is train_event else "metrics", e) for e in cost_events)
+        charged = tuple(
+            ChargedEvent("train" if e is train_event else "metrics", e) for e in cost_events
+        )
         task_eps = compute_epsilon(list(cost_events), delta=spec.dp.delta, accountant=ACCOUNTANT)
         job_eps = compute_epsilon(
             self.ledger.events(task.dataset, job_id=task.job_id),
@@ -269,7 +269,9 @@ class TaskExecutor:
             accountant=task_eps.accountant,
             grad_sample_mode=result.grad_sample_mode,
         )
-        blob = state_to_bytes({k: v.to(torch.float32).contiguous() for k, v in result.delta.items()})
+        blob = state_to_bytes(
+            {k: v.to(torch.float32).contiguous() for k, v in result.delta.items()}
+        )
         self._infos = self._compute_infos()
         meta = UpdateMeta(
             site_id=self.config.site_id,

@@ -33,8 +33,8 @@ What the guarantee rests on, and how this module keeps it:
 * **No un-noised output.** The training loss is never computed into a number, logged or
   returned; validation metrics leave only through :func:`evaluate`'s Gaussian mechanism.
 
-Per-example gradients come from one of Opacus' ``grad_sample_mode``\\ s (see
-:func:`choose_grad_sample_mode`).
+Per-example gradient norms come from Opacus' ghost-clipping mode (see
+:func:`choose_grad_sample_mode` for why, and ``bench/bench_dp_step.py`` for the numbers).
 """
 
 from __future__ import annotations
@@ -331,8 +331,7 @@ def train_local(
     # state dict has the spec's key names (no "_module." prefix).
     end = net.state_dict()
     delta = {k: (end[k].detach().to(torch.float32) - start[k]).cpu().contiguous() for k in start}
-    if hasattr(dp_model, "_close"):
-        dp_model._close()
+    dp_model.to_standard_module()  # removes Opacus' hooks from ``net``
     return LocalResult(
         delta=delta,
         num_examples=n,

@@ -33,7 +33,9 @@ def test_demo_job_through_the_clis(tmp_path: Path) -> None:
         res = _cli(orch, "launch", str(bad), "--server", cluster.server, check=False)
         assert res.returncode == 2 and "dp.delta" in res.stderr
 
-        res = _cli(orch, "launch", str(files.job_file), "--server", cluster.server, "--wait", check=False)
+        res = _cli(
+            orch, "launch", str(files.job_file), "--server", cluster.server, "--wait", check=False
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         job_id = res.stdout.strip().splitlines()[-1]
         assert job_id.startswith("job-")
@@ -44,7 +46,9 @@ def test_demo_job_through_the_clis(tmp_path: Path) -> None:
 
         out = tmp_path / "model"
         _cli(orch, "pull", job_id, "--out", str(out), "--server", cluster.server)
-        ledger = _cli(bin_path("site-agent"), "ledger", "--config", str(files.site_configs["bank-c"]))
+        ledger = _cli(
+            bin_path("site-agent"), "ledger", "--config", str(files.site_configs["bank-c"])
+        )
         assert job_id in ledger.stdout
         orch_ledger = _cli(orch, "ledger", "--server", cluster.server)
         assert "bank-c" in orch_ledger.stdout
@@ -59,7 +63,13 @@ def test_demo_job_through_the_clis(tmp_path: Path) -> None:
 
 def test_unreachable_orchestrator_is_a_clear_error(tmp_path: Path) -> None:
     files = prepare(tmp_path, port=free_port())
-    res = _cli(bin_path("orchestrator"), "launch", str(files.job_file), "--server",
-               f"127.0.0.1:{free_port()}", check=False)
+    res = _cli(
+        bin_path("orchestrator"),
+        "launch",
+        str(files.job_file),
+        "--server",
+        f"127.0.0.1:{free_port()}",
+        check=False,
+    )
     assert res.returncode == 7
     assert "cannot reach the orchestrator" in res.stderr

@@ -44,12 +44,20 @@ class Net:
         self.agents[site_id].close()
 
 
-def _write_site(root: Path, site_id: str, x: np.ndarray, y: np.ndarray, port: int, **policy: Any) -> Path:
+def _write_site(
+    root: Path, site_id: str, x: np.ndarray, y: np.ndarray, port: int, **policy: Any
+) -> Path:
     d = root / site_id
     d.mkdir(parents=True)
     cols = [f"f{i}" for i in range(x.shape[1])]
-    np.savetxt(d / "data.csv", np.column_stack([x, y]), delimiter=",",
-               header=",".join([*cols, "label"]), comments="", fmt=["%.5f"] * len(cols) + ["%d"])
+    np.savetxt(
+        d / "data.csv",
+        np.column_stack([x, y]),
+        delimiter=",",
+        header=",".join([*cols, "label"]),
+        comments="",
+        fmt=["%.5f"] * len(cols) + ["%d"],
+    )
     cfg = {
         "site_id": site_id,
         "orchestrator": f"127.0.0.1:{port}",
@@ -69,7 +77,9 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return (x / 16.0).astype(np.float32), y.astype(np.int64)
 
 
-def _start(tmp_path: Path, digits: tuple[np.ndarray, np.ndarray], policies: dict[str, dict[str, Any]]) -> Net:
+def _start(
+    tmp_path: Path, digits: tuple[np.ndarray, np.ndarray], policies: dict[str, dict[str, Any]]
+) -> Net:
     server = start_server(listen="127.0.0.1:0", state_dir=tmp_path / "orch", offline_after_s=3.0)
     x, y = digits
     parts = np.array_split(np.random.default_rng(0).permutation(len(y))[:900], len(policies))
@@ -131,7 +141,9 @@ def _wait(c: ControlClient, job_id: str, timeout_s: float = 120) -> Any:
     return last
 
 
-def test_job_runs_end_to_end_and_card_matches_site_ledgers(net_factory: Any, tmp_path: Path) -> None:
+def test_job_runs_end_to_end_and_card_matches_site_ledgers(
+    net_factory: Any, tmp_path: Path
+) -> None:
     net = net_factory({"a": {}, "b": {}, "c": {}})
     with ControlClient(net.address) as c:
         job_id = c.submit(_job())
@@ -218,8 +230,12 @@ def test_site_that_disappears_is_named_and_job_continues(net_factory: Any) -> No
 def test_large_model_travels_in_chunks(net_factory: Any) -> None:
     net = net_factory({"a": {}})
     # 64*2048 + 2048*640 + ... ≈ 1.5M parameters ≈ 6 MB: above gRPC's 4 MiB message limit.
-    spec = _job(model={"kind": "mlp", "input_dim": 64, "num_classes": 10, "hidden": [2048, 640]},
-                rounds=1, local_steps=1, min_sites=1)
+    spec = _job(
+        model={"kind": "mlp", "input_dim": 64, "num_classes": 10, "hidden": [2048, 640]},
+        rounds=1,
+        local_steps=1,
+        min_sites=1,
+    )
     with ControlClient(net.address) as c:
         st = _wait(c, c.submit(spec))
         assert st.state == "completed", st.error
@@ -235,3 +251,36 @@ def test_update_charges_match_dp_events(net_factory: Any, tmp_path: Path) -> Non
     with Ledger(tmp_path / "a" / "state" / "ledger.sqlite") as led:
         evs = led.events("digits")
     assert evs == [DpEvent(noise_multiplier=1.0, sample_rate=evs[0].sample_rate, steps=6)]
+
+
+def test_site_level_dp_is_applied_and_stated_on_the_card(net_factory: Any) -> None:
+    net = net_factory({"a": {}, "b": {}, "c": {}})
+    spec = _job(
+        rounds=2,
+        site_dp={
+            "noise_multiplier": 0.8,
+            "clip_norm": 0.5,
+            "adaptive": True,
+            "count_noise_multiplier": 1.0,
+        },
+    )
+    with ControlClient(net.address) as c:
+        st = _wait(c, c.submit(spec))
+        assert st.state == "completed", st.error
+        card = json.loads(c.download(st.job_id)[0])
+    sl = card["site_level_dp"]
+    expected = compute_epsilon([DpEvent(0.8, 1.0, 2)], delta=1e-5).epsilon
+    assert sl["epsilon"] == pytest.approx(expected)
+    assert sl["final_clip_norm"] != pytest.approx(0.5)  # adaptive clipping moved it
+    assert "whole site" in sl["protects"]
+    assert card["epsilon"] > 0  # the sample-level guarantee is still there
+
+
+def test_adaptive_clipping_with_too_little_count_noise_fails_clearly(net_factory: Any) -> None:
+    net = net_factory({"a": {}})
+    spec = _job(
+        min_sites=1, rounds=1, site_dp={"noise_multiplier": 1.0, "clip_norm": 1.0, "adaptive": True}
+    )
+    with ControlClient(net.address) as c:
+        st = _wait(c, c.submit(spec))
+    assert st.state == "failed" and "count_noise_multiplier" in st.error

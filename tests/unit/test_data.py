@@ -45,7 +45,8 @@ def test_loads_features_and_labels(tmp_path: Path) -> None:
     assert ds.features.dtype == np.float32 and ds.features.shape == (3, 2)
     assert ds.labels.dtype == np.int64
     np.testing.assert_array_equal(ds.labels, [1, 0, 2])
-    np.testing.assert_allclose(ds.features, [[30, 2.5], [41, 3.25], [52, -1000]])
+    expected = np.array([[30, 2.5], [41, 3.25], [52, -1000]], dtype=np.float32)
+    np.testing.assert_array_equal(ds.features, expected)
     assert ds.num_classes_seen == 3
     assert len(ds) == 3
 
@@ -118,7 +119,7 @@ def test_file_level_errors(tmp_path: Path) -> None:
     assert "is empty" in _error(_cfg(_write(tmp_path, "", "empty.csv")))
     assert "no data rows" in _error(_cfg(_write(tmp_path, "x,label\n", "header.csv")))
     latin1 = tmp_path / "latin1.csv"
-    latin1.write_bytes("x,label\n1,0\n".encode() + "caf\xe9,1\n".encode("latin-1"))
+    latin1.write_bytes(b"x,label\n1,0\n" + "caf\xe9,1\n".encode("latin-1"))
     assert "not UTF-8" in _error(_cfg(latin1))
 
 

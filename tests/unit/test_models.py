@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,16 @@ SPECS: dict[str, ModelSpec] = {
         activation="sigmoid",
     ),
 }
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    # These models are tiny: a second intra-op thread only adds synchronisation, which on a
+    # loaded CI machine can stall every small op. Restored afterwards for other tests.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))

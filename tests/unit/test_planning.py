@@ -276,13 +276,7 @@ def test_no_site_with_the_dataset() -> None:
 # PolicySummary publishes the limits so that jobs can be planned against them, but plan_job
 # does not look at them: it reports the site as willing and the job as feasible.
 
-_PLANNING_GAP = (
-    "orchestrator/planning.py plan_job does not check max_steps_per_task, max_parameters or "
-    "the metrics release's σ against the site's published policy"
-)
 
-
-@pytest.mark.xfail(reason=_PLANNING_GAP, strict=True)
 @pytest.mark.parametrize(
     ("spec_overrides", "policy_overrides"),
     [

@@ -474,11 +474,6 @@ def test_non_finite_task_noise_multiplier_is_rejected(x: float) -> None:
         serde.task_from_proto(msg)
 
 
-@pytest.mark.xfail(
-    reason="common/serde.py policy_from_proto does not check finiteness (NaN σ_min/δ/ε "
-    "make every planning comparison False)",
-    strict=True,
-)
 @pytest.mark.parametrize("x", NON_FINITE, ids=repr)
 @pytest.mark.parametrize("field", ["max_epsilon", "delta", "min_noise_multiplier"])
 def test_non_finite_policy_summary_is_rejected(field: str, x: float) -> None:
