@@ -102,6 +102,7 @@ from common.errors import PrivacyAccountingError
 
 __all__ = [
     "ACCOUNTANTS",
+    "PRV_MAX_DOMAIN_SIZE",
     "RDP_ORDERS",
     "DpEvent",
     "EpsilonBound",
@@ -169,8 +170,9 @@ class EpsilonBound:
     """A sound upper bound ``epsilon`` on the privacy loss at ``delta``.
 
     ``accountant`` names the accountant that produced the bound (``"prv"``, ``"pld"`` or
-    ``"rdp"``; a ``"prv"`` request that fell back says ``"pld"``). ``epsilon_estimate`` is the
-    accountant's point estimate where it gives one (PRV), never to be reported as the guarantee.
+    ``"rdp"``): a request that fell back names the one actually used. ``epsilon_estimate`` is
+    the accountant's point estimate where it gives one (PRV; 0.0 for an empty history), never
+    to be reported as the guarantee.
     """
 
     epsilon: float
@@ -413,6 +415,13 @@ def compute_epsilon(
     merged = _merge(events)
     if not merged:
         return EpsilonBound(epsilon=0.0, delta=delta, accountant=accountant, epsilon_estimate=0.0)
+    # The orchestrator and the agents ask for the same histories again and again (status
+    # views, heartbeats, rounds); the answer is a pure function of the merged history.
+    return _compute_merged(tuple(merged), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=2048)
+def _compute_merged(merged: tuple[DpEvent, ...], delta: float, accountant: str) -> EpsilonBound:
     scale = _finite_or_raise(_rdp_raw(merged, delta), "RDP")
     if accountant == "rdp":
         return EpsilonBound(epsilon=scale, delta=delta, accountant="rdp")

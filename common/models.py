@@ -62,14 +62,11 @@ CARD_FILE = "model_card.json"
 SPEC_METADATA_KEY = "dpfed.model_spec"
 """safetensors metadata key holding the model spec as JSON."""
 
-_SPEC_ADAPTER: TypeAdapter[LinearSpec | MLPSpec | Conv1dSpec | Conv2dSpec] = TypeAdapter(ModelSpec)
+_SPEC_ADAPTER: TypeAdapter[ModelSpec] = TypeAdapter(ModelSpec)
 _OPACUS_PREFIX = "_module."
 
-AnyModelSpec = LinearSpec | MLPSpec | Conv1dSpec | Conv2dSpec
-"""The concrete union behind :data:`~common.specs.ModelSpec` (for annotations)."""
 
-
-def parse_model_spec(data: Any, *, source: str = "model spec") -> AnyModelSpec:
+def parse_model_spec(data: Any, *, source: str = "model spec") -> ModelSpec:
     """Validate a model spec given as a dict (e.g. a model card's ``"model"`` entry).
 
     Raises :class:`~common.errors.InvalidSpecError` naming each bad field.
@@ -153,7 +150,7 @@ def _dense_layers(
     layers["logits"] = nn.Linear(width, num_classes)
 
 
-def _build(spec: AnyModelSpec) -> nn.Sequential:
+def _build(spec: ModelSpec) -> nn.Sequential:
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     if isinstance(spec, LinearSpec):
         layers["logits"] = nn.Linear(spec.input_dim, spec.num_classes)
@@ -313,7 +310,7 @@ def load_weights(module: nn.Module, state: Mapping[str, Tensor], *, what: str = 
     module.load_state_dict(state, strict=True)
 
 
-def _spec_json(spec: AnyModelSpec) -> str:
+def _spec_json(spec: ModelSpec) -> str:
     return json.dumps(spec.model_dump(mode="json"), sort_keys=True)
 
 

@@ -51,6 +51,19 @@ class DemoFiles:
     test_x: np.ndarray
     test_y: np.ndarray
 
+    @property
+    def pki(self) -> Path:
+        return self.workdir / "pki"
+
+    def cli_env(self, user: str = "analyst") -> dict[str, str]:
+        """Environment for the orchestrator CLI, authenticated as ``user`` over mTLS."""
+        return {
+            **os.environ,
+            "DPFED_CA": str(self.pki / "ca.pem"),
+            "DPFED_CERT": str(self.pki / "users" / f"{user}.pem"),
+            "DPFED_KEY": str(self.pki / "users" / f"{user}.key"),
+        }
+
 
 def prepare(
     workdir: Path,
@@ -68,7 +81,15 @@ def prepare(
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
+    from common.tls import ROLE_DATA_SCIENTIST, ROLE_OPERATOR, init_pki
+
     workdir.mkdir(parents=True, exist_ok=True)
+    # Certificates generated on the fly: a CA, the orchestrator, each site, two CLI users.
+    init_pki(
+        workdir / "pki",
+        sites=[s for s, _ in SITES],
+        users=[("analyst", ROLE_DATA_SCIENTIST), ("operator", ROLE_OPERATOR)],
+    )
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)  # pixel intensities 0..16 → 0..1
     x_pool, x_test, y_pool, y_test = train_test_split(
@@ -76,7 +97,7 @@ def prepare(
     )
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(y_pool))
-    cuts = np.cumsum([int(round(f * len(order))) for _, f in SITES])[:-1]
+    cuts = np.cumsum([round(f * len(order)) for _, f in SITES])[:-1]
     columns = [f"px{i}" for i in range(x.shape[1])]
     configs: dict[str, Path] = {}
     for (site_id, _), idx in zip(SITES, np.split(order, cuts), strict=True):
@@ -93,6 +114,11 @@ def prepare(
             "orchestrator": f"127.0.0.1:{port}",
             "state_dir": "state",
             "datasets": [{"name": "digits", "path": "digits.csv", "label": "digit"}],
+            "tls": {
+                "ca": "../pki/ca.pem",
+                "cert": f"../pki/sites/{site_id}.pem",
+                "key": f"../pki/sites/{site_id}.key",
+            },
             "policy": {"max_epsilon": max_epsilon, "delta": 1.0e-5, "min_noise_multiplier": 0.5},
             "poll_seconds": 2.0,
             "heartbeat_seconds": 2.0,
@@ -161,6 +187,8 @@ class Cluster:
                 str(self.workdir / "orchestrator-state"),
                 "--offline-after",
                 "10",
+                "--pki-dir",
+                str(self.workdir / "pki"),
             ],
             stdout=fd,
             stderr=fd,
@@ -199,10 +227,15 @@ class Cluster:
                 p.wait()
 
     def wait_for_sites(self, n: int, timeout_s: float = 120.0) -> None:
+        from common.tls import TlsFiles
         from orchestrator.client import ControlClient
 
         deadline = time.time() + timeout_s
-        with ControlClient(self.server) as c:
+        pki = self.workdir / "pki"
+        tls = TlsFiles(
+            ca=pki / "ca.pem", cert=pki / "users/analyst.pem", key=pki / "users/analyst.key"
+        )
+        with ControlClient(self.server, tls=tls) as c:
             while time.time() < deadline:
                 try:
                     if sum(s.state != "offline" for s in c.sites()) >= n:
@@ -269,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--keep", action="store_true", help="keep the previous workdir's state")
     args = ap.parse_args(argv)
+    # SIGTERM → SystemExit, so the cluster's processes are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.workdir.exists() and not args.keep:
         shutil.rmtree(args.workdir)
     port = free_port()
@@ -284,14 +319,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"logs in {args.workdir}/",
         flush=True,
     )
+    env = files.cli_env("analyst")
     with running_cluster(files, port) as cluster:
         orch = bin_path("orchestrator")
-        subprocess.run([orch, "sites", "--server", cluster.server], check=True)
-        subprocess.run([orch, "plan", str(files.job_file), "--server", cluster.server], check=False)
+        subprocess.run([orch, "sites", "--server", cluster.server], check=True, env=env)
+        subprocess.run(
+            [orch, "plan", str(files.job_file), "--server", cluster.server], check=False, env=env
+        )
         proc = subprocess.run(
             [orch, "launch", str(files.job_file), "--server", cluster.server, "--wait"],
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
         )
         job_id = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
         if proc.returncode != 0:
@@ -299,9 +338,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return proc.returncode
         out_dir = args.workdir / "model"
         subprocess.run(
-            [orch, "pull", job_id, "--out", str(out_dir), "--server", cluster.server], check=True
+            [orch, "pull", job_id, "--out", str(out_dir), "--server", cluster.server],
+            check=True,
+            env=env,
         )
-        subprocess.run([orch, "status", job_id, "--server", cluster.server], check=True)
+        subprocess.run([orch, "status", job_id, "--server", cluster.server], check=True, env=env)
     card = json.loads((out_dir / "model_card.json").read_text())
     acc = evaluate_pulled(out_dir, files.test_x, files.test_y)
     print()

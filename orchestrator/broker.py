@@ -74,6 +74,18 @@ class Broker:
             self._cv.notify_all()
         return session_id
 
+    def disconnect(self, site_id: str) -> None:
+        """Forget a site's session (disabled by an operator): its tasks fail, pulls are refused."""
+        with self._cv:
+            old = self._presence.pop(site_id, None)
+            if old is not None:
+                for task_id in list(old.delivered):
+                    self._fail_locked(task_id, "PERMISSION_DENIED", "the site was disabled")
+            for tid in list(self._queues.get(site_id, ())):
+                self._fail_locked(tid, "PERMISSION_DENIED", "the site was disabled")
+            self._queues.pop(site_id, None)
+            self._cv.notify_all()
+
     def seen(self, site_id: str, session_id: str, *, state: str | None = None) -> bool:
         """Record a sign of life; False when the session is unknown (re-register)."""
         with self._cv:

@@ -23,8 +23,9 @@ from rich.table import Table
 
 from common.cli_support import err_console, run_app, setup_logging
 from common.domain import JobStatus
-from common.errors import DpfedError, JobFailedError
+from common.errors import DpfedError, InvalidSpecError, JobFailedError
 from common.specs import load_job_spec
+from common.tls import ROLES, TlsFiles
 from orchestrator.client import ControlClient
 
 app = typer.Typer(
@@ -39,6 +40,34 @@ ServerOpt = Annotated[
     str,
     typer.Option("--server", "-s", envvar="DPFED_SERVER", help="orchestrator HOST:PORT"),
 ]
+
+
+CaOpt = Annotated[Path | None, typer.Option("--ca", envvar="DPFED_CA", help="CA certificate (PEM)")]
+CertOpt = Annotated[
+    Path | None, typer.Option("--cert", envvar="DPFED_CERT", help="your certificate (PEM)")
+]
+KeyOpt = Annotated[
+    Path | None, typer.Option("--key", envvar="DPFED_KEY", help="your private key (PEM)")
+]
+InsecureOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure", envvar="DPFED_INSECURE", help="plaintext, loopback only (development)"
+    ),
+]
+
+
+def _client(
+    server: str, ca: Path | None, cert: Path | None, key: Path | None, insecure: bool
+) -> ControlClient:
+    if insecure:
+        return ControlClient(server)
+    if ca is None or cert is None or key is None:
+        raise InvalidSpecError(
+            "mutual TLS needs --ca, --cert and --key (or DPFED_CA, DPFED_CERT, DPFED_KEY); "
+            "use --insecure only for a plaintext orchestrator on loopback"
+        )
+    return ControlClient(server, tls=TlsFiles(ca=ca, cert=cert, key=key))
 
 
 def _fmt_eps(x: float) -> str:
@@ -67,16 +96,31 @@ def serve(
     offline_after: Annotated[
         float, typer.Option(help="seconds of silence before a site counts as offline")
     ] = 30.0,
+    pki_dir: Annotated[
+        Path | None,
+        typer.Option(help="the deployment's PKI (default: STATE_DIR/pki, created on first start)"),
+    ] = None,
+    host: Annotated[
+        list[str] | None, typer.Option(help="extra host name/IP for the server certificate")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="plaintext gRPC (refused off loopback)")
+    ] = False,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run the orchestrator until SIGTERM/SIGINT; unfinished jobs resume at the next start."""
-    from orchestrator.server import serve_forever, start_server
+    from orchestrator.server import DEFAULT_HOSTS, ensure_server_pki, serve_forever, start_server
 
     setup_logging(log_level)
+    tls = None
+    if not insecure:
+        tls = ensure_server_pki(pki_dir or state_dir / "pki", hosts=(*DEFAULT_HOSTS, *(host or [])))
     running = start_server(
-        listen=listen, state_dir=state_dir, db_url=db_url, offline_after_s=offline_after
+        listen=listen, state_dir=state_dir, tls=tls, db_url=db_url, offline_after_s=offline_after
     )
-    err_console.print(f"orchestrator listening on 127.0.0.1:{running.port}")
+    err_console.print(
+        f"orchestrator listening on {listen} ({'plaintext' if tls is None else 'mutual TLS'})"
+    )
     serve_forever(running)
 
 
@@ -84,11 +128,15 @@ def serve(
 def launch(
     job_file: Annotated[Path, typer.Argument(help="job.yaml")],
     server: ServerOpt = DEFAULT_SERVER,
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    insecure: InsecureOpt = False,
     wait: Annotated[bool, typer.Option("--wait", help="follow the job until it ends")] = False,
 ) -> None:
     """Submit a job; print its id (last line of stdout). With --wait, exit 0 only on release."""
     spec = load_job_spec(job_file)
-    with ControlClient(server) as client:
+    with _client(server, ca, cert, key, insecure) as client:
         job_id = client.submit(spec.model_dump_json())
         print(job_id, flush=True)
         if wait:
@@ -142,11 +190,16 @@ def _print_result(status: JobStatus) -> None:
 
 @app.command()
 def plan(
-    job_file: Annotated[Path, typer.Argument(help="job.yaml")], server: ServerOpt = DEFAULT_SERVER
+    job_file: Annotated[Path, typer.Argument(help="job.yaml")],
+    server: ServerOpt = DEFAULT_SERVER,
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Project each site's ε for a job before launching it, and who would refuse."""
     spec = load_job_spec(job_file)
-    with ControlClient(server) as client:
+    with _client(server, ca, cert, key, insecure) as client:
         p = client.plan(spec.model_dump_json())
     t = Table(title=f"plan for dataset {spec.dataset!r}, {spec.rounds} rounds, δ={p.delta:g}")
     for col in (
@@ -184,10 +237,14 @@ def plan(
 def status(
     job_id: Annotated[str, typer.Argument()],
     server: ServerOpt = DEFAULT_SERVER,
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    insecure: InsecureOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Show one job: state, rounds, metrics per round, each site's spend, events."""
-    with ControlClient(server) as client:
+    with _client(server, ca, cert, key, insecure) as client:
         s = client.job(job_id)
     if as_json:
         from dataclasses import asdict
@@ -240,9 +297,15 @@ def status(
 
 
 @app.command()
-def jobs(server: ServerOpt = DEFAULT_SERVER) -> None:
+def jobs(
+    server: ServerOpt = DEFAULT_SERVER,
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    insecure: InsecureOpt = False,
+) -> None:
     """List jobs."""
-    with ControlClient(server) as client:
+    with _client(server, ca, cert, key, insecure) as client:
         rows = client.jobs()
     t = Table(title="jobs")
     for col in ("job", "name", "dataset", "state", "rounds", "ε", "δ", "model", "created"):
@@ -263,9 +326,15 @@ def jobs(server: ServerOpt = DEFAULT_SERVER) -> None:
 
 
 @app.command()
-def sites(server: ServerOpt = DEFAULT_SERVER) -> None:
+def sites(
+    server: ServerOpt = DEFAULT_SERVER,
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    insecure: InsecureOpt = False,
+) -> None:
     """List registered sites and the datasets each exposes (name, rows, columns)."""
-    with ControlClient(server) as client:
+    with _client(server, ca, cert, key, insecure) as client:
         rows = client.sites()
     t = Table(title="sites")
     for col in (
@@ -298,9 +367,15 @@ def sites(server: ServerOpt = DEFAULT_SERVER) -> None:
 
 
 @app.command()
-def ledger(server: ServerOpt = DEFAULT_SERVER) -> None:
+def ledger(
+    server: ServerOpt = DEFAULT_SERVER,
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    insecure: InsecureOpt = False,
+) -> None:
     """Privacy spend per site, dataset and job, with each dataset's lifetime spend."""
-    with ControlClient(server) as client:
+    with _client(server, ca, cert, key, insecure) as client:
         rows, site_rows = client.ledger()
     t = Table(title="spend per job (at the job's δ)")
     for col in ("site", "dataset", "job", "rounds", "ε", "δ"):
@@ -331,9 +406,13 @@ def pull(
     job_id: Annotated[str, typer.Argument()],
     out_dir: Annotated[Path, typer.Option("--out", help="folder to write the model into")],
     server: ServerOpt = DEFAULT_SERVER,
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Download a released model: OUT/model.safetensors and OUT/model_card.json."""
-    with ControlClient(server) as client:
+    with _client(server, ca, cert, key, insecure) as client:
         card, weights = client.download(job_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "model.safetensors").write_bytes(weights)
@@ -344,6 +423,91 @@ def pull(
         f"(ε = {c['epsilon']:.4g}, δ = {c['delta']:g}); load with "
         f"common.models.load_model({str(out_dir)!r})"
     )
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument()],
+    server: ServerOpt = DEFAULT_SERVER,
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    insecure: InsecureOpt = False,
+) -> None:
+    """Cancel a running job (no model is released)."""
+    with _client(server, ca, cert, key, insecure) as client:
+        s = client.cancel(job_id)
+    err_console.print(f"{s.job_id}: {s.state} ({s.error})")
+
+
+@app.command("site")
+def site_enable(
+    site_id: Annotated[str, typer.Argument()],
+    action: Annotated[str, typer.Argument(help="enable | disable")],
+    server: ServerOpt = DEFAULT_SERVER,
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    insecure: InsecureOpt = False,
+) -> None:
+    """Operators only: disable a site (refused at registration, never scheduled) or re-enable it."""
+    if action not in ("enable", "disable"):
+        raise InvalidSpecError(f"action must be enable or disable, not {action!r}")
+    with _client(server, ca, cert, key, insecure) as client:
+        s = client.set_site_enabled(site_id, action == "enable")
+    err_console.print(f"site {s.site_id}: {s.state}")
+
+
+certs = typer.Typer(no_args_is_help=True, help="The deployment's certificates (mutual TLS).")
+app.add_typer(certs, name="certs")
+
+
+@certs.command("init")
+def certs_init(
+    pki_dir: Annotated[Path, typer.Option(help="folder for the CA and certificates")],
+    site: Annotated[list[str] | None, typer.Option(help="a site id (repeat)")] = None,
+    user: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME:ROLE with ROLE operator or data-scientist (repeat)"),
+    ] = None,
+    host: Annotated[
+        list[str] | None, typer.Option(help="orchestrator host name/IP (repeat)")
+    ] = None,
+) -> None:
+    """Create a CA, the orchestrator's certificate, one per site and one per CLI user."""
+    from common.tls import init_pki
+
+    users: list[tuple[str, str]] = []
+    for u in user or ["operator:operator", "analyst:data-scientist"]:
+        name, sep, role = u.partition(":")
+        if not sep or role not in ROLES:
+            raise InvalidSpecError(f"--user {u!r}: expected NAME:ROLE with ROLE in {ROLES}")
+        users.append((name, role))
+    files = init_pki(
+        pki_dir,
+        sites=site or [],
+        users=users,
+        hosts=tuple(host or ("127.0.0.1", "::1", "localhost")),
+    )
+    t = Table(title=f"certificates in {pki_dir} (keep ca.key offline; give each party its own)")
+    for col in ("for", "certificate", "key"):
+        t.add_column(col)
+    for who, f in files.items():
+        t.add_row(who, str(f.cert), str(f.key))
+    out.print(t)
+
+
+@certs.command("issue")
+def certs_issue(
+    pki_dir: Annotated[Path, typer.Option(help="folder holding ca.pem and ca.key")],
+    name: Annotated[str, typer.Option(help="site id or user name")],
+    role: Annotated[str, typer.Option(help=f"one of {', '.join(ROLES)}")],
+) -> None:
+    """Issue one more certificate from an existing CA (a new site or user)."""
+    from common.tls import issue
+
+    f = issue(pki_dir, name=name, role=role)
+    out.print(f"{role} {name}: certificate {f.cert}, key {f.key}, CA {f.ca}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

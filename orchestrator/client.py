@@ -10,7 +10,8 @@ import grpc
 from common import serde
 from common.domain import JobStatus, LedgerRow, Plan, SiteStatus
 from common.errors import DpfedError, UnavailableError, error_from_status
-from common.transport import CHANNEL_OPTIONS
+from common.tls import TlsFiles, channel_credentials
+from common.transport import CHANNEL_OPTIONS, require_loopback_for_plaintext
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 
@@ -27,9 +28,16 @@ def _translate(err: grpc.RpcError, address: str) -> DpfedError:
 
 
 class ControlClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, *, tls: TlsFiles | None = None) -> None:
+        """mTLS with ``tls`` (the user's certificate); plaintext on loopback when None."""
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        if tls is None:
+            require_loopback_for_plaintext(address)
+            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(
+                address, channel_credentials(tls), options=CHANNEL_OPTIONS
+            )
         self._stub = pb_grpc.ControlServiceStub(self._channel)
 
     def __enter__(self) -> ControlClient:
@@ -95,6 +103,24 @@ class ControlClient:
         try:
             for msg in self._stub.WatchJob(pb.JobRef(job_id=job_id)):
                 yield serde.job_status_from_proto(msg)
+        except grpc.RpcError as err:
+            raise _translate(err, self.address) from None
+
+    def cancel(self, job_id: str) -> JobStatus:
+        try:
+            return serde.job_status_from_proto(
+                self._stub.CancelJob(pb.JobRef(job_id=job_id), timeout=_TIMEOUT_S)
+            )
+        except grpc.RpcError as err:
+            raise _translate(err, self.address) from None
+
+    def set_site_enabled(self, site_id: str, enabled: bool) -> SiteStatus:
+        try:
+            return serde.site_status_from_proto(
+                self._stub.SetSiteEnabled(
+                    pb.SiteEnabledRequest(site_id=site_id, enabled=enabled), timeout=_TIMEOUT_S
+                )
+            )
         except grpc.RpcError as err:
             raise _translate(err, self.address) from None
 

@@ -26,7 +26,7 @@ from common.domain import (
     TaskFailure,
     UpdateMeta,
 )
-from common.errors import InvalidSpecError, NotFoundError
+from common.errors import InvalidSpecError, NotFoundError, PermissionDeniedError
 from common.specs import JobSpec, job_spec_from_json
 from orchestrator.broker import Broker
 from orchestrator.planning import ACCOUNTANT, plan_job, site_dataset
@@ -84,6 +84,11 @@ class Coordinator:
     # ------------------------------------------------------------ agents
 
     def register(self, reg: SiteRegistration) -> str:
+        row = self.store.site(reg.site_id)
+        if row is not None and not row.enabled:
+            raise PermissionDeniedError(
+                f"site {reg.site_id} is disabled by an operator; it may not register"
+            )
         session_id = self.broker.connect(reg.site_id)
         self.store.upsert_site(
             site_id=reg.site_id,
@@ -206,6 +211,27 @@ class Coordinator:
             for sid, e in self._per_site_epsilon(row.job_id, row.delta).items():
                 eps[(row.job_id, sid)] = e
         return ledger_rows(self.store.charges(), eps), self.sites()
+
+    def cancel(self, job_id: str, *, by: str) -> JobStatus:
+        row = self.store.job(job_id)
+        if row.state in ("completed", "failed"):
+            raise InvalidSpecError(f"job {job_id} has already ended ({row.state})")
+        runner = self._runners.get(job_id)
+        if runner is not None:
+            runner.cancel(by)
+        else:
+            self.store.update_job(job_id, state="failed", error=f"cancelled by {by}")
+        if runner is not None:
+            runner.join(timeout=10.0)
+        return self.job(job_id)
+
+    def set_site_enabled(self, site_id: str, enabled: bool) -> SiteStatus:
+        self.store.set_site_enabled(site_id, enabled)
+        if not enabled:
+            self.broker.disconnect(site_id)
+        row = self.store.site(site_id)
+        assert row is not None
+        return site_status(row, self.broker)
 
     def model_files(self, job_id: str) -> tuple[str, bytes]:
         row = self.store.job(job_id)

@@ -75,6 +75,14 @@ class JobRunner(threading.Thread):
         self.poll_s = poll_s
         row = store.job(job_id)
         self.spec: JobSpec = job_spec_from_json(row.spec_json)
+        self._cancelled_by: str | None = None
+
+    def cancel(self, by: str) -> None:
+        self._cancelled_by = by
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled_by is not None:
+            raise JobFailedError(f"cancelled by {self._cancelled_by}")
 
     # ------------------------------------------------------------------ top level
 
@@ -98,6 +106,7 @@ class JobRunner(threading.Thread):
         self.on_change(self.job_id)
         state = self._load_global(row.round)
         for rnd in range(row.round + 1, self.spec.rounds + 1):
+            self._check_cancelled()
             if self.stopping.is_set():
                 return  # orchestrator shutting down: resume from the checkpoint later
             state, participants = self._round(rnd, state, participants)
@@ -132,7 +141,9 @@ class JobRunner(threading.Thread):
             chosen: list[Participant] = []
             for sid, site in sorted(sites.items()):
                 ds = site_dataset(site, spec.dataset)
-                if ds is None or (site.state == "offline" and sid not in fixed):
+                if ds is None or site.state == "disabled":
+                    continue
+                if site.state == "offline" and sid not in fixed:
                     continue
                 if fixed and sid not in fixed:
                     continue
@@ -152,6 +163,7 @@ class JobRunner(threading.Thread):
                     f"{spec.dataset!r}; {len(chosen)} now",
                 )
                 announced = True
+            self._check_cancelled()
             if time.time() > deadline or self.stopping.is_set():
                 raise JobFailedError(
                     f"only {len(chosen)} online site(s) expose dataset {spec.dataset!r} "
@@ -226,6 +238,9 @@ class JobRunner(threading.Thread):
         refused: set[str] = set()
         problems: list[str] = []
         while outstanding and time.time() < deadline and not self.stopping.is_set():
+            if self._cancelled_by is not None:
+                self.broker.cancel(list(outstanding))
+                self._check_cancelled()
             try:
                 res = results.get(timeout=self.poll_s)
             except queue.Empty:

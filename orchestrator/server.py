@@ -12,12 +12,16 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from common.tls import ROLE_ORCHESTRATOR, TlsFiles, files_in, init_ca, issue, server_credentials
 from common.transport import SERVER_OPTIONS, require_loopback_for_plaintext
+from orchestrator.auth import Authorizer
 from orchestrator.coordinator import Coordinator
 from orchestrator.servicers import AgentServicer, ControlServicer
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 
 log = logging.getLogger("dpfed.orchestrator")
+
+DEFAULT_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 @dataclass
@@ -37,25 +41,43 @@ class RunningServer:
         self.server.stop(grace_s).wait()
 
 
+def ensure_server_pki(pki_dir: Path, *, hosts: tuple[str, ...] = DEFAULT_HOSTS) -> TlsFiles:
+    """The orchestrator's certificate; on first start, create the deployment's CA and it."""
+    files = files_in(pki_dir, name="orchestrator", role=ROLE_ORCHESTRATOR)
+    if files.cert.exists() and files.key.exists():
+        return files
+    if not (pki_dir / "ca.key").exists():
+        init_ca(pki_dir)
+        log.info("created a new CA in %s: issue site and user certificates from it", pki_dir)
+    return issue(pki_dir, name="orchestrator", role=ROLE_ORCHESTRATOR, hosts=hosts)
+
+
 def start_server(
     *,
     listen: str,
     state_dir: Path,
+    tls: TlsFiles | None = None,
     db_url: str | None = None,
     offline_after_s: float = 30.0,
     max_workers: int = 64,
 ) -> RunningServer:
-    require_loopback_for_plaintext(listen)
+    """Serve on ``listen``: mTLS with ``tls``; plaintext (loopback only) when it is None."""
+    if tls is None:
+        require_loopback_for_plaintext(listen)
     coordinator = Coordinator(state_dir, db_url=db_url, offline_after_s=offline_after_s)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=SERVER_OPTIONS,
     )
-    pb_grpc.add_AgentServiceServicer_to_server(AgentServicer(coordinator), server)
-    pb_grpc.add_ControlServiceServicer_to_server(ControlServicer(coordinator), server)
+    auth = Authorizer(mtls=tls is not None)
+    pb_grpc.add_AgentServiceServicer_to_server(AgentServicer(coordinator, auth), server)
+    pb_grpc.add_ControlServiceServicer_to_server(ControlServicer(coordinator, auth), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(listen)
+    if tls is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, server_credentials(tls))
     if port == 0:
         raise OSError(f"could not bind {listen}")
     server.start()

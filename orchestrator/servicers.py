@@ -15,6 +15,7 @@ import grpc
 
 from common import serde
 from common.errors import DpfedError, InvalidSpecError
+from orchestrator.auth import OPERATOR_ONLY, SCIENTIST_OR_OPERATOR, Authorizer
 from orchestrator.coordinator import Coordinator
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
@@ -53,13 +54,15 @@ def abort_on_error_stream(fn: F) -> F:
 
 
 class AgentServicer(pb_grpc.AgentServiceServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, auth: Authorizer) -> None:
         self.c = coordinator
+        self.auth = auth
 
     @abort_on_error
     def Register(
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterResponse:
+        self.auth.site(context, request.site_id)
         reg = serde.registration_from_proto(request)
         session_id = self.c.register(reg)
         return pb.RegisterResponse(session_id=session_id, heartbeat_seconds=self.c.heartbeat_s)
@@ -68,7 +71,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     def PullTask(
         self, request: pb.PullTaskRequest, context: grpc.ServicerContext
     ) -> pb.PullTaskResponse:
-        task = self.c.pull(request.site_id, request.session_id, request.wait_seconds)
+        site_id = self.auth.site(context, request.site_id)
+        task = self.c.pull(site_id, request.session_id, request.wait_seconds)
         if task is None:
             return pb.PullTaskResponse()
         return pb.PullTaskResponse(task=serde.task_to_proto(task))
@@ -77,7 +81,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     def FetchModel(
         self, request: pb.FetchModelRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Chunk]:
-        blob = self.c.model_blob(request.site_id, request.task_id)
+        site_id = self.auth.site(context, request.site_id)
+        blob = self.c.model_blob(site_id, request.task_id)
         yield from serde.blob_to_chunks(blob)
 
     @abort_on_error
@@ -87,6 +92,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("item") != "header":
             raise InvalidSpecError("an update stream must start with its header")
+        self.auth.site(context, first.header.site_id)
         meta = serde.update_meta_from_proto(first.header)
         # Ownership is checked before the bytes are read.
         self.c.model_blob(meta.site_id, meta.task_id)
@@ -105,6 +111,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     def ReportFailure(
         self, request: pb.TaskFailure, context: grpc.ServicerContext
     ) -> pb.ReportFailureResponse:
+        self.auth.site(context, request.site_id)
         self.c.report_failure(serde.failure_from_proto(request))
         return pb.ReportFailureResponse()
 
@@ -112,8 +119,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> pb.HeartbeatResponse:
+        site_id = self.auth.site(context, request.site_id)
         known = self.c.heartbeat(
-            request.site_id,
+            site_id,
             request.session_id,
             state=request.state,
             datasets=[serde.dataset_info_from_proto(d) for d in request.datasets],
@@ -122,33 +130,39 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
 
 class ControlServicer(pb_grpc.ControlServiceServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, auth: Authorizer) -> None:
         self.c = coordinator
+        self.auth = auth
 
     @abort_on_error
     def SubmitJob(
         self, request: pb.SubmitJobRequest, context: grpc.ServicerContext
     ) -> pb.SubmitJobResponse:
+        self.auth.user(context, SCIENTIST_OR_OPERATOR)
         return pb.SubmitJobResponse(job_id=self.c.submit(request.job_spec_json))
 
     @abort_on_error
     def PlanJob(
         self, request: pb.SubmitJobRequest, context: grpc.ServicerContext
     ) -> pb.PlanResponse:
+        self.auth.user(context, SCIENTIST_OR_OPERATOR)
         return serde.plan_to_proto(self.c.plan(request.job_spec_json))
 
     @abort_on_error
     def GetJob(self, request: pb.JobRef, context: grpc.ServicerContext) -> pb.JobStatus:
+        self.auth.user(context, SCIENTIST_OR_OPERATOR)
         return serde.job_status_to_proto(self.c.job(request.job_id))
 
     @abort_on_error
     def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.ServicerContext
     ) -> pb.ListJobsResponse:
+        self.auth.user(context, SCIENTIST_OR_OPERATOR)
         return pb.ListJobsResponse(jobs=[serde.job_status_to_proto(j) for j in self.c.jobs()])
 
     @abort_on_error_stream
     def WatchJob(self, request: pb.JobRef, context: grpc.ServicerContext) -> Iterator[pb.JobStatus]:
+        self.auth.user(context, SCIENTIST_OR_OPERATOR)
         for status in self.c.watch(request.job_id):
             if not context.is_active():
                 return
@@ -158,12 +172,14 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     def ListSites(
         self, request: pb.ListSitesRequest, context: grpc.ServicerContext
     ) -> pb.ListSitesResponse:
+        self.auth.user(context, SCIENTIST_OR_OPERATOR)
         return pb.ListSitesResponse(sites=[serde.site_status_to_proto(s) for s in self.c.sites()])
 
     @abort_on_error
     def GetLedger(
         self, request: pb.LedgerRequest, context: grpc.ServicerContext
     ) -> pb.LedgerResponse:
+        self.auth.user(context, SCIENTIST_OR_OPERATOR)
         rows, sites = self.c.ledger()
         return pb.LedgerResponse(
             rows=[serde.ledger_row_to_proto(r) for r in rows],
@@ -174,7 +190,23 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     def DownloadModel(
         self, request: pb.JobRef, context: grpc.ServicerContext
     ) -> Iterator[pb.ModelPart]:
+        self.auth.user(context, SCIENTIST_OR_OPERATOR)
         card, weights = self.c.model_files(request.job_id)
         yield pb.ModelPart(model_card_json=card)
         for ch in serde.blob_to_chunks(weights):
             yield pb.ModelPart(weights=ch)
+
+    @abort_on_error
+    def CancelJob(self, request: pb.JobRef, context: grpc.ServicerContext) -> pb.JobStatus:
+        who = self.auth.user(context, SCIENTIST_OR_OPERATOR)
+        return serde.job_status_to_proto(self.c.cancel(request.job_id, by=who.name))
+
+    @abort_on_error
+    def SetSiteEnabled(
+        self, request: pb.SiteEnabledRequest, context: grpc.ServicerContext
+    ) -> pb.SiteStatus:
+        who = self.auth.user(context, OPERATOR_ONLY)
+        log.info(
+            "%s %s site %s", who.name, "enabled" if request.enabled else "disabled", request.site_id
+        )
+        return serde.site_status_to_proto(self.c.set_site_enabled(request.site_id, request.enabled))

@@ -49,6 +49,7 @@ class SiteRow(Base):
     state: Mapped[str] = mapped_column(String(32), default="idle")
     datasets: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     policy: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
 
 
 class JobRow(Base):
@@ -206,6 +207,14 @@ class Store:
             row.state = state
             if datasets is not None:
                 row.datasets = datasets
+
+    def set_site_enabled(self, site_id: str, enabled: bool) -> None:
+        with self.session() as s:
+            row = s.get(SiteRow, site_id)
+            if row is None:
+                row = SiteRow(site_id=site_id, registered_at=0.0, datasets=[], policy={})
+                s.add(row)
+            row.enabled = enabled
 
     def sites(self) -> list[SiteRow]:
         with self.session() as s:

@@ -37,6 +37,8 @@ def site_status(row: SiteRow, broker: Broker) -> SiteStatus:
         last_seen, state = live[0], live[1]
     else:
         last_seen, state = (live[0] if live else row.last_seen), "offline"
+    if not row.enabled:
+        state = "disabled"
     return SiteStatus(
         site_id=row.site_id,
         datasets=tuple(DatasetInfo(**{**d, "columns": tuple(d["columns"])}) for d in row.datasets),

@@ -16,6 +16,7 @@ import grpc
 from common import serde
 from common.domain import SiteRegistration, TaskAssignment, TaskFailure, UpdateMeta
 from common.errors import DpfedError
+from common.tls import TlsFiles, channel_credentials
 from common.transport import CHANNEL_OPTIONS, require_loopback_for_plaintext
 from common.version import __version__
 from protos.dpfed.v1 import dpfed_pb2 as pb
@@ -36,8 +37,12 @@ class _SessionLost(Exception):
 
 class SiteAgent:
     def __init__(self, config: SiteConfig, *, ledger: Ledger | None = None) -> None:
-        if config.insecure:
+        self._tls: TlsFiles | None = None
+        if config.tls is None:
             require_loopback_for_plaintext(config.orchestrator)
+        else:
+            self._tls = TlsFiles(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
+            self._tls.read()  # fail at start-up, not at the first connection
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.ledger = ledger or Ledger(config.state_dir / "ledger.sqlite")
@@ -53,7 +58,7 @@ class SiteAgent:
         backoff = 0.5
         while not self.stopping.is_set():
             try:
-                with grpc.insecure_channel(self.config.orchestrator, options=CHANNEL_OPTIONS) as ch:
+                with self._channel() as ch:
                     stub = pb_grpc.AgentServiceStub(ch)
                     session = self._register(stub)
                     backoff = 0.5
@@ -75,6 +80,13 @@ class SiteAgent:
 
     def stop(self) -> None:
         self.stopping.set()
+
+    def _channel(self) -> grpc.Channel:
+        if self._tls is None:
+            return grpc.insecure_channel(self.config.orchestrator, options=CHANNEL_OPTIONS)
+        return grpc.secure_channel(
+            self.config.orchestrator, channel_credentials(self._tls), options=CHANNEL_OPTIONS
+        )
 
     def close(self) -> None:
         self.ledger.close()

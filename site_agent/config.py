@@ -57,16 +57,38 @@ class Policy(_Frozen):
     )
 
 
+class TlsConfig(_Frozen):
+    """The site's mTLS material, issued by the deployment's CA (``orchestrator certs``)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
 class SiteConfig(_Frozen):
-    site_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+    site_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
     orchestrator: str = Field(min_length=3, description="host:port the agent dials")
     state_dir: Path
     datasets: tuple[DatasetConfig, ...] = Field(min_length=1)
     policy: Policy
-    insecure: bool = Field(default=True, description="plaintext gRPC (loopback only)")
+    tls: TlsConfig | None = Field(default=None, description="mTLS files (the default)")
+    insecure: bool = Field(
+        default=False, description="plaintext gRPC instead of mTLS (loopback only, for development)"
+    )
     poll_seconds: float = Field(default=10.0, gt=0.0, le=300.0)
     heartbeat_seconds: float = Field(default=5.0, gt=0.0, le=300.0)
     threads: int | None = Field(default=None, ge=1, le=256, description="torch threads")
+
+    @model_validator(mode="after")
+    def _transport(self) -> SiteConfig:
+        if self.tls is None and not self.insecure:
+            raise ValueError(
+                "set tls: {ca, cert, key} (mutual TLS, the default) or insecure: true "
+                "(plaintext, loopback only)"
+            )
+        if self.tls is not None and self.insecure:
+            raise ValueError("set only one of tls and insecure")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> SiteConfig:
@@ -102,8 +124,16 @@ def load_site_config(path: str | Path) -> SiteConfig:
     except ValidationError as err:
         raise InvalidSpecError(format_validation_error(err, source=f"site config {p}")) from None
     base = p.resolve().parent
+    tls = cfg.tls
+    if tls is not None:
+        tls = TlsConfig(
+            ca=(base / tls.ca).resolve(),
+            cert=(base / tls.cert).resolve(),
+            key=(base / tls.key).resolve(),
+        )
     return cfg.model_copy(
         update={
+            "tls": tls,
             "state_dir": (base / cfg.state_dir).resolve(),
             "datasets": tuple(
                 d.model_copy(update={"path": (base / d.path).resolve()}) for d in cfg.datasets

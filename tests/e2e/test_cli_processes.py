@@ -13,13 +13,20 @@ from examples.demo import bin_path, evaluate_pulled, free_port, prepare, running
 pytestmark = pytest.mark.e2e
 
 
+ENV: dict[str, str] = {}
+
+
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), capture_output=True, text=True, check=check, timeout=600)
+    return subprocess.run(
+        list(args), capture_output=True, text=True, check=check, timeout=600, env=ENV or None
+    )
 
 
 def test_demo_job_through_the_clis(tmp_path: Path) -> None:
     port = free_port()
     files = prepare(tmp_path, port=port, rounds=3, hidden=(32,))
+    ENV.clear()
+    ENV.update(files.cli_env("analyst"))
     orch = bin_path("orchestrator")
     with running_cluster(files, port) as cluster:
         sites = _cli(orch, "sites", "--server", cluster.server)
@@ -63,6 +70,8 @@ def test_demo_job_through_the_clis(tmp_path: Path) -> None:
 
 def test_unreachable_orchestrator_is_a_clear_error(tmp_path: Path) -> None:
     files = prepare(tmp_path, port=free_port())
+    ENV.clear()
+    ENV.update(files.cli_env("analyst"))
     res = _cli(
         bin_path("orchestrator"),
         "launch",

@@ -66,6 +66,7 @@ def _write_site(
         "policy": {"max_epsilon": 50.0, "delta": 1e-5, "min_noise_multiplier": 0.5, **policy},
         "poll_seconds": 1.0,
         "heartbeat_seconds": 0.5,
+        "insecure": True,
     }
     (d / "site.yaml").write_text(yaml.safe_dump(cfg))
     return d / "site.yaml"

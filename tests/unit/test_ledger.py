@@ -68,7 +68,10 @@ def test_charge_returns_entries_and_reads_back(tmp_path: Path) -> None:
 
 def test_creates_parent_dirs_and_schema_version(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b" / "ledger.sqlite"
-    Ledger(path).close()
+    with Ledger(path) as ledger:
+        # synchronous=FULL (2) is per connection: the WAL is fsynced at every commit.
+        assert ledger._conn is not None
+        assert ledger._conn.execute("PRAGMA synchronous").fetchone()[0] == 2
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]

@@ -938,7 +938,7 @@ class SiteStatus(_message.Message):
     last_seen: _builtins.float
     version: _builtins.str
     state: _builtins.str
-    """online | offline | training"""
+    """idle | training | offline | disabled"""
     @_builtins.property
     def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetInfo]: ...
     @_builtins.property
@@ -1174,3 +1174,26 @@ class ModelPart(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
 
 Global___ModelPart: _TypeAlias = ModelPart  # noqa: Y015
+
+@_typing.final
+class SiteEnabledRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_ID_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    site_id: _builtins.str
+    enabled: _builtins.bool
+    """false: the site is refused at registration and never scheduled"""
+    def __init__(
+        self,
+        *,
+        site_id: _builtins.str = ...,
+        enabled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "site_id", b"site_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SiteEnabledRequest: _TypeAlias = SiteEnabledRequest  # noqa: Y015

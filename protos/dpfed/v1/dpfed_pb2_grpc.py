@@ -361,6 +361,16 @@ class ControlServiceStub:
                 request_serializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.JobRef.SerializeToString,
                 response_deserializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.ModelPart.FromString,
                 _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/dpfed.v1.ControlService/CancelJob',
+                request_serializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.JobRef.SerializeToString,
+                response_deserializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.JobStatus.FromString,
+                _registered_method=True)
+        self.SetSiteEnabled = channel.unary_unary(
+                '/dpfed.v1.ControlService/SetSiteEnabled',
+                request_serializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SiteEnabledRequest.SerializeToString,
+                response_deserializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SiteStatus.FromString,
+                _registered_method=True)
 
 
 class ControlServiceServicer:
@@ -414,6 +424,20 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelJob(self, request, context):
+        """data scientist or operator
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSiteEnabled(self, request, context):
+        """operator only
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -456,6 +480,16 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.DownloadModel,
                     request_deserializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.JobRef.FromString,
                     response_serializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.ModelPart.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.JobRef.FromString,
+                    response_serializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.JobStatus.SerializeToString,
+            ),
+            'SetSiteEnabled': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSiteEnabled,
+                    request_deserializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SiteEnabledRequest.FromString,
+                    response_serializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SiteStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -674,6 +708,60 @@ class ControlService:
             '/dpfed.v1.ControlService/DownloadModel',
             protos_dot_dpfed_dot_v1_dot_dpfed__pb2.JobRef.SerializeToString,
             protos_dot_dpfed_dot_v1_dot_dpfed__pb2.ModelPart.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dpfed.v1.ControlService/CancelJob',
+            protos_dot_dpfed_dot_v1_dot_dpfed__pb2.JobRef.SerializeToString,
+            protos_dot_dpfed_dot_v1_dot_dpfed__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSiteEnabled(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dpfed.v1.ControlService/SetSiteEnabled',
+            protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SiteEnabledRequest.SerializeToString,
+            protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SiteStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -115,6 +115,10 @@ class ControlServiceStub:
     ListSites: _grpc.UnaryUnaryMultiCallable[_dpfed_pb2.ListSitesRequest, _dpfed_pb2.ListSitesResponse]
     GetLedger: _grpc.UnaryUnaryMultiCallable[_dpfed_pb2.LedgerRequest, _dpfed_pb2.LedgerResponse]
     DownloadModel: _grpc.UnaryStreamMultiCallable[_dpfed_pb2.JobRef, _dpfed_pb2.ModelPart]
+    CancelJob: _grpc.UnaryUnaryMultiCallable[_dpfed_pb2.JobRef, _dpfed_pb2.JobStatus]
+    """data scientist or operator"""
+    SetSiteEnabled: _grpc.UnaryUnaryMultiCallable[_dpfed_pb2.SiteEnabledRequest, _dpfed_pb2.SiteStatus]
+    """operator only"""
 
 @_typing.type_check_only
 class ControlServiceAsyncStub(ControlServiceStub):
@@ -127,6 +131,10 @@ class ControlServiceAsyncStub(ControlServiceStub):
     ListSites: _aio.UnaryUnaryMultiCallable[_dpfed_pb2.ListSitesRequest, _dpfed_pb2.ListSitesResponse]  # type: ignore[assignment]
     GetLedger: _aio.UnaryUnaryMultiCallable[_dpfed_pb2.LedgerRequest, _dpfed_pb2.LedgerResponse]  # type: ignore[assignment]
     DownloadModel: _aio.UnaryStreamMultiCallable[_dpfed_pb2.JobRef, _dpfed_pb2.ModelPart]  # type: ignore[assignment]
+    CancelJob: _aio.UnaryUnaryMultiCallable[_dpfed_pb2.JobRef, _dpfed_pb2.JobStatus]  # type: ignore[assignment]
+    """data scientist or operator"""
+    SetSiteEnabled: _aio.UnaryUnaryMultiCallable[_dpfed_pb2.SiteEnabledRequest, _dpfed_pb2.SiteStatus]  # type: ignore[assignment]
+    """operator only"""
 
 class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -184,5 +192,21 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _dpfed_pb2.JobRef,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_dpfed_pb2.ModelPart], _abc.AsyncIterator[_dpfed_pb2.ModelPart]]: ...
+
+    @_abc_1.abstractmethod
+    def CancelJob(
+        self,
+        request: _dpfed_pb2.JobRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dpfed_pb2.JobStatus, _abc.Awaitable[_dpfed_pb2.JobStatus]]:
+        """data scientist or operator"""
+
+    @_abc_1.abstractmethod
+    def SetSiteEnabled(
+        self,
+        request: _dpfed_pb2.SiteEnabledRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dpfed_pb2.SiteStatus, _abc.Awaitable[_dpfed_pb2.SiteStatus]]:
+        """operator only"""
 
 def add_ControlServiceServicer_to_server(servicer: ControlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
