@@ -77,6 +77,8 @@ def prepare(
     local_epochs: float = 1.0,
     seed: int = 0,
     extra_job: dict[str, object] | None = None,
+    orchestrator_address: str | None = None,
+    hosts: Sequence[str] = ("127.0.0.1", "::1", "localhost"),
 ) -> DemoFiles:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -89,6 +91,7 @@ def prepare(
         workdir / "pki",
         sites=[s for s, _ in SITES],
         users=[("analyst", ROLE_DATA_SCIENTIST), ("operator", ROLE_OPERATOR)],
+        hosts=tuple(hosts),
     )
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)  # pixel intensities 0..16 → 0..1
@@ -111,7 +114,7 @@ def prepare(
         )
         cfg = {
             "site_id": site_id,
-            "orchestrator": f"127.0.0.1:{port}",
+            "orchestrator": orchestrator_address or f"127.0.0.1:{port}",
             "state_dir": "state",
             "datasets": [{"name": "digits", "path": "digits.csv", "label": "digit"}],
             "tls": {
@@ -301,11 +304,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="fixed σ for every site instead of --target-epsilon",
     )
     ap.add_argument("--keep", action="store_true", help="keep the previous workdir's state")
+    ap.add_argument(
+        "--prepare-only",
+        metavar="ORCHESTRATOR_ADDRESS",
+        help="only write data, site configs, job.yaml and certificates for that address "
+        "(e.g. orchestrator:50051 for docker/compose.yaml), then exit",
+    )
     args = ap.parse_args(argv)
     # SIGTERM → SystemExit, so the cluster's processes are stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.workdir.exists() and not args.keep:
         shutil.rmtree(args.workdir)
+    if args.prepare_only:
+        host = args.prepare_only.rpartition(":")[0]
+        files = prepare(
+            args.workdir,
+            port=0,
+            rounds=args.rounds,
+            noise_multiplier=args.noise_multiplier,
+            target_epsilon=None if args.noise_multiplier is not None else args.target_epsilon,
+            orchestrator_address=args.prepare_only,
+            hosts=("127.0.0.1", "::1", "localhost", host),
+        )
+        print(f"wrote {args.workdir}/: pki/, job.yaml and one folder per site")
+        return 0
     port = free_port()
     files = prepare(
         args.workdir,

@@ -12,7 +12,15 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.tls import ROLE_ORCHESTRATOR, TlsFiles, files_in, init_ca, issue, server_credentials
+from common.tls import (
+    ROLE_DATA_SCIENTIST,
+    ROLE_ORCHESTRATOR,
+    TlsFiles,
+    files_in,
+    init_ca,
+    issue,
+    server_credentials,
+)
 from common.transport import SERVER_OPTIONS, require_loopback_for_plaintext
 from orchestrator.auth import Authorizer
 from orchestrator.coordinator import Coordinator
@@ -45,11 +53,21 @@ def ensure_server_pki(pki_dir: Path, *, hosts: tuple[str, ...] = DEFAULT_HOSTS) 
     """The orchestrator's certificate; on first start, create the deployment's CA and it."""
     files = files_in(pki_dir, name="orchestrator", role=ROLE_ORCHESTRATOR)
     if files.cert.exists() and files.key.exists():
+        _ensure_healthcheck_identity(pki_dir)
         return files
     if not (pki_dir / "ca.key").exists():
         init_ca(pki_dir)
         log.info("created a new CA in %s: issue site and user certificates from it", pki_dir)
-    return issue(pki_dir, name="orchestrator", role=ROLE_ORCHESTRATOR, hosts=hosts)
+    files = issue(pki_dir, name="orchestrator", role=ROLE_ORCHESTRATOR, hosts=hosts)
+    _ensure_healthcheck_identity(pki_dir)
+    return files
+
+
+def _ensure_healthcheck_identity(pki_dir: Path) -> None:
+    """A read-only client certificate for `python -m orchestrator.healthcheck`."""
+    hc = files_in(pki_dir, name="healthcheck", role=ROLE_DATA_SCIENTIST)
+    if not hc.cert.exists() and (pki_dir / "ca.key").exists():
+        issue(pki_dir, name="healthcheck", role=ROLE_DATA_SCIENTIST)
 
 
 def start_server(
