@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -37,9 +39,41 @@ def run_app(app: typer.Typer, argv: Sequence[str] | None, *, prog: str) -> int:
     return int(result) if isinstance(result, int) else 0
 
 
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=getattr(logging, (os.environ.get("DPFED_LOG_LEVEL") or level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
+_KV = re.compile(r"\b(job|site|round|task)=([^\s,;]+)")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; ``job=…``, ``site=…``, ``round=…`` in a message become fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        out: dict[str, object] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": msg,
+        }
+        for key, value in _KV.findall(msg):
+            if value != "-":
+                out[key] = (
+                    int(value.split("/")[0]) if key == "round" and value[:1].isdigit() else value
+                )
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(level: str = "INFO", *, fmt: str = "text") -> None:
+    if fmt not in ("text", "json"):
+        raise DpfedError(f"--log-format must be text or json, not {fmt!r}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(
+        getattr(logging, (os.environ.get("DPFED_LOG_LEVEL") or level).upper(), logging.INFO)
     )

@@ -106,17 +106,26 @@ def serve(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="plaintext gRPC (refused off loopback)")
     ] = False,
+    metrics_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT for Prometheus metrics at /metrics (opt-in)")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    log_format: Annotated[str, typer.Option(help="text or json")] = "text",
 ) -> None:
     """Run the orchestrator until SIGTERM/SIGINT; unfinished jobs resume at the next start."""
     from orchestrator.server import DEFAULT_HOSTS, ensure_server_pki, serve_forever, start_server
 
-    setup_logging(log_level)
+    setup_logging(log_level, fmt=log_format)
     tls = None
     if not insecure:
         tls = ensure_server_pki(pki_dir or state_dir / "pki", hosts=(*DEFAULT_HOSTS, *(host or [])))
     running = start_server(
-        listen=listen, state_dir=state_dir, tls=tls, db_url=db_url, offline_after_s=offline_after
+        listen=listen,
+        state_dir=state_dir,
+        tls=tls,
+        db_url=db_url,
+        offline_after_s=offline_after,
+        metrics_listen=metrics_listen,
     )
     err_console.print(
         f"orchestrator listening on {listen} ({'plaintext' if tls is None else 'mutual TLS'})"

@@ -24,6 +24,7 @@ from common.tls import (
 from common.transport import SERVER_OPTIONS, require_loopback_for_plaintext
 from orchestrator.auth import Authorizer
 from orchestrator.coordinator import Coordinator
+from orchestrator.metrics import MetricsServer
 from orchestrator.servicers import AgentServicer, ControlServicer
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 
@@ -38,6 +39,7 @@ class RunningServer:
     coordinator: Coordinator
     port: int
     health: health.HealthServicer
+    metrics: MetricsServer | None = None
 
     @property
     def address(self) -> str:
@@ -45,6 +47,8 @@ class RunningServer:
 
     def stop(self, grace_s: float = 2.0) -> None:
         self.health.enter_graceful_shutdown()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.coordinator.stop()
         self.server.stop(grace_s).wait()
 
@@ -78,6 +82,7 @@ def start_server(
     db_url: str | None = None,
     offline_after_s: float = 30.0,
     max_workers: int = 64,
+    metrics_listen: str | None = None,
 ) -> RunningServer:
     """Serve on ``listen``: mTLS with ``tls``; plaintext (loopback only) when it is None."""
     if tls is None:
@@ -102,8 +107,15 @@ def start_server(
     for name in ("", "dpfed.v1.AgentService", "dpfed.v1.ControlService"):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     coordinator.start()
+    metrics = None
+    if metrics_listen is not None:
+        metrics = MetricsServer(metrics_listen, coordinator.store)
+        metrics.start()
+        log.info("Prometheus metrics on http://%s/metrics", metrics_listen)
     log.info("orchestrator listening on %s (state: %s)", listen, state_dir)
-    return RunningServer(server=server, coordinator=coordinator, port=port, health=health_servicer)
+    return RunningServer(
+        server=server, coordinator=coordinator, port=port, health=health_servicer, metrics=metrics
+    )
 
 
 def serve_forever(running: RunningServer) -> None:

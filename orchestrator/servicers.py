@@ -17,6 +17,7 @@ from common import serde
 from common.errors import DpfedError, InvalidSpecError
 from orchestrator.auth import OPERATOR_ONLY, SCIENTIST_OR_OPERATOR, Authorizer
 from orchestrator.coordinator import Coordinator
+from orchestrator.metrics import COUNTERS
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 
@@ -29,12 +30,16 @@ def abort_on_error(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return fn(self, request, context)
+            result = fn(self, request, context)
         except DpfedError as err:
+            COUNTERS.inc("dpfed_rpcs_total", method=fn.__name__, status=err.grpc_status)
             context.abort(grpc.StatusCode[err.grpc_status], str(err))
         except Exception:
+            COUNTERS.inc("dpfed_rpcs_total", method=fn.__name__, status="INTERNAL")
             log.exception("internal error in %s", fn.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}")
+        COUNTERS.inc("dpfed_rpcs_total", method=fn.__name__, status="OK")
+        return result
 
     return wrapper  # type: ignore[return-value]
 
@@ -45,10 +50,13 @@ def abort_on_error_stream(fn: F) -> F:
         try:
             yield from fn(self, request, context)
         except DpfedError as err:
+            COUNTERS.inc("dpfed_rpcs_total", method=fn.__name__, status=err.grpc_status)
             context.abort(grpc.StatusCode[err.grpc_status], str(err))
         except Exception:
+            COUNTERS.inc("dpfed_rpcs_total", method=fn.__name__, status="INTERNAL")
             log.exception("internal error in %s", fn.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}")
+        COUNTERS.inc("dpfed_rpcs_total", method=fn.__name__, status="OK")
 
     return wrapper  # type: ignore[return-value]
 
@@ -83,6 +91,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     ) -> Iterator[pb.Chunk]:
         site_id = self.auth.site(context, request.site_id)
         blob = self.c.model_blob(site_id, request.task_id)
+        COUNTERS.inc("dpfed_bytes_sent_total", len(blob), kind="global_model")
         yield from serde.blob_to_chunks(blob)
 
     @abort_on_error
@@ -104,6 +113,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 yield msg.chunk
 
         blob = serde.blob_from_chunks(chunks(), expected_size=meta.total_size)
+        COUNTERS.inc("dpfed_bytes_received_total", len(blob), kind="update")
         self.c.push_update(meta, blob)
         return pb.PushUpdateResponse(accepted=True, message="received")
 
@@ -192,6 +202,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     ) -> Iterator[pb.ModelPart]:
         self.auth.user(context, SCIENTIST_OR_OPERATOR)
         card, weights = self.c.model_files(request.job_id)
+        COUNTERS.inc("dpfed_bytes_sent_total", len(weights), kind="released_model")
         yield pb.ModelPart(model_card_json=card)
         for ch in serde.blob_to_chunks(weights):
             yield pb.ModelPart(weights=ch)

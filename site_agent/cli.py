@@ -32,6 +32,7 @@ ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="site.yaml")]
 def serve(
     config: ConfigOpt,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    log_format: Annotated[str, typer.Option(help="text or json")] = "text",
     threads: Annotated[int | None, typer.Option(help="torch threads for training")] = None,
 ) -> None:
     """Dial out to the orchestrator, register and run tasks until SIGTERM/SIGINT."""
@@ -39,7 +40,7 @@ def serve(
 
     from site_agent.agent import SiteAgent
 
-    setup_logging(log_level)
+    setup_logging(log_level, fmt=log_format)
     cfg = load_site_config(config)
     n = threads or cfg.threads
     if n:
