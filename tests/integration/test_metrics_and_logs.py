@@ -12,7 +12,7 @@ import pytest
 
 from common.cli_support import JsonFormatter
 from orchestrator.client import ControlClient
-from tests.integration.test_grpc_job import _job, _start, _wait, digits  # noqa: F401
+from tests.integration.test_grpc_job import _job, _start, _wait
 
 
 def test_metrics_endpoint_reports_rounds_bytes_and_epsilon(
