@@ -15,7 +15,7 @@ import grpc
 
 from common import serde
 from common.domain import SiteRegistration, TaskAssignment, TaskFailure, UpdateMeta
-from common.errors import DpfedError
+from common.errors import DpfedError, InvalidSpecError
 from common.tls import TlsFiles, channel_credentials
 from common.transport import CHANNEL_OPTIONS, require_loopback_for_plaintext
 from common.version import __version__
@@ -39,6 +39,11 @@ class SiteAgent:
     def __init__(self, config: SiteConfig, *, ledger: Ledger | None = None) -> None:
         self._tls: TlsFiles | None = None
         if config.tls is None:
+            if not config.insecure:
+                raise InvalidSpecError(
+                    f"site {config.site_id}: no TLS material; set tls: {{ca, cert, key}} "
+                    "or insecure: true (plaintext, loopback only)"
+                )
             require_loopback_for_plaintext(config.orchestrator)
         else:
             self._tls = TlsFiles(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)

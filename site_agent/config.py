@@ -71,7 +71,10 @@ class SiteConfig(_Frozen):
     state_dir: Path
     datasets: tuple[DatasetConfig, ...] = Field(min_length=1)
     policy: Policy
-    tls: TlsConfig | None = Field(default=None, description="mTLS files (the default)")
+    tls: TlsConfig | None = Field(
+        default=None,
+        description="mTLS files; default pki/ca.pem, pki/sites/<site_id>.pem/.key beside site.yaml",
+    )
     insecure: bool = Field(
         default=False, description="plaintext gRPC instead of mTLS (loopback only, for development)"
     )
@@ -81,11 +84,6 @@ class SiteConfig(_Frozen):
 
     @model_validator(mode="after")
     def _transport(self) -> SiteConfig:
-        if self.tls is None and not self.insecure:
-            raise ValueError(
-                "set tls: {ca, cert, key} (mutual TLS, the default) or insecure: true "
-                "(plaintext, loopback only)"
-            )
         if self.tls is not None and self.insecure:
             raise ValueError("set only one of tls and insecure")
         return self
@@ -125,6 +123,12 @@ def load_site_config(path: str | Path) -> SiteConfig:
         raise InvalidSpecError(format_validation_error(err, source=f"site config {p}")) from None
     base = p.resolve().parent
     tls = cfg.tls
+    if tls is None and not cfg.insecure:
+        tls = TlsConfig(
+            ca=Path("pki/ca.pem"),
+            cert=Path(f"pki/sites/{cfg.site_id}.pem"),
+            key=Path(f"pki/sites/{cfg.site_id}.key"),
+        )
     if tls is not None:
         tls = TlsConfig(
             ca=(base / tls.ca).resolve(),

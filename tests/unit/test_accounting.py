@@ -249,6 +249,7 @@ def test_nan_from_pld_falls_back_to_rdp(monkeypatch: pytest.MonkeyPatch) -> None
 def test_nan_from_every_accountant_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(accounting, "_pld_epsilon", lambda *a, **k: float("nan"))
     monkeypatch.setattr(accounting, "_rdp_raw", lambda *a, **k: float("nan"))
+    accounting._compute_merged.cache_clear()  # results are memoised per history
     for acc in ACCOUNTANTS:
         with pytest.raises(PrivacyAccountingError, match="not a usable bound"):
             compute_epsilon([DpEvent(1.0, 0.01, 10)], delta=DELTA, accountant=acc)
