@@ -56,5 +56,5 @@ def test_agent_refuses_to_start_without_tls_material(tmp_path: Path) -> None:
     (tmp_path / "site.yaml").write_text(
         yaml.safe_dump({**BASE, "datasets": cfg.model_dump(mode="json")["datasets"]})
     )
-    with pytest.raises(InvalidSpecError, match="ca.pem"):
+    with pytest.raises(InvalidSpecError, match=r"ca\.pem"):
         SiteAgent(load_site_config(tmp_path / "site.yaml"))
