@@ -13,6 +13,17 @@ from common.accounting import DpEvent
 
 
 @dataclass(frozen=True)
+class ColumnInfo:
+    """A column's declared type and bounds (from the site config, never from the data)."""
+
+    name: str
+    type: str = "numeric"
+    min: float | None = None
+    max: float | None = None
+    categories: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class DatasetInfo:
     """What a site discloses about one dataset: schema, size and its privacy spend."""
 
@@ -24,6 +35,9 @@ class DatasetInfo:
     max_epsilon: float = 0.0
     policy_delta: float = 0.0
     num_validation_rows: int = 0
+    dp_num_rows: float = 0.0
+    schema: tuple[ColumnInfo, ...] = ()
+    source: str = "csv"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from common.accounting import DpEvent
 from common.domain import (
     ChargedEvent,
+    ColumnInfo,
     DatasetInfo,
     DpReport,
     JobEvent,
@@ -32,6 +33,7 @@ from common.domain import (
 )
 from common.errors import InvalidSpecError
 from protos.dpfed.v1.dpfed_pb2 import Chunk as ProtoChunk
+from protos.dpfed.v1.dpfed_pb2 import ColumnInfo as ProtoColumnInfo
 from protos.dpfed.v1.dpfed_pb2 import DatasetInfo as ProtoDatasetInfo
 from protos.dpfed.v1.dpfed_pb2 import DpEvent as ProtoDpEvent
 from protos.dpfed.v1.dpfed_pb2 import DpReport as ProtoDpReport
@@ -118,6 +120,29 @@ def dp_event_from_proto(msg: ProtoDpEvent) -> ChargedEvent:
     return ChargedEvent(kind=msg.kind, event=event)
 
 
+def column_info_to_proto(c: ColumnInfo) -> ProtoColumnInfo:
+    return ProtoColumnInfo(
+        name=c.name,
+        type=c.type,
+        has_bounds=c.min is not None and c.max is not None,
+        min=c.min if c.min is not None else 0.0,
+        max=c.max if c.max is not None else 0.0,
+        categories=list(c.categories),
+    )
+
+
+def column_info_from_proto(msg: ProtoColumnInfo) -> ColumnInfo:
+    if msg.type not in ("numeric", "categorical"):
+        raise InvalidSpecError(f"column {msg.name!r}: unknown type {msg.type!r}")
+    return ColumnInfo(
+        name=msg.name,
+        type=msg.type,
+        min=_finite("column min", msg.min) if msg.has_bounds else None,
+        max=_finite("column max", msg.max) if msg.has_bounds else None,
+        categories=tuple(msg.categories),
+    )
+
+
 def dataset_info_to_proto(d: DatasetInfo) -> ProtoDatasetInfo:
     return ProtoDatasetInfo(
         name=d.name,
@@ -128,6 +153,9 @@ def dataset_info_to_proto(d: DatasetInfo) -> ProtoDatasetInfo:
         max_epsilon=d.max_epsilon,
         policy_delta=d.policy_delta,
         num_validation_rows=d.num_validation_rows,
+        dp_num_rows=d.dp_num_rows,
+        schema=[column_info_to_proto(c) for c in d.schema],
+        source=d.source,
     )
 
 
@@ -143,6 +171,9 @@ def dataset_info_from_proto(msg: ProtoDatasetInfo) -> DatasetInfo:
         max_epsilon=_finite("max_epsilon", msg.max_epsilon),
         policy_delta=_finite("policy_delta", msg.policy_delta),
         num_validation_rows=int(msg.num_validation_rows),
+        dp_num_rows=_finite("dp_num_rows", msg.dp_num_rows),
+        schema=tuple(column_info_from_proto(c) for c in msg.schema),
+        source=msg.source or "csv",
     )
 
 

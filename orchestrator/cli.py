@@ -22,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.cli_support import err_console, run_app, setup_logging
-from common.domain import JobStatus
+from common.domain import ColumnInfo, JobStatus
 from common.errors import DpfedError, InvalidSpecError, JobFailedError
 from common.specs import load_job_spec
 from common.tls import ROLES, TlsFiles
@@ -352,7 +352,7 @@ def sites(
         "last seen",
         "version",
         "dataset",
-        "rows",
+        "rows (DP)",
         "columns",
         "ε spent / budget",
     ):
@@ -368,10 +368,78 @@ def sites(
                 _fmt_time(s.last_seen) if i == 0 else "",
                 s.version if i == 0 else "",
                 d.name,
-                str(d.num_rows),
+                _fmt_rows(d.dp_num_rows),
                 f"{cols} → label {d.label}",
                 f"{d.epsilon_spent:.3f} / {d.max_epsilon:.3g}",
             )
+    out.print(t)
+
+
+def _fmt_rows(dp_rows: float) -> str:
+    return f"≈{dp_rows:,.0f}"
+
+
+def _fmt_column(c: ColumnInfo) -> str:
+    if c.type == "categorical":
+        cats = ", ".join(c.categories[:5]) + (", …" if len(c.categories) > 5 else "")
+        return f"{c.name}: categorical {{{cats}}}"
+    if c.min is not None and c.max is not None:
+        return f"{c.name}: numeric [{c.min:g}, {c.max:g}]"
+    return f"{c.name}: numeric"
+
+
+@app.command()
+def datasets(
+    server: ServerOpt = DEFAULT_SERVER,
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    insecure: InsecureOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """The catalog: each site's datasets, declared schema and a DP row count (no values)."""
+    with _client(server, ca, cert, key, insecure) as client:
+        rows = client.sites()
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "site": s.site_id,
+                        "dataset": d.name,
+                        "source": d.source,
+                        "rows_dp": d.dp_num_rows,
+                        "label": d.label,
+                        "columns": [
+                            {
+                                "name": c.name,
+                                "type": c.type,
+                                "min": c.min,
+                                "max": c.max,
+                                "categories": list(c.categories),
+                            }
+                            for c in d.schema
+                        ],
+                        "epsilon_spent": d.epsilon_spent,
+                        "max_epsilon": d.max_epsilon,
+                    }
+                    for s in rows
+                    for d in s.datasets
+                ],
+                indent=2,
+            )
+        )
+        return
+    t = Table(title="datasets (row counts are noised: Gaussian mechanism, charged once per site)")
+    for col in ("site", "dataset", "source", "rows (DP)", "label", "columns (declared schema)"):
+        t.add_column(col)
+    for s in rows:
+        for d in s.datasets:
+            schema = d.schema or tuple(ColumnInfo(name=c) for c in d.columns)
+            shown = "; ".join(_fmt_column(c) for c in schema[:6])
+            if len(schema) > 6:
+                shown += f"; … ({len(schema)} columns)"
+            t.add_row(s.site_id, d.name, d.source, _fmt_rows(d.dp_num_rows), d.label, shown)
     out.print(t)
 
 

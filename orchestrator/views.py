@@ -8,6 +8,7 @@ from typing import Any
 from common.accounting import DpEvent
 from common.domain import (
     ChargedEvent,
+    ColumnInfo,
     DatasetInfo,
     JobEvent,
     JobStatus,
@@ -31,6 +32,20 @@ def charged_events(raw: list[dict[str, Any]]) -> tuple[ChargedEvent, ...]:
     )
 
 
+def dataset_from_dict(d: dict[str, Any]) -> DatasetInfo:
+    """A DatasetInfo as stored in JSON (tuples became lists, columns became dicts)."""
+    return DatasetInfo(
+        **{
+            **d,
+            "columns": tuple(d["columns"]),
+            "schema": tuple(
+                ColumnInfo(**{**c, "categories": tuple(c.get("categories") or ())})
+                for c in d.get("schema", ())
+            ),
+        }
+    )
+
+
 def site_status(row: SiteRow, broker: Broker) -> SiteStatus:
     live = broker.presence(row.site_id)
     if live is not None and broker.online(row.site_id):
@@ -41,7 +56,7 @@ def site_status(row: SiteRow, broker: Broker) -> SiteStatus:
         state = "disabled"
     return SiteStatus(
         site_id=row.site_id,
-        datasets=tuple(DatasetInfo(**{**d, "columns": tuple(d["columns"])}) for d in row.datasets),
+        datasets=tuple(dataset_from_dict(d) for d in row.datasets),
         last_seen=last_seen,
         version=row.version,
         state=state,

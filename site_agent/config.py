@@ -20,11 +20,48 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ColumnSpec(_Frozen):
+    """Declared type and bounds of a column. Values outside are clipped (numeric) or mapped to
+    an extra "other" code (categorical) at load time; the bounds are public schema, the values
+    never leave the site and never appear in an error."""
+
+    type: Literal["numeric", "categorical"] = "numeric"
+    min: float | None = None
+    max: float | None = None
+    categories: tuple[str, ...] | None = Field(default=None, min_length=1, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ColumnSpec:
+        if self.type == "numeric":
+            if self.categories is not None:
+                raise ValueError("a numeric column has min/max, not categories")
+            if (self.min is None) != (self.max is None):
+                raise ValueError("give both min and max, or neither")
+            if self.min is not None and self.max is not None and not self.min < self.max:
+                raise ValueError(f"min {self.min} must be below max {self.max}")
+        elif self.categories is None:
+            raise ValueError("a categorical column needs its categories")
+        elif len(set(self.categories)) != len(self.categories):
+            raise ValueError("categories must be distinct")
+        return self
+
+
 class DatasetConfig(_Frozen):
-    """One dataset the site exposes: a CSV file with a header row."""
+    """One dataset the site exposes: a CSV or Parquet file, or a SQL query (SQLAlchemy URL)."""
 
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")
-    path: Path
+    path: Path | None = Field(default=None, description="CSV or Parquet file")
+    format: Literal["csv", "parquet", "sql"] | None = Field(
+        default=None, description="default: from the file suffix, or sql when url is set"
+    )
+    url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL, e.g. sqlite:///data.db or "
+        "postgresql+psycopg://reader@db.internal/warehouse",
+    )
+    query: str | None = Field(default=None, max_length=100_000, description="SELECT ...")
+    chunk_rows: int = Field(default=100_000, ge=100, description="rows per chunk when streaming")
+    columns: dict[str, ColumnSpec] = Field(default_factory=dict, description="types and bounds")
     label: str = Field(min_length=1, description="the label column (integers 0..C-1)")
     features: tuple[str, ...] | None = Field(
         default=None, description="feature columns, in order; default: every other column"
@@ -35,6 +72,27 @@ class DatasetConfig(_Frozen):
     max_epsilon: float | None = Field(
         default=None, gt=0.0, description="overrides policy.max_epsilon for this dataset"
     )
+
+    @model_validator(mode="after")
+    def _source(self) -> DatasetConfig:
+        fmt = self.source_format()
+        if fmt == "sql":
+            if not self.url or not self.query:
+                raise ValueError("a sql dataset needs url and query")
+            if self.path is not None:
+                raise ValueError("a sql dataset has url and query, not path")
+        elif self.path is None:
+            raise ValueError("a file dataset needs path")
+        return self
+
+    def source_format(self) -> str:
+        if self.format is not None:
+            return self.format
+        if self.url is not None:
+            return "sql"
+        if self.path is not None and self.path.suffix.lower() in (".parquet", ".pq"):
+            return "parquet"
+        return "csv"
 
 
 class Policy(_Frozen):
@@ -54,6 +112,12 @@ class Policy(_Frozen):
     max_parameters: int = Field(default=100_000_000, ge=1)
     allow_exact_metrics: bool = Field(
         default=False, description="send un-noised validation metrics (outside the guarantee)"
+    )
+    catalog_noise_multiplier: float = Field(
+        default=20.0,
+        gt=0.0,
+        description="σ of the Gaussian noise on row counts shown to data scientists "
+        "(charged once per dataset, then cached)",
     )
 
 
@@ -140,7 +204,21 @@ def load_site_config(path: str | Path) -> SiteConfig:
             "tls": tls,
             "state_dir": (base / cfg.state_dir).resolve(),
             "datasets": tuple(
-                d.model_copy(update={"path": (base / d.path).resolve()}) for d in cfg.datasets
+                d.model_copy(update={"path": (base / d.path).resolve()})
+                if d.path is not None
+                else d.model_copy(update={"url": _resolve_sqlite(d.url, base)})
+                for d in cfg.datasets
             ),
         }
     )
+
+
+def _resolve_sqlite(url: str | None, base: Path) -> str | None:
+    """A relative SQLite file in a URL is relative to site.yaml, like every other path."""
+    prefix = "sqlite:///"
+    if url is None or not url.startswith(prefix) or url.startswith(prefix + "/"):
+        return url
+    rest = url[len(prefix) :]
+    if not rest or rest.startswith(":memory:"):
+        return url
+    return prefix + str((base / rest).resolve())

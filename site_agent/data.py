@@ -159,8 +159,14 @@ def load_dataset(cfg: DatasetConfig) -> LocalDataset:
             rows, lacks a configured column, or holds a value of the wrong kind. The message
             names the file, the column and the line, never a value.
     """
-    path = Path(cfg.path)
-    header = _read_header(path)
+    fmt = cfg.source_format()
+    if fmt == "csv":
+        assert cfg.path is not None
+        path = Path(cfg.path)
+        header = _read_header(path)
+    else:
+        frame, path = _read_typed_source(cfg)
+        header = [str(c) for c in frame.columns]
     if cfg.label not in header:
         # Only names from the site config are echoed: if the file lacks a header after all,
         # its "header" is a data row.
@@ -189,6 +195,80 @@ def load_dataset(cfg: DatasetConfig) -> LocalDataset:
     if not feature_names:
         raise InvalidSpecError(f"The dataset file {path} has no feature columns besides the label.")
 
+    if fmt == "csv":
+        frame = _read_csv_frame(path, header)
+    if len(frame) == 0:
+        raise InvalidSpecError(f"The dataset {path} has a header but no data rows.")
+
+    features = np.empty((len(frame), len(feature_names)), dtype=np.float32)
+    for j, name in enumerate(feature_names):
+        spec = cfg.columns.get(name)
+        if spec is not None and spec.type == "categorical":
+            features[:, j] = _categorical_codes(frame[name], spec.categories or ())
+            continue
+        column = _numeric_column(frame, name, path=path, role="feature")
+        if spec is not None and spec.min is not None and spec.max is not None:
+            # Declared bounds are the schema: clip silently, never report the values.
+            column = np.clip(column, spec.min, spec.max)
+        with np.errstate(over="ignore"):
+            features[:, j] = column.astype(np.float32)
+        overflow = ~np.isfinite(features[:, j])
+        if overflow.any():
+            raise InvalidSpecError(
+                f"The feature column {name!r} of {path} holds a number too large for float32 "
+                f"(first at line {_bad_line(overflow)})."
+            )
+    return _with_labels(cfg, frame, path, features, feature_names)
+
+
+def _categorical_codes(raw: pd.Series, categories: tuple[str, ...]) -> npt.NDArray[np.float32]:
+    """Index of each value in the declared categories; anything else is the extra code
+    ``len(categories)`` ("other"), so an unexpected value is neither an error nor echoed."""
+    index = {c: i for i, c in enumerate(categories)}
+    other = float(len(categories))
+    return np.array([index.get(str(v).strip(), other) for v in raw.tolist()], dtype=np.float32)
+
+
+def _read_typed_source(cfg: DatasetConfig) -> tuple[pd.DataFrame, Path]:
+    """Parquet (pyarrow) or a SQL query (SQLAlchemy). Errors name the source, never values."""
+    fmt = cfg.source_format()
+    if fmt == "parquet":
+        assert cfg.path is not None
+        path = Path(cfg.path)
+        if not path.exists():
+            raise InvalidSpecError(f"The dataset file {path} does not exist.")
+        try:
+            return pd.read_parquet(path), path
+        except Exception as err:
+            raise InvalidSpecError(
+                f"The dataset file {path} is not a readable Parquet file ({type(err).__name__})."
+            ) from None
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    assert cfg.url is not None and cfg.query is not None
+    try:
+        url = make_url(cfg.url)
+    except Exception:
+        raise InvalidSpecError(f"The dataset {cfg.name!r} has an invalid database URL.") from None
+    where = Path(f"<{url.get_backend_name()} query of dataset {cfg.name}>")
+    try:
+        engine = create_engine(url)
+        try:
+            with engine.connect() as conn:
+                frame = pd.read_sql_query(text(cfg.query), conn)
+        finally:
+            engine.dispose()
+    except Exception as err:
+        # Database errors can quote rows or parameters: report the kind of failure only.
+        raise InvalidSpecError(
+            f"The query of dataset {cfg.name!r} failed on {url.render_as_string(hide_password=True)} "
+            f"({type(err).__name__})."
+        ) from None
+    return frame, where
+
+
+def _read_csv_frame(path: Path, header: list[str]) -> pd.DataFrame:
     try:
         # Every cell as text: our own checks then decide what is acceptable, and pandas'
         # own conversion errors (which quote the offending value) never happen.
@@ -215,21 +295,16 @@ def load_dataset(cfg: DatasetConfig) -> LocalDataset:
         raise InvalidSpecError(f"The dataset file {path} is not UTF-8 text.") from None
     except pd.errors.EmptyDataError:
         raise InvalidSpecError(f"The dataset file {path} is empty.") from None
-    if len(frame) == 0:
-        raise InvalidSpecError(f"The dataset file {path} has a header but no data rows.")
+    return frame
 
-    features = np.empty((len(frame), len(feature_names)), dtype=np.float32)
-    for j, name in enumerate(feature_names):
-        column = _numeric_column(frame, name, path=path, role="feature")
-        with np.errstate(over="ignore"):
-            features[:, j] = column.astype(np.float32)
-        overflow = ~np.isfinite(features[:, j])
-        if overflow.any():
-            raise InvalidSpecError(
-                f"The feature column {name!r} of {path} holds a number too large for float32 "
-                f"(first at line {_bad_line(overflow)})."
-            )
 
+def _with_labels(
+    cfg: DatasetConfig,
+    frame: pd.DataFrame,
+    path: Path,
+    features: npt.NDArray[np.float32],
+    feature_names: tuple[str, ...],
+) -> LocalDataset:
     raw_labels = _numeric_column(frame, cfg.label, path=path, role="label")
     not_int = raw_labels != np.floor(raw_labels)
     if not_int.any():

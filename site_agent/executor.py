@@ -38,6 +38,7 @@ from common.models import build_model, count_parameters
 from common.schedule import task_schedule
 from common.specs import JobSpec, job_spec_from_json
 from common.tensors import check_update, state_from_bytes, state_to_bytes
+from site_agent.catalog import CatalogCounts, schema_of
 from site_agent.config import SiteConfig
 from site_agent.data import LocalDataset, load_dataset, split_train_validation
 from site_agent.ledger import Ledger
@@ -63,6 +64,7 @@ class TaskExecutor:
         self._lock = threading.Lock()
         for ds in config.datasets:
             self._split(ds.name)  # fail fast on a broken dataset at start-up
+        self._catalog = CatalogCounts(config.state_dir, ledger, config.policy)
         self._infos: list[DatasetInfo] = self._compute_infos()
 
     # ------------------------------------------------------------ what the site discloses
@@ -91,6 +93,9 @@ class TaskExecutor:
         out = []
         for cfg in self.config.datasets:
             sp = self._split(cfg.name)
+            n_val = 0 if sp.validation is None else len(sp.validation.labels)
+            # Charged (once, then cached) before the spend below is computed and disclosed.
+            dp_rows = self._catalog.noisy_count(cfg.name, len(sp.train.labels) + n_val)
             spent = self.ledger.spent(cfg.name, delta=self.config.policy.delta).epsilon
             out.append(
                 DatasetInfo(
@@ -101,7 +106,10 @@ class TaskExecutor:
                     epsilon_spent=spent,
                     max_epsilon=self.config.max_epsilon_for(cfg.name),
                     policy_delta=self.config.policy.delta,
-                    num_validation_rows=0 if sp.validation is None else len(sp.validation.labels),
+                    num_validation_rows=n_val,
+                    dp_num_rows=dp_rows,
+                    schema=schema_of(cfg, sp.train.feature_names),
+                    source=cfg.source_format(),
                 )
             )
         return out

@@ -250,7 +250,7 @@ def test_update_charges_match_dp_events(net_factory: Any, tmp_path: Path) -> Non
         st = _wait(c, c.submit(_job(rounds=1, min_sites=1, metrics={"enabled": False})))
         assert st.state == "completed", st.error
     with Ledger(tmp_path / "a" / "state" / "ledger.sqlite") as led:
-        evs = led.events("digits")
+        evs = led.events("digits", job_id=st.job_id)
     assert evs == [DpEvent(noise_multiplier=1.0, sample_rate=evs[0].sample_rate, steps=6)]
 
 

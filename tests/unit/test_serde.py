@@ -18,6 +18,7 @@ from common import serde
 from common.accounting import DpEvent
 from common.domain import (
     ChargedEvent,
+    ColumnInfo,
     DatasetInfo,
     DpReport,
     JobEvent,
@@ -234,6 +235,30 @@ PAIRS: list[tuple[str, Any, Callable[[Any], Message], Callable[[Any], Any]]] = [
     ("metrics event", METRICS, serde.dp_event_to_proto, serde.dp_event_from_proto),
     ("dataset", CREDIT, serde.dataset_info_to_proto, serde.dataset_info_from_proto),
     ("bare dataset", LOANS, serde.dataset_info_to_proto, serde.dataset_info_from_proto),
+    (
+        "dataset with schema",
+        DatasetInfo(
+            name="cat",
+            num_rows=10,
+            columns=("age", "segment"),
+            label="y",
+            dp_num_rows=11.0,
+            schema=(
+                ColumnInfo(name="age", min=18.0, max=100.0),
+                ColumnInfo(name="segment", type="categorical", categories=("a", "b")),
+            ),
+            source="parquet",
+        ),
+        serde.dataset_info_to_proto,
+        serde.dataset_info_from_proto,
+    ),
+    (
+        "bounded column",
+        ColumnInfo(name="x", min=-1.0, max=1.0),
+        serde.column_info_to_proto,
+        serde.column_info_from_proto,
+    ),
+    ("free column", ColumnInfo(name="x"), serde.column_info_to_proto, serde.column_info_from_proto),
     ("policy", POLICY, serde.policy_to_proto, serde.policy_from_proto),
     ("registration", REGISTRATION, serde.registration_to_proto, serde.registration_from_proto),
     ("task", TASK, serde.task_to_proto, serde.task_from_proto),

@@ -57,6 +57,42 @@ class Chunk(_message.Message):
 Global___Chunk: _TypeAlias = Chunk  # noqa: Y015
 
 @_typing.final
+class ColumnInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    HAS_BOUNDS_FIELD_NUMBER: _builtins.int
+    MIN_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    CATEGORIES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    type: _builtins.str
+    """numeric | categorical"""
+    has_bounds: _builtins.bool
+    min: _builtins.float
+    max: _builtins.float
+    @_builtins.property
+    def categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: _builtins.str = ...,
+        has_bounds: _builtins.bool = ...,
+        min: _builtins.float = ...,
+        max: _builtins.float = ...,
+        categories: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "has_bounds", b"has_bounds", "max", b"max", "min", b"min", "name", b"name", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ColumnInfo: _TypeAlias = ColumnInfo  # noqa: Y015
+
+@_typing.final
 class DatasetInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -68,6 +104,9 @@ class DatasetInfo(_message.Message):
     MAX_EPSILON_FIELD_NUMBER: _builtins.int
     POLICY_DELTA_FIELD_NUMBER: _builtins.int
     NUM_VALIDATION_ROWS_FIELD_NUMBER: _builtins.int
+    DP_NUM_ROWS_FIELD_NUMBER: _builtins.int
+    SCHEMA_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     num_rows: _builtins.int
     """rows used for training (the site's choice to disclose)"""
@@ -79,9 +118,17 @@ class DatasetInfo(_message.Message):
     policy_delta: _builtins.float
     """the δ at which the site enforces its budget"""
     num_validation_rows: _builtins.int
+    dp_num_rows: _builtins.float
+    """Gaussian-noised row count for data scientists (charged)"""
+    source: _builtins.str
+    """csv | parquet | sql"""
     @_builtins.property
     def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """feature columns, in order"""
+
+    @_builtins.property
+    def schema(self) -> _containers.RepeatedCompositeFieldContainer[Global___ColumnInfo]:
+        """declared types and bounds of the feature columns"""
 
     def __init__(
         self,
@@ -94,10 +141,13 @@ class DatasetInfo(_message.Message):
         max_epsilon: _builtins.float = ...,
         policy_delta: _builtins.float = ...,
         num_validation_rows: _builtins.int = ...,
+        dp_num_rows: _builtins.float = ...,
+        schema: _abc.Iterable[Global___ColumnInfo] | None = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "epsilon_spent", b"epsilon_spent", "label", b"label", "max_epsilon", b"max_epsilon", "name", b"name", "num_rows", b"num_rows", "num_validation_rows", b"num_validation_rows", "policy_delta", b"policy_delta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "dp_num_rows", b"dp_num_rows", "epsilon_spent", b"epsilon_spent", "label", b"label", "max_epsilon", b"max_epsilon", "name", b"name", "num_rows", b"num_rows", "num_validation_rows", b"num_validation_rows", "policy_delta", b"policy_delta", "schema", b"schema", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
