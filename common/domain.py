@@ -76,6 +76,8 @@ class TaskAssignment:
     model_size: int
     model_sha256: str
     deadline_unix: float
+    kind: str = "train"
+    request_json: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class UpdateMeta:
     metrics: Metrics | None
     total_size: int
     sha256: str
+    result_json: str = ""
 
 
 @dataclass(frozen=True)
@@ -236,3 +239,23 @@ class LedgerRow:
     delta: float
     rounds: int
     events: tuple[ChargedEvent, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class SiteEvaluation:
+    site_id: str
+    metrics: Metrics | None
+    epsilon: float = 0.0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A released model evaluated on the sites' data: pooled noised sums, per-site costs."""
+
+    sites: tuple[SiteEvaluation, ...]
+    loss: float
+    accuracy: float
+    num_examples: int
+    epsilon: float
+    delta: float

@@ -16,6 +16,7 @@ from common.domain import (
     ColumnInfo,
     DatasetInfo,
     DpReport,
+    Evaluation,
     JobEvent,
     JobStatus,
     LedgerRow,
@@ -23,6 +24,7 @@ from common.domain import (
     Plan,
     PolicySummary,
     RoundSummary,
+    SiteEvaluation,
     SitePlan,
     SiteRegistration,
     SiteSpend,
@@ -37,6 +39,7 @@ from protos.dpfed.v1.dpfed_pb2 import ColumnInfo as ProtoColumnInfo
 from protos.dpfed.v1.dpfed_pb2 import DatasetInfo as ProtoDatasetInfo
 from protos.dpfed.v1.dpfed_pb2 import DpEvent as ProtoDpEvent
 from protos.dpfed.v1.dpfed_pb2 import DpReport as ProtoDpReport
+from protos.dpfed.v1.dpfed_pb2 import EvaluateResponse as ProtoEvaluation
 from protos.dpfed.v1.dpfed_pb2 import JobEvent as ProtoJobEvent
 from protos.dpfed.v1.dpfed_pb2 import JobStatus as ProtoJobStatus
 from protos.dpfed.v1.dpfed_pb2 import LedgerRow as ProtoLedgerRow
@@ -45,6 +48,7 @@ from protos.dpfed.v1.dpfed_pb2 import PlanResponse as ProtoPlan
 from protos.dpfed.v1.dpfed_pb2 import PolicySummary as ProtoPolicySummary
 from protos.dpfed.v1.dpfed_pb2 import RegisterRequest as ProtoRegisterRequest
 from protos.dpfed.v1.dpfed_pb2 import RoundSummary as ProtoRoundSummary
+from protos.dpfed.v1.dpfed_pb2 import SiteEvaluation as ProtoSiteEvaluation
 from protos.dpfed.v1.dpfed_pb2 import SitePlan as ProtoSitePlan
 from protos.dpfed.v1.dpfed_pb2 import SiteSpend as ProtoSiteSpend
 from protos.dpfed.v1.dpfed_pb2 import SiteStatus as ProtoSiteStatus
@@ -240,6 +244,8 @@ def task_to_proto(t: TaskAssignment) -> ProtoTask:
         model_size=t.model_size,
         model_sha256=t.model_sha256,
         deadline_unix=t.deadline_unix,
+        kind=t.kind,
+        request_json=t.request_json,
     )
 
 
@@ -255,6 +261,8 @@ def task_from_proto(msg: ProtoTask) -> TaskAssignment:
         model_size=int(msg.model_size),
         model_sha256=msg.model_sha256,
         deadline_unix=_finite("deadline_unix", msg.deadline_unix),
+        kind=msg.kind or "train",
+        request_json=msg.request_json,
     )
 
 
@@ -322,6 +330,7 @@ def update_meta_to_proto(u: UpdateMeta) -> ProtoUpdateHeader:
         dp_report=dp_report_to_proto(u.dp_report),
         total_size=u.total_size,
         sha256=u.sha256,
+        result_json=u.result_json,
     )
     if u.metrics is not None:
         msg.metrics.CopyFrom(metrics_to_proto(u.metrics))
@@ -339,6 +348,7 @@ def update_meta_from_proto(msg: ProtoUpdateHeader) -> UpdateMeta:
         metrics=metrics_from_proto(msg.metrics) if msg.HasField("metrics") else None,
         total_size=int(msg.total_size),
         sha256=msg.sha256,
+        result_json=msg.result_json,
     )
 
 
@@ -554,4 +564,40 @@ def ledger_row_from_proto(msg: ProtoLedgerRow) -> LedgerRow:
         delta=msg.delta,
         rounds=msg.rounds,
         events=tuple(dp_event_from_proto(e) for e in msg.events),
+    )
+
+
+def evaluation_to_proto(e: Evaluation) -> ProtoEvaluation:
+    sites = []
+    for s in e.sites:
+        msg = ProtoSiteEvaluation(site_id=s.site_id, epsilon=s.epsilon, error=s.error)
+        if s.metrics is not None:
+            msg.metrics.CopyFrom(metrics_to_proto(s.metrics))
+        sites.append(msg)
+    return ProtoEvaluation(
+        sites=sites,
+        loss=e.loss,
+        accuracy=e.accuracy,
+        num_examples=e.num_examples,
+        epsilon=e.epsilon,
+        delta=e.delta,
+    )
+
+
+def evaluation_from_proto(msg: ProtoEvaluation) -> Evaluation:
+    return Evaluation(
+        sites=tuple(
+            SiteEvaluation(
+                site_id=s.site_id,
+                metrics=metrics_from_proto(s.metrics) if s.HasField("metrics") else None,
+                epsilon=s.epsilon,
+                error=s.error,
+            )
+            for s in msg.sites
+        ),
+        loss=msg.loss,
+        accuracy=msg.accuracy,
+        num_examples=msg.num_examples,
+        epsilon=msg.epsilon,
+        delta=msg.delta,
     )

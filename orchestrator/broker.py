@@ -15,7 +15,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from common.domain import TaskAssignment, TaskFailure, UpdateMeta
-from common.errors import InvalidSpecError, NotFoundError, PermissionDeniedError
+from common.errors import (
+    InvalidSpecError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnavailableError,
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,27 @@ class Broker:
         self._pending: dict[str, _Pending] = {}
         self._presence: dict[str, _Presence] = {}
         self.offline_after_s = offline_after_s
+        # A site that has not dialled in since this broker started is given offline_after_s
+        # from the start, as if seen then: after an orchestrator restart the agents come back
+        # with backoff, and failing their resumed tasks at once would drop them for a round.
+        self._started = time.time()
+        self._closed = False
+
+    def close(self) -> None:
+        """Shutdown: refuse results (and pulls) from now on.
+
+        The orchestrator closes the broker before it stops its rounds, so a round that stops
+        finds in its queue every update the broker ever acknowledged, and records it. An agent
+        that pushes later is told UNAVAILABLE (its charge stays in its own ledger) instead of
+        "received" for an update that nobody would read.
+        """
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def _refuse_if_closed(self) -> None:
+        if self._closed:
+            raise UnavailableError("the orchestrator is shutting down")
 
     # ------------------------------------------------------------ presence
 
@@ -146,7 +172,8 @@ class Broker:
                 if p is None:
                     continue
                 pres = self._presence.get(p.site_id)
-                if pres is None or now - pres.last_seen > self.offline_after_s:
+                last_seen = self._started if pres is None else pres.last_seen
+                if now - last_seen > self.offline_after_s:
                     self._fail_locked(tid, "UNAVAILABLE", "the site stopped answering (offline)")
 
     # ------------------------------------------------------------ agent side
@@ -155,6 +182,7 @@ class Broker:
         deadline = time.time() + max(0.0, min(wait_s, 60.0))
         with self._cv:
             while True:
+                self._refuse_if_closed()
                 pres = self._presence.get(site_id)
                 if pres is None or pres.session_id != session_id:
                     raise PermissionDeniedError(
@@ -181,6 +209,7 @@ class Broker:
 
     def push_update(self, meta: UpdateMeta, blob: bytes) -> None:
         with self._cv:
+            self._refuse_if_closed()
             p = self._owned(meta.site_id, meta.task_id)
             if len(blob) != meta.total_size:
                 raise InvalidSpecError(
@@ -192,6 +221,7 @@ class Broker:
 
     def report_failure(self, failure: TaskFailure) -> None:
         with self._cv:
+            self._refuse_if_closed()
             self._owned(failure.site_id, failure.task_id)
             self._fail_locked(failure.task_id, failure.code, failure.reason)
 

@@ -535,6 +535,45 @@ def site_enable(
     err_console.print(f"site {s.site_id}: {s.state}")
 
 
+@app.command()
+def evaluate(
+    job_id: Annotated[str, typer.Argument()],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="the sites' dataset")],
+    noise_multiplier: Annotated[
+        float, typer.Option(help="Gaussian noise on each site's sums (charged to its ledger)")
+    ] = 10.0,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the sites")] = 300.0,
+    server: ServerOpt = DEFAULT_SERVER,
+    ca: CaOpt = None,
+    cert: CertOpt = None,
+    key: KeyOpt = None,
+    insecure: InsecureOpt = False,
+) -> None:
+    """Evaluate a released model on each site's data: DP-noised metrics, charged to the sites."""
+    with _client(server, ca, cert, key, insecure) as client:
+        ev = client.evaluate(
+            job_id, dataset=dataset, noise_multiplier=noise_multiplier, timeout_s=timeout
+        )
+    t = Table(title=f"{job_id} on dataset {dataset!r} (noised sums, σ={noise_multiplier:g})")
+    for col in ("site", "rows", "accuracy", "loss", "ε (this evaluation)", "note"):
+        t.add_column(col)
+    for s in ev.sites:
+        m = s.metrics
+        t.add_row(
+            s.site_id,
+            str(m.num_examples) if m else "-",
+            _fmt_metric(m.accuracy) if m else "-",
+            _fmt_metric(m.loss) if m else "-",
+            _fmt_eps(s.epsilon),
+            s.error,
+        )
+    out.print(t)
+    out.print(
+        f"pooled: accuracy {_fmt_metric(ev.accuracy)}, loss {_fmt_metric(ev.loss)} over "
+        f"{ev.num_examples} rows; cost ε = {ev.epsilon:.3g}, δ = {ev.delta:g} (max over sites)"
+    )
+
+
 certs = typer.Typer(no_args_is_help=True, help="The deployment's certificates (mutual TLS).")
 app.add_typer(certs, name="certs")
 

@@ -8,7 +8,7 @@ from types import TracebackType
 import grpc
 
 from common import serde
-from common.domain import JobStatus, LedgerRow, Plan, SiteStatus
+from common.domain import Evaluation, JobStatus, LedgerRow, Plan, SiteStatus
 from common.errors import DpfedError, UnavailableError, error_from_status
 from common.tls import TlsFiles, channel_credentials
 from common.transport import CHANNEL_OPTIONS, require_loopback_for_plaintext
@@ -123,6 +123,23 @@ class ControlClient:
             )
         except grpc.RpcError as err:
             raise _translate(err, self.address) from None
+
+    def evaluate(
+        self, job_id: str, *, dataset: str, noise_multiplier: float, timeout_s: float = 300.0
+    ) -> Evaluation:
+        try:
+            resp = self._stub.EvaluateModel(
+                pb.EvaluateRequest(
+                    job_id=job_id,
+                    dataset=dataset,
+                    noise_multiplier=noise_multiplier,
+                    timeout_s=timeout_s,
+                ),
+                timeout=timeout_s + 30.0,
+            )
+        except grpc.RpcError as err:
+            raise _translate(err, self.address) from None
+        return serde.evaluation_from_proto(resp)
 
     def download(self, job_id: str) -> tuple[str, bytes]:
         try:

@@ -17,6 +17,7 @@ from pathlib import Path
 from common.accounting import DpEvent, compute_epsilon
 from common.domain import (
     DatasetInfo,
+    Evaluation,
     JobStatus,
     LedgerRow,
     Plan,
@@ -29,6 +30,7 @@ from common.domain import (
 from common.errors import InvalidSpecError, NotFoundError, PermissionDeniedError
 from common.specs import JobSpec, job_spec_from_json
 from orchestrator.broker import Broker
+from orchestrator.evaluation import evaluate_model
 from orchestrator.planning import ACCOUNTANT, plan_job, site_dataset
 from orchestrator.rounds import JobRunner
 from orchestrator.store import JobRow, Store
@@ -58,6 +60,9 @@ class Coordinator:
                 self._start_runner(row.job_id)
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        # Close the broker first: no update is acknowledged after this, so each round that
+        # stops next sees (and records) every update it was sent (see JobRunner._round).
+        self.broker.close()
         self._stopping.set()
         with self._cv:
             self._cv.notify_all()
@@ -232,6 +237,20 @@ class Coordinator:
         row = self.store.site(site_id)
         assert row is not None
         return site_status(row, self.broker)
+
+    def evaluate(
+        self, job_id: str, *, dataset: str, noise_multiplier: float, timeout_s: float
+    ) -> Evaluation:
+        """A released model on each site's data holding ``dataset``: noised, charged metrics."""
+        return evaluate_model(
+            store=self.store,
+            broker=self.broker,
+            sites=self.sites(),
+            job_id=job_id,
+            dataset=dataset,
+            noise_multiplier=noise_multiplier,
+            timeout_s=timeout_s,
+        )
 
     def model_files(self, job_id: str) -> tuple[str, bytes]:
         row = self.store.job(job_id)

@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,20 +154,28 @@ class JobRunner(threading.Thread):
                     continue
                 plan = plan_site(spec, sid, ds)
                 chosen.append(Participant(sid, plan.noise_multiplier, ds.num_rows))
-            if fixed or len(chosen) >= spec.min_sites:
+            # A resumed job (its participants are fixed) must also wait for its sites: after
+            # an orchestrator restart they dial back in with backoff, and a task dispatched
+            # to a site with no session yet fails at once, so the first resumed round would
+            # fail with no update at all (seen with SIGKILL and SIGTERM of the orchestrator).
+            online = [p for p in chosen if not fixed or self.broker.online(p.site_id)]
+            need = min(spec.min_sites, len(chosen)) if fixed else spec.min_sites
+            if len(online) >= need:
                 break
             if not announced:
                 self._event(
                     "info",
                     f"waiting for {spec.min_sites} online site(s) with dataset "
-                    f"{spec.dataset!r}; {len(chosen)} now",
+                    f"{spec.dataset!r}; {len(online)} now",
                 )
                 announced = True
             self._check_cancelled()
-            if time.time() > deadline or self.stopping.is_set():
+            if self.stopping.is_set():
+                raise _Stopped()  # shutting down: not the job's fault, resume after restart
+            if time.time() > deadline:
                 raise JobFailedError(
-                    f"only {len(chosen)} online site(s) expose dataset {spec.dataset!r} "
-                    f"({', '.join(p.site_id for p in chosen) or 'none'}); the job needs "
+                    f"only {len(online)} online site(s) expose dataset {spec.dataset!r} "
+                    f"({', '.join(p.site_id for p in online) or 'none'}); the job needs "
                     f"min_sites={spec.min_sites} (waited {spec.start_timeout_s:g} s)"
                 )
             time.sleep(self.poll_s)
@@ -234,7 +242,6 @@ class JobRunner(threading.Thread):
             clip = self.store.job(self.job_id).site_clip_norm or spec.site_dp.clip_norm
             sdp = round_for(spec.site_dp, clip_norm=clip, num_sites=len(participants))
         accepted: list[UpdateMeta] = []
-        charges: list[ChargeRow] = []
         refused: set[str] = set()
         problems: list[str] = []
         while outstanding and time.time() < deadline and not self.stopping.is_set():
@@ -263,7 +270,7 @@ class JobRunner(threading.Thread):
             if res.meta.task_id not in outstanding:
                 continue
             p = outstanding.pop(res.meta.task_id)
-            charges.append(self._charge_row(rnd, p, res.meta))
+            self._record_received(rnd, p, res)
             try:
                 delta = self._check(res, state, p)
             except InvalidUpdateError as err:
@@ -281,8 +288,17 @@ class JobRunner(threading.Thread):
         late = list(outstanding)
         self.broker.cancel(late)
         if self.stopping.is_set():
-            # Shutdown mid-round: nothing is committed; the round reruns after restart. The
-            # charges the sites made for it stay in their ledgers (over-count, never under).
+            # Shutdown mid-round: the round is not committed and reruns after restart. The
+            # broker stopped taking results before `stopping` was set (Coordinator.stop), so
+            # the queue holds the rest of what this round received: count it too. The sites'
+            # own ledgers keep every charge they made (over-count, never under).
+            while True:
+                try:
+                    res = results.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(res, UpdateResult) and res.meta.task_id in outstanding:
+                    self._record_received(rnd, outstanding[res.meta.task_id], res)
             raise _Stopped()
         for tid in late:
             p = outstanding[tid]
@@ -291,8 +307,7 @@ class JobRunner(threading.Thread):
             self._event("warning", msg, p.site_id)
 
         if len(accepted) < spec.min_sites:
-            # Record what was received: it was seen, so it counts against the job's ε.
-            self.store.add_charges(charges)
+            # What was received is already recorded: it was seen, so it counts against ε.
             raise JobFailedError(
                 f"round {rnd}: {len(accepted)} site update(s) accepted, "
                 f"min_sites={spec.min_sites}. " + " | ".join(problems)
@@ -312,7 +327,7 @@ class JobRunner(threading.Thread):
         new_state = apply_delta(state, mean)
         atomic_write(self.store.paths.checkpoint(self.job_id, rnd), state_to_bytes(new_state))
         loss, acc, exact = _pooled_metrics(accepted)
-        epsilon, _ = self._job_epsilon(extra=charges)
+        epsilon, _ = self._job_epsilon()
         self.store.commit_round(
             RoundRow(
                 job_id=self.job_id,
@@ -325,7 +340,7 @@ class JobRunner(threading.Thread):
                 epsilon=epsilon,
                 metrics_exact=exact,
             ),
-            charges,
+            [],  # the round's charges were recorded as each update arrived
             round=rnd,
             epsilon=epsilon,
             accountant=ACCOUNTANT,
@@ -339,6 +354,16 @@ class JobRunner(threading.Thread):
                 f"dropped site(s) {', '.join(sorted(refused))} from the job after refusal",
             )
         return new_state, remaining
+
+    def _record_received(self, rnd: int, p: Participant, res: UpdateResult) -> None:
+        """Charge the job for an update as soon as it arrives, before it is checked or used.
+
+        The job's ε covers every update the orchestrator received, even one it rejects or one
+        whose round never commits: a round that a crash or a shutdown interrupts is run again,
+        and what the lost attempt received was seen all the same. Recording at commit time
+        only would drop those charges (the card would under-state what left the sites).
+        """
+        self.store.add_charges([self._charge_row(rnd, p, res.meta)])
 
     def _charge_row(self, rnd: int, p: Participant, meta: UpdateMeta) -> ChargeRow:
         r = meta.dp_report
@@ -404,9 +429,9 @@ class JobRunner(threading.Thread):
 
     # ------------------------------------------------------------------ accounting
 
-    def _job_epsilon(self, *, extra: Sequence[ChargeRow] = ()) -> tuple[float, dict[str, float]]:
+    def _job_epsilon(self) -> tuple[float, dict[str, float]]:
         by_site: dict[str, list[DpEvent]] = {}
-        for c in [*self.store.charges(self.job_id), *extra]:
+        for c in self.store.charges(self.job_id):
             by_site.setdefault(c.site_id, []).extend(
                 DpEvent(e["noise_multiplier"], e["sample_rate"], int(e["steps"])) for e in c.events
             )

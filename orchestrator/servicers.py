@@ -213,6 +213,19 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         return serde.job_status_to_proto(self.c.cancel(request.job_id, by=who.name))
 
     @abort_on_error
+    def EvaluateModel(
+        self, request: pb.EvaluateRequest, context: grpc.ServicerContext
+    ) -> pb.EvaluateResponse:
+        self.auth.user(context, SCIENTIST_OR_OPERATOR)
+        result = self.c.evaluate(
+            request.job_id,
+            dataset=request.dataset,
+            noise_multiplier=request.noise_multiplier or 10.0,
+            timeout_s=request.timeout_s or 300.0,
+        )
+        return serde.evaluation_to_proto(result)
+
+    @abort_on_error
     def SetSiteEnabled(
         self, request: pb.SiteEnabledRequest, context: grpc.ServicerContext
     ) -> pb.SiteStatus:

@@ -41,6 +41,7 @@ from common.tensors import check_update, state_from_bytes, state_to_bytes
 from site_agent.catalog import CatalogCounts, schema_of
 from site_agent.config import SiteConfig
 from site_agent.data import LocalDataset, load_dataset, split_train_validation
+from site_agent.evaluation import run_evaluate
 from site_agent.ledger import Ledger
 from site_agent.policy import TaskCost, check_task
 from site_agent.trainer import TrainParams, evaluate, train_local
@@ -129,8 +130,28 @@ class TaskExecutor:
 
     # ------------------------------------------------------------ one task
 
+    def _execute_other(self, task: TaskAssignment, blob: bytes) -> tuple[UpdateMeta, bytes]:
+        """The closed set of non-training tasks; each admits and charges its own release."""
+        if task.kind == "evaluate":
+            split = self._split(task.dataset)
+            result = run_evaluate(
+                config=self.config,
+                ledger=self.ledger,
+                task=task,
+                blob=blob,
+                data=(split.train, split.validation),
+            )
+        else:
+            raise InvalidSpecError(
+                f"unknown task kind {task.kind!r}; this agent runs train, evaluate"
+            )
+        self._infos = self._compute_infos()  # the spend moved
+        return result
+
     def execute(self, task: TaskAssignment, global_blob: bytes) -> tuple[UpdateMeta, bytes]:
         """Run one task; raises PolicyRefusal / InvalidSpecError / NotFoundError to refuse it."""
+        if task.kind != "train":
+            return self._execute_other(task, global_blob)
         spec: JobSpec = job_spec_from_json(task.job_spec_json)
         if spec.dataset != task.dataset:
             raise InvalidSpecError(

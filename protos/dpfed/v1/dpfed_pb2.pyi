@@ -405,6 +405,8 @@ class Task(_message.Message):
     MODEL_SIZE_FIELD_NUMBER: _builtins.int
     MODEL_SHA256_FIELD_NUMBER: _builtins.int
     DEADLINE_UNIX_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REQUEST_JSON_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     job_id: _builtins.str
     round: _builtins.int
@@ -420,6 +422,11 @@ class Task(_message.Message):
     model_sha256: _builtins.str
     deadline_unix: _builtins.float
     """the orchestrator stops waiting after this"""
+    kind: _builtins.str
+    """"train" (DP-SGD, the default) or another closed kind of task ("evaluate", "synth",
+    "gmm"); its parameters are a JSON document that the site validates like a job spec.
+    """
+    request_json: _builtins.str
     def __init__(
         self,
         *,
@@ -433,10 +440,12 @@ class Task(_message.Message):
         model_size: _builtins.int = ...,
         model_sha256: _builtins.str = ...,
         deadline_unix: _builtins.float = ...,
+        kind: _builtins.str = ...,
+        request_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "deadline_unix", b"deadline_unix", "job_id", b"job_id", "job_spec_json", b"job_spec_json", "model_sha256", b"model_sha256", "model_size", b"model_size", "noise_multiplier", b"noise_multiplier", "round", b"round", "rounds", b"rounds", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "deadline_unix", b"deadline_unix", "job_id", b"job_id", "job_spec_json", b"job_spec_json", "kind", b"kind", "model_sha256", b"model_sha256", "model_size", b"model_size", "noise_multiplier", b"noise_multiplier", "request_json", b"request_json", "round", b"round", "rounds", b"rounds", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -497,11 +506,14 @@ class UpdateHeader(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    RESULT_JSON_FIELD_NUMBER: _builtins.int
     site_id: _builtins.str
     task_id: _builtins.str
     num_examples: _builtins.int
     total_size: _builtins.int
     sha256: _builtins.str
+    result_json: _builtins.str
+    """the DP result of a non-training task (noised statistics)"""
     @_builtins.property
     def dp_report(self) -> Global___DpReport: ...
     @_builtins.property
@@ -516,10 +528,11 @@ class UpdateHeader(_message.Message):
         metrics: Global___Metrics | None = ...,
         total_size: _builtins.int = ...,
         sha256: _builtins.str = ...,
+        result_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dp_report", b"dp_report", "metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dp_report", b"dp_report", "metrics", b"metrics", "num_examples", b"num_examples", "sha256", b"sha256", "site_id", b"site_id", "task_id", b"task_id", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dp_report", b"dp_report", "metrics", b"metrics", "num_examples", b"num_examples", "result_json", b"result_json", "sha256", b"sha256", "site_id", b"site_id", "task_id", b"task_id", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1224,6 +1237,105 @@ class ModelPart(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
 
 Global___ModelPart: _TypeAlias = ModelPart  # noqa: Y015
+
+@_typing.final
+class EvaluateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """a job whose model was released"""
+    dataset: _builtins.str
+    """the sites' dataset to evaluate it on"""
+    noise_multiplier: _builtins.float
+    """Gaussian noise on each site's sums (charged to its ledger)"""
+    timeout_s: _builtins.float
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        dataset: _builtins.str = ...,
+        noise_multiplier: _builtins.float = ...,
+        timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "job_id", b"job_id", "noise_multiplier", b"noise_multiplier", "timeout_s", b"timeout_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateRequest: _TypeAlias = EvaluateRequest  # noqa: Y015
+
+@_typing.final
+class SiteEvaluation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_ID_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    site_id: _builtins.str
+    epsilon: _builtins.float
+    """this evaluation's cost at the site, at the request's δ"""
+    error: _builtins.str
+    """why the site did not answer (refusal, timeout)"""
+    @_builtins.property
+    def metrics(self) -> Global___Metrics: ...
+    def __init__(
+        self,
+        *,
+        site_id: _builtins.str = ...,
+        metrics: Global___Metrics | None = ...,
+        epsilon: _builtins.float = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epsilon", b"epsilon", "error", b"error", "metrics", b"metrics", "site_id", b"site_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SiteEvaluation: _TypeAlias = SiteEvaluation  # noqa: Y015
+
+@_typing.final
+class EvaluateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITES_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    ACCURACY_FIELD_NUMBER: _builtins.int
+    NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    loss: _builtins.float
+    """pooled over the sites that answered, from their noised sums"""
+    accuracy: _builtins.float
+    num_examples: _builtins.int
+    epsilon: _builtins.float
+    """max over sites (disjoint data)"""
+    delta: _builtins.float
+    @_builtins.property
+    def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiteEvaluation]: ...
+    def __init__(
+        self,
+        *,
+        sites: _abc.Iterable[Global___SiteEvaluation] | None = ...,
+        loss: _builtins.float = ...,
+        accuracy: _builtins.float = ...,
+        num_examples: _builtins.int = ...,
+        epsilon: _builtins.float = ...,
+        delta: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "delta", b"delta", "epsilon", b"epsilon", "loss", b"loss", "num_examples", b"num_examples", "sites", b"sites"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateResponse: _TypeAlias = EvaluateResponse  # noqa: Y015
 
 @_typing.final
 class SiteEnabledRequest(_message.Message):

@@ -371,6 +371,11 @@ class ControlServiceStub:
                 request_serializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SiteEnabledRequest.SerializeToString,
                 response_deserializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SiteStatus.FromString,
                 _registered_method=True)
+        self.EvaluateModel = channel.unary_unary(
+                '/dpfed.v1.ControlService/EvaluateModel',
+                request_serializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.EvaluateResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServiceServicer:
@@ -438,6 +443,12 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EvaluateModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -490,6 +501,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.SetSiteEnabled,
                     request_deserializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SiteEnabledRequest.FromString,
                     response_serializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SiteStatus.SerializeToString,
+            ),
+            'EvaluateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateModel,
+                    request_deserializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.EvaluateRequest.FromString,
+                    response_serializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.EvaluateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -762,6 +778,33 @@ class ControlService:
             '/dpfed.v1.ControlService/SetSiteEnabled',
             protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SiteEnabledRequest.SerializeToString,
             protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SiteStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dpfed.v1.ControlService/EvaluateModel',
+            protos_dot_dpfed_dot_v1_dot_dpfed__pb2.EvaluateRequest.SerializeToString,
+            protos_dot_dpfed_dot_v1_dot_dpfed__pb2.EvaluateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -119,6 +119,7 @@ class ControlServiceStub:
     """data scientist or operator"""
     SetSiteEnabled: _grpc.UnaryUnaryMultiCallable[_dpfed_pb2.SiteEnabledRequest, _dpfed_pb2.SiteStatus]
     """operator only"""
+    EvaluateModel: _grpc.UnaryUnaryMultiCallable[_dpfed_pb2.EvaluateRequest, _dpfed_pb2.EvaluateResponse]
 
 @_typing.type_check_only
 class ControlServiceAsyncStub(ControlServiceStub):
@@ -135,6 +136,7 @@ class ControlServiceAsyncStub(ControlServiceStub):
     """data scientist or operator"""
     SetSiteEnabled: _aio.UnaryUnaryMultiCallable[_dpfed_pb2.SiteEnabledRequest, _dpfed_pb2.SiteStatus]  # type: ignore[assignment]
     """operator only"""
+    EvaluateModel: _aio.UnaryUnaryMultiCallable[_dpfed_pb2.EvaluateRequest, _dpfed_pb2.EvaluateResponse]  # type: ignore[assignment]
 
 class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -208,5 +210,12 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dpfed_pb2.SiteStatus, _abc.Awaitable[_dpfed_pb2.SiteStatus]]:
         """operator only"""
+
+    @_abc_1.abstractmethod
+    def EvaluateModel(
+        self,
+        request: _dpfed_pb2.EvaluateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dpfed_pb2.EvaluateResponse, _abc.Awaitable[_dpfed_pb2.EvaluateResponse]]: ...
 
 def add_ControlServiceServicer_to_server(servicer: ControlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,119 @@
+"""Federated evaluation of a released model (``orchestrator evaluate JOB --dataset D``).
+
+Each site holding ``D`` evaluates the model on its rows and releases noised sums (charged to
+its own ledger); the orchestrator pools them: accuracy = Σ noised correct / Σ rows. The ε of
+the evaluation is the maximum over sites (disjoint data). Results are kept next to the model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+
+from common.domain import Evaluation, SiteEvaluation, SiteStatus
+from common.errors import InvalidSpecError, NotFoundError
+from orchestrator.broker import Broker
+from orchestrator.fanout import fan_out
+from orchestrator.planning import site_dataset
+from orchestrator.store import Store
+
+DELTA = 1e-5
+
+
+def evaluate_model(
+    *,
+    store: Store,
+    broker: Broker,
+    sites: list[SiteStatus],
+    job_id: str,
+    dataset: str,
+    noise_multiplier: float,
+    timeout_s: float,
+) -> Evaluation:
+    row = store.job(job_id)
+    if not row.model_released:
+        raise NotFoundError(f"job {job_id} has released no model to evaluate")
+    if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
+        raise InvalidSpecError("evaluate: noise_multiplier must be a positive number")
+    model_dir = store.paths.model_dir(job_id)
+    card = json.loads((model_dir / "model_card.json").read_text())
+    weights = (model_dir / "model.safetensors").read_bytes()
+    holders = []
+    for s in sites:
+        d = site_dataset(s, dataset)
+        if d is None or s.state in ("offline", "disabled"):
+            continue
+        if len(d.columns) != int(card["model"]["input_dim"]):
+            raise InvalidSpecError(
+                f"the model takes {card['model']['input_dim']} features but dataset {dataset!r} "
+                f"at site {s.site_id} has {len(d.columns)}"
+            )
+        holders.append(s.site_id)
+    if not holders:
+        raise NotFoundError(f"no online site exposes dataset {dataset!r}")
+    request = json.dumps(
+        {
+            "model_job_id": job_id,
+            "model": card["model"],
+            "dataset": dataset,
+            "noise_multiplier": noise_multiplier,
+            "delta": DELTA,
+        }
+    )
+    res = fan_out(
+        broker,
+        site_ids=holders,
+        job_id=f"eval-{job_id}-{uuid.uuid4().hex[:6]}",
+        kind="evaluate",
+        dataset=dataset,
+        request_json=lambda _sid: request,
+        blob=weights,
+        timeout_s=timeout_s,
+    )
+    per_site = []
+    correct = loss = 0.0
+    n = 0
+    eps = 0.0
+    for sid in holders:
+        if sid in res.updates:
+            meta = res.updates[sid].meta
+            m = meta.metrics
+            per_site.append(SiteEvaluation(sid, m, epsilon=meta.dp_report.task_epsilon))
+            if m is not None:
+                correct += m.correct_sum
+                loss += m.loss_sum
+                n += m.num_examples
+            eps = max(eps, meta.dp_report.task_epsilon)
+        else:
+            fail = res.failures.get(sid)
+            per_site.append(
+                SiteEvaluation(sid, None, error=f"{fail.code}: {fail.reason}" if fail else "")
+            )
+    result = Evaluation(
+        sites=tuple(per_site),
+        loss=max(0.0, loss / n) if n else math.nan,
+        accuracy=min(1.0, max(0.0, correct / n)) if n else math.nan,
+        num_examples=n,
+        epsilon=eps,
+        delta=DELTA,
+    )
+    with (model_dir / "evaluations.jsonl").open("a") as f:
+        f.write(
+            json.dumps(
+                {
+                    "time": time.time(),
+                    "dataset": dataset,
+                    "noise_multiplier": noise_multiplier,
+                    "accuracy": result.accuracy,
+                    "loss": result.loss,
+                    "num_examples": n,
+                    "epsilon": eps,
+                    "delta": DELTA,
+                    "sites": [{"site_id": s.site_id, "error": s.error} for s in per_site],
+                }
+            )
+            + "\n"
+        )
+    return result

@@ -1,0 +1,67 @@
+"""Admission of any DP release other than a training round (evaluation, synthetic-data
+marginals, mixture statistics): the same policy, the same ledger, the same write-ahead order.
+
+``admit_and_charge`` checks the release against the site's policy (σ floor, δ ceiling) and its
+dataset's remaining budget (conservative RDP projection over the whole history, as for
+training), then charges the ledger durably. Only after it returns may the release be computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from common.accounting import DpEvent
+from common.errors import PolicyRefusal
+from site_agent.config import SiteConfig
+from site_agent.ledger import Ledger
+from site_agent.policy import Projection, TaskCost, project
+
+
+def admit_and_charge(
+    *,
+    config: SiteConfig,
+    ledger: Ledger,
+    dataset: str,
+    job_id: str,
+    task_id: str,
+    kind: str,
+    events: Sequence[DpEvent],
+    delta: float,
+    what: str,
+) -> Projection:
+    """Refuse (``PolicyRefusal``) or charge ``events`` for ``what`` on ``dataset``."""
+    policy = config.policy
+    if not events:
+        raise PolicyRefusal(f"{what} on dataset {dataset!r} declares no DP event; refused.")
+    weakest = min(e.noise_multiplier for e in events)
+    if weakest < policy.min_noise_multiplier:
+        raise PolicyRefusal(
+            f"{what} on dataset {dataset!r} asks for noise multiplier {weakest:g}, below this "
+            f"site's minimum {policy.min_noise_multiplier:g}."
+        )
+    if delta > policy.delta:
+        raise PolicyRefusal(
+            f"{what} on dataset {dataset!r} asks for δ={delta:g}, above this site's δ={policy.delta:g}."
+        )
+    budget = config.max_epsilon_for(dataset)
+    proj = project(
+        history=ledger.events(dataset),
+        cost=TaskCost(events=tuple(events), delta=delta),
+        policy_delta=policy.delta,
+        max_epsilon=budget,
+    )
+    if proj.epsilon_after > budget:
+        raise PolicyRefusal(
+            f"{what} would bring dataset {dataset!r} to ε={proj.epsilon_after:.3f} "
+            f"(spent {proj.epsilon_before:.3f}), past this site's budget {budget:g}."
+        )
+    ledger.charge(
+        dataset=dataset,
+        job_id=job_id,
+        round=0,
+        task_id=task_id,
+        kind=kind,
+        events=list(events),
+        delta=delta,
+    )
+    return proj

@@ -1,0 +1,117 @@
+"""Federated evaluation of a released model on a site's data (``orchestrator evaluate``).
+
+The site evaluates the model on *all* rows of the named dataset and releases the correct
+count and the clipped loss sum through the Gaussian mechanism (``site_agent.trainer.evaluate``:
+one Gaussian with noise multiplier σ at L2 sensitivity √2·unit), charged to its ledger first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from common.accounting import DpEvent, compute_epsilon
+from common.domain import ChargedEvent, DpReport, Metrics, TaskAssignment, UpdateMeta
+from common.errors import InvalidSpecError
+from common.models import parse_model_spec
+from common.specs import format_validation_error
+from common.tensors import state_from_bytes
+from site_agent.budget import admit_and_charge
+from site_agent.config import SiteConfig
+from site_agent.data import LocalDataset
+from site_agent.ledger import Ledger
+from site_agent.trainer import evaluate
+
+
+class EvaluateRequest(BaseModel):
+    """What the orchestrator may ask: data, never code."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_job_id: str = Field(min_length=1, max_length=64)
+    model: dict[str, object]
+    dataset: str = Field(min_length=1, max_length=200)
+    noise_multiplier: float = Field(gt=0.0, le=1e6)
+    loss_bound: float = Field(default=5.0, gt=0.0, le=1e3)
+    delta: float = Field(default=1e-5, gt=0.0, lt=0.01)
+
+
+def run_evaluate(
+    *,
+    config: SiteConfig,
+    ledger: Ledger,
+    task: TaskAssignment,
+    blob: bytes,
+    data: tuple[LocalDataset, LocalDataset | None],
+) -> tuple[UpdateMeta, bytes]:
+    try:
+        req = EvaluateRequest.model_validate_json(task.request_json)
+    except ValidationError as err:
+        raise InvalidSpecError(format_validation_error(err, source="evaluate request")) from None
+    if req.dataset != task.dataset:
+        raise InvalidSpecError("the evaluate request names another dataset than its task")
+    spec = parse_model_spec(req.model, source="evaluate request model")
+    train, val = data
+    x = train.features if val is None else np.concatenate([train.features, val.features])
+    y = train.labels if val is None else np.concatenate([train.labels, val.labels])
+    if spec.input_dim != x.shape[1]:
+        raise InvalidSpecError(
+            f"the model takes {spec.input_dim} features; dataset {req.dataset!r} has {x.shape[1]}"
+        )
+    if hashlib.sha256(blob).hexdigest() != task.model_sha256:
+        raise InvalidSpecError("the model's bytes do not match the task's sha256")
+    state = state_from_bytes(blob)
+    event = DpEvent(noise_multiplier=req.noise_multiplier, sample_rate=1.0, steps=1)
+    admit_and_charge(
+        config=config,
+        ledger=ledger,
+        dataset=req.dataset,
+        job_id=task.job_id,
+        task_id=task.task_id,
+        kind="evaluate",
+        events=[event],
+        delta=req.delta,
+        what=f"evaluating model {req.model_job_id}",
+    )
+    ev = evaluate(
+        model_spec=spec,
+        state=state,
+        features=x,
+        labels=y,
+        loss_bound=req.loss_bound,
+        noise_multiplier=req.noise_multiplier,
+    )
+    metrics = Metrics(
+        loss=ev.loss,
+        accuracy=ev.accuracy,
+        correct_sum=ev.correct_sum,
+        loss_sum=ev.loss_sum,
+        num_examples=ev.num_examples,
+        noise_multiplier=req.noise_multiplier,
+    )
+    eps = compute_epsilon([event], delta=req.delta).epsilon
+    lifetime = ledger.spent(req.dataset, delta=config.policy.delta)
+    report = DpReport(
+        events=(ChargedEvent("metrics", event),),
+        max_grad_norm=0.0,
+        delta=req.delta,
+        task_epsilon=eps,
+        job_epsilon=eps,
+        dataset_epsilon=lifetime.epsilon,
+        policy_delta=config.policy.delta,
+        accountant=lifetime.accountant,
+    )
+    result = json.dumps({"kind": "evaluate", "epsilon": eps})
+    meta = UpdateMeta(
+        site_id=config.site_id,
+        task_id=task.task_id,
+        num_examples=ev.num_examples,
+        dp_report=report,
+        metrics=metrics,
+        total_size=0,
+        sha256=hashlib.sha256(b"").hexdigest(),
+        result_json=result,
+    )
+    return meta, b""
