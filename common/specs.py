@@ -150,6 +150,18 @@ class SiteDPSpec(_Frozen):
     )
 
 
+class AuditSpec(_Frozen):
+    """Optional empirical privacy audit (Steinke, Nasr, Jagielski 2023).
+
+    Each site adds ``canaries`` synthetic records (uniform in its declared feature bounds,
+    random labels), each included in training with probability ½ by a coin only the site
+    knows. After the last round the sites score their canaries under the model and the
+    orchestrator derives an ε lower bound; one above the claimed ε withholds the model.
+    """
+
+    canaries: int = Field(default=200, ge=10, le=100_000, description="per site")
+
+
 class MetricsSpec(_Frozen):
     """How the sites report validation metrics (loss, accuracy) each round.
 
@@ -180,6 +192,7 @@ class JobSpec(_Frozen):
     dp: DPSpec
     metrics: MetricsSpec = MetricsSpec()
     site_dp: SiteDPSpec | None = None
+    audit: AuditSpec | None = None
     min_sites: int = Field(default=1, ge=1, le=100_000)
     round_timeout_s: float = Field(default=600.0, gt=0.0, le=86_400.0)
     start_timeout_s: float = Field(default=120.0, gt=0.0, le=86_400.0)

@@ -34,6 +34,7 @@ from common.specs import JobSpec, job_spec_from_json
 from common.tensors import check_update, l2_norm, state_from_bytes, state_to_bytes
 from common.version import __version__
 from orchestrator.aggregation import RunningWeightedMean, apply_delta
+from orchestrator.auditing import run_audit
 from orchestrator.broker import Broker, FailureResult, Result, UpdateResult
 from orchestrator.planning import ACCOUNTANT, plan_site, site_dataset
 from orchestrator.site_dp import round_for, site_level_events, sum_noise_multiplier
@@ -481,6 +482,26 @@ class JobRunner(threading.Thread):
                     "noise honestly. The sample-level guarantee above holds independently."
                 ),
             }
+        if self.spec.audit is not None:
+            # Before anything is released: a failed audit raises JobFailedError (job failed,
+            # model withheld, the reason in the job's events).
+            self._event("info", "running the privacy audit (canaries at each site)")
+            card["audit"] = run_audit(
+                broker=self.broker,
+                site_ids=sorted({c.site_id for c in self.store.charges(self.job_id)}),
+                job_id=self.job_id,
+                spec=self.spec,
+                weights=state_to_bytes(state),
+                claimed_epsilon=epsilon,
+                timeout_s=self.spec.round_timeout_s,
+            )
+            a = card["audit"]
+            self._event(
+                "info",
+                f"privacy audit: empirical ε lower bound {a['epsilon_lower_bound']:.3f} ≤ "
+                f"claimed ε {epsilon:.3f} ({a['correct_guesses']}/{a['guesses']} correct "
+                f"guesses on {a['num_canaries']} canaries)",
+            )
         model = build_model(self.spec.model)
         model.load_state_dict(state)
         save_model(self.store.paths.model_dir(self.job_id), module_or_state=model, card=card)

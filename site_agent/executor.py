@@ -16,11 +16,13 @@ Order of operations for every task (no gRPC here; ``site_agent.agent`` carries t
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from common.accounting import DpEvent, compute_epsilon
@@ -38,6 +40,7 @@ from common.models import build_model, count_parameters
 from common.schedule import task_schedule
 from common.specs import JobSpec, job_spec_from_json
 from common.tensors import check_update, state_from_bytes, state_to_bytes
+from site_agent.canaries import canaries_for, score_canaries
 from site_agent.catalog import CatalogCounts, schema_of
 from site_agent.config import SiteConfig
 from site_agent.data import LocalDataset, load_dataset, split_train_validation
@@ -141,9 +144,35 @@ class TaskExecutor:
                 blob=blob,
                 data=(split.train, split.validation),
             )
+        elif task.kind == "audit":
+            result_json = score_canaries(
+                self.config.state_dir, task.job_id, task.request_json, blob
+            )
+            policy = self.config.policy
+            report = DpReport(
+                events=(),
+                max_grad_norm=0.0,
+                delta=policy.delta,
+                task_epsilon=0.0,
+                job_epsilon=0.0,
+                dataset_epsilon=self.ledger.spent(task.dataset, delta=policy.delta).epsilon,
+                policy_delta=policy.delta,
+                accountant=ACCOUNTANT,
+            )
+            meta = UpdateMeta(
+                site_id=self.config.site_id,
+                task_id=task.task_id,
+                num_examples=len(json.loads(result_json)["losses"]),
+                dp_report=report,
+                metrics=None,
+                total_size=0,
+                sha256=hashlib.sha256(b"").hexdigest(),
+                result_json=result_json,
+            )
+            return meta, b""
         else:
             raise InvalidSpecError(
-                f"unknown task kind {task.kind!r}; this agent runs train, evaluate"
+                f"unknown task kind {task.kind!r}; this agent runs train, evaluate, audit"
             )
         self._infos = self._compute_infos()  # the spend moved
         return result
@@ -178,8 +207,18 @@ class TaskExecutor:
         check_update(global_state, reference)
 
         sigma = task.noise_multiplier
+        train_x, train_y = train.features, train.labels
+        if spec.audit is not None:
+            # The audit's canaries train like any record: the ones whose secret coin came up.
+            cfg = self.config.dataset(task.dataset)
+            assert cfg is not None
+            cx, cy, included = canaries_for(
+                self.config.state_dir, task.job_id, spec, cfg, train.feature_names
+            )
+            train_x = np.concatenate([train_x, cx[included]])
+            train_y = np.concatenate([train_y, cy[included]])
         q, steps = task_schedule(
-            num_examples=len(train.labels),
+            num_examples=len(train_y),
             batch_size=spec.batch_size,
             local_epochs=spec.local_epochs,
             local_steps=spec.local_steps,
@@ -244,8 +283,8 @@ class TaskExecutor:
         result = train_local(
             model_spec=spec.model,
             global_state=global_state,
-            features=train.features,
-            labels=train.labels,
+            features=train_x,
+            labels=train_y,
             params=TrainParams(
                 noise_multiplier=sigma,
                 max_grad_norm=spec.dp.max_grad_norm,
