@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from types import TracebackType
 
@@ -140,6 +141,39 @@ class ControlClient:
         except grpc.RpcError as err:
             raise _translate(err, self.address) from None
         return serde.evaluation_from_proto(resp)
+
+    def synthesize(
+        self,
+        dataset: str,
+        *,
+        epsilon: float,
+        rows: int,
+        delta: float = 1e-5,
+        bins: int = 8,
+        columns: tuple[str, ...] = (),
+        timeout_s: float = 300.0,
+    ) -> tuple[str, dict[str, object]]:
+        try:
+            parts = self._stub.Synthesize(
+                pb.SynthRequest(
+                    dataset=dataset,
+                    epsilon=epsilon,
+                    rows=rows,
+                    delta=delta,
+                    bins=bins,
+                    columns=list(columns),
+                    timeout_s=timeout_s,
+                ),
+                timeout=timeout_s + 60.0,
+            )
+            first = next(parts, None)
+            if first is None or first.WhichOneof("item") != "info_json":
+                raise DpfedError("the orchestrator sent no synthesis report")
+            csv_bytes = serde.blob_from_chunks(p.csv for p in parts)
+        except grpc.RpcError as err:
+            raise _translate(err, self.address) from None
+        info: dict[str, object] = json.loads(first.info_json)
+        return csv_bytes.decode(), info
 
     def download(self, job_id: str) -> tuple[str, bytes]:
         try:

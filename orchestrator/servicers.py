@@ -7,6 +7,7 @@ Every ``DpfedError`` becomes ``context.abort(status, message)`` through the tabl
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ from common.errors import DpfedError, InvalidSpecError
 from orchestrator.auth import OPERATOR_ONLY, SCIENTIST_OR_OPERATOR, Authorizer
 from orchestrator.coordinator import Coordinator
 from orchestrator.metrics import COUNTERS
+from orchestrator.synthesis import synthesize
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 
@@ -224,6 +226,26 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             timeout_s=request.timeout_s or 300.0,
         )
         return serde.evaluation_to_proto(result)
+
+    @abort_on_error_stream
+    def Synthesize(
+        self, request: pb.SynthRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.SynthPart]:
+        self.auth.user(context, SCIENTIST_OR_OPERATOR)
+        csv_text, info = synthesize(
+            broker=self.c.broker,
+            sites=self.c.sites(),
+            dataset=request.dataset,
+            epsilon=request.epsilon,
+            rows=request.rows,
+            delta=request.delta or 1e-5,
+            bins=request.bins or 8,
+            columns=tuple(request.columns),
+            timeout_s=request.timeout_s or 300.0,
+        )
+        yield pb.SynthPart(info_json=json.dumps(info))
+        for ch in serde.blob_to_chunks(csv_text.encode()):
+            yield pb.SynthPart(csv=ch)
 
     @abort_on_error
     def SetSiteEnabled(

@@ -47,6 +47,7 @@ from site_agent.data import LocalDataset, load_dataset, split_train_validation
 from site_agent.evaluation import run_evaluate
 from site_agent.ledger import Ledger
 from site_agent.policy import TaskCost, check_task
+from site_agent.synthesis import run_synth
 from site_agent.trainer import TrainParams, evaluate, train_local
 
 log = logging.getLogger("dpfed.site_agent")
@@ -144,6 +145,14 @@ class TaskExecutor:
                 blob=blob,
                 data=(split.train, split.validation),
             )
+        elif task.kind == "synth":
+            split = self._split(task.dataset)
+            result = run_synth(
+                config=self.config,
+                ledger=self.ledger,
+                task=task,
+                data=(split.train, split.validation),
+            )
         elif task.kind == "audit":
             result_json = score_canaries(
                 self.config.state_dir, task.job_id, task.request_json, blob
@@ -172,7 +181,7 @@ class TaskExecutor:
             return meta, b""
         else:
             raise InvalidSpecError(
-                f"unknown task kind {task.kind!r}; this agent runs train, evaluate, audit"
+                f"unknown task kind {task.kind!r}; this agent runs train, evaluate, synth, audit"
             )
         self._infos = self._compute_infos()  # the spend moved
         return result

@@ -1338,6 +1338,76 @@ class EvaluateResponse(_message.Message):
 Global___EvaluateResponse: _TypeAlias = EvaluateResponse  # noqa: Y015
 
 @_typing.final
+class SynthRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    BINS_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    dataset: _builtins.str
+    epsilon: _builtins.float
+    """per site: each site's marginals cost at most this"""
+    rows: _builtins.int
+    delta: _builtins.float
+    bins: _builtins.int
+    """bins per numeric column"""
+    timeout_s: _builtins.float
+    @_builtins.property
+    def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """default: every column (at most 16)"""
+
+    def __init__(
+        self,
+        *,
+        dataset: _builtins.str = ...,
+        epsilon: _builtins.float = ...,
+        rows: _builtins.int = ...,
+        delta: _builtins.float = ...,
+        bins: _builtins.int = ...,
+        columns: _abc.Iterable[_builtins.str] | None = ...,
+        timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bins", b"bins", "columns", b"columns", "dataset", b"dataset", "delta", b"delta", "epsilon", b"epsilon", "rows", b"rows", "timeout_s", b"timeout_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SynthRequest: _TypeAlias = SynthRequest  # noqa: Y015
+
+@_typing.final
+class SynthPart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_JSON_FIELD_NUMBER: _builtins.int
+    CSV_FIELD_NUMBER: _builtins.int
+    info_json: _builtins.str
+    """first: sites, ε, δ, warnings"""
+    @_builtins.property
+    def csv(self) -> Global___Chunk:
+        """then the synthetic rows as CSV"""
+
+    def __init__(
+        self,
+        *,
+        info_json: _builtins.str = ...,
+        csv: Global___Chunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["csv", b"csv", "info_json", b"info_json", "item", b"item"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csv", b"csv", "info_json", b"info_json", "item", b"item"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["info_json", "csv"]  # noqa: Y015
+    _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
+
+Global___SynthPart: _TypeAlias = SynthPart  # noqa: Y015
+
+@_typing.final
 class SiteEnabledRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

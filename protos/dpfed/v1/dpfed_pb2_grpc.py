@@ -376,6 +376,11 @@ class ControlServiceStub:
                 request_serializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.EvaluateResponse.FromString,
                 _registered_method=True)
+        self.Synthesize = channel.unary_stream(
+                '/dpfed.v1.ControlService/Synthesize',
+                request_serializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SynthRequest.SerializeToString,
+                response_deserializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SynthPart.FromString,
+                _registered_method=True)
 
 
 class ControlServiceServicer:
@@ -449,6 +454,12 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Synthesize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -506,6 +517,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.EvaluateModel,
                     request_deserializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.EvaluateRequest.FromString,
                     response_serializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.EvaluateResponse.SerializeToString,
+            ),
+            'Synthesize': grpc.unary_stream_rpc_method_handler(
+                    servicer.Synthesize,
+                    request_deserializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SynthRequest.FromString,
+                    response_serializer=protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SynthPart.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -805,6 +821,33 @@ class ControlService:
             '/dpfed.v1.ControlService/EvaluateModel',
             protos_dot_dpfed_dot_v1_dot_dpfed__pb2.EvaluateRequest.SerializeToString,
             protos_dot_dpfed_dot_v1_dot_dpfed__pb2.EvaluateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Synthesize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dpfed.v1.ControlService/Synthesize',
+            protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SynthRequest.SerializeToString,
+            protos_dot_dpfed_dot_v1_dot_dpfed__pb2.SynthPart.FromString,
             options,
             channel_credentials,
             insecure,

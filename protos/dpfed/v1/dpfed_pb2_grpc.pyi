@@ -120,6 +120,7 @@ class ControlServiceStub:
     SetSiteEnabled: _grpc.UnaryUnaryMultiCallable[_dpfed_pb2.SiteEnabledRequest, _dpfed_pb2.SiteStatus]
     """operator only"""
     EvaluateModel: _grpc.UnaryUnaryMultiCallable[_dpfed_pb2.EvaluateRequest, _dpfed_pb2.EvaluateResponse]
+    Synthesize: _grpc.UnaryStreamMultiCallable[_dpfed_pb2.SynthRequest, _dpfed_pb2.SynthPart]
 
 @_typing.type_check_only
 class ControlServiceAsyncStub(ControlServiceStub):
@@ -137,6 +138,7 @@ class ControlServiceAsyncStub(ControlServiceStub):
     SetSiteEnabled: _aio.UnaryUnaryMultiCallable[_dpfed_pb2.SiteEnabledRequest, _dpfed_pb2.SiteStatus]  # type: ignore[assignment]
     """operator only"""
     EvaluateModel: _aio.UnaryUnaryMultiCallable[_dpfed_pb2.EvaluateRequest, _dpfed_pb2.EvaluateResponse]  # type: ignore[assignment]
+    Synthesize: _aio.UnaryStreamMultiCallable[_dpfed_pb2.SynthRequest, _dpfed_pb2.SynthPart]  # type: ignore[assignment]
 
 class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -217,5 +219,12 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _dpfed_pb2.EvaluateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dpfed_pb2.EvaluateResponse, _abc.Awaitable[_dpfed_pb2.EvaluateResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Synthesize(
+        self,
+        request: _dpfed_pb2.SynthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dpfed_pb2.SynthPart], _abc.AsyncIterator[_dpfed_pb2.SynthPart]]: ...
 
 def add_ControlServiceServicer_to_server(servicer: ControlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
