@@ -133,6 +133,9 @@ _SIGMA_SEARCH_MIN: Final = 1e-2
 _SIGMA_SEARCH_MAX: Final = 1000.0
 
 
+MIN_NOISE_MULTIPLIER = 0.01
+
+
 @dataclass(frozen=True)
 class DpEvent:
     """One self-composed Poisson-subsampled Gaussian mechanism.
@@ -149,8 +152,13 @@ class DpEvent:
         sigma, q, steps = self.noise_multiplier, self.sample_rate, self.steps
         if isinstance(sigma, bool) or not isinstance(sigma, Real):
             raise ValueError(f"The noise multiplier must be a number, got {sigma!r}.")
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"The noise multiplier must be positive and finite, got {sigma}.")
+        if not (math.isfinite(sigma) and sigma >= MIN_NOISE_MULTIPLIER):
+            # Below this no accountant gives a meaningful bound, and the RDP arithmetic
+            # under- or overflows (σ≈1e-160 never returns in Opacus' fractional-α series).
+            raise ValueError(
+                f"The noise multiplier must be finite and at least {MIN_NOISE_MULTIPLIER}, "
+                f"got {sigma}."
+            )
         if isinstance(q, bool) or not isinstance(q, Real):
             raise ValueError(f"The sample rate must be a number, got {q!r}.")
         if not (math.isfinite(q) and 0 < q <= 1):

@@ -166,6 +166,11 @@ def dataset_info_to_proto(d: DatasetInfo) -> ProtoDatasetInfo:
 def dataset_info_from_proto(msg: ProtoDatasetInfo) -> DatasetInfo:
     if msg.num_rows < 0 or msg.num_validation_rows < 0:
         raise InvalidSpecError(f"dataset {msg.name!r}: negative row count")
+    if not 0 <= msg.policy_delta < 1:
+        raise InvalidSpecError(f"dataset {msg.name!r}: policy_delta must be in [0, 1)")
+    for field in ("epsilon_spent", "max_epsilon"):
+        if getattr(msg, field) < 0:
+            raise InvalidSpecError(f"dataset {msg.name!r}: {field} must not be negative")
     return DatasetInfo(
         name=msg.name,
         num_rows=int(msg.num_rows),

@@ -115,7 +115,7 @@ class DPSpec(_Frozen):
     the planned rounds.
     """
 
-    noise_multiplier: float | None = Field(default=None, gt=0.0, le=1000.0)
+    noise_multiplier: float | None = Field(default=None, ge=0.01, le=1000.0)
     target_epsilon: float | None = Field(default=None, gt=0.0, le=1000.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0, le=1e6)
     delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
@@ -140,7 +140,7 @@ class SiteDPSpec(_Frozen):
     (Andrew et al. 2021), whose noise is accounted for in ``noise_multiplier``.
     """
 
-    noise_multiplier: float = Field(gt=0.0, le=1000.0)
+    noise_multiplier: float = Field(ge=0.01, le=1000.0)
     clip_norm: float = Field(gt=0.0, le=1e6)
     adaptive: bool = False
     target_quantile: float = Field(default=0.5, gt=0.0, lt=1.0)
@@ -172,7 +172,7 @@ class MetricsSpec(_Frozen):
     """
 
     enabled: bool = True
-    noise_multiplier: float = Field(default=20.0, gt=0.0, le=1e6)
+    noise_multiplier: float = Field(default=20.0, ge=0.01, le=1e6)
     loss_bound: float = Field(default=5.0, gt=0.0, le=1e3, description="per-example loss clip")
     exact: bool = False
 

@@ -114,12 +114,30 @@ def plan_job(spec: JobSpec, sites: list[SiteStatus]) -> Plan:
             steps=p.steps,
             rounds=spec.rounds,
         )
-        eps_job = compute_epsilon(events, delta=spec.dp.delta, accountant=ACCOUNTANT).epsilon
-        # The site composes the job with its whole history at its own δ; without that history
-        # here, sequential composition of the two ε gives the planning estimate.
-        eps_at_site_delta = compute_epsilon(
-            events, delta=ds.policy_delta or spec.dp.delta, accountant=ACCOUNTANT
-        ).epsilon
+        try:
+            eps_job = compute_epsilon(events, delta=spec.dp.delta, accountant=ACCOUNTANT).epsilon
+            # The site composes the job with its whole history at its own δ; without that
+            # history here, sequential composition of the two ε gives the planning estimate.
+            eps_at_site_delta = compute_epsilon(
+                events, delta=ds.policy_delta or spec.dp.delta, accountant=ACCOUNTANT
+            ).epsilon
+        except (PrivacyAccountingError, ValueError, ArithmeticError) as err:
+            rows.append(
+                SitePlan(
+                    site.site_id,
+                    ds.num_rows,
+                    p.noise_multiplier,
+                    p.sample_rate,
+                    p.steps,
+                    float("inf"),
+                    ds.epsilon_spent,
+                    float("inf"),
+                    ds.max_epsilon,
+                    True,
+                    f"the job's cost cannot be bounded: {err}",
+                )
+            )
+            continue
         after = ds.epsilon_spent + eps_at_site_delta
         pol = site.policy
         if pol is not None:

@@ -7,7 +7,9 @@ After the last round the model is released with its model card.
 
 Privacy: the job's ε is composed per site from every update the orchestrator *received* (even
 one it then rejected: it was seen), and the released ε is the maximum over sites (disjoint
-records: parallel composition). Averaging noised deltas is post-processing.
+records: parallel composition). Averaging noised deltas is post-processing. Each update is
+charged to the job when it arrives, so a round that a crash or a shutdown interrupts (and that
+is then run again) still counts what it received.
 """
 
 from __future__ import annotations
@@ -271,14 +273,17 @@ class JobRunner(threading.Thread):
             if res.meta.task_id not in outstanding:
                 continue
             p = outstanding.pop(res.meta.task_id)
-            self._record_received(rnd, p, res)
             try:
                 delta = self._check(res, state, p)
             except InvalidUpdateError as err:
+                # A rejected update is not part of the model, so it is not charged to the
+                # job's ε (a site claiming σ≈0 must not be able to void everyone's job); the
+                # event names the site and the reason, and the site's own ledger keeps it.
                 msg = f"rejected the update of site {p.site_id} in round {rnd}: {err}"
                 problems.append(msg)
                 self._event("warning", msg, p.site_id)
                 continue
+            self._record_received(rnd, p, res)
             if sdp is not None:
                 sdp.add(delta)
             else:
@@ -299,7 +304,12 @@ class JobRunner(threading.Thread):
                 except queue.Empty:
                     break
                 if isinstance(res, UpdateResult) and res.meta.task_id in outstanding:
-                    self._record_received(rnd, outstanding[res.meta.task_id], res)
+                    p = outstanding[res.meta.task_id]
+                    try:
+                        self._check_report(res, p)
+                    except InvalidUpdateError:
+                        continue
+                    self._record_received(rnd, p, res)
             raise _Stopped()
         for tid in late:
             p = outstanding[tid]
@@ -391,14 +401,10 @@ class JobRunner(threading.Thread):
             grad_sample_mode=r.grad_sample_mode,
         )
 
-    def _check(
-        self, res: UpdateResult, state: dict[str, torch.Tensor], p: Participant
-    ) -> dict[str, torch.Tensor]:
-        """Reject an update that does not match the model or its own DP report."""
-        spec = self.spec
+    def _check_report(self, res: UpdateResult, p: Participant) -> DpEvent:
+        """The DP report must match the task: σ at least the assigned one, the metrics release
+        at the job's σ, and no more examples than the site registered (plus its canaries)."""
         meta = res.meta
-        if hashlib.sha256(res.blob).hexdigest() != meta.sha256:
-            raise InvalidUpdateError("its bytes do not match the announced sha256")
         rep = meta.dp_report
         train = rep.train_event
         if train is None:
@@ -407,6 +413,31 @@ class JobRunner(threading.Thread):
             raise InvalidUpdateError(
                 f"it was trained with σ={train.noise_multiplier:g} < assigned {p.noise_multiplier:g}"
             )
+        for e in rep.events:
+            if (
+                e.kind == "metrics"
+                and e.event.noise_multiplier < self.spec.metrics.noise_multiplier * (1 - 1e-9)
+            ):
+                raise InvalidUpdateError("its metrics were released with less noise than asked")
+        canaries = self.spec.audit.canaries if self.spec.audit is not None else 0
+        if meta.num_examples > p.num_examples + canaries:
+            # The weight of an update is its example count: an inflated count would let one
+            # site outweigh all the others in the average.
+            raise InvalidUpdateError(
+                f"it claims {meta.num_examples} examples; the site registered {p.num_examples}"
+            )
+        return train
+
+    def _check(
+        self, res: UpdateResult, state: dict[str, torch.Tensor], p: Participant
+    ) -> dict[str, torch.Tensor]:
+        """Reject an update that does not match the model or its own DP report."""
+        spec = self.spec
+        meta = res.meta
+        if hashlib.sha256(res.blob).hexdigest() != meta.sha256:
+            raise InvalidUpdateError("its bytes do not match the announced sha256")
+        train = self._check_report(res, p)
+        rep = meta.dp_report
         if abs(rep.max_grad_norm - spec.dp.max_grad_norm) > 1e-9 * spec.dp.max_grad_norm:
             raise InvalidUpdateError(
                 f"max_grad_norm {rep.max_grad_norm:g} differs from the job's {spec.dp.max_grad_norm:g}"

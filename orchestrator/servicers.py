@@ -6,6 +6,7 @@ Every ``DpfedError`` becomes ``context.abort(status, message)`` through the tabl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 
 from common import serde
+from common.domain import TaskFailure
 from common.errors import DpfedError, InvalidSpecError
 from orchestrator.auth import OPERATOR_ONLY, SCIENTIST_OR_OPERATOR, Authorizer
 from orchestrator.coordinator import Coordinator
@@ -103,8 +105,21 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("item") != "header":
             raise InvalidSpecError("an update stream must start with its header")
-        self.auth.site(context, first.header.site_id)
-        meta = serde.update_meta_from_proto(first.header)
+        site_id = self.auth.site(context, first.header.site_id)
+        try:
+            meta = serde.update_meta_from_proto(first.header)
+        except InvalidSpecError as err:
+            # Tell the waiting round now (if the task is this site's), not at its deadline.
+            with contextlib.suppress(DpfedError):
+                self.c.report_failure(
+                    TaskFailure(
+                        site_id=site_id,
+                        task_id=first.header.task_id,
+                        code="INVALID_ARGUMENT",
+                        reason=f"malformed update: {err}",
+                    )
+                )
+            raise
         # Ownership is checked before the bytes are read.
         self.c.model_blob(meta.site_id, meta.task_id)
 

@@ -28,6 +28,11 @@ from site_agent.ledger import Ledger
 log = logging.getLogger("dpfed.site_agent")
 
 _RPC_TIMEOUT_S = 30.0
+# Cap of the reconnect backoff (jitter multiplies it by 0.5-1.5). After an orchestrator restart
+# the resumed round gives a site that has not dialled in yet `--offline-after` (30 s by
+# default) before it fails its task; a 30 s cap (up to 45 s of sleep) made agents miss
+# resumed rounds, 10 s (at most 15 s) brings them back within that window.
+_MAX_BACKOFF_S = 10.0
 _TRANSFER_TIMEOUT_S = 600.0
 
 
@@ -81,7 +86,7 @@ class SiteAgent:
                     backoff,
                 )
                 self.stopping.wait(backoff * (0.5 + random.random()))
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
     def stop(self) -> None:
         self.stopping.set()

@@ -145,10 +145,19 @@ def test_refuses_already_exhausted_dataset() -> None:
     assert "would bring it to" in message
 
 
-def test_refuses_unboundable_cost() -> None:
-    permissive = POLICY.model_copy(update={"min_noise_multiplier": 1e-300})
-    cost = TaskCost(events=(DpEvent(1e-160, 1.0, 1),), delta=1e-5)
-    message = refusal(policy=permissive, noise_multiplier=1e-160, cost=cost)
+def test_refuses_unboundable_cost(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (σ small enough to overflow the accountant cannot be expressed as a DpEvent any more,
+    # so make the accountant fail instead.)
+    import site_agent.policy as policy_mod
+    from common.errors import PrivacyAccountingError
+
+    def broken(*_a: object, **_k: object) -> float:
+        raise PrivacyAccountingError("not a usable bound")
+
+    monkeypatch.setattr(policy_mod, "rdp_epsilon", broken)
+    permissive = POLICY.model_copy(update={"min_noise_multiplier": 0.01})
+    cost = TaskCost(events=(DpEvent(0.01, 1.0, 1),), delta=1e-5)
+    message = refusal(policy=permissive, noise_multiplier=0.01, cost=cost)
     assert "cannot be bounded" in message
 
 

@@ -565,3 +565,11 @@ def test_empty_messages_decode_to_empty_values() -> None:
 def test_failure_reason_is_capped() -> None:
     msg = serde.failure_to_proto(TaskFailure("s", "t", "INTERNAL", "x" * 100_000))
     assert len(serde.failure_from_proto(msg).reason) <= 4000
+
+
+def test_vanishing_noise_multiplier_on_the_wire_is_refused() -> None:
+    from protos.dpfed.v1.dpfed_pb2 import DpEvent as ProtoDpEvent
+
+    msg = ProtoDpEvent(noise_multiplier=1e-300, sample_rate=0.1, steps=10, kind="train")
+    with pytest.raises(InvalidSpecError, match="noise multiplier"):
+        serde.dp_event_from_proto(msg)

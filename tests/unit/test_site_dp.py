@@ -24,15 +24,15 @@ def test_sum_noise_multiplier_follows_andrew_et_al_theorem_1() -> None:
 
 
 def test_clipping_bounds_one_sites_contribution() -> None:
-    spec = SiteDPSpec(noise_multiplier=1e-9, clip_norm=1.0)
+    spec = SiteDPSpec(noise_multiplier=0.01, clip_norm=1.0)
     r = round_for(spec, clip_norm=1.0, num_sites=2)
     big = {"w": torch.full((10,), 100.0)}
     small = {"w": torch.full((10,), 0.01)}
     assert r.add(big) == pytest.approx(100 * math.sqrt(10))
     r.add(small)
-    mean, nxt = r.finish(spec)
-    # The huge update contributes at most clip_norm to the sum.
-    assert float(mean["w"].norm()) <= (1.0 + 0.01 * math.sqrt(10)) / 2 + 1e-6
+    mean, nxt = r.finish(spec, generator=torch.Generator().manual_seed(0))
+    # The huge update contributes at most clip_norm to the sum (+ noise of std 0.01·1/2).
+    assert float(mean["w"].norm()) <= (1.0 + 0.01 * math.sqrt(10)) / 2 + 0.1
     assert nxt == 1.0 and r.unclipped == 1
 
 

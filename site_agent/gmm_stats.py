@@ -1,0 +1,380 @@
+"""Site side of federated DP Gaussian-mixture clustering: streaming E-step statistics.
+
+Specification
+=============
+
+This code runs inside the site's trust boundary; everything it returns for release is
+noised here, by the site, with a sensitivity the site computes itself (never read from the
+wire). The maths and the sensitivity derivation are in :mod:`common.gmm`.
+
+What a site computes
+--------------------
+* :func:`compute_stats`: the exact E-step statistics (:class:`~common.gmm.SufficientStats`,
+  unit-box coordinates) of its rows under a public model, streaming over chunks of rows:
+  memory holds one chunk, never the dataset. Every value is clipped to the declared bounds
+  and mapped into ``[−1, 1]^D`` (:class:`~common.gmm.FeatureBox`); every row's
+  log-likelihood is clipped to :func:`~common.gmm.loglik_clip_range` of the model.
+* :func:`noisy_stats`: the same, noised by the Gaussian mechanism with L2 sensitivity
+  :func:`~common.gmm.stats_sensitivity`, and its :class:`~common.accounting.DpEvent`
+  ``(σ, 1.0, 1)``.
+* :func:`compute_candidate_stats` / :func:`noisy_candidate_stats`: nearest-candidate counts
+  and sums for the DP initialisation (sensitivity :func:`~common.gmm.candidate_sensitivity`,
+  ``DpEvent(σ, 1.0, 1)``).
+* :func:`answer_request`: the whole site step for a wire request (one pass over the data
+  for all the models it names), returning the JSON-safe result and the event to charge.
+
+Ledger discipline (write-ahead)
+-------------------------------
+:func:`request_cost` gives the event of a request *before* any data is read, so the agent
+checks its policy (minimum σ, budget) first. The agent must then charge the event returned
+by :func:`answer_request` to its ledger before the result leaves the site. A request naming
+m models costs ``DpEvent(σ, 1.0, m)`` (m Gaussian releases; equivalently one release of the
+concatenated vector with sensitivity ``√m·Δ``).
+
+Distributed computation on a Spark or Dask cluster
+--------------------------------------------------
+The statistics are sums over rows, so a cluster computes them as a map-reduce with the
+*same* functions and adds noise exactly once, at the end:
+
+* map: per partition, ``expected_stats(box.to_unit(rows), box.params_to_unit(params),
+  loglik_range=loglik_clip_range(unit_params))`` (``common.gmm``), e.g. with Spark's
+  ``rdd.mapPartitions`` or Dask's ``ddf.map_partitions`` / ``dask.delayed`` per partition,
+  returning ``SufficientStats`` objects (or their ``to_dict()``);
+* reduce: ``functools.reduce(operator.add, parts)`` (Spark ``treeReduce``, Dask
+  ``dask.bag.fold``): exact, order-independent up to floating-point rounding;
+* noise: one call to ``noise_stats(total, noise_multiplier=σ, sensitivity=Δ, rng=...)`` on
+  the driver, never per partition (per-partition noise would add more noise for the same
+  guarantee, and the sensitivity argument is about the total).
+
+Row clipping and the unit map are per row, so they commute with partitioning; the driver
+must use a generator seeded from OS entropy for the noise.
+
+Data handling follows :mod:`site_agent.data`: no error message contains a data value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from common.accounting import DpEvent
+from common.errors import InvalidSpecError
+from common.gmm import (
+    LOGLIK_SENSITIVITY,
+    CandidateStats,
+    EmRequest,
+    EmResult,
+    EvalRequest,
+    EvalResult,
+    FeatureBox,
+    GaussianMixtureParams,
+    InitRequest,
+    InitResult,
+    SufficientStats,
+    WireDpEvent,
+    candidate_sensitivity,
+    candidate_stats,
+    expected_stats,
+    loglik_clip_range,
+    noise_candidate_stats,
+    noise_stats,
+    parse_request,
+    scaled_loglik_sum,
+    stats_sensitivity,
+)
+
+__all__ = [
+    "answer_request",
+    "compute_candidate_stats",
+    "compute_stats",
+    "iter_csv_chunks",
+    "noisy_candidate_stats",
+    "noisy_stats",
+    "request_cost",
+]
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def iter_csv_chunks(
+    path: str | Path, columns: Sequence[str], chunk_rows: int = 100_000
+) -> Iterator[FloatArray]:
+    """Yield the ``columns`` of a CSV file as float64 arrays of at most ``chunk_rows`` rows.
+
+    Reads with pandas in chunks (``read_csv(chunksize=...)``), so memory holds one chunk.
+    Columns come out in the order given. A missing column, a non-numeric cell or a missing
+    value raises :class:`~common.errors.InvalidSpecError` naming the file and column only.
+    """
+    import pandas as pd
+
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}.")
+    cols = list(columns)
+    if not cols or len(set(cols)) != len(cols):
+        raise ValueError("columns must be a non-empty list of distinct names.")
+    p = Path(path)
+    header = pd.read_csv(p, nrows=0).columns
+    missing = [c for c in cols if c not in header]
+    if missing:
+        raise InvalidSpecError(f"{p.name}: missing column(s) {missing}.")
+    with pd.read_csv(p, usecols=cols, chunksize=chunk_rows) as reader:
+        for chunk in reader:
+            frame = chunk[cols]
+            for c in cols:
+                if not pd.api.types.is_numeric_dtype(frame[c]):
+                    raise InvalidSpecError(f"{p.name}: column {c!r} is not numeric.")
+            arr = np.asarray(frame.to_numpy(dtype=np.float64))
+            if not np.all(np.isfinite(arr)):
+                bad = [c for j, c in enumerate(cols) if not np.all(np.isfinite(arr[:, j]))]
+                raise InvalidSpecError(f"{p.name}: column(s) {bad} have missing values.")
+            yield arr
+
+
+def _unit_models(
+    models: Sequence[GaussianMixtureParams], box: FeatureBox
+) -> list[tuple[GaussianMixtureParams, tuple[float, float]]]:
+    out = []
+    for params in models:
+        unit = box.params_to_unit(params)
+        out.append((unit, loglik_clip_range(unit)))
+    return out
+
+
+def _stream_stats(
+    chunks: Iterable[npt.ArrayLike],
+    models: Sequence[GaussianMixtureParams],
+    box: FeatureBox,
+    covariance_types: Sequence[str],
+) -> list[SufficientStats]:
+    """One pass over the chunks accumulating every model's statistics."""
+    unit = _unit_models(models, box)
+    totals: list[SufficientStats | None] = [None] * len(unit)
+    for chunk in chunks:
+        z = box.to_unit(chunk)
+        if z.shape[0] == 0:
+            continue
+        for i, ((params, rng), ctype) in enumerate(zip(unit, covariance_types, strict=True)):
+            part = expected_stats(z, params, covariance_type=ctype, loglik_range=rng)
+            prev = totals[i]
+            totals[i] = part if prev is None else prev + part
+    out = []
+    for (params, rng), ctype, total in zip(unit, covariance_types, totals, strict=True):
+        if total is None:  # no rows at all: the exact statistics are zero
+            K, D = params.n_components, params.n_features
+            s2 = np.zeros((K, D, D) if ctype == "full" else (K, D))
+            total = SufficientStats(np.zeros(K), np.zeros((K, D)), s2, 0.0, rng)
+        out.append(total)
+    return out
+
+
+def _stream_loglik(
+    chunks: Iterable[npt.ArrayLike], models: Sequence[GaussianMixtureParams], box: FeatureBox
+) -> list[float]:
+    """One pass accumulating every model's :func:`~common.gmm.scaled_loglik_sum`."""
+    unit = _unit_models(models, box)
+    totals = [0.0] * len(unit)
+    for chunk in chunks:
+        z = box.to_unit(chunk)
+        if z.shape[0]:
+            for i, (params, rng) in enumerate(unit):
+                totals[i] += scaled_loglik_sum(z, params, loglik_range=rng)
+    return totals
+
+
+def compute_stats(
+    chunks: Iterable[npt.ArrayLike],
+    params: GaussianMixtureParams,
+    *,
+    bounds: npt.ArrayLike,
+    covariance_type: str | None = None,
+) -> SufficientStats:
+    """Exact E-step statistics of the rows in ``chunks`` under ``params`` (data units).
+
+    ``bounds`` is ``(D, 2)``. Rows are clipped to it and mapped to the unit box; the result
+    is in unit coordinates with log-likelihoods clipped to ``loglik_clip_range`` of the model
+    in unit coordinates. Streaming: one chunk in memory at a time. ``covariance_type``
+    (default: the model's) picks the second moment kept. Not private: see :func:`noisy_stats`.
+    """
+    box = FeatureBox(np.asarray(bounds, dtype=np.float64))
+    ctype = covariance_type or params.covariance_type
+    return _stream_stats(chunks, [params], box, [ctype])[0]
+
+
+def noisy_stats(
+    chunks: Iterable[npt.ArrayLike],
+    params: GaussianMixtureParams,
+    *,
+    bounds: npt.ArrayLike,
+    noise_multiplier: float,
+    rng: np.random.Generator,
+    covariance_type: str | None = None,
+    loglik_weight: float = 1.0,
+) -> tuple[SufficientStats, DpEvent]:
+    """:func:`compute_stats` released by the Gaussian mechanism, and its cost.
+
+    Noise ``N(0, (σΔ)²)`` on every coordinate of :func:`~common.gmm.release_vector`, with
+    ``Δ = stats_sensitivity(D, K, covariance_type, 1.0, loglik_weight=w)``; returns the noisy
+    statistics and ``DpEvent(σ, 1.0, 1)`` to charge to the site's ledger before release.
+    """
+    ctype = covariance_type or params.covariance_type
+    stats = compute_stats(chunks, params, bounds=bounds, covariance_type=ctype)
+    delta = stats_sensitivity(
+        params.n_features, params.n_components, ctype, 1.0, loglik_weight=loglik_weight
+    )
+    noisy = noise_stats(
+        stats,
+        noise_multiplier=noise_multiplier,
+        sensitivity=delta,
+        rng=rng,
+        loglik_weight=loglik_weight,
+    )
+    return noisy, DpEvent(noise_multiplier, 1.0, 1)
+
+
+def compute_candidate_stats(
+    chunks: Iterable[npt.ArrayLike], candidates: npt.ArrayLike, *, bounds: npt.ArrayLike
+) -> CandidateStats:
+    """Nearest-candidate counts and sums (unit coordinates) of the rows, streaming.
+
+    ``candidates`` are ``(M, D)`` in data units; they are mapped to the unit box (not
+    clipped: a candidate outside the box just attracts no rows it would not otherwise).
+    """
+    box = FeatureBox(np.asarray(bounds, dtype=np.float64))
+    cand = np.asarray(candidates, dtype=np.float64)
+    if cand.ndim != 2 or cand.shape[1] != box.n_features or not np.all(np.isfinite(cand)):
+        raise ValueError(f"candidates must be finite with shape (M, {box.n_features}).")
+    unit_cand = (cand - box.center) / box.half_width
+    total = CandidateStats(np.zeros(cand.shape[0]), np.zeros(cand.shape))
+    for chunk in chunks:
+        z = box.to_unit(chunk)
+        if z.shape[0]:
+            total = total + candidate_stats(z, unit_cand)
+    return total
+
+
+def noisy_candidate_stats(
+    chunks: Iterable[npt.ArrayLike],
+    candidates: npt.ArrayLike,
+    *,
+    bounds: npt.ArrayLike,
+    noise_multiplier: float,
+    rng: np.random.Generator,
+) -> tuple[CandidateStats, DpEvent]:
+    """:func:`compute_candidate_stats` with Gaussian noise ``σ·√(1 + D)``; ``DpEvent(σ, 1, 1)``."""
+    stats = compute_candidate_stats(chunks, candidates, bounds=bounds)
+    delta = candidate_sensitivity(stats.sums.shape[1], 1.0)
+    noisy = noise_candidate_stats(
+        stats, noise_multiplier=noise_multiplier, sensitivity=delta, rng=rng
+    )
+    return noisy, DpEvent(noise_multiplier, 1.0, 1)
+
+
+def _models_of(request: EmRequest | EvalRequest) -> list[GaussianMixtureParams]:
+    models = []
+    keys = [m.key for m in request.models]
+    if len(set(keys)) != len(keys):
+        raise InvalidSpecError("GMM request: model keys must be distinct.")
+    for m in request.models:
+        try:
+            params = GaussianMixtureParams.from_dict(m.params)
+        except ValueError as err:
+            raise InvalidSpecError(f"GMM request, model {m.key!r}: {err}") from None
+        if params.n_features != len(request.bounds):
+            raise InvalidSpecError(
+                f"GMM request, model {m.key!r}: {params.n_features} features but "
+                f"{len(request.bounds)} bounds."
+            )
+        if params.covariance_type != request.covariance_type:
+            raise InvalidSpecError(
+                f"GMM request, model {m.key!r}: covariance type {params.covariance_type!r} "
+                f"differs from the request's {request.covariance_type!r}."
+            )
+        models.append(params)
+    return models
+
+
+def _box_of(request: InitRequest | EmRequest | EvalRequest) -> FeatureBox:
+    try:
+        return FeatureBox(np.asarray(request.bounds, dtype=np.float64))
+    except ValueError as err:
+        raise InvalidSpecError(f"GMM request: {err}") from None
+
+
+def request_cost(request: Mapping[str, Any]) -> DpEvent:
+    """The :class:`DpEvent` answering ``request`` will cost, before any data is read.
+
+    Validates the request (raising :class:`~common.errors.InvalidSpecError`): an init
+    request costs ``DpEvent(σ, 1.0, 1)``, an EM or evaluation request naming m models
+    ``DpEvent(σ, 1.0, m)``.
+    """
+    req = parse_request(request)
+    _box_of(req)
+    if isinstance(req, InitRequest):
+        if any(len(c) != len(req.bounds) for c in req.candidates):
+            raise InvalidSpecError("GMM init request: every candidate needs one value per bound.")
+        return DpEvent(req.noise_multiplier, 1.0, 1)
+    _models_of(req)
+    return DpEvent(req.noise_multiplier, 1.0, len(req.models))
+
+
+def answer_request(
+    request: Mapping[str, Any],
+    chunks: Iterable[npt.ArrayLike],
+    *,
+    rng: np.random.Generator,
+) -> tuple[dict[str, Any], DpEvent]:
+    """Answer a wire request with noised statistics: ``(result dict, event to charge)``.
+
+    ``chunks`` are the site's rows (data units, in the order of the job's columns), read
+    once. The sensitivity is computed here from the request's shape, never taken from it.
+    The caller checks :func:`request_cost` against its policy first and charges the returned
+    event to its ledger *before* sending the result.
+    """
+    event = request_cost(request)
+    req = parse_request(request)
+    box = _box_of(req)
+    if isinstance(req, InitRequest):
+        cand_stats, _ = noisy_candidate_stats(
+            chunks,
+            np.asarray(req.candidates, dtype=np.float64),
+            bounds=box.bounds,
+            noise_multiplier=req.noise_multiplier,
+            rng=rng,
+        )
+        init = InitResult(
+            round=req.round, stats=cand_stats.to_dict(), dp_event=WireDpEvent.of(event)
+        )
+        return init.model_dump(mode="json"), event
+    models = _models_of(req)
+    if isinstance(req, EvalRequest):
+        sums = _stream_loglik(chunks, models, box)
+        noisy_ll = {
+            m.key: v + float(rng.normal(0.0, req.noise_multiplier * LOGLIK_SENSITIVITY))
+            for m, v in zip(req.models, sums, strict=True)
+        }
+        ev = EvalResult(round=req.round, logliks=noisy_ll, dp_event=WireDpEvent.of(event))
+        return ev.model_dump(mode="json"), event
+    exact = _stream_stats(chunks, models, box, [req.covariance_type] * len(models))
+    noised: dict[str, dict[str, Any]] = {}
+    for m, params, stats in zip(req.models, models, exact, strict=True):
+        delta = stats_sensitivity(
+            params.n_features,
+            params.n_components,
+            req.covariance_type,
+            1.0,
+            loglik_weight=req.loglik_weight,
+        )
+        noisy = noise_stats(
+            stats,
+            noise_multiplier=req.noise_multiplier,
+            sensitivity=delta,
+            rng=rng,
+            loglik_weight=req.loglik_weight,
+        )
+        noised[m.key] = noisy.to_dict()
+    result = EmResult(round=req.round, stats=noised, dp_event=WireDpEvent.of(event))
+    return result.model_dump(mode="json"), event
