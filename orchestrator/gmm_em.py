@@ -574,7 +574,7 @@ class FederatedEM(_MixtureJob):
     a numerical eigenvalue floor in unit-box coordinates (1e-5: a standard deviation of 0.3%
     of a half-range); the noise-aware floor of :func:`common.gmm.m_step` is what guards
     against noise. ``n_candidates`` defaults to ``max(64, 16K)``; ``init_noise_multiplier``
-    to ``noise_multiplier``; ``average_last`` to the stationary tail (see ``_tail``).
+    to ``noise_multiplier``; ``average_last`` to the stationary tail (module docstring).
     """
 
     def __init__(

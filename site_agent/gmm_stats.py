@@ -22,6 +22,9 @@ What a site computes
   ``DpEvent(σ, 1.0, 1)``).
 * :func:`answer_request`: the whole site step for a wire request (one pass over the data
   for all the models it names), returning the JSON-safe result and the event to charge.
+  ``gmm.init`` → noisy candidate statistics; ``gmm.em`` → noisy E-step statistics per model;
+  ``gmm.eval`` → noisy :func:`~common.gmm.scaled_loglik_sum` per model (sensitivity 1,
+  noise ``N(0, σ²)``), used to compare final models.
 
 Ledger discipline (write-ahead)
 -------------------------------
@@ -29,7 +32,9 @@ Ledger discipline (write-ahead)
 checks its policy (minimum σ, budget) first. The agent must then charge the event returned
 by :func:`answer_request` to its ledger before the result leaves the site. A request naming
 m models costs ``DpEvent(σ, 1.0, m)`` (m Gaussian releases; equivalently one release of the
-concatenated vector with sensitivity ``√m·Δ``).
+concatenated vector with sensitivity ``√m·Δ``). σ comes from the request, so the agent's
+policy must check it (minimum noise multiplier) with the rest of the cost; every
+sensitivity is computed here from the request's shape, never read from it.
 
 Distributed computation on a Spark or Dask cluster
 --------------------------------------------------
