@@ -209,6 +209,80 @@ class JobSpec(_Frozen):
         return data
 
 
+class GmmDPSpec(_Frozen):
+    """DP for a mixture job: one σ for every statistic release (or a target ε to calibrate)."""
+
+    noise_multiplier: float | None = Field(default=None, ge=0.01, le=1000.0)
+    target_epsilon: float | None = Field(default=None, gt=0.0, le=1000.0)
+    delta: float = Field(default=1e-5, gt=0.0, lt=0.01)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> GmmDPSpec:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("set exactly one of dp.noise_multiplier and dp.target_epsilon")
+        return self
+
+
+class GmmJobSpec(_Frozen):
+    """Federated model-based clustering (``kind: gmm``): DP federated EM of a Gaussian
+    mixture over the sites' declared numeric columns, K fixed or chosen by distributed BIC."""
+
+    kind: Literal["gmm"]
+    name: str | None = Field(default=None, max_length=200)
+    dataset: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")
+    columns: tuple[str, ...] | None = Field(default=None, min_length=1, max_length=64)
+    k: int | None = Field(default=None, ge=1, le=50)
+    k_range: tuple[int, int] | None = Field(default=None, description="[min, max] for BIC")
+    covariance_type: Literal["full", "diag"] = "full"
+    max_rounds: int = Field(default=20, ge=1, le=500)
+    tol: float = Field(default=1e-3, gt=0.0, le=1.0)
+    dp: GmmDPSpec
+    min_sites: int = Field(default=1, ge=1, le=100_000)
+    round_timeout_s: float = Field(default=600.0, gt=0.0, le=86_400.0)
+    start_timeout_s: float = Field(default=120.0, gt=0.0, le=86_400.0)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _k(self) -> GmmJobSpec:
+        if (self.k is None) == (self.k_range is None):
+            raise ValueError("set exactly one of k and k_range")
+        if self.k_range is not None:
+            lo, hi = self.k_range
+            if not 1 <= lo < hi <= 50:
+                raise ValueError("k_range must be [min, max] with 1 <= min < max <= 50")
+        return self
+
+    @property
+    def k_values(self) -> list[int]:
+        if self.k is not None:
+            return [self.k]
+        assert self.k_range is not None
+        return list(range(self.k_range[0], self.k_range[1] + 1))
+
+
+AnyJobSpec = JobSpec | GmmJobSpec
+
+
+def parse_any_job_spec(data: Any, *, source: str = "job spec") -> AnyJobSpec:
+    """A training job (``kind: train``, the default) or a mixture job (``kind: gmm``)."""
+    if isinstance(data, dict) and data.get("kind") == "gmm":
+        try:
+            return GmmJobSpec.model_validate(data)
+        except ValidationError as err:
+            raise InvalidSpecError(format_validation_error(err, source=source)) from None
+    return parse_job_spec(data, source=source)
+
+
+def any_job_spec_from_json(text: str) -> AnyJobSpec:
+    import json
+
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise InvalidSpecError("invalid job spec: not valid JSON") from None
+    return parse_any_job_spec(data)
+
+
 def format_validation_error(err: ValidationError, *, source: str) -> str:
     """One line per bad field, naming it by its dotted path (``dp.delta: ...``)."""
     lines = [f"invalid {source}:"]
@@ -243,3 +317,17 @@ def load_job_spec(path: str | Path) -> JobSpec:
     if not isinstance(raw, dict):
         raise InvalidSpecError(f"job spec {p} must be a YAML mapping, got {type(raw).__name__}")
     return parse_job_spec(raw, source=f"job spec {p}")
+
+
+def load_any_job_spec(path: str | Path) -> AnyJobSpec:
+    """``load_job_spec`` for any kind of job (train or gmm)."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise InvalidSpecError(f"job spec file not found: {p}") from None
+    except yaml.YAMLError as err:
+        raise InvalidSpecError(f"job spec {p} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise InvalidSpecError(f"job spec {p} must be a YAML mapping, got {type(raw).__name__}")
+    return parse_any_job_spec(raw, source=f"job spec {p}")

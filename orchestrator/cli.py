@@ -24,7 +24,7 @@ from rich.table import Table
 from common.cli_support import err_console, run_app, setup_logging
 from common.domain import ColumnInfo, JobStatus
 from common.errors import DpfedError, InvalidSpecError, JobFailedError
-from common.specs import load_job_spec
+from common.specs import GmmJobSpec, load_any_job_spec, load_job_spec
 from common.tls import ROLES, TlsFiles
 from orchestrator.client import ControlClient
 
@@ -144,12 +144,13 @@ def launch(
     wait: Annotated[bool, typer.Option("--wait", help="follow the job until it ends")] = False,
 ) -> None:
     """Submit a job; print its id (last line of stdout). With --wait, exit 0 only on release."""
-    spec = load_job_spec(job_file)
+    spec = load_any_job_spec(job_file)
     with _client(server, ca, cert, key, insecure) as client:
         job_id = client.submit(spec.model_dump_json())
         print(job_id, flush=True)
         if wait:
-            final = _follow(client, job_id, spec.rounds)
+            rounds = spec.max_rounds if isinstance(spec, GmmJobSpec) else spec.rounds
+            final = _follow(client, job_id, rounds)
             _print_result(final)
             if final.state != "completed" or not final.model_released:
                 raise JobFailedError(f"job {job_id} {final.state}: {final.error or 'no model'}")
@@ -492,9 +493,18 @@ def pull(
     with _client(server, ca, cert, key, insecure) as client:
         card, weights = client.download(job_id)
     out_dir.mkdir(parents=True, exist_ok=True)
+    c = json.loads(card)
+    if c.get("kind") == "gmm":
+        (out_dir / "mixture.json").write_bytes(weights)
+        (out_dir / "model_card.json").write_text(card)
+        err_console.print(
+            f"wrote {out_dir}/mixture.json and model_card.json (K = {c['model']['K']}, "
+            f"ε = {c['epsilon']:.4g}, δ = {c['delta']:g}); load with "
+            f"common.gmm.load_mixture({str(out_dir)!r}).predict(X)"
+        )
+        return
     (out_dir / "model.safetensors").write_bytes(weights)
     (out_dir / "model_card.json").write_text(card)
-    c = json.loads(card)
     err_console.print(
         f"wrote {out_dir}/model.safetensors and model_card.json "
         f"(ε = {c['epsilon']:.4g}, δ = {c['delta']:g}); load with "

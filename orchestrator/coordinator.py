@@ -6,6 +6,7 @@ errors are ``common.errors`` types that the transport maps to statuses.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -28,9 +29,10 @@ from common.domain import (
     UpdateMeta,
 )
 from common.errors import InvalidSpecError, NotFoundError, PermissionDeniedError
-from common.specs import JobSpec, job_spec_from_json
+from common.specs import GmmJobSpec, JobSpec, any_job_spec_from_json, job_spec_from_json
 from orchestrator.broker import Broker
 from orchestrator.evaluation import evaluate_model
+from orchestrator.gmm_runner import GmmRunner, declared_box
 from orchestrator.planning import ACCOUNTANT, plan_job, site_dataset
 from orchestrator.rounds import JobRunner
 from orchestrator.store import JobRow, Store
@@ -46,7 +48,7 @@ class Coordinator:
         self.store = Store(state_dir, url=db_url)
         self.broker = Broker(offline_after_s=offline_after_s)
         self._stopping = threading.Event()
-        self._runners: dict[str, JobRunner] = {}
+        self._runners: dict[str, JobRunner | GmmRunner] = {}
         self._cv = threading.Condition()
         self._versions: dict[str, int] = {}
         self.heartbeat_s = max(1.0, offline_after_s / 4)
@@ -71,7 +73,9 @@ class Coordinator:
         self.store.close()
 
     def _start_runner(self, job_id: str) -> None:
-        runner = JobRunner(
+        is_gmm = json.loads(self.store.job(job_id).spec_json).get("kind") == "gmm"
+        runner_cls: type[JobRunner] | type[GmmRunner] = GmmRunner if is_gmm else JobRunner
+        runner = runner_cls(
             job_id=job_id,
             store=self.store,
             broker=self.broker,
@@ -148,8 +152,16 @@ class Coordinator:
                 )
 
     def submit(self, spec_json: str) -> str:
-        spec = job_spec_from_json(spec_json)
-        self._validate_against_sites(spec)
+        spec = any_job_spec_from_json(spec_json)
+        if isinstance(spec, GmmJobSpec):
+            online = [s for s in self.sites() if site_dataset(s, spec.dataset) is not None]
+            if not online:
+                raise NotFoundError(f"no registered site exposes dataset {spec.dataset!r}")
+            declared_box(spec, online)  # every column needs declared bounds at every site
+            rounds = spec.max_rounds
+        else:
+            self._validate_against_sites(spec)
+            rounds = spec.rounds
         job_id = "job-" + uuid.uuid4().hex[:12]
         now = time.time()
         self.store.add_job(
@@ -160,7 +172,7 @@ class Coordinator:
                 spec_json=spec.model_dump_json(),
                 state="pending",
                 round=0,
-                rounds=spec.rounds,
+                rounds=rounds,
                 epsilon=0.0,
                 delta=spec.dp.delta,
                 accountant=ACCOUNTANT,
@@ -174,6 +186,10 @@ class Coordinator:
         return job_id
 
     def plan(self, spec_json: str) -> Plan:
+        if isinstance(any_job_spec_from_json(spec_json), GmmJobSpec):
+            raise InvalidSpecError(
+                "plan projects training jobs; a gmm job reports its cost at start"
+            )
         spec = job_spec_from_json(spec_json)
         self._validate_against_sites(spec)
         return plan_job(spec, self.sites())
@@ -261,7 +277,10 @@ class Coordinator:
                 + ")"
             )
         d = self.store.paths.model_dir(job_id)
-        return (d / "model_card.json").read_text(), (d / "model.safetensors").read_bytes()
+        weights = d / "model.safetensors"
+        if not weights.exists():
+            weights = d / "mixture.json"  # a gmm job's model
+        return (d / "model_card.json").read_text(), weights.read_bytes()
 
 
 def _dataset_dict(d: DatasetInfo) -> dict[str, object]:

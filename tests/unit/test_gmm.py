@@ -259,13 +259,13 @@ def test_m_step_repairs_noisy_statistics() -> None:
     s1 = np.array([[100.0, -50.0, 20.0], [3.0, 1.0, -2.0], [0.5, 0.5, 0.5]])
     s2 = np.stack([np.diag([-5.0, 1.0, 2.0]), -np.eye(D), np.zeros((D, D))])
     stats = SufficientStats(nk, s1, s2, 0.0)
-    params = m_step(stats, min_variance=1e-3, min_count=10.0, bound=1.0, noise_sd=20.0)
+    params = m_step(stats, min_variance=1e-3, min_count=10.0, bound=1.0, noise_sd=10.0)
     assert params.weights.sum() == pytest.approx(1.0) and np.all(params.weights > 0)
     assert np.all(np.abs(params.means) <= 1.0)
     eig = np.linalg.eigvalsh(params.covariances)
     assert np.all(eig >= 1e-3 - 1e-12) and np.all(eig <= D + 1e-9)
     # The noise-aware floor: √D · noise_sd / N_k (N_k floored at min_count).
-    assert eig[1].min() == pytest.approx(math.sqrt(D) * 20.0 / 10.0)
+    assert eig[1].min() == pytest.approx(math.sqrt(D) * 10.0 / 10.0)
     assert params.n_components == K
 
 
@@ -477,6 +477,33 @@ def test_requests_are_validated_and_results_checked() -> None:
     assert job.history == []  # nothing was committed
     nxt = job.absorb([result])
     assert nxt is not None and nxt["round"] == 2 and len(job.history) == 1
+
+
+def test_site_answers_any_valid_model_without_failing() -> None:
+    """A model under which some rows have zero density must not make the site fail: an
+    error that depends on the rows would leak whether such a row exists."""
+    X = np.array([[0.0, 0.0], [9.0, 9.0], [-9.0, 9.0]])
+    extreme = GaussianMixtureParams(
+        np.array([0.5, 0.5]),
+        np.array([[0.0, 0.0], [0.1, 0.0]]),
+        np.stack([np.eye(2) * 1e-308] * 2),  # densities underflow to exactly 0
+        "full",
+    )
+    bounds = np.tile([-10.0, 10.0], (2, 1))
+    stats = compute_stats([X], extreme, bounds=bounds)
+    assert np.all(np.isfinite(stats.nk)) and stats.nk.sum() == pytest.approx(3.0)
+    assert stats.loglik_range is not None and stats.loglik >= 3 * stats.loglik_range[0]
+    request = {
+        "protocol": "dpfed.gmm/1",
+        "kind": "gmm.eval",
+        "round": 1,
+        "bounds": bounds.tolist(),
+        "covariance_type": "full",
+        "noise_multiplier": 1.0,
+        "models": [{"key": "K=2", "params": extreme.to_dict()}],
+    }
+    result, event = answer_request(request, [X], rng=np.random.default_rng(0))
+    assert math.isfinite(result["logliks"]["K=2"]) and event == DpEvent(1.0, 1.0, 1)
 
 
 def test_eval_release_has_unit_sensitivity() -> None:

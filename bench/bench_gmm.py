@@ -1,0 +1,279 @@
+"""Held-out log-likelihood of federated DP Gaussian mixtures against a central, non-private fit.
+
+Data: a synthetic mixture of K = 4 correlated Gaussians in D = 5 dimensions (120,000 training
+rows, 20,000 held-out rows), partitioned over 3, 10 or 20 sites with label skew: each
+component's rows go to the sites in Dirichlet(1)-distributed proportions (Hsu, Qi & Brown
+2019, "Measuring the Effects of Non-Identical Data Distribution for Federated Visual
+Classification", arXiv:1909.06335), so sites differ in size and in cluster mix. The
+declared feature bounds are [-12, 12] on every column (public, wider than the data).
+
+Methods, each scored by the mean held-out log-likelihood per row (data units; higher is
+better):
+
+* ``central``: scikit-learn's ``GaussianMixture`` (K = 4, full covariances, 3 initialisations)
+  on all training rows in one place, without DP: the reference no federation can beat.
+* ``fed σ=.01``: :class:`orchestrator.gmm_em.FederatedEM` with the smallest noise multiplier
+  a :class:`~common.accounting.DpEvent` accepts (0.01; no meaningful ε): the federated
+  algorithm itself, nearly without the cost of privacy.
+* ``fed DP-EM``: :class:`~orchestrator.gmm_em.FederatedEM` (1 init release + at most
+  ``--rounds`` EM rounds), σ calibrated with
+  :func:`common.accounting.calibrate_noise_multiplier` so that every site's worst-case
+  history (``planned_events``) meets the target ε at δ = 1e-5 (PRV accountant).
+* ``one-shot``: every site fits its own DP mixture (a one-site ``FederatedEM`` with the same
+  σ, rounds and ε), and the orchestrator merges the local models with
+  :func:`common.gmm.merge_mixtures`, weighting sites by their noisy row counts: one
+  round trip instead of ``rounds + 1``.
+
+Every site is charged ε (its rows are in one release chain); sites hold disjoint rows, so ε is
+also the guarantee of the released model. The ε reported is :func:`compute_epsilon` of the
+events actually charged (early stopping can leave it below the target). Each DP cell is
+repeated with ``--repeats`` different noise seeds (mean and standard deviation reported).
+
+Run: ``.venv/bin/python bench/bench_gmm.py`` (about a minute on 2 CPU cores); writes
+``bench/results/gmm.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sklearn
+from sklearn.mixture import GaussianMixture
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.accounting import DpEvent, calibrate_noise_multiplier, compute_epsilon
+from common.gmm import GaussianMixtureParams, merge_mixtures
+from orchestrator.gmm_em import FederatedEM
+from site_agent.gmm_stats import answer_request
+
+RESULTS = Path(__file__).resolve().parent / "results" / "gmm.json"
+DELTA = 1e-5
+K, D = 4, 5
+BOUND = 12.0
+N_TRAIN, N_TEST = 120_000, 20_000
+
+
+def make_data(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train rows, train labels, test rows) of a fixed 4-component mixture in 5-D."""
+    rng = np.random.default_rng(seed)
+    means = np.array(
+        [
+            [-4.0, -4.0, 0.0, 1.0, 0.0],
+            [0.0, 4.0, 3.0, -2.0, 0.0],
+            [4.0, -1.0, -3.0, 2.0, 2.0],
+            [1.0, 0.0, 1.0, 0.0, -4.0],
+        ]
+    )
+    weights = np.array([0.35, 0.25, 0.25, 0.15])
+    factors = [rng.normal(size=(D, D)) * 0.45 + np.eye(D) * 0.6 for _ in range(K)]
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.choice(K, size=n, p=weights)
+        noise = rng.normal(size=(n, D))
+        X = np.empty((n, D))
+        for k in range(K):
+            idx = labels == k
+            X[idx] = means[k] + noise[idx] @ factors[k].T
+        return X, labels
+
+    X, y = draw(N_TRAIN)
+    X_test, _ = draw(N_TEST)
+    return X, y, X_test
+
+
+def partition(labels: np.ndarray, n_sites: int, seed: int) -> list[np.ndarray]:
+    """Row indices per site: component k's rows spread by Dirichlet(1) proportions."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_sites)]
+    for k in range(K):
+        idx = rng.permutation(np.flatnonzero(labels == k))
+        cuts = (np.cumsum(rng.dirichlet(np.ones(n_sites)))[:-1] * idx.size).astype(int)
+        for s, chunk in enumerate(np.split(idx, cuts)):
+            parts[s].append(chunk)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def _chunks(X: np.ndarray, rows: int = 20_000) -> Iterator[np.ndarray]:
+    for i in range(0, len(X), rows):
+        yield X[i : i + rows]
+
+
+def run_job(job: FederatedEM, sites: Sequence[np.ndarray], seed: int) -> list[list[DpEvent]]:
+    """Drive a job through JSON round trips, as over the wire; return each site's charges."""
+    rng = np.random.default_rng(seed)
+    charged: list[list[DpEvent]] = [[] for _ in sites]
+    request: dict[str, Any] | None = json.loads(json.dumps(job.initial_request()))
+    while request is not None:
+        results = []
+        for s, X in enumerate(sites):
+            result, event = answer_request(request, _chunks(X), rng=rng)
+            charged[s].append(event)
+            results.append(json.loads(json.dumps(result)))
+        nxt = job.absorb(results)
+        request = None if nxt is None else json.loads(json.dumps(nxt))
+    return charged
+
+
+def _job(sigma: float, rounds: int, seed: int) -> FederatedEM:
+    return FederatedEM(
+        K=K,
+        covariance_type="full",
+        bounds=np.tile([-BOUND, BOUND], (D, 1)),
+        max_rounds=rounds,
+        tol=1e-3,
+        noise_multiplier=sigma,
+        seed=seed,
+    )
+
+
+def federated(
+    sites: Sequence[np.ndarray], sigma: float, rounds: int, seed: int
+) -> tuple[GaussianMixtureParams, float, int]:
+    job = _job(sigma, rounds, seed)
+    charged = run_job(job, sites, seed + 1)
+    eps = max(compute_epsilon(c, delta=DELTA).epsilon for c in charged)
+    return job.result(), eps, len(job.history)
+
+
+def one_shot(
+    sites: Sequence[np.ndarray], sigma: float, rounds: int, seed: int
+) -> tuple[GaussianMixtureParams, float, int]:
+    local, weights, eps = [], [], 0.0
+    for s, X in enumerate(sites):
+        job = _job(sigma, rounds, seed + 100 * s)
+        charged = run_job(job, [X], seed + 100 * s + 1)
+        eps = max(eps, compute_epsilon(charged[0], delta=DELTA).epsilon)
+        local.append(job.result())
+        weights.append(max(job.mean_rows(), 1.0))  # noisy, post-processing
+    return merge_mixtures(local, weights, K), eps, 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 10.0])
+    parser.add_argument("--sites", type=int, nargs="+", default=[3, 10, 20])
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    X, y, X_test = make_data(args.seed)
+
+    def score(p: GaussianMixtureParams) -> float:
+        return float(np.mean(p.log_likelihood(X_test)))
+
+    central = GaussianMixture(K, covariance_type="full", n_init=3, random_state=args.seed).fit(X)
+    central_ll = float(central.score(X_test))
+    sigmas = {
+        eps: calibrate_noise_multiplier(
+            target_epsilon=eps, sample_rate=1.0, steps=1 + args.rounds, delta=DELTA
+        )
+        for eps in args.epsilons
+    }
+    rows: list[dict[str, Any]] = []
+    for n_sites in args.sites:
+        sites = [X[idx] for idx in partition(y, n_sites, args.seed + n_sites)]
+        sizes = sorted(len(s) for s in sites)
+        base, _, base_rounds = federated(sites, 0.01, args.rounds, args.seed)
+        rows.append(
+            {
+                "sites": n_sites,
+                "site_rows_min_max": [sizes[0], sizes[-1]],
+                "method": "fed σ=.01",
+                "epsilon_target": None,
+                "sigma": 0.01,
+                "heldout_ll": [score(base)],
+                "epsilon": [None],
+                "rounds": [base_rounds],
+            }
+        )
+        for eps in args.epsilons:
+            for method, fit in (("fed DP-EM", federated), ("one-shot", one_shot)):
+                lls, spent, rounds = [], [], []
+                for rep in range(args.repeats):
+                    params, e, nr = fit(sites, sigmas[eps], args.rounds, args.seed + 1000 * rep)
+                    lls.append(score(params))
+                    spent.append(e)
+                    rounds.append(nr)
+                rows.append(
+                    {
+                        "sites": n_sites,
+                        "site_rows_min_max": [sizes[0], sizes[-1]],
+                        "method": method,
+                        "epsilon_target": eps,
+                        "sigma": sigmas[eps],
+                        "heldout_ll": lls,
+                        "epsilon": spent,
+                        "rounds": rounds,
+                    }
+                )
+    env = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "sklearn": sklearn.__version__,
+        "machine": platform.machine(),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+    config = {
+        "K": K,
+        "D": D,
+        "n_train": N_TRAIN,
+        "n_test": N_TEST,
+        "bounds": [-BOUND, BOUND],
+        "delta": DELTA,
+        "max_rounds": args.rounds,
+        "repeats": args.repeats,
+        "accountant": "prv",
+        "central_sklearn_heldout_ll": central_ll,
+    }
+    print(
+        f"Held-out log-likelihood per row (higher is better), K={K}, D={D}, "
+        f"{N_TRAIN:,} train / {N_TEST:,} test rows, δ={DELTA:g}, ≤{args.rounds} EM rounds"
+    )
+    print(f"central scikit-learn GaussianMixture, no DP: {central_ll:.3f}")
+    header = f"{'sites':>5} {'rows/site':>13} {'method':<10} {'ε target':>8} {'σ':>7} "
+    header += f"{'held-out ll':>16} {'gap':>7} {'ε spent':>8} {'rounds':>6}"
+    print(header)
+    for row in rows:
+        lls = row["heldout_ll"]
+        sd = statistics.stdev(lls) if len(lls) > 1 else 0.0
+        mean = statistics.fmean(lls)
+        spent = [e for e in row["epsilon"] if e is not None]
+        eps_s = f"{max(spent):.2f}" if spent else "—"
+        target = f"{row['epsilon_target']:g}" if row["epsilon_target"] is not None else "∞"
+        lo, hi = row["site_rows_min_max"]
+        print(
+            f"{row['sites']:>5} {f'{lo}-{hi}':>13} {row['method']:<10} {target:>8} "
+            f"{row['sigma']:>7.3g} {f'{mean:.3f} ± {sd:.3f}':>16} {mean - central_ll:>7.3f} "
+            f"{eps_s:>8} {statistics.fmean(row['rounds']):>6.1f}"
+        )
+    print(
+        f"wall time {env['wall_s']} s; 1-min load average before/after "
+        f"{env['loadavg_1min_before_after']} on {env['cpu_count']} CPUs"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps({"environment": env, "config": config, "results": rows}, indent=2) + "\n"
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,288 @@
+"""The job loop of a mixture job (``kind: gmm``): federated DP EM, K by distributed BIC.
+
+The maths and the request/response protocol are ``orchestrator.gmm_em`` (a transport-free
+state machine) and ``common.gmm``; each round here sends its request to every participating
+site (``orchestrator.fanout``), feeds the noised statistics back, and records the round. The
+box the sites clip to is the union of the bounds the sites *declare* for the job's columns
+(never learned from data). Sites hold disjoint rows, so the released mixture's ε is the
+composition of one site's releases (every site answers the same requests): the maximum over
+sites.
+
+A mixture job is not checkpointed: after an orchestrator restart it starts again, and the
+sites charge the repeated releases again (over-count, never under-count).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from common.accounting import DpEvent, calibrate_noise_multiplier, compute_epsilon
+from common.domain import SiteStatus
+from common.errors import DpfedError, InvalidSpecError, JobFailedError
+from common.specs import GmmJobSpec
+from common.version import __version__
+from orchestrator.broker import Broker
+from orchestrator.fanout import fan_out
+from orchestrator.gmm_em import FederatedBIC, FederatedEM
+from orchestrator.planning import ACCOUNTANT, site_dataset
+from orchestrator.store import RoundRow, Store, atomic_write
+from orchestrator.views import site_status
+
+log = logging.getLogger("dpfed.orchestrator")
+
+
+def declared_box(spec: GmmJobSpec, sites: list[SiteStatus]) -> tuple[list[str], np.ndarray]:
+    """The job's columns and the union of the sites' declared [min, max] for each."""
+    lows: dict[str, float] = {}
+    highs: dict[str, float] = {}
+    columns: list[str] | None = list(spec.columns) if spec.columns else None
+    for s in sites:
+        ds = site_dataset(s, spec.dataset)
+        assert ds is not None
+        declared = {c.name: c for c in ds.schema}
+        cols = columns or list(ds.columns)
+        columns = cols
+        for name in cols:
+            c = declared.get(name)
+            if c is None or c.type != "numeric" or c.min is None or c.max is None:
+                raise InvalidSpecError(
+                    f"column {name!r} of dataset {spec.dataset!r} has no declared numeric "
+                    f"bounds at site {s.site_id}; a mixture job clips to declared bounds"
+                )
+            lows[name] = min(lows.get(name, c.min), c.min)
+            highs[name] = max(highs.get(name, c.max), c.max)
+    assert columns is not None
+    return columns, np.array([[lows[c], highs[c]] for c in columns], dtype=np.float64)
+
+
+class GmmRunner(threading.Thread):
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        store: Store,
+        broker: Broker,
+        on_change: Callable[[str], None],
+        stopping: threading.Event,
+        poll_s: float = 0.5,
+    ) -> None:
+        super().__init__(name=f"gmm-{job_id}", daemon=True)
+        self.job_id = job_id
+        self.store = store
+        self.broker = broker
+        self.on_change = on_change
+        self.stopping = stopping
+        self.poll_s = poll_s
+        self.spec = GmmJobSpec.model_validate_json(store.job(job_id).spec_json)
+        self._cancelled_by: str | None = None
+
+    def cancel(self, by: str) -> None:
+        self._cancelled_by = by
+
+    def _event(self, level: str, message: str, site_id: str = "") -> None:
+        self.store.add_event(self.job_id, level, message, site_id=site_id)
+        self.on_change(self.job_id)
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except DpfedError as err:
+            self._fail(str(err))
+        except Exception as err:
+            log.exception("gmm job %s crashed", self.job_id)
+            self._fail(f"internal error: {type(err).__name__}: {err}")
+
+    def _fail(self, reason: str) -> None:
+        self.store.add_event(self.job_id, "error", reason)
+        self.store.update_job(self.job_id, state="failed", error=reason)
+        self.on_change(self.job_id)
+
+    def _sites(self) -> list[SiteStatus]:
+        spec = self.spec
+        deadline = time.time() + spec.start_timeout_s
+        while True:
+            sites = [
+                s
+                for s in (site_status(r, self.broker) for r in self.store.sites())
+                if site_dataset(s, spec.dataset) is not None
+                and s.state not in ("offline", "disabled")
+            ]
+            if len(sites) >= spec.min_sites:
+                return sites
+            if time.time() > deadline or self.stopping.is_set():
+                raise JobFailedError(
+                    f"only {len(sites)} online site(s) expose dataset {spec.dataset!r}; the job "
+                    f"needs min_sites={spec.min_sites}"
+                )
+            time.sleep(self.poll_s)
+
+    def _machine(self, bounds: np.ndarray) -> FederatedEM | FederatedBIC:
+        spec = self.spec
+        seed = spec.seed if spec.seed is not None else int(time.time())
+        common: dict[str, Any] = dict(
+            covariance_type=spec.covariance_type,
+            bounds=bounds,
+            max_rounds=spec.max_rounds,
+            tol=spec.tol,
+            seed=seed,
+        )
+
+        def build(sigma: float) -> FederatedEM | FederatedBIC:
+            if spec.k is not None:
+                return FederatedEM(K=spec.k, noise_multiplier=sigma, **common)
+            return FederatedBIC(k_values=spec.k_values, noise_multiplier=sigma, **common)
+
+        if spec.dp.noise_multiplier is not None:
+            return build(spec.dp.noise_multiplier)
+        assert spec.dp.target_epsilon is not None
+        # Every release of the job uses one σ and q = 1: calibrate on the worst-case count.
+        steps = sum(e.steps for e in build(1.0).planned_events())
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=spec.dp.target_epsilon,
+            sample_rate=1.0,
+            steps=steps,
+            delta=spec.dp.delta,
+            accountant=ACCOUNTANT,
+        )
+        return build(sigma)
+
+    def _run(self) -> None:
+        spec = self.spec
+        sites = self._sites()
+        columns, bounds = declared_box(spec, sites)
+        machine = self._machine(bounds)
+        planned = compute_epsilon(machine.planned_events(), delta=spec.dp.delta).epsilon
+        site_ids = [s.site_id for s in sites]
+        self.store.update_job(self.job_id, state="running", participants={s: 0.0 for s in site_ids})
+        self._event(
+            "info",
+            f"federated EM over {len(site_ids)} site(s), K ∈ {spec.k_values}, columns "
+            f"{', '.join(columns)}; worst-case ε {planned:.3g} at δ={spec.dp.delta:g}",
+        )
+        request: dict[str, Any] | None = machine.initial_request()
+        rnd = 0
+        while request is not None:
+            if self._cancelled_by is not None:
+                raise JobFailedError(f"cancelled by {self._cancelled_by}")
+            if self.stopping.is_set():
+                return
+            rnd += 1
+            t0 = time.time()
+            body = json.dumps({"columns": columns, "request": request})
+            res = fan_out(
+                self.broker,
+                site_ids=site_ids,
+                job_id=self.job_id,
+                kind="gmm",
+                dataset=spec.dataset,
+                request_json=lambda _sid, b=body: b,  # type: ignore[misc]
+                timeout_s=spec.round_timeout_s,
+                round_=rnd,
+            )
+            for sid, f in sorted(res.failures.items()):
+                self._event("warning", f"site {sid} failed round {rnd} ({f.code}): {f.reason}", sid)
+            if len(res.updates) < spec.min_sites:
+                raise JobFailedError(
+                    f"round {rnd}: {len(res.updates)} site(s) answered, min_sites={spec.min_sites}"
+                )
+            # A site that missed a request cannot rejoin the same EM run consistently.
+            site_ids = sorted(res.updates)
+            results = [json.loads(u.meta.result_json) for _, u in sorted(res.updates.items())]
+            request = machine.absorb(results)
+            eps = compute_epsilon(machine.privacy_events, delta=spec.dp.delta).epsilon
+            self.store.commit_round(
+                RoundRow(
+                    job_id=self.job_id,
+                    round=rnd,
+                    site_ids=site_ids,
+                    num_examples=int(sum(u.meta.num_examples for u in res.updates.values())),
+                    duration_s=time.time() - t0,
+                    epsilon=eps,
+                ),
+                [],
+                round=rnd,
+                epsilon=eps,
+                accountant=ACCOUNTANT,
+            )
+            self.on_change(self.job_id)
+        self._release(machine, columns, bounds, site_ids)
+
+    def _release(
+        self,
+        machine: FederatedEM | FederatedBIC,
+        columns: list[str],
+        bounds: np.ndarray,
+        site_ids: list[str],
+    ) -> None:
+        spec = self.spec
+        events: list[DpEvent] = machine.privacy_events
+        eps = compute_epsilon(events, delta=spec.dp.delta, accountant=ACCOUNTANT)
+        params = machine.result()
+        card: dict[str, Any] = {
+            "job_id": self.job_id,
+            "kind": "gmm",
+            "name": spec.name or "",
+            "dataset": spec.dataset,
+            "model": {
+                "kind": "gaussian_mixture",
+                "covariance_type": spec.covariance_type,
+                "columns": columns,
+                "K": len(params.weights),
+            },
+            "epsilon": eps.epsilon,
+            "delta": spec.dp.delta,
+            "accountant": eps.accountant,
+            "privacy_unit": "record (sample-level DP at each site)",
+            "guarantee": (
+                "Sample-level (ε, δ)-DP for each record at its own site, for every statistic "
+                "the sites released (noised sufficient statistics, noised log-likelihoods), "
+                "composed with the PRV accountant; the mixture is post-processing."
+            ),
+            "rounds": len(self.store.rounds(self.job_id)),
+            "sites": [
+                {
+                    "site_id": s,
+                    "epsilon": eps.epsilon,
+                    "events": [
+                        {
+                            "noise_multiplier": e.noise_multiplier,
+                            "sample_rate": e.sample_rate,
+                            "steps": e.steps,
+                        }
+                        for e in events
+                    ],
+                }
+                for s in site_ids
+            ],
+            "bounds": bounds.tolist(),
+            "released_at": time.time(),
+            "dpfed_version": __version__,
+        }
+        if isinstance(machine, FederatedBIC):
+            curve = machine.bic_curve
+            card["model_selection"] = {
+                "criterion": "distributed BIC (noisy log-likelihoods summed over sites)",
+                "bic": {str(k): v for k, v in sorted(curve.items())},
+                "bic_sd": {str(k): v for k, v in sorted(machine.bic_sd.items())},
+                "chosen_k": machine.chosen_k,
+            }
+        else:
+            card["history"] = [h for h in machine.history if math.isfinite(h)]
+        out = self.store.paths.model_dir(self.job_id)
+        atomic_write(out / "mixture.json", json.dumps(params.to_dict(), indent=2).encode())
+        atomic_write(out / "model_card.json", json.dumps(card, indent=2).encode())
+        self.store.update_job(
+            self.job_id, state="completed", model_released=True, epsilon=eps.epsilon
+        )
+        self._event(
+            "info",
+            f"mixture released: K={len(params.weights)}, ε={eps.epsilon:.4g}, δ={spec.dp.delta:g}",
+        )

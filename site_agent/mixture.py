@@ -1,0 +1,114 @@
+"""The site's side of a mixture job (``kind: gmm``): one pass over the rows per request.
+
+Every request is priced first (``site_agent.gmm_stats.request_cost``: the sensitivities are
+computed here from the request's shape, never read from it), admitted against the site's
+policy and budget and charged to the ledger, and only then answered with noised statistics.
+CSV datasets are streamed from the file in ``chunk_rows`` chunks, so memory holds one chunk;
+Parquet and SQL datasets are chunked from the rows the agent loaded at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from common.domain import ChargedEvent, DpReport, TaskAssignment, UpdateMeta
+from common.errors import InvalidSpecError
+from common.specs import format_validation_error
+from site_agent.budget import admit_and_charge
+from site_agent.config import SiteConfig
+from site_agent.data import LocalDataset
+from site_agent.gmm_stats import answer_request, iter_csv_chunks, request_cost
+from site_agent.ledger import Ledger
+
+
+class MixtureTask(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    columns: tuple[str, ...] = Field(min_length=1, max_length=64)
+    request: dict[str, Any]
+
+
+def run_gmm(
+    *,
+    config: SiteConfig,
+    ledger: Ledger,
+    task: TaskAssignment,
+    data: tuple[LocalDataset, LocalDataset | None],
+) -> tuple[UpdateMeta, bytes]:
+    try:
+        body = MixtureTask.model_validate_json(task.request_json)
+    except ValidationError as err:
+        raise InvalidSpecError(format_validation_error(err, source="gmm request")) from None
+    cfg = config.dataset(task.dataset)
+    assert cfg is not None
+    train, val = data
+    unknown = [c for c in body.columns if c not in train.feature_names]
+    if unknown:
+        raise InvalidSpecError(f"dataset {task.dataset!r} has no feature column(s) {unknown}")
+    for c in body.columns:
+        spec = cfg.columns.get(c)
+        if spec is None or spec.type != "numeric" or spec.min is None:
+            raise InvalidSpecError(
+                f"column {c!r} of dataset {task.dataset!r} has no declared numeric bounds here"
+            )
+    event = request_cost(body.request)
+    admit_and_charge(
+        config=config,
+        ledger=ledger,
+        dataset=task.dataset,
+        job_id=task.job_id,
+        task_id=task.task_id,
+        kind="gmm",
+        events=[event],
+        delta=config.policy.delta,
+        what=f"mixture statistics (round {task.round})",
+    )
+    idx = [train.feature_names.index(c) for c in body.columns]
+    n_rows = len(train.labels) + (0 if val is None else len(val.labels))
+
+    def in_memory() -> Iterator[np.ndarray]:
+        for part in (train, val):
+            if part is None:
+                continue
+            x = part.features[:, idx].astype(np.float64)
+            for start in range(0, len(x), cfg.chunk_rows):
+                yield x[start : start + cfg.chunk_rows]
+
+    chunks: Iterator[np.ndarray] = (
+        iter_csv_chunks(cfg.path, body.columns, cfg.chunk_rows)
+        if cfg.source_format() == "csv" and cfg.path is not None
+        else in_memory()
+    )
+    result, charged = answer_request(
+        body.request, chunks, rng=np.random.default_rng(secrets.randbits(128))
+    )
+    if charged != event:
+        raise InvalidSpecError("internal: the answered release differs from the one charged")
+    lifetime = ledger.spent(task.dataset, delta=config.policy.delta)
+    report = DpReport(
+        events=(ChargedEvent("metrics", event),),
+        max_grad_norm=0.0,
+        delta=config.policy.delta,
+        task_epsilon=0.0,
+        job_epsilon=0.0,
+        dataset_epsilon=lifetime.epsilon,
+        policy_delta=config.policy.delta,
+        accountant=lifetime.accountant,
+    )
+    meta = UpdateMeta(
+        site_id=config.site_id,
+        task_id=task.task_id,
+        num_examples=max(1, n_rows),
+        dp_report=report,
+        metrics=None,
+        total_size=0,
+        sha256=hashlib.sha256(b"").hexdigest(),
+        result_json=json.dumps(result),
+    )
+    return meta, b""
