@@ -109,6 +109,9 @@ def serve(
     metrics_listen: Annotated[
         str | None, typer.Option(help="HOST:PORT for Prometheus metrics at /metrics (opt-in)")
     ] = None,
+    max_workers: Annotated[
+        int, typer.Option(help="gRPC worker threads; each connected site holds one")
+    ] = 512,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
     log_format: Annotated[str, typer.Option(help="text or json")] = "text",
 ) -> None:
@@ -126,6 +129,7 @@ def serve(
         db_url=db_url,
         offline_after_s=offline_after,
         metrics_listen=metrics_listen,
+        max_workers=max_workers,
     )
     err_console.print(
         f"orchestrator listening on {listen} ({'plaintext' if tls is None else 'mutual TLS'})"

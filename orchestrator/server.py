@@ -81,10 +81,14 @@ def start_server(
     tls: TlsFiles | None = None,
     db_url: str | None = None,
     offline_after_s: float = 30.0,
-    max_workers: int = 64,
+    max_workers: int = 512,
     metrics_listen: str | None = None,
 ) -> RunningServer:
-    """Serve on ``listen``: mTLS with ``tls``; plaintext (loopback only) when it is None."""
+    """Serve on ``listen``: mTLS with ``tls``; plaintext (loopback only) when it is None.
+
+    Every dialled-in agent holds one worker thread during its long-poll, so ``max_workers``
+    must exceed the number of sites by a margin (threads are created on demand).
+    """
     if tls is None:
         require_loopback_for_plaintext(listen)
     coordinator = Coordinator(state_dir, db_url=db_url, offline_after_s=offline_after_s)

@@ -307,12 +307,20 @@ class TaskExecutor:
                 noise_multiplier=sigma,
                 max_grad_norm=spec.dp.max_grad_norm,
                 batch_size=spec.batch_size,
-                local_epochs=spec.local_epochs,
-                local_steps=spec.local_steps,
+                # Exactly the steps charged above: the trainer must not recompute them (its
+                # rounding of local_epochs could differ and run more than was charged).
+                local_epochs=None,
+                local_steps=steps,
                 optimizer=spec.optimizer,
                 seed=spec.seed,
             ),
         )
+        if result.steps != steps or abs(result.sample_rate - q) > 1e-12 * q:
+            # Never release an update whose DP event differs from the one in the ledger.
+            raise InvalidSpecError(
+                f"internal: trained {result.steps} steps at q={result.sample_rate:g}, "
+                f"charged {steps} at q={q:g}; update withheld"
+            )
         metrics: Metrics | None = None
         if want_metrics and split.validation is not None:
             local = {k: global_state[k] + result.delta[k] for k in global_state}

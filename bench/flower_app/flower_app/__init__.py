@@ -1,0 +1,1 @@
+"""Minimal Flower app timed by ``bench/bench_round_overhead.py``."""
