@@ -278,8 +278,8 @@ def any_job_spec_from_json(text: str) -> AnyJobSpec:
 
     try:
         data = json.loads(text)
-    except ValueError:
-        raise InvalidSpecError("invalid job spec: not valid JSON") from None
+    except (ValueError, RecursionError):
+        raise InvalidSpecError("invalid job spec: not valid JSON (or nested too deeply)") from None
     return parse_any_job_spec(data)
 
 

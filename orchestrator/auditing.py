@@ -53,7 +53,7 @@ def run_audit(
             body = json.loads(upd.meta.result_json)
             ls = [float(v) for v in body["losses"]]
             inc = [bool(v) for v in body["included"]]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             log.warning("job=%s site=%s sent a malformed audit result", job_id, sid)
             continue
         if len(ls) != len(inc):

@@ -195,7 +195,10 @@ class GmmRunner(threading.Thread):
                 )
             # A site that missed a request cannot rejoin the same EM run consistently.
             site_ids = sorted(res.updates)
-            results = [json.loads(u.meta.result_json) for _, u in sorted(res.updates.items())]
+            try:
+                results = [json.loads(u.meta.result_json) for _, u in sorted(res.updates.items())]
+            except (ValueError, RecursionError):
+                raise JobFailedError(f"round {rnd}: a site sent malformed statistics") from None
             request = machine.absorb(results)
             eps = compute_epsilon(machine.privacy_events, delta=spec.dp.delta).epsilon
             self.store.commit_round(

@@ -76,8 +76,12 @@ def synthesize(
     measurements = []
     schema: Schema | None = None
     for sid, upd in sorted(res.updates.items()):
-        body = json.loads(upd.meta.result_json)
-        site_schema = Schema.from_dict(body["schema"])
+        try:
+            body = json.loads(upd.meta.result_json)
+            site_schema = Schema.from_dict(body["schema"])
+        except (ValueError, KeyError, TypeError, RecursionError, InvalidSpecError):
+            problems[sid] = "INVALID_ARGUMENT: malformed measurement"
+            continue
         if schema is None:
             schema = site_schema
         elif site_schema.fingerprint() != schema.fingerprint():
@@ -86,7 +90,8 @@ def synthesize(
                 f"dataset {dataset!r} than the other sites; align their site.yaml `columns`"
             )
         measurements.append(body["measurement"])
-    assert schema is not None
+    if schema is None:
+        raise NotFoundError(f"no usable measurement of dataset {dataset!r}: {problems}")
     combined = combine(measurements)
     frame = fit_and_sample(
         combined, schema, rows=rows, rng=np.random.default_rng(secrets.randbits(128))

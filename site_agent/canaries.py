@@ -78,7 +78,7 @@ def score_canaries(state_dir: Path, job_id: str, request_json: str, blob: bytes)
     try:
         req = json.loads(request_json)
         spec = parse_model_spec(req["model"], source="audit request model")
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise InvalidSpecError("malformed audit request") from None
     with np.load(path) as z:
         x, y, inc = z["x"], z["y"], z["included"]
