@@ -234,6 +234,10 @@ class GmmJobSpec(_Frozen):
     k: int | None = Field(default=None, ge=1, le=50)
     k_range: tuple[int, int] | None = Field(default=None, description="[min, max] for BIC")
     covariance_type: Literal["full", "diag"] = "full"
+    method: Literal["federated_em", "one_shot"] = Field(
+        default="federated_em",
+        description="one_shot: each site fits its own DP mixture, the orchestrator merges them",
+    )
     max_rounds: int = Field(default=20, ge=1, le=500)
     tol: float = Field(default=1e-3, gt=0.0, le=1.0)
     dp: GmmDPSpec
@@ -246,6 +250,8 @@ class GmmJobSpec(_Frozen):
     def _k(self) -> GmmJobSpec:
         if (self.k is None) == (self.k_range is None):
             raise ValueError("set exactly one of k and k_range")
+        if self.method == "one_shot" and self.k is None:
+            raise ValueError("method one_shot needs a fixed k (BIC runs with federated_em)")
         if self.k_range is not None:
             lo, hi = self.k_range
             if not 1 <= lo < hi <= 50:

@@ -27,6 +27,7 @@ import numpy as np
 from common.accounting import DpEvent, calibrate_noise_multiplier, compute_epsilon
 from common.domain import SiteStatus
 from common.errors import DpfedError, InvalidSpecError, JobFailedError
+from common.gmm import GaussianMixtureParams, merge_mixtures
 from common.specs import GmmJobSpec
 from common.version import __version__
 from orchestrator.broker import Broker
@@ -159,6 +160,9 @@ class GmmRunner(threading.Thread):
         sites = self._sites()
         columns, bounds = declared_box(spec, sites)
         machine = self._machine(bounds)
+        if spec.method == "one_shot":
+            self._one_shot(machine, columns, bounds, [s.site_id for s in sites])
+            return
         planned = compute_epsilon(machine.planned_events(), delta=spec.dp.delta).epsilon
         site_ids = [s.site_id for s in sites]
         self.store.update_job(self.job_id, state="running", participants={s: 0.0 for s in site_ids})
@@ -218,6 +222,78 @@ class GmmRunner(threading.Thread):
             self.on_change(self.job_id)
         self._release(machine, columns, bounds, site_ids)
 
+    def _one_shot(
+        self,
+        machine: FederatedEM | FederatedBIC,
+        columns: list[str],
+        bounds: np.ndarray,
+        site_ids: list[str],
+    ) -> None:
+        """Each site fits its own DP mixture; merge them into K components (Runnalls 2007)."""
+        spec = self.spec
+        assert spec.k is not None and isinstance(machine, FederatedEM)
+        sigma = machine.noise_multiplier
+        planned = machine.planned_events()
+        self.store.update_job(self.job_id, state="running", participants={s: 0.0 for s in site_ids})
+        body = json.dumps(
+            {
+                "columns": columns,
+                "K": spec.k,
+                "covariance_type": spec.covariance_type,
+                "bounds": bounds.tolist(),
+                "max_rounds": spec.max_rounds,
+                "tol": spec.tol,
+                "noise_multiplier": sigma,
+                "seed": spec.seed if spec.seed is not None else 0,
+            }
+        )
+        t0 = time.time()
+        res = fan_out(
+            self.broker,
+            site_ids=site_ids,
+            job_id=self.job_id,
+            kind="gmm_local",
+            dataset=spec.dataset,
+            request_json=lambda _sid: body,
+            timeout_s=spec.round_timeout_s,
+        )
+        for sid, f in sorted(res.failures.items()):
+            self._event("warning", f"site {sid} failed its local fit ({f.code}): {f.reason}", sid)
+        local, weights = [], []
+        for _sid, upd in sorted(res.updates.items()):
+            try:
+                body_ = json.loads(upd.meta.result_json)
+                local.append(GaussianMixtureParams.from_dict(body_["mixture"]))
+                weights.append(float(body_["rows"]))
+            except (ValueError, KeyError, TypeError, RecursionError, InvalidSpecError):
+                self._event("warning", f"site {_sid} sent a malformed mixture", _sid)
+        if len(local) < spec.min_sites:
+            raise JobFailedError(f"{len(local)} local fit(s) received, min_sites={spec.min_sites}")
+        merged = merge_mixtures(local, weights, spec.k)
+        eps = compute_epsilon(planned, delta=spec.dp.delta).epsilon
+        self.store.commit_round(
+            RoundRow(
+                job_id=self.job_id,
+                round=1,
+                site_ids=sorted(res.updates),
+                num_examples=int(sum(weights)),
+                duration_s=time.time() - t0,
+                epsilon=eps,
+            ),
+            [],
+            round=1,
+            epsilon=eps,
+            accountant=ACCOUNTANT,
+        )
+        self._write_release(
+            merged,
+            planned,
+            columns,
+            bounds,
+            sorted(res.updates),
+            extra={"method": "one-shot: local DP mixtures merged by the Runnalls (2007) KL bound"},
+        )
+
     def _release(
         self,
         machine: FederatedEM | FederatedBIC,
@@ -225,10 +301,33 @@ class GmmRunner(threading.Thread):
         bounds: np.ndarray,
         site_ids: list[str],
     ) -> None:
+        extra: dict[str, Any] = {"method": "federated DP EM"}
+        if isinstance(machine, FederatedBIC):
+            curve = machine.bic_curve
+            extra["model_selection"] = {
+                "criterion": "distributed BIC (noisy log-likelihoods summed over sites)",
+                "bic": {str(k): v for k, v in sorted(curve.items())},
+                "bic_sd": {str(k): v for k, v in sorted(machine.bic_sd.items())},
+                "chosen_k": machine.chosen_k,
+            }
+        else:
+            extra["history"] = [h for h in machine.history if math.isfinite(h)]
+        self._write_release(
+            machine.result(), machine.privacy_events, columns, bounds, site_ids, extra=extra
+        )
+
+    def _write_release(
+        self,
+        params: GaussianMixtureParams,
+        events: list[DpEvent],
+        columns: list[str],
+        bounds: np.ndarray,
+        site_ids: list[str],
+        *,
+        extra: dict[str, Any],
+    ) -> None:
         spec = self.spec
-        events: list[DpEvent] = machine.privacy_events
         eps = compute_epsilon(events, delta=spec.dp.delta, accountant=ACCOUNTANT)
-        params = machine.result()
         card: dict[str, Any] = {
             "job_id": self.job_id,
             "kind": "gmm",
@@ -269,16 +368,7 @@ class GmmRunner(threading.Thread):
             "released_at": time.time(),
             "dpfed_version": __version__,
         }
-        if isinstance(machine, FederatedBIC):
-            curve = machine.bic_curve
-            card["model_selection"] = {
-                "criterion": "distributed BIC (noisy log-likelihoods summed over sites)",
-                "bic": {str(k): v for k, v in sorted(curve.items())},
-                "bic_sd": {str(k): v for k, v in sorted(machine.bic_sd.items())},
-                "chosen_k": machine.chosen_k,
-            }
-        else:
-            card["history"] = [h for h in machine.history if math.isfinite(h)]
+        card.update(extra)
         out = self.store.paths.model_dir(self.job_id)
         atomic_write(out / "mixture.json", json.dumps(params.to_dict(), indent=2).encode())
         atomic_write(out / "model_card.json", json.dumps(card, indent=2).encode())

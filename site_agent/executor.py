@@ -46,7 +46,7 @@ from site_agent.config import SiteConfig
 from site_agent.data import LocalDataset, load_dataset, split_train_validation
 from site_agent.evaluation import run_evaluate
 from site_agent.ledger import Ledger
-from site_agent.mixture import run_gmm
+from site_agent.mixture import run_gmm, run_gmm_local
 from site_agent.policy import TaskCost, check_task
 from site_agent.synthesis import run_synth
 from site_agent.trainer import TrainParams, evaluate, train_local
@@ -162,6 +162,14 @@ class TaskExecutor:
                 task=task,
                 data=(split.train, split.validation),
             )
+        elif task.kind == "gmm_local":
+            split = self._split(task.dataset)
+            result = run_gmm_local(
+                config=self.config,
+                ledger=self.ledger,
+                task=task,
+                data=(split.train, split.validation),
+            )
         elif task.kind == "audit":
             result_json = score_canaries(
                 self.config.state_dir, task.job_id, task.request_json, blob
@@ -190,7 +198,7 @@ class TaskExecutor:
             return meta, b""
         else:
             raise InvalidSpecError(
-                f"unknown task kind {task.kind!r}; this agent runs train, evaluate, synth, gmm, audit"
+                f"unknown task kind {task.kind!r}; this agent runs train, evaluate, synth, gmm, gmm_local, audit"
             )
         self._infos = self._compute_infos()  # the spend moved
         return result

@@ -112,3 +112,93 @@ def run_gmm(
         result_json=json.dumps(result),
     )
     return meta, b""
+
+
+class LocalFitTask(BaseModel):
+    """One-shot federation: fit a DP mixture on this site's rows alone and release it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    columns: tuple[str, ...] = Field(min_length=1, max_length=64)
+    K: int = Field(ge=1, le=50)
+    covariance_type: str = Field(pattern="^(full|diag)$")
+    bounds: list[list[float]]
+    max_rounds: int = Field(ge=1, le=500)
+    tol: float = Field(gt=0.0, le=1.0)
+    noise_multiplier: float = Field(ge=0.01, le=1000.0)
+    seed: int = Field(ge=0)
+
+
+def run_gmm_local(
+    *,
+    config: SiteConfig,
+    ledger: Ledger,
+    task: TaskAssignment,
+    data: tuple[LocalDataset, LocalDataset | None],
+) -> tuple[UpdateMeta, bytes]:
+    """Run federated EM's state machine against this site only; release the final mixture.
+
+    Its intermediate noisy statistics never leave the site, but the mixture is computed from
+    them, so the site charges the whole run's worst case (every planned release) up front.
+    """
+    from orchestrator.gmm_em import FederatedEM  # pure maths, shared with the orchestrator
+
+    try:
+        body = LocalFitTask.model_validate_json(task.request_json)
+    except ValidationError as err:
+        raise InvalidSpecError(format_validation_error(err, source="gmm local fit")) from None
+    train, val = data
+    unknown = [c for c in body.columns if c not in train.feature_names]
+    if unknown:
+        raise InvalidSpecError(f"dataset {task.dataset!r} has no feature column(s) {unknown}")
+    em = FederatedEM(
+        K=body.K,
+        covariance_type=body.covariance_type,
+        bounds=np.asarray(body.bounds, dtype=np.float64),
+        max_rounds=body.max_rounds,
+        tol=body.tol,
+        noise_multiplier=body.noise_multiplier,
+        seed=body.seed,
+    )
+    planned = em.planned_events()
+    admit_and_charge(
+        config=config,
+        ledger=ledger,
+        dataset=task.dataset,
+        job_id=task.job_id,
+        task_id=task.task_id,
+        kind="gmm",
+        events=planned,
+        delta=config.policy.delta,
+        what="a local DP mixture fit (one-shot federation)",
+    )
+    idx = [train.feature_names.index(c) for c in body.columns]
+    parts = [p.features[:, idx].astype(np.float64) for p in (train, val) if p is not None]
+    rows = np.concatenate(parts)
+    rng = np.random.default_rng(secrets.randbits(128))
+    request: dict[str, Any] | None = em.initial_request()
+    while request is not None:
+        result, _ = answer_request(request, [rows], rng=rng)
+        request = em.absorb([result])
+    params = em.result()
+    lifetime = ledger.spent(task.dataset, delta=config.policy.delta)
+    report = DpReport(
+        events=tuple(ChargedEvent("metrics", e) for e in planned),
+        max_grad_norm=0.0,
+        delta=config.policy.delta,
+        task_epsilon=0.0,
+        job_epsilon=0.0,
+        dataset_epsilon=lifetime.epsilon,
+        policy_delta=config.policy.delta,
+        accountant=lifetime.accountant,
+    )
+    meta = UpdateMeta(
+        site_id=config.site_id,
+        task_id=task.task_id,
+        num_examples=max(1, len(rows)),
+        dp_report=report,
+        metrics=None,
+        total_size=0,
+        sha256=hashlib.sha256(b"").hexdigest(),
+        result_json=json.dumps({"mixture": params.to_dict(), "rows": len(rows)}),
+    )
+    return meta, b""

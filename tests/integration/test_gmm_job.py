@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from scipy.optimize import linear_sum_assignment
 
@@ -21,7 +22,33 @@ from site_agent.ledger import Ledger
 MEANS = np.array([[-3.0, -3.0], [0.0, 3.0], [3.0, -2.0]])
 
 
-def test_federated_dp_em_recovers_the_components_and_bic_picks_k(tmp_path: Path) -> None:
+BIC_SPEC = {
+    "kind": "gmm",
+    "dataset": "pts",
+    "k_range": [2, 4],
+    "covariance_type": "full",
+    "max_rounds": 10,
+    "dp": {"target_epsilon": 3.0, "delta": 1e-5},
+    "min_sites": 3,
+    "seed": 1,
+}
+ONE_SHOT_SPEC = {
+    "kind": "gmm",
+    "dataset": "pts",
+    "k": 3,
+    "method": "one_shot",
+    "covariance_type": "full",
+    "max_rounds": 10,
+    "dp": {"target_epsilon": 3.0, "delta": 1e-5},
+    "min_sites": 3,
+    "seed": 1,
+}
+
+
+@pytest.mark.parametrize("spec", [BIC_SPEC, ONE_SHOT_SPEC], ids=["federated-em-bic", "one-shot"])
+def test_federated_dp_em_recovers_the_components_and_bic_picks_k(
+    tmp_path: Path, spec: dict[str, object]
+) -> None:
     rng = np.random.default_rng(0)
     n = 30000
     comp = rng.choice(3, size=n, p=[0.5, 0.3, 0.2])
@@ -60,16 +87,6 @@ def test_federated_dp_em_recovers_the_components_and_bic_picks_k(tmp_path: Path)
             agents[sid] = SiteAgent(load_site_config(d / "site.yaml"))
             threads[sid] = threading.Thread(target=agents[sid].run, daemon=True)
             threads[sid].start()
-        spec = {
-            "kind": "gmm",
-            "dataset": "pts",
-            "k_range": [2, 4],
-            "covariance_type": "full",
-            "max_rounds": 10,
-            "dp": {"target_epsilon": 3.0, "delta": 1e-5},
-            "min_sites": 3,
-            "seed": 1,
-        }
         with ControlClient(server.address) as c:
             deadline = time.time() + 30
             while len([s for s in c.sites() if s.state != "offline"]) < 3:
@@ -87,8 +104,12 @@ def test_federated_dp_em_recovers_the_components_and_bic_picks_k(tmp_path: Path)
             threads[sid].join(timeout=30)
         server.stop(0.5)
     card = json.loads(card_json)
-    assert card["kind"] == "gmm" and card["model_selection"]["chosen_k"] == 3
-    assert set(card["model_selection"]["bic"]) == {"2", "3", "4"}
+    assert card["kind"] == "gmm" and card["model"]["K"] == 3
+    if "k_range" in spec:
+        assert card["model_selection"]["chosen_k"] == 3
+        assert set(card["model_selection"]["bic"]) == {"2", "3", "4"}
+    else:
+        assert card["method"].startswith("one-shot")
     assert card["epsilon"] <= 3.0 * 1.01
     out = tmp_path / "pulled"
     out.mkdir()
