@@ -207,6 +207,28 @@ class Broker:
             p = self._owned(site_id, task_id)
             return p.blob
 
+    def wait_for_capacity(
+        self, site_id: str, task_id: str, *, limit: int = 4, timeout_s: float = 600.0
+    ) -> None:
+        """Backpressure for uploads: wait until the task's round holds fewer than ``limit``
+        received-but-unfolded updates before reading another one's bytes.
+
+        The round folds updates into its running sum one at a time; without this, many sites
+        pushing at once would park one full model per site in the round's queue, so the
+        orchestrator's memory would grow with the number of sites. Waiting uploads are held
+        back by gRPC flow control (their bytes stay unsent). Raises NotFoundError when the
+        round ended meanwhile.
+        """
+        deadline = time.time() + timeout_s
+        while True:
+            with self._cv:
+                p = self._owned(site_id, task_id)
+                if p.results.qsize() < limit:
+                    return
+            if time.time() > deadline:
+                return  # never deadlock an upload: fall back to queueing
+            time.sleep(0.02)
+
     def push_update(self, meta: UpdateMeta, blob: bytes) -> None:
         with self._cv:
             self._refuse_if_closed()

@@ -120,8 +120,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                     )
                 )
             raise
-        # Ownership is checked before the bytes are read.
+        # Ownership is checked before the bytes are read; then wait for room in the round.
         self.c.model_blob(meta.site_id, meta.task_id)
+        self.c.broker.wait_for_capacity(meta.site_id, meta.task_id)
 
         def chunks() -> Iterator[pb.Chunk]:
             for msg in request_iterator:
