@@ -60,6 +60,7 @@ class Broker:
         self._queues: dict[str, deque[str]] = {}
         self._pending: dict[str, _Pending] = {}
         self._presence: dict[str, _Presence] = {}
+        self._admitted: dict[int, int] = {}  # uploads being read, per round queue
         self.offline_after_s = offline_after_s
         # A site that has not dialled in since this broker started is given offline_after_s
         # from the start, as if seen then: after an orchestrator restart the agents come back
@@ -209,25 +210,35 @@ class Broker:
 
     def wait_for_capacity(
         self, site_id: str, task_id: str, *, limit: int = 4, timeout_s: float = 600.0
-    ) -> None:
-        """Backpressure for uploads: wait until the task's round holds fewer than ``limit``
-        received-but-unfolded updates before reading another one's bytes.
+    ) -> int:
+        """Backpressure for uploads: reserve one of ``limit`` places in the task's round
+        (updates received but not yet folded, plus uploads being read) before reading an
+        upload's bytes. Returns a token for :meth:`release_capacity`.
 
         The round folds updates into its running sum one at a time; without this, many sites
-        pushing at once would park one full model per site in the round's queue, so the
-        orchestrator's memory would grow with the number of sites. Waiting uploads are held
-        back by gRPC flow control (their bytes stay unsent). Raises NotFoundError when the
-        round ended meanwhile.
+        pushing at once would park one full model per site in memory, so the orchestrator's
+        memory would grow with the number of sites. Waiting uploads are held back by gRPC
+        flow control. Raises NotFoundError when the round ended meanwhile.
         """
         deadline = time.time() + timeout_s
         while True:
             with self._cv:
                 p = self._owned(site_id, task_id)
-                if p.results.qsize() < limit:
-                    return
-            if time.time() > deadline:
-                return  # never deadlock an upload: fall back to queueing
+                key = id(p.results)
+                busy = p.results.qsize() + self._admitted.get(key, 0)
+                if busy < limit or time.time() > deadline:
+                    self._admitted[key] = self._admitted.get(key, 0) + 1
+                    return key
             time.sleep(0.02)
+
+    def release_capacity(self, token: int) -> None:
+        """The upload holding ``token`` is queued in its round (or failed): free its place."""
+        with self._cv:
+            left = self._admitted.get(token, 0) - 1
+            if left > 0:
+                self._admitted[token] = left
+            else:
+                self._admitted.pop(token, None)
 
     def push_update(self, meta: UpdateMeta, blob: bytes) -> None:
         with self._cv:

@@ -122,7 +122,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             raise
         # Ownership is checked before the bytes are read; then wait for room in the round.
         self.c.model_blob(meta.site_id, meta.task_id)
-        self.c.broker.wait_for_capacity(meta.site_id, meta.task_id)
+        token = self.c.broker.wait_for_capacity(meta.site_id, meta.task_id)
 
         def chunks() -> Iterator[pb.Chunk]:
             for msg in request_iterator:
@@ -130,9 +130,12 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                     raise InvalidSpecError("an update stream has one header, then chunks")
                 yield msg.chunk
 
-        blob = serde.blob_from_chunks(chunks(), expected_size=meta.total_size)
-        COUNTERS.inc("dpfed_bytes_received_total", len(blob), kind="update")
-        self.c.push_update(meta, blob)
+        try:
+            blob = serde.blob_from_chunks(chunks(), expected_size=meta.total_size)
+            COUNTERS.inc("dpfed_bytes_received_total", len(blob), kind="update")
+            self.c.push_update(meta, blob)
+        finally:
+            self.c.broker.release_capacity(token)
         return pb.PushUpdateResponse(accepted=True, message="received")
 
     @abort_on_error

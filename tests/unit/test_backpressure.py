@@ -42,6 +42,8 @@ def test_an_upload_waits_while_the_round_holds_enough_unfolded_updates() -> None
         broker.wait_for_capacity("s2", "t2", limit=2, timeout_s=10)
         done.set()
 
+    # an upload being read counts too: reserve, then two queued → a third must wait
+
     t = threading.Thread(target=upload)
     t.start()
     time.sleep(0.2)
@@ -59,3 +61,23 @@ def test_an_upload_for_a_finished_round_is_refused() -> None:
     broker.cancel(["t0"])
     with pytest.raises(NotFoundError):
         broker.wait_for_capacity("s0", "t0", limit=1, timeout_s=1)
+
+
+def test_uploads_being_read_count_against_the_limit() -> None:
+    broker = Broker()
+    results: queue.Queue[Result] = queue.Queue()
+    for i in range(3):
+        broker.connect(f"s{i}")
+        broker.dispatch_into(f"s{i}", _task(i), b"", results)
+    t0 = broker.wait_for_capacity("s0", "t0", limit=2, timeout_s=10)
+    broker.wait_for_capacity("s1", "t1", limit=2, timeout_s=10)
+    done = threading.Event()
+    th = threading.Thread(
+        target=lambda: (broker.wait_for_capacity("s2", "t2", limit=2, timeout_s=10), done.set())
+    )
+    th.start()
+    time.sleep(0.2)
+    assert not done.is_set()  # two uploads in flight, none queued yet: the third waits
+    broker.release_capacity(t0)
+    th.join(timeout=5)
+    assert done.is_set()
