@@ -11,8 +11,11 @@ from orchestrator.views import site_spends
 
 GUARANTEE = (
     "Sample-level (ε, δ)-differential privacy under add/remove of one record at any single "
-    "site, for everything the orchestrator received from that site during this job (noised "
-    "model updates and noised validation metrics). Sites hold disjoint records, so the "
+    "site, for the released model and metrics: every noised model update and noised "
+    "validation-metric release of that site that the orchestrator accepted, plus any it "
+    "received in a round interrupted by a restart. An update rejected by validation does "
+    "not enter the model and is listed in the job's events; the site's own ledger counts it "
+    "anyway. Sites hold disjoint records, so the "
     "model's ε is the maximum of the per-site ε (parallel composition). ε is an upper bound "
     "from Opacus's PRV accountant (Gopi et al. 2021), composed over every DP-SGD step "
     "and metric release. Row counts and the sample rate of each site are treated as public."
