@@ -8,9 +8,11 @@ training), then charges the ledger durably. Only after it returns may the releas
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 from common.accounting import DpEvent
+from common.domain import ChargedEvent, DpReport, Metrics, TaskAssignment, UpdateMeta
 from common.errors import PolicyRefusal
 from site_agent.config import SiteConfig
 from site_agent.ledger import Ledger
@@ -65,3 +67,42 @@ def admit_and_charge(
         delta=delta,
     )
     return proj
+
+
+def release_update(
+    *,
+    config: SiteConfig,
+    ledger: Ledger,
+    task: TaskAssignment,
+    events: Sequence[DpEvent] = (),
+    delta: float,
+    num_examples: int,
+    result_json: str,
+    task_epsilon: float = 0.0,
+    metrics: Metrics | None = None,
+    accountant: str | None = None,
+) -> tuple[UpdateMeta, bytes]:
+    """The answer to a non-training task: its DP result as JSON, no tensor bytes, and a DP
+    report with the events charged and the dataset's lifetime spend after them."""
+    lifetime = ledger.spent(task.dataset, delta=config.policy.delta)
+    report = DpReport(
+        events=tuple(ChargedEvent("metrics", e) for e in events),
+        max_grad_norm=0.0,
+        delta=delta,
+        task_epsilon=task_epsilon,
+        job_epsilon=task_epsilon,
+        dataset_epsilon=lifetime.epsilon,
+        policy_delta=config.policy.delta,
+        accountant=accountant or lifetime.accountant,
+    )
+    meta = UpdateMeta(
+        site_id=config.site_id,
+        task_id=task.task_id,
+        num_examples=num_examples,
+        dp_report=report,
+        metrics=metrics,
+        total_size=0,
+        sha256=hashlib.sha256(b"").hexdigest(),
+        result_json=result_json,
+    )
+    return meta, b""

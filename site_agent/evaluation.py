@@ -14,12 +14,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.accounting import DpEvent, compute_epsilon
-from common.domain import ChargedEvent, DpReport, Metrics, TaskAssignment, UpdateMeta
+from common.domain import Metrics, TaskAssignment, UpdateMeta
 from common.errors import InvalidSpecError
 from common.models import parse_model_spec
 from common.specs import format_validation_error
 from common.tensors import state_from_bytes
-from site_agent.budget import admit_and_charge
+from site_agent.budget import admit_and_charge, release_update
 from site_agent.config import SiteConfig
 from site_agent.data import LocalDataset
 from site_agent.ledger import Ledger
@@ -92,26 +92,14 @@ def run_evaluate(
         noise_multiplier=req.noise_multiplier,
     )
     eps = compute_epsilon([event], delta=req.delta).epsilon
-    lifetime = ledger.spent(req.dataset, delta=config.policy.delta)
-    report = DpReport(
-        events=(ChargedEvent("metrics", event),),
-        max_grad_norm=0.0,
+    return release_update(
+        config=config,
+        ledger=ledger,
+        task=task,
+        events=[event],
         delta=req.delta,
-        task_epsilon=eps,
-        job_epsilon=eps,
-        dataset_epsilon=lifetime.epsilon,
-        policy_delta=config.policy.delta,
-        accountant=lifetime.accountant,
-    )
-    result = json.dumps({"kind": "evaluate", "epsilon": eps})
-    meta = UpdateMeta(
-        site_id=config.site_id,
-        task_id=task.task_id,
         num_examples=ev.num_examples,
-        dp_report=report,
+        result_json=json.dumps({"kind": "evaluate", "epsilon": eps}),
+        task_epsilon=eps,
         metrics=metrics,
-        total_size=0,
-        sha256=hashlib.sha256(b"").hexdigest(),
-        result_json=result,
     )
-    return meta, b""

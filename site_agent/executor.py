@@ -15,11 +15,13 @@ Order of operations for every task (no gRPC here; ``site_agent.agent`` carries t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +42,7 @@ from common.models import build_model, count_parameters
 from common.schedule import task_schedule
 from common.specs import JobSpec, job_spec_from_json
 from common.tensors import check_update, state_from_bytes, state_to_bytes
+from site_agent.budget import release_update
 from site_agent.canaries import canaries_for, score_canaries
 from site_agent.catalog import CatalogCounts, schema_of
 from site_agent.config import SiteConfig
@@ -137,69 +140,38 @@ class TaskExecutor:
 
     def _execute_other(self, task: TaskAssignment, blob: bytes) -> tuple[UpdateMeta, bytes]:
         """The closed set of non-training tasks; each admits and charges its own release."""
-        if task.kind == "evaluate":
-            split = self._split(task.dataset)
-            result = run_evaluate(
-                config=self.config,
-                ledger=self.ledger,
-                task=task,
-                blob=blob,
-                data=(split.train, split.validation),
-            )
-        elif task.kind == "synth":
-            split = self._split(task.dataset)
-            result = run_synth(
-                config=self.config,
-                ledger=self.ledger,
-                task=task,
-                data=(split.train, split.validation),
-            )
-        elif task.kind == "gmm":
-            split = self._split(task.dataset)
-            result = run_gmm(
-                config=self.config,
-                ledger=self.ledger,
-                task=task,
-                data=(split.train, split.validation),
-            )
-        elif task.kind == "gmm_local":
-            split = self._split(task.dataset)
-            result = run_gmm_local(
-                config=self.config,
-                ledger=self.ledger,
-                task=task,
-                data=(split.train, split.validation),
-            )
-        elif task.kind == "audit":
+        if task.kind == "audit":
             result_json = score_canaries(
                 self.config.state_dir, task.job_id, task.request_json, blob
             )
-            policy = self.config.policy
-            report = DpReport(
-                events=(),
-                max_grad_norm=0.0,
-                delta=policy.delta,
-                task_epsilon=0.0,
-                job_epsilon=0.0,
-                dataset_epsilon=self.ledger.spent(task.dataset, delta=policy.delta).epsilon,
-                policy_delta=policy.delta,
+            return release_update(
+                config=self.config,
+                ledger=self.ledger,
+                task=task,
+                delta=self.config.policy.delta,
+                num_examples=len(json.loads(result_json)["losses"]),
+                result_json=result_json,
                 accountant=ACCOUNTANT,
             )
-            meta = UpdateMeta(
-                site_id=self.config.site_id,
-                task_id=task.task_id,
-                num_examples=len(json.loads(result_json)["losses"]),
-                dp_report=report,
-                metrics=None,
-                total_size=0,
-                sha256=hashlib.sha256(b"").hexdigest(),
-                result_json=result_json,
-            )
-            return meta, b""
-        else:
+        handlers: dict[str, Callable[..., tuple[UpdateMeta, bytes]]] = {
+            "evaluate": functools.partial(run_evaluate, blob=blob),
+            "synth": run_synth,
+            "gmm": run_gmm,
+            "gmm_local": run_gmm_local,
+        }
+        handler = handlers.get(task.kind)
+        if handler is None:
             raise InvalidSpecError(
-                f"unknown task kind {task.kind!r}; this agent runs train, evaluate, synth, gmm, gmm_local, audit"
+                f"unknown task kind {task.kind!r}; this agent runs train, "
+                f"{', '.join(handlers)}, audit"
             )
+        split = self._split(task.dataset)
+        result = handler(
+            config=self.config,
+            ledger=self.ledger,
+            task=task,
+            data=(split.train, split.validation),
+        )
         self._infos = self._compute_infos()  # the spend moved
         return result
 

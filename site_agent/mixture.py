@@ -9,7 +9,6 @@ Parquet and SQL datasets are chunked from the rows the agent loaded at start-up.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 from collections.abc import Iterator
@@ -18,10 +17,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.domain import ChargedEvent, DpReport, TaskAssignment, UpdateMeta
+from common.domain import TaskAssignment, UpdateMeta
 from common.errors import InvalidSpecError
 from common.specs import format_validation_error
-from site_agent.budget import admit_and_charge
+from site_agent.budget import admit_and_charge, release_update
 from site_agent.config import SiteConfig
 from site_agent.data import LocalDataset
 from site_agent.gmm_stats import answer_request, iter_csv_chunks, request_cost
@@ -90,28 +89,15 @@ def run_gmm(
     )
     if charged != event:
         raise InvalidSpecError("internal: the answered release differs from the one charged")
-    lifetime = ledger.spent(task.dataset, delta=config.policy.delta)
-    report = DpReport(
-        events=(ChargedEvent("metrics", event),),
-        max_grad_norm=0.0,
+    return release_update(
+        config=config,
+        ledger=ledger,
+        task=task,
+        events=[event],
         delta=config.policy.delta,
-        task_epsilon=0.0,
-        job_epsilon=0.0,
-        dataset_epsilon=lifetime.epsilon,
-        policy_delta=config.policy.delta,
-        accountant=lifetime.accountant,
-    )
-    meta = UpdateMeta(
-        site_id=config.site_id,
-        task_id=task.task_id,
         num_examples=max(1, n_rows),
-        dp_report=report,
-        metrics=None,
-        total_size=0,
-        sha256=hashlib.sha256(b"").hexdigest(),
         result_json=json.dumps(result),
     )
-    return meta, b""
 
 
 class LocalFitTask(BaseModel):
@@ -180,25 +166,12 @@ def run_gmm_local(
         result, _ = answer_request(request, [rows], rng=rng)
         request = em.absorb([result])
     params = em.result()
-    lifetime = ledger.spent(task.dataset, delta=config.policy.delta)
-    report = DpReport(
-        events=tuple(ChargedEvent("metrics", e) for e in planned),
-        max_grad_norm=0.0,
+    return release_update(
+        config=config,
+        ledger=ledger,
+        task=task,
+        events=planned,
         delta=config.policy.delta,
-        task_epsilon=0.0,
-        job_epsilon=0.0,
-        dataset_epsilon=lifetime.epsilon,
-        policy_delta=config.policy.delta,
-        accountant=lifetime.accountant,
-    )
-    meta = UpdateMeta(
-        site_id=config.site_id,
-        task_id=task.task_id,
         num_examples=max(1, len(rows)),
-        dp_report=report,
-        metrics=None,
-        total_size=0,
-        sha256=hashlib.sha256(b"").hexdigest(),
         result_json=json.dumps({"mixture": params.to_dict(), "rows": len(rows)}),
     )
-    return meta, b""

@@ -8,7 +8,6 @@ asked for, the label included, must be declared in ``site.yaml`` under ``columns
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 
@@ -16,11 +15,11 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.domain import DpReport, TaskAssignment, UpdateMeta
+from common.domain import TaskAssignment, UpdateMeta
 from common.errors import InvalidSpecError, PolicyRefusal
 from common.specs import format_validation_error
 from common.synth import ColumnSchema, Schema, marginal_plan, measure_site
-from site_agent.budget import admit_and_charge
+from site_agent.budget import admit_and_charge, release_update
 from site_agent.config import DatasetConfig, SiteConfig
 from site_agent.data import LocalDataset
 from site_agent.ledger import Ledger
@@ -111,26 +110,13 @@ def run_synth(
     if val is not None:
         frame = pd.concat([frame, _frame(cfg, val, tuple(names))], ignore_index=True)
     measurement = measure_site(frame, schema, plan, np.random.default_rng(secrets.randbits(128)))
-    lifetime = ledger.spent(task.dataset, delta=config.policy.delta)
-    report = DpReport(
-        events=(),
-        max_grad_norm=0.0,
+    return release_update(
+        config=config,
+        ledger=ledger,
+        task=task,
         delta=req.delta,
+        num_examples=len(frame),
+        result_json=json.dumps({"schema": schema.to_dict(), "measurement": measurement}),
         task_epsilon=plan.epsilon,
-        job_epsilon=plan.epsilon,
-        dataset_epsilon=lifetime.epsilon,
-        policy_delta=config.policy.delta,
         accountant=plan.accountant,
     )
-    result = json.dumps({"schema": schema.to_dict(), "measurement": measurement})
-    meta = UpdateMeta(
-        site_id=config.site_id,
-        task_id=task.task_id,
-        num_examples=len(frame),
-        dp_report=report,
-        metrics=None,
-        total_size=0,
-        sha256=hashlib.sha256(b"").hexdigest(),
-        result_json=result,
-    )
-    return meta, b""
