@@ -42,7 +42,7 @@ def run_audit(
         job_id=job_id,
         kind="audit",
         dataset=spec.dataset,
-        request_json=lambda _sid: request,
+        request_json=request,
         blob=weights,
         timeout_s=timeout_s,
     )

@@ -16,7 +16,7 @@ from common.domain import Evaluation, SiteEvaluation, SiteStatus
 from common.errors import InvalidSpecError, NotFoundError
 from orchestrator.broker import Broker
 from orchestrator.fanout import fan_out
-from orchestrator.planning import site_dataset
+from orchestrator.planning import online_holders
 from orchestrator.store import Store
 
 DELTA = 1e-5
@@ -41,10 +41,7 @@ def evaluate_model(
     card = json.loads((model_dir / "model_card.json").read_text())
     weights = (model_dir / "model.safetensors").read_bytes()
     holders = []
-    for s in sites:
-        d = site_dataset(s, dataset)
-        if d is None or s.state in ("offline", "disabled"):
-            continue
+    for s, d in online_holders(sites, dataset):
         if len(d.columns) != int(card["model"]["input_dim"]):
             raise InvalidSpecError(
                 f"the model takes {card['model']['input_dim']} features but dataset {dataset!r} "
@@ -68,7 +65,7 @@ def evaluate_model(
         job_id=f"eval-{job_id}-{uuid.uuid4().hex[:6]}",
         kind="evaluate",
         dataset=dataset,
-        request_json=lambda _sid: request,
+        request_json=request,
         blob=weights,
         timeout_s=timeout_s,
     )

@@ -8,7 +8,6 @@ import hashlib
 import queue
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.domain import TaskAssignment, TaskFailure
@@ -28,7 +27,7 @@ def fan_out(
     job_id: str,
     kind: str,
     dataset: str,
-    request_json: Callable[[str], str],
+    request_json: str,
     blob: bytes = b"",
     timeout_s: float = 300.0,
     poll_s: float = 0.5,
@@ -36,7 +35,8 @@ def fan_out(
     rounds: int = 1,
     job_spec_json: str = "",
 ) -> FanOutResult:
-    """Dispatch ``kind`` to every site; a site that does not answer in time is a failure."""
+    """Dispatch ``kind`` with the same request to every site; a site that does not answer
+    in time is a failure."""
     sha = hashlib.sha256(blob).hexdigest()
     deadline = time.time() + timeout_s
     results: queue.Queue[Result] = queue.Queue()
@@ -54,7 +54,7 @@ def fan_out(
             model_sha256=sha,
             deadline_unix=deadline,
             kind=kind,
-            request_json=request_json(sid),
+            request_json=request_json,
         )
         outstanding[task.task_id] = sid
         broker.dispatch_into(sid, task, blob, results)

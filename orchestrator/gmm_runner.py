@@ -33,7 +33,7 @@ from common.version import __version__
 from orchestrator.broker import Broker
 from orchestrator.fanout import fan_out
 from orchestrator.gmm_em import FederatedBIC, FederatedEM
-from orchestrator.planning import ACCOUNTANT, site_dataset
+from orchestrator.planning import ACCOUNTANT, online_holders, site_dataset
 from orchestrator.store import RoundRow, Store, atomic_write
 from orchestrator.views import site_status
 
@@ -110,12 +110,8 @@ class GmmRunner(threading.Thread):
         spec = self.spec
         deadline = time.time() + spec.start_timeout_s
         while True:
-            sites = [
-                s
-                for s in (site_status(r, self.broker) for r in self.store.sites())
-                if site_dataset(s, spec.dataset) is not None
-                and s.state not in ("offline", "disabled")
-            ]
+            known = [site_status(r, self.broker) for r in self.store.sites()]
+            sites = [s for s, _ in online_holders(known, spec.dataset)]
             if len(sites) >= spec.min_sites:
                 return sites
             if time.time() > deadline or self.stopping.is_set():
@@ -187,7 +183,7 @@ class GmmRunner(threading.Thread):
                 job_id=self.job_id,
                 kind="gmm",
                 dataset=spec.dataset,
-                request_json=lambda _sid, b=body: b,  # type: ignore[misc]
+                request_json=body,
                 timeout_s=spec.round_timeout_s,
                 round_=rnd,
             )
@@ -254,7 +250,7 @@ class GmmRunner(threading.Thread):
             job_id=self.job_id,
             kind="gmm_local",
             dataset=spec.dataset,
-            request_json=lambda _sid: body,
+            request_json=body,
             timeout_s=spec.round_timeout_s,
         )
         for sid, f in sorted(res.failures.items()):

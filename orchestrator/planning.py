@@ -54,6 +54,16 @@ def site_dataset(site: SiteStatus, name: str) -> DatasetInfo | None:
     return next((d for d in site.datasets if d.name == name), None)
 
 
+def online_holders(sites: list[SiteStatus], name: str) -> list[tuple[SiteStatus, DatasetInfo]]:
+    """The sites that expose dataset ``name`` and can take a task now, with that dataset."""
+    out = []
+    for s in sites:
+        d = site_dataset(s, name)
+        if d is not None and s.state not in ("offline", "disabled"):
+            out.append((s, d))
+    return out
+
+
 def plan_site(spec: JobSpec, site_id: str, ds: DatasetInfo) -> SiteTaskPlan:
     q, steps = task_schedule(
         num_examples=ds.num_rows,

@@ -21,7 +21,7 @@ from common.errors import InvalidSpecError, NotFoundError
 from common.synth import Schema, combine, fit_and_sample
 from orchestrator.broker import Broker
 from orchestrator.fanout import fan_out
-from orchestrator.planning import site_dataset
+from orchestrator.planning import online_holders
 
 MAX_ROWS = 1_000_000
 
@@ -43,11 +43,7 @@ def synthesize(
         raise InvalidSpecError(f"rows must be between 1 and {MAX_ROWS}")
     if not 0 < epsilon <= 100:
         raise InvalidSpecError("epsilon must be in (0, 100]")
-    holders = [
-        s.site_id
-        for s in sites
-        if site_dataset(s, dataset) is not None and s.state not in ("offline", "disabled")
-    ]
+    holders = [s.site_id for s, _ in online_holders(sites, dataset)]
     if not holders:
         raise NotFoundError(f"no online site exposes dataset {dataset!r}")
     request = json.dumps(
@@ -64,7 +60,7 @@ def synthesize(
         job_id=f"synth-{uuid.uuid4().hex[:10]}",
         kind="synth",
         dataset=dataset,
-        request_json=lambda _sid: request,
+        request_json=request,
         timeout_s=timeout_s,
     )
     problems = {sid: f"{f.code}: {f.reason}" for sid, f in res.failures.items()}
