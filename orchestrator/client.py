@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 import grpc
@@ -52,83 +53,73 @@ class ControlClient:
     def close(self) -> None:
         self._channel.close()
 
-    def submit(self, spec_json: str) -> str:
+    @contextmanager
+    def _rpc(self) -> Iterator[None]:
+        """gRPC errors raised inside become the DpfedError of their status."""
         try:
+            yield
+        except grpc.RpcError as err:
+            raise _translate(err, self.address) from None
+
+    def submit(self, spec_json: str) -> str:
+        with self._rpc():
             resp = self._stub.SubmitJob(
                 pb.SubmitJobRequest(job_spec_json=spec_json), timeout=_TIMEOUT_S
             )
-        except grpc.RpcError as err:
-            raise _translate(err, self.address) from None
         return str(resp.job_id)
 
     def plan(self, spec_json: str) -> Plan:
-        try:
+        with self._rpc():
             resp = self._stub.PlanJob(pb.SubmitJobRequest(job_spec_json=spec_json), timeout=120.0)
-        except grpc.RpcError as err:
-            raise _translate(err, self.address) from None
         return serde.plan_from_proto(resp)
 
     def job(self, job_id: str) -> JobStatus:
-        try:
+        with self._rpc():
             return serde.job_status_from_proto(
                 self._stub.GetJob(pb.JobRef(job_id=job_id), timeout=_TIMEOUT_S)
             )
-        except grpc.RpcError as err:
-            raise _translate(err, self.address) from None
 
     def jobs(self) -> list[JobStatus]:
-        try:
+        with self._rpc():
             resp = self._stub.ListJobs(pb.ListJobsRequest(), timeout=_TIMEOUT_S)
-        except grpc.RpcError as err:
-            raise _translate(err, self.address) from None
         return [serde.job_status_from_proto(j) for j in resp.jobs]
 
     def sites(self) -> list[SiteStatus]:
-        try:
+        with self._rpc():
             resp = self._stub.ListSites(pb.ListSitesRequest(), timeout=_TIMEOUT_S)
-        except grpc.RpcError as err:
-            raise _translate(err, self.address) from None
         return [serde.site_status_from_proto(s) for s in resp.sites]
 
     def ledger(self) -> tuple[list[LedgerRow], list[SiteStatus]]:
-        try:
+        with self._rpc():
             resp = self._stub.GetLedger(pb.LedgerRequest(), timeout=120.0)
-        except grpc.RpcError as err:
-            raise _translate(err, self.address) from None
         return (
             [serde.ledger_row_from_proto(r) for r in resp.rows],
             [serde.site_status_from_proto(s) for s in resp.sites],
         )
 
     def watch(self, job_id: str) -> Iterator[JobStatus]:
-        try:
+        with self._rpc():
             for msg in self._stub.WatchJob(pb.JobRef(job_id=job_id)):
                 yield serde.job_status_from_proto(msg)
-        except grpc.RpcError as err:
-            raise _translate(err, self.address) from None
 
     def cancel(self, job_id: str) -> JobStatus:
-        try:
+        with self._rpc():
             return serde.job_status_from_proto(
                 self._stub.CancelJob(pb.JobRef(job_id=job_id), timeout=_TIMEOUT_S)
             )
-        except grpc.RpcError as err:
-            raise _translate(err, self.address) from None
 
     def set_site_enabled(self, site_id: str, enabled: bool) -> SiteStatus:
-        try:
+        with self._rpc():
             return serde.site_status_from_proto(
                 self._stub.SetSiteEnabled(
                     pb.SiteEnabledRequest(site_id=site_id, enabled=enabled), timeout=_TIMEOUT_S
                 )
             )
-        except grpc.RpcError as err:
-            raise _translate(err, self.address) from None
 
     def evaluate(
         self, job_id: str, *, dataset: str, noise_multiplier: float, timeout_s: float = 300.0
     ) -> Evaluation:
-        try:
+        with self._rpc():
             resp = self._stub.EvaluateModel(
                 pb.EvaluateRequest(
                     job_id=job_id,
@@ -138,8 +129,6 @@ class ControlClient:
                 ),
                 timeout=timeout_s + 30.0,
             )
-        except grpc.RpcError as err:
-            raise _translate(err, self.address) from None
         return serde.evaluation_from_proto(resp)
 
     def synthesize(
@@ -153,7 +142,7 @@ class ControlClient:
         columns: tuple[str, ...] = (),
         timeout_s: float = 300.0,
     ) -> tuple[str, dict[str, object]]:
-        try:
+        with self._rpc():
             parts = self._stub.Synthesize(
                 pb.SynthRequest(
                     dataset=dataset,
@@ -170,18 +159,14 @@ class ControlClient:
             if first is None or first.WhichOneof("item") != "info_json":
                 raise DpfedError("the orchestrator sent no synthesis report")
             csv_bytes = serde.blob_from_chunks(p.csv for p in parts)
-        except grpc.RpcError as err:
-            raise _translate(err, self.address) from None
         info: dict[str, object] = json.loads(first.info_json)
         return csv_bytes.decode(), info
 
     def download(self, job_id: str) -> tuple[str, bytes]:
-        try:
+        with self._rpc():
             parts = self._stub.DownloadModel(pb.JobRef(job_id=job_id), timeout=600.0)
             first = next(parts, None)
             if first is None or first.WhichOneof("item") != "model_card_json":
                 raise DpfedError("the orchestrator sent no model card")
             weights = serde.blob_from_chunks(p.weights for p in parts)
-        except grpc.RpcError as err:
-            raise _translate(err, self.address) from None
         return first.model_card_json, weights

@@ -30,20 +30,26 @@ log = logging.getLogger("dpfed.orchestrator")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@contextlib.contextmanager
+def _mapped_errors(method: str, context: grpc.ServicerContext) -> Iterator[None]:
+    """Abort with the status of a DpfedError (INTERNAL for anything else) and count the RPC."""
+    try:
+        yield
+    except DpfedError as err:
+        COUNTERS.inc("dpfed_rpcs_total", method=method, status=err.grpc_status)
+        context.abort(grpc.StatusCode[err.grpc_status], str(err))
+    except Exception:
+        COUNTERS.inc("dpfed_rpcs_total", method=method, status="INTERNAL")
+        log.exception("internal error in %s", method)
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+    COUNTERS.inc("dpfed_rpcs_total", method=method, status="OK")
+
+
 def abort_on_error(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            result = fn(self, request, context)
-        except DpfedError as err:
-            COUNTERS.inc("dpfed_rpcs_total", method=fn.__name__, status=err.grpc_status)
-            context.abort(grpc.StatusCode[err.grpc_status], str(err))
-        except Exception:
-            COUNTERS.inc("dpfed_rpcs_total", method=fn.__name__, status="INTERNAL")
-            log.exception("internal error in %s", fn.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}")
-        COUNTERS.inc("dpfed_rpcs_total", method=fn.__name__, status="OK")
-        return result
+        with _mapped_errors(fn.__name__, context):
+            return fn(self, request, context)
 
     return wrapper  # type: ignore[return-value]
 
@@ -51,16 +57,8 @@ def abort_on_error(fn: F) -> F:
 def abort_on_error_stream(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
+        with _mapped_errors(fn.__name__, context):
             yield from fn(self, request, context)
-        except DpfedError as err:
-            COUNTERS.inc("dpfed_rpcs_total", method=fn.__name__, status=err.grpc_status)
-            context.abort(grpc.StatusCode[err.grpc_status], str(err))
-        except Exception:
-            COUNTERS.inc("dpfed_rpcs_total", method=fn.__name__, status="INTERNAL")
-            log.exception("internal error in %s", fn.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}")
-        COUNTERS.inc("dpfed_rpcs_total", method=fn.__name__, status="OK")
 
     return wrapper  # type: ignore[return-value]
 
