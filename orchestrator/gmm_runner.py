@@ -17,24 +17,22 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from common.accounting import DpEvent, calibrate_noise_multiplier, compute_epsilon
 from common.domain import SiteStatus
-from common.errors import DpfedError, InvalidSpecError, JobFailedError
+from common.errors import InvalidSpecError, JobFailedError
 from common.gmm import GaussianMixtureParams, merge_mixtures
 from common.specs import GmmJobSpec
 from common.version import __version__
-from orchestrator.broker import Broker
 from orchestrator.fanout import fan_out
 from orchestrator.gmm_em import FederatedBIC, FederatedEM
+from orchestrator.job_thread import JobThread
 from orchestrator.planning import ACCOUNTANT, online_holders, site_dataset
-from orchestrator.store import RoundRow, Store, atomic_write
+from orchestrator.store import RoundRow, atomic_write
 from orchestrator.views import site_status
 
 log = logging.getLogger("dpfed.orchestrator")
@@ -64,47 +62,12 @@ def declared_box(spec: GmmJobSpec, sites: list[SiteStatus]) -> tuple[list[str], 
     return columns, np.array([[lows[c], highs[c]] for c in columns], dtype=np.float64)
 
 
-class GmmRunner(threading.Thread):
-    def __init__(
-        self,
-        *,
-        job_id: str,
-        store: Store,
-        broker: Broker,
-        on_change: Callable[[str], None],
-        stopping: threading.Event,
-        poll_s: float = 0.5,
-    ) -> None:
-        super().__init__(name=f"gmm-{job_id}", daemon=True)
-        self.job_id = job_id
-        self.store = store
-        self.broker = broker
-        self.on_change = on_change
-        self.stopping = stopping
-        self.poll_s = poll_s
-        self.spec = GmmJobSpec.model_validate_json(store.job(job_id).spec_json)
-        self._cancelled_by: str | None = None
+class GmmRunner(JobThread):
+    """The loop of one mixture job."""
 
-    def cancel(self, by: str) -> None:
-        self._cancelled_by = by
-
-    def _event(self, level: str, message: str, site_id: str = "") -> None:
-        self.store.add_event(self.job_id, level, message, site_id=site_id)
-        self.on_change(self.job_id)
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except DpfedError as err:
-            self._fail(str(err))
-        except Exception as err:
-            log.exception("gmm job %s crashed", self.job_id)
-            self._fail(f"internal error: {type(err).__name__}: {err}")
-
-    def _fail(self, reason: str) -> None:
-        self.store.add_event(self.job_id, "error", reason)
-        self.store.update_job(self.job_id, state="failed", error=reason)
-        self.on_change(self.job_id)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec = GmmJobSpec.model_validate_json(self.store.job(self.job_id).spec_json)
 
     def _sites(self) -> list[SiteStatus]:
         spec = self.spec
@@ -170,8 +133,7 @@ class GmmRunner(threading.Thread):
         request: dict[str, Any] | None = machine.initial_request()
         rnd = 0
         while request is not None:
-            if self._cancelled_by is not None:
-                raise JobFailedError(f"cancelled by {self._cancelled_by}")
+            self._check_cancelled()
             if self.stopping.is_set():
                 return
             rnd += 1

@@ -19,10 +19,8 @@ import json
 import logging
 import math
 import queue
-import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,17 +28,18 @@ import torch
 
 from common.accounting import DpEvent, compute_epsilon
 from common.domain import TaskAssignment, UpdateMeta
-from common.errors import DpfedError, InvalidUpdateError, JobFailedError, PrivacyAccountingError
+from common.errors import InvalidUpdateError, JobFailedError, PrivacyAccountingError
 from common.models import build_model, save_model
 from common.specs import JobSpec, job_spec_from_json
 from common.tensors import check_update, l2_norm, state_from_bytes, state_to_bytes
 from common.version import __version__
 from orchestrator.aggregation import RunningWeightedMean, apply_delta
 from orchestrator.auditing import run_audit
-from orchestrator.broker import Broker, FailureResult, Result, UpdateResult
+from orchestrator.broker import FailureResult, Result, UpdateResult
+from orchestrator.job_thread import JobStopped, JobThread
 from orchestrator.planning import ACCOUNTANT, plan_site, site_dataset
 from orchestrator.site_dp import round_for, site_level_events, sum_noise_multiplier
-from orchestrator.store import ChargeRow, RoundRow, Store, atomic_write
+from orchestrator.store import ChargeRow, RoundRow, atomic_write
 from orchestrator.views import site_status
 
 log = logging.getLogger("dpfed.orchestrator")
@@ -58,47 +57,12 @@ class Participant:
     num_examples: int
 
 
-class JobRunner(threading.Thread):
-    def __init__(
-        self,
-        *,
-        job_id: str,
-        store: Store,
-        broker: Broker,
-        on_change: Callable[[str], None],
-        stopping: threading.Event,
-        poll_s: float = 0.5,
-    ) -> None:
-        super().__init__(name=f"job-{job_id}", daemon=True)
-        self.job_id = job_id
-        self.store = store
-        self.broker = broker
-        self.on_change = on_change
-        self.stopping = stopping
-        self.poll_s = poll_s
-        row = store.job(job_id)
-        self.spec: JobSpec = job_spec_from_json(row.spec_json)
-        self._cancelled_by: str | None = None
+class JobRunner(JobThread):
+    """The round loop of one training job."""
 
-    def cancel(self, by: str) -> None:
-        self._cancelled_by = by
-
-    def _check_cancelled(self) -> None:
-        if self._cancelled_by is not None:
-            raise JobFailedError(f"cancelled by {self._cancelled_by}")
-
-    # ------------------------------------------------------------------ top level
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except _Stopped:
-            return
-        except DpfedError as err:
-            self._fail(str(err))
-        except Exception as err:  # a bug must fail the job visibly, not hang it
-            log.exception("job %s crashed", self.job_id)
-            self._fail(f"internal error: {type(err).__name__}: {err}")
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec: JobSpec = job_spec_from_json(self.store.job(self.job_id).spec_json)
 
     def _run(self) -> None:
         row = self.store.job(self.job_id)
@@ -116,19 +80,6 @@ class JobRunner(threading.Thread):
         if self.stopping.is_set():
             return
         self._release(state)
-
-    def _event(self, level: str, message: str, site_id: str = "") -> None:
-        self.store.add_event(self.job_id, level, message, site_id=site_id)
-        getattr(log, "warning" if level != "info" else "info")(
-            "job=%s site=%s %s", self.job_id, site_id or "-", message
-        )
-        self.on_change(self.job_id)
-
-    def _fail(self, reason: str) -> None:
-        self.store.add_event(self.job_id, "error", reason)
-        self.store.update_job(self.job_id, state="failed", error=reason)
-        log.error("job=%s failed: %s", self.job_id, reason)
-        self.on_change(self.job_id)
 
     # ------------------------------------------------------------------ participants
 
@@ -174,7 +125,7 @@ class JobRunner(threading.Thread):
                 announced = True
             self._check_cancelled()
             if self.stopping.is_set():
-                raise _Stopped()  # shutting down: not the job's fault, resume after restart
+                raise JobStopped()  # shutting down: not the job's fault, resume after restart
             if time.time() > deadline:
                 raise JobFailedError(
                     f"only {len(online)} online site(s) expose dataset {spec.dataset!r} "
@@ -310,7 +261,7 @@ class JobRunner(threading.Thread):
                     except InvalidUpdateError:
                         continue
                     self._record_received(rnd, p, res)
-            raise _Stopped()
+            raise JobStopped()
         for tid in late:
             p = outstanding[tid]
             msg = f"site {p.site_id} did not answer round {rnd} within {spec.round_timeout_s:g} s"
@@ -538,10 +489,6 @@ class JobRunner(threading.Thread):
         save_model(self.store.paths.model_dir(self.job_id), module_or_state=model, card=card)
         self.store.update_job(self.job_id, state="completed", model_released=True, epsilon=epsilon)
         self._event("info", f"model released: ε={epsilon:.4g}, δ={self.spec.dp.delta:g}")
-
-
-class _Stopped(DpfedError):
-    """Internal: the orchestrator is shutting down mid-round."""
 
 
 def _pooled_metrics(accepted: list[UpdateMeta]) -> tuple[float | None, float | None, bool]:
