@@ -7,7 +7,7 @@ from typing import Any
 
 from common.specs import JobSpec
 from orchestrator.store import ChargeRow, JobRow, RoundRow
-from orchestrator.views import site_spends
+from orchestrator.views import charged_event_dict, site_spends
 
 GUARANTEE = (
     "Sample-level (ε, δ)-differential privacy under add/remove of one record at any single "
@@ -64,15 +64,7 @@ def build_model_card(
                 "max_grad_norm": s.max_grad_norm,
                 "epsilon": s.epsilon,
                 "dataset_epsilon_lifetime": s.dataset_epsilon,
-                "events": [
-                    {
-                        "kind": e.kind,
-                        "noise_multiplier": e.event.noise_multiplier,
-                        "sample_rate": e.event.sample_rate,
-                        "steps": e.event.steps,
-                    }
-                    for e in s.events
-                ],
+                "events": [charged_event_dict(e) for e in s.events],
             }
             for s in sites
         ],

@@ -40,7 +40,7 @@ from orchestrator.job_thread import JobStopped, JobThread
 from orchestrator.planning import ACCOUNTANT, plan_site, site_dataset
 from orchestrator.site_dp import round_for, site_level_events, sum_noise_multiplier
 from orchestrator.store import ChargeRow, RoundRow, atomic_write
-from orchestrator.views import site_status
+from orchestrator.views import charged_event_dict, site_status
 
 log = logging.getLogger("dpfed.orchestrator")
 
@@ -340,15 +340,7 @@ class JobRunner(JobThread):
             delta=r.delta,
             dataset_epsilon=r.dataset_epsilon,
             policy_delta=r.policy_delta,
-            events=[
-                {
-                    "kind": e.kind,
-                    "noise_multiplier": e.event.noise_multiplier,
-                    "sample_rate": e.event.sample_rate,
-                    "steps": e.event.steps,
-                }
-                for e in r.events
-            ],
+            events=[charged_event_dict(e) for e in r.events],
             grad_sample_mode=r.grad_sample_mode,
         )
 

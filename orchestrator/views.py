@@ -22,7 +22,18 @@ from orchestrator.broker import Broker
 from orchestrator.store import ChargeRow, JobRow, SiteRow, Store
 
 
+def charged_event_dict(e: ChargedEvent) -> dict[str, Any]:
+    """A charged DP event as stored in the job ledger and shown on the model card."""
+    return {
+        "kind": e.kind,
+        "noise_multiplier": e.event.noise_multiplier,
+        "sample_rate": e.event.sample_rate,
+        "steps": e.event.steps,
+    }
+
+
 def charged_events(raw: list[dict[str, Any]]) -> tuple[ChargedEvent, ...]:
+    """The inverse of :func:`charged_event_dict`."""
     return tuple(
         ChargedEvent(
             kind=str(e["kind"]),
