@@ -42,6 +42,7 @@ from typing import Any
 import opacus
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -49,9 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.models import build_model, count_parameters
 from common.specs import Conv2dSpec, ConvLayerSpec, MLPSpec, ModelSpec
+from site_agent.clipping import BookKeeper
 from site_agent.trainer import choose_grad_sample_mode
 
-MODES = ("hooks", "ew", "ghost")
+MODES = ("hooks", "ew", "ghost", "bk")
 RESULTS = Path(__file__).resolve().parent / "results" / "dp_step.json"
 
 Step = Callable[[], None]
@@ -88,7 +90,32 @@ def _nonprivate_step(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor) -> Step:
     return step
 
 
+def _bk_step(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor) -> Step:
+    """dpfed's own mode, as ``site_agent.trainer._run_bookkeeping`` runs it."""
+    model = build_model(spec, seed=0)
+    opt = DPOptimizerFastGradientClipping(
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=len(x),
+        loss_reduction="mean",
+    )
+    crit = nn.CrossEntropyLoss(reduction="sum")
+    keeper = BookKeeper(model)
+    attached = keeper.attach()
+    attached.__enter__()  # stays attached while ``step`` (which holds it) lives
+
+    def step(_attached: Any = attached) -> None:
+        opt.zero_grad(set_to_none=True)
+        keeper.clipped_backward(crit(model(x), y), 1.0)
+        opt.step()
+
+    return step
+
+
 def _dp_step(spec: ModelSpec, mode: str, x: torch.Tensor, y: torch.Tensor) -> Step:
+    if mode == "bk":
+        return _bk_step(spec, x, y)
     model = build_model(spec, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     crit = nn.CrossEntropyLoss()

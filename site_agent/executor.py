@@ -21,13 +21,14 @@ import json
 import logging
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from common.accounting import DpEvent, compute_epsilon
+from common.accounting import DpEvent, EpsilonBound, compute_epsilon
 from common.domain import (
     ChargedEvent,
     DatasetInfo,
@@ -57,6 +58,48 @@ from site_agent.trainer import TrainParams, evaluate, train_local
 log = logging.getLogger("dpfed.site_agent")
 
 ACCOUNTANT = "prv"
+
+
+@dataclass(frozen=True)
+class _ReportEpsilons:
+    task: EpsilonBound
+    job: EpsilonBound
+    lifetime: EpsilonBound
+
+
+def _report_epsilons_in_background(
+    ledger: Ledger,
+    *,
+    task_events: Sequence[DpEvent],
+    dataset: str,
+    job_id: str,
+    delta: float,
+    policy_delta: float,
+) -> Future[_ReportEpsilons]:
+    """The DP report's three ε, composed in a thread while the site trains.
+
+    They depend only on the ledger as charged (write-ahead, before training), so computing
+    them alongside training gives the same numbers, and a PRV composition (tens to hundreds
+    of ms each) no longer adds to the round. Nothing here touches the data.
+    """
+    history = ledger.events(dataset, job_id=job_id)
+    lifetime = ledger.events(dataset)
+    out: Future[_ReportEpsilons] = Future()
+
+    def run() -> None:
+        try:
+            out.set_result(
+                _ReportEpsilons(
+                    task=compute_epsilon(list(task_events), delta=delta, accountant=ACCOUNTANT),
+                    job=compute_epsilon(history, delta=delta, accountant=ACCOUNTANT),
+                    lifetime=compute_epsilon(lifetime, delta=policy_delta, accountant=ACCOUNTANT),
+                )
+            )
+        except BaseException as err:  # handed to the caller, who raises it
+            out.set_exception(err)
+
+    threading.Thread(target=run, name="dp-report-accounting", daemon=True).start()
+    return out
 
 
 @dataclass(frozen=True)
@@ -277,6 +320,14 @@ class TaskExecutor:
                 events=[metric_event],
                 delta=spec.dp.delta,
             )
+        epsilons = _report_epsilons_in_background(
+            self.ledger,
+            task_events=cost_events,
+            dataset=task.dataset,
+            job_id=task.job_id,
+            delta=spec.dp.delta,
+            policy_delta=policy.delta,
+        )
 
         result = train_local(
             model_spec=spec.model,
@@ -325,22 +376,16 @@ class TaskExecutor:
         charged = tuple(
             ChargedEvent("train" if e is train_event else "metrics", e) for e in cost_events
         )
-        task_eps = compute_epsilon(list(cost_events), delta=spec.dp.delta, accountant=ACCOUNTANT)
-        job_eps = compute_epsilon(
-            self.ledger.events(task.dataset, job_id=task.job_id),
-            delta=spec.dp.delta,
-            accountant=ACCOUNTANT,
-        )
-        lifetime = self.ledger.spent(task.dataset, delta=policy.delta, accountant=ACCOUNTANT)
+        eps = epsilons.result()
         report = DpReport(
             events=charged,
             max_grad_norm=spec.dp.max_grad_norm,
             delta=spec.dp.delta,
-            task_epsilon=task_eps.epsilon,
-            job_epsilon=job_eps.epsilon,
-            dataset_epsilon=lifetime.epsilon,
+            task_epsilon=eps.task.epsilon,
+            job_epsilon=eps.job.epsilon,
+            dataset_epsilon=eps.lifetime.epsilon,
             policy_delta=policy.delta,
-            accountant=task_eps.accountant,
+            accountant=eps.task.accountant,
             grad_sample_mode=result.grad_sample_mode,
         )
         blob = state_to_bytes(

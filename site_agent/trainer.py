@@ -33,8 +33,10 @@ What the guarantee rests on, and how this module keeps it:
 * **No un-noised output.** The training loss is never computed into a number, logged or
   returned; validation metrics leave only through :func:`evaluate`'s Gaussian mechanism.
 
-Per-example gradient norms come from Opacus' ghost-clipping mode (see
-:func:`choose_grad_sample_mode` for why, and ``bench/bench_dp_step.py`` for the numbers).
+Per-example gradients are clipped by book-keeping (one backward pass,
+:mod:`site_agent.clipping`), with Opacus' optimiser adding the noise; Opacus' ghost and hooks
+modes remain selectable (see :func:`choose_grad_sample_mode` for why, and
+``bench/bench_dp_step.py`` for the numbers).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,19 +53,23 @@ import numpy.typing as npt
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from common.errors import InvalidSpecError
 from common.models import build_model, load_weights
 from common.specs import ModelSpec, OptimizerSpec
+from site_agent.clipping import BookKeeper, supports
 
-GHOST_KINDS = frozenset({"linear", "mlp", "cnn1d", "cnn2d"})
-"""Model kinds trained with ghost clipping (all of them; see :func:`choose_grad_sample_mode`)."""
+BK_KINDS = frozenset({"linear", "mlp", "cnn1d", "cnn2d"})
+"""Model kinds trained with book-keeping clipping (all of them; see
+:func:`choose_grad_sample_mode`)."""
 
-SUPPORTED_MODES = ("ghost", "hooks")
-"""Opacus modes :func:`train_local` runs. ``"ew"`` (ExpandedWeights) is left out: it fails on
-the empty batches Poisson sampling produces."""
+SUPPORTED_MODES = ("bk", "ghost", "hooks")
+"""Per-example clipping modes :func:`train_local` runs: ``"bk"`` (one backward pass,
+:mod:`site_agent.clipping`) and Opacus' ``"ghost"`` and ``"hooks"``. Opacus' ``"ew"``
+(ExpandedWeights) is left out: it fails on the empty batches Poisson sampling produces."""
 
 _EVAL_BATCH = 4096
 
@@ -96,7 +102,7 @@ class LocalResult:
     noise_multiplier: float
     max_grad_norm: float
     grad_sample_mode: str
-    """The Opacus mode that computed per-example gradients (``"ghost"`` or ``"hooks"``)."""
+    """How per-example gradients were clipped: ``"bk"``, or Opacus' ``"ghost"``/``"hooks"``."""
 
 
 @dataclass(frozen=True)
@@ -149,24 +155,30 @@ def plan_steps(
 
 
 def choose_grad_sample_mode(spec: ModelSpec) -> str:
-    """The fastest Opacus per-example-gradient mode that supports the model: ``"ghost"``.
+    """The fastest per-example clipping mode that supports the model: ``"bk"``.
 
-    Opacus' ``"ghost"`` mode (ghost clipping: Li et al., "Large Language Models Can Be
-    Strong Differentially Private Learners", ICLR 2022; Bu et al., "Scalable and Efficient
-    Training of Large Convolutional Neural Networks with Differential Privacy", NeurIPS
-    2022) runs two backward passes: the first yields each example's gradient norm, the
-    second the gradient of the loss re-weighted by each example's clipping factor, which *is*
-    the sum of clipped per-example gradients. For ``nn.Linear`` the norm comes straight from
-    activations and output gradients, so a dense net never materialises a ``(B, out, in)``
-    per-example gradient. Conv and GroupNorm layers have no ghost norm in Opacus; they fall
-    back to per-example gradients that are reduced to norms and dropped layer by layer.
+    Three ways to get the clipped sum ``Σ_i clip_C(∇ℓ_i)`` run here; all three compute the
+    same sum (``tests/unit/test_trainer.py`` checks it on every kind of the zoo), so the
+    guarantee does not depend on the choice, only the speed does:
 
-    Measured against ``"hooks"`` (per-example gradients for every layer, kept until the
-    optimiser clips them) by ``bench/bench_dp_step.py``, ghost is the faster mode for every
-    kind of the zoo, conv nets included, and it needs less memory. ``tests/unit/
-    test_trainer.py`` checks that both modes produce the same clipped update on every kind.
+    * ``"bk"``: book-keeping clipping (Bu et al., ICML 2023; :mod:`site_agent.clipping`):
+      one backward pass that keeps each layer's activations and output gradients, then the
+      per-example norms and the clipped sum from them. Noise and averaging are Opacus'
+      (``DPOptimizerFastGradientClipping``).
+    * ``"ghost"``: Opacus' ghost clipping (Li et al., ICLR 2022; Bu et al., NeurIPS 2022):
+      the same norms, but a *second* backward pass on the loss re-weighted by the clipping
+      factors. Conv and GroupNorm layers fall back to materialised per-example gradients.
+    * ``"hooks"``: Opacus' per-example gradients for every layer, kept until the optimiser
+      clips them: ``B × |θ|`` floats.
+
+    ``bench/bench_dp_step.py`` measures all three against a non-private step; ``"bk"`` is
+    the fastest on every kind of the zoo, and on the MLPs it stays under twice a
+    non-private step. A model with a layer :mod:`site_agent.clipping` does not handle
+    would train with ``"ghost"``.
     """
-    return "ghost" if spec.kind in GHOST_KINDS else "hooks"
+    if spec.kind in BK_KINDS and supports(build_model(spec)):
+        return "bk"
+    return "ghost"
 
 
 def _private_generator() -> torch.Generator:
@@ -252,8 +264,8 @@ def train_local(
         features: float array ``(N, input_dim)``.
         labels: integer class indices ``(N,)``.
         params: the task's DP and optimiser parameters.
-        grad_sample_mode: ``"ghost"`` or ``"hooks"`` to override
-            :func:`choose_grad_sample_mode` (tests and benchmarks). Both compute the same
+        grad_sample_mode: ``"bk"``, ``"ghost"`` or ``"hooks"`` to override
+            :func:`choose_grad_sample_mode` (tests and benchmarks). All compute the same
             clipped sum, so the guarantee does not depend on it; only speed does.
 
     Raises:
@@ -281,6 +293,91 @@ def train_local(
 
     loader = DPDataLoader(TensorDataset(x, y), sample_rate=q, generator=_private_generator())
     optimizer = _optimizer(params.optimizer, list(net.parameters()))
+    if mode == "bk":
+        _run_bookkeeping(net, optimizer, loader, params=params, steps=steps, expected=q * n)
+    else:
+        _run_opacus(net, optimizer, loader, params=params, steps=steps, expected=q * n, mode=mode)
+
+    # Both paths train ``net``'s parameters in place, and leave no hook or wrapper on it, so
+    # its state dict has the spec's key names.
+    end = net.state_dict()
+    delta = {k: (end[k].detach().to(torch.float32) - start[k]).cpu().contiguous() for k in start}
+    return LocalResult(
+        delta=delta,
+        num_examples=n,
+        sample_rate=q,
+        steps=steps,
+        noise_multiplier=float(params.noise_multiplier),
+        max_grad_norm=float(params.max_grad_norm),
+        grad_sample_mode=mode,
+    )
+
+
+def _poisson_batches(loader: DPDataLoader, steps: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Exactly ``steps`` Poisson batches: one "epoch" of ``1/q`` samples is not a limit."""
+    batches = iter(loader)
+    for _ in range(steps):
+        try:
+            xb, yb = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            xb, yb = next(batches)
+        yield xb, yb
+
+
+def _check_not_skipped(optimizer: Any) -> None:
+    if optimizer._is_last_step_skipped:  # pragma: no cover - would void accounting
+        raise RuntimeError("Opacus skipped a DP-SGD step; the accounting would be wrong.")
+
+
+def _run_bookkeeping(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DPDataLoader,
+    *,
+    params: TrainParams,
+    steps: int,
+    expected: float,
+) -> None:
+    """DP-SGD steps with book-keeping clipping; Opacus adds the noise and averages."""
+    dp_optimizer = DPOptimizerFastGradientClipping(
+        optimizer,
+        noise_multiplier=params.noise_multiplier,
+        max_grad_norm=params.max_grad_norm,
+        expected_batch_size=1,  # set just below to the exact, non-integer q·N
+        loss_reduction="mean",
+        generator=_private_generator(),
+    )
+    # Unbiased average over the public expected batch size q·N (a public constant, so the
+    # division is post-processing of the noised sum).
+    dp_optimizer.expected_batch_size = expected
+    # Per-example losses summed: each example's gradient is then its own ∇ℓ_i, which the
+    # keeper clips; the optimiser divides the noised sum by q·N.
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    keeper = BookKeeper(net)
+    with keeper.attach():
+        for xb, yb in _poisson_batches(loader, steps):
+            dp_optimizer.zero_grad(set_to_none=True)
+            if xb.shape[0] == 0:
+                keeper.zero_batch()  # an empty sample still takes a noise-only step
+            else:
+                # The loss is a tensor that only ever reaches backward(): never a number.
+                keeper.clipped_backward(criterion(net(xb), yb), params.max_grad_norm)
+            dp_optimizer.step()
+            _check_not_skipped(dp_optimizer)
+
+
+def _run_opacus(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DPDataLoader,
+    *,
+    params: TrainParams,
+    steps: int,
+    expected: float,
+    mode: str,
+) -> None:
+    """DP-SGD steps with Opacus' own per-example gradients (``ghost`` or ``hooks``)."""
     criterion = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
         # "Secure RNG turned off": our generators are seeded from OS entropy (see module doc).
@@ -293,7 +390,7 @@ def train_local(
             data_loader=loader,
             noise_multiplier=params.noise_multiplier,
             max_grad_norm=params.max_grad_norm,
-            poisson_sampling=False,  # the loader above already samples, at the exact q
+            poisson_sampling=False,  # the loader already samples, at the exact q
             grad_sample_mode=mode,
             noise_generator=_private_generator(),
         )
@@ -304,43 +401,19 @@ def train_local(
         dp_criterion = criterion
     # Each Poisson batch is one step; accumulating several would break the accounting.
     dp_model.forbid_grad_accumulation()
-    # Unbiased average over the public expected batch size q·N (a public constant, so the
-    # division is post-processing of the noised sum).
-    dp_optimizer.expected_batch_size = q * n
-
-    batches = iter(dp_loader)
+    dp_optimizer.expected_batch_size = expected
     with warnings.catch_warnings():
         # PyTorch notes that the first layer's input needs no gradient; expected here.
         warnings.filterwarnings(
             "ignore", message="Full backward hook is firing", category=UserWarning
         )
-        for _ in range(steps):
-            try:
-                xb, yb = next(batches)
-            except StopIteration:  # one "epoch" of 1/q samples is over: keep sampling
-                batches = iter(dp_loader)
-                xb, yb = next(batches)
+        for xb, yb in _poisson_batches(dp_loader, steps):
             dp_optimizer.zero_grad(set_to_none=True)
             # The loss is a tensor that only ever reaches backward(): never a number.
             dp_criterion(dp_model(xb), yb).backward()
             dp_optimizer.step()
-            if dp_optimizer._is_last_step_skipped:  # pragma: no cover - would void accounting
-                raise RuntimeError("Opacus skipped a DP-SGD step; the accounting would be wrong.")
-
-    # GradSampleModule wraps ``net`` and trains its parameters in place, so ``net``'s own
-    # state dict has the spec's key names (no "_module." prefix).
-    end = net.state_dict()
-    delta = {k: (end[k].detach().to(torch.float32) - start[k]).cpu().contiguous() for k in start}
+            _check_not_skipped(dp_optimizer)
     dp_model.to_standard_module()  # removes Opacus' hooks from ``net``
-    return LocalResult(
-        delta=delta,
-        num_examples=n,
-        sample_rate=q,
-        steps=steps,
-        noise_multiplier=float(params.noise_multiplier),
-        max_grad_norm=float(params.max_grad_norm),
-        grad_sample_mode=mode,
-    )
 
 
 def evaluate(

@@ -124,8 +124,8 @@ def test_plan_steps() -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(SPECS))
-def test_every_kind_trains_with_ghost_clipping(kind: str) -> None:
-    assert choose_grad_sample_mode(SPECS[kind]) == "ghost"
+def test_every_kind_trains_with_bookkeeping_clipping(kind: str) -> None:
+    assert choose_grad_sample_mode(SPECS[kind]) == "bk"
 
 
 # -- training -------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def test_dp_sgd_on_digits_learns(
         labels=y[train],
         params=_params(local_steps=None, local_epochs=5.0, optimizer=OptimizerSpec(lr=0.5)),
     )
-    assert result.grad_sample_mode == "ghost"
+    assert result.grad_sample_mode == "bk"
     assert result.sample_rate == 64 / 1400 and result.steps == math.ceil(5 * 1400 / 64)
     assert (result.noise_multiplier, result.max_grad_norm, result.num_examples) == (1.0, 1.0, 1400)
 
@@ -230,12 +230,12 @@ def test_clipping_bounds_the_delta(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", sorted(SPECS))
-def test_ghost_and_hooks_release_the_same_update(kind: str) -> None:
+def test_every_mode_releases_the_same_update(kind: str) -> None:
     spec = SPECS[kind]
     x, y = _random_data(30, scale=5.0)
     start = build_model(spec, seed=3).state_dict()
     params = _params(noise_multiplier=0.0, max_grad_norm=0.05, batch_size=30, local_steps=3)
-    ghost, hooks = (
+    bk, ghost, hooks = (
         train_local(
             model_spec=spec,
             global_state=start,
@@ -244,14 +244,23 @@ def test_ghost_and_hooks_release_the_same_update(kind: str) -> None:
             params=params,
             grad_sample_mode=mode,
         )
-        for mode in ("ghost", "hooks")
+        for mode in ("bk", "ghost", "hooks")
     )
-    assert (ghost.grad_sample_mode, hooks.grad_sample_mode) == ("ghost", "hooks")
-    diff = {k: ghost.delta[k] - hooks.delta[k] for k in start}
-    assert l2_norm(diff) <= 1e-4 * l2_norm(hooks.delta)
+    assert (bk.grad_sample_mode, ghost.grad_sample_mode, hooks.grad_sample_mode) == (
+        "bk",
+        "ghost",
+        "hooks",
+    )
+    # Clipping bites (C = 0.05 on inputs scaled by 5), so a wrong norm would show here.
+    for other in (ghost, bk):
+        diff = {k: other.delta[k] - hooks.delta[k] for k in start}
+        assert l2_norm(diff) <= 1e-4 * l2_norm(hooks.delta)
 
 
-@pytest.mark.parametrize(("kind", "mode"), [("mlp", "ghost"), ("mlp", "hooks"), ("cnn2d", "ghost")])
+@pytest.mark.parametrize(
+    ("kind", "mode"),
+    [("mlp", "bk"), ("mlp", "ghost"), ("mlp", "hooks"), ("cnn2d", "bk"), ("cnn2d", "ghost")],
+)
 def test_empty_poisson_batches_still_take_a_noised_step(
     kind: str, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -464,3 +473,29 @@ def test_evaluate_refuses_bad_arguments() -> None:
             loss_bound=1.0,
             noise_multiplier=1.0,
         )
+
+
+@pytest.mark.parametrize("mode", ["bk", "ghost"])
+def test_noise_is_calibrated_to_sigma_times_the_clip_norm(mode: str) -> None:
+    # One step with q = 1, lr = 1 and a clip norm so small that the clipped sum is negligible:
+    # the delta is then -N(0, (σC)²)/N per coordinate.
+    spec = SPECS["linear"]
+    x, y = _random_data(40)
+    sigma, clip, n = 2.0, 1e-4, 40
+    result = train_local(
+        model_spec=spec,
+        global_state=build_model(spec, seed=0).state_dict(),
+        features=x,
+        labels=y,
+        params=_params(
+            noise_multiplier=sigma,
+            max_grad_norm=clip,
+            batch_size=n,
+            local_steps=1,
+            optimizer=OptimizerSpec(lr=1.0),
+        ),
+        grad_sample_mode=mode,
+    )
+    values = torch.cat([v.flatten() for v in result.delta.values()])  # 650 coordinates
+    expected = sigma * clip / n
+    assert float(values.std()) == pytest.approx(expected, rel=0.12)
