@@ -247,6 +247,13 @@ class Coordinator:
         return self.job(job_id)
 
     def set_site_enabled(self, site_id: str, enabled: bool) -> SiteStatus:
+        """Enable or disable a site. Disabling an id that never registered blocks it before
+        its first connection; enabling one is refused (NotFoundError): likely a typo."""
+        if enabled and self.store.site(site_id) is None:
+            raise NotFoundError(
+                f"No site {site_id!r} has ever registered; nothing to enable. "
+                "(`orchestrator sites` lists the known ones.)"
+            )
         self.store.set_site_enabled(site_id, enabled)
         if not enabled:
             self.broker.disconnect(site_id)

@@ -524,6 +524,19 @@ def test_only_operators_enable_and_disable_sites(
     code, _, resp = rpc(analyst, "ControlService", "ListSites", pb.ListSitesRequest())
     assert code == CODE.OK and [(s.site_id, s.state) for s in resp[0].sites] == [("bank-c", "idle")]
 
+    # A typo is not silently turned into a new site row...
+    typo = pb.SiteEnabledRequest(site_id="bank-cc", enabled=True)
+    code, details, _ = rpc(operator, "ControlService", "SetSiteEnabled", typo)
+    assert code == CODE.NOT_FOUND and "bank-cc" in details, details
+    assert server.coordinator.store.site("bank-cc") is None
+    # ...but a site can be blocked before it ever connects.
+    block = pb.SiteEnabledRequest(site_id="beta", enabled=False)
+    code, details, resp = rpc(operator, "ControlService", "SetSiteEnabled", block)
+    assert code == CODE.OK and resp[0].state == "disabled", details
+    beta = dial.mtls(pki.site("beta"))
+    code, details, _ = rpc(beta, "AgentService", "Register", register_request("beta"))
+    assert code == CODE.PERMISSION_DENIED and "disabled" in details, details
+
 
 def test_site_certificates_cannot_use_the_control_service(
     pki: Pki, server: RunningServer, dial: Dialer
