@@ -1,4 +1,4 @@
-"""Cost of one DP-SGD step relative to one non-private SGD step, per Opacus gradient mode.
+"""Cost of one DP-SGD step relative to one non-private SGD step, per clipping mode.
 
 DP-SGD (Abadi et al., CCS 2016) needs every example's gradient norm to clip it. Opacus
 (Yousefpour et al., 2021) offers several ways to get it, with very different costs:
@@ -9,7 +9,12 @@ DP-SGD (Abadi et al., CCS 2016) needs every example's gradient norm to clip it. 
 * ``ghost`` — ghost clipping (Li et al., ICLR 2022; Bu et al. 2022-23): per-example norms of
   linear layers from activations and output gradients, then a second backward pass on the
   re-weighted loss; layers without a ghost norm (conv, GroupNorm) fall back to materialised
-  per-example gradients.
+  per-example gradients;
+* ``bk`` — dpfed's book-keeping clipping (Bu et al., ICML 2023; ``site_agent/clipping.py``):
+  the same norms in a single backward pass, then the clipped sum as one matrix product per
+  layer; Opacus' optimiser adds the noise. dpfed's default.
+* ``bk+csprng`` — ``bk`` with the noise a site gets under ``policy.secure_noise``
+  (``common/noise.py``: ChaCha20 CSPRNG, Box–Muller, Opacus' secure-mode sum of four draws).
 
 This script times one optimiser step (forward, backward, clip, noise, update) on a fixed
 batch for each model and mode, interleaving the variants repeat by repeat so that machine
@@ -42,18 +47,18 @@ from typing import Any
 import opacus
 import torch
 from opacus import PrivacyEngine
-from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.models import build_model, count_parameters
+from common.noise import private_torch_generator, secure_noise
 from common.specs import Conv2dSpec, ConvLayerSpec, MLPSpec, ModelSpec
 from site_agent.clipping import BookKeeper
-from site_agent.trainer import choose_grad_sample_mode
+from site_agent.trainer import SiteNoiseOptimizer, choose_grad_sample_mode
 
-MODES = ("hooks", "ew", "ghost", "bk")
+MODES = ("hooks", "ew", "ghost", "bk", "bk+csprng")
 RESULTS = Path(__file__).resolve().parent / "results" / "dp_step.json"
 
 Step = Callable[[], None]
@@ -90,15 +95,17 @@ def _nonprivate_step(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor) -> Step:
     return step
 
 
-def _bk_step(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor) -> Step:
-    """dpfed's own mode, as ``site_agent.trainer._run_bookkeeping`` runs it."""
+def _bk_step(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, *, secure: bool) -> Step:
+    """dpfed's own mode, as ``site_agent.trainer._run_bookkeeping`` runs it; ``secure``: the
+    noise from the ChaCha20 CSPRNG with Opacus' secure-mode sum (``policy.secure_noise``)."""
     model = build_model(spec, seed=0)
-    opt = DPOptimizerFastGradientClipping(
+    opt = SiteNoiseOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.01),
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         expected_batch_size=len(x),
         loss_reduction="mean",
+        generator=private_torch_generator(),
     )
     crit = nn.CrossEntropyLoss(reduction="sum")
     keeper = BookKeeper(model)
@@ -106,16 +113,17 @@ def _bk_step(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor) -> Step:
     attached.__enter__()  # stays attached while ``step`` (which holds it) lives
 
     def step(_attached: Any = attached) -> None:
-        opt.zero_grad(set_to_none=True)
-        keeper.clipped_backward(crit(model(x), y), 1.0)
-        opt.step()
+        with secure_noise(secure):
+            opt.zero_grad(set_to_none=True)
+            keeper.clipped_backward(crit(model(x), y), 1.0)
+            opt.step()
 
     return step
 
 
 def _dp_step(spec: ModelSpec, mode: str, x: torch.Tensor, y: torch.Tensor) -> Step:
-    if mode == "bk":
-        return _bk_step(spec, x, y)
+    if mode.startswith("bk"):
+        return _bk_step(spec, x, y, secure=mode == "bk+csprng")
     model = build_model(spec, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     crit = nn.CrossEntropyLoss()
@@ -212,16 +220,16 @@ def bench_model(
 def _table(rows: list[dict[str, Any]]) -> str:
     head = f"{'model':<28}{'params':>10}{'sgd ms':>9}"
     for mode in MODES:
-        head += f"{mode + ' ms':>11}{'×':>7}"
+        head += f"{mode + ' ms':>14}{'×':>8}"
     head += f"{'fastest':>9}{'default':>9}{'default ×':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
         line = f"{r['model']:<28}{r['parameters']:>10,}{r['nonprivate_ms']:>9.2f}"
         for mode in MODES:
             if mode in r["ms"]:
-                line += f"{r['ms'][mode]:>11.2f}{r['ratio'][mode]:>6.2f}×"
+                line += f"{r['ms'][mode]:>14.2f}{r['ratio'][mode]:>7.2f}×"
             else:
-                line += f"{'n/a':>11}{'':>7}"
+                line += f"{'n/a':>14}{'':>8}"
         default_ratio = r["default_ratio"]
         shown = f"{default_ratio:.2f}×" if default_ratio is not None else "n/a"
         line += f"{r['fastest_mode']:>9}{r['default_mode']:>9}{shown:>11}"

@@ -113,11 +113,11 @@ Plans arriving from the orchestrator are data: :meth:`MeasurementPlan.from_dict`
 the events and ε from the marginals and σ (it never trusts a claimed ε), and
 :func:`measure_site` refuses a plan whose schema differs from the site's own declaration.
 
-Noise generation uses the caller's :class:`numpy.random.Generator`; in production seed it from
-OS entropy (``np.random.default_rng(secrets.randbits(128))``). As in the DP-SGD trainer, the
-generator is not a CSPRNG and the floating-point attacks on textbook samplers (Mironov 2012,
-"On Significance of the Least Significant Bits for Differential Privacy", CCS) are not
-countered here.
+Noise is drawn through :func:`common.noise.gaussian_np`: from the caller's
+:class:`numpy.random.Generator` (in production seeded from OS entropy,
+``np.random.default_rng(secrets.randbits(128))``), or, where the site's policy sets
+``secure_noise``, from a ChaCha20 CSPRNG with Opacus' countermeasure to floating-point attacks
+(see :mod:`common.noise`).
 
 Combination and estimation (orchestrator, post-processing)
 ----------------------------------------------------------
@@ -163,6 +163,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from common import noise
 from common.accounting import (
     ACCOUNTANTS,
     DpEvent,
@@ -884,7 +885,7 @@ def measure_site(
     out: list[MarginalDict] = []
     for m in plan.marginals:
         exact = _counts(codes, schema, m.columns)
-        noisy = exact + rng.normal(0.0, m.noise_std, size=exact.shape[0])
+        noisy = exact + noise.gaussian_np(rng, m.noise_std, exact.shape[0])
         out.append(
             {
                 "columns": list(m.columns),

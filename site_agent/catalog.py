@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import noise
 from common.accounting import DpEvent
 from common.domain import ColumnInfo
 from site_agent.config import DatasetConfig, Policy
@@ -57,7 +58,7 @@ class CatalogCounts:
                 delta=self.policy.delta,
             )
             rng = np.random.default_rng(secrets.randbits(128))
-            noisy = max(0.0, round(exact + float(rng.normal(0.0, sigma))))
+            noisy = max(0.0, round(exact + float(noise.gaussian_np(rng, sigma))))
             self._cache[dataset] = {"exact": float(exact), "noisy": noisy, "sigma": sigma}
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self._cache))

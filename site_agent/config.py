@@ -119,6 +119,11 @@ class Policy(_Frozen):
         description="σ of the Gaussian noise on row counts shown to data scientists "
         "(charged once per dataset, then cached)",
     )
+    secure_noise: bool = Field(
+        default=False,
+        description="draw every DP noise value from a ChaCha20 CSPRNG with Opacus' "
+        "secure-mode countermeasure to floating-point attacks (common/noise.py); slower",
+    )
 
 
 class TlsConfig(_Frozen):

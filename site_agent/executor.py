@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common import noise
 from common.accounting import DpEvent, EpsilonBound, compute_epsilon
 from common.domain import (
     ChargedEvent,
@@ -142,6 +143,10 @@ class TaskExecutor:
         return list(self._infos)
 
     def _compute_infos(self) -> list[DatasetInfo]:
+        with noise.secure_noise(self.config.policy.secure_noise):  # the catalog's DP counts
+            return self._compute_infos_now()
+
+    def _compute_infos_now(self) -> list[DatasetInfo]:
         out = []
         for cfg in self.config.datasets:
             sp = self._split(cfg.name)
@@ -219,7 +224,15 @@ class TaskExecutor:
         return result
 
     def execute(self, task: TaskAssignment, global_blob: bytes) -> tuple[UpdateMeta, bytes]:
-        """Run one task; raises PolicyRefusal / InvalidSpecError / NotFoundError to refuse it."""
+        """Run one task; raises PolicyRefusal / InvalidSpecError / NotFoundError to refuse it.
+
+        Every noise value the task draws comes from the source the site's policy names
+        (``policy.secure_noise``; :mod:`common.noise`), set for this thread while it runs.
+        """
+        with noise.secure_noise(self.config.policy.secure_noise):
+            return self._execute(task, global_blob)
+
+    def _execute(self, task: TaskAssignment, global_blob: bytes) -> tuple[UpdateMeta, bytes]:
         if task.kind != "train":
             return self._execute_other(task, global_blob)
         spec: JobSpec = job_spec_from_json(task.job_spec_json)

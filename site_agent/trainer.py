@@ -19,15 +19,17 @@ What the guarantee rests on, and how this module keeps it:
 
 * **Secret randomness.** The Poisson sample and the noise must be unpredictable to anyone
   who sees the delta. Both come from generators seeded from the operating system's entropy
-  pool (:func:`secrets.randbits`), created for each call and never exposed. Nothing here
+  pool (``secrets.randbits``), created for each call and never exposed. Nothing here
   seeds them from the job's ``seed``: a seed the orchestrator knows would let it subtract
   the noise. (Opacus' default, the process-wide torch RNG, would be as good only as long as
   no code in the process ever called ``torch.manual_seed``.) The job seed reaches
   :func:`common.models.build_model` only, which leaves the global RNG untouched.
-  Opacus' ``secure_mode`` (a CSPRNG plus the floating-point attack countermeasure of
-  Mironov, "On Significance of the Least Significant Bits for Differential Privacy", CCS
-  2012) needs ``torchcsprng``, which is not a dependency; the noise is PyTorch's
-  Mersenne-Twister Gaussian sampler.
+  The noise goes through :mod:`common.noise`: PyTorch's Mersenne-Twister sampler by
+  default, or, where the site's policy sets ``secure_noise``, a ChaCha20 CSPRNG with
+  Opacus' secure-mode countermeasure to floating-point attacks (Opacus' own ``secure_mode``
+  needs ``torchcsprng``, which is not a dependency). Secure noise needs the ``"bk"`` mode,
+  whose optimiser draws through :mod:`common.noise`; the Poisson sampling keeps the
+  OS-seeded torch generator.
 * **Every step is a DP step.** An empty Poisson sample still takes a noise-only step, and
   exactly ``steps`` steps run: the accountant's count is the truth.
 * **No un-noised output.** The training loss is never computed into a number, logged or
@@ -42,7 +44,6 @@ modes remain selectable (see :func:`choose_grad_sample_mode` for why, and
 from __future__ import annotations
 
 import math
-import secrets
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -54,9 +55,11 @@ import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from common import noise
 from common.errors import InvalidSpecError
 from common.models import build_model, load_weights
 from common.specs import ModelSpec, OptimizerSpec
@@ -181,9 +184,26 @@ def choose_grad_sample_mode(spec: ModelSpec) -> str:
     return "ghost"
 
 
-def _private_generator() -> torch.Generator:
-    """A torch generator seeded from the OS entropy pool, known to no one else."""
-    return torch.Generator().manual_seed(secrets.randbits(64))
+_private_generator = noise.private_torch_generator
+
+
+class SiteNoiseOptimizer(DPOptimizerFastGradientClipping):  # type: ignore[misc]
+    """Opacus' optimiser for pre-clipped sums, with the noise drawn by :mod:`common.noise`
+    (the site's configured source: standard, or CSPRNG with Opacus' secure-mode sum).
+
+    Mirrors ``DPOptimizer.add_noise``: ``p.grad = p.summed_grad + N(0, (σC)²)`` once per
+    step, guarded by Opacus' processed flag against adding noise twice.
+    """
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            drawn = noise.gaussian_torch(
+                std, p.summed_grad.shape, generator=self.generator, dtype=p.summed_grad.dtype
+            )
+            p.grad = (p.summed_grad + drawn).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 def _check_arrays(
@@ -286,6 +306,12 @@ def train_local(
             f"grad_sample_mode must be one of {', '.join(SUPPORTED_MODES)}, got {mode!r}."
         )
 
+    if noise.secure_enabled() and mode != "bk":
+        raise InvalidSpecError(
+            f"This site requires secure noise (policy.secure_noise), which the {mode!r} "
+            "clipping mode cannot draw; only models book-keeping clipping supports can train."
+        )
+
     net = build_model(model_spec, seed=params.seed)
     load_weights(net, global_state, what="the global weights")
     net.train()
@@ -340,7 +366,7 @@ def _run_bookkeeping(
     expected: float,
 ) -> None:
     """DP-SGD steps with book-keeping clipping; Opacus adds the noise and averages."""
-    dp_optimizer = DPOptimizerFastGradientClipping(
+    dp_optimizer = SiteNoiseOptimizer(
         optimizer,
         noise_multiplier=params.noise_multiplier,
         max_grad_norm=params.max_grad_norm,
@@ -479,9 +505,7 @@ def evaluate(
 
     if noise_multiplier is not None:
         std = noise_multiplier * math.sqrt(2.0)
-        sums += torch.normal(
-            0.0, std, size=(2,), generator=_private_generator(), dtype=torch.float64
-        )
+        sums += noise.gaussian_torch(std, (2,), generator=_private_generator(), dtype=torch.float64)
     correct_sum = float(sums[0])
     loss_sum = float(sums[1]) * loss_bound
     return EvalMetrics(

@@ -285,3 +285,26 @@ def test_adaptive_clipping_with_too_little_count_noise_fails_clearly(net_factory
     with ControlClient(net.address) as c:
         st = _wait(c, c.submit(spec))
     assert st.state == "failed" and "count_noise_multiplier" in st.error
+
+
+def test_a_site_requiring_secure_noise_draws_all_its_noise_from_the_csprng(
+    net_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common import noise
+
+    draws: list[tuple[str, bool]] = []
+    original = noise.gaussian_torch
+
+    def recording(*args: Any, **kwargs: Any) -> torch.Tensor:
+        draws.append((threading.current_thread().name, noise.secure_enabled()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(noise, "gaussian_torch", recording)
+    net = net_factory({"a": {"secure_noise": True}, "b": {}, "c": {}})
+    with ControlClient(net.address) as c:
+        st = _wait(c, c.submit(_job(rounds=1)))
+        assert st.state == "completed", st.error
+    # Site a drew every DP-SGD and metrics noise value securely, the others did not.
+    assert {secure for _, secure in draws} == {True, False}
+    secure_threads = {name for name, secure in draws if secure}
+    assert secure_threads.isdisjoint({name for name, secure in draws if not secure})

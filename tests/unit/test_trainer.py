@@ -12,6 +12,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
+from common import noise
 from common.errors import InvalidSpecError
 from common.models import build_model
 from common.specs import (
@@ -499,3 +500,32 @@ def test_noise_is_calibrated_to_sigma_times_the_clip_norm(mode: str) -> None:
     values = torch.cat([v.flatten() for v in result.delta.values()])  # 650 coordinates
     expected = sigma * clip / n
     assert float(values.std()) == pytest.approx(expected, rel=0.12)
+
+
+def test_secure_noise_trains_with_bookkeeping_and_is_calibrated() -> None:
+    spec = SPECS["linear"]
+    x, y = _random_data(40)
+    sigma, clip, n = 2.0, 1e-4, 40
+    params = _params(
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        batch_size=n,
+        local_steps=1,
+        optimizer=OptimizerSpec(lr=1.0),
+    )
+    start = build_model(spec, seed=0).state_dict()
+    with noise.secure_noise():
+        result = train_local(
+            model_spec=spec, global_state=start, features=x, labels=y, params=params
+        )
+        with pytest.raises(InvalidSpecError, match="secure noise"):
+            train_local(
+                model_spec=spec,
+                global_state=start,
+                features=x,
+                labels=y,
+                params=params,
+                grad_sample_mode="ghost",
+            )
+    values = torch.cat([v.flatten() for v in result.delta.values()])
+    assert float(values.std()) == pytest.approx(sigma * clip / n, rel=0.12)
