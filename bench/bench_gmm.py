@@ -31,6 +31,17 @@ repeated with ``--repeats`` different noise seeds (mean and standard deviation r
 
 Run: ``.venv/bin/python bench/bench_gmm.py`` (about a minute on 2 CPU cores); writes
 ``bench/results/gmm.json``.
+
+``--bootstrap`` measures instead the DP Poisson-bootstrap standard errors (the job option
+``bootstrap:``) on the same data over 3 sites: DP EM and then one bootstrap release at the
+job's σ, calibrated so that the whole job (init + EM rounds + bootstrap) meets each target ε;
+and, as a reference for the estimator itself, a bootstrap at σ = 0.01 (no meaningful ε) of
+the same fitted model. Each standard error of a component mean is divided by the analytic
+sampling error ``√(Σ_k[j, j] / n_k)`` (true covariances and component sizes); the ratio
+of each weight's standard error to ``√(π_k(1 − π_k)/n)`` likewise; ``noise-only/SE`` is the
+median ratio of the simulated noise-only spread of a mean to its standard error. Writes
+``bench/results/gmm_bootstrap.json``:
+``.venv/bin/python bench/bench_gmm.py --bootstrap --epsilons 3 10`` (about a minute).
 """
 
 from __future__ import annotations
@@ -54,10 +65,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.accounting import DpEvent, calibrate_noise_multiplier, compute_epsilon
 from common.gmm import GaussianMixtureParams, merge_mixtures
-from orchestrator.gmm_em import FederatedEM
+from orchestrator.gmm_em import FederatedBootstrap, FederatedEM
 from site_agent.gmm_stats import answer_request
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gmm.json"
+BOOT_RESULTS = Path(__file__).resolve().parent / "results" / "gmm_bootstrap.json"
 DELTA = 1e-5
 K, D = 4, 5
 BOUND = 12.0
@@ -66,6 +78,14 @@ N_TRAIN, N_TEST = 120_000, 20_000
 
 def make_data(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train rows, train labels, test rows) of a fixed 4-component mixture in 5-D."""
+    X, y, X_test, _, _ = make_data_with_truth(seed)
+    return X, y, X_test
+
+
+def make_data_with_truth(
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`make_data` plus the true means ``(K, D)`` and covariances ``(K, D, D)``."""
     rng = np.random.default_rng(seed)
     means = np.array(
         [
@@ -89,7 +109,7 @@ def make_data(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     X, y = draw(N_TRAIN)
     X_test, _ = draw(N_TEST)
-    return X, y, X_test
+    return X, y, X_test, means, np.stack([f @ f.T for f in factors])
 
 
 def partition(labels: np.ndarray, n_sites: int, seed: int) -> list[np.ndarray]:
@@ -159,6 +179,128 @@ def one_shot(
     return merge_mixtures(local, weights, K), eps, 1
 
 
+def _boot_ratios(
+    job: FederatedEM,
+    sites: Sequence[np.ndarray],
+    sigma: float,
+    replicates: int,
+    seed: int,
+    truth: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> tuple[list[float], list[float], list[float]]:
+    """(mean SE / analytic, weight SE / analytic, mean noise-only / SE) per parameter."""
+    means, covs, nk = truth
+    params = job.result()
+    boot = FederatedBootstrap(
+        params,
+        bounds=np.tile([-BOUND, BOUND], (D, 1)),
+        replicates=replicates,
+        weight_cap=4,
+        noise_multiplier=sigma,
+    )
+    rng = np.random.default_rng(seed)
+    results = [
+        json.loads(json.dumps(answer_request(boot.request(), _chunks(X), rng=rng)[0]))
+        for X in sites
+    ]
+    se = boot.absorb(results)
+    order = [int(np.argmin(np.linalg.norm(params.means - m, axis=1))) for m in means]
+    analytic = np.sqrt(np.diagonal(covs, axis1=1, axis2=2) / nk[:, None])
+    pi = nk / nk.sum()
+    mean_ratio = (se.means[order] / analytic).ravel()
+    weight_ratio = se.weights[order] / np.sqrt(pi * (1 - pi) / nk.sum())
+    assert se.noise_only is not None
+    noise_share = (se.noise_only["means"] / se.means).ravel()
+    return (
+        [float(v) for v in mean_ratio],
+        [float(v) for v in weight_ratio],
+        [float(v) for v in noise_share],
+    )
+
+
+def bootstrap_main(args: argparse.Namespace) -> int:
+    """Bootstrap standard errors against analytic sampling errors (``--bootstrap``)."""
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    X, y, _, means, covs = make_data_with_truth(args.seed)
+    truth = (means, covs, np.bincount(y, minlength=K).astype(float))
+    sites = [X[idx] for idx in partition(y, 3, args.seed + 3)]
+    rows: list[dict[str, Any]] = []
+    for eps in args.epsilons:
+        sigma = calibrate_noise_multiplier(
+            target_epsilon=eps, sample_rate=1.0, steps=1 + args.rounds + 1, delta=DELTA
+        )
+        for rep in range(args.repeats):
+            seed = args.seed + 1000 * rep
+            job = _job(sigma, args.rounds, seed)
+            charged = run_job(job, sites, seed + 1)
+            spent = compute_epsilon([*charged[0], DpEvent(sigma, 1.0, 1)], delta=DELTA).epsilon
+            for label, s_boot in (("job σ", sigma), ("σ=.01 ref", 0.01)):
+                m_ratio, w_ratio, noise_share = _boot_ratios(
+                    job, sites, s_boot, args.replicates, seed + 2, truth
+                )
+                rows.append(
+                    {
+                        "epsilon_target": eps,
+                        "epsilon": spent if label == "job σ" else None,
+                        "sigma_em": sigma,
+                        "bootstrap": label,
+                        "sigma_bootstrap": s_boot,
+                        "repeat": rep,
+                        "mean_se_ratio": m_ratio,
+                        "weight_se_ratio": w_ratio,
+                        "mean_noise_only_over_se": noise_share,
+                    }
+                )
+    print(
+        f"DP Poisson bootstrap: SE / analytic sampling error, K={K}, D={D}, {N_TRAIN:,} rows "
+        f"over 3 sites, R={args.replicates}, cap 4, δ={DELTA:g}, ≤{args.rounds} EM rounds"
+    )
+    print(
+        f"{'ε target':>8} {'ε spent':>8} {'bootstrap':<10} {'σ_boot':>7} "
+        f"{'means: median [min, max]':>26} {'weights: median [min, max]':>28} "
+        f"{'noise-only/SE':>13}"
+    )
+    for row in rows:
+        m, w = np.array(row["mean_se_ratio"]), np.array(row["weight_se_ratio"])
+        eps_s = f"{row['epsilon']:.2f}" if row["epsilon"] is not None else "—"
+        print(
+            f"{row['epsilon_target']:>8g} {eps_s:>8} {row['bootstrap']:<10} "
+            f"{row['sigma_bootstrap']:>7.3g} "
+            f"{f'{np.median(m):.2f} [{m.min():.2f}, {m.max():.2f}]':>26} "
+            f"{f'{np.median(w):.2f} [{w.min():.2f}, {w.max():.2f}]':>28} "
+            f"{np.median(row['mean_noise_only_over_se']):>13.2f}"
+        )
+    env = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+    config = {
+        "K": K,
+        "D": D,
+        "n_train": N_TRAIN,
+        "sites": 3,
+        "bounds": [-BOUND, BOUND],
+        "delta": DELTA,
+        "max_rounds": args.rounds,
+        "replicates": args.replicates,
+        "weight_cap": 4,
+        "repeats": args.repeats,
+        "accountant": "prv",
+    }
+    print(f"wall time {env['wall_s']} s")
+    out = args.out if args.out != RESULTS else BOOT_RESULTS
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps({"environment": env, "config": config, "results": rows}, indent=2) + "\n"
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 10.0])
@@ -167,7 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--bootstrap", action="store_true", help="measure bootstrap standard errors instead"
+    )
+    parser.add_argument("--replicates", type=int, default=20, help="with --bootstrap")
     args = parser.parse_args(argv)
+    if args.bootstrap:
+        return bootstrap_main(args)
 
     started = time.perf_counter()
     load_before = os.getloadavg()[0]

@@ -223,6 +223,28 @@ class GmmDPSpec(_Frozen):
         return self
 
 
+class GmmBootstrapSpec(_Frozen):
+    """Optional standard errors of the fitted mixture by a DP Poisson bootstrap.
+
+    After the final model is fitted, every site releases ``replicates`` Poisson(1)-reweighted
+    copies of its E-step statistics under that model (weights capped at ``weight_cap``),
+    noised by the Gaussian mechanism; the orchestrator runs one M-step per replicate and
+    reports the standard deviation over replicates (``common.gmm``, "DP Poisson bootstrap").
+    The release is one more Gaussian mechanism on every site's ledger and in the job's ε.
+    ``noise_multiplier`` is set like ``dp.noise_multiplier``; left unset it is the job's σ
+    (with ``dp.target_epsilon``, σ is calibrated with this release counted).
+    """
+
+    replicates: int = Field(
+        default=20,
+        ge=5,
+        le=200,
+        description="more replicates make the standard errors steadier but each one noisier",
+    )
+    weight_cap: int = Field(default=4, ge=2, le=20, description="cap on a row's Poisson weight")
+    noise_multiplier: float | None = Field(default=None, ge=0.01, le=1000.0)
+
+
 class GmmJobSpec(_Frozen):
     """Federated model-based clustering (``kind: gmm``): DP federated EM of a Gaussian
     mixture over the sites' declared numeric columns, K fixed or chosen by distributed BIC."""
@@ -241,6 +263,9 @@ class GmmJobSpec(_Frozen):
     max_rounds: int = Field(default=20, ge=1, le=500)
     tol: float = Field(default=1e-3, gt=0.0, le=1.0)
     dp: GmmDPSpec
+    bootstrap: GmmBootstrapSpec | None = Field(
+        default=None, description="standard errors by a DP Poisson bootstrap (one more release)"
+    )
     min_sites: int = Field(default=1, ge=1, le=100_000)
     round_timeout_s: float = Field(default=600.0, gt=0.0, le=86_400.0)
     start_timeout_s: float = Field(default=120.0, gt=0.0, le=86_400.0)

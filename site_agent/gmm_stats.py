@@ -20,11 +20,19 @@ What a site computes
 * :func:`compute_candidate_stats` / :func:`noisy_candidate_stats`: nearest-candidate counts
   and sums for the DP initialisation (sensitivity :func:`~common.gmm.candidate_sensitivity`,
   ``DpEvent(σ, 1.0, 1)``).
+* :func:`compute_replicate_stats` / :func:`noisy_replicate_stats`: the DP Poisson bootstrap
+  of the final model (the ``bootstrap:`` job option): R replicates of the E-step statistics
+  with per-row, per-replicate weights ``min(Poisson(1), cap)`` drawn from a generator seeded
+  from OS entropy here (never from the job or the request), each row's weight vector rescaled
+  to L2 norm at most :func:`~common.gmm.bootstrap_weight_norm`; noise with sensitivity
+  :func:`~common.gmm.bootstrap_sensitivity`, ``DpEvent(σ, 1.0, 1)`` (derivation in
+  :mod:`common.gmm`).
 * :func:`answer_request`: the whole site step for a wire request (one pass over the data
   for all the models it names), returning the JSON-safe result and the event to charge.
   ``gmm.init`` → noisy candidate statistics; ``gmm.em`` → noisy E-step statistics per model;
   ``gmm.eval`` → noisy :func:`~common.gmm.scaled_loglik_sum` per model (sensitivity 1,
-  noise ``N(0, σ²)``), used to compare final models.
+  noise ``N(0, σ²)``), used to compare final models; ``gmm.boot`` → noisy bootstrap
+  replicates of one model's statistics.
 
 Ledger discipline (write-ahead)
 -------------------------------
@@ -32,7 +40,8 @@ Ledger discipline (write-ahead)
 checks its policy (minimum σ, budget) first. The agent must then charge the event returned
 by :func:`answer_request` to its ledger before the result leaves the site. A request naming
 m models costs ``DpEvent(σ, 1.0, m)`` (m Gaussian releases; equivalently one release of the
-concatenated vector with sensitivity ``√m·Δ``). σ comes from the request, so the agent's
+concatenated vector with sensitivity ``√m·Δ``); a bootstrap request ``DpEvent(σ, 1.0, 1)``
+(one release of the R concatenated replicates with sensitivity ``C·Δ₀``). σ comes from the request, so the agent's
 policy must check it (minimum noise multiplier) with the rest of the cost; every
 sensitivity is computed here from the request's shape, never read from it.
 
@@ -59,6 +68,7 @@ Data handling follows :mod:`site_agent.data`: no error message contains a data v
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +80,9 @@ from common.accounting import DpEvent
 from common.errors import InvalidSpecError
 from common.gmm import (
     LOGLIK_SENSITIVITY,
+    MAX_BOOTSTRAP_VALUES,
+    BootRequest,
+    BootResult,
     CandidateStats,
     EmRequest,
     EmResult,
@@ -79,15 +92,22 @@ from common.gmm import (
     GaussianMixtureParams,
     InitRequest,
     InitResult,
+    ReplicateStats,
     SufficientStats,
     WireDpEvent,
+    bootstrap_release_size,
+    bootstrap_sensitivity,
+    bootstrap_weight_norm,
+    bootstrap_weights,
     candidate_sensitivity,
     candidate_stats,
     expected_stats,
     loglik_clip_range,
     noise_candidate_stats,
+    noise_replicate_stats,
     noise_stats,
     parse_request,
+    replicate_stats,
     scaled_loglik_sum,
     stats_sensitivity,
 )
@@ -95,9 +115,11 @@ from common.gmm import (
 __all__ = [
     "answer_request",
     "compute_candidate_stats",
+    "compute_replicate_stats",
     "compute_stats",
     "iter_csv_chunks",
     "noisy_candidate_stats",
+    "noisy_replicate_stats",
     "noisy_stats",
     "request_cost",
 ]
@@ -278,6 +300,115 @@ def noisy_candidate_stats(
     return noisy, DpEvent(noise_multiplier, 1.0, 1)
 
 
+def _private_rng() -> np.random.Generator:
+    """A generator seeded from OS entropy: the bootstrap weights are the mechanism's secret."""
+    return np.random.default_rng(secrets.randbits(128))
+
+
+def compute_replicate_stats(
+    chunks: Iterable[npt.ArrayLike],
+    params: GaussianMixtureParams,
+    *,
+    bounds: npt.ArrayLike,
+    replicates: int,
+    weight_cap: int,
+    covariance_type: str | None = None,
+    weight_rng: np.random.Generator | None = None,
+) -> ReplicateStats:
+    """Exact Poisson-bootstrap replicate statistics of the rows under ``params`` (data units).
+
+    Rows are clipped to ``bounds`` and mapped to the unit box as for EM. Row i gets, in
+    replicate r, the weight ``min(Poisson(1), weight_cap)``; its vector of R weights is
+    rescaled to L2 norm at most ``bootstrap_weight_norm(replicates, weight_cap)``. The weights
+    come from ``weight_rng``, by default a fresh generator seeded from OS entropy: leave it so
+    in production (tests pass a seeded one). Streaming; not private (see
+    :func:`noisy_replicate_stats`).
+    """
+    box = FeatureBox(np.asarray(bounds, dtype=np.float64))
+    ctype = covariance_type or params.covariance_type
+    unit = box.params_to_unit(params)
+    norm = bootstrap_weight_norm(replicates, weight_cap)
+    wrng = _private_rng() if weight_rng is None else weight_rng
+    total: ReplicateStats | None = None
+    for chunk in chunks:
+        z = box.to_unit(chunk)
+        if z.shape[0] == 0:
+            continue
+        w = bootstrap_weights(
+            z.shape[0], replicates, weight_cap=weight_cap, weight_norm=norm, rng=wrng
+        )
+        part = replicate_stats(z, unit, w, covariance_type=ctype)
+        total = part if total is None else total + part
+    if total is None:  # no rows: the exact statistics are zero
+        K, D = unit.n_components, unit.n_features
+        s2 = np.zeros((replicates, K, D, D) if ctype == "full" else (replicates, K, D))
+        total = ReplicateStats(np.zeros((replicates, K)), np.zeros((replicates, K, D)), s2)
+    return total
+
+
+def noisy_replicate_stats(
+    chunks: Iterable[npt.ArrayLike],
+    params: GaussianMixtureParams,
+    *,
+    bounds: npt.ArrayLike,
+    replicates: int,
+    weight_cap: int,
+    noise_multiplier: float,
+    rng: np.random.Generator,
+    covariance_type: str | None = None,
+    weight_rng: np.random.Generator | None = None,
+) -> tuple[ReplicateStats, DpEvent]:
+    """:func:`compute_replicate_stats` released by the Gaussian mechanism, and its cost.
+
+    Noise ``N(0, (σ·C·Δ₀)²)`` on every coordinate (``C·Δ₀`` =
+    :func:`~common.gmm.bootstrap_sensitivity` with ``C`` =
+    :func:`~common.gmm.bootstrap_weight_norm`); returns the noisy replicates and
+    ``DpEvent(σ, 1.0, 1)``, to charge to the site's ledger before release.
+    """
+    ctype = covariance_type or params.covariance_type
+    exact = compute_replicate_stats(
+        chunks,
+        params,
+        bounds=bounds,
+        replicates=replicates,
+        weight_cap=weight_cap,
+        covariance_type=ctype,
+        weight_rng=weight_rng,
+    )
+    delta = bootstrap_sensitivity(
+        params.n_features, ctype, bootstrap_weight_norm(replicates, weight_cap)
+    )
+    noisy = noise_replicate_stats(
+        exact, noise_multiplier=noise_multiplier, sensitivity=delta, rng=rng
+    )
+    return noisy, DpEvent(noise_multiplier, 1.0, 1)
+
+
+def _boot_model(request: BootRequest) -> GaussianMixtureParams:
+    try:
+        params = GaussianMixtureParams.from_dict(request.model.params)
+    except ValueError as err:
+        raise InvalidSpecError(f"GMM bootstrap request: {err}") from None
+    if params.n_features != len(request.bounds):
+        raise InvalidSpecError(
+            f"GMM bootstrap request: {params.n_features} features but {len(request.bounds)} bounds."
+        )
+    if params.covariance_type != request.covariance_type:
+        raise InvalidSpecError(
+            f"GMM bootstrap request: covariance type {params.covariance_type!r} differs from "
+            f"the request's {request.covariance_type!r}."
+        )
+    size = bootstrap_release_size(
+        request.replicates, params.n_components, params.n_features, request.covariance_type
+    )
+    if size > MAX_BOOTSTRAP_VALUES:
+        raise InvalidSpecError(
+            f"GMM bootstrap request: {size:,} values to release (replicates × components × "
+            f"statistics), above the limit of {MAX_BOOTSTRAP_VALUES:,}; ask for fewer replicates."
+        )
+    return params
+
+
 def _models_of(request: EmRequest | EvalRequest) -> list[GaussianMixtureParams]:
     models = []
     keys = [m.key for m in request.models]
@@ -302,7 +433,7 @@ def _models_of(request: EmRequest | EvalRequest) -> list[GaussianMixtureParams]:
     return models
 
 
-def _box_of(request: InitRequest | EmRequest | EvalRequest) -> FeatureBox:
+def _box_of(request: InitRequest | EmRequest | EvalRequest | BootRequest) -> FeatureBox:
     try:
         return FeatureBox(np.asarray(request.bounds, dtype=np.float64))
     except ValueError as err:
@@ -314,13 +445,16 @@ def request_cost(request: Mapping[str, Any]) -> DpEvent:
 
     Validates the request (raising :class:`~common.errors.InvalidSpecError`): an init
     request costs ``DpEvent(σ, 1.0, 1)``, an EM or evaluation request naming m models
-    ``DpEvent(σ, 1.0, m)``.
+    ``DpEvent(σ, 1.0, m)``, a bootstrap request ``DpEvent(σ, 1.0, 1)``.
     """
     req = parse_request(request)
     _box_of(req)
     if isinstance(req, InitRequest):
         if any(len(c) != len(req.bounds) for c in req.candidates):
             raise InvalidSpecError("GMM init request: every candidate needs one value per bound.")
+        return DpEvent(req.noise_multiplier, 1.0, 1)
+    if isinstance(req, BootRequest):
+        _boot_model(req)
         return DpEvent(req.noise_multiplier, 1.0, 1)
     _models_of(req)
     return DpEvent(req.noise_multiplier, 1.0, len(req.models))
@@ -331,17 +465,36 @@ def answer_request(
     chunks: Iterable[npt.ArrayLike],
     *,
     rng: np.random.Generator,
+    weight_rng: np.random.Generator | None = None,
 ) -> tuple[dict[str, Any], DpEvent]:
     """Answer a wire request with noised statistics: ``(result dict, event to charge)``.
 
     ``chunks`` are the site's rows (data units, in the order of the job's columns), read
     once. The sensitivity is computed here from the request's shape, never taken from it.
     The caller checks :func:`request_cost` against its policy first and charges the returned
-    event to its ledger *before* sending the result.
+    event to its ledger *before* sending the result. ``weight_rng`` draws the bootstrap
+    weights of a ``gmm.boot`` request; leave it None in production (OS entropy).
     """
     event = request_cost(request)
     req = parse_request(request)
     box = _box_of(req)
+    if isinstance(req, BootRequest):
+        params = _boot_model(req)
+        reps, _ = noisy_replicate_stats(
+            chunks,
+            params,
+            bounds=box.bounds,
+            replicates=req.replicates,
+            weight_cap=req.weight_cap,
+            noise_multiplier=req.noise_multiplier,
+            rng=rng,
+            covariance_type=req.covariance_type,
+            weight_rng=weight_rng,
+        )
+        boot = BootResult(
+            round=req.round, key=req.model.key, stats=reps.to_dict(), dp_event=WireDpEvent.of(event)
+        )
+        return boot.model_dump(mode="json"), event
     if isinstance(req, InitRequest):
         cand_stats, _ = noisy_candidate_stats(
             chunks,

@@ -31,27 +31,40 @@ from common.gmm import (
     LOGLIK_SENSITIVITY,
     FeatureBox,
     GaussianMixtureParams,
+    MixtureStandardErrors,
+    ReleasedMixture,
+    ReplicateStats,
     SufficientStats,
     blb_variance,
+    bootstrap_sensitivity,
+    bootstrap_weight_norm,
+    bootstrap_weights,
     candidate_sensitivity,
     candidate_stats,
+    capped_poisson_moments,
     expected_stats,
+    load_mixture,
     loglik_clip_range,
     loglik_noise_sd,
     m_step,
     merge_mixtures,
     noise_loglik_loss,
+    noise_replicate_stats,
     noise_stats,
     release_vector,
+    replicate_stats,
     scaled_loglik_sum,
     select_k_by_bic,
     stats_sensitivity,
 )
-from orchestrator.gmm_em import FederatedBIC, FederatedEM
+from common.specs import GmmJobSpec, parse_any_job_spec
+from orchestrator.gmm_em import FederatedBIC, FederatedBootstrap, FederatedEM
 from site_agent.gmm_stats import (
     answer_request,
+    compute_replicate_stats,
     compute_stats,
     iter_csv_chunks,
+    noisy_replicate_stats,
     noisy_stats,
     request_cost,
 )
@@ -557,3 +570,353 @@ def test_blb_variance_matches_the_sampling_variance_of_means() -> None:
     ratio = out.means / expected
     assert np.all((ratio > 0.5) & (ratio < 2.0)), ratio
     assert out.subset_size == math.ceil(6_000**0.7)
+
+
+# --------------------------------------------------------------------------- DP bootstrap
+
+
+def _release(reps: ReplicateStats) -> np.ndarray:
+    """The released coordinates of every replicate (S2: upper triangle or diagonal)."""
+    if reps.covariance_type == "full":
+        r, c = np.triu_indices(reps.s1.shape[2])
+        second = reps.s2[:, :, r, c]
+    else:
+        second = reps.s2
+    return np.concatenate([reps.nk.ravel(), reps.s1.ravel(), second.ravel()])
+
+
+def test_capped_poisson_moments_and_weight_norm() -> None:
+    rng = np.random.default_rng(30)
+    draws = np.minimum(rng.poisson(1.0, size=2_000_000), 4).astype(float)
+    m1, var, m2, var2 = capped_poisson_moments(4)
+    assert m1 == pytest.approx(draws.mean(), abs=2e-3)
+    assert var == pytest.approx(draws.var(), abs=4e-3)
+    assert m2 == pytest.approx(np.mean(draws**2), abs=5e-3)
+    assert var2 == pytest.approx(np.var(draws**2), rel=0.01)
+    assert 0.99 < m1 < 1.0 and 0.96 < var < 0.98  # capping at 4 barely moves Poisson(1)
+    # C = min(c√R, √(R·E[w²] + 3√(R·Var[w²]))): the three-sigma bound, below c√R.
+    C = bootstrap_weight_norm(20, 4)
+    assert C == pytest.approx(math.sqrt(20 * m2 + 3 * math.sqrt(20 * var2)))
+    assert C == pytest.approx(8.95, abs=0.01) and C < 4 * math.sqrt(20)
+    assert bootstrap_weight_norm(5, 2) <= 2 * math.sqrt(5)
+    assert bootstrap_weight_norm(2, 1) == pytest.approx(math.sqrt(2))  # {0,1}: c√R binds
+    with pytest.raises(ValueError, match="replicates"):
+        bootstrap_weight_norm(1, 4)
+
+
+def test_bootstrap_weights_are_capped_and_norm_bounded() -> None:
+    rng = np.random.default_rng(31)
+    C = bootstrap_weight_norm(20, 4)
+    w = bootstrap_weights(50_000, 20, weight_cap=4, weight_norm=C, rng=rng)
+    assert w.shape == (50_000, 20) and w.min() >= 0.0 and w.max() <= 4.0
+    norms = np.linalg.norm(w, axis=1)
+    assert norms.max() <= C * (1 + 1e-12)
+    clipped = np.mean(norms > C * (1 - 1e-9))
+    assert 0.001 < clipped < 0.02  # the three-sigma bound rescales well under 2% of rows
+    assert w.mean() == pytest.approx(1.0, abs=0.01)  # E[w] of the capped Poisson ≈ 0.996
+    # weights are integers below the norm bound: capped Poisson counts, not rescaled
+    small = w[norms < C * 0.999]
+    np.testing.assert_array_equal(small, np.round(small))
+    # a tighter stated bound rescales more rows, never leaving one above it
+    tight = bootstrap_weights(1_000, 20, weight_cap=4, weight_norm=3.0, rng=rng)
+    assert np.linalg.norm(tight, axis=1).max() <= 3.0 * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_bootstrap_sensitivity_formula_bound_and_attained(covariance_type: str) -> None:
+    D, K, R, cap = 3, 3, 12, 4
+    C = bootstrap_weight_norm(R, cap)
+    delta = bootstrap_sensitivity(D, covariance_type, C)
+    second = D * (D + 1) / 2 if covariance_type == "full" else D
+    assert delta == pytest.approx(C * math.sqrt(1 + D + second))
+    # Δ₀ is the EM sensitivity without the log-likelihood coordinate (w → 0).
+    em = stats_sensitivity(D, K, covariance_type, loglik_weight=1.0)
+    assert delta == pytest.approx(C * math.sqrt(em**2 - 1.0))
+    rng = np.random.default_rng(32)
+    params = _random_params(rng, K, D, covariance_type, scale=0.5)
+    Z = rng.uniform(-1, 1, size=(200, D))
+    W = bootstrap_weights(len(Z) + 1, R, weight_cap=cap, weight_norm=C, rng=rng)
+    base = _release(replicate_stats(Z, params, W[:-1], covariance_type=covariance_type))
+    for z in np.vstack([rng.uniform(-1, 1, size=(5, D)), rng.choice([-1.0, 1.0], size=(5, D))]):
+        added = replicate_stats(np.vstack([Z, z]), params, W, covariance_type=covariance_type)
+        assert np.linalg.norm(_release(added) - base) <= delta * (1 + 1e-9)
+    # Attained: a corner row, one-hot responsibility, a weight vector of norm exactly C.
+    corner = np.ones(D)
+    tight = np.eye(D) * 1e-3 if covariance_type == "full" else np.full(D, 1e-3)
+    peaked = GaussianMixtureParams(
+        np.array([0.98, 0.01, 0.01]),
+        np.stack([corner, -corner, -corner]),
+        np.stack([tight] * K),
+        covariance_type,  # type: ignore[arg-type]
+    )
+    w = np.full((1, R), C / math.sqrt(R))
+    one = replicate_stats(corner[None, :], peaked, w, covariance_type=covariance_type)
+    assert np.linalg.norm(_release(one)) == pytest.approx(delta, rel=1e-9)
+
+
+def test_replicate_stats_match_weighted_e_steps_and_stream() -> None:
+    X, _, means = _mixture(2, 3_000, seed=33)
+    bounds = np.tile([-8.0, 8.0], (2, 1))
+    params = GaussianMixtureParams(WEIGHTS, means, np.stack([np.eye(2)] * 3), "full")
+    box = FeatureBox(bounds)
+    Z, unit = box.to_unit(X), box.params_to_unit(params)
+    W = bootstrap_weights(
+        len(Z),
+        4,
+        weight_cap=4,
+        weight_norm=bootstrap_weight_norm(4, 4),
+        rng=np.random.default_rng(1),
+    )
+    reps = replicate_stats(Z, unit, W)
+    for r in range(4):
+        ref = expected_stats(Z, unit, sample_weight=W[:, r])
+        np.testing.assert_allclose(reps.nk[r], ref.nk, rtol=1e-10)
+        np.testing.assert_allclose(reps.s1[r], ref.s1, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(reps.s2[r], ref.s2, rtol=1e-10, atol=1e-10)
+    # streaming: chunks draw their rows' weights in turn from the same generator
+    whole = compute_replicate_stats(
+        [X], params, bounds=bounds, replicates=4, weight_cap=4, weight_rng=np.random.default_rng(1)
+    )
+    parts = compute_replicate_stats(
+        _chunks(X, 700),
+        params,
+        bounds=bounds,
+        replicates=4,
+        weight_cap=4,
+        weight_rng=np.random.default_rng(1),
+    )
+    np.testing.assert_allclose(whole.s1, parts.s1, rtol=1e-9)
+    np.testing.assert_allclose(whole.nk, reps.nk, rtol=1e-10)
+    # without a weight generator the site draws from OS entropy: two runs differ
+    a = compute_replicate_stats([X], params, bounds=bounds, replicates=4, weight_cap=4)
+    b = compute_replicate_stats([X], params, bounds=bounds, replicates=4, weight_cap=4)
+    assert not np.allclose(a.nk, b.nk)
+
+
+def test_replicate_noise_scale_is_sigma_times_c_delta0() -> None:
+    R, K, D, sigma, trials = 6, 2, 3, 1.5, 2_000
+    delta = bootstrap_sensitivity(D, "full", bootstrap_weight_norm(R, 4))
+    zero = ReplicateStats(np.zeros((R, K)), np.zeros((R, K, D)), np.zeros((R, K, D, D)))
+    rng = np.random.default_rng(34)
+    draws = [
+        noise_replicate_stats(zero, noise_multiplier=sigma, sensitivity=delta, rng=rng)
+        for _ in range(trials)
+    ]
+    target = sigma * delta
+    tol = 4 * target / math.sqrt(2 * trials)
+    nk = np.array([d.nk for d in draws])
+    s1 = np.array([d.s1 for d in draws])
+    s2 = np.array([d.s2 for d in draws])
+    for arr in (nk, s1, s2[:, :, :, 0, 1], s2[:, :, :, 2, 2]):
+        assert np.abs(arr.std(axis=0) - target).max() < tol
+    np.testing.assert_array_equal(s2, np.swapaxes(s2, 3, 4))  # mirrored, not noised twice
+    # the site's release: noise of exactly that scale around the exact replicates, one event
+    X, _, means = _mixture(2, 1_500, seed=35)
+    bounds = np.tile([-8.0, 8.0], (2, 1))
+    params = GaussianMixtureParams(WEIGHTS, means, np.ones((3, 2)), "diag")
+    diffs = []
+    for t in range(200):
+        exact = compute_replicate_stats(
+            [X],
+            params,
+            bounds=bounds,
+            replicates=R,
+            weight_cap=4,
+            weight_rng=np.random.default_rng(t),
+        )
+        noisy, event = noisy_replicate_stats(
+            [X],
+            params,
+            bounds=bounds,
+            replicates=R,
+            weight_cap=4,
+            noise_multiplier=sigma,
+            rng=rng,
+            weight_rng=np.random.default_rng(t),
+        )
+        assert event == DpEvent(sigma, 1.0, 1)
+        diffs.append(noisy.s1 - exact.s1)
+    expected = sigma * bootstrap_sensitivity(2, "diag", bootstrap_weight_norm(R, 4))
+    assert np.std(diffs) == pytest.approx(expected, rel=0.05)
+
+
+def _boot_fixture(
+    n: int = 30_000,
+) -> tuple[list[np.ndarray], GaussianMixtureParams, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(36)
+    means = np.array([[-3.0, -3.0], [0.0, 3.0], [3.0, -2.0]])
+    comp = rng.choice(3, size=n, p=[0.5, 0.3, 0.2])
+    X = means[comp] + rng.normal(0, 0.6, size=(n, 2))
+    params = GaussianMixtureParams(
+        np.bincount(comp) / n, means, np.stack([np.eye(2) * 0.36] * 3), "full"
+    )
+    return (
+        _split(X, (0.5, 0.3, 0.2)),
+        params,
+        np.bincount(comp),
+        means,
+        np.tile([-6.0, 6.0], (2, 1)),
+    )
+
+
+def _bootstrap_se(
+    sites: Sequence[np.ndarray],
+    params: GaussianMixtureParams,
+    bounds: np.ndarray,
+    sigma: float,
+    seed: int,
+) -> tuple[Any, list[DpEvent]]:
+    boot = FederatedBootstrap(
+        params, bounds=bounds, replicates=30, weight_cap=4, noise_multiplier=sigma, round=12
+    )
+    rng = np.random.default_rng(seed)
+    results, events = [], []
+    for i, X in enumerate(sites):
+        request = _wire(boot.request())
+        cost = request_cost(request)
+        result, event = answer_request(
+            request, _chunks(X, 4_000), rng=rng, weight_rng=np.random.default_rng([seed, i])
+        )
+        assert event == cost == DpEvent(sigma, 1.0, 1) == boot.planned_events()[0]
+        events.append(event)
+        results.append(_wire(result))
+    return boot.absorb(results), events
+
+
+def test_federated_bootstrap_standard_errors_match_the_sampling_error() -> None:
+    sites, params, nk, _, bounds = _boot_fixture()
+    se, _ = _bootstrap_se(sites, params, bounds, 0.05, seed=37)
+    analytic = 0.6 / np.sqrt(nk)  # sd of a component mean, per coordinate (data units)
+    ratio = se.means / analytic[:, None]
+    assert np.all((ratio > 0.5) & (ratio < 2.0)), ratio
+    n = nk.sum()
+    w_ratio = se.weights / np.sqrt(params.weights * (1 - params.weights) / n)
+    assert np.all((w_ratio > 0.5) & (w_ratio < 2.0)), w_ratio
+    assert se.variances.shape == (3, 2) and np.all(se.variances > 0)
+    assert se.replicates == 30 and se.weight_norm == bootstrap_weight_norm(30, 4)
+    # More noise, larger standard errors: the release noise is in them (conservative).
+    noisy, _ = _bootstrap_se(sites, params, bounds, 2.0, seed=38)
+    assert np.all(noisy.means > se.means)
+    # The simulated noise-only spread says which: negligible at σ = 0.05, most of it at σ = 2.
+    assert se.noise_only is not None and noisy.noise_only is not None
+    assert np.all(se.noise_only["means"] < 0.6 * se.means)
+    both = noisy.noise_only["means"] / noisy.means
+    assert np.all((both > 0.5) & (both < 2.0)), both
+
+
+def test_federated_bootstrap_checks_results_and_size() -> None:
+    sites, params, _, _, bounds = _boot_fixture(3_000)
+    boot = FederatedBootstrap(
+        params, bounds=bounds, replicates=5, weight_cap=4, noise_multiplier=1.0, round=3
+    )
+    request = _wire(boot.request())
+    assert request["kind"] == "gmm.boot" and request["round"] == 3
+    rng = np.random.default_rng(39)
+    result = _wire(answer_request(request, [sites[0]], rng=rng)[0])
+    wrong_round = {**result, "round": 4}
+    with pytest.raises(InvalidUpdateError, match="bootstrap round"):
+        boot.absorb([wrong_round])
+    short = _wire(result)
+    short["stats"]["nk"] = short["stats"]["nk"][:4]
+    with pytest.raises(InvalidUpdateError):
+        boot.absorb([short])
+    with pytest.raises(InvalidSpecError):  # sensitivity-relevant fields cannot be smuggled in
+        request_cost({**request, "weight_norm": 0.001})
+    with pytest.raises(InvalidSpecError, match="bounds"):
+        request_cost({**request, "bounds": [[-1.0, 1.0]]})
+    big = GaussianMixtureParams(
+        np.full(50, 0.02), np.zeros((50, 64)), np.stack([np.eye(64)] * 50), "full"
+    )
+    with pytest.raises(InvalidSpecError, match="fewer replicates"):
+        FederatedBootstrap(
+            big,
+            bounds=np.tile([-1.0, 1.0], (64, 1)),
+            replicates=20,
+            weight_cap=4,
+            noise_multiplier=1.0,
+        )
+    assert boot.absorb([result]).means.shape == (3, 2)
+
+
+def test_released_mixture_round_trips_standard_errors(tmp_path: Path) -> None:
+    _, params, _, _, _ = _boot_fixture(300)
+    se = MixtureStandardErrors(
+        weights=np.full(3, 0.01),
+        means=np.full((3, 2), 0.02),
+        variances=np.full((3, 2), 0.03),
+        replicates=20,
+        weight_cap=4,
+        weight_norm=8.95,
+        noise_multiplier=0.5,
+    )
+    body = {**params.to_dict(), "standard_errors": se.to_dict()}
+    (tmp_path / "mixture.json").write_text(json.dumps(body))
+    mix = load_mixture(tmp_path)
+    assert mix.standard_errors is not None
+    np.testing.assert_array_equal(mix.standard_errors.means, se.means)
+    assert mix.standard_errors.to_dict()["includes_dp_noise"] is True
+    np.testing.assert_array_equal(mix.predict(params.means), [0, 1, 2])
+    (tmp_path / "mixture.json").write_text(json.dumps(params.to_dict()))
+    assert load_mixture(tmp_path).standard_errors is None
+    bad = {**body, "standard_errors": {**se.to_dict(), "means": [[0.1, 0.1]]}}
+    with pytest.raises(ValueError, match="standard errors"):
+        ReleasedMixture.from_dict(bad)
+
+
+# --------------------------------------------------------------------------- job spec
+
+
+_GMM_SPEC: dict[str, Any] = {
+    "kind": "gmm",
+    "dataset": "pts",
+    "k": 3,
+    "dp": {"noise_multiplier": 1.0},
+}
+
+
+def test_bootstrap_spec_defaults_and_validation() -> None:
+    spec = parse_any_job_spec({**_GMM_SPEC, "bootstrap": {}})
+    assert isinstance(spec, GmmJobSpec) and spec.bootstrap is not None
+    assert (spec.bootstrap.replicates, spec.bootstrap.weight_cap) == (20, 4)
+    assert spec.bootstrap.noise_multiplier is None
+    assert parse_any_job_spec(_GMM_SPEC).bootstrap is None  # type: ignore[union-attr]
+    one_shot = parse_any_job_spec(
+        {**_GMM_SPEC, "method": "one_shot", "bootstrap": {"replicates": 10}}
+    )
+    assert one_shot.bootstrap is not None  # type: ignore[union-attr]
+    for bad, where in (
+        ({"replicates": 2}, "bootstrap.replicates"),
+        ({"replicates": 1000}, "bootstrap.replicates"),
+        ({"weight_cap": 1}, "bootstrap.weight_cap"),
+        ({"weight_cap": 50}, "bootstrap.weight_cap"),
+        ({"noise_multiplier": 0.0}, "bootstrap.noise_multiplier"),
+        ({"weight_norm": 1.0}, "bootstrap.weight_norm"),  # derived by the sites, not asked
+        ({"seed": 3}, "bootstrap.seed"),  # the weights are never seeded from the job
+    ):
+        with pytest.raises(InvalidSpecError, match=where):
+            parse_any_job_spec({**_GMM_SPEC, "bootstrap": bad})
+
+
+def test_bootstrap_release_is_in_the_planned_epsilon_and_the_calibration() -> None:
+    """With a target ε the job's σ is calibrated with the bootstrap release counted (at the
+    job's σ, or as a prior event at its own σ); with a fixed σ the planned ε grows."""
+    from orchestrator.gmm_runner import GmmRunner
+
+    def plan(extra: dict[str, Any]) -> tuple[float, float, list[DpEvent]]:
+        runner = GmmRunner.__new__(GmmRunner)  # only the spec is needed to plan
+        runner.spec = parse_any_job_spec({**_GMM_SPEC, "max_rounds": 5, **extra})  # type: ignore[assignment]
+        machine = runner._machine(np.tile([-1.0, 1.0], (2, 1)))
+        boot = runner._bootstrap_events(machine)
+        eps = compute_epsilon([*machine.planned_events(), *boot], delta=DELTA).epsilon
+        return machine.noise_multiplier, eps, boot
+
+    target = {"dp": {"target_epsilon": 2.0, "delta": DELTA}}
+    sigma0, eps0, boot0 = plan(target)
+    sigma1, eps1, boot1 = plan({**target, "bootstrap": {}})
+    assert boot0 == [] and boot1 == [DpEvent(sigma1, 1.0, 1)]
+    assert sigma1 > sigma0 * 1.01 and eps0 <= 2.0 and eps1 <= 2.0
+    sigma2, eps2, boot2 = plan({**target, "bootstrap": {"noise_multiplier": 20.0}})
+    assert boot2 == [DpEvent(20.0, 1.0, 1)] and sigma0 < sigma2 < sigma1 and eps2 <= 2.0
+    _, fixed0, _ = plan({})
+    _, fixed1, _ = plan({"bootstrap": {}})
+    assert fixed1 > fixed0 * 1.01
