@@ -194,11 +194,11 @@ information when components overlap (Meng & Rubin 1991, "Using EM to Obtain Asym
 Variance-Covariance Matrices: The SEM Algorithm", JASA 86(416)); (4) the cap and the norm
 bound shrink a few rows' weights, which the ``E[w]/sd(w)`` factor corrects only for the cap.
 
-Noise generation uses the caller's :class:`numpy.random.Generator`; in production seed it from
-OS entropy (``np.random.default_rng(secrets.randbits(128))``). As elsewhere in dpfed, the
-generator is not a CSPRNG and the floating-point attacks on textbook samplers (Mironov 2012,
-"On Significance of the Least Significant Bits for Differential Privacy", CCS) are not
-countered here.
+Noise is drawn through :func:`common.noise.gaussian_np`: from the caller's
+:class:`numpy.random.Generator` (in production seeded from OS entropy,
+``np.random.default_rng(secrets.randbits(128))``), or, where the site's policy sets
+``secure_noise``, from a ChaCha20 CSPRNG with Opacus' countermeasure to floating-point attacks
+(see :mod:`common.noise`).
 """
 
 from __future__ import annotations
@@ -217,6 +217,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from scipy import special
 from scipy import stats as sps
 
+from common import noise
 from common.accounting import DpEvent
 from common.errors import InvalidSpecError, NotFoundError
 
@@ -911,7 +912,7 @@ def noise_stats(
         raise ValueError("rng must be a numpy.random.Generator.")
     w = _check_positive(loglik_weight, "loglik_weight")
     v = release_vector(stats, loglik_weight=w)
-    noisy = v + rng.normal(0.0, sigma * delta, size=v.shape)
+    noisy = v + noise.gaussian_np(rng, sigma * delta, v.shape)
     assert stats.loglik_range is not None  # checked by release_vector
     return _from_release_vector(
         noisy,
@@ -1064,8 +1065,8 @@ def noise_candidate_stats(
     if not isinstance(rng, np.random.Generator):
         raise ValueError("rng must be a numpy.random.Generator.")
     return CandidateStats(
-        stats.counts + rng.normal(0.0, scale, size=stats.counts.shape),
-        stats.sums + rng.normal(0.0, scale, size=stats.sums.shape),
+        stats.counts + noise.gaussian_np(rng, scale, stats.counts.shape),
+        stats.sums + noise.gaussian_np(rng, scale, stats.sums.shape),
     )
 
 
@@ -1626,17 +1627,17 @@ def noise_replicate_stats(
     )
     if not isinstance(rng, np.random.Generator):
         raise ValueError("rng must be a numpy.random.Generator.")
-    nk = stats.nk + rng.normal(0.0, scale, size=stats.nk.shape)
-    s1 = stats.s1 + rng.normal(0.0, scale, size=stats.s1.shape)
+    nk = stats.nk + noise.gaussian_np(rng, scale, stats.nk.shape)
+    s1 = stats.s1 + noise.gaussian_np(rng, scale, stats.s1.shape)
     if stats.covariance_type == "full":
         R, K, D, _ = stats.s2.shape
         r, c = _triu(D)
-        upper = stats.s2[:, :, r, c] + rng.normal(0.0, scale, size=(R, K, r.size))
+        upper = stats.s2[:, :, r, c] + noise.gaussian_np(rng, scale, (R, K, r.size))
         s2 = np.zeros(stats.s2.shape)
         s2[:, :, r, c] = upper
         s2[:, :, c, r] = upper
     else:
-        s2 = stats.s2 + rng.normal(0.0, scale, size=stats.s2.shape)
+        s2 = stats.s2 + noise.gaussian_np(rng, scale, stats.s2.shape)
     return ReplicateStats(nk, s1, s2)
 
 

@@ -76,6 +76,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from common import noise
 from common.accounting import DpEvent
 from common.errors import InvalidSpecError
 from common.gmm import (
@@ -511,7 +512,7 @@ def answer_request(
     if isinstance(req, EvalRequest):
         sums = _stream_loglik(chunks, models, box)
         noisy_ll = {
-            m.key: v + float(rng.normal(0.0, req.noise_multiplier * LOGLIK_SENSITIVITY))
+            m.key: v + float(noise.gaussian_np(rng, req.noise_multiplier * LOGLIK_SENSITIVITY))
             for m, v in zip(req.models, sums, strict=True)
         }
         ev = EvalResult(round=req.round, logliks=noisy_ll, dp_event=WireDpEvent.of(event))

@@ -920,3 +920,21 @@ def test_bootstrap_release_is_in_the_planned_epsilon_and_the_calibration() -> No
     _, fixed0, _ = plan({})
     _, fixed1, _ = plan({"bootstrap": {}})
     assert fixed1 > fixed0 * 1.01
+
+
+def test_statistics_noise_follows_the_site_noise_source() -> None:
+    from common import noise
+
+    D, K = 2, 2
+    base = SufficientStats(np.zeros(K), np.zeros((K, D)), np.zeros((K, D, D)), 0.0, (-5.0, 0.0))
+    delta = stats_sensitivity(D, K, "full")
+
+    def draw() -> np.ndarray:
+        out = noise_stats(
+            base, noise_multiplier=1.0, sensitivity=delta, rng=np.random.default_rng(3)
+        )
+        return np.concatenate([out.nk, out.s1.ravel()])
+
+    assert np.array_equal(draw(), draw())  # standard source: the caller's generator
+    with noise.secure_noise():  # CSPRNG: the generator and its seed play no part
+        assert not np.array_equal(draw(), draw())
