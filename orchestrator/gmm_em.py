@@ -75,6 +75,16 @@ cancels in every comparison between rounds or between K on the same rows.
 The guarantee relies on the sites' noise only; the orchestrator is trusted to aggregate
 honestly, as everywhere in dpfed.
 
+Checkpoints
+-----------
+:meth:`FederatedEM.state_dict` is the whole state of a machine between two requests, JSON-safe
+(the constructor's arguments including the seed, the random generator's state, the candidates,
+every K's model, statistics, log-likelihood history and stopping state, the round, the phase,
+the pending request and the events so far); :func:`machine_from_state` rebuilds the machine,
+whose :attr:`~FederatedEM.pending_request` is the request to (re-)send. The orchestrator saves
+one after every absorbed round so that a job survives a restart (``orchestrator.gmm_runner``).
+:func:`request_events` prices a request exactly as a site does before answering it.
+
 Standard errors: :class:`FederatedBootstrap`
 --------------------------------------------
 After the final model θ̂ (any method), one ``gmm.boot`` request asks every site for R noisy
@@ -131,12 +141,22 @@ from common.gmm import (
     m_step,
     noise_loglik_loss,
     noise_replicate_stats,
+    parse_request,
     parse_result,
     select_k_by_bic,
     stats_sensitivity,
 )
 
-__all__ = ["FederatedBIC", "FederatedBootstrap", "FederatedEM", "check_bootstrap_size"]
+__all__ = [
+    "FederatedBIC",
+    "FederatedBootstrap",
+    "FederatedEM",
+    "check_bootstrap_size",
+    "machine_from_state",
+    "request_events",
+]
+
+STATE_VERSION: Final = 1
 
 _RANGE_RTOL: Final = 1e-6
 _NOISE_SIMULATIONS: Final = 200  # draws simulating the bootstrap noise alone (public)
@@ -240,6 +260,7 @@ class _MixtureJob:
         self.loglik_weight = float(loglik_weight)
         self.average_last = average_last
         self.evaluate_final = evaluate_final
+        self.seed = int(seed)
         self._rng = np.random.default_rng(seed)
         self._candidates = draw_candidates(M, self.box.n_features, rng=self._rng)
         self._runs: dict[int, _Run] = {k: _Run(k) for k in k_sorted}
@@ -586,6 +607,102 @@ class _MixtureJob:
         all_n = [n for run in self._runs.values() for n in run.n_hat]
         return float(np.mean(all_n)) if all_n else math.nan
 
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def pending_request(self) -> dict[str, Any] | None:
+        """The request the sites must answer next (None when done, or before
+        :meth:`initial_request` was first called)."""
+        return self._pending
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "covariance_type": self.covariance_type,
+            "bounds": self.box.bounds.tolist(),
+            "max_rounds": self.max_rounds,
+            "tol": self.tol,
+            "noise_multiplier": self.noise_multiplier,
+            "seed": self.seed,
+            "min_variance": self.min_variance,
+            "n_candidates": int(self._candidates.shape[0]),
+            "init_noise_multiplier": self.init_noise_multiplier,
+            "loglik_weight": self.loglik_weight,
+            "average_last": self.average_last,
+            "min_rounds": self.min_rounds,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue between two requests, JSON-safe (module docstring,
+        "Checkpoints"); :func:`machine_from_state` is the inverse."""
+        return {
+            "version": STATE_VERSION,
+            "class": type(self).__name__,
+            "config": self._config(),
+            "rng": self._rng.bit_generator.state,
+            "candidates": self._candidates.tolist(),
+            "round": self._round,
+            "phase": self._phase,
+            "pending": self._pending,
+            "events": [[e.noise_multiplier, e.sample_rate, e.steps] for e in self._events],
+            "n_sites_last_round": self.n_sites_last_round,
+            "runs": [
+                {
+                    "K": run.K,
+                    "params": None if run.params is None else run.params.to_dict(),
+                    "history": list(run.history),
+                    "history_sd": list(run.history_sd),
+                    "n_hat": list(run.n_hat),
+                    "stats": [st.to_dict() for st in run.stats],
+                    "count_sd": list(run.count_sd),
+                    "model_sd": list(run.model_sd),
+                    "stop_reason": run.stop_reason,
+                    "sent": run.sent,
+                    "final_loglik": None if run.final_loglik is None else list(run.final_loglik),
+                }
+                for run in self._runs.values()
+            ],
+        }
+
+    def _load_state(self, state: Mapping[str, Any]) -> None:
+        runs: dict[int, _Run] = {}
+        for r in state["runs"]:
+            K = int(r["K"])
+            fl = r["final_loglik"]
+            runs[K] = _Run(
+                K,
+                params=None
+                if r["params"] is None
+                else GaussianMixtureParams.from_dict(r["params"]),
+                history=[float(v) for v in r["history"]],
+                history_sd=[float(v) for v in r["history_sd"]],
+                n_hat=[float(v) for v in r["n_hat"]],
+                stats=[SufficientStats.from_dict(st) for st in r["stats"]],
+                count_sd=[float(v) for v in r["count_sd"]],
+                model_sd=[float(v) for v in r["model_sd"]],
+                stop_reason=None if r["stop_reason"] is None else str(r["stop_reason"]),
+                sent=None if r["sent"] is None else dict(r["sent"]),
+                final_loglik=None if fl is None else (float(fl[0]), float(fl[1])),
+            )
+        if sorted(runs) != sorted(self._runs):
+            raise ValueError(f"runs for K={sorted(runs)}, expected {sorted(self._runs)}")
+        candidates = np.asarray(state["candidates"], dtype=np.float64)
+        if candidates.shape != self._candidates.shape:
+            raise ValueError("candidates of the wrong shape")
+        phase = str(state["phase"])
+        if phase not in ("init", "em", "eval", "done"):
+            raise ValueError(f"unknown phase {phase!r}")
+        pending = state["pending"]
+        if pending is not None:
+            parse_request(pending)  # raises InvalidSpecError if it is not a request
+        self._rng.bit_generator.state = dict(state["rng"])
+        self._candidates = candidates
+        self._runs = runs
+        self._round = int(state["round"])
+        self._phase = phase
+        self._pending = None if pending is None else dict(pending)
+        self._events = [DpEvent(float(e[0]), float(e[1]), int(e[2])) for e in state["events"]]
+        self.n_sites_last_round = int(state["n_sites_last_round"])
+
 
 class FederatedEM(_MixtureJob):
     """Federated DP EM for one K (see the module docstring for the protocol and privacy).
@@ -632,6 +749,9 @@ class FederatedEM(_MixtureJob):
             evaluate_final=evaluate_final,
         )
         self.K = K
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "K": self.K, "evaluate_final": self.evaluate_final}
 
     def result(self) -> GaussianMixtureParams:
         """The final model (so far): M-step of the averaged tail statistics, data units."""
@@ -705,6 +825,9 @@ class FederatedBIC(_MixtureJob):
         if not (math.isfinite(z) and z >= 0):
             raise InvalidSpecError(f"z must be non-negative and finite, got {z}.")
         self.z = float(z)
+
+    def _config(self) -> dict[str, Any]:
+        return {**super()._config(), "k_values": self.k_values, "z": self.z}
 
     @property
     def k_values(self) -> list[int]:
@@ -932,3 +1055,53 @@ def check_bootstrap_size(replicates: int, K: int, D: int, covariance_type: str) 
             f"({covariance_type}) release {size:,} values, above the limit of "
             f"{MAX_BOOTSTRAP_VALUES:,}; ask for fewer replicates (or diag covariances)."
         )
+
+
+def request_events(request: Mapping[str, Any]) -> list[DpEvent]:
+    """What a site is charged for answering ``request`` (exactly its own pricing,
+    ``site_agent.gmm_stats.request_cost``): ``DpEvent(σ, 1.0, 1)`` for an init or a bootstrap
+    request, ``DpEvent(σ, 1.0, m)`` for an EM or evaluation request naming m models."""
+    req = parse_request(request)
+    if isinstance(req, EmRequest | EvalRequest):
+        return [DpEvent(req.noise_multiplier, 1.0, len(req.models))]
+    return [DpEvent(req.noise_multiplier, 1.0, 1)]
+
+
+def machine_from_state(state: Mapping[str, Any]) -> FederatedEM | FederatedBIC:
+    """Rebuild a machine from :meth:`FederatedEM.state_dict` (either class).
+
+    Raises :class:`~common.errors.InvalidSpecError` if ``state`` is not such a checkpoint.
+    """
+    try:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported version {state.get('version')!r}")
+        cfg = dict(state["config"])
+        common: dict[str, Any] = {
+            "covariance_type": str(cfg["covariance_type"]),
+            "bounds": np.asarray(cfg["bounds"], dtype=np.float64),
+            "max_rounds": int(cfg["max_rounds"]),
+            "tol": float(cfg["tol"]),
+            "noise_multiplier": float(cfg["noise_multiplier"]),
+            "seed": int(cfg["seed"]),
+            "min_variance": float(cfg["min_variance"]),
+            "n_candidates": int(cfg["n_candidates"]),
+            "init_noise_multiplier": float(cfg["init_noise_multiplier"]),
+            "loglik_weight": float(cfg["loglik_weight"]),
+            "average_last": None if cfg["average_last"] is None else int(cfg["average_last"]),
+            "min_rounds": int(cfg["min_rounds"]),
+        }
+        machine: FederatedEM | FederatedBIC
+        if state["class"] == "FederatedEM":
+            machine = FederatedEM(
+                K=int(cfg["K"]), evaluate_final=bool(cfg["evaluate_final"]), **common
+            )
+        elif state["class"] == "FederatedBIC":
+            machine = FederatedBIC(
+                k_values=[int(k) for k in cfg["k_values"]], z=float(cfg["z"]), **common
+            )
+        else:
+            raise ValueError(f"unknown machine {state['class']!r}")
+        machine._load_state(state)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        raise InvalidSpecError(f"Not a mixture checkpoint: {err}") from None
+    return machine

@@ -116,6 +116,22 @@ class ChargeRow(Base):
     grad_sample_mode: Mapped[str] = mapped_column(String(32), default="")
 
 
+class GmmStateRow(Base):
+    """A mixture job's resumable state (``orchestrator.gmm_runner``), as JSON text.
+
+    ``checkpoint``: everything needed to continue after the last committed round (written with
+    that round). ``charged``: every release each site was *sent* (written before each
+    dispatch, so it also holds a round that a restart interrupted); the card's ε is composed
+    from it.
+    """
+
+    __tablename__ = "gmm_state"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.job_id"), primary_key=True)
+    checkpoint: Mapped[str] = mapped_column(Text, default="")
+    charged: Mapped[str] = mapped_column(Text, default="")
+    updated_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
 @dataclass(frozen=True)
 class StorePaths:
     root: Path
@@ -269,6 +285,55 @@ class Store:
             s.merge(rnd)
             for c in charges:
                 s.add(c)
+            row = s.get(JobRow, rnd.job_id)
+            if row is None:
+                raise NotFoundError(f"no job with id {rnd.job_id!r}")
+            for k, v in job_fields.items():
+                setattr(row, k, v)
+            row.updated_at = time.time()
+
+    # ---------------------------------------------------------------- mixture jobs
+
+    def gmm_state(self, job_id: str) -> GmmStateRow | None:
+        with self.session() as s:
+            return s.get(GmmStateRow, job_id)
+
+    def _set_gmm_state(
+        self, s: Session, job_id: str, *, checkpoint: str | None, charged: str | None
+    ) -> None:
+        row = s.get(GmmStateRow, job_id)
+        if row is None:
+            row = GmmStateRow(job_id=job_id, checkpoint="", charged="")
+            s.add(row)
+        if checkpoint is not None:
+            row.checkpoint = checkpoint
+        if charged is not None:
+            row.charged = charged
+        row.updated_at = time.time()
+
+    def save_gmm_state(
+        self,
+        job_id: str,
+        *,
+        checkpoint: str | None = None,
+        charged: str | None = None,
+        **job_fields: Any,
+    ) -> None:
+        """Write a mixture job's checkpoint and/or charged releases (and job fields) at once."""
+        with self.session() as s:
+            self._set_gmm_state(s, job_id, checkpoint=checkpoint, charged=charged)
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise NotFoundError(f"no job with id {job_id!r}")
+            for k, v in job_fields.items():
+                setattr(row, k, v)
+            row.updated_at = time.time()
+
+    def commit_gmm_round(self, rnd: RoundRow, checkpoint: str, **job_fields: Any) -> None:
+        """Record a mixture job's finished round with the checkpoint after it, atomically."""
+        with self.session() as s:
+            s.merge(rnd)
+            self._set_gmm_state(s, rnd.job_id, checkpoint=checkpoint, charged=None)
             row = s.get(JobRow, rnd.job_id)
             if row is None:
                 raise NotFoundError(f"no job with id {rnd.job_id!r}")

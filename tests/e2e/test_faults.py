@@ -32,7 +32,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pytest
+import yaml
 
 from common.accounting import compute_epsilon
 from common.domain import JobStatus
@@ -438,3 +440,77 @@ def test_site_cut_off_then_back_catches_up(tmp_path: Path) -> None:
     for site in SITES:
         if site != victim:
             assert not missing[site], (site, missing[site])
+
+
+# ---------------------------------------------------------------------------- mixture jobs
+
+
+def _add_mixture_dataset(files: DemoFiles, rows_per_site: int = 20000) -> None:
+    """Give every site a 2-D CSV of three clusters with declared bounds (a gmm job needs them)."""
+    means = np.array([[-3.0, -3.0], [0.0, 3.0], [3.0, -2.0]])
+    for i, (site, cfg_path) in enumerate(sorted(files.site_configs.items())):
+        rng = np.random.default_rng(i)
+        comp = rng.choice(3, size=rows_per_site)
+        x = np.clip(means[comp] + rng.normal(0, 0.6, size=(rows_per_site, 2)), -6, 6)
+        rows = np.column_stack([x, np.zeros(rows_per_site)])
+        np.savetxt(
+            cfg_path.parent / "pts.csv",
+            rows,
+            delimiter=",",
+            header="x1,x2,y",
+            comments="",
+            fmt="%.5f",
+        )
+        cfg = yaml.safe_load(cfg_path.read_text())
+        cfg["datasets"].append(
+            {
+                "name": "pts",
+                "path": "pts.csv",
+                "label": "y",
+                "chunk_rows": 2000,
+                "columns": {"x1": {"min": -6, "max": 6}, "x2": {"min": -6, "max": 6}},
+            }
+        )
+        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        assert site in SITES
+
+
+def test_orchestrator_sigkill_mid_gmm_job_resumes(tmp_path: Path) -> None:
+    """A mixture job survives a SIGKILL of the orchestrator: it resumes from its last
+    committed round (not from round 1), completes, and its card's ε covers every charge in
+    every site's ledger, the interrupted round's included (over-count, never under)."""
+    files, port = _prepare(tmp_path, rounds=1)
+    _add_mixture_dataset(files)
+    spec = {
+        "kind": "gmm",
+        "dataset": "pts",
+        "k_range": [2, 3],
+        "max_rounds": 8,
+        "dp": {"target_epsilon": 3.0, "delta": DELTA},
+        "min_sites": 3,
+        "round_timeout_s": 60,
+    }
+    with _cluster(files, port) as cluster:
+        with _client(files, cluster) as c:
+            job_id = c.submit(json.dumps(spec))
+            _wait("round 2 to commit", lambda: _status(c, job_id).round >= 2 or None, files, 90)
+        cluster.kill("orchestrator", signal.SIGKILL)
+        at_kill = _committed_round(files, job_id)
+        cluster.start_orchestrator()  # same port, same state dir
+        st = _wait_until_ended(files, cluster, job_id, timeout_s=120)
+        with _client(files, cluster) as c:
+            card = json.loads(c.download(job_id)[0])
+
+    resumed = [e.message for e in st.events if "resuming after round" in e.message]
+    assert len(resumed) == 1 and resumed[0].startswith(f"resuming after round {at_kill} ")
+    assert [h.round for h in st.history] == list(range(1, card["rounds"] + 1))
+    card_sites = {s["site_id"]: s for s in card["sites"]}
+    assert set(card_sites) == set(SITES)
+    for site in SITES:
+        entries = _ledger(files, site, job_id)
+        assert entries and {e.kind for e in entries} == {"gmm"}
+        # Resumed, not started over: at most the interrupted round is charged twice.
+        assert card["rounds"] <= len(entries) <= card["rounds"] + 1, (site, len(entries))
+        ledger_eps = compute_epsilon([e.event for e in entries], delta=DELTA).epsilon
+        assert card_sites[site]["epsilon"] >= ledger_eps - 1e-9, (site, ledger_eps)
+        assert card["epsilon"] >= ledger_eps - 1e-9

@@ -1,5 +1,5 @@
-"""Mixture jobs (kind: gmm) through gRPC: federated DP EM, K by distributed BIC, pull, and
-bootstrap standard errors."""
+"""Mixture jobs (kind: gmm) through gRPC: federated DP EM, K by distributed BIC, pull,
+bootstrap standard errors, and resuming after an orchestrator restart."""
 
 from __future__ import annotations
 
@@ -19,9 +19,12 @@ from scipy.optimize import linear_sum_assignment
 from common.accounting import DpEvent, compute_epsilon
 from common.gmm import load_mixture
 from orchestrator.client import ControlClient
-from orchestrator.server import start_server
+from orchestrator.gmm_em import FederatedBIC, FederatedEM, machine_from_state, request_events
+from orchestrator.server import RunningServer, start_server
+from orchestrator.store import Store
 from site_agent.agent import SiteAgent
 from site_agent.config import load_site_config
+from site_agent.gmm_stats import answer_request, request_cost
 from site_agent.ledger import Ledger
 
 MEANS = np.array([[-3.0, -3.0], [0.0, 3.0], [3.0, -2.0]])
@@ -62,10 +65,19 @@ def _data(n: int = 30000) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
 
 
 @contextmanager
-def _federation(tmp_path: Path, policy: dict[str, Any]) -> Iterator[ControlClient]:
-    """An orchestrator and three agents on loopback, each holding a CSV share of ``_data``."""
+def _federation(
+    tmp_path: Path, policy: dict[str, Any], servers: list[RunningServer] | None = None
+) -> Iterator[ControlClient]:
+    """An orchestrator and three agents on loopback, each holding a CSV share of ``_data``.
+
+    ``servers`` receives the orchestrator; a test that replaces it (same port and state dir)
+    appends the new one, and the last one is stopped at the end."""
     x, _, parts = _data()
-    server = start_server(listen="127.0.0.1:0", state_dir=tmp_path / "orch", offline_after_s=5.0)
+    live = servers if servers is not None else []
+    live.append(
+        start_server(listen="127.0.0.1:0", state_dir=tmp_path / "orch", offline_after_s=5.0)
+    )
+    server = live[0]
     agents, threads = {}, {}
     try:
         for sid, idx in zip(("a", "b", "c"), parts, strict=True):
@@ -107,7 +119,7 @@ def _federation(tmp_path: Path, policy: dict[str, Any]) -> Iterator[ControlClien
         for sid, a in agents.items():
             a.stop()
             threads[sid].join(timeout=30)
-        server.stop(0.5)
+        live[-1].stop(0.5)
 
 
 def _run_job(c: ControlClient, spec: dict[str, Any]) -> tuple[str, dict[str, Any], bytes]:
@@ -219,3 +231,98 @@ def test_bootstrap_standard_errors_match_the_sampling_error_and_are_charged(
     with Ledger(tmp_path / "a" / "state" / "ledger.sqlite") as led:
         os_charged = [e.event for e in led.entries(dataset="pts", job_id=os_id)]
     assert DpEvent(2.0, 1.0, 1) in os_charged
+
+
+def test_em_checkpoint_round_trips_and_continues_identically() -> None:
+    """A machine rebuilt from its JSON checkpoint after every round sends the same requests
+    and ends with the same model and BIC as one that never stopped; requests are priced as
+    the sites price them."""
+    x, _, parts = _data(6000)
+    sites = [x[idx] for idx in parts]
+    bounds = [[-6.0, 6.0], [-6.0, 6.0]]
+    for make in (
+        lambda: FederatedEM(
+            K=3, covariance_type="full", bounds=bounds, max_rounds=6, tol=1e-3,
+            noise_multiplier=1.0, seed=5,
+        ),
+        lambda: FederatedBIC(
+            k_values=[2, 3], covariance_type="diag", bounds=bounds, max_rounds=6, tol=1e-3,
+            noise_multiplier=1.0, seed=5,
+        ),
+    ):  # fmt: skip
+        straight, resumed = make(), make()
+        req: dict[str, Any] | None = straight.initial_request()
+        resumed.initial_request()
+        rng = np.random.default_rng(1)
+        while req is not None:
+            resumed = machine_from_state(json.loads(json.dumps(resumed.state_dict())))
+            assert json.dumps(resumed.pending_request) == json.dumps(req)
+            assert request_events(req) == [request_cost(req)]
+            results = [json.loads(json.dumps(answer_request(req, [s], rng=rng)[0])) for s in sites]
+            req = straight.absorb(results)
+            resumed.absorb(results)
+        assert resumed.finished and resumed.privacy_events == straight.privacy_events
+        assert np.array_equal(resumed.result().means, straight.result().means)
+        if isinstance(straight, FederatedBIC):
+            assert isinstance(resumed, FederatedBIC)
+            assert resumed.bic_curve == straight.bic_curve
+
+
+def test_gmm_job_resumes_after_an_orchestrator_restart(tmp_path: Path) -> None:
+    """Stop the orchestrator mid-job and start a new one on the same state dir: the job
+    resumes from its checkpoint (same seed, even one drawn from the clock), is not started
+    over (each site's ledger holds at most the committed rounds plus the interrupted one),
+    completes, and its card's ε covers every charge in every site's ledger."""
+    spec: dict[str, Any] = {**BIC_SPEC, "k_range": [2, 3], "max_rounds": 8}
+    del spec["seed"]  # drawn from the clock: the checkpoint must keep it
+    servers: list[RunningServer] = []
+    state_dir = tmp_path / "orch"
+    with _federation(tmp_path, {"max_epsilon": 20.0, "delta": 1e-5}, servers) as c:
+        job_id = c.submit(json.dumps(spec))
+        for st in c.watch(job_id):
+            assert not st.terminal, st.error
+            if st.round >= 2:  # init and one EM round committed: stop mid-job
+                break
+        port = servers[0].port
+        servers[0].stop(0.5)
+        store = Store(state_dir)
+        saved = store.gmm_state(job_id)
+        store.close()
+        assert saved is not None
+        before = json.loads(saved.checkpoint)
+        assert before["round"] >= 2 and before["phase"] == "fit"
+        servers.append(
+            start_server(listen=f"127.0.0.1:{port}", state_dir=state_dir, offline_after_s=5.0)
+        )
+        last = None
+        for st in c.watch(job_id):
+            last = st
+        assert last is not None and last.state == "completed", last and last.error
+        card = json.loads(c.download(job_id)[0])
+    messages = [e.message for e in last.events]
+    assert any(m.startswith(f"resuming after round {before['round']}") for m in messages)
+    store = Store(state_dir)
+    saved = store.gmm_state(job_id)
+    store.close()
+    assert saved is not None
+    after = json.loads(saved.checkpoint)
+    assert after["machine"]["config"]["seed"] == before["machine"]["config"]["seed"]
+    assert after["phase"] == "release" and after["round"] == card["rounds"]
+    assert card["model_selection"]["chosen_k"] in (2, 3) and card["model"]["K"] in (2, 3)
+
+    rounds = card["rounds"]  # committed rounds: init, EM rounds, eval
+    by_site = {s["site_id"]: s for s in card["sites"]}
+    assert set(by_site) == {"a", "b", "c"}
+    assert card["epsilon"] == pytest.approx(max(s["epsilon"] for s in card["sites"]))
+    for sid in ("a", "b", "c"):
+        with Ledger(tmp_path / sid / "state" / "ledger.sqlite") as led:
+            entries = led.entries(dataset="pts", job_id=job_id)
+        charged = [e.event for e in entries]
+        assert {e.kind for e in entries} == {"gmm"}
+        # Not started over: only the interrupted round can have been charged twice.
+        assert rounds <= len(charged) <= rounds + 1 < 2 * rounds
+        # The card counts every release the site was sent, so never less than its ledger.
+        assert len(by_site[sid]["events"]) >= len(charged)
+        ledger_eps = compute_epsilon(charged, delta=1e-5).epsilon
+        assert by_site[sid]["epsilon"] >= ledger_eps * (1 - 1e-9)
+        assert card["epsilon"] >= ledger_eps * (1 - 1e-9)
