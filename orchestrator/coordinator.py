@@ -28,11 +28,16 @@ from common.domain import (
     TaskFailure,
     UpdateMeta,
 )
-from common.errors import InvalidSpecError, NotFoundError, PermissionDeniedError
+from common.errors import (
+    InvalidSpecError,
+    NotFoundError,
+    PermissionDeniedError,
+    PrivacyAccountingError,
+)
 from common.specs import GmmJobSpec, JobSpec, any_job_spec_from_json, job_spec_from_json
 from orchestrator.broker import Broker
 from orchestrator.evaluation import evaluate_model
-from orchestrator.gmm_runner import GmmRunner, declared_box
+from orchestrator.gmm_runner import GmmRunner, build_machine, declared_box
 from orchestrator.planning import ACCOUNTANT, plan_job, site_dataset
 from orchestrator.rounds import JobRunner
 from orchestrator.store import JobRow, Store
@@ -157,7 +162,15 @@ class Coordinator:
             online = [s for s in self.sites() if site_dataset(s, spec.dataset) is not None]
             if not online:
                 raise NotFoundError(f"no registered site exposes dataset {spec.dataset!r}")
-            declared_box(spec, online)  # every column needs declared bounds at every site
+            # Every column needs declared bounds at every site, and a target ε must be
+            # reachable: refuse now rather than fail the job when it starts.
+            _, bounds = declared_box(spec, online)
+            try:
+                build_machine(spec, bounds)
+            except PrivacyAccountingError as err:
+                raise InvalidSpecError(
+                    f"dp.target_epsilon={spec.dp.target_epsilon:g} cannot be met by this job: {err}"
+                ) from None
             rounds = spec.max_rounds
         else:
             self._validate_against_sites(spec)

@@ -187,6 +187,51 @@ def _event_dict(e: DpEvent) -> dict[str, Any]:
     return {"noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "steps": e.steps}
 
 
+def build_machine(spec: GmmJobSpec, bounds: np.ndarray) -> FederatedEM | FederatedBIC:
+    """The job's EM (fixed K) or BIC (K range) machine, with σ calibrated to
+    ``dp.target_epsilon`` when the spec asks for one.
+
+    Raises:
+        PrivacyAccountingError: no σ meets the target (e.g. a bootstrap σ that alone spends it).
+    """
+    # The seed is part of the checkpoint, so a resumed job continues the same run.
+    seed = spec.seed if spec.seed is not None else int(time.time())
+    common: dict[str, Any] = dict(
+        covariance_type=spec.covariance_type,
+        bounds=bounds,
+        max_rounds=spec.max_rounds,
+        tol=spec.tol,
+        seed=seed,
+    )
+
+    def build(sigma: float) -> FederatedEM | FederatedBIC:
+        if spec.k is not None:
+            return FederatedEM(K=spec.k, noise_multiplier=sigma, **common)
+        return FederatedBIC(k_values=spec.k_values, noise_multiplier=sigma, **common)
+
+    if spec.dp.noise_multiplier is not None:
+        return build(spec.dp.noise_multiplier)
+    assert spec.dp.target_epsilon is not None
+    # Every release of the job uses one σ and q = 1: calibrate on the worst-case count.
+    # A bootstrap release at the job's σ is one more; at its own σ it is a prior event.
+    steps = sum(e.steps for e in build(1.0).planned_events())
+    prior: list[DpEvent] = []
+    if spec.bootstrap is not None:
+        if spec.bootstrap.noise_multiplier is None:
+            steps += 1
+        else:
+            prior.append(DpEvent(spec.bootstrap.noise_multiplier, 1.0, 1))
+    sigma = calibrate_noise_multiplier(
+        target_epsilon=spec.dp.target_epsilon,
+        sample_rate=1.0,
+        steps=steps,
+        delta=spec.dp.delta,
+        prior_events=prior,
+        accountant=ACCOUNTANT,
+    )
+    return build(sigma)
+
+
 class GmmRunner(JobThread):
     """The loop of one mixture job."""
 
@@ -238,43 +283,7 @@ class GmmRunner(JobThread):
             time.sleep(self.poll_s)
 
     def _machine(self, bounds: np.ndarray) -> FederatedEM | FederatedBIC:
-        spec = self.spec
-        # The seed is part of the checkpoint, so a resumed job continues the same run.
-        seed = spec.seed if spec.seed is not None else int(time.time())
-        common: dict[str, Any] = dict(
-            covariance_type=spec.covariance_type,
-            bounds=bounds,
-            max_rounds=spec.max_rounds,
-            tol=spec.tol,
-            seed=seed,
-        )
-
-        def build(sigma: float) -> FederatedEM | FederatedBIC:
-            if spec.k is not None:
-                return FederatedEM(K=spec.k, noise_multiplier=sigma, **common)
-            return FederatedBIC(k_values=spec.k_values, noise_multiplier=sigma, **common)
-
-        if spec.dp.noise_multiplier is not None:
-            return build(spec.dp.noise_multiplier)
-        assert spec.dp.target_epsilon is not None
-        # Every release of the job uses one σ and q = 1: calibrate on the worst-case count.
-        # A bootstrap release at the job's σ is one more; at its own σ it is a prior event.
-        steps = sum(e.steps for e in build(1.0).planned_events())
-        prior: list[DpEvent] = []
-        if spec.bootstrap is not None:
-            if spec.bootstrap.noise_multiplier is None:
-                steps += 1
-            else:
-                prior.append(DpEvent(spec.bootstrap.noise_multiplier, 1.0, 1))
-        sigma = calibrate_noise_multiplier(
-            target_epsilon=spec.dp.target_epsilon,
-            sample_rate=1.0,
-            steps=steps,
-            delta=spec.dp.delta,
-            prior_events=prior,
-            accountant=ACCOUNTANT,
-        )
-        return build(sigma)
+        return build_machine(self.spec, bounds)
 
     def _bootstrap_events(self, machine: FederatedEM | FederatedBIC) -> list[DpEvent]:
         """The bootstrap release's event (empty without the option)."""

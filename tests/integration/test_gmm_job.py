@@ -17,6 +17,7 @@ import yaml
 from scipy.optimize import linear_sum_assignment
 
 from common.accounting import DpEvent, compute_epsilon
+from common.errors import InvalidSpecError
 from common.gmm import load_mixture
 from orchestrator.client import ControlClient
 from orchestrator.gmm_em import FederatedBIC, FederatedEM, machine_from_state, request_events
@@ -185,6 +186,16 @@ def test_bootstrap_standard_errors_match_the_sampling_error_and_are_charged(
     one_shot = {**ONE_SHOT_SPEC, "dp": {"noise_multiplier": 2.0}, "bootstrap": {"replicates": 10}}
     policy = {"max_epsilon": 1000.0, "delta": 1e-5, "min_noise_multiplier": 0.01}
     with _federation(tmp_path, policy) as c:
+        # A target ε the bootstrap release alone exceeds is refused at submission, with no
+        # job created and nothing charged.
+        unreachable = {
+            **em_spec,
+            "dp": {"target_epsilon": 1.0, "delta": 1e-5},
+            "bootstrap": {"replicates": 10, "noise_multiplier": 0.05},
+        }
+        with pytest.raises(InvalidSpecError, match="target_epsilon=1 cannot be met"):
+            c.submit(json.dumps(unreachable))
+        assert c.jobs() == []
         job_id, card, weights = _run_job(c, em_spec)
         os_id, os_card, os_weights = _run_job(c, one_shot)
 
