@@ -1,12 +1,15 @@
 """Many ``SiteAgent`` threads in one process, for ``bench_scale_sites.py``.
 
 Usage: python bench/_agent_host.py CONFIG_LIST_FILE   (one site.yaml path per line)
-Runs until SIGTERM; each agent dials the orchestrator named in its own config.
+Runs until SIGTERM; each agent dials the orchestrator named in its own config. With
+DPFED_BENCH_LEGACY_TRANSFER=1 in the environment the agents transfer as before the memory
+fixes (``_harness.use_legacy_transfers``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -14,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _harness  # noqa: F401  (puts the repository root on sys.path)
+import _harness  # (also puts the repository root on sys.path)
 
 
 def main() -> int:
@@ -23,6 +26,8 @@ def main() -> int:
     from site_agent.agent import SiteAgent
     from site_agent.config import load_site_config
 
+    if os.environ.get(_harness.LEGACY_TRANSFER_ENV):
+        _harness.use_legacy_transfers()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     paths = [p for p in Path(sys.argv[1]).read_text().splitlines() if p.strip()]

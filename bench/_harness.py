@@ -247,6 +247,7 @@ class Federation:
     mtls: bool = False
     offline_after_s: float = 30.0
     max_workers: int = 64
+    server_kwargs: dict[str, Any] = field(default_factory=dict)  # more start_server arguments
     server: RunningServer | None = None
     pki: dict[str, TlsFiles] = field(default_factory=dict)
     agents: list[Any] = field(default_factory=list)
@@ -267,6 +268,7 @@ class Federation:
             tls=tls,
             offline_after_s=self.offline_after_s,
             max_workers=self.max_workers,
+            **self.server_kwargs,
         )
         return self
 
@@ -378,6 +380,35 @@ def run_job(client: ControlClient, spec: dict[str, Any]) -> JobStatus:
     if last.state != "completed":
         raise RuntimeError(f"job {job_id} ended {last.state}: {last.error}")
     return client.job(job_id)
+
+
+# ------------------------------------------------------------------ legacy transfers
+
+LEGACY_TRANSFER_ENV = "DPFED_BENCH_LEGACY_TRANSFER"
+LEGACY_SERVER_KWARGS: dict[str, Any] = {"max_downloads": 1 << 30, "malloc_mmap_threshold": None}
+"""``start_server`` arguments that undo the download limit and the malloc tuning."""
+
+
+def use_legacy_transfers() -> None:
+    """In this process, move models as dpfed did before the memory fixes of §2 in
+    RESULTS.md, for side-by-side runs: 1 MiB chunks, and agents that push their update without
+    waiting for the orchestrator's go. (The orchestrator side also needs
+    ``LEGACY_SERVER_KWARGS``; ``blob_from_chunks`` keeps its new single-copy assembly.)"""
+    import common.serde as serde
+    import site_agent.agent as agent
+
+    if getattr(serde.blob_to_chunks, "_bench_legacy", False):
+        return
+    chunks = functools.partial(serde.blob_to_chunks, chunk_size=1 << 20)
+    chunks._bench_legacy = True  # type: ignore[attr-defined]
+    serde.blob_to_chunks = chunks  # type: ignore[assignment]
+    push = agent.push_update
+
+    def ungated(*a: Any, **k: Any) -> Any:
+        k["gated"] = False
+        return push(*a, **k)
+
+    agent.push_update = ungated  # type: ignore[assignment]
 
 
 # ------------------------------------------------------------------ misc

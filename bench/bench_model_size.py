@@ -48,6 +48,12 @@ SITE = "bench-site"
 SIZES = (1_000_000, 10_000_000, 50_000_000)
 
 
+def _chunk_size() -> int:
+    from common import serde
+
+    return serde.CHUNK_SIZE
+
+
 def _blob(params: int) -> bytes:
     import torch
 
@@ -360,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": ".venv/bin/python bench/bench_model_size.py",
         "environment": h.environment(),
         "wall_s": time.time() - started,
-        "chunk_size": 1 << 20,
+        "chunk_size": _chunk_size(),
         "repeats": args.repeats,
         "rows": rows,
     }

@@ -30,8 +30,14 @@ Two measurements, each case in a fresh child process so that memory baselines ar
    Flower's ``aggregate`` (``flwr.server.strategy.aggregate``), which needs all N updates in
    memory, on the 1M model.
 
+``--legacy`` also runs the live cases with transfers as dpfed made them before the memory
+fixes (1 MiB chunks, every ``FetchModel`` streaming at once, agents pushing without waiting for
+the orchestrator's go, glibc's adaptive mmap threshold; ``_harness.use_legacy_transfers``),
+in the same run, for a side-by-side comparison.
+
 Writes ``bench/results/scale_sites.json`` and ``scale_sites.png``.
-Run: ``.venv/bin/python bench/bench_scale_sites.py`` (about 4-5 minutes on 2 cores).
+Run: ``.venv/bin/python bench/bench_scale_sites.py`` (about 4-5 minutes on 2 cores;
+``--legacy`` adds about 2).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import resource
 import shutil
 import subprocess
@@ -84,9 +91,16 @@ def _spec(n: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def live_case(n: int, rounds: int, max_workers: int) -> dict[str, Any]:
+def live_case(n: int, rounds: int, max_workers: int, legacy: bool = False) -> dict[str, Any]:
     from common.models import build_model, count_parameters
     from common.specs import parse_job_spec
+
+    server_kwargs: dict[str, Any] = {}
+    env = dict(os.environ)
+    if legacy:  # transfers as before the fixes, for a side-by-side comparison
+        h.use_legacy_transfers()
+        server_kwargs = dict(h.LEGACY_SERVER_KWARGS)
+        env[h.LEGACY_TRANSFER_ENV] = "1"
 
     spec = _spec(n, rounds)
     params = count_parameters(build_model(parse_job_spec(spec).model))
@@ -95,7 +109,12 @@ def live_case(n: int, rounds: int, max_workers: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     t_case = time.time()
     try:
-        with h.federation(tmp / "fed", offline_after_s=60.0, max_workers=max_workers) as fed:
+        with h.federation(
+            tmp / "fed",
+            offline_after_s=60.0,
+            max_workers=max_workers,
+            server_kwargs=server_kwargs,
+        ) as fed:
             fed.start()
             configs = []
             for i in range(n):
@@ -126,6 +145,7 @@ def live_case(n: int, rounds: int, max_workers: int) -> dict[str, Any]:
                         stderr=log,
                         start_new_session=True,
                         cwd=str(h.ROOT),
+                        env=env,
                     )
                 )
                 fed.proc_logs.append(fed.root / f"host-{k}.log")
@@ -159,6 +179,7 @@ def live_case(n: int, rounds: int, max_workers: int) -> dict[str, Any]:
     durations = [r.duration_s for r in st.history]
     return {
         "sites": n,
+        "transfer": "legacy" if legacy else "current",
         "agent_processes": math.ceil(n / AGENTS_PER_HOST),
         "grpc_max_workers": max_workers,
         "parameters": params,
@@ -263,7 +284,8 @@ def _child(args: list[str], timeout_s: float) -> dict[str, Any]:
 def _plot(live: list[dict[str, Any]], agg: list[dict[str, Any]], path: Path) -> None:
     plt = h.pyplot()
     fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(14, 4.2))
-    ok = [r for r in live if "error" not in r]
+    old = [r for r in live if "error" not in r and r.get("transfer") == "legacy"]
+    ok = [r for r in live if "error" not in r and r.get("transfer", "current") == "current"]
     ns = [r["sites"] for r in ok] or [1]
     if not ok:
         ok = [
@@ -287,6 +309,14 @@ def _plot(live: list[dict[str, Any]], agg: list[dict[str, Any]], path: Path) -> 
         "s--",
         label="Python objects (tracemalloc peak)",
     )
+    if old:
+        ax.plot(
+            [r["sites"] for r in old],
+            [r["peak_increase_over_model_size"] for r in old],
+            "x:",
+            color="tab:red",
+            label="process RSS, legacy transfers",
+        )
     ax.plot(ns, ns, ":", color="grey", label="one model copy per site")
     ax.set_xscale("log")
     ax.set_xticks(ns, [str(n) for n in ns])
@@ -316,6 +346,14 @@ def _plot(live: list[dict[str, Any]], agg: list[dict[str, Any]], path: Path) -> 
     bx.set_title("Aggregation path alone", fontsize=10)
     bx.legend(fontsize=7)
     cx.plot(ns, [r["round_s"][0] for r in ok], "o-", label="round 1 wall time")
+    if old:
+        cx.plot(
+            [r["sites"] for r in old],
+            [r["round_s"][0] for r in old],
+            "x:",
+            color="tab:red",
+            label="round 1, legacy transfers",
+        )
     cx.plot(
         ns, [r["orchestrator_cpu_s_per_round"] for r in ok], "s--", label="orchestrator CPU/round"
     )
@@ -343,10 +381,17 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="orchestrator gRPC threads (default 0: max(64, 2N + 32); the product's default is 64)",
     )
+    ap.add_argument(
+        "--legacy",
+        action="store_true",
+        help="also run the live cases with transfers as before the memory fixes (1 MiB chunks, "
+        "no download limit, no upload gate, glibc's adaptive mmap threshold), in the same run",
+    )
     ap.add_argument("--agg-params", type=int, nargs="*", default=[1_000_000, 4_000_000])
     ap.add_argument("--agg-updates", type=int, nargs="*", default=[10, 50, 200])
     # internal: one case per child process
     ap.add_argument("--case", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--legacy-case", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--agg", nargs=3, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -355,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.WARNING)
         workers = args.max_workers or max(64, 2 * args.case + 32)
-        res = live_case(args.case, args.rounds, workers)
+        res = live_case(args.case, args.rounds, workers, legacy=args.legacy_case)
         args.out.write_text(json.dumps(res))
         return 0
     if args.agg is not None:
@@ -386,34 +431,40 @@ def main(argv: list[str] | None = None) -> int:
                 )
     live: list[dict[str, Any]] = []
     print("\nlive federation (MLP 64-1024-896-10, 1 DP-SGD step per round):", flush=True)
-    for n in args.sites:
-        rounds = args.rounds or (2 if n < 200 else 1)
-        r = _child(
-            [
+    modes = [False, True] if args.legacy else [False]
+    for legacy in modes:
+        if args.legacy:
+            print("  legacy transfers:" if legacy else "  current transfers:", flush=True)
+        for n in args.sites:
+            rounds = args.rounds or (2 if n < 200 else 1)
+            cmd = [
                 "--case",
                 str(n),
                 "--rounds",
                 str(rounds),
                 "--max-workers",
                 str(args.max_workers),
-            ],
-            timeout_s=900,
-        )
-        r.setdefault("sites", n)
-        live.append(r)
-        if "error" in r:
-            print(f"  {n:>4} sites: {r['error']}", flush=True)
-            continue
-        print(
-            f"  {n:>4} sites: rounds {', '.join(f'{s:.1f}' for s in r['round_s'])} s; "
-            f"orchestrator CPU {r['orchestrator_cpu_s_per_round']:.2f} s/round; "
-            f"RSS {r['orchestrator_rss_baseline_mib']:.0f} -> {r['orchestrator_rss_peak_mib']:.0f}"
-            f" MiB (+{r['orchestrator_peak_increase_mib']:.0f}"
-            f" = {r['peak_increase_over_model_size']:.1f}x model); agents ready in "
-            f"{r['agents_ready_s']:.0f} s",
-            flush=True,
-        )
-    ok = [r for r in live if "error" not in r]
+            ]
+            r = _child([*cmd, "--legacy-case"] if legacy else cmd, timeout_s=900)
+            r.setdefault("sites", n)
+            r.setdefault("transfer", "legacy" if legacy else "current")
+            live.append(r)
+            if "error" in r:
+                print(f"  {n:>4} sites: {r['error']}", flush=True)
+                continue
+            print(
+                f"  {n:>4} sites: rounds {', '.join(f'{s:.1f}' for s in r['round_s'])} s; "
+                f"orchestrator CPU {r['orchestrator_cpu_s_per_round']:.2f} s/round; "
+                f"RSS {r['orchestrator_rss_baseline_mib']:.0f} -> "
+                f"{r['orchestrator_rss_peak_mib']:.0f} MiB "
+                f"(+{r['orchestrator_peak_increase_mib']:.0f}"
+                f" = {r['peak_increase_over_model_size']:.1f}x model; Python objects "
+                f"{r['traced_python_peak_over_model_size']:.1f}x); agents ready in "
+                f"{r['agents_ready_s']:.0f} s",
+                flush=True,
+            )
+    ok = [r for r in live if "error" not in r and r["transfer"] == "current"]
+    old = [r for r in live if "error" not in r and r["transfer"] == "legacy"]
     by_p: dict[int, list[float]] = {}
     for r in agg:
         if r.get("method") == "running" and "error" not in r:
@@ -428,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         "live_rss_peak_over_model_by_sites": live_rss,
         "live_python_peak_over_model_by_sites": live_py,
         "live_within_small_multiple": bool(live_rss and max(live_rss.values()) <= 16),
+        "legacy_rss_peak_over_model_by_sites": {
+            r["sites"]: r["peak_increase_over_model_size"] for r in old
+        },
     }
     print("\npeak memory / model size (target: a small multiple whatever the number of sites)")
     print(
@@ -441,9 +495,16 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{n} sites {v:.0f}x" for n, v in live_py.items())
         + f" -> {'MET' if verdict['live_within_small_multiple'] else 'NOT met (grows with sites)'}"
     )
+    if old:
+        print(
+            "  the same with legacy transfers (RSS): "
+            + ", ".join(
+                f"{r['sites']} sites {r['peak_increase_over_model_size']:.0f}x" for r in old
+            )
+        )
     payload = {
         "benchmark": "scale_sites",
-        "command": ".venv/bin/python bench/bench_scale_sites.py",
+        "command": ".venv/bin/python bench/bench_scale_sites.py" + (" --legacy" * args.legacy),
         "environment": h.environment(),
         "wall_s": time.time() - started,
         "live": live,

@@ -7,6 +7,7 @@ values read from the wire happens here too, so that a malformed message becomes 
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterable, Iterator
 
@@ -56,7 +57,12 @@ from protos.dpfed.v1.dpfed_pb2 import Task as ProtoTask
 from protos.dpfed.v1.dpfed_pb2 import TaskFailure as ProtoTaskFailure
 from protos.dpfed.v1.dpfed_pb2 import UpdateHeader as ProtoUpdateHeader
 
-CHUNK_SIZE = 1 << 20  # 1 MiB: far under gRPC's 4 MiB default message limit
+# 128 KiB. Every chunk in flight is copied at each stage of gRPC's Python path (slice, protobuf
+# message, serialization, C-core buffer), once per concurrent transfer: small chunks keep that
+# far below the model's size, and under the orchestrator's malloc mmap threshold (256 KiB,
+# orchestrator.server), so they are recycled from the heap instead of being mmapped and
+# page-faulted each time. On loopback a download moves at ~0.7x the speed of 1 MiB chunks.
+CHUNK_SIZE = 128 << 10
 MAX_BLOB_SIZE = 4 << 30  # refuse to assemble more than 4 GiB from a stream
 
 
@@ -74,22 +80,40 @@ def blob_to_chunks(data: bytes, *, chunk_size: int = CHUNK_SIZE) -> Iterator[Pro
 
 
 def blob_from_chunks(chunks: Iterable[ProtoChunk], *, expected_size: int | None = None) -> bytes:
-    """Reassemble a blob, checking offsets are contiguous and the size is what was announced."""
-    buf = bytearray()
+    """Reassemble a blob, checking offsets are contiguous and the size is what was announced.
+
+    The result is built in place, without a second full copy: the buffer is one ``bytes`` of
+    the announced size, allocated zero-filled (``calloc``: pages the stream never fills are
+    not even touched) when the first chunk arrives, written chunk by chunk through a
+    ``BytesIO`` that owns it, and handed out by ``getvalue()``, which returns that very object
+    when it is exactly full. Peak memory is the blob plus one chunk, not twice the blob (the
+    previous ``bytearray`` + ``bytes(buf)`` held both at the end).
+    """
+    out: io.BytesIO | None = None
     total: int | None = expected_size
+    received = 0
     for ch in chunks:
         if total is None:
             total = ch.total_size
         if ch.total_size != total:
             raise InvalidSpecError("chunk stream announces two different total sizes")
-        if ch.offset != len(buf):
-            raise InvalidSpecError(f"chunk at offset {ch.offset} arrived after {len(buf)} bytes")
-        if total < 0 or total > MAX_BLOB_SIZE or len(buf) + len(ch.data) > total:
+        if ch.offset != received:
+            raise InvalidSpecError(f"chunk at offset {ch.offset} arrived after {received} bytes")
+        data = ch.data
+        if total < 0 or total > MAX_BLOB_SIZE or received + len(data) > total:
             raise InvalidSpecError("chunk stream is larger than its announced size")
-        buf.extend(ch.data)
-    if total is not None and len(buf) != total:
-        raise InvalidSpecError(f"chunk stream ended after {len(buf)} of {total} bytes")
-    return bytes(buf)
+        if out is None:
+            # The only reference to the new bytes is the BytesIO's: it writes into it in
+            # place (a shared buffer would be copied on the first write).
+            out = io.BytesIO(bytes(total))
+        out.write(data)
+        received += len(data)
+        del data
+    if total is not None and received != total:
+        raise InvalidSpecError(f"chunk stream ended after {received} of {total} bytes")
+    if out is None:
+        return b""
+    return out.getvalue()
 
 
 # ------------------------------------------------------------------ small helpers

@@ -6,7 +6,8 @@ import ipaddress
 
 from common.errors import InvalidSpecError
 
-# Chunks are 1 MiB; anything much larger than that on the wire is malformed or hostile.
+# Chunks are 128 KiB (older agents send 1 MiB); anything much larger than that on the wire is
+# malformed or hostile.
 MAX_MESSAGE_BYTES = 8 << 20
 
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
@@ -25,6 +26,17 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
 ]
+
+
+# Uploads wait for the orchestrator's go before sending their bytes. ``FetchModel`` carries
+# UPLOAD_GATE in its initial metadata to say "this orchestrator sends a go": it then sends
+# UPLOAD_GATE again as ``PushUpdate``'s initial metadata once the upload has a place in its round
+# (``Broker.wait_for_capacity``). An agent that saw it sends the update's header, waits for that
+# metadata, then streams the chunks; until then the update's bytes stay at the site instead of
+# filling the orchestrator's HTTP/2 receive windows (up to ~4 MiB per stream once gRPC's
+# bandwidth-delay probing has grown them, i.e. about one whole 1M-parameter model per waiting
+# site). Older agents (no wait) and older orchestrators (no metadata) still work together.
+UPLOAD_GATE: tuple[str, str] = ("dpfed-upload-gate", "1")
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -7,11 +7,13 @@ queue. A site may only fetch the model of, and answer, a task addressed to it.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from common.domain import TaskAssignment, TaskFailure, UpdateMeta
@@ -35,6 +37,9 @@ class FailureResult:
 
 
 Result = UpdateResult | FailureResult
+
+MAX_DOWNLOADS = 8
+"""Default number of model downloads (``FetchModel`` streams) served at once."""
 
 
 @dataclass
@@ -61,6 +66,12 @@ class Broker:
         self._pending: dict[str, _Pending] = {}
         self._presence: dict[str, _Presence] = {}
         self._admitted: dict[int, int] = {}  # uploads being read, per round queue
+        self._upload_lines: dict[int, deque[threading.Event]] = {}  # uploads waiting, in order
+        # Downloads being streamed, against max_downloads. A separate condition: waking the
+        # long-polls waiting on _cv each time a download ends would cost one wake-up per site.
+        self.max_downloads = MAX_DOWNLOADS
+        self._downloads = 0
+        self._downloads_cv = threading.Condition()
         self.offline_after_s = offline_after_s
         # A site that has not dialled in since this broker started is given offline_after_s
         # from the start, as if seen then: after an orchestrator restart the agents come back
@@ -208,6 +219,48 @@ class Broker:
             p = self._owned(site_id, task_id)
             return p.blob
 
+    @contextlib.contextmanager
+    def download_slot(
+        self,
+        site_id: str,
+        task_id: str,
+        *,
+        timeout_s: float = 600.0,
+        alive: Callable[[], bool] | None = None,
+    ) -> Iterator[bytes]:
+        """Backpressure for downloads: hold one of ``max_downloads`` places while a task's
+        model is streamed to its site; yields the model's bytes.
+
+        Each download in flight holds a chunk at every stage of gRPC's send path
+        (``blob_to_chunks``'s slice, the protobuf message, its serialization, the C-core's
+        copy waiting for the socket), and its worker thread's malloc arena keeps what it
+        freed; with every site fetching at once that grew with the number of sites. The model bytes themselves are one shared
+        object. Waiters are served in arrival order. Raises NotFoundError when the task's round
+        ended meanwhile, UnavailableError when ``alive()`` turns false (the caller went away)
+        or after ``timeout_s``.
+        """
+        deadline = time.time() + timeout_s
+        self.model_blob(site_id, task_id)  # unknown or foreign tasks fail before waiting
+        with self._downloads_cv:
+            while self._downloads >= max(1, self.max_downloads):
+                if alive is not None and not alive():
+                    raise UnavailableError("the download was abandoned while waiting")
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise UnavailableError("too many model downloads in progress; retry later")
+                self._downloads_cv.wait(timeout=min(remaining, 0.5))
+            self._downloads += 1
+        try:
+            yield self.model_blob(site_id, task_id)
+        finally:
+            with self._downloads_cv:
+                self._downloads -= 1
+                self._downloads_cv.notify()
+
+    def downloads_in_progress(self) -> int:
+        with self._downloads_cv:
+            return self._downloads
+
     def wait_for_capacity(
         self, site_id: str, task_id: str, *, limit: int = 4, timeout_s: float = 600.0
     ) -> int:
@@ -217,19 +270,52 @@ class Broker:
 
         The round folds updates into its running sum one at a time; without this, many sites
         pushing at once would park one full model per site in memory, so the orchestrator's
-        memory would grow with the number of sites. Waiting uploads are held back by gRPC
-        flow control. Raises NotFoundError when the round ended meanwhile.
+        memory would grow with the number of sites. gRPC flow control alone does not hold a
+        waiting upload back: once its bandwidth-delay probing has grown the windows, a stream
+        may send ~4 MiB unread. The servicer therefore sends the agent its go
+        (``common.transport.UPLOAD_GATE``) only after this returns.
+
+        Uploads wait in line, first come first served, and only the first in line polls the
+        round's queue (the round takes results off it without telling the broker); the others
+        sleep until they reach the front, so hundreds of waiting sites cost no CPU.
+        Raises NotFoundError when the round ended meanwhile.
         """
         deadline = time.time() + timeout_s
-        while True:
-            with self._cv:
-                p = self._owned(site_id, task_id)
-                key = id(p.results)
-                busy = p.results.qsize() + self._admitted.get(key, 0)
-                if busy < limit or time.time() > deadline:
-                    self._admitted[key] = self._admitted.get(key, 0) + 1
-                    return key
-            time.sleep(0.02)
+        me = threading.Event()
+        key: int | None = None
+        try:
+            while True:
+                with self._cv:
+                    p = self._owned(site_id, task_id)
+                    if key is None:
+                        key = id(p.results)
+                        self._upload_lines.setdefault(key, deque()).append(me)
+                    line = self._upload_lines[key]
+                    if line[0] is me:
+                        busy = p.results.qsize() + self._admitted.get(key, 0)
+                        if busy < limit or time.time() > deadline:
+                            self._admitted[key] = self._admitted.get(key, 0) + 1
+                            return key
+                        wait_s = 0.02
+                    else:
+                        wait_s = 0.5  # woken when it reaches the front; looks up its task anyway
+                me.wait(wait_s)
+                me.clear()
+        finally:
+            if key is not None:
+                with self._cv:
+                    waiting = self._upload_lines.get(key)
+                    if waiting is not None:
+                        head = waiting[0] is me
+                        waiting.remove(me)
+                        if not waiting:
+                            del self._upload_lines[key]
+                        elif head:
+                            waiting[0].set()
+
+    def uploads_waiting(self) -> int:
+        with self._cv:
+            return sum(len(line) for line in self._upload_lines.values())
 
     def release_capacity(self, token: int) -> None:
         """The upload holding ``token`` is queued in its round (or failed): free its place."""
@@ -239,6 +325,9 @@ class Broker:
                 self._admitted[token] = left
             else:
                 self._admitted.pop(token, None)
+            waiting = self._upload_lines.get(token)
+            if waiting:
+                waiting[0].set()
 
     def push_update(self, meta: UpdateMeta, blob: bytes) -> None:
         with self._cv:

@@ -18,6 +18,7 @@ import grpc
 from common import serde
 from common.domain import TaskFailure
 from common.errors import DpfedError, InvalidSpecError
+from common.transport import UPLOAD_GATE
 from orchestrator.auth import OPERATOR_ONLY, SCIENTIST_OR_OPERATOR, Authorizer
 from orchestrator.coordinator import Coordinator
 from orchestrator.metrics import COUNTERS
@@ -92,9 +93,12 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self, request: pb.FetchModelRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Chunk]:
         site_id = self.auth.site(context, request.site_id)
-        blob = self.c.model_blob(site_id, request.task_id)
-        COUNTERS.inc("dpfed_bytes_sent_total", len(blob), kind="global_model")
-        yield from serde.blob_to_chunks(blob)
+        # At most Broker.max_downloads streams at once: each holds a few chunks in gRPC's send
+        # path, so with every site fetching at once memory grew with the number of sites.
+        with self.c.broker.download_slot(site_id, request.task_id, alive=context.is_active) as blob:
+            context.send_initial_metadata((UPLOAD_GATE,))  # "this orchestrator sends a go"
+            COUNTERS.inc("dpfed_bytes_sent_total", len(blob), kind="global_model")
+            yield from serde.blob_to_chunks(blob)
 
     @abort_on_error
     def PushUpdate(
@@ -129,6 +133,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 yield msg.chunk
 
         try:
+            # The go: an agent that saw UPLOAD_GATE in FetchModel holds its chunks until now.
+            context.send_initial_metadata((UPLOAD_GATE,))
             blob = serde.blob_from_chunks(chunks(), expected_size=meta.total_size)
             COUNTERS.inc("dpfed_bytes_received_total", len(blob), kind="update")
             self.c.push_update(meta, blob)

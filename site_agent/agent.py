@@ -17,7 +17,7 @@ from common import serde
 from common.domain import SiteRegistration, TaskAssignment, TaskFailure, UpdateMeta
 from common.errors import DpfedError, InvalidSpecError
 from common.tls import TlsFiles, channel_credentials
-from common.transport import CHANNEL_OPTIONS, require_loopback_for_plaintext
+from common.transport import CHANNEL_OPTIONS, UPLOAD_GATE, require_loopback_for_plaintext
 from common.version import __version__
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
@@ -61,6 +61,7 @@ class SiteAgent:
         self.tasks_done = 0
         self._state = "idle"
         self._task_id = ""
+        self._upload_gate = False  # the orchestrator sends a go before an upload's bytes
 
     # ------------------------------------------------------------ main loop
 
@@ -172,11 +173,8 @@ class SiteAgent:
     # ------------------------------------------------------------ one task
 
     def _fetch(self, stub: pb_grpc.AgentServiceStub, task: TaskAssignment) -> bytes:
-        chunks = stub.FetchModel(
-            pb.FetchModelRequest(site_id=self.config.site_id, task_id=task.task_id),
-            timeout=_TRANSFER_TIMEOUT_S,
-        )
-        return serde.blob_from_chunks(chunks, expected_size=task.model_size)
+        blob, self._upload_gate = fetch_model(stub, self.config.site_id, task)
+        return blob
 
     def _handle(self, stub: pb_grpc.AgentServiceStub, task: TaskAssignment) -> None:
         log.info(
@@ -200,7 +198,7 @@ class SiteAgent:
                 log.exception("site=%s job=%s task crashed", self.config.site_id, task.job_id)
                 self._report(stub, task, "INTERNAL", f"the site agent failed: {type(err).__name__}")
                 return
-            stub.PushUpdate(_update_stream(meta, delta), timeout=_TRANSFER_TIMEOUT_S)
+            push_update(stub, meta, delta, gated=self._upload_gate)
             self.tasks_done += 1
             log.info(
                 "site=%s job=%s round=%d update sent (task ε=%.3f, dataset ε=%.3f)",
@@ -231,7 +229,45 @@ class SiteAgent:
         stub.ReportFailure(serde.failure_to_proto(failure), timeout=_RPC_TIMEOUT_S)
 
 
-def _update_stream(meta: UpdateMeta, delta: bytes) -> Iterator[pb.UpdateChunk]:
+def fetch_model(
+    stub: pb_grpc.AgentServiceStub, site_id: str, task: TaskAssignment
+) -> tuple[bytes, bool]:
+    """Download a task's model; also says whether the orchestrator gates uploads
+    (``common.transport.UPLOAD_GATE`` in the stream's initial metadata)."""
+    call = stub.FetchModel(
+        pb.FetchModelRequest(site_id=site_id, task_id=task.task_id),
+        timeout=_TRANSFER_TIMEOUT_S,
+    )
+    blob = serde.blob_from_chunks(call, expected_size=task.model_size)
+    return blob, UPLOAD_GATE in tuple(call.initial_metadata() or ())
+
+
+def push_update(
+    stub: pb_grpc.AgentServiceStub, meta: UpdateMeta, delta: bytes, *, gated: bool
+) -> pb.PushUpdateResponse:
+    """Upload an update. ``gated``: send the header, then hold the chunks until the
+    orchestrator's go (its initial metadata, sent once the round has room for this upload),
+    so that a site waiting its turn does not park its update in the orchestrator's memory."""
+    if not gated:
+        resp: pb.PushUpdateResponse = stub.PushUpdate(
+            _update_stream(meta, delta), timeout=_TRANSFER_TIMEOUT_S
+        )
+        return resp
+    go = threading.Event()
+    call = stub.PushUpdate.future(_update_stream(meta, delta, go), timeout=_TRANSFER_TIMEOUT_S)
+    try:
+        call.initial_metadata()  # returns at the go, or when the call ends (error, deadline)
+    finally:
+        go.set()
+    result: pb.PushUpdateResponse = call.result()
+    return result
+
+
+def _update_stream(
+    meta: UpdateMeta, delta: bytes, go: threading.Event | None = None
+) -> Iterator[pb.UpdateChunk]:
     yield pb.UpdateChunk(header=serde.update_meta_to_proto(meta))
+    if go is not None:
+        go.wait(_TRANSFER_TIMEOUT_S)
     for ch in serde.blob_to_chunks(delta):
         yield pb.UpdateChunk(chunk=ch)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from common.domain import TaskAssignment
+from common.domain import TaskAssignment, UpdateMeta
 from common.errors import NotFoundError
 from orchestrator.broker import Broker, Result
 
@@ -81,3 +85,351 @@ def test_uploads_being_read_count_against_the_limit() -> None:
     broker.release_capacity(t0)
     th.join(timeout=5)
     assert done.is_set()
+
+
+# ------------------------------------------------------------------ downloads
+
+
+def test_at_most_max_downloads_stream_at_once() -> None:
+    broker = Broker()
+    broker.max_downloads = 2
+    results: queue.Queue[Result] = queue.Queue()
+    for i in range(6):
+        broker.connect(f"s{i}")
+        broker.dispatch_into(f"s{i}", _task(i), b"model", results)
+    lock = threading.Lock()
+    active, most = 0, 0
+    release = threading.Event()
+
+    def download(i: int) -> None:
+        nonlocal active, most
+        with broker.download_slot(f"s{i}", f"t{i}", timeout_s=10) as blob:
+            assert blob == b"model"
+            with lock:
+                active += 1
+                most = max(most, active)
+            release.wait(5)
+            with lock:
+                active -= 1
+
+    threads = [threading.Thread(target=download, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    assert broker.downloads_in_progress() == 2  # the other four wait, holding no model copy
+    release.set()
+    for t in threads:
+        t.join(timeout=10)
+    assert most == 2
+    assert broker.downloads_in_progress() == 0
+
+
+def test_a_download_waiting_for_a_slot_gives_up_when_its_caller_left() -> None:
+    from common.errors import UnavailableError
+
+    broker = Broker()
+    broker.max_downloads = 1
+    results: queue.Queue[Result] = queue.Queue()
+    for i in range(2):
+        broker.connect(f"s{i}")
+        broker.dispatch_into(f"s{i}", _task(i), b"m", results)
+    with broker.download_slot("s0", "t0"):
+        with pytest.raises(UnavailableError):
+            with broker.download_slot("s1", "t1", alive=lambda: False):
+                pass
+        with pytest.raises(UnavailableError):
+            with broker.download_slot("s1", "t1", timeout_s=0.1):
+                pass
+    with pytest.raises(NotFoundError):  # a task of a finished round is refused, no slot kept
+        broker.cancel(["t1"])
+        with broker.download_slot("s1", "t1"):
+            pass
+    assert broker.downloads_in_progress() == 0
+
+
+class _Context:
+    """The parts of grpc.ServicerContext the agent servicer uses, without a network."""
+
+    def __init__(self) -> None:
+        self.metadata: list[tuple[str, str]] = []
+
+    def is_active(self) -> bool:
+        return True
+
+    def send_initial_metadata(self, md: tuple[tuple[str, str], ...]) -> None:
+        self.metadata.extend(md)
+
+    def abort(self, code: object, details: str) -> None:
+        raise RuntimeError(f"{code}: {details}")
+
+
+def test_fetch_model_streams_to_at_most_max_downloads_sites_at_once() -> None:
+    """Through the servicer: a stream that has started sending holds a slot until it ends."""
+    from types import SimpleNamespace
+
+    from common import serde
+    from common.transport import UPLOAD_GATE
+    from orchestrator.auth import Authorizer
+    from orchestrator.servicers import AgentServicer
+    from protos.dpfed.v1 import dpfed_pb2 as pb
+
+    broker = Broker()
+    broker.max_downloads = 3
+    model = bytes(range(256)) * (3 * serde.CHUNK_SIZE // 256 + 1)
+    results: queue.Queue[Result] = queue.Queue()
+    n = 8
+    for i in range(n):
+        broker.connect(f"s{i}")
+        broker.dispatch_into(f"s{i}", _task(i), model, results)
+    servicer = AgentServicer(SimpleNamespace(broker=broker), Authorizer(mtls=False))  # type: ignore[arg-type]
+    lock = threading.Lock()
+    streaming, most = 0, 0
+    got: dict[int, bytes] = {}
+    contexts = [_Context() for _ in range(n)]
+
+    def fetch(i: int) -> None:
+        nonlocal streaming, most
+        chunks = servicer.FetchModel(
+            pb.FetchModelRequest(site_id=f"s{i}", task_id=f"t{i}"), contexts[i]
+        )
+        parts = []
+        for k, ch in enumerate(chunks):
+            if k == 0:
+                with lock:
+                    streaming += 1
+                    most = max(most, streaming)
+            time.sleep(0.02)  # a slow reader
+            parts.append(ch)
+        with lock:
+            streaming -= 1
+        got[i] = serde.blob_from_chunks(parts)
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(got) == list(range(n))
+    assert all(b == model for b in got.values())
+    assert most == 3
+    assert broker.downloads_in_progress() == 0
+    assert all(UPLOAD_GATE in c.metadata for c in contexts)  # tells agents uploads are gated
+
+
+def test_an_abandoned_download_gives_its_slot_back() -> None:
+    from types import SimpleNamespace
+
+    from orchestrator.auth import Authorizer
+    from orchestrator.servicers import AgentServicer
+    from protos.dpfed.v1 import dpfed_pb2 as pb
+
+    broker = Broker()
+    broker.max_downloads = 1
+    results: queue.Queue[Result] = queue.Queue()
+    broker.connect("s0")
+    broker.dispatch_into("s0", _task(0), b"x" * 1_000_000, results)
+    servicer = AgentServicer(SimpleNamespace(broker=broker), Authorizer(mtls=False))  # type: ignore[arg-type]
+    stream = servicer.FetchModel(pb.FetchModelRequest(site_id="s0", task_id="t0"), _Context())
+    next(stream)
+    assert broker.downloads_in_progress() == 1
+    del stream  # gRPC drops the generator of a cancelled call
+    assert broker.downloads_in_progress() == 0
+
+
+# ------------------------------------------------------------------ gated uploads
+
+
+def _meta(site_id: str, task_id: str, size: int) -> UpdateMeta:
+    from common.accounting import DpEvent
+    from common.domain import ChargedEvent, DpReport
+
+    return UpdateMeta(
+        site_id=site_id,
+        task_id=task_id,
+        num_examples=10,
+        dp_report=DpReport(
+            events=(ChargedEvent("train", DpEvent(1.0, 0.1, 1)),),
+            max_grad_norm=1.0,
+            delta=1e-5,
+            task_epsilon=0.1,
+            job_epsilon=0.1,
+            dataset_epsilon=0.1,
+            policy_delta=1e-5,
+            accountant="prv",
+        ),
+        metrics=None,
+        total_size=size,
+        sha256="",
+    )
+
+
+def test_a_gated_upload_sends_no_bytes_until_the_round_has_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over gRPC: the agent sends its header, then holds its chunks until the orchestrator's
+    go, so a waiting upload does not sit in the orchestrator's receive buffers. The ungated
+    push (older agents) shows what the measurement would see otherwise."""
+    import grpc
+
+    from common import serde
+    from common.transport import CHANNEL_OPTIONS
+    from orchestrator.server import start_server
+    from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
+    from site_agent.agent import fetch_model, push_update
+
+    running = start_server(listen="127.0.0.1:0", state_dir=tmp_path)
+    try:
+        broker = running.coordinator.broker
+        results: queue.Queue[Result] = queue.Queue()
+        model = b"m" * 300_000
+        tasks = []
+        for i in range(2):
+            broker.connect(f"s{i}")
+            t = replace(_task(i), model_size=len(model))
+            broker.dispatch_into(f"s{i}", t, model, results)
+            tasks.append(t)
+        for _ in range(4):  # the round holds four unfolded results: no room for uploads
+            results.put("unfolded")  # type: ignore[arg-type]
+        channel = grpc.insecure_channel(running.address, options=CHANNEL_OPTIONS)
+        stub = pb_grpc.AgentServiceStub(channel)
+        blob, gated = fetch_model(stub, "s0", tasks[0])
+        assert blob == model and gated
+
+        delta = bytes(range(256)) * (5 * serde.CHUNK_SIZE // 256)
+        sent = [0]  # chunks the agent side has handed to gRPC
+        original = serde.blob_to_chunks
+
+        def counting(data: bytes, **kw: Any) -> Iterator[Any]:
+            for ch in original(data, **kw):
+                sent[0] += 1
+                yield ch
+
+        monkeypatch.setattr(serde, "blob_to_chunks", counting)
+        done: dict[int, Any] = {}
+
+        def push(i: int, gate: bool) -> None:
+            done[i] = push_update(stub, _meta(f"s{i}", f"t{i}", len(delta)), delta, gated=gate)
+
+        # The two pushes run one after the other, so the counts need not be told apart.
+        gated_push = threading.Thread(target=push, args=(0, True), name="push-0", daemon=True)
+        gated_push.start()
+        time.sleep(0.5)
+        assert sent[0] == 0, "a waiting gated upload sent chunks"
+        results.get()  # the round folds one: room for one upload
+        gated_push.join(timeout=10)
+        assert done[0].accepted
+        assert sent[0] == 5
+
+        assert results.qsize() == 4  # full again: three unfolded and that update
+        before = sent[0]
+        ungated = threading.Thread(target=push, args=(1, False), name="push-1", daemon=True)
+        ungated.start()
+        time.sleep(0.5)
+        assert sent[0] > before  # an ungated upload streams while it waits
+        results.get()
+        ungated.join(timeout=10)
+        assert done[1].accepted
+        channel.close()
+    finally:
+        running.stop(0.2)
+
+
+# ------------------------------------------------------------------ the allocator
+
+
+def test_large_buffers_go_back_to_the_os_whatever_thread_allocated_them() -> None:
+    """64 threads take turns holding four 4 MiB buffers at most; freed by another thread.
+    With glibc's default adaptive threshold each thread's arena keeps what it freed (about
+    140 MiB here); with ``return_large_buffers_to_os`` peak RSS stays near the 16 MiB alive."""
+    import subprocess
+    import sys
+
+    script = r"""
+import os, queue, sys, threading
+from orchestrator.server import return_large_buffers_to_os
+if not return_large_buffers_to_os():
+    print("skip"); sys.exit(0)
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+q, slots = queue.Queue(), threading.BoundedSemaphore(4)
+base, peak = rss(), 0.0
+def work():
+    for _ in range(3):
+        slots.acquire()
+        b = bytearray(4 << 20)
+        q.put(b)
+        del b
+ts = [threading.Thread(target=work) for _ in range(64)]
+for t in ts:
+    t.start()
+for _ in range(64 * 3):
+    b = q.get()
+    peak = max(peak, rss() - base)
+    del b
+    slots.release()
+print(peak)
+"""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    if out.stdout.strip() == "skip":
+        pytest.skip("not glibc: mallopt unavailable")
+    assert float(out.stdout) < 48, f"peak RSS +{float(out.stdout):.0f} MiB for 16 MiB alive"
+
+
+def test_waiting_uploads_are_admitted_in_arrival_order() -> None:
+    broker = Broker()
+    results: queue.Queue[Result] = queue.Queue()
+    for i in range(6):
+        broker.connect(f"s{i}")
+        broker.dispatch_into(f"s{i}", _task(i), b"", results)
+    first = broker.wait_for_capacity("s0", "t0", limit=1, timeout_s=10)  # the round is full
+    order: list[int] = []
+    tokens: queue.Queue[int] = queue.Queue()
+
+    def upload(i: int) -> None:
+        tokens.put(broker.wait_for_capacity(f"s{i}", f"t{i}", limit=1, timeout_s=10))
+        order.append(i)
+
+    threads = []
+    for i in range(1, 6):
+        threads.append(threading.Thread(target=upload, args=(i,)))
+        threads[-1].start()
+        time.sleep(0.05)  # arrive in order 1, 2, 3, 4, 5
+    assert broker.uploads_waiting() == 5
+    broker.release_capacity(first)
+    for _ in range(5):
+        broker.release_capacity(tokens.get(timeout=5))
+    for t in threads:
+        t.join(timeout=5)
+    assert order == [1, 2, 3, 4, 5]
+    assert broker.uploads_waiting() == 0
+
+
+def test_uploads_waiting_for_a_round_that_ends_leave_the_line() -> None:
+    broker = Broker()
+    results: queue.Queue[Result] = queue.Queue()
+    for i in range(4):
+        broker.connect(f"s{i}")
+        broker.dispatch_into(f"s{i}", _task(i), b"", results)
+    broker.wait_for_capacity("s0", "t0", limit=1, timeout_s=10)
+    errors: list[Exception] = []
+
+    def upload(i: int) -> None:
+        try:
+            broker.wait_for_capacity(f"s{i}", f"t{i}", limit=1, timeout_s=10)
+        except NotFoundError as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(1, 4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    broker.cancel(["t1", "t2", "t3"])  # the round is over
+    for t in threads:
+        t.join(timeout=5)
+    assert len(errors) == 3
+    assert broker.uploads_waiting() == 0

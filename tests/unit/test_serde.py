@@ -360,15 +360,44 @@ def test_blob_round_trip(size: int, chunk_size: int, n_chunks: int) -> None:
     assert serde.blob_from_chunks(iter(chunks), expected_size=size) == data
 
 
-def test_default_chunks_stay_under_a_mebibyte_on_the_wire() -> None:
-    data = bytes(range(256)) * ((5 * MiB + 12345) // 256)
+def test_default_chunks_stay_small_on_the_wire() -> None:
+    chunk = serde.CHUNK_SIZE
+    assert chunk <= 128 << 10  # well under the orchestrator's malloc mmap threshold
+    data = bytes(range(256)) * ((5 * chunk + 12345) // 256)
     chunks = list(serde.blob_to_chunks(data))
     assert len(chunks) == 6
     for c in chunks:
-        assert c.ByteSize() <= MiB + CHUNK_OVERHEAD
+        assert c.ByteSize() <= chunk + CHUNK_OVERHEAD
         # As sent in a push stream, wrapped in its oneof.
-        assert ProtoUpdateChunk(chunk=c).ByteSize() <= MiB + CHUNK_OVERHEAD
+        assert ProtoUpdateChunk(chunk=c).ByteSize() <= chunk + CHUNK_OVERHEAD
     assert serde.blob_from_chunks(chunks) == data
+
+
+def test_streams_of_older_agents_with_1_mib_chunks_still_assemble() -> None:
+    data = bytes(range(256)) * ((3 * MiB + 999) // 256)
+    chunks = list(serde.blob_to_chunks(data, chunk_size=MiB))
+    assert len(chunks) == 4
+    assert serde.blob_from_chunks(iter(chunks), expected_size=len(data)) == data
+
+
+@pytest.mark.parametrize("expected", [True, False])
+def test_receiving_a_blob_makes_no_second_full_copy(expected: bool) -> None:
+    """Peak memory while assembling is the blob plus about one chunk, not twice the blob."""
+    import tracemalloc
+
+    size = 24 * MiB + 777
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    chunks = [through_bytes(c) for c in serde.blob_to_chunks(data)]
+
+    tracemalloc.start()
+    try:
+        out = serde.blob_from_chunks(iter(chunks), expected_size=size if expected else None)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert type(out) is bytes
+    assert out == data
+    assert peak <= size + 4 * serde.CHUNK_SIZE, f"peak {peak / size:.2f}x the blob"
 
 
 def _blob_chunks() -> list[ProtoChunk]:
