@@ -137,6 +137,9 @@ def install_site_timers(tl: Timeline | None = None) -> None:
     tl.wrap(SiteAgent, "_fetch", "fetch", site_of_agent)
     tl.wrap(ex, "train_local", "train_local", site_of_thread)
     tl.wrap(ex, "check_task", "policy_check", site_of_thread)
+    # The DP report's PRV compositions run in a thread alongside training; what the round
+    # pays is the wait for them after training, plus any composition on the task's thread.
+    tl.wrap(ex, "_wait_for_report", "accounting", site_of_thread)
     tl.wrap(ex, "compute_epsilon", "accounting", site_of_thread)
     tl.wrap(Ledger, "spent", "accounting", site_of_thread)
     tl.wrap(Ledger, "charge", "ledger_charge", site_of_thread)

@@ -103,6 +103,11 @@ def _report_epsilons_in_background(
     return out
 
 
+def _wait_for_report(pending: Future[_ReportEpsilons]) -> _ReportEpsilons:
+    """The report's ε once composed (the part of the accounting training did not hide)."""
+    return pending.result()
+
+
 @dataclass(frozen=True)
 class _Split:
     train: LocalDataset
@@ -389,7 +394,7 @@ class TaskExecutor:
         charged = tuple(
             ChargedEvent("train" if e is train_event else "metrics", e) for e in cost_events
         )
-        eps = epsilons.result()
+        eps = _wait_for_report(epsilons)
         report = DpReport(
             events=charged,
             max_grad_norm=spec.dp.max_grad_norm,
