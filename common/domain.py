@@ -52,6 +52,8 @@ class PolicySummary:
     allow_exact_metrics: bool
     max_steps_per_task: int
     max_parameters: int
+    secure_noise: bool = False
+    """The site draws every DP noise value from a CSPRNG (``common.noise``)."""
 
 
 @dataclass(frozen=True)

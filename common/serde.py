@@ -220,6 +220,7 @@ def policy_to_proto(p: PolicySummary) -> ProtoPolicySummary:
         allow_exact_metrics=p.allow_exact_metrics,
         max_steps_per_task=p.max_steps_per_task,
         max_parameters=p.max_parameters,
+        secure_noise=p.secure_noise,
     )
 
 
@@ -235,6 +236,7 @@ def policy_from_proto(msg: ProtoPolicySummary) -> PolicySummary:
         allow_exact_metrics=msg.allow_exact_metrics,
         max_steps_per_task=msg.max_steps_per_task,
         max_parameters=msg.max_parameters,
+        secure_noise=msg.secure_noise,
     )
 
 

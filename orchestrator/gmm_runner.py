@@ -76,6 +76,7 @@ from orchestrator.gmm_em import (
 )
 from orchestrator.job_thread import JobStopped, JobThread
 from orchestrator.planning import ACCOUNTANT, online_holders, site_dataset
+from orchestrator.release import LIMITS, noise_limits
 from orchestrator.store import GmmStateRow, RoundRow, atomic_write
 from orchestrator.views import site_status
 
@@ -687,6 +688,10 @@ class GmmRunner(JobThread):
         released: dict[str, Any] = params.to_dict()
         if standard_errors is not None:
             released["standard_errors"] = standard_errors.to_dict()
+        policies = {s.site_id: s.policy or {} for s in self.store.sites()}
+        declared = {
+            sid: bool(policies.get(sid, {}).get("secure_noise", False)) for sid in self._charged
+        }
         card: dict[str, Any] = {
             "job_id": self.job_id,
             "kind": "gmm",
@@ -711,11 +716,13 @@ class GmmRunner(JobThread):
                 + (" and its standard errors are" if spec.bootstrap is not None else " is")
                 + " post-processing."
             ),
+            "limits": LIMITS + noise_limits(declared),
             "rounds": len(self.store.rounds(self.job_id)),
             "sites": [
                 {
                     "site_id": sid,
                     "epsilon": site_eps[sid].epsilon,
+                    "noise_source": "csprng" if declared[sid] else "standard",
                     "events": [_event_dict(_charged_event(c)) for c in records],
                 }
                 for sid, records in sorted(self._charged.items())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from common.specs import JobSpec
@@ -24,9 +25,23 @@ GUARANTEE = (
 LIMITS = (
     "The guarantee is per record, not per person: a person with several records at one site, "
     "or records at several sites, is protected with a correspondingly larger ε (group "
-    "privacy). It assumes the sites ran the dpfed agent unmodified; noise comes from "
-    "torch's non-cryptographic generator (Opacus secure_mode off)."
+    "privacy). It assumes the sites ran the dpfed agent unmodified."
 )
+
+
+def noise_limits(secure_noise: Mapping[str, bool]) -> str:
+    """What the card says about where the sites' noise came from (as their policies declare)."""
+    standard = sorted(site for site, secure in secure_noise.items() if not secure)
+    if not standard:
+        return (
+            " Every site drew its noise from a ChaCha20 CSPRNG with Opacus' secure-mode "
+            "countermeasure to floating-point attacks (policy.secure_noise)."
+        )
+    return (
+        f" Noise at {', '.join(standard)} came from the standard (non-cryptographic) "
+        "generators seeded from OS entropy, without a countermeasure to floating-point attacks "
+        "on the Gaussian sampler; a site sets policy.secure_noise to change that."
+    )
 
 
 def build_model_card(
@@ -38,8 +53,11 @@ def build_model_card(
     per_site_epsilon: dict[str, float],
     epsilon: float,
     version: str,
+    secure_noise: Mapping[str, bool],
 ) -> dict[str, Any]:
+    """``secure_noise``: each site's declared ``policy.secure_noise`` (missing means False)."""
     sites = site_spends(charges, per_site_epsilon)
+    declared = {s.site_id: bool(secure_noise.get(s.site_id, False)) for s in sites}
     exact = any(r.metrics_exact for r in rounds)
     return {
         "job_id": row.job_id,
@@ -51,7 +69,7 @@ def build_model_card(
         "accountant": "prv",
         "privacy_unit": "record (sample-level DP at each site)",
         "guarantee": GUARANTEE,
-        "limits": LIMITS,
+        "limits": LIMITS + noise_limits(declared),
         "rounds": len(rounds),
         "dp": spec.dp.model_dump(mode="json"),
         "sites": [
@@ -64,6 +82,7 @@ def build_model_card(
                 "max_grad_norm": s.max_grad_norm,
                 "epsilon": s.epsilon,
                 "dataset_epsilon_lifetime": s.dataset_epsilon,
+                "noise_source": "csprng" if declared[s.site_id] else "standard",
                 "events": [charged_event_dict(e) for e in s.events],
             }
             for s in sites

@@ -433,6 +433,10 @@ class JobRunner(JobThread):
             per_site_epsilon=per_site,
             epsilon=epsilon,
             version=__version__,
+            secure_noise={
+                s.site_id: bool((s.policy or {}).get("secure_noise", False))
+                for s in self.store.sites()
+            },
         )
         if self.spec.site_dp is not None:
             sdp = self.spec.site_dp

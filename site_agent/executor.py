@@ -187,6 +187,7 @@ class TaskExecutor:
             allow_exact_metrics=p.allow_exact_metrics,
             max_steps_per_task=p.max_steps_per_task,
             max_parameters=p.max_parameters,
+            secure_noise=p.secure_noise,
         )
 
     # ------------------------------------------------------------ one task

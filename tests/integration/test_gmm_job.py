@@ -154,6 +154,8 @@ def test_federated_dp_em_recovers_the_components_and_bic_picks_k(
         assert card["method"].startswith("one-shot")
     assert card["epsilon"] <= 3.0 * 1.01
     assert "uncertainty" not in card
+    assert {s["noise_source"] for s in card["sites"]} == {"standard"}
+    assert "Noise at a, b, c came from the standard" in card["limits"]
     mix = _pull(tmp_path, "pulled", weights)
     assert mix.standard_errors is None
     cost = np.linalg.norm(MEANS[:, None, :] - np.asarray(mix.means)[None, :, :], axis=2)

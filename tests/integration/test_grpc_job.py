@@ -302,8 +302,17 @@ def test_a_site_requiring_secure_noise_draws_all_its_noise_from_the_csprng(
     monkeypatch.setattr(noise, "gaussian_torch", recording)
     net = net_factory({"a": {"secure_noise": True}, "b": {}, "c": {}})
     with ControlClient(net.address) as c:
-        st = _wait(c, c.submit(_job(rounds=1)))
+        job_id = c.submit(_job(rounds=1))
+        st = _wait(c, job_id)
         assert st.state == "completed", st.error
+        card = json.loads(c.download(job_id)[0])
+    # The card says which sites' noise came from the CSPRNG, and names the others in its limits.
+    assert {s["site_id"]: s["noise_source"] for s in card["sites"]} == {
+        "a": "csprng",
+        "b": "standard",
+        "c": "standard",
+    }
+    assert "Noise at b, c came from the standard" in card["limits"]
     # Site a drew every DP-SGD and metrics noise value securely, the others did not.
     assert {secure for _, secure in draws} == {True, False}
     secure_threads = {name for name, secure in draws if secure}

@@ -82,6 +82,7 @@ POLICY = PolicySummary(
     allow_exact_metrics=False,
     max_steps_per_task=100_000,
     max_parameters=100_000_000,
+    secure_noise=True,
 )
 
 REGISTRATION = SiteRegistration(

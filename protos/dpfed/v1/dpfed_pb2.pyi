@@ -165,6 +165,7 @@ class PolicySummary(_message.Message):
     ALLOW_EXACT_METRICS_FIELD_NUMBER: _builtins.int
     MAX_STEPS_PER_TASK_FIELD_NUMBER: _builtins.int
     MAX_PARAMETERS_FIELD_NUMBER: _builtins.int
+    SECURE_NOISE_FIELD_NUMBER: _builtins.int
     max_epsilon: _builtins.float
     delta: _builtins.float
     min_noise_multiplier: _builtins.float
@@ -172,6 +173,8 @@ class PolicySummary(_message.Message):
     allow_exact_metrics: _builtins.bool
     max_steps_per_task: _builtins.int
     max_parameters: _builtins.int
+    secure_noise: _builtins.bool
+    """every DP noise value from a CSPRNG (site policy.secure_noise)"""
     @_builtins.property
     def allowed_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -185,10 +188,11 @@ class PolicySummary(_message.Message):
         allow_exact_metrics: _builtins.bool = ...,
         max_steps_per_task: _builtins.int = ...,
         max_parameters: _builtins.int = ...,
+        secure_noise: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_exact_metrics", b"allow_exact_metrics", "allowed_models", b"allowed_models", "delta", b"delta", "max_epsilon", b"max_epsilon", "max_parameters", b"max_parameters", "max_rounds", b"max_rounds", "max_steps_per_task", b"max_steps_per_task", "min_noise_multiplier", b"min_noise_multiplier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_exact_metrics", b"allow_exact_metrics", "allowed_models", b"allowed_models", "delta", b"delta", "max_epsilon", b"max_epsilon", "max_parameters", b"max_parameters", "max_rounds", b"max_rounds", "max_steps_per_task", b"max_steps_per_task", "min_noise_multiplier", b"min_noise_multiplier", "secure_noise", b"secure_noise"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
