@@ -370,6 +370,7 @@ def _plot(live: list[dict[str, Any]], agg: list[dict[str, Any]], path: Path) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    global HIDDEN
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--sites", type=int, nargs="*", default=[10, 50, 200])
     ap.add_argument(
@@ -387,6 +388,15 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the live cases with transfers as before the memory fixes (1 MiB chunks, "
         "no download limit, no upload gate, glibc's adaptive mmap threshold), in the same run",
     )
+    ap.add_argument(
+        "--hidden",
+        type=int,
+        nargs=2,
+        default=list(HIDDEN),
+        metavar=("W1", "W2"),
+        help="hidden widths of the live cases' MLP (default 1024 896: ~1M parameters); a "
+        "non-default size writes scale_sites_<params>.json instead",
+    )
     ap.add_argument("--agg-params", type=int, nargs="*", default=[1_000_000, 4_000_000])
     ap.add_argument("--agg-updates", type=int, nargs="*", default=[10, 50, 200])
     # internal: one case per child process
@@ -395,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--agg", nargs=3, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    HIDDEN = (args.hidden[0], args.hidden[1])
     if args.case is not None:
         import logging
 
@@ -430,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     live: list[dict[str, Any]] = []
-    print("\nlive federation (MLP 64-1024-896-10, 1 DP-SGD step per round):", flush=True)
+    shape = "-".join(str(w) for w in (INPUT, *HIDDEN, CLASSES))
+    print(f"\nlive federation (MLP {shape}, 1 DP-SGD step per round):", flush=True)
     modes = [False, True] if args.legacy else [False]
     for legacy in modes:
         if args.legacy:
@@ -444,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(rounds),
                 "--max-workers",
                 str(args.max_workers),
+                "--hidden",
+                *(str(w) for w in HIDDEN),
             ]
             r = _child([*cmd, "--legacy-case"] if legacy else cmd, timeout_s=900)
             r.setdefault("sites", n)
@@ -475,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     verdict = {
         "aggregation_peak_over_model_by_params": {str(p): v for p, v in by_p.items()},
         "aggregation_max_peak_over_model": agg_max,
-        "aggregation_within_small_multiple": bool(agg_max <= 16),
+        "aggregation_within_small_multiple": bool(agg_max <= 16) if by_p else None,
         "live_rss_peak_over_model_by_sites": live_rss,
         "live_python_peak_over_model_by_sites": live_py,
         "live_within_small_multiple": bool(live_rss and max(live_rss.values()) <= 16),
@@ -484,10 +498,12 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     print("\npeak memory / model size (target: a small multiple whatever the number of sites)")
-    print(
-        f"  aggregation path (RunningWeightedMean): max {agg_max:.1f}x over N = "
-        f"{args.agg_updates} -> {'MET' if verdict['aggregation_within_small_multiple'] else 'NOT met'}"
-    )
+    if by_p:
+        print(
+            f"  aggregation path (RunningWeightedMean): max {agg_max:.1f}x over N = "
+            f"{args.agg_updates} -> "
+            f"{'MET' if verdict['aggregation_within_small_multiple'] else 'NOT met'}"
+        )
     print(
         "  live orchestrator process (RSS): "
         + ", ".join(f"{n} sites {v:.0f}x" for n, v in live_rss.items())
@@ -511,12 +527,16 @@ def main(argv: list[str] | None = None) -> int:
         "aggregation": agg,
         "summary": verdict,
     }
-    path = h.write_json("scale_sites.json", payload)
+    params = INPUT * HIDDEN[0] + HIDDEN[0] + HIDDEN[0] * HIDDEN[1] + HIDDEN[1]
+    params += HIDDEN[1] * CLASSES + CLASSES
+    name = "scale_sites" if HIDDEN == (1024, 896) else f"scale_sites_{params}"
+    payload["command"] += "" if name == "scale_sites" else f" --hidden {HIDDEN[0]} {HIDDEN[1]}"
+    path = h.write_json(f"{name}.json", payload)
     try:
-        _plot(live, agg, h.RESULTS / "scale_sites.png")
+        _plot(live, agg, h.RESULTS / f"{name}.png")
     except Exception as err:  # keep the JSON even if a plot cannot be drawn
         print(f"plot failed: {err}")
-    print(f"wrote {path} and scale_sites.png in {time.time() - started:.0f} s")
+    print(f"wrote {path} and {name}.png in {time.time() - started:.0f} s")
     return 0
 
 
