@@ -41,6 +41,9 @@ Result = UpdateResult | FailureResult
 MAX_DOWNLOADS = 8
 """Default number of model downloads (``FetchModel`` streams) served at once."""
 
+MAX_UPLOADS = 4
+"""Default number of updates a round holds at once: being read, or received and not folded."""
+
 
 @dataclass
 class _Pending:
@@ -70,6 +73,7 @@ class Broker:
         # Downloads being streamed, against max_downloads. A separate condition: waking the
         # long-polls waiting on _cv each time a download ends would cost one wake-up per site.
         self.max_downloads = MAX_DOWNLOADS
+        self.max_uploads = MAX_UPLOADS
         self._downloads = 0
         self._downloads_cv = threading.Condition()
         self.offline_after_s = offline_after_s
@@ -262,9 +266,10 @@ class Broker:
             return self._downloads
 
     def wait_for_capacity(
-        self, site_id: str, task_id: str, *, limit: int = 4, timeout_s: float = 600.0
+        self, site_id: str, task_id: str, *, limit: int | None = None, timeout_s: float = 600.0
     ) -> int:
-        """Backpressure for uploads: reserve one of ``limit`` places in the task's round
+        """Backpressure for uploads: reserve one of ``limit`` (default :attr:`max_uploads`)
+        places in the task's round
         (updates received but not yet folded, plus uploads being read) before reading an
         upload's bytes. Returns a token for :meth:`release_capacity`.
 
@@ -280,6 +285,7 @@ class Broker:
         sleep until they reach the front, so hundreds of waiting sites cost no CPU.
         Raises NotFoundError when the round ended meanwhile.
         """
+        limit = self.max_uploads if limit is None else limit
         deadline = time.time() + timeout_s
         me = threading.Event()
         key: int | None = None

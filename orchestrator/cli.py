@@ -112,6 +112,15 @@ def serve(
     max_workers: Annotated[
         int, typer.Option(help="gRPC worker threads; each connected site holds one")
     ] = 512,
+    max_downloads: Annotated[
+        int, typer.Option(min=1, help="model downloads streamed at once; others wait their turn")
+    ] = 8,
+    max_uploads: Annotated[
+        int,
+        typer.Option(
+            min=1, help="updates a round holds at once (memory ≈ this × model size); others wait"
+        ),
+    ] = 4,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
     log_format: Annotated[str, typer.Option(help="text or json")] = "text",
 ) -> None:
@@ -130,6 +139,8 @@ def serve(
         offline_after_s=offline_after,
         metrics_listen=metrics_listen,
         max_workers=max_workers,
+        max_downloads=max_downloads,
+        max_uploads=max_uploads,
     )
     err_console.print(
         f"orchestrator listening on {listen} ({'plaintext' if tls is None else 'mutual TLS'})"

@@ -24,7 +24,7 @@ from common.tls import (
 )
 from common.transport import SERVER_OPTIONS, require_loopback_for_plaintext
 from orchestrator.auth import Authorizer
-from orchestrator.broker import MAX_DOWNLOADS
+from orchestrator.broker import MAX_DOWNLOADS, MAX_UPLOADS
 from orchestrator.coordinator import Coordinator
 from orchestrator.metrics import MetricsServer
 from orchestrator.servicers import AgentServicer, ControlServicer
@@ -112,6 +112,7 @@ def start_server(
     max_workers: int = 512,
     metrics_listen: str | None = None,
     max_downloads: int = MAX_DOWNLOADS,
+    max_uploads: int = MAX_UPLOADS,
     malloc_mmap_threshold: int | None = MALLOC_MMAP_THRESHOLD,
 ) -> RunningServer:
     """Serve on ``listen``: mTLS with ``tls``; plaintext (loopback only) when it is None.
@@ -120,7 +121,9 @@ def start_server(
     must exceed the number of sites by a margin (threads are created on demand).
     ``max_downloads`` model downloads stream at once; the others wait their turn (holding a
     worker thread but no memory), so the orchestrator's memory does not grow with the number
-    of sites fetching the model together. ``malloc_mmap_threshold``: see
+    of sites fetching the model together. ``max_uploads`` updates a round holds at once (being
+    read or waiting to be folded); the other sites keep theirs until they get the go.
+    ``bench/RESULTS.md`` §2 measures the resulting peak. ``malloc_mmap_threshold``: see
     :func:`return_large_buffers_to_os` (None leaves the allocator alone).
     """
     if tls is None:
@@ -128,7 +131,10 @@ def start_server(
     if malloc_mmap_threshold is not None:
         return_large_buffers_to_os(malloc_mmap_threshold)
     coordinator = Coordinator(state_dir, db_url=db_url, offline_after_s=offline_after_s)
+    if max_downloads < 1 or max_uploads < 1:
+        raise ValueError("max_downloads and max_uploads must be at least 1")
     coordinator.broker.max_downloads = max_downloads
+    coordinator.broker.max_uploads = max_uploads
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=SERVER_OPTIONS,

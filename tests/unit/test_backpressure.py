@@ -433,3 +433,23 @@ def test_uploads_waiting_for_a_round_that_ends_leave_the_line() -> None:
         t.join(timeout=5)
     assert len(errors) == 3
     assert broker.uploads_waiting() == 0
+
+
+def test_the_upload_limit_defaults_to_the_brokers_max_uploads() -> None:
+    broker = Broker()
+    broker.max_uploads = 1
+    results: queue.Queue[Result] = queue.Queue()
+    for i in range(2):
+        broker.connect(f"s{i}")
+        broker.dispatch_into(f"s{i}", _task(i), b"", results)
+    t0 = broker.wait_for_capacity("s0", "t0", timeout_s=10)
+    done = threading.Event()
+    th = threading.Thread(
+        target=lambda: (broker.wait_for_capacity("s1", "t1", timeout_s=10), done.set())
+    )
+    th.start()
+    time.sleep(0.2)
+    assert not done.is_set()  # one place, taken: the second upload waits for it
+    broker.release_capacity(t0)
+    th.join(timeout=5)
+    assert done.is_set()
