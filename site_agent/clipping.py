@@ -63,12 +63,9 @@ class _Tape:
     saved: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
 
-class _LinearFn(torch.autograd.Function):
-    """``F.linear`` whose backward keeps ``(a, g)`` and returns only the input gradient."""
-
-    @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, tape: _Tape) -> Tensor:
-        return F.linear(x, weight, bias)
+class _BookKeptFn(torch.autograd.Function):
+    """A layer's forward whose backward keeps ``(a, g)`` (its input and output gradient) on
+    the layer's tape and returns only the input gradient, never the parameters'."""
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -76,16 +73,33 @@ class _LinearFn(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.tape = tape
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+    @classmethod
+    def backward(cls, ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         x, weight = ctx.saved_tensors
-        ctx.tape.saved.append((x, grad))
-        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        tape: _Tape = ctx.tape
+        tape.saved.append((x, grad))
+        grad_x = cls.input_grad(tape.layer, x, weight, grad) if ctx.needs_input_grad[0] else None
         return grad_x, None, None, None
 
+    @staticmethod
+    def input_grad(layer: nn.Module, x: Tensor, weight: Tensor, grad: Tensor) -> Tensor:
+        raise NotImplementedError
 
-class _ConvFn(torch.autograd.Function):
-    """``F.conv1d``/``F.conv2d`` whose backward keeps ``(a, g)``, input gradient only."""
+
+class _LinearFn(_BookKeptFn):
+    """``F.linear``, book-kept."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, tape: _Tape) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def input_grad(layer: nn.Module, x: Tensor, weight: Tensor, grad: Tensor) -> Tensor:
+        return grad @ weight
+
+
+class _ConvFn(_BookKeptFn):
+    """``F.conv1d``/``F.conv2d``, book-kept."""
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None, tape: _Tape) -> Tensor:
@@ -95,29 +109,17 @@ class _ConvFn(torch.autograd.Function):
         return fn(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, weight, _, tape = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.tape = tape
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        x, weight = ctx.saved_tensors
-        tape: _Tape = ctx.tape
-        tape.saved.append((x, grad))
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        conv = tape.layer
-        assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
-        input_grad = conv2d_input if isinstance(conv, nn.Conv2d) else conv1d_input
+    def input_grad(layer: nn.Module, x: Tensor, weight: Tensor, grad: Tensor) -> Tensor:
+        assert isinstance(layer, (nn.Conv1d, nn.Conv2d))
+        input_grad = conv2d_input if isinstance(layer, nn.Conv2d) else conv1d_input
         grad_x: Tensor = input_grad(  # type: ignore[no-untyped-call]
-            x.shape, weight, grad, conv.stride, conv.padding, conv.dilation, conv.groups
+            x.shape, weight, grad, layer.stride, layer.padding, layer.dilation, layer.groups
         )
-        return grad_x, None, None, None
+        return grad_x
 
 
-class _AffineFn(torch.autograd.Function):
-    """GroupNorm's per-channel affine ``x̂·w + b``; backward keeps ``(x̂, g)``."""
+class _AffineFn(_BookKeptFn):
+    """GroupNorm's per-channel affine ``x̂·w + b``, book-kept (``a`` is ``x̂``)."""
 
     @staticmethod
     def forward(xhat: Tensor, weight: Tensor, bias: Tensor, tape: _Tape) -> Tensor:
@@ -125,19 +127,8 @@ class _AffineFn(torch.autograd.Function):
         return torch.addcmul(bias.view(shape), xhat, weight.view(shape))
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        xhat, weight, _, tape = inputs
-        ctx.save_for_backward(xhat, weight)
-        ctx.tape = tape
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        xhat, weight = ctx.saved_tensors
-        ctx.tape.saved.append((xhat, grad))
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        shape = (1, -1) + (1,) * (xhat.dim() - 2)
-        return grad * weight.view(shape), None, None, None
+    def input_grad(layer: nn.Module, x: Tensor, weight: Tensor, grad: Tensor) -> Tensor:
+        return grad * weight.view((1, -1) + (1,) * (x.dim() - 2))
 
 
 def _linear_forward(tape: _Tape) -> Any:

@@ -476,56 +476,44 @@ def test_evaluate_refuses_bad_arguments() -> None:
         )
 
 
-@pytest.mark.parametrize("mode", ["bk", "ghost"])
-def test_noise_is_calibrated_to_sigma_times_the_clip_norm(mode: str) -> None:
+_NOISE_PROBE = _params(
+    noise_multiplier=2.0,
+    max_grad_norm=1e-4,
+    batch_size=40,
+    local_steps=1,
+    optimizer=OptimizerSpec(lr=1.0),
+)
+
+
+@pytest.mark.parametrize(("mode", "secure"), [("bk", False), ("ghost", False), ("bk", True)])
+def test_noise_is_calibrated_to_sigma_times_the_clip_norm(mode: str, secure: bool) -> None:
     # One step with q = 1, lr = 1 and a clip norm so small that the clipped sum is negligible:
-    # the delta is then -N(0, (σC)²)/N per coordinate.
+    # the delta is then -N(0, (σC)²)/N per coordinate, from either noise source.
     spec = SPECS["linear"]
     x, y = _random_data(40)
-    sigma, clip, n = 2.0, 1e-4, 40
-    result = train_local(
-        model_spec=spec,
-        global_state=build_model(spec, seed=0).state_dict(),
-        features=x,
-        labels=y,
-        params=_params(
-            noise_multiplier=sigma,
-            max_grad_norm=clip,
-            batch_size=n,
-            local_steps=1,
-            optimizer=OptimizerSpec(lr=1.0),
-        ),
-        grad_sample_mode=mode,
-    )
+    with noise.secure_noise(secure):
+        result = train_local(
+            model_spec=spec,
+            global_state=build_model(spec, seed=0).state_dict(),
+            features=x,
+            labels=y,
+            params=_NOISE_PROBE,
+            grad_sample_mode=mode,
+        )
     values = torch.cat([v.flatten() for v in result.delta.values()])  # 650 coordinates
-    expected = sigma * clip / n
+    expected = _NOISE_PROBE.noise_multiplier * _NOISE_PROBE.max_grad_norm / 40
     assert float(values.std()) == pytest.approx(expected, rel=0.12)
 
 
-def test_secure_noise_trains_with_bookkeeping_and_is_calibrated() -> None:
+def test_secure_noise_refuses_opacus_modes() -> None:
     spec = SPECS["linear"]
     x, y = _random_data(40)
-    sigma, clip, n = 2.0, 1e-4, 40
-    params = _params(
-        noise_multiplier=sigma,
-        max_grad_norm=clip,
-        batch_size=n,
-        local_steps=1,
-        optimizer=OptimizerSpec(lr=1.0),
-    )
-    start = build_model(spec, seed=0).state_dict()
-    with noise.secure_noise():
-        result = train_local(
-            model_spec=spec, global_state=start, features=x, labels=y, params=params
+    with noise.secure_noise(), pytest.raises(InvalidSpecError, match="secure noise"):
+        train_local(
+            model_spec=spec,
+            global_state=build_model(spec, seed=0).state_dict(),
+            features=x,
+            labels=y,
+            params=_NOISE_PROBE,
+            grad_sample_mode="ghost",
         )
-        with pytest.raises(InvalidSpecError, match="secure noise"):
-            train_local(
-                model_spec=spec,
-                global_state=start,
-                features=x,
-                labels=y,
-                params=params,
-                grad_sample_mode="ghost",
-            )
-    values = torch.cat([v.flatten() for v in result.delta.values()])
-    assert float(values.std()) == pytest.approx(sigma * clip / n, rel=0.12)
