@@ -28,8 +28,10 @@ the norms, the noise and a little Python. The result is the same clipped sum tha
 ``hooks`` and ``ghost`` modes compute; ``tests/unit/test_clipping.py`` checks the norms
 against per-example gradients from ``torch.func`` and the update against Opacus.
 
-Noise and averaging are left to Opacus' ``DPOptimizerFastGradientClipping``, which adds
-``N(0, (σC)²)`` to ``p.grad`` and divides by the expected batch size.
+Noise and averaging are left to Opacus' ``DPOptimizerFastGradientClipping`` (as
+``site_agent.trainer.SiteNoiseOptimizer``, which draws the noise through
+:mod:`common.noise`): it adds ``N(0, (σC)²)`` to ``p.grad`` and divides by the expected
+batch size.
 
 Supported layers: ``nn.Linear`` (any leading dimensions), ``nn.Conv1d`` and ``nn.Conv2d``
 (zero padding, one group), ``nn.GroupNorm`` (affine), and any module without parameters of
