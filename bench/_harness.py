@@ -388,7 +388,11 @@ def run_job(client: ControlClient, spec: dict[str, Any]) -> JobStatus:
 # ------------------------------------------------------------------ legacy transfers
 
 LEGACY_TRANSFER_ENV = "DPFED_BENCH_LEGACY_TRANSFER"
-LEGACY_SERVER_KWARGS: dict[str, Any] = {"max_downloads": 1 << 30, "malloc_mmap_threshold": None}
+LEGACY_SERVER_KWARGS: dict[str, Any] = {
+    "max_downloads": 1 << 30,
+    "malloc_mmap_threshold": None,
+    "malloc_arena_max": None,
+}
 """``start_server`` arguments that undo the download limit and the malloc tuning."""
 
 

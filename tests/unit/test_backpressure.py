@@ -453,3 +453,55 @@ def test_the_upload_limit_defaults_to_the_brokers_max_uploads() -> None:
     broker.release_capacity(t0)
     th.join(timeout=5)
     assert done.is_set()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_worker_threads_share_two_malloc_arenas(shared: bool) -> None:
+    """glibc gives each new thread its own arena (up to 8 per core), each keeping what its
+    thread allocated; ``share_malloc_arenas`` caps them at two. Counted with malloc_info."""
+    import subprocess
+    import sys
+
+    script = r"""
+import ctypes, os, sys, tempfile, threading
+from orchestrator.server import share_malloc_arenas
+if sys.argv[1] == "1" and not share_malloc_arenas():
+    print("skip"); sys.exit(0)
+hold = threading.Barrier(24)
+def work():
+    blocks = [bytearray(64 << 10) for _ in range(8)]  # below the mmap threshold: arenas
+    hold.wait()
+    del blocks
+ts = [threading.Thread(target=work) for _ in range(24)]
+for t in ts:
+    t.start()
+for t in ts:
+    t.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+libc.fclose.argtypes = [ctypes.c_void_p]
+path = tempfile.mktemp()
+f = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, f)
+libc.fclose(f)
+print(open(path).read().count("<heap nr="))
+os.unlink(path)
+"""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", script, "1" if shared else "0"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    if out.stdout.strip() == "skip":
+        pytest.skip("not glibc: mallopt unavailable")
+    arenas = int(out.stdout)
+    if shared:
+        assert arenas <= 2, arenas
+    else:  # the control: without the cap, 24 threads holding memory at once get many arenas
+        assert arenas > 2, arenas
