@@ -76,6 +76,11 @@ def private_torch_generator() -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(64))
 
 
+def private_numpy_rng() -> np.random.Generator:
+    """A NumPy generator seeded from the OS entropy pool (128 bits), known to no one else."""
+    return np.random.default_rng(secrets.randbits(128))
+
+
 def csprng_standard_normal(n: int) -> torch.Tensor:
     """``n`` independent N(0, 1) draws (float64) from a freshly keyed ChaCha20 keystream.
 

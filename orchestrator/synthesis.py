@@ -10,12 +10,10 @@ No single site's rows or counts are published: only rows sampled from the summed
 from __future__ import annotations
 
 import json
-import secrets
 import uuid
 from typing import Any
 
-import numpy as np
-
+from common import noise
 from common.domain import SiteStatus
 from common.errors import InvalidSpecError, NotFoundError
 from common.synth import Schema, combine, fit_and_sample
@@ -89,9 +87,7 @@ def synthesize(
     if schema is None:
         raise NotFoundError(f"no usable measurement of dataset {dataset!r}: {problems}")
     combined = combine(measurements)
-    frame = fit_and_sample(
-        combined, schema, rows=rows, rng=np.random.default_rng(secrets.randbits(128))
-    )
+    frame = fit_and_sample(combined, schema, rows=rows, rng=noise.private_numpy_rng())
     info = {
         "dataset": dataset,
         "rows": rows,

@@ -10,13 +10,27 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from common.accounting import DpEvent
 from common.domain import ChargedEvent, DpReport, Metrics, TaskAssignment, UpdateMeta
-from common.errors import PolicyRefusal
+from common.errors import InvalidSpecError, PolicyRefusal
+from common.specs import format_validation_error
 from site_agent.config import SiteConfig
 from site_agent.ledger import Ledger
 from site_agent.policy import Projection, TaskCost, project
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def parse_request(model: type[RequestT], task: TaskAssignment, *, source: str) -> RequestT:
+    """The task's ``request_json`` as ``model``; InvalidSpecError naming each bad field."""
+    try:
+        return model.model_validate_json(task.request_json)
+    except ValidationError as err:
+        raise InvalidSpecError(format_validation_error(err, source=source)) from None
 
 
 def admit_and_charge(

@@ -10,7 +10,6 @@ model and synthetic records: it costs no privacy on the site's data.
 from __future__ import annotations
 
 import json
-import secrets
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from common import noise
 from common.audit import make_canaries
 from common.errors import InvalidSpecError, NotFoundError
 from common.models import build_model, load_weights, parse_model_spec
@@ -45,7 +45,7 @@ def canaries_for(
             return z["x"], z["y"], z["included"]
     lows = np.array([_bound(cfg, n)[0] for n in feature_names], dtype=np.float64)
     highs = np.array([_bound(cfg, n)[1] for n in feature_names], dtype=np.float64)
-    rng = np.random.default_rng(secrets.randbits(128))
+    rng = noise.private_numpy_rng()
     x, y, inc = make_canaries(
         num=spec.audit.canaries, lows=lows, highs=highs, num_classes=spec.model.num_classes, rng=rng
     )

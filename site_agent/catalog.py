@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import threading
 import uuid
 from pathlib import Path
-
-import numpy as np
 
 from common import noise
 from common.accounting import DpEvent
@@ -57,7 +54,7 @@ class CatalogCounts:
                 events=[DpEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)],
                 delta=self.policy.delta,
             )
-            rng = np.random.default_rng(secrets.randbits(128))
+            rng = noise.private_numpy_rng()
             noisy = max(0.0, round(exact + float(noise.gaussian_np(rng, sigma))))
             self._cache[dataset] = {"exact": float(exact), "noisy": noisy, "sigma": sigma}
             tmp = self.path.with_suffix(".tmp")

@@ -11,15 +11,14 @@ import hashlib
 import json
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from common.accounting import DpEvent, compute_epsilon
 from common.domain import Metrics, TaskAssignment, UpdateMeta
 from common.errors import InvalidSpecError
 from common.models import parse_model_spec
-from common.specs import format_validation_error
 from common.tensors import state_from_bytes
-from site_agent.budget import admit_and_charge, release_update
+from site_agent.budget import admit_and_charge, parse_request, release_update
 from site_agent.config import SiteConfig
 from site_agent.data import LocalDataset
 from site_agent.ledger import Ledger
@@ -46,10 +45,7 @@ def run_evaluate(
     blob: bytes,
     data: tuple[LocalDataset, LocalDataset | None],
 ) -> tuple[UpdateMeta, bytes]:
-    try:
-        req = EvaluateRequest.model_validate_json(task.request_json)
-    except ValidationError as err:
-        raise InvalidSpecError(format_validation_error(err, source="evaluate request")) from None
+    req = parse_request(EvaluateRequest, task, source="evaluate request")
     if req.dataset != task.dataset:
         raise InvalidSpecError("the evaluate request names another dataset than its task")
     spec = parse_model_spec(req.model, source="evaluate request model")

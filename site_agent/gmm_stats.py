@@ -68,7 +68,6 @@ Data handling follows :mod:`site_agent.data`: no error message contains a data v
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -301,11 +300,6 @@ def noisy_candidate_stats(
     return noisy, DpEvent(noise_multiplier, 1.0, 1)
 
 
-def _private_rng() -> np.random.Generator:
-    """A generator seeded from OS entropy: the bootstrap weights are the mechanism's secret."""
-    return np.random.default_rng(secrets.randbits(128))
-
-
 def compute_replicate_stats(
     chunks: Iterable[npt.ArrayLike],
     params: GaussianMixtureParams,
@@ -329,7 +323,8 @@ def compute_replicate_stats(
     ctype = covariance_type or params.covariance_type
     unit = box.params_to_unit(params)
     norm = bootstrap_weight_norm(replicates, weight_cap)
-    wrng = _private_rng() if weight_rng is None else weight_rng
+    # OS entropy: the bootstrap weights are the mechanism's secret.
+    wrng = noise.private_numpy_rng() if weight_rng is None else weight_rng
     total: ReplicateStats | None = None
     for chunk in chunks:
         z = box.to_unit(chunk)

@@ -10,17 +10,16 @@ Parquet and SQL datasets are chunked from the rows the agent loaded at start-up.
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from common import noise
 from common.domain import TaskAssignment, UpdateMeta
 from common.errors import InvalidSpecError
-from common.specs import format_validation_error
-from site_agent.budget import admit_and_charge, release_update
+from site_agent.budget import admit_and_charge, parse_request, release_update
 from site_agent.config import SiteConfig
 from site_agent.data import LocalDataset
 from site_agent.gmm_stats import answer_request, iter_csv_chunks, request_cost
@@ -33,6 +32,14 @@ class MixtureTask(BaseModel):
     request: dict[str, Any]
 
 
+def _column_indices(train: LocalDataset, columns: tuple[str, ...], dataset: str) -> list[int]:
+    """Where each requested column sits among the dataset's features; refuses unknown ones."""
+    unknown = [c for c in columns if c not in train.feature_names]
+    if unknown:
+        raise InvalidSpecError(f"dataset {dataset!r} has no feature column(s) {unknown}")
+    return [train.feature_names.index(c) for c in columns]
+
+
 def run_gmm(
     *,
     config: SiteConfig,
@@ -40,16 +47,11 @@ def run_gmm(
     task: TaskAssignment,
     data: tuple[LocalDataset, LocalDataset | None],
 ) -> tuple[UpdateMeta, bytes]:
-    try:
-        body = MixtureTask.model_validate_json(task.request_json)
-    except ValidationError as err:
-        raise InvalidSpecError(format_validation_error(err, source="gmm request")) from None
+    body = parse_request(MixtureTask, task, source="gmm request")
     cfg = config.dataset(task.dataset)
     assert cfg is not None
     train, val = data
-    unknown = [c for c in body.columns if c not in train.feature_names]
-    if unknown:
-        raise InvalidSpecError(f"dataset {task.dataset!r} has no feature column(s) {unknown}")
+    idx = _column_indices(train, body.columns, task.dataset)
     for c in body.columns:
         spec = cfg.columns.get(c)
         if spec is None or spec.type != "numeric" or spec.min is None:
@@ -68,7 +70,6 @@ def run_gmm(
         delta=config.policy.delta,
         what=f"mixture statistics (round {task.round})",
     )
-    idx = [train.feature_names.index(c) for c in body.columns]
     n_rows = len(train.labels) + (0 if val is None else len(val.labels))
 
     def in_memory() -> Iterator[np.ndarray]:
@@ -84,9 +85,7 @@ def run_gmm(
         if cfg.source_format() == "csv" and cfg.path is not None
         else in_memory()
     )
-    result, charged = answer_request(
-        body.request, chunks, rng=np.random.default_rng(secrets.randbits(128))
-    )
+    result, charged = answer_request(body.request, chunks, rng=noise.private_numpy_rng())
     if charged != event:
         raise InvalidSpecError("internal: the answered release differs from the one charged")
     return release_update(
@@ -128,14 +127,9 @@ def run_gmm_local(
     """
     from orchestrator.gmm_em import FederatedEM  # pure maths, shared with the orchestrator
 
-    try:
-        body = LocalFitTask.model_validate_json(task.request_json)
-    except ValidationError as err:
-        raise InvalidSpecError(format_validation_error(err, source="gmm local fit")) from None
+    body = parse_request(LocalFitTask, task, source="gmm local fit")
     train, val = data
-    unknown = [c for c in body.columns if c not in train.feature_names]
-    if unknown:
-        raise InvalidSpecError(f"dataset {task.dataset!r} has no feature column(s) {unknown}")
+    idx = _column_indices(train, body.columns, task.dataset)
     em = FederatedEM(
         K=body.K,
         covariance_type=body.covariance_type,
@@ -157,10 +151,9 @@ def run_gmm_local(
         delta=config.policy.delta,
         what="a local DP mixture fit (one-shot federation)",
     )
-    idx = [train.feature_names.index(c) for c in body.columns]
     parts = [p.features[:, idx].astype(np.float64) for p in (train, val) if p is not None]
     rows = np.concatenate(parts)
-    rng = np.random.default_rng(secrets.randbits(128))
+    rng = noise.private_numpy_rng()
     request: dict[str, Any] | None = em.initial_request()
     while request is not None:
         result, _ = answer_request(request, [rows], rng=rng)

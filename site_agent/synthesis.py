@@ -9,17 +9,16 @@ asked for, the label included, must be declared in ``site.yaml`` under ``columns
 from __future__ import annotations
 
 import json
-import secrets
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from common import noise
 from common.domain import TaskAssignment, UpdateMeta
 from common.errors import InvalidSpecError, PolicyRefusal
-from common.specs import format_validation_error
 from common.synth import ColumnSchema, Schema, marginal_plan, measure_site
-from site_agent.budget import admit_and_charge, release_update
+from site_agent.budget import admit_and_charge, parse_request, release_update
 from site_agent.config import DatasetConfig, SiteConfig
 from site_agent.data import LocalDataset
 from site_agent.ledger import Ledger
@@ -77,10 +76,7 @@ def run_synth(
     task: TaskAssignment,
     data: tuple[LocalDataset, LocalDataset | None],
 ) -> tuple[UpdateMeta, bytes]:
-    try:
-        req = SynthRequest.model_validate_json(task.request_json)
-    except ValidationError as err:
-        raise InvalidSpecError(format_validation_error(err, source="synth request")) from None
+    req = parse_request(SynthRequest, task, source="synth request")
     cfg = config.dataset(task.dataset)
     assert cfg is not None
     train, val = data
@@ -109,7 +105,7 @@ def run_synth(
     frame = _frame(cfg, train, tuple(names))
     if val is not None:
         frame = pd.concat([frame, _frame(cfg, val, tuple(names))], ignore_index=True)
-    measurement = measure_site(frame, schema, plan, np.random.default_rng(secrets.randbits(128)))
+    measurement = measure_site(frame, schema, plan, noise.private_numpy_rng())
     return release_update(
         config=config,
         ledger=ledger,
