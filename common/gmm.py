@@ -1925,6 +1925,14 @@ def parse_request(obj: object) -> InitRequest | EmRequest | EvalRequest | BootRe
     )
 
 
+def release_event(req: InitRequest | EmRequest | EvalRequest | BootRequest) -> DpEvent:
+    """What answering ``req`` costs a site: ``DpEvent(σ, 1.0, m)`` for an EM or evaluation
+    request naming m models, ``DpEvent(σ, 1.0, 1)`` for an init or a bootstrap request. The
+    site charges it and the orchestrator records it, from this one rule."""
+    steps = len(req.models) if isinstance(req, EmRequest | EvalRequest) else 1
+    return DpEvent(req.noise_multiplier, 1.0, steps)
+
+
 def parse_result(obj: object) -> InitResult | EmResult | EvalResult | BootResult:
     """Validate a result dict; raises :class:`~common.errors.InvalidSpecError`."""
     options: dict[str, type[_Wire]] = {

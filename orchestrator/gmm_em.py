@@ -143,6 +143,7 @@ from common.gmm import (
     noise_replicate_stats,
     parse_request,
     parse_result,
+    release_event,
     select_k_by_bic,
     stats_sensitivity,
 )
@@ -1058,13 +1059,9 @@ def check_bootstrap_size(replicates: int, K: int, D: int, covariance_type: str) 
 
 
 def request_events(request: Mapping[str, Any]) -> list[DpEvent]:
-    """What a site is charged for answering ``request`` (exactly its own pricing,
-    ``site_agent.gmm_stats.request_cost``): ``DpEvent(σ, 1.0, 1)`` for an init or a bootstrap
-    request, ``DpEvent(σ, 1.0, m)`` for an EM or evaluation request naming m models."""
-    req = parse_request(request)
-    if isinstance(req, EmRequest | EvalRequest):
-        return [DpEvent(req.noise_multiplier, 1.0, len(req.models))]
-    return [DpEvent(req.noise_multiplier, 1.0, 1)]
+    """What a site is charged for answering ``request``: the same rule its own
+    ``site_agent.gmm_stats.request_cost`` applies (:func:`common.gmm.release_event`)."""
+    return [release_event(parse_request(request))]
 
 
 def machine_from_state(state: Mapping[str, Any]) -> FederatedEM | FederatedBIC:

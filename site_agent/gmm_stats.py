@@ -107,6 +107,7 @@ from common.gmm import (
     noise_replicate_stats,
     noise_stats,
     parse_request,
+    release_event,
     replicate_stats,
     scaled_loglik_sum,
     stats_sensitivity,
@@ -448,12 +449,11 @@ def request_cost(request: Mapping[str, Any]) -> DpEvent:
     if isinstance(req, InitRequest):
         if any(len(c) != len(req.bounds) for c in req.candidates):
             raise InvalidSpecError("GMM init request: every candidate needs one value per bound.")
-        return DpEvent(req.noise_multiplier, 1.0, 1)
-    if isinstance(req, BootRequest):
+    elif isinstance(req, BootRequest):
         _boot_model(req)
-        return DpEvent(req.noise_multiplier, 1.0, 1)
-    _models_of(req)
-    return DpEvent(req.noise_multiplier, 1.0, len(req.models))
+    else:
+        _models_of(req)
+    return release_event(req)
 
 
 def answer_request(
