@@ -8,6 +8,7 @@ import hashlib
 import queue
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.domain import TaskAssignment, TaskFailure
@@ -34,9 +35,11 @@ def fan_out(
     round_: int = 1,
     rounds: int = 1,
     job_spec_json: str = "",
+    check: Callable[[], None] | None = None,
 ) -> FanOutResult:
     """Dispatch ``kind`` with the same request to every site; a site that does not answer
-    in time is a failure."""
+    in time is a failure. ``check`` runs at every poll and may raise to abandon the fan-out
+    (a job's cancellation or shutdown); the unanswered tasks are then withdrawn."""
     sha = hashlib.sha256(blob).hexdigest()
     deadline = time.time() + timeout_s
     results: queue.Queue[Result] = queue.Queue()
@@ -59,18 +62,22 @@ def fan_out(
         outstanding[task.task_id] = sid
         broker.dispatch_into(sid, task, blob, results)
     out = FanOutResult()
-    while outstanding and time.time() < deadline:
-        try:
-            res = results.get(timeout=poll_s)
-        except queue.Empty:
-            broker.check_liveness(list(outstanding))
-            continue
-        if isinstance(res, FailureResult):
-            if res.failure.task_id in outstanding:
-                out.failures[outstanding.pop(res.failure.task_id)] = res.failure
-        elif res.meta.task_id in outstanding:
-            out.updates[outstanding.pop(res.meta.task_id)] = res
-    broker.cancel(list(outstanding))
+    try:
+        while outstanding and time.time() < deadline:
+            if check is not None:
+                check()
+            try:
+                res = results.get(timeout=poll_s)
+            except queue.Empty:
+                broker.check_liveness(list(outstanding))
+                continue
+            if isinstance(res, FailureResult):
+                if res.failure.task_id in outstanding:
+                    out.failures[outstanding.pop(res.failure.task_id)] = res.failure
+            elif res.meta.task_id in outstanding:
+                out.updates[outstanding.pop(res.meta.task_id)] = res
+    finally:
+        broker.cancel(list(outstanding))
     for tid, sid in outstanding.items():
         out.failures[sid] = TaskFailure(
             site_id=sid,

@@ -41,20 +41,17 @@ the card's ε can exceed ``dp.target_epsilon`` by it (the card says what was spe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import queue
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from common.accounting import DpEvent, EpsilonBound, calibrate_noise_multiplier, compute_epsilon
-from common.domain import SiteStatus, TaskAssignment, TaskFailure
+from common.domain import SiteStatus
 from common.errors import InvalidSpecError, InvalidUpdateError, JobFailedError
 from common.gmm import (
     BOOTSTRAP_NOTE,
@@ -64,8 +61,7 @@ from common.gmm import (
 )
 from common.specs import GmmJobSpec
 from common.version import __version__
-from orchestrator.broker import FailureResult, Result
-from orchestrator.fanout import FanOutResult
+from orchestrator.fanout import FanOutResult, fan_out
 from orchestrator.gmm_em import (
     FederatedBIC,
     FederatedBootstrap,
@@ -411,54 +407,25 @@ class GmmRunner(JobThread):
     ) -> FanOutResult:
         """``orchestrator.fanout.fan_out`` that also stops at cancellation or shutdown (the
         round is then sent again after the restart)."""
-        spec = self.spec
-        deadline = time.time() + spec.round_timeout_s
-        results: queue.Queue[Result] = queue.Queue()
-        outstanding: dict[str, str] = {}
-        sha = hashlib.sha256(b"").hexdigest()
-        for sid in site_ids:
-            task = TaskAssignment(
-                task_id=uuid.uuid4().hex,
-                job_id=self.job_id,
-                round=rnd,
-                rounds=1,
-                job_spec_json="",
-                dataset=spec.dataset,
-                noise_multiplier=0.0,
-                model_size=0,
-                model_sha256=sha,
-                deadline_unix=deadline,
-                kind=kind,
-                request_json=request_json,
-            )
-            outstanding[task.task_id] = sid
-            self.broker.dispatch_into(sid, task, b"", results)
-        out = FanOutResult()
-        try:
-            while outstanding and time.time() < deadline:
-                self._check_cancelled()
-                if self.stopping.is_set():
-                    raise JobStopped()
-                try:
-                    res = results.get(timeout=self.poll_s)
-                except queue.Empty:
-                    self.broker.check_liveness(list(outstanding))
-                    continue
-                if isinstance(res, FailureResult):
-                    if res.failure.task_id in outstanding:
-                        out.failures[outstanding.pop(res.failure.task_id)] = res.failure
-                elif res.meta.task_id in outstanding:
-                    out.updates[outstanding.pop(res.meta.task_id)] = res
-        finally:
-            self.broker.cancel(list(outstanding))
-        for tid, sid in outstanding.items():
-            out.failures[sid] = TaskFailure(
-                site_id=sid,
-                task_id=tid,
-                code="DEADLINE_EXCEEDED",
-                reason=f"no answer within {spec.round_timeout_s:g} s",
-            )
-        return out
+
+        def abandon_if_stopped() -> None:
+            self._check_cancelled()
+            if self.stopping.is_set():
+                raise JobStopped()
+
+        return fan_out(
+            self.broker,
+            site_ids=site_ids,
+            job_id=self.job_id,
+            kind=kind,
+            dataset=self.spec.dataset,
+            request_json=request_json,
+            timeout_s=self.spec.round_timeout_s,
+            poll_s=self.poll_s,
+            round_=rnd,
+            rounds=1,
+            check=abandon_if_stopped,
+        )
 
     def _site_epsilons(self) -> dict[str, EpsilonBound]:
         """Each site's ε, composed from every release it was sent."""
