@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.accounting import DpEvent, compute_epsilon
-from common.domain import Metrics, TaskAssignment, UpdateMeta
+from common.domain import TaskAssignment, UpdateMeta
 from common.errors import InvalidSpecError
 from common.models import parse_model_spec
 from common.tensors import state_from_bytes
@@ -79,14 +79,7 @@ def run_evaluate(
         loss_bound=req.loss_bound,
         noise_multiplier=req.noise_multiplier,
     )
-    metrics = Metrics(
-        loss=ev.loss,
-        accuracy=ev.accuracy,
-        correct_sum=ev.correct_sum,
-        loss_sum=ev.loss_sum,
-        num_examples=ev.num_examples,
-        noise_multiplier=req.noise_multiplier,
-    )
+    metrics = ev.released()
     eps = compute_epsilon([event], delta=req.delta).epsilon
     return release_update(
         config=config,

@@ -382,15 +382,7 @@ class TaskExecutor:
                 loss_bound=spec.metrics.loss_bound,
                 noise_multiplier=None if exact else spec.metrics.noise_multiplier,
             )
-            metrics = Metrics(
-                loss=ev.loss,
-                accuracy=ev.accuracy,
-                correct_sum=ev.correct_sum,
-                loss_sum=ev.loss_sum,
-                num_examples=ev.num_examples,
-                noise_multiplier=ev.noise_multiplier,
-                exact=ev.noise_multiplier is None,
-            )
+            metrics = ev.released()
 
         charged = tuple(
             ChargedEvent("train" if e is train_event else "metrics", e) for e in cost_events

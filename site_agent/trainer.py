@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from common import noise
+from common.domain import Metrics
 from common.errors import InvalidSpecError
 from common.models import build_model, load_weights
 from common.specs import ModelSpec, OptimizerSpec
@@ -123,6 +124,18 @@ class EvalMetrics:
     noise_multiplier: float | None
     correct_sum: float
     loss_sum: float
+
+    def released(self) -> Metrics:
+        """The wire form of what :func:`evaluate` released (exact when no noise was added)."""
+        return Metrics(
+            loss=self.loss,
+            accuracy=self.accuracy,
+            correct_sum=self.correct_sum,
+            loss_sum=self.loss_sum,
+            num_examples=self.num_examples,
+            noise_multiplier=self.noise_multiplier,
+            exact=self.noise_multiplier is None,
+        )
 
 
 def plan_steps(
