@@ -66,10 +66,6 @@ from common.models import build_model, load_weights
 from common.specs import ModelSpec, OptimizerSpec
 from site_agent.clipping import BookKeeper, supports
 
-BK_KINDS = frozenset({"linear", "mlp", "cnn1d", "cnn2d"})
-"""Model kinds trained with book-keeping clipping (all of them; see
-:func:`choose_grad_sample_mode`)."""
-
 SUPPORTED_MODES = ("bk", "ghost", "hooks")
 """Per-example clipping modes :func:`train_local` runs: ``"bk"`` (one backward pass,
 :mod:`site_agent.clipping`) and Opacus' ``"ghost"`` and ``"hooks"``. Opacus' ``"ew"``
@@ -192,9 +188,11 @@ def choose_grad_sample_mode(spec: ModelSpec) -> str:
     non-private step. A model with a layer :mod:`site_agent.clipping` does not handle
     would train with ``"ghost"``.
     """
-    if spec.kind in BK_KINDS and supports(build_model(spec)):
-        return "bk"
-    return "ghost"
+    return _mode_for(build_model(spec))
+
+
+def _mode_for(net: nn.Module) -> str:
+    return "bk" if supports(net) else "ghost"
 
 
 _private_generator = noise.private_torch_generator
@@ -313,19 +311,20 @@ def train_local(
         local_epochs=params.local_epochs,
         local_steps=params.local_steps,
     )
-    mode = choose_grad_sample_mode(model_spec) if grad_sample_mode is None else grad_sample_mode
-    if mode not in SUPPORTED_MODES:
+    if grad_sample_mode is not None and grad_sample_mode not in SUPPORTED_MODES:
         raise InvalidSpecError(
-            f"grad_sample_mode must be one of {', '.join(SUPPORTED_MODES)}, got {mode!r}."
+            f"grad_sample_mode must be one of {', '.join(SUPPORTED_MODES)}, "
+            f"got {grad_sample_mode!r}."
         )
 
+    net = build_model(model_spec, seed=params.seed)
+    # choose_grad_sample_mode's choice, on the network already built for training.
+    mode = _mode_for(net) if grad_sample_mode is None else grad_sample_mode
     if noise.secure_enabled() and mode != "bk":
         raise InvalidSpecError(
             f"This site requires secure noise (policy.secure_noise), which the {mode!r} "
             "clipping mode cannot draw; only models book-keeping clipping supports can train."
         )
-
-    net = build_model(model_spec, seed=params.seed)
     load_weights(net, global_state, what="the global weights")
     net.train()
     start = {k: v.detach().to(torch.float32).clone() for k, v in net.state_dict().items()}
