@@ -60,6 +60,17 @@ class UnavailableError(DpfedError):
     exit_code = 7
 
 
+class TryLaterError(DpfedError):
+    """A transfer has no turn yet: ask again after ``retry_after_s`` (its place is kept)."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+    exit_code = 7
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class InvalidUpdateError(DpfedError):
     """An update from a site does not match its task (names, shapes, dtypes, finiteness)."""
 
@@ -84,6 +95,7 @@ ERROR_TABLE: dict[type[DpfedError], tuple[str, int]] = {
         JobFailedError,
         PermissionDeniedError,
         UnavailableError,
+        TryLaterError,
         InvalidUpdateError,
         PrivacyAccountingError,
     )
@@ -98,6 +110,7 @@ _BY_STATUS: dict[str, type[DpfedError]] = {
     "PERMISSION_DENIED": PermissionDeniedError,
     "UNAUTHENTICATED": PermissionDeniedError,
     "UNAVAILABLE": UnavailableError,
+    "RESOURCE_EXHAUSTED": TryLaterError,
     "DEADLINE_EXCEEDED": UnavailableError,
 }
 

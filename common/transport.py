@@ -38,6 +38,34 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 # site). Older agents (no wait) and older orchestrators (no metadata) still work together.
 UPLOAD_GATE: tuple[str, str] = ("dpfed-upload-gate", "1")
 
+# A current agent sends TURNS in the invocation metadata of FetchModel and PushUpdate: "when
+# there is no room for this transfer yet, tell me when to come back instead of holding a server
+# thread while I wait". The orchestrator then answers RESOURCE_EXHAUSTED with RETRY_AFTER_MS
+# in the trailing metadata, keeps the transfer's place in line (``orchestrator.turns``), and
+# the agent asks again after that many milliseconds. A waiting call held one of the
+# orchestrator's worker threads (about 60 KiB each), which made its memory grow with the number
+# of sites; an older agent, which does not send TURNS, still waits in the server.
+TURNS: tuple[str, str] = ("dpfed-turns", "1")
+RETRY_AFTER_MS = "dpfed-retry-after-ms"
+
+
+def retry_after_s(err: BaseException) -> float | None:
+    """The wait an orchestrator asked for when it refused a transfer for now, else None."""
+    code = getattr(err, "code", None)
+    trailing = getattr(err, "trailing_metadata", None)
+    if not callable(code) or not callable(trailing):
+        return None
+    if getattr(code(), "name", None) != "RESOURCE_EXHAUSTED":
+        return None
+    for key, value in trailing() or ():
+        if key == RETRY_AFTER_MS:
+            try:
+                ms = float(value)
+            except ValueError:
+                return None
+            return min(max(ms, 0.0), 60_000.0) / 1000.0
+    return None
+
 
 def split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")

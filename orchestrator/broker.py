@@ -21,8 +21,10 @@ from common.errors import (
     InvalidSpecError,
     NotFoundError,
     PermissionDeniedError,
+    TryLaterError,
     UnavailableError,
 )
+from orchestrator.turns import TurnLine
 
 
 @dataclass(frozen=True)
@@ -64,18 +66,22 @@ class _Presence:
 
 class Broker:
     def __init__(self, *, offline_after_s: float = 30.0) -> None:
-        self._cv = threading.Condition()
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)  # long-polls wait on it
         self._queues: dict[str, deque[str]] = {}
         self._pending: dict[str, _Pending] = {}
         self._presence: dict[str, _Presence] = {}
         self._admitted: dict[int, int] = {}  # uploads being read, per round queue
-        self._upload_lines: dict[int, deque[threading.Event]] = {}  # uploads waiting, in order
-        # Downloads being streamed, against max_downloads. A separate condition: waking the
-        # long-polls waiting on _cv each time a download ends would cost one wake-up per site.
+        self._upload_lines: dict[int, TurnLine] = {}  # uploads waiting, per round queue
+        # Uploads waiting in the server (older agents) wait on their own condition, and so do
+        # downloads: waking the long-polls on _cv each time a transfer ends would cost one
+        # wake-up per site. Lock order: _lock, then _downloads_cv.
+        self._uploads_cv = threading.Condition(self._lock)
         self.max_downloads = MAX_DOWNLOADS
         self.max_uploads = MAX_UPLOADS
         self._downloads = 0
         self._downloads_cv = threading.Condition()
+        self._download_line = TurnLine()
         self.offline_after_s = offline_after_s
         # A site that has not dialled in since this broker started is given offline_after_s
         # from the start, as if seen then: after an orchestrator restart the agents come back
@@ -172,6 +178,7 @@ class Broker:
             for tid in task_ids:
                 p = self._pending.pop(tid, None)
                 if p is not None:
+                    self._leave_lines_locked(tid, p)
                     q = self._queues.get(p.site_id)
                     if q is not None and tid in q:
                         q.remove(tid)
@@ -231,6 +238,7 @@ class Broker:
         *,
         timeout_s: float = 600.0,
         alive: Callable[[], bool] | None = None,
+        wait: bool = True,
     ) -> Iterator[bytes]:
         """Backpressure for downloads: hold one of ``max_downloads`` places while a task's
         model is streamed to its site; yields the model's bytes.
@@ -238,35 +246,53 @@ class Broker:
         Each download in flight holds a chunk at every stage of gRPC's send path
         (``blob_to_chunks``'s slice, the protobuf message, its serialization, the C-core's
         copy waiting for the socket), and its worker thread's malloc arena keeps what it
-        freed; with every site fetching at once that grew with the number of sites. The model bytes themselves are one shared
-        object. Waiters are served in arrival order. Raises NotFoundError when the task's round
-        ended meanwhile, UnavailableError when ``alive()`` turns false (the caller went away)
-        or after ``timeout_s``.
+        freed; with every site fetching at once that grew with the number of sites. The model
+        bytes themselves are one shared object. Downloads take turns first come, first served
+        (``orchestrator.turns``). ``wait=False`` (the agent waits on its side) raises
+        TryLaterError with the time to ask again when there is no turn yet; ``wait=True`` waits
+        here. Raises NotFoundError when the task's round ended, UnavailableError when
+        ``alive()`` turns false (the caller went away) or after ``timeout_s``.
         """
         deadline = time.time() + timeout_s
         self.model_blob(site_id, task_id)  # unknown or foreign tasks fail before waiting
+        line = self._download_line
         with self._downloads_cv:
-            while self._downloads >= max(1, self.max_downloads):
-                if alive is not None and not alive():
+            while True:
+                retry = line.ask(
+                    task_id, max(1, self.max_downloads) - self._downloads, present=wait
+                )
+                if retry is None:
+                    break
+                if not wait:
+                    raise TryLaterError(
+                        "every download place is taken; ask again", retry_after_s=retry
+                    )
+                if (alive is not None and not alive()) or time.time() >= deadline:
+                    line.leave(task_id)
+                    if time.time() >= deadline:
+                        raise UnavailableError("too many model downloads in progress; retry later")
                     raise UnavailableError("the download was abandoned while waiting")
-                remaining = deadline - time.time()
-                if remaining <= 0:
-                    raise UnavailableError("too many model downloads in progress; retry later")
-                self._downloads_cv.wait(timeout=min(remaining, 0.5))
+                self._downloads_cv.wait(timeout=min(deadline - time.time(), retry, 0.5))
             self._downloads += 1
         try:
             yield self.model_blob(site_id, task_id)
         finally:
             with self._downloads_cv:
                 self._downloads -= 1
-                self._downloads_cv.notify()
+                self._downloads_cv.notify_all()
 
     def downloads_in_progress(self) -> int:
         with self._downloads_cv:
             return self._downloads
 
     def wait_for_capacity(
-        self, site_id: str, task_id: str, *, limit: int | None = None, timeout_s: float = 600.0
+        self,
+        site_id: str,
+        task_id: str,
+        *,
+        limit: int | None = None,
+        timeout_s: float = 600.0,
+        wait: bool = True,
     ) -> int:
         """Backpressure for uploads: reserve one of ``limit`` (default :attr:`max_uploads`)
         places in the task's round
@@ -280,60 +306,58 @@ class Broker:
         may send ~4 MiB unread. The servicer therefore sends the agent its go
         (``common.transport.UPLOAD_GATE``) only after this returns.
 
-        Uploads wait in line, first come first served, and only the first in line polls the
-        round's queue (the round takes results off it without telling the broker); the others
-        sleep until they reach the front, so hundreds of waiting sites cost no CPU.
-        Raises NotFoundError when the round ended meanwhile.
+        Uploads take turns first come, first served (``orchestrator.turns``). ``wait=False``
+        (the agent waits on its side) raises TryLaterError with the time to ask again when the
+        round has no room yet. ``wait=True`` waits here, polling the round's queue (the round
+        takes results off it without telling the broker), and takes a place anyway after
+        ``timeout_s``. Raises NotFoundError when the round ended meanwhile.
         """
         limit = self.max_uploads if limit is None else limit
         deadline = time.time() + timeout_s
-        me = threading.Event()
-        key: int | None = None
-        try:
-            while True:
-                with self._cv:
+        with self._lock:
+            try:
+                while True:
                     p = self._owned(site_id, task_id)
-                    if key is None:
-                        key = id(p.results)
-                        self._upload_lines.setdefault(key, deque()).append(me)
-                    line = self._upload_lines[key]
-                    if line[0] is me:
-                        busy = p.results.qsize() + self._admitted.get(key, 0)
-                        if busy < limit or time.time() > deadline:
-                            self._admitted[key] = self._admitted.get(key, 0) + 1
-                            return key
-                        wait_s = 0.02
-                    else:
-                        wait_s = 0.5  # woken when it reaches the front; looks up its task anyway
-                me.wait(wait_s)
-                me.clear()
-        finally:
-            if key is not None:
-                with self._cv:
-                    waiting = self._upload_lines.get(key)
-                    if waiting is not None:
-                        head = waiting[0] is me
-                        waiting.remove(me)
-                        if not waiting:
-                            del self._upload_lines[key]
-                        elif head:
-                            waiting[0].set()
+                    key = id(p.results)
+                    line = self._upload_lines.setdefault(key, TurnLine())
+                    busy = p.results.qsize() + self._admitted.get(key, 0)
+                    retry = line.ask(task_id, limit - busy, present=wait)
+                    if retry is not None and wait and time.time() >= deadline:
+                        retry = None
+                    if retry is None:
+                        self._admitted[key] = self._admitted.get(key, 0) + 1
+                        self._leave_upload_line(task_id, key)
+                        return key
+                    if not wait:
+                        raise TryLaterError(
+                            "the round holds as many updates as it may; ask again",
+                            retry_after_s=retry,
+                        )
+                    self._uploads_cv.wait(timeout=min(retry, 0.05))
+            except NotFoundError:
+                self._leave_upload_line(task_id, None)
+                raise
+            finally:
+                if wait:
+                    self._leave_upload_line(task_id, None)
 
     def uploads_waiting(self) -> int:
-        with self._cv:
+        with self._lock:
             return sum(len(line) for line in self._upload_lines.values())
+
+    def downloads_waiting(self) -> int:
+        with self._downloads_cv:
+            return len(self._download_line)
 
     def release_capacity(self, token: int) -> None:
         """The upload holding ``token`` is queued in its round (or failed): free its place."""
-        with self._cv:
+        with self._lock:
             left = self._admitted.get(token, 0) - 1
             if left > 0:
                 self._admitted[token] = left
             else:
                 self._admitted.pop(token, None)
-            waiting = self._upload_lines.get(token)
-            if waiting:
-                waiting[0].set()
+            self._uploads_cv.notify_all()
 
     def push_update(self, meta: UpdateMeta, blob: bytes) -> None:
         with self._cv:
@@ -369,7 +393,24 @@ class Broker:
             pres = self._presence.get(p.site_id)
             if pres is not None:
                 pres.delivered.discard(task_id)
+            self._leave_lines_locked(task_id, p)
         return p
+
+    def _leave_lines_locked(self, task_id: str, p: _Pending) -> None:
+        """A task that is over gives up its places in the transfer lines."""
+        self._leave_upload_line(task_id, id(p.results))
+        with self._downloads_cv:
+            self._download_line.leave(task_id)
+
+    def _leave_upload_line(self, task_id: str, key: int | None) -> None:
+        keys = list(self._upload_lines) if key is None else [key]
+        for k in keys:
+            line = self._upload_lines.get(k)
+            if line is None:
+                continue
+            line.leave(task_id)
+            if not line:
+                del self._upload_lines[k]
 
     def _fail_locked(self, task_id: str, code: str, reason: str) -> None:
         p = self._finish_locked(task_id)

@@ -17,8 +17,8 @@ import grpc
 
 from common import serde
 from common.domain import TaskFailure
-from common.errors import DpfedError, InvalidSpecError
-from common.transport import UPLOAD_GATE
+from common.errors import DpfedError, InvalidSpecError, TryLaterError
+from common.transport import RETRY_AFTER_MS, TURNS, UPLOAD_GATE
 from orchestrator.auth import OPERATOR_ONLY, SCIENTIST_OR_OPERATOR, Authorizer
 from orchestrator.coordinator import Coordinator
 from orchestrator.metrics import COUNTERS
@@ -38,6 +38,9 @@ def _mapped_errors(method: str, context: grpc.ServicerContext) -> Iterator[None]
         yield
     except DpfedError as err:
         COUNTERS.inc("dpfed_rpcs_total", method=method, status=err.grpc_status)
+        if isinstance(err, TryLaterError):
+            ms = max(1, round(err.retry_after_s * 1000))
+            context.set_trailing_metadata(((RETRY_AFTER_MS, str(ms)),))
         context.abort(grpc.StatusCode[err.grpc_status], str(err))
     except Exception:
         COUNTERS.inc("dpfed_rpcs_total", method=method, status="INTERNAL")
@@ -62,6 +65,11 @@ def abort_on_error_stream(fn: F) -> F:
             yield from fn(self, request, context)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _takes_turns(context: grpc.ServicerContext) -> bool:
+    """The agent waits for a transfer's turn on its side (``common.transport.TURNS``)."""
+    return TURNS in tuple(context.invocation_metadata() or ())
 
 
 class AgentServicer(pb_grpc.AgentServiceServicer):
@@ -94,8 +102,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     ) -> Iterator[pb.Chunk]:
         site_id = self.auth.site(context, request.site_id)
         # At most Broker.max_downloads streams at once: each holds a few chunks in gRPC's send
-        # path, so with every site fetching at once memory grew with the number of sites.
-        with self.c.broker.download_slot(site_id, request.task_id, alive=context.is_active) as blob:
+        # path, so with every site fetching at once memory grew with the number of sites. An
+        # agent that takes turns (TURNS) waits for its turn on its own side.
+        with self.c.broker.download_slot(
+            site_id, request.task_id, alive=context.is_active, wait=not _takes_turns(context)
+        ) as blob:
             context.send_initial_metadata((UPLOAD_GATE,))  # "this orchestrator sends a go"
             COUNTERS.inc("dpfed_bytes_sent_total", len(blob), kind="global_model")
             yield from serde.blob_to_chunks(blob)
@@ -124,7 +135,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             raise
         # Ownership is checked before the bytes are read; then wait for room in the round.
         self.c.model_blob(meta.site_id, meta.task_id)
-        token = self.c.broker.wait_for_capacity(meta.site_id, meta.task_id)
+        token = self.c.broker.wait_for_capacity(
+            meta.site_id, meta.task_id, wait=not _takes_turns(context)
+        )
 
         def chunks() -> Iterator[pb.Chunk]:
             for msg in request_iterator:

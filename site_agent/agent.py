@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import grpc
 
@@ -17,7 +19,13 @@ from common import serde
 from common.domain import SiteRegistration, TaskAssignment, TaskFailure, UpdateMeta
 from common.errors import DpfedError, InvalidSpecError
 from common.tls import TlsFiles, channel_credentials
-from common.transport import CHANNEL_OPTIONS, UPLOAD_GATE, require_loopback_for_plaintext
+from common.transport import (
+    CHANNEL_OPTIONS,
+    TURNS,
+    UPLOAD_GATE,
+    require_loopback_for_plaintext,
+    retry_after_s,
+)
 from common.version import __version__
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
@@ -34,6 +42,7 @@ _RPC_TIMEOUT_S = 30.0
 # resumed rounds, 10 s (at most 15 s) brings them back within that window.
 _MAX_BACKOFF_S = 10.0
 _TRANSFER_TIMEOUT_S = 600.0
+T = TypeVar("T")
 
 
 class _SessionLost(Exception):
@@ -233,13 +242,22 @@ def fetch_model(
     stub: pb_grpc.AgentServiceStub, site_id: str, task: TaskAssignment
 ) -> tuple[bytes, bool]:
     """Download a task's model; also says whether the orchestrator gates uploads
-    (``common.transport.UPLOAD_GATE`` in the stream's initial metadata)."""
-    call = stub.FetchModel(
-        pb.FetchModelRequest(site_id=site_id, task_id=task.task_id),
-        timeout=_TRANSFER_TIMEOUT_S,
-    )
-    blob = serde.blob_from_chunks(call, expected_size=task.model_size)
-    return blob, UPLOAD_GATE in tuple(call.initial_metadata() or ())
+    (``common.transport.UPLOAD_GATE`` in the stream's initial metadata).
+
+    Takes turns (``common.transport.TURNS``): when every download place is taken, the
+    orchestrator says when to ask again and the agent waits here, not in the orchestrator.
+    """
+
+    def attempt() -> tuple[bytes, bool]:
+        call = stub.FetchModel(
+            pb.FetchModelRequest(site_id=site_id, task_id=task.task_id),
+            timeout=_TRANSFER_TIMEOUT_S,
+            metadata=(TURNS,),
+        )
+        blob = serde.blob_from_chunks(call, expected_size=task.model_size)
+        return blob, UPLOAD_GATE in tuple(call.initial_metadata() or ())
+
+    return _in_turn(attempt)
 
 
 def push_update(
@@ -247,27 +265,58 @@ def push_update(
 ) -> pb.PushUpdateResponse:
     """Upload an update. ``gated``: send the header, then hold the chunks until the
     orchestrator's go (its initial metadata, sent once the round has room for this upload),
-    so that a site waiting its turn does not park its update in the orchestrator's memory."""
+    so that a site waiting its turn does not park its update in the orchestrator's memory.
+    A gated upload also takes turns (``common.transport.TURNS``): when the round has no room
+    yet, the orchestrator ends the call with the time to ask again, and the agent waits here."""
     if not gated:
         resp: pb.PushUpdateResponse = stub.PushUpdate(
             _update_stream(meta, delta), timeout=_TRANSFER_TIMEOUT_S
         )
         return resp
-    go = threading.Event()
-    call = stub.PushUpdate.future(_update_stream(meta, delta, go), timeout=_TRANSFER_TIMEOUT_S)
-    try:
-        call.initial_metadata()  # returns at the go, or when the call ends (error, deadline)
-    finally:
-        go.set()
-    result: pb.PushUpdateResponse = call.result()
-    return result
+
+    def attempt() -> pb.PushUpdateResponse:
+        go, abandoned = threading.Event(), threading.Event()
+        call = stub.PushUpdate.future(
+            _update_stream(meta, delta, go, abandoned),
+            timeout=_TRANSFER_TIMEOUT_S,
+            metadata=(TURNS,),
+        )
+        try:
+            # Returns at the go (UPLOAD_GATE), or with nothing when the call ends (try later, an
+            # error); then no chunk goes into it.
+            if UPLOAD_GATE not in tuple(call.initial_metadata() or ()):
+                abandoned.set()
+        finally:
+            go.set()
+        result: pb.PushUpdateResponse = call.result()
+        return result
+
+    return _in_turn(attempt)
+
+
+def _in_turn(attempt: Callable[[], T], *, give_up_after_s: float = _TRANSFER_TIMEOUT_S) -> T:
+    """Run ``attempt`` until the orchestrator stops answering "try later" (then wait as told)."""
+    give_up = time.monotonic() + give_up_after_s
+    while True:
+        try:
+            return attempt()
+        except grpc.RpcError as err:
+            wait = retry_after_s(err)
+            if wait is None or time.monotonic() + wait > give_up:
+                raise
+            time.sleep(wait)
 
 
 def _update_stream(
-    meta: UpdateMeta, delta: bytes, go: threading.Event | None = None
+    meta: UpdateMeta,
+    delta: bytes,
+    go: threading.Event | None = None,
+    abandoned: threading.Event | None = None,
 ) -> Iterator[pb.UpdateChunk]:
     yield pb.UpdateChunk(header=serde.update_meta_to_proto(meta))
     if go is not None:
         go.wait(_TRANSFER_TIMEOUT_S)
+    if abandoned is not None and abandoned.is_set():
+        return
     for ch in serde.blob_to_chunks(delta):
         yield pb.UpdateChunk(chunk=ch)

@@ -150,8 +150,16 @@ def test_a_download_waiting_for_a_slot_gives_up_when_its_caller_left() -> None:
 class _Context:
     """The parts of grpc.ServicerContext the agent servicer uses, without a network."""
 
-    def __init__(self) -> None:
+    def __init__(self, invocation: tuple[tuple[str, str], ...] = ()) -> None:
         self.metadata: list[tuple[str, str]] = []
+        self.trailing: tuple[tuple[str, str], ...] = ()
+        self.invocation = invocation
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.invocation
+
+    def set_trailing_metadata(self, md: tuple[tuple[str, str], ...]) -> None:
+        self.trailing = md
 
     def is_active(self) -> bool:
         return True
@@ -505,3 +513,141 @@ os.unlink(path)
         assert arenas <= 2, arenas
     else:  # the control: without the cap, 24 threads holding memory at once get many arenas
         assert arenas > 2, arenas
+
+
+# ------------------------------------------------------------------ turns taken at the agent
+
+
+def test_a_transfer_that_takes_turns_is_told_when_to_come_back_and_keeps_its_place() -> None:
+    """wait=False: no room → TryLaterError with a wait; the place is kept, in arrival order."""
+    from common.errors import TryLaterError
+
+    broker = Broker()
+    results: queue.Queue[Result] = queue.Queue()
+    for i in range(4):
+        broker.connect(f"s{i}")
+        broker.dispatch_into(f"s{i}", _task(i), b"model", results)
+    first = broker.wait_for_capacity("s0", "t0", limit=1, wait=False)
+    waits = []
+    for i in (1, 2, 3):
+        with pytest.raises(TryLaterError) as err:
+            broker.wait_for_capacity(f"s{i}", f"t{i}", limit=1, wait=False)
+        waits.append(err.value.retry_after_s)
+        assert err.value.grpc_status == "RESOURCE_EXHAUSTED"
+    assert 0 < waits[0] < waits[1] < waits[2]  # further back, told to come back later
+    assert broker.uploads_waiting() == 3
+    broker.release_capacity(first)
+    time.sleep(waits[2])  # everyone is due: the first in line gets the place, whoever asks
+    with pytest.raises(TryLaterError):
+        broker.wait_for_capacity("s3", "t3", limit=1, wait=False)
+    broker.release_capacity(broker.wait_for_capacity("s1", "t1", limit=1, wait=False))
+    broker.cancel(["t2", "t3"])  # the round ends: its waiters leave the line
+    assert broker.uploads_waiting() == 0
+
+    broker.max_downloads = 1
+    with broker.download_slot("s0", "t0", wait=False) as blob:
+        assert blob == b"model"
+        with pytest.raises(TryLaterError), broker.download_slot("s1", "t1", wait=False):
+            pass
+        assert broker.downloads_waiting() == 1
+    with broker.download_slot("s1", "t1", wait=False):
+        assert broker.downloads_waiting() == 0
+
+
+def _threads_waiting_in(*functions: str) -> int:
+    """Server worker threads whose stack is inside one of ``functions`` right now."""
+    import sys
+
+    names = {t.ident: t.name for t in threading.enumerate()}
+    count = 0
+    for ident, frame in sys._current_frames().items():
+        if not names.get(ident, "").startswith("grpc"):
+            continue
+        f: Any = frame
+        while f is not None:
+            if f.f_code.co_name in functions:
+                count += 1
+                break
+            f = f.f_back
+    return count
+
+
+@pytest.mark.parametrize("turns", [True, False])
+def test_agents_that_take_turns_hold_no_orchestrator_thread_while_they_wait(
+    tmp_path: Path, turns: bool
+) -> None:
+    """Many sites wait for their download and upload turns; with TURNS (current agents) the
+    orchestrator spends no worker thread on a waiting site, so its memory does not grow with
+    the number of sites; without it (older agents) each waiting site holds one. Every
+    transfer completes either way."""
+    import grpc
+
+    from common import serde
+    from common.transport import CHANNEL_OPTIONS
+    from orchestrator.server import start_server
+    from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
+    from site_agent import agent
+
+    n = 12
+    running = start_server(listen="127.0.0.1:0", state_dir=tmp_path, max_downloads=1, max_uploads=1)
+    try:
+        broker = running.coordinator.broker
+        results: queue.Queue[Result] = queue.Queue()
+        model = b"m" * (3 * serde.CHUNK_SIZE)
+        tasks = []
+        for i in range(n):
+            broker.connect(f"s{i}")
+            t = replace(_task(i), model_size=len(model))
+            broker.dispatch_into(f"s{i}", t, model, results)
+            tasks.append(t)
+        channel = grpc.insecure_channel(running.address, options=CHANNEL_OPTIONS)
+        stub = pb_grpc.AgentServiceStub(channel)
+        delta = b"u" * (2 * serde.CHUNK_SIZE)
+        results.put("unfolded")  # type: ignore[arg-type]  # the round is full: uploads wait
+        blocker = broker.download_slot("s0", "t0")  # so is the one download place
+        blocker.__enter__()
+        out: dict[int, Any] = {}
+
+        def site(i: int) -> None:
+            if turns:
+                blob, gated = agent.fetch_model(stub, f"s{i}", tasks[i])
+                assert blob == model and gated
+                out[i] = agent.push_update(
+                    stub, _meta(f"s{i}", f"t{i}", len(delta)), delta, gated=True
+                )
+            else:  # an older agent: no TURNS, so the server waits for it
+                call = stub.FetchModel(
+                    pb.FetchModelRequest(site_id=f"s{i}", task_id=f"t{i}"), timeout=30
+                )
+                assert serde.blob_from_chunks(call, expected_size=len(model)) == model
+                out[i] = stub.PushUpdate(
+                    agent._update_stream(_meta(f"s{i}", f"t{i}", len(delta)), delta), timeout=30
+                )
+
+        from protos.dpfed.v1 import dpfed_pb2 as pb
+
+        threads = [threading.Thread(target=site, args=(i,), daemon=True) for i in range(1, n)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        waiting_threads = max(
+            _threads_waiting_in("download_slot", "wait_for_capacity") for _ in range(20)
+        )
+        assert broker.downloads_waiting() == n - 1
+        blocker.__exit__(None, None, None)
+        deadline = time.time() + 30
+        while len(out) < n - 1 and time.time() < deadline:
+            try:
+                results.get(timeout=0.05)  # the round folds what arrives, one at a time
+            except queue.Empty:
+                pass
+        for t in threads:
+            t.join(timeout=10)
+        assert sorted(out) == list(range(1, n)) and all(r.accepted for r in out.values())
+        if turns:
+            assert waiting_threads <= 1, waiting_threads
+        else:
+            assert waiting_threads >= n - 1, waiting_threads
+        channel.close()
+    finally:
+        running.stop(0.2)
