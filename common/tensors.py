@@ -117,8 +117,23 @@ def check_update(update: Mapping[str, Tensor], reference: Mapping[str, Tensor]) 
             raise InvalidUpdateError(
                 f"tensor {name!r} has dtype {got.dtype}, expected {ref.dtype}."
             )
-        if (got.is_floating_point() or got.is_complex()) and not bool(torch.isfinite(got).all()):
+        if (got.is_floating_point() or got.is_complex()) and not all(
+            bool(torch.isfinite(part).all()) for part in flat_parts(got)
+        ):
             raise InvalidUpdateError(f"tensor {name!r} holds NaN or infinite values.")
+
+
+FLAT_PART = 1 << 18
+"""Elements per piece when a whole-model computation is done piece by piece (2 MiB of float64):
+the orchestrator's temporaries stay this size instead of a multiple of the largest tensor."""
+
+
+def flat_parts(tensor: Tensor, size: int = FLAT_PART) -> Iterator[Tensor]:
+    """Consecutive pieces of at most ``size`` elements of ``tensor`` seen as one flat vector
+    (views of it, when it is contiguous)."""
+    flat = tensor.detach().reshape(-1)
+    for start in range(0, flat.numel(), size):
+        yield flat[start : start + size]
 
 
 def l2_norm(state: Mapping[str, Tensor]) -> float:
@@ -128,8 +143,7 @@ def l2_norm(state: Mapping[str, Tensor]) -> float:
     """
     total = 0.0
     for tensor in state.values():
-        t = tensor.detach()
-        if t.numel() == 0:
-            continue
-        total += float(t.to(torch.float64).pow(2).sum())
+        for part in flat_parts(tensor):
+            p64 = part.to(torch.float64)
+            total += float(torch.dot(p64, p64))
     return math.sqrt(total)

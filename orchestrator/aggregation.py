@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from common.errors import InvalidUpdateError
+from common.tensors import flat_parts
 
 
 class RunningWeightedMean:
@@ -23,7 +24,9 @@ class RunningWeightedMean:
 
     def __init__(self, reference: Mapping[str, torch.Tensor]) -> None:
         self._sum: dict[str, torch.Tensor] = {
-            k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()
+            # contiguous, so that flat_parts gives views that add_ writes through
+            k: torch.zeros(v.shape, dtype=torch.float64)
+            for k, v in reference.items()
         }
         self.total_weight = 0.0
         self.count = 0
@@ -38,15 +41,23 @@ class RunningWeightedMean:
                 raise InvalidUpdateError(
                     f"tensor {k!r} has shape {tuple(delta[k].shape)}, expected {tuple(acc.shape)}"
                 )
+        # Piece by piece: a float64 copy of a whole update was the fold's largest temporary.
         for k, acc in self._sum.items():
-            acc.add_(delta[k].to(torch.float64), alpha=float(weight))
+            for a, d in zip(flat_parts(acc), flat_parts(delta[k]), strict=True):
+                a.add_(d.to(torch.float64), alpha=float(weight))
         self.total_weight += float(weight)
         self.count += 1
 
     def mean(self) -> dict[str, torch.Tensor]:
         if self.count == 0:
             raise InvalidUpdateError("no update to aggregate")
-        return {k: (v / self.total_weight).to(torch.float32) for k, v in self._sum.items()}
+        out: dict[str, torch.Tensor] = {}
+        for k, v in self._sum.items():
+            mean = torch.empty(v.shape, dtype=torch.float32)
+            for m, s in zip(flat_parts(mean), flat_parts(v), strict=True):
+                m.copy_(s / self.total_weight)
+            out[k] = mean
+        return out
 
 
 def apply_delta(

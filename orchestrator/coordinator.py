@@ -61,7 +61,7 @@ class Coordinator:
         self._versions: dict[str, int] = {}
         self.heartbeat_s = max(1.0, offline_after_s / 4)
         # Per site: when its heartbeat was last written to the store, and the datasets written.
-        self._persisted: dict[str, tuple[float, list[dict[str, object]] | None]] = {}
+        self._persisted: dict[str, tuple[float, tuple[DatasetInfo, ...] | None]] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -131,18 +131,21 @@ class Coordinator:
         if not self.broker.seen(site_id, session_id, state=state or "idle"):
             return False
         now = time.monotonic()
-        dicts = [_dataset_dict(d) for d in datasets] if datasets else None
+        sent = tuple(datasets) if datasets else None
         with self._cv:
             last = self._persisted.get(site_id)
             due = (
                 last is None
                 or now - last[0] >= PERSIST_LAST_SEEN_S
-                or (dicts is not None and dicts != last[1])
+                or (sent is not None and sent != last[1])
             )
             if due:
-                kept = dicts if dicts is not None else (last[1] if last is not None else None)
+                kept = sent if sent is not None else (last[1] if last is not None else None)
                 self._persisted[site_id] = (now, kept)
         if due:
+            # Converted only when written: asdict over every column's schema, for every
+            # heartbeat of every site, was a quarter of the orchestrator's CPU at 200 sites.
+            dicts = [_dataset_dict(d) for d in sent] if sent is not None else None
             self.store.touch_site(site_id, state=state or "idle", datasets=dicts)
         return True
 

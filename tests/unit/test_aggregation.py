@@ -182,3 +182,31 @@ def test_apply_delta_of_the_mean_is_fedavg() -> None:
         np.testing.assert_allclose(
             new[k].double().numpy(), expected[k].numpy(), rtol=1e-6, atol=1e-6
         )
+
+
+def test_piecewise_fold_matches_the_whole_tensor_computation() -> None:
+    """The fold works piece by piece (common.tensors.flat_parts): across piece boundaries,
+    and for non-contiguous tensors, it equals the float64 computation on whole tensors."""
+    from common.tensors import FLAT_PART, l2_norm
+
+    g = torch.Generator().manual_seed(3)
+    rows = FLAT_PART // 100 + 7  # more than one piece
+    reference = {"w": torch.zeros(100, rows).t(), "b": torch.zeros(5)}  # "w" is transposed
+    assert not reference["w"].is_contiguous()
+    deltas = [
+        {"w": torch.randn(100, rows, generator=g).t(), "b": torch.randn(5, generator=g)}
+        for _ in range(3)
+    ]
+    weights = [3.0, 1.0, 7.5]
+    agg = RunningWeightedMean(reference)
+    for d, w in zip(deltas, weights, strict=True):
+        agg.add(d, w)
+    mean = agg.mean()
+    for k in reference:
+        expected = sum(d[k].double() * w for d, w in zip(deltas, weights, strict=True)) / sum(
+            weights
+        )
+        assert mean[k].dtype == torch.float32 and mean[k].shape == reference[k].shape
+        assert torch.allclose(mean[k].double(), expected, rtol=0, atol=1e-6)
+    whole = sum(float(v.double().pow(2).sum()) for v in deltas[0].values()) ** 0.5
+    assert l2_norm(deltas[0]) == pytest.approx(whole, rel=1e-12)
