@@ -61,7 +61,7 @@ class Coordinator:
         self._versions: dict[str, int] = {}
         self.heartbeat_s = max(1.0, offline_after_s / 4)
         # Per site: when its heartbeat was last written to the store, and the datasets written.
-        self._persisted: dict[str, tuple[float, tuple[DatasetInfo, ...] | None]] = {}
+        self._persisted: dict[str, tuple[float, int | None]] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -131,7 +131,10 @@ class Coordinator:
         if not self.broker.seen(site_id, session_id, state=state or "idle"):
             return False
         now = time.monotonic()
-        sent = tuple(datasets) if datasets else None
+        # A digest of what was written, not the datasets themselves (their column schemas,
+        # kept for every site, were megabytes at 200 sites). A collision of the 64-bit hashes
+        # would delay a write by at most PERSIST_LAST_SEEN_S.
+        sent = hash(tuple(datasets)) if datasets else None
         with self._cv:
             last = self._persisted.get(site_id)
             due = (
@@ -145,7 +148,7 @@ class Coordinator:
         if due:
             # Converted only when written: asdict over every column's schema, for every
             # heartbeat of every site, was a quarter of the orchestrator's CPU at 200 sites.
-            dicts = [_dataset_dict(d) for d in sent] if sent is not None else None
+            dicts = [_dataset_dict(d) for d in datasets] if datasets else None
             self.store.touch_site(site_id, state=state or "idle", datasets=dicts)
         return True
 
