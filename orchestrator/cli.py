@@ -113,12 +113,18 @@ def serve(
         int, typer.Option(help="gRPC worker threads; each connected site holds one")
     ] = 512,
     max_downloads: Annotated[
-        int, typer.Option(min=1, help="model downloads streamed at once; others wait their turn")
+        int,
+        typer.Option(
+            min=1,
+            help="model downloads streamed at once; other sites wait their turn (at the site)",
+        ),
     ] = 8,
     max_uploads: Annotated[
         int,
         typer.Option(
-            min=1, help="updates a round holds at once (memory ≈ this × model size); others wait"
+            min=1,
+            help="updates a round holds at once (memory ≈ this × model size); other sites wait "
+            "their turn (at the site)",
         ),
     ] = 4,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
