@@ -116,8 +116,11 @@ class Coordinator:
             datasets=[_dataset_dict(d) for d in reg.datasets],
             policy={**asdict(reg.policy), "allowed_models": list(reg.policy.allowed_models)},
         )
-        with self._cv:
-            self._persisted.pop(reg.site_id, None)
+        with self._cv:  # the row now holds these datasets: a heartbeat need not rewrite them
+            self._persisted[reg.site_id] = (
+                time.monotonic(),
+                hash(tuple(reg.datasets)) if reg.datasets else None,
+            )
         log.info("site=%s registered (%d datasets)", reg.site_id, len(reg.datasets))
         return session_id
 
