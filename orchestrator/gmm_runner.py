@@ -236,7 +236,6 @@ class GmmRunner(JobThread):
         super().__init__(**kwargs)
         self.spec = GmmJobSpec.model_validate_json(self.store.job(self.job_id).spec_json)
         self._charged: _Charged = {}
-        self._eps_cache: dict[tuple[DpEvent, ...], EpsilonBound] = {}
 
     def _sites(self) -> list[SiteStatus]:
         spec = self.spec
@@ -431,12 +430,12 @@ class GmmRunner(JobThread):
         """Each site's ε, composed from every release it was sent."""
         out: dict[str, EpsilonBound] = {}
         for sid, records in sorted(self._charged.items()):
-            key = tuple(_charged_event(c) for c in records)
-            if key not in self._eps_cache:
-                self._eps_cache[key] = compute_epsilon(
-                    list(key), delta=self.spec.dp.delta, accountant=ACCOUNTANT
-                )
-            out[sid] = self._eps_cache[key]
+            # compute_epsilon caches by history, so sites of equal size compose once
+            out[sid] = compute_epsilon(
+                [_charged_event(c) for c in records],
+                delta=self.spec.dp.delta,
+                accountant=ACCOUNTANT,
+            )
         return out
 
     def _epsilon(self) -> EpsilonBound:

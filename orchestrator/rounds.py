@@ -411,15 +411,11 @@ class JobRunner(JobThread):
                 DpEvent(e["noise_multiplier"], e["sample_rate"], int(e["steps"])) for e in c.events
             )
         per_site: dict[str, float] = {}
-        by_events: dict[tuple[DpEvent, ...], float] = {}  # sites of equal size compose alike
         for sid, events in by_site.items():
-            key = tuple(events)
-            if key not in by_events:
-                b = compute_epsilon(events, delta=self.spec.dp.delta, accountant=ACCOUNTANT)
-                by_events[key] = b.epsilon
-            if not math.isfinite(by_events[key]):
+            b = compute_epsilon(events, delta=self.spec.dp.delta, accountant=ACCOUNTANT)
+            if not math.isfinite(b.epsilon):
                 raise PrivacyAccountingError(f"no finite ε for site {sid}")
-            per_site[sid] = by_events[key]
+            per_site[sid] = b.epsilon
         return max(per_site.values(), default=0.0), per_site
 
     # ------------------------------------------------------------------ release
