@@ -267,11 +267,14 @@ class Broker:
                     raise TryLaterError(
                         "every download place is taken; ask again", retry_after_s=retry
                     )
-                if (alive is not None and not alive()) or time.time() >= deadline:
+                gone = alive is not None and not alive()
+                if gone or time.time() >= deadline:
                     line.leave(task_id)
-                    if time.time() >= deadline:
-                        raise UnavailableError("too many model downloads in progress; retry later")
-                    raise UnavailableError("the download was abandoned while waiting")
+                    raise UnavailableError(
+                        "the download was abandoned while waiting"
+                        if gone
+                        else "too many model downloads in progress; retry later"
+                    )
                 self._downloads_cv.wait(timeout=min(deadline - time.time(), retry, 0.5))
             self._downloads += 1
         try:
@@ -315,31 +318,25 @@ class Broker:
         limit = self.max_uploads if limit is None else limit
         deadline = time.time() + timeout_s
         with self._lock:
-            try:
-                while True:
-                    p = self._owned(site_id, task_id)
-                    key = id(p.results)
-                    line = self._upload_lines.setdefault(key, TurnLine())
-                    busy = p.results.qsize() + self._admitted.get(key, 0)
-                    retry = line.ask(task_id, limit - busy, present=wait)
-                    if retry is not None and wait and time.time() >= deadline:
-                        retry = None
-                    if retry is None:
-                        self._admitted[key] = self._admitted.get(key, 0) + 1
-                        self._leave_upload_line(task_id, key)
-                        return key
-                    if not wait:
-                        raise TryLaterError(
-                            "the round holds as many updates as it may; ask again",
-                            retry_after_s=retry,
-                        )
-                    self._uploads_cv.wait(timeout=min(retry, 0.05))
-            except NotFoundError:
-                self._leave_upload_line(task_id, None)
-                raise
-            finally:
-                if wait:
-                    self._leave_upload_line(task_id, None)
+            while True:
+                # NotFoundError once the round is over; cancel() took the task out of the line.
+                p = self._owned(site_id, task_id)
+                key = id(p.results)
+                line = self._upload_lines.setdefault(key, TurnLine())
+                busy = p.results.qsize() + self._admitted.get(key, 0)
+                retry = line.ask(task_id, limit - busy, present=wait)
+                if retry is not None and wait and time.time() >= deadline:
+                    retry = None  # waited long enough: take a place anyway
+                if retry is None:
+                    self._leave_upload_line(task_id, key)
+                    self._admitted[key] = self._admitted.get(key, 0) + 1
+                    return key
+                if not wait:
+                    raise TryLaterError(
+                        "the round holds as many updates as it may; ask again",
+                        retry_after_s=retry,
+                    )
+                self._uploads_cv.wait(timeout=min(retry, 0.05))
 
     def uploads_waiting(self) -> int:
         with self._lock:
@@ -402,15 +399,12 @@ class Broker:
         with self._downloads_cv:
             self._download_line.leave(task_id)
 
-    def _leave_upload_line(self, task_id: str, key: int | None) -> None:
-        keys = list(self._upload_lines) if key is None else [key]
-        for k in keys:
-            line = self._upload_lines.get(k)
-            if line is None:
-                continue
+    def _leave_upload_line(self, task_id: str, key: int) -> None:
+        line = self._upload_lines.get(key)
+        if line is not None:
             line.leave(task_id)
             if not line:
-                del self._upload_lines[k]
+                del self._upload_lines[key]
 
     def _fail_locked(self, task_id: str, code: str, reason: str) -> None:
         p = self._finish_locked(task_id)

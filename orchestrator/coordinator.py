@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -60,8 +60,9 @@ class Coordinator:
         self._cv = threading.Condition()
         self._versions: dict[str, int] = {}
         self.heartbeat_s = max(1.0, offline_after_s / 4)
-        # Per site: when its heartbeat was last written to the store, and the datasets written.
+        # Per site: when its row was last written, and the digest of the datasets written.
         self._persisted: dict[str, tuple[float, int | None]] = {}
+        self._persisted_lock = threading.Lock()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -116,11 +117,8 @@ class Coordinator:
             datasets=[_dataset_dict(d) for d in reg.datasets],
             policy={**asdict(reg.policy), "allowed_models": list(reg.policy.allowed_models)},
         )
-        with self._cv:  # the row now holds these datasets: a heartbeat need not rewrite them
-            self._persisted[reg.site_id] = (
-                time.monotonic(),
-                hash(tuple(reg.datasets)) if reg.datasets else None,
-            )
+        with self._persisted_lock:  # the row holds these datasets: no heartbeat need rewrite them
+            self._persisted[reg.site_id] = (time.monotonic(), _digest(reg.datasets))
         log.info("site=%s registered (%d datasets)", reg.site_id, len(reg.datasets))
         return session_id
 
@@ -134,11 +132,8 @@ class Coordinator:
         if not self.broker.seen(site_id, session_id, state=state or "idle"):
             return False
         now = time.monotonic()
-        # A digest of what was written, not the datasets themselves (their column schemas,
-        # kept for every site, were megabytes at 200 sites). A collision of the 64-bit hashes
-        # would delay a write by at most PERSIST_LAST_SEEN_S.
-        sent = hash(tuple(datasets)) if datasets else None
-        with self._cv:
+        sent = _digest(datasets)
+        with self._persisted_lock:
             last = self._persisted.get(site_id)
             due = (
                 last is None
@@ -330,6 +325,13 @@ class Coordinator:
         if not weights.exists():
             weights = d / "mixture.json"  # a gmm job's model
         return (d / "model_card.json").read_text(), weights.read_bytes()
+
+
+def _digest(datasets: Sequence[DatasetInfo]) -> int | None:
+    """What a heartbeat compares with the datasets last written: a hash, not the datasets (their
+    column schemas, kept for every site, were megabytes at 200 sites). A collision of the
+    64-bit hashes would delay a write by at most PERSIST_LAST_SEEN_S."""
+    return hash(tuple(datasets)) if datasets else None
 
 
 def _dataset_dict(d: DatasetInfo) -> dict[str, object]:
