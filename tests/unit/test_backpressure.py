@@ -32,12 +32,23 @@ def _task(i: int) -> TaskAssignment:
     )
 
 
+def _dispatch(
+    broker: Broker, n: int, model: bytes = b""
+) -> tuple[queue.Queue[Result], list[TaskAssignment]]:
+    """Sites s0…s{n-1} connected, each sent its task t{i} of one round (one results queue)."""
+    results: queue.Queue[Result] = queue.Queue()
+    tasks = []
+    for i in range(n):
+        broker.connect(f"s{i}")
+        t = replace(_task(i), model_size=len(model))
+        broker.dispatch_into(f"s{i}", t, model, results)
+        tasks.append(t)
+    return results, tasks
+
+
 def test_an_upload_waits_while_the_round_holds_enough_unfolded_updates() -> None:
     broker = Broker()
-    results: queue.Queue[Result] = queue.Queue()
-    for i in range(3):
-        broker.connect(f"s{i}")
-        broker.dispatch_into(f"s{i}", _task(i), b"", results)
+    results, _ = _dispatch(broker, 3)
     results.put("a")  # type: ignore[arg-type]  # two results already waiting in the round
     results.put("b")  # type: ignore[arg-type]
     done = threading.Event()
@@ -69,10 +80,7 @@ def test_an_upload_for_a_finished_round_is_refused() -> None:
 
 def test_uploads_being_read_count_against_the_limit() -> None:
     broker = Broker()
-    results: queue.Queue[Result] = queue.Queue()
-    for i in range(3):
-        broker.connect(f"s{i}")
-        broker.dispatch_into(f"s{i}", _task(i), b"", results)
+    _dispatch(broker, 3)
     t0 = broker.wait_for_capacity("s0", "t0", limit=2, timeout_s=10)
     broker.wait_for_capacity("s1", "t1", limit=2, timeout_s=10)
     done = threading.Event()
@@ -93,10 +101,7 @@ def test_uploads_being_read_count_against_the_limit() -> None:
 def test_at_most_max_downloads_stream_at_once() -> None:
     broker = Broker()
     broker.max_downloads = 2
-    results: queue.Queue[Result] = queue.Queue()
-    for i in range(6):
-        broker.connect(f"s{i}")
-        broker.dispatch_into(f"s{i}", _task(i), b"model", results)
+    _dispatch(broker, 6, b"model")
     lock = threading.Lock()
     active, most = 0, 0
     release = threading.Event()
@@ -129,10 +134,7 @@ def test_a_download_waiting_for_a_slot_gives_up_when_its_caller_left() -> None:
 
     broker = Broker()
     broker.max_downloads = 1
-    results: queue.Queue[Result] = queue.Queue()
-    for i in range(2):
-        broker.connect(f"s{i}")
-        broker.dispatch_into(f"s{i}", _task(i), b"m", results)
+    _dispatch(broker, 2, b"m")
     with broker.download_slot("s0", "t0"):
         with pytest.raises(UnavailableError):
             with broker.download_slot("s1", "t1", alive=lambda: False):
@@ -184,11 +186,8 @@ def test_fetch_model_streams_to_at_most_max_downloads_sites_at_once() -> None:
     broker = Broker()
     broker.max_downloads = 3
     model = bytes(range(256)) * (3 * serde.CHUNK_SIZE // 256 + 1)
-    results: queue.Queue[Result] = queue.Queue()
     n = 8
-    for i in range(n):
-        broker.connect(f"s{i}")
-        broker.dispatch_into(f"s{i}", _task(i), model, results)
+    _dispatch(broker, n, model)
     servicer = AgentServicer(SimpleNamespace(broker=broker), Authorizer(mtls=False))  # type: ignore[arg-type]
     lock = threading.Lock()
     streaming, most = 0, 0
@@ -288,14 +287,8 @@ def test_a_gated_upload_sends_no_bytes_until_the_round_has_room(
     running = start_server(listen="127.0.0.1:0", state_dir=tmp_path)
     try:
         broker = running.coordinator.broker
-        results: queue.Queue[Result] = queue.Queue()
         model = b"m" * 300_000
-        tasks = []
-        for i in range(2):
-            broker.connect(f"s{i}")
-            t = replace(_task(i), model_size=len(model))
-            broker.dispatch_into(f"s{i}", t, model, results)
-            tasks.append(t)
+        results, tasks = _dispatch(broker, 2, model)
         for _ in range(4):  # the round holds four unfolded results: no room for uploads
             results.put("unfolded")  # type: ignore[arg-type]
         channel = grpc.insecure_channel(running.address, options=CHANNEL_OPTIONS)
@@ -390,10 +383,7 @@ print(peak)
 
 def test_waiting_uploads_are_admitted_in_arrival_order() -> None:
     broker = Broker()
-    results: queue.Queue[Result] = queue.Queue()
-    for i in range(6):
-        broker.connect(f"s{i}")
-        broker.dispatch_into(f"s{i}", _task(i), b"", results)
+    _dispatch(broker, 6)
     first = broker.wait_for_capacity("s0", "t0", limit=1, timeout_s=10)  # the round is full
     order: list[int] = []
     tokens: queue.Queue[int] = queue.Queue()
@@ -419,10 +409,7 @@ def test_waiting_uploads_are_admitted_in_arrival_order() -> None:
 
 def test_uploads_waiting_for_a_round_that_ends_leave_the_line() -> None:
     broker = Broker()
-    results: queue.Queue[Result] = queue.Queue()
-    for i in range(4):
-        broker.connect(f"s{i}")
-        broker.dispatch_into(f"s{i}", _task(i), b"", results)
+    _dispatch(broker, 4)
     broker.wait_for_capacity("s0", "t0", limit=1, timeout_s=10)
     errors: list[Exception] = []
 
@@ -446,10 +433,7 @@ def test_uploads_waiting_for_a_round_that_ends_leave_the_line() -> None:
 def test_the_upload_limit_defaults_to_the_brokers_max_uploads() -> None:
     broker = Broker()
     broker.max_uploads = 1
-    results: queue.Queue[Result] = queue.Queue()
-    for i in range(2):
-        broker.connect(f"s{i}")
-        broker.dispatch_into(f"s{i}", _task(i), b"", results)
+    _dispatch(broker, 2)
     t0 = broker.wait_for_capacity("s0", "t0", timeout_s=10)
     done = threading.Event()
     th = threading.Thread(
@@ -523,10 +507,7 @@ def test_a_transfer_that_takes_turns_is_told_when_to_come_back_and_keeps_its_pla
     from common.errors import TryLaterError
 
     broker = Broker()
-    results: queue.Queue[Result] = queue.Queue()
-    for i in range(4):
-        broker.connect(f"s{i}")
-        broker.dispatch_into(f"s{i}", _task(i), b"model", results)
+    _dispatch(broker, 4, b"model")
     first = broker.wait_for_capacity("s0", "t0", limit=1, wait=False)
     waits = []
     for i in (1, 2, 3):
@@ -592,14 +573,8 @@ def test_agents_that_take_turns_hold_no_orchestrator_thread_while_they_wait(
     running = start_server(listen="127.0.0.1:0", state_dir=tmp_path, max_downloads=1, max_uploads=1)
     try:
         broker = running.coordinator.broker
-        results: queue.Queue[Result] = queue.Queue()
         model = b"m" * (3 * serde.CHUNK_SIZE)
-        tasks = []
-        for i in range(n):
-            broker.connect(f"s{i}")
-            t = replace(_task(i), model_size=len(model))
-            broker.dispatch_into(f"s{i}", t, model, results)
-            tasks.append(t)
+        results, tasks = _dispatch(broker, n, model)
         channel = grpc.insecure_channel(running.address, options=CHANNEL_OPTIONS)
         stub = pb_grpc.AgentServiceStub(channel)
         delta = b"u" * (2 * serde.CHUNK_SIZE)
