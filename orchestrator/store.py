@@ -259,12 +259,7 @@ class Store:
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         with self.session() as s:
-            row = s.get(JobRow, job_id)
-            if row is None:
-                raise NotFoundError(f"no job with id {job_id!r}")
-            for k, v in fields.items():
-                setattr(row, k, v)
-            row.updated_at = time.time()
+            _update_job_row(s, job_id, fields)
 
     def add_event(self, job_id: str, level: str, message: str, *, site_id: str = "") -> None:
         with self.session() as s:
@@ -285,12 +280,7 @@ class Store:
             s.merge(rnd)
             for c in charges:
                 s.add(c)
-            row = s.get(JobRow, rnd.job_id)
-            if row is None:
-                raise NotFoundError(f"no job with id {rnd.job_id!r}")
-            for k, v in job_fields.items():
-                setattr(row, k, v)
-            row.updated_at = time.time()
+            _update_job_row(s, rnd.job_id, job_fields)
 
     # ---------------------------------------------------------------- mixture jobs
 
@@ -322,24 +312,14 @@ class Store:
         """Write a mixture job's checkpoint and/or charged releases (and job fields) at once."""
         with self.session() as s:
             self._set_gmm_state(s, job_id, checkpoint=checkpoint, charged=charged)
-            row = s.get(JobRow, job_id)
-            if row is None:
-                raise NotFoundError(f"no job with id {job_id!r}")
-            for k, v in job_fields.items():
-                setattr(row, k, v)
-            row.updated_at = time.time()
+            _update_job_row(s, job_id, job_fields)
 
     def commit_gmm_round(self, rnd: RoundRow, checkpoint: str, **job_fields: Any) -> None:
         """Record a mixture job's finished round with the checkpoint after it, atomically."""
         with self.session() as s:
             s.merge(rnd)
             self._set_gmm_state(s, rnd.job_id, checkpoint=checkpoint, charged=None)
-            row = s.get(JobRow, rnd.job_id)
-            if row is None:
-                raise NotFoundError(f"no job with id {rnd.job_id!r}")
-            for k, v in job_fields.items():
-                setattr(row, k, v)
-            row.updated_at = time.time()
+            _update_job_row(s, rnd.job_id, job_fields)
 
     def add_charges(self, charges: list[ChargeRow]) -> None:
         with self.session() as s:
@@ -372,3 +352,13 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
+
+
+def _update_job_row(s: Session, job_id: str, fields: dict[str, Any]) -> None:
+    """Set ``fields`` on the job's row in session ``s`` and stamp it updated."""
+    row = s.get(JobRow, job_id)
+    if row is None:
+        raise NotFoundError(f"no job with id {job_id!r}")
+    for k, v in fields.items():
+        setattr(row, k, v)
+    row.updated_at = time.time()
