@@ -76,6 +76,19 @@ BOUND = 12.0
 N_TRAIN, N_TEST = 120_000, 20_000
 
 
+def _environment(started: float, load_before: float, **versions: str) -> dict[str, Any]:
+    """The machine and the run, for the results file (``started``: ``time.perf_counter()``)."""
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        **versions,
+        "machine": platform.machine(),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
 def make_data(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train rows, train labels, test rows) of a fixed 4-component mixture in 5-D."""
     X, y, X_test, _, _ = make_data_with_truth(seed)
@@ -270,14 +283,7 @@ def bootstrap_main(args: argparse.Namespace) -> int:
             f"{f'{np.median(w):.2f} [{w.min():.2f}, {w.max():.2f}]':>28} "
             f"{np.median(row['mean_noise_only_over_se']):>13.2f}"
         )
-    env = {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "machine": platform.machine(),
-        "wall_s": round(time.perf_counter() - started, 1),
-        "cpu_count": os.cpu_count(),
-        "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-    }
+    env = _environment(started, load_before)
     config = {
         "K": K,
         "D": D,
@@ -369,15 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                         "rounds": rounds,
                     }
                 )
-    env = {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "sklearn": sklearn.__version__,
-        "machine": platform.machine(),
-        "wall_s": round(time.perf_counter() - started, 1),
-        "cpu_count": os.cpu_count(),
-        "loadavg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-    }
+    env = _environment(started, load_before, sklearn=sklearn.__version__)
     config = {
         "K": K,
         "D": D,
