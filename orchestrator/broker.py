@@ -44,7 +44,9 @@ MAX_DOWNLOADS = 8
 """Default number of model downloads (``FetchModel`` streams) served at once."""
 
 MAX_UPLOADS = 4
-"""Default number of updates a round holds at once: being read, or received and not folded."""
+"""Default number of updates a round holds at once, being read or queued to be folded. The one
+update the round is folding has left its queue and is not counted: at most MAX_UPLOADS + 1
+updates are in memory per round."""
 
 
 @dataclass
@@ -299,8 +301,8 @@ class Broker:
     ) -> int:
         """Backpressure for uploads: reserve one of ``limit`` (default :attr:`max_uploads`)
         places in the task's round
-        (updates received but not yet folded, plus uploads being read) before reading an
-        upload's bytes. Returns a token for :meth:`release_capacity`.
+        (updates queued for the round's fold, plus uploads being read; the one the round is
+        folding has left the queue and is not counted) before reading an upload's bytes. Returns a token for :meth:`release_capacity`.
 
         The round folds updates into its running sum one at a time; without this, many sites
         pushing at once would park one full model per site in memory, so the orchestrator's

@@ -123,8 +123,8 @@ def serve(
         int,
         typer.Option(
             min=1,
-            help="updates a round holds at once (memory ≈ this × model size); other sites wait "
-            "their turn (at the site)",
+            help="updates a round holds at once, being read or queued (memory ≈ (this + 1) × "
+            "model size, with the one it is folding); other sites wait their turn (at the site)",
         ),
     ] = 4,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
