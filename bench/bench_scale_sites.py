@@ -23,10 +23,12 @@ Two measurements, each case in a fresh child process so that memory baselines ar
    accounting is identical and hits the per-process cache (real sites would each pay it once,
    on their own machine).
 2. **Aggregation path.** The orchestrator's per-update work in isolation: N updates of a
-   model of P parameters, each decoded from safetensors bytes (``state_from_bytes``),
-   checked (``check_update``, ``l2_norm``) and folded into ``RunningWeightedMean``, then
-   ``mean`` + ``apply_delta``; peak RSS above the baseline (the reference state and one
-   update's bytes already in memory), divided by the model's float32 size. For contrast,
+   model of P parameters, each taken as ``PushUpdate`` takes it (128 KiB chunks into a spool
+   file, ``orchestrator.spool.receive``), read piece by piece (``SafetensorsPieces``),
+   checked (``check_update``, which also gives the norm) and folded into
+   ``RunningWeightedMean``, then ``mean`` + ``apply_delta``; peak RSS above the baseline (the
+   reference state and one update's bytes already in memory), divided by the model's
+   float32 size. For contrast,
    Flower's ``aggregate`` (``flwr.server.strategy.aggregate``), which needs all N updates in
    memory, on the 1M model.
 
@@ -204,8 +206,15 @@ def live_case(n: int, rounds: int, max_workers: int, legacy: bool = False) -> di
 def agg_case(params: int, n: int, method: str) -> dict[str, Any]:
     import torch
 
-    from common.tensors import check_update, l2_norm, state_from_bytes, state_to_bytes
+    from common.tensors import (
+        SafetensorsPieces,
+        check_update,
+        iter_chunks,
+        state_from_bytes,
+        state_to_bytes,
+    )
     from orchestrator.aggregation import RunningWeightedMean, apply_delta
+    from orchestrator.spool import receive
 
     # Two tensors like a dense layer and its bias; params in total.
     cols = 1000
@@ -216,10 +225,14 @@ def agg_case(params: int, n: int, method: str) -> dict[str, Any]:
     blob = state_to_bytes(delta)
     del delta
     model_bytes = params * 4
+    spool_dir = Path(tempfile.mkdtemp(prefix="dpfed-agg-spool-"))
+
+    def spooled() -> Any:  # as PushUpdate takes an upload: chunk by chunk into a spool file
+        return receive(iter_chunks(blob, 128 << 10), size=len(blob), spool_dir=spool_dir)
+
     # Warm up the code path once, then take the baseline.
-    d = state_from_bytes(blob)
-    check_update(d, state)
-    del d
+    with spooled() as payload:
+        check_update(SafetensorsPieces(payload), state)
     gc.collect()
     base = h.rss_mib()
     peak_before = h.max_rss_mib()
@@ -228,10 +241,10 @@ def agg_case(params: int, n: int, method: str) -> dict[str, Any]:
         if method == "running":
             agg = RunningWeightedMean(state)
             for i in range(n):
-                d = state_from_bytes(blob)
-                check_update(d, state)
-                l2_norm(d)
-                agg.add(d, 10.0 + i)
+                with spooled() as payload:
+                    d = SafetensorsPieces(payload)
+                    check_update(d, state)  # and the norm, in the same pass
+                    agg.add(d, 10.0 + i)
                 del d
             new = apply_delta(state, agg.mean())
         else:
@@ -245,6 +258,7 @@ def agg_case(params: int, n: int, method: str) -> dict[str, Any]:
             new = aggregate(results)
         del new
     seconds = time.perf_counter() - t0
+    shutil.rmtree(spool_dir, ignore_errors=True)
     peak_after = h.max_rss_mib()
     peak = max(rss.peak, peak_after if peak_after > peak_before else 0.0)
     return {

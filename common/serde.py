@@ -8,6 +8,7 @@ values read from the wire happens here too, so that a malformed message becomes 
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 
@@ -79,17 +80,16 @@ def blob_to_chunks(data: bytes, *, chunk_size: int = CHUNK_SIZE) -> Iterator[Pro
         yield ProtoChunk(data=bytes(view[off : off + chunk_size]), offset=off, total_size=total)
 
 
-def blob_from_chunks(chunks: Iterable[ProtoChunk], *, expected_size: int | None = None) -> bytes:
-    """Reassemble a blob, checking offsets are contiguous and the size is what was announced.
+def chunk_data(
+    chunks: Iterable[ProtoChunk], *, expected_size: int | None = None
+) -> Iterator[bytes]:
+    """The data of a chunk stream, piece by piece, checking that offsets are contiguous and that
+    the size is what was announced (``expected_size``, else the first chunk's ``total_size``).
 
-    The result is built in place, without a second full copy: the buffer is one ``bytes`` of
-    the announced size, allocated zero-filled (``calloc``: pages the stream never fills are
-    not even touched) when the first chunk arrives, written chunk by chunk through a
-    ``BytesIO`` that owns it, and handed out by ``getvalue()``, which returns that very object
-    when it is exactly full. Peak memory is the blob plus one chunk, not twice the blob (the
-    previous ``bytearray`` + ``bytes(buf)`` held both at the end).
+    Raises InvalidSpecError at the first chunk that breaks the stream, or at its end when it
+    stops short; a consumer that writes the pieces somewhere has therefore seen them all
+    only when the iteration ends without error.
     """
-    out: io.BytesIO | None = None
     total: int | None = expected_size
     received = 0
     for ch in chunks:
@@ -102,15 +102,36 @@ def blob_from_chunks(chunks: Iterable[ProtoChunk], *, expected_size: int | None 
         data = ch.data
         if total < 0 or total > MAX_BLOB_SIZE or received + len(data) > total:
             raise InvalidSpecError("chunk stream is larger than its announced size")
-        if out is None:
-            # The only reference to the new bytes is the BytesIO's: it writes into it in
-            # place (a shared buffer would be copied on the first write).
-            out = io.BytesIO(bytes(total))
-        out.write(data)
         received += len(data)
+        yield data
         del data
     if total is not None and received != total:
         raise InvalidSpecError(f"chunk stream ended after {received} of {total} bytes")
+
+
+def blob_from_chunks(chunks: Iterable[ProtoChunk], *, expected_size: int | None = None) -> bytes:
+    """Reassemble a blob (:func:`chunk_data`'s checks).
+
+    The result is built in place, without a second full copy: the buffer is one ``bytes`` of
+    the announced size, allocated zero-filled (``calloc``: pages the stream never fills are
+    not even touched) when the first chunk arrives, written chunk by chunk through a
+    ``BytesIO`` that owns it, and handed out by ``getvalue()``, which returns that very object
+    when it is exactly full. Peak memory is the blob plus one chunk, not twice the blob (the
+    previous ``bytearray`` + ``bytes(buf)`` held both at the end).
+    """
+    it = iter(chunks)
+    first = next(it, None)
+    if first is None:
+        it, total = iter(()), expected_size or 0
+    else:
+        it, total = itertools.chain((first,), it), first.total_size
+    out: io.BytesIO | None = None
+    for data in chunk_data(it, expected_size=expected_size):
+        if out is None:  # the sizes are checked: allocate the announced size
+            # The only reference to the new bytes is the BytesIO's: it writes into it in
+            # place (a shared buffer would be copied on the first write).
+            out = io.BytesIO(bytes(total if expected_size is None else expected_size))
+        out.write(data)
     if out is None:
         return b""
     return out.getvalue()

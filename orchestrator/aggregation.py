@@ -3,6 +3,8 @@
 ``flwr.server.strategy.aggregate.aggregate`` computes the same weighted mean but needs every
 site's update in memory at once; here each update is added to a float64 running sum and
 dropped, so peak memory is a small multiple of the model size whatever the number of sites.
+An update is added piece by piece (``common.tensors.Pieces``): the round reads a spooled upload
+from disk a piece at a time and never holds it whole.
 ``tests/unit/test_aggregation.py`` checks the result against Flower's function.
 
 Averaging DP-noised deltas is post-processing: it costs no privacy (Dwork & Roth 2014, Prop. 2.1).
@@ -16,7 +18,7 @@ from collections.abc import Mapping
 import torch
 
 from common.errors import InvalidUpdateError
-from common.tensors import flat_parts
+from common.tensors import StateLike, as_pieces, flat_parts
 
 
 class RunningWeightedMean:
@@ -31,19 +33,20 @@ class RunningWeightedMean:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
+    def add(self, delta: StateLike, weight: float) -> None:
         if not (weight > 0 and math.isfinite(weight)):
             raise InvalidUpdateError(f"aggregation weight must be positive, got {weight}")
-        if delta.keys() != self._sum.keys():
+        upd = as_pieces(delta)
+        if set(upd.names()) != self._sum.keys():
             raise InvalidUpdateError("update tensors do not match the model's")
         for k, acc in self._sum.items():
-            if delta[k].shape != acc.shape:
+            if upd.shape(k) != tuple(acc.shape):
                 raise InvalidUpdateError(
-                    f"tensor {k!r} has shape {tuple(delta[k].shape)}, expected {tuple(acc.shape)}"
+                    f"tensor {k!r} has shape {upd.shape(k)}, expected {tuple(acc.shape)}"
                 )
         # Piece by piece: a float64 copy of a whole update was the fold's largest temporary.
         for k, acc in self._sum.items():
-            for a, d in zip(flat_parts(acc), flat_parts(delta[k]), strict=True):
+            for a, d in zip(flat_parts(acc), upd.pieces(k), strict=True):
                 a.add_(d.to(torch.float64), alpha=float(weight))
         self.total_weight += float(weight)
         self.count += 1

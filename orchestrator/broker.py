@@ -24,13 +24,14 @@ from common.errors import (
     TryLaterError,
     UnavailableError,
 )
+from orchestrator.spool import Payload
 from orchestrator.turns import TurnLine
 
 
 @dataclass(frozen=True)
 class UpdateResult:
     meta: UpdateMeta
-    blob: bytes
+    payload: Payload  # the round closes it once the update is folded or rejected
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,9 @@ MAX_DOWNLOADS = 8
 """Default number of model downloads (``FetchModel`` streams) served at once."""
 
 MAX_UPLOADS = 4
-"""Default number of updates a round holds at once, being read or queued to be folded. The one
+"""Default number of updates a round takes at once, being read or queued to be folded. The one
 update the round is folding has left its queue and is not counted: at most MAX_UPLOADS + 1
-updates are in memory per round."""
+updates per round are spooled (``orchestrator.spool``: on disk, one chunk of memory each)."""
 
 
 @dataclass
@@ -300,13 +301,14 @@ class Broker:
         wait: bool = True,
     ) -> int:
         """Backpressure for uploads: reserve one of ``limit`` (default :attr:`max_uploads`)
-        places in the task's round
-        (updates queued for the round's fold, plus uploads being read; the one the round is
-        folding has left the queue and is not counted) before reading an upload's bytes. Returns a token for :meth:`release_capacity`.
+        places in the task's round (updates queued for the round's fold, plus uploads being
+        read; the one the round is folding has left the queue and is not counted) before
+        reading an upload's bytes. Returns a token for :meth:`release_capacity`.
 
         The round folds updates into its running sum one at a time; without this, many sites
-        pushing at once would park one full model per site in memory, so the orchestrator's
-        memory would grow with the number of sites. gRPC flow control alone does not hold a
+        pushing at once would park one full model per site in the spool (and, as gRPC
+        buffers, in memory), so the orchestrator's resources would grow with the number of
+        sites. gRPC flow control alone does not hold a
         waiting upload back: once its bandwidth-delay probing has grown the windows, a stream
         may send ~4 MiB unread. The servicer therefore sends the agent its go
         (``common.transport.UPLOAD_GATE``) only after this returns.
@@ -358,17 +360,19 @@ class Broker:
                 self._admitted.pop(token, None)
             self._uploads_cv.notify_all()
 
-    def push_update(self, meta: UpdateMeta, blob: bytes) -> None:
+    def push_update(self, meta: UpdateMeta, payload: Payload | bytes) -> None:
+        if isinstance(payload, bytes):
+            payload = Payload.from_bytes(payload)
         with self._cv:
             self._refuse_if_closed()
             p = self._owned(meta.site_id, meta.task_id)
-            if len(blob) != meta.total_size:
+            if payload.size != meta.total_size:
                 raise InvalidSpecError(
-                    f"update for task {meta.task_id} has {len(blob)} bytes, "
+                    f"update for task {meta.task_id} has {payload.size} bytes, "
                     f"header announced {meta.total_size}"
                 )
             self._finish_locked(meta.task_id)
-            p.results.put(UpdateResult(meta=meta, blob=blob))
+            p.results.put(UpdateResult(meta=meta, payload=payload))
 
     def report_failure(self, failure: TaskFailure) -> None:
         with self._cv:

@@ -123,8 +123,9 @@ def serve(
         int,
         typer.Option(
             min=1,
-            help="updates a round holds at once, being read or queued (memory ≈ (this + 1) × "
-            "model size, with the one it is folding); other sites wait their turn (at the site)",
+            help="updates a round takes at once, being read or queued in spool files under the "
+            "state directory (disk ≈ (this + 1) × model size, with the one it is folding; memory "
+            "one chunk each); other sites wait their turn (at the site)",
         ),
     ] = 4,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",

@@ -40,6 +40,7 @@ from orchestrator.evaluation import evaluate_model
 from orchestrator.gmm_runner import GmmRunner, build_machine, declared_box
 from orchestrator.planning import ACCOUNTANT, plan_job, site_dataset
 from orchestrator.rounds import JobRunner
+from orchestrator.spool import Payload
 from orchestrator.store import JobRow, Store
 from orchestrator.views import charged_events, job_status, ledger_rows, site_status
 
@@ -55,6 +56,7 @@ class Coordinator:
     ) -> None:
         self.store = Store(state_dir, url=db_url)
         self.broker = Broker(offline_after_s=offline_after_s)
+        self.spool_dir: Path | None = self.store.paths.spool
         self._stopping = threading.Event()
         self._runners: dict[str, JobRunner | GmmRunner] = {}
         self._cv = threading.Condition()
@@ -156,8 +158,8 @@ class Coordinator:
     def model_blob(self, site_id: str, task_id: str) -> bytes:
         return self.broker.model_blob(site_id, task_id)
 
-    def push_update(self, meta: UpdateMeta, blob: bytes) -> None:
-        self.broker.push_update(meta, blob)
+    def push_update(self, meta: UpdateMeta, payload: Payload) -> None:
+        self.broker.push_update(meta, payload)
 
     def report_failure(self, failure: TaskFailure) -> None:
         self.broker.report_failure(failure)

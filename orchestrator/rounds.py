@@ -31,7 +31,7 @@ from common.domain import TaskAssignment, UpdateMeta
 from common.errors import InvalidUpdateError, JobFailedError, PrivacyAccountingError
 from common.models import build_model, save_model
 from common.specs import JobSpec, job_spec_from_json
-from common.tensors import check_update, l2_norm, state_from_bytes, state_to_bytes
+from common.tensors import SafetensorsPieces, check_update, state_from_bytes, state_to_bytes
 from common.version import __version__
 from orchestrator.aggregation import RunningWeightedMean, apply_delta
 from orchestrator.auditing import run_audit
@@ -224,21 +224,23 @@ class JobRunner(JobThread):
             if res.meta.task_id not in outstanding:
                 continue
             p = outstanding.pop(res.meta.task_id)
-            try:
-                delta = self._check(res, state, p)
-            except InvalidUpdateError as err:
-                # A rejected update is not part of the model, so it is not charged to the
-                # job's ε (a site claiming σ≈0 must not be able to void everyone's job); the
-                # event names the site and the reason, and the site's own ledger keeps it.
-                msg = f"rejected the update of site {p.site_id} in round {rnd}: {err}"
-                problems.append(msg)
-                self._event("warning", msg, p.site_id)
-                continue
-            self._record_received(rnd, p, res)
-            if sdp is not None:
-                sdp.add(delta)
-            else:
-                agg.add(delta, res.meta.num_examples)
+            with res.payload:  # read piece by piece from its spool file, then let go of it
+                try:
+                    delta, norm = self._check(res, state, p)
+                except InvalidUpdateError as err:
+                    # A rejected update is not part of the model, so it is not charged to the
+                    # job's ε (a site claiming σ≈0 must not be able to void everyone's job);
+                    # the event names the site and the reason, and the site's own ledger
+                    # keeps it.
+                    msg = f"rejected the update of site {p.site_id} in round {rnd}: {err}"
+                    problems.append(msg)
+                    self._event("warning", msg, p.site_id)
+                    continue
+                self._record_received(rnd, p, res)
+                if sdp is not None:
+                    sdp.add(delta, norm)
+                else:
+                    agg.add(delta, res.meta.num_examples)
             accepted.append(res.meta)
             del delta, res
 
@@ -254,6 +256,8 @@ class JobRunner(JobThread):
                     res = results.get_nowait()
                 except queue.Empty:
                     break
+                if isinstance(res, UpdateResult):
+                    res.payload.close()
                 if isinstance(res, UpdateResult) and res.meta.task_id in outstanding:
                     p = outstanding[res.meta.task_id]
                     try:
@@ -286,7 +290,9 @@ class JobRunner(JobThread):
                 )
         else:
             mean = agg.mean()
+        del agg, sdp  # the float64 sum (twice the model) goes before the new state is built
         new_state = apply_delta(state, mean)
+        del mean
         atomic_write(self.store.paths.checkpoint(self.job_id, rnd), state_to_bytes(new_state))
         loss, acc, exact = _pooled_metrics(accepted)
         epsilon, _ = self._job_epsilon()
@@ -373,11 +379,12 @@ class JobRunner(JobThread):
 
     def _check(
         self, res: UpdateResult, state: dict[str, torch.Tensor], p: Participant
-    ) -> dict[str, torch.Tensor]:
-        """Reject an update that does not match the model or its own DP report."""
+    ) -> tuple[SafetensorsPieces, float]:
+        """Reject an update that does not match the model or its own DP report; return it,
+        to be read piece by piece, and its L2 norm."""
         spec = self.spec
         meta = res.meta
-        if hashlib.sha256(res.blob).hexdigest() != meta.sha256:
+        if res.payload.sha256 != meta.sha256:
             raise InvalidUpdateError("its bytes do not match the announced sha256")
         train = self._check_report(res, p)
         rep = meta.dp_report
@@ -390,17 +397,16 @@ class JobRunner(JobThread):
         if meta.metrics is not None and meta.metrics.exact and not spec.metrics.exact:
             raise InvalidUpdateError("it carries exact metrics the job did not ask for")
         try:
-            delta = state_from_bytes(res.blob)
-        except Exception as err:
+            delta = SafetensorsPieces(res.payload)  # checks the header; reads no value yet
+        except InvalidUpdateError as err:
             raise InvalidUpdateError(f"its tensors cannot be decoded: {err}") from None
-        check_update(delta, state)
+        norm = check_update(delta, state)
         bound = _norm_bound(spec, train, num_params=sum(v.numel() for v in state.values()))
-        norm = l2_norm(delta)
         if norm > bound:
             raise InvalidUpdateError(
                 f"its norm {norm:.3g} is inconsistent with its DP report (bound {bound:.3g})"
             )
-        return delta
+        return delta, norm
 
     # ------------------------------------------------------------------ accounting
 

@@ -146,9 +146,9 @@ def start_server(
     ``max_downloads`` model downloads stream at once; the others wait their turn
     (``orchestrator.turns``): a current agent on its side, told when to ask again; an older
     one in a worker thread. So the orchestrator's memory does not grow with the number of
-    sites fetching the model together. ``max_uploads`` updates a round holds at once (being
-    read or waiting to be folded); the other sites keep theirs until they get the go, and
-    take turns the same way.
+    sites fetching the model together. ``max_uploads`` updates a round takes at once (being
+    read or waiting to be folded, in spool files: ``orchestrator.spool``); the other sites keep
+    theirs until they get the go, and take turns the same way.
     ``bench/RESULTS.md`` §2 measures the resulting peak. ``malloc_mmap_threshold``: see
     :func:`return_large_buffers_to_os`; ``malloc_arena_max``: see :func:`share_malloc_arenas`
     (None leaves the allocator alone).

@@ -19,6 +19,7 @@ from common import serde
 from common.domain import TaskFailure
 from common.errors import DpfedError, InvalidSpecError, TryLaterError
 from common.transport import RETRY_AFTER_MS, TURNS, UPLOAD_GATE
+from orchestrator import spool
 from orchestrator.auth import OPERATOR_ONLY, SCIENTIST_OR_OPERATOR, Authorizer
 from orchestrator.coordinator import Coordinator
 from orchestrator.metrics import COUNTERS
@@ -133,8 +134,13 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                     )
                 )
             raise
-        # Ownership is checked before the bytes are read; then wait for room in the round.
-        self.c.model_blob(meta.site_id, meta.task_id)
+        # Ownership and size are checked before the bytes are read; then wait for room.
+        model_size = len(self.c.model_blob(meta.site_id, meta.task_id))
+        if meta.total_size > spool.max_update_size(model_size):
+            raise InvalidSpecError(
+                f"the update announces {meta.total_size} bytes; a task whose model has "
+                f"{model_size} bytes takes at most {spool.max_update_size(model_size)}"
+            )
         token = self.c.broker.wait_for_capacity(
             meta.site_id, meta.task_id, wait=not _takes_turns(context)
         )
@@ -148,9 +154,17 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         try:
             # The go: an agent that saw UPLOAD_GATE in FetchModel holds its chunks until now.
             context.send_initial_metadata((UPLOAD_GATE,))
-            blob = serde.blob_from_chunks(chunks(), expected_size=meta.total_size)
-            COUNTERS.inc("dpfed_bytes_received_total", len(blob), kind="update")
-            self.c.push_update(meta, blob)
+            payload = spool.receive(
+                serde.chunk_data(chunks(), expected_size=meta.total_size),
+                size=meta.total_size,
+                spool_dir=self.c.spool_dir,
+            )
+            COUNTERS.inc("dpfed_bytes_received_total", payload.size, kind="update")
+            try:
+                self.c.push_update(meta, payload)
+            except BaseException:
+                payload.close()
+                raise
         finally:
             self.c.broker.release_capacity(token)
         return pb.PushUpdateResponse(accepted=True, message="received")

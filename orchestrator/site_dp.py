@@ -22,7 +22,6 @@ relies on the orchestrator applying it honestly (it is the orchestrator's noise)
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +29,7 @@ import torch
 from common.accounting import DpEvent
 from common.errors import InvalidSpecError
 from common.specs import SiteDPSpec
-from common.tensors import l2_norm
+from common.tensors import StateLike, as_pieces, flat_parts, l2_norm
 
 
 def sum_noise_multiplier(z: float, count_sigma: float | None) -> float:
@@ -61,14 +60,24 @@ class SiteDPRound:
         self.unclipped = 0
         self.count = 0
 
-    def add(self, delta: Mapping[str, torch.Tensor]) -> float:
-        """Clip one site's update to the clip norm and add it; returns its norm before."""
-        norm = l2_norm(delta)
+    def add(self, delta: StateLike, norm: float | None = None) -> float:
+        """Clip one site's update to the clip norm and add it; returns its norm before.
+
+        ``norm`` is the update's L2 norm when the caller has it already (``check_update``
+        returns it), which saves a pass over the update's values."""
+        upd = as_pieces(delta)
+        norm = l2_norm(upd) if norm is None else norm
         scale = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
         if self._sum is None:
-            self._sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in delta.items()}
+            # Sorted names: the noise is drawn in the same order whatever the update's format.
+            self._sum = {
+                k: torch.zeros(upd.shape(k), dtype=torch.float64) for k in sorted(upd.names())
+            }
+        elif set(upd.names()) != self._sum.keys():
+            raise InvalidSpecError("site-level DP: an update's tensors differ from the first one's")
         for k, acc in self._sum.items():
-            acc.add_(delta[k].to(torch.float64), alpha=scale)
+            for a, d in zip(flat_parts(acc), upd.pieces(k), strict=True):
+                a.add_(d.to(torch.float64), alpha=scale)
         self.unclipped += int(norm <= self.clip_norm)
         self.count += 1
         return norm

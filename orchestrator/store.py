@@ -144,6 +144,11 @@ class StorePaths:
     def models(self) -> Path:
         return self.root / "models"
 
+    @property
+    def spool(self) -> Path:
+        """Uploads waiting for their round's fold, in anonymous files (``orchestrator.spool``)."""
+        return self.root / "spool"
+
     def checkpoint(self, job_id: str, round_: int) -> Path:
         return self.checkpoints / job_id / f"round-{round_:05d}.safetensors"
 

@@ -228,7 +228,17 @@ def test_site_that_disappears_is_named_and_job_continues(net_factory: Any) -> No
         assert any(e.site_id == "c" for e in st.events if e.level == "warning")
 
 
-def test_large_model_travels_in_chunks(net_factory: Any) -> None:
+def test_large_model_travels_in_chunks(net_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator import spool
+
+    received: list[spool.Payload] = []
+    original = spool.receive
+
+    def receive(*args: Any, **kwargs: Any) -> spool.Payload:
+        received.append(original(*args, **kwargs))
+        return received[-1]
+
+    monkeypatch.setattr(spool, "receive", receive)
     net = net_factory({"a": {}})
     # 64*2048 + 2048*640 + ... ≈ 1.5M parameters ≈ 6 MB: above gRPC's 4 MiB message limit.
     spec = _job(
@@ -242,6 +252,11 @@ def test_large_model_travels_in_chunks(net_factory: Any) -> None:
         assert st.state == "completed", st.error
         _, weights = c.download(st.job_id)
     assert len(weights) > 5_000_000
+    # The update waited for its fold in a spool file, which the round closed after folding.
+    assert [p.spooled for p in received] == [True]
+    with pytest.raises(ValueError, match="closed"):
+        received[0].read_at(0, 1)
+    assert list((net.root / "orch" / "spool").iterdir()) == []
 
 
 def test_update_charges_match_dp_events(net_factory: Any, tmp_path: Path) -> None:

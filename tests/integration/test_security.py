@@ -577,7 +577,9 @@ def test_oversized_messages_are_refused_and_the_server_stays_up(
 ) -> None:
     analyst, site = dial.mtls(pki.user("analyst")), dial.mtls(pki.site("bank-a"))
     register(site, "bank-a")
-    task_id, results = dispatch(server, "bank-a", b"model")
+    # A model as large as the update below, so that the update's size is allowed and it is the
+    # message that is too large.
+    task_id, results = dispatch(server, "bank-a", b"\0" * (9 * MiB))
 
     big = pb.SubmitJobRequest(job_spec_json="x" * (9 * MiB))
     code, details, _ = rpc(analyst, "ControlService", "SubmitJob", big)
@@ -622,11 +624,15 @@ def test_malformed_update_streams_are_invalid_arguments(
         "negative total": [hdr(b"", total_size=-1)],
         "negative total in chunks": [hdr(b"", total_size=-1), chunk_msg(b"", 0, -1)],
         "absurd total": [hdr(abc, total_size=5 << 30), chunk_msg(abc, 0, 5 << 30)],
+        # b"model" is 5 bytes: an update may not announce much more than its model
+        "more than the task takes": [hdr(abc, total_size=(1 << 20) + 6)],
     }
     for what, stream in streams.items():
         code, details, _ = rpc(site, "AgentService", "PushUpdate", stream)
         assert code == CODE.INVALID_ARGUMENT, f"{what}: {code} {details}"
         assert "internal" not in details.lower(), details
+        if what == "more than the task takes":
+            assert "takes at most 1048581" in details, details
     # None of it reached the round, and the task is still open for a correct answer.
     assert drained(results) == []
     code, details, resp = rpc(
@@ -637,7 +643,7 @@ def test_malformed_update_streams_are_invalid_arguments(
     )
     assert code == CODE.OK and resp[0].accepted, details
     (res,) = drained(results)
-    assert isinstance(res, UpdateResult) and res.blob == six
+    assert isinstance(res, UpdateResult) and res.payload.read_all() == six
     # A header that does not parse is the site's answer: the round hears of it at once
     # (instead of waiting for its deadline), as a failure naming the problem.
     task_id, results = dispatch(server, "bank-a", b"model")

@@ -176,7 +176,7 @@ def test_another_site_cannot_touch_a_task(broker: Broker) -> None:
     res = only_result(results)
     assert isinstance(res, UpdateResult)
     assert res.meta.site_id == "site-a"
-    assert res.blob == DELTA
+    assert res.payload.read_all() == DELTA
 
 
 def test_unknown_task_is_not_found(broker: Broker) -> None:
