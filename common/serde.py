@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from common.accounting import DpEvent
 from common.domain import (
@@ -70,14 +70,31 @@ MAX_BLOB_SIZE = 4 << 30  # refuse to assemble more than 4 GiB from a stream
 # ------------------------------------------------------------------ chunks
 
 
-def blob_to_chunks(data: bytes, *, chunk_size: int = CHUNK_SIZE) -> Iterator[ProtoChunk]:
-    total = len(data)
+def blob_to_chunks(
+    data: bytes | Callable[[int, int], bytes],
+    total: int | None = None,
+    *,
+    chunk_size: int = CHUNK_SIZE,
+) -> Iterator[ProtoChunk]:
+    """Chunk messages of ``data``: bytes, or a function reading ``(offset, size)`` from
+    bytes of length ``total`` that lie elsewhere (a file), read one chunk at a time."""
+    read: Callable[[int, int], bytes]
+    if isinstance(data, bytes):
+        view = memoryview(data)
+        total = len(data)
+
+        def read(off: int, size: int) -> bytes:
+            return bytes(view[off : off + size])
+
+    else:
+        if total is None:
+            raise ValueError("a reader needs the total size")
+        read = data
     if total == 0:
         yield ProtoChunk(data=b"", offset=0, total_size=0)
         return
-    view = memoryview(data)
     for off in range(0, total, chunk_size):
-        yield ProtoChunk(data=bytes(view[off : off + chunk_size]), offset=off, total_size=total)
+        yield ProtoChunk(data=read(off, min(chunk_size, total - off)), offset=off, total_size=total)
 
 
 def chunk_data(

@@ -54,7 +54,7 @@ updates per round are spooled (``orchestrator.spool``: on disk, one chunk of mem
 class _Pending:
     assignment: TaskAssignment
     site_id: str
-    blob: bytes
+    model: Payload  # what FetchModel streams; shared by the round's tasks
     results: queue.Queue[Result]
     delivered: bool = False
 
@@ -161,17 +161,25 @@ class Broker:
     # ------------------------------------------------------------ rounds side
 
     def dispatch(
-        self, site_id: str, assignment: TaskAssignment, blob: bytes
+        self, site_id: str, assignment: TaskAssignment, model: Payload | bytes
     ) -> queue.Queue[Result]:
         results: queue.Queue[Result] = queue.Queue()
-        self.dispatch_into(site_id, assignment, blob, results)
+        self.dispatch_into(site_id, assignment, model, results)
         return results
 
     def dispatch_into(
-        self, site_id: str, assignment: TaskAssignment, blob: bytes, results: queue.Queue[Result]
+        self,
+        site_id: str,
+        assignment: TaskAssignment,
+        model: Payload | bytes,
+        results: queue.Queue[Result],
     ) -> None:
+        """Queue ``assignment`` for ``site_id``; its site fetches ``model`` (bytes, or a
+        payload that a round spooled to disk and shares between its tasks)."""
+        if isinstance(model, bytes):
+            model = Payload.from_bytes(model)
         with self._cv:
-            self._pending[assignment.task_id] = _Pending(assignment, site_id, blob, results)
+            self._pending[assignment.task_id] = _Pending(assignment, site_id, model, results)
             self._queues.setdefault(site_id, deque()).append(assignment.task_id)
             self._cv.notify_all()
 
@@ -228,10 +236,9 @@ class Broker:
                     return None
                 self._cv.wait(timeout=remaining)
 
-    def model_blob(self, site_id: str, task_id: str) -> bytes:
+    def model(self, site_id: str, task_id: str) -> Payload:
         with self._cv:
-            p = self._owned(site_id, task_id)
-            return p.blob
+            return self._owned(site_id, task_id).model
 
     @contextlib.contextmanager
     def download_slot(
@@ -242,22 +249,22 @@ class Broker:
         timeout_s: float = 600.0,
         alive: Callable[[], bool] | None = None,
         wait: bool = True,
-    ) -> Iterator[bytes]:
+    ) -> Iterator[Payload]:
         """Backpressure for downloads: hold one of ``max_downloads`` places while a task's
-        model is streamed to its site; yields the model's bytes.
+        model is streamed to its site; yields the model.
 
         Each download in flight holds a chunk at every stage of gRPC's send path
         (``blob_to_chunks``'s slice, the protobuf message, its serialization, the C-core's
         copy waiting for the socket), and its worker thread's malloc arena keeps what it
         freed; with every site fetching at once that grew with the number of sites. The model
-        bytes themselves are one shared object. Downloads take turns first come, first served
+        itself is one shared payload (a training round's lies in a spool file). Downloads take turns first come, first served
         (``orchestrator.turns``). ``wait=False`` (the agent waits on its side) raises
         TryLaterError with the time to ask again when there is no turn yet; ``wait=True`` waits
         here. Raises NotFoundError when the task's round ended, UnavailableError when
         ``alive()`` turns false (the caller went away) or after ``timeout_s``.
         """
         deadline = time.time() + timeout_s
-        self.model_blob(site_id, task_id)  # unknown or foreign tasks fail before waiting
+        self.model(site_id, task_id)  # unknown or foreign tasks fail before waiting
         line = self._download_line
         with self._downloads_cv:
             while True:
@@ -281,7 +288,7 @@ class Broker:
                 self._downloads_cv.wait(timeout=min(deadline - time.time(), retry, 0.5))
             self._downloads += 1
         try:
-            yield self.model_blob(site_id, task_id)
+            yield self.model(site_id, task_id)
         finally:
             with self._downloads_cv:
                 self._downloads -= 1

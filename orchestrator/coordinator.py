@@ -155,8 +155,8 @@ class Coordinator:
     def pull(self, site_id: str, session_id: str, wait_s: float) -> TaskAssignment | None:
         return self.broker.pull(site_id, session_id, wait_s=wait_s)
 
-    def model_blob(self, site_id: str, task_id: str) -> bytes:
-        return self.broker.model_blob(site_id, task_id)
+    def model(self, site_id: str, task_id: str) -> Payload:
+        return self.broker.model(site_id, task_id)
 
     def push_update(self, meta: UpdateMeta, payload: Payload) -> None:
         self.broker.push_update(meta, payload)

@@ -14,7 +14,6 @@ is then run again) still counts what it received.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -31,8 +30,15 @@ from common.domain import TaskAssignment, UpdateMeta
 from common.errors import InvalidUpdateError, JobFailedError, PrivacyAccountingError
 from common.models import build_model, save_model
 from common.specs import JobSpec, job_spec_from_json
-from common.tensors import SafetensorsPieces, check_update, state_from_bytes, state_to_bytes
+from common.tensors import (
+    SafetensorsPieces,
+    check_update,
+    iter_chunks,
+    state_from_bytes,
+    state_to_bytes,
+)
 from common.version import __version__
+from orchestrator import spool
 from orchestrator.aggregation import RunningWeightedMean, apply_delta
 from orchestrator.auditing import run_audit
 from orchestrator.broker import FailureResult, Result, UpdateResult
@@ -165,10 +171,28 @@ class JobRunner(JobThread):
     def _round(
         self, rnd: int, state: dict[str, torch.Tensor], participants: list[Participant]
     ) -> tuple[dict[str, torch.Tensor], list[Participant]]:
-        spec = self.spec
         t0 = time.time()
+        # The sites fetch the model from a spool file (read a chunk at a time), so the round
+        # holds no serialised copy of it. A fetch still running when the round is over (its
+        # task was cancelled) is told NOT_FOUND.
         blob = state_to_bytes(state)
-        sha = hashlib.sha256(blob).hexdigest()
+        model = spool.receive(iter_chunks(blob), size=len(blob), spool_dir=self.store.paths.spool)
+        del blob
+        try:
+            return self._run_round(rnd, state, participants, model, t0)
+        finally:
+            model.close()
+
+    def _run_round(
+        self,
+        rnd: int,
+        state: dict[str, torch.Tensor],
+        participants: list[Participant],
+        model: spool.Payload,
+        t0: float,
+    ) -> tuple[dict[str, torch.Tensor], list[Participant]]:
+        spec = self.spec
+        sha = model.sha256
         deadline = t0 + spec.round_timeout_s
         results: queue.Queue[Result] = queue.Queue()
         outstanding: dict[str, Participant] = {}
@@ -182,13 +206,12 @@ class JobRunner(JobThread):
                 job_spec_json=spec_json,
                 dataset=spec.dataset,
                 noise_multiplier=p.noise_multiplier,
-                model_size=len(blob),
+                model_size=model.size,
                 model_sha256=sha,
                 deadline_unix=deadline,
             )
             outstanding[task.task_id] = p
-            self.broker.dispatch_into(p.site_id, task, blob, results)
-        del blob
+            self.broker.dispatch_into(p.site_id, task, model, results)
 
         agg = RunningWeightedMean(state)
         sdp = None

@@ -107,10 +107,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         # agent that takes turns (TURNS) waits for its turn on its own side.
         with self.c.broker.download_slot(
             site_id, request.task_id, alive=context.is_active, wait=not _takes_turns(context)
-        ) as blob:
+        ) as model:
             context.send_initial_metadata((UPLOAD_GATE,))  # "this orchestrator sends a go"
-            COUNTERS.inc("dpfed_bytes_sent_total", len(blob), kind="global_model")
-            yield from serde.blob_to_chunks(blob)
+            COUNTERS.inc("dpfed_bytes_sent_total", model.size, kind="global_model")
+            yield from serde.blob_to_chunks(model.read, model.size)
 
     @abort_on_error
     def PushUpdate(
@@ -135,7 +135,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 )
             raise
         # Ownership and size are checked before the bytes are read; then wait for room.
-        model_size = len(self.c.model_blob(meta.site_id, meta.task_id))
+        model_size = self.c.model(meta.site_id, meta.task_id).size
         if meta.total_size > spool.max_update_size(model_size):
             raise InvalidSpecError(
                 f"the update announces {meta.total_size} bytes; a task whose model has "

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from common.errors import UnavailableError
+from common.errors import NotFoundError, UnavailableError
 
 SPOOL_MIN_BYTES = 1 << 20
 """Uploads smaller than this (1 MiB) stay in memory: a file would cost more than it saves."""
@@ -48,12 +48,17 @@ class Payload:
     in memory or in a spool file. Close it when done with it (the file's space comes back)."""
 
     def __init__(
-        self, size: int, sha256: str, *, data: bytes | None = None, file: BinaryIO | None = None
+        self,
+        size: int,
+        sha256: str | None,
+        *,
+        data: bytes | None = None,
+        file: BinaryIO | None = None,
     ) -> None:
         if (data is None) == (file is None):
             raise ValueError("a payload lies either in memory or in a file")
         self._size = size
-        self.sha256 = sha256
+        self._sha256 = sha256
         self._data = data
         self._file = file
         self.spooled = file is not None
@@ -61,23 +66,27 @@ class Payload:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Payload:
-        return cls(len(data), hashlib.sha256(data).hexdigest(), data=data)
+        """Bytes already in memory (their sha256 is computed if asked for)."""
+        return cls(len(data), None, data=data)
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = hashlib.sha256(self.read_all()).hexdigest()
+        return self._sha256
 
     @property
     def size(self) -> int:
         return self._size
 
     def read_at(self, offset: int, size: int) -> bytearray:
-        if offset < 0 or size < 0 or offset + size > self._size:
-            raise ValueError(f"bytes [{offset}, {offset + size}) lie outside 0..{self._size}")
+        self._check_range(offset, size)
         if self._data is not None:
             return bytearray(memoryview(self._data)[offset : offset + size])
         buf = bytearray(size)
         view, done = memoryview(buf), 0
         with self._lock:  # a close() cannot hand the descriptor's number to another file meanwhile
-            if self._file is None:
-                raise ValueError("the payload is closed")
-            fd = self._file.fileno()
+            fd = self._fd()
             while done < size:
                 n = os.preadv(fd, [view[done:]], offset + done)
                 if n == 0:
@@ -85,10 +94,32 @@ class Payload:
                 done += n
         return buf
 
-    def read_all(self) -> bytes:
+    def read(self, offset: int, size: int) -> bytes:
+        """``size`` bytes from ``offset`` as ``bytes`` (what a protobuf message takes)."""
+        self._check_range(offset, size)
         if self._data is not None:
-            return self._data
-        return bytes(self.read_at(0, self._size))
+            return self._data[offset : offset + size]
+        with self._lock:
+            fd = self._fd()
+            out = os.pread(fd, size, offset)
+            while len(out) < size:  # a regular file reads short only at its end
+                more = os.pread(fd, size - len(out), offset + len(out))
+                if not more:
+                    raise OSError(f"the spool file ended {size - len(out)} bytes early")
+                out += more
+        return out
+
+    def _check_range(self, offset: int, size: int) -> None:
+        if offset < 0 or size < 0 or offset + size > self._size:
+            raise ValueError(f"bytes [{offset}, {offset + size}) lie outside 0..{self._size}")
+
+    def _fd(self) -> int:
+        if self._file is None:
+            raise NotFoundError("these bytes were released: the round they belong to is over")
+        return self._file.fileno()
+
+    def read_all(self) -> bytes:
+        return self._data if self._data is not None else self.read(0, self._size)
 
     def close(self) -> None:
         with self._lock:

@@ -252,10 +252,13 @@ def test_large_model_travels_in_chunks(net_factory: Any, monkeypatch: pytest.Mon
         assert st.state == "completed", st.error
         _, weights = c.download(st.job_id)
     assert len(weights) > 5_000_000
-    # The update waited for its fold in a spool file, which the round closed after folding.
-    assert [p.spooled for p in received] == [True]
-    with pytest.raises(ValueError, match="closed"):
-        received[0].read_at(0, 1)
+    # The model the site fetched and the update it sent both lay in spool files, which the
+    # round closed once it was over.
+    assert [p.spooled for p in received] == [True, True]
+    assert received[0].size > 5_000_000 and received[1].size == received[0].size
+    for payload in received:
+        with pytest.raises(NotFoundError, match="released"):
+            payload.read_at(0, 1)
     assert list((net.root / "orch" / "spool").iterdir()) == []
 
 

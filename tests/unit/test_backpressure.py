@@ -109,7 +109,7 @@ def test_at_most_max_downloads_stream_at_once() -> None:
     def download(i: int) -> None:
         nonlocal active, most
         with broker.download_slot(f"s{i}", f"t{i}", timeout_s=10) as blob:
-            assert blob == b"model"
+            assert blob.read_all() == b"model"
             with lock:
                 active += 1
                 most = max(most, active)
@@ -527,7 +527,7 @@ def test_a_transfer_that_takes_turns_is_told_when_to_come_back_and_keeps_its_pla
 
     broker.max_downloads = 1
     with broker.download_slot("s0", "t0", wait=False) as blob:
-        assert blob == b"model"
+        assert blob.read_all() == b"model"
         with pytest.raises(TryLaterError), broker.download_slot("s1", "t1", wait=False):
             pass
         assert broker.downloads_waiting() == 1

@@ -89,7 +89,7 @@ def test_pull_delivers_the_assignment_and_its_model(broker: Broker) -> None:
     t = task("t1")
     broker.dispatch("site-a", t, MODEL)
     assert broker.pull("site-a", sa, wait_s=0) == t
-    assert broker.model_blob("site-a", "t1") == MODEL
+    assert broker.model("site-a", "t1").read_all() == MODEL
 
 
 def test_tasks_are_delivered_in_dispatch_order(broker: Broker) -> None:
@@ -164,7 +164,7 @@ def test_another_site_cannot_touch_a_task(broker: Broker) -> None:
     assert broker.pull("site-a", sa, wait_s=0) is not None
 
     with pytest.raises(PermissionDeniedError):
-        broker.model_blob("site-b", "t1")
+        broker.model("site-b", "t1")
     with pytest.raises(PermissionDeniedError):
         broker.push_update(meta("site-b", "t1"), DELTA)
     with pytest.raises(PermissionDeniedError):
@@ -182,7 +182,7 @@ def test_another_site_cannot_touch_a_task(broker: Broker) -> None:
 def test_unknown_task_is_not_found(broker: Broker) -> None:
     broker.connect("site-a")
     with pytest.raises(NotFoundError):
-        broker.model_blob("site-a", "nope")
+        broker.model("site-a", "nope")
     with pytest.raises(NotFoundError):
         broker.push_update(meta("site-a", "nope"), DELTA)
     with pytest.raises(NotFoundError):
@@ -210,7 +210,7 @@ def test_an_answered_task_takes_no_second_update(broker: Broker) -> None:
     with pytest.raises(NotFoundError):
         broker.push_update(meta("site-a", "t1"), DELTA)
     with pytest.raises(NotFoundError):
-        broker.model_blob("site-a", "t1")
+        broker.model("site-a", "t1")
     assert isinstance(only_result(results), UpdateResult)
 
 
@@ -326,7 +326,7 @@ def test_cancel_makes_late_answers_not_found(broker: Broker) -> None:
     with pytest.raises(NotFoundError):
         broker.report_failure(TaskFailure("site-a", "t1", "INTERNAL", "late"))
     with pytest.raises(NotFoundError):
-        broker.model_blob("site-a", "t1")
+        broker.model("site-a", "t1")
     # The queued task is withdrawn, and cancelled tasks produce no result.
     assert broker.pull("site-a", sa, wait_s=0) is None
     assert delivered.empty() and queued.empty()

@@ -603,3 +603,20 @@ def test_vanishing_noise_multiplier_on_the_wire_is_refused() -> None:
     msg = ProtoDpEvent(noise_multiplier=1e-300, sample_rate=0.1, steps=10, kind="train")
     with pytest.raises(InvalidSpecError, match="noise multiplier"):
         serde.dp_event_from_proto(msg)
+
+
+def test_chunks_read_from_elsewhere_equal_chunks_of_the_bytes() -> None:
+    data = bytes(range(256)) * 1500
+    reads: list[tuple[int, int]] = []
+
+    def read(offset: int, size: int) -> bytes:
+        reads.append((offset, size))
+        return data[offset : offset + size]
+
+    chunks = list(serde.blob_to_chunks(read, len(data), chunk_size=50_000))
+    assert chunks == list(serde.blob_to_chunks(data, chunk_size=50_000))
+    assert max(size for _, size in reads) == 50_000  # one chunk at a time, never the whole
+    assert serde.blob_from_chunks(chunks) == data
+    assert [c.data for c in serde.blob_to_chunks(read, 0)] == [b""]
+    with pytest.raises(ValueError, match="total size"):
+        list(serde.blob_to_chunks(read))

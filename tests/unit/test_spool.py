@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.errors import InvalidSpecError, InvalidUpdateError, UnavailableError
+from common.errors import InvalidSpecError, InvalidUpdateError, NotFoundError, UnavailableError
 from common.serde import chunk_data
 from common.tensors import FLAT_PART, SafetensorsPieces, check_update, state_to_bytes
 from orchestrator.aggregation import RunningWeightedMean
@@ -47,7 +47,7 @@ def test_a_large_upload_is_spooled_to_an_anonymous_file_and_read_back_exactly(
     payload.close()
     assert _open_fds() == before - 1
     payload.close()  # twice is harmless
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(NotFoundError, match="released"):
         payload.read_at(0, 1)
 
 
