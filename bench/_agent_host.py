@@ -19,9 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness  # (also puts the repository root on sys.path)
 
-AGENTS_NICE_ENV = "DPFED_BENCH_AGENTS_NICE"
-"""Niceness for the agent processes: the orchestrator gets the CPU first, as on its own host."""
-
 
 def main() -> int:
     import torch
@@ -31,8 +28,6 @@ def main() -> int:
 
     if os.environ.get(_harness.LEGACY_TRANSFER_ENV):
         _harness.use_legacy_transfers()
-    if os.environ.get(AGENTS_NICE_ENV):
-        os.nice(int(os.environ[AGENTS_NICE_ENV]))
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     paths = [p for p in Path(sys.argv[1]).read_text().splitlines() if p.strip()]
