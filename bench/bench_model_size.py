@@ -8,13 +8,15 @@ into its broker, as a round does; this process plays the site agent:
   ``common.serde.blob_to_chunks``), reassembled with ``serde.blob_from_chunks``, as
   ``SiteAgent._fetch`` does;
 * **upload** — ``AgentService.PushUpdate`` (header, then ``blob_to_chunks`` chunks), which the
-  servicer reassembles and hands to the broker, as ``SiteAgent`` pushes an update;
+  servicer writes to a spool file (``orchestrator.spool``) and hands to the broker, as
+  ``SiteAgent`` pushes an update;
 
 and compares their throughput with a plain in-memory copy of the same bytes
 (``bytearray(blob)``), measured in this process in the same run. Both processes sample their
 resident memory every 2 ms; each transfer's *peak memory* is its process's peak RSS during
-the transfer minus its RSS when the transfer started (both sides already hold one copy of
-the blob: the server its model, the client the update it will push), divided by the blob size.
+the transfer minus its RSS when the transfer started (the client already holds the update it
+will push; the server holds its model in a spool file, as a round does), divided by the blob
+size.
 
 Writes ``bench/results/model_size.json`` and ``model_size.png``.
 Run: ``.venv/bin/python bench/bench_model_size.py`` (about a minute on 2 cores).
@@ -74,7 +76,9 @@ def _blob(params: int) -> bytes:
 
 def serve(sizes: list[int], repeats: int, samples_out: Path) -> int:
     from common.domain import TaskAssignment
-    from orchestrator.broker import Result
+    from common.tensors import iter_chunks
+    from orchestrator import spool
+    from orchestrator.broker import Result, UpdateResult
     from orchestrator.server import start_server
 
     state_dir = Path(tempfile.mkdtemp(prefix="dpfed-model-size-"))
@@ -87,16 +91,23 @@ def serve(sizes: list[int], repeats: int, samples_out: Path) -> int:
     def drain() -> None:  # what a round does with an update: take it off the queue
         while not stop.is_set():
             try:
-                results.get(timeout=0.1)
+                res = results.get(timeout=0.1)
             except queue.Empty:
-                pass
+                continue
+            if isinstance(res, UpdateResult):
+                res.payload.close()  # its spool file
 
     threading.Thread(target=drain, daemon=True).start()
     tasks: dict[str, dict[str, Any]] = {}
-    blobs = []
+    models = []
     for p in sizes:
         blob = _blob(p)
-        blobs.append(blob)
+        # As a round does: the model lies in a spool file that FetchModel reads a chunk at a time.
+        model = spool.receive(
+            iter_chunks(blob), size=len(blob), spool_dir=running.coordinator.store.paths.spool
+        )
+        models.append(model)
+        del blob
         ids = []
         for _ in range(1 + repeats):  # one task to fetch from, `repeats` to push to
             tid = uuid.uuid4().hex
@@ -108,13 +119,13 @@ def serve(sizes: list[int], repeats: int, samples_out: Path) -> int:
                 job_spec_json="{}",
                 dataset="bench",
                 noise_multiplier=1.0,
-                model_size=len(blob),
-                model_sha256=hashlib.sha256(blob).hexdigest(),
+                model_size=model.size,
+                model_sha256=model.sha256,
                 deadline_unix=time.time() + 3600,
             )
-            broker.dispatch_into(SITE, task, blob, results)
+            broker.dispatch_into(SITE, task, model, results)
             ids.append(tid)
-        tasks[str(p)] = {"task_ids": ids, "size": len(blob)}
+        tasks[str(p)] = {"task_ids": ids, "size": model.size}
     with h.RssSampler(0.002, keep=True) as rss:
         print(json.dumps({"port": running.port, "tasks": tasks}), flush=True)
         sys.stdin.read()  # the client closes stdin when it is done

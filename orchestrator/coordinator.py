@@ -170,17 +170,19 @@ class Coordinator:
         return [site_status(r, self.broker) for r in self.store.sites()]
 
     def _validate_against_sites(self, spec: JobSpec) -> None:
-        holders = [(s, site_dataset(s, spec.dataset)) for s in self.sites()]
-        holders = [(s, d) for s, d in holders if d is not None]
-        if not holders:
-            raise NotFoundError(f"no registered site exposes dataset {spec.dataset!r}")
-        for s, d in holders:
-            assert d is not None
+        holders = 0
+        for row in self.store.each_site():  # a page of rows at a time, whatever the count
+            d = site_dataset(site_status(row, self.broker), spec.dataset)
+            if d is None:
+                continue
+            holders += 1
             if len(d.columns) != spec.model.input_dim:
                 raise InvalidSpecError(
                     f"model.input_dim={spec.model.input_dim} but dataset {spec.dataset!r} at "
-                    f"site {s.site_id} has {len(d.columns)} feature columns"
+                    f"site {row.site_id} has {len(d.columns)} feature columns"
                 )
+        if not holders:
+            raise NotFoundError(f"no registered site exposes dataset {spec.dataset!r}")
 
     def submit(self, spec_json: str) -> str:
         spec = any_job_spec_from_json(spec_json)

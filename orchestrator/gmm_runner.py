@@ -241,7 +241,7 @@ class GmmRunner(JobThread):
         spec = self.spec
         deadline = time.time() + spec.start_timeout_s
         while True:
-            known = [site_status(r, self.broker) for r in self.store.sites()]
+            known = (site_status(r, self.broker) for r in self.store.each_site())
             sites = [s for s, _ in online_holders(known, spec.dataset)]
             if len(sites) >= spec.min_sites:
                 return sites
@@ -654,7 +654,7 @@ class GmmRunner(JobThread):
         released: dict[str, Any] = params.to_dict()
         if standard_errors is not None:
             released["standard_errors"] = standard_errors.to_dict()
-        policies = {s.site_id: s.policy or {} for s in self.store.sites()}
+        policies = self.store.site_policies()
         declared = {
             sid: bool(policies.get(sid, {}).get("secure_noise", False)) for sid in self._charged
         }

@@ -10,6 +10,7 @@ The plan is advisory: every site re-checks each task against its own ledger and 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from common.accounting import DpEvent, calibrate_noise_multiplier, compute_epsilon
@@ -54,7 +55,7 @@ def site_dataset(site: SiteStatus, name: str) -> DatasetInfo | None:
     return next((d for d in site.datasets if d.name == name), None)
 
 
-def online_holders(sites: list[SiteStatus], name: str) -> list[tuple[SiteStatus, DatasetInfo]]:
+def online_holders(sites: Iterable[SiteStatus], name: str) -> list[tuple[SiteStatus, DatasetInfo]]:
     """The sites that expose dataset ``name`` and can take a task now, with that dataset."""
     out = []
     for s in sites:

@@ -95,11 +95,10 @@ class JobRunner(JobThread):
         deadline = time.time() + spec.start_timeout_s
         announced = False
         while True:
-            sites = {
-                s.site_id: s for s in (site_status(r, self.broker) for r in self.store.sites())
-            }
             chosen: list[Participant] = []
-            for sid, site in sorted(sites.items()):
+            # Row by row (in site id order): only the job's dataset of each site is kept.
+            for site in (site_status(r, self.broker) for r in self.store.each_site()):
+                sid = site.site_id
                 ds = site_dataset(site, spec.dataset)
                 if ds is None or site.state == "disabled":
                     continue
@@ -463,8 +462,8 @@ class JobRunner(JobThread):
             epsilon=epsilon,
             version=__version__,
             secure_noise={
-                s.site_id: bool((s.policy or {}).get("secure_noise", False))
-                for s in self.store.sites()
+                sid: bool(policy.get("secure_noise", False))
+                for sid, policy in self.store.site_policies().items()
             },
         )
         if self.spec.site_dp is not None:

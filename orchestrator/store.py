@@ -241,6 +241,36 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(SiteRow).order_by(SiteRow.site_id)))
 
+    def each_site(self, page: int = 64) -> Iterator[SiteRow]:
+        """Every site's row, ``page`` at a time, each page read in its own session: a caller
+        that keeps only what it needs of each row (one dataset, say) holds no more than a
+        page of decoded column schemas, whatever the number of sites, and the store's lock
+        is free between pages."""
+        after = ""
+        while True:
+            with self.session() as s:
+                rows = list(
+                    s.scalars(
+                        select(SiteRow)
+                        .where(SiteRow.site_id > after)
+                        .order_by(SiteRow.site_id)
+                        .limit(page)
+                    )
+                )
+            yield from rows
+            if len(rows) < page:
+                return
+            after = rows[-1].site_id
+            del rows
+
+    def site_policies(self) -> dict[str, dict[str, Any]]:
+        """Each site's policy summary, without reading the datasets' column schemas."""
+        with self.session() as s:
+            return {
+                sid: dict(pol or {})
+                for sid, pol in s.execute(select(SiteRow.site_id, SiteRow.policy))
+            }
+
     def site(self, site_id: str) -> SiteRow | None:
         with self.session() as s:
             return s.get(SiteRow, site_id)

@@ -123,6 +123,22 @@ def test_sites_jobs_rounds_charges_round_trip(store: Store) -> None:
     assert [e.message for e in store.events("job-1")] == ["hello"]
 
 
+def test_sites_are_read_a_page_at_a_time_in_id_order_and_policies_alone(store: Store) -> None:
+    ids = [f"site-{i:03d}" for i in range(23)]
+    for sid in reversed(ids):
+        store.upsert_site(
+            site_id=sid,
+            version="1",
+            session_id="s",
+            datasets=[{"name": "d", "columns": [{"name": f"c{j}"} for j in range(50)]}],
+            policy={"secure_noise": sid.endswith("7")},
+        )
+    assert [r.site_id for r in store.each_site(page=5)] == ids  # 4 full pages and a short one
+    assert [r.site_id for r in store.each_site(page=23)] == ids  # a full last page, then none
+    assert [r.site_id for r in store.each_site()] == [r.site_id for r in store.sites()]
+    assert store.site_policies() == {sid: {"secure_noise": sid.endswith("7")} for sid in ids}
+
+
 def test_a_task_is_charged_once(store: Store) -> None:
     from sqlalchemy.exc import IntegrityError
 
