@@ -15,7 +15,12 @@ Two measurements, each case in a fresh child process so that memory baselines ar
    once there are more than about 60 sites, and other calls queue behind them (at 200 sites
    ``SubmitJob`` timed out after 30 s; ``--max-workers 64`` reproduces it).
    Reported: each round's ``duration_s``; the orchestrator process's peak RSS above its RSS
-   just before the job (sampled every 5 ms) divided by the model's size; its CPU seconds.
+   just before the job (sampled every 5 ms) divided by the model's size; its CPU seconds;
+   its RSS every 0.2 s with the times updates were folded (``rss_timeline_s_mib``,
+   ``folded_at_s``: does the peak build up with the sites or plateau?). ``--trace-python``
+   adds the peak of Python objects (``tracemalloc``); it is off by default because its own
+   tables count in the RSS and it doubles the orchestrator's CPU time. ``--max-uploads K``
+   sets the orchestrator's upload places (updates read or queued at once; default 4).
    All sites and the orchestrator share this machine's 2 cores, so round time here is
    bounded by the sites' total CPU work (N DP-SGD steps, N ledger fsyncs, N model
    transfers), not by what one site would see: the orchestrator's CPU time per round is the
@@ -93,7 +98,19 @@ def _spec(n: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def live_case(n: int, rounds: int, max_workers: int, legacy: bool = False) -> dict[str, Any]:
+def _threads() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+
+
+def live_case(
+    n: int,
+    rounds: int,
+    max_workers: int,
+    legacy: bool = False,
+    trace_python: bool = False,
+    max_uploads: int | None = None,
+) -> dict[str, Any]:
     from common.models import build_model, count_parameters
     from common.specs import parse_job_spec
 
@@ -103,6 +120,8 @@ def live_case(n: int, rounds: int, max_workers: int, legacy: bool = False) -> di
         h.use_legacy_transfers()
         server_kwargs = dict(h.LEGACY_SERVER_KWARGS)
         env[h.LEGACY_TRANSFER_ENV] = "1"
+    if max_uploads is not None:
+        server_kwargs["max_uploads"] = max_uploads
 
     spec = _spec(n, rounds)
     params = count_parameters(build_model(parse_job_spec(spec).model))
@@ -155,14 +174,17 @@ def live_case(n: int, rounds: int, max_workers: int, legacy: bool = False) -> di
             ready_s = fed.wait_sites(n, timeout_s=300)
             gc.collect()
             h.install_orchestrator_timers()
-            tracemalloc.start()
+            threads0 = _threads()
+            if trace_python:  # tracemalloc's own tables count in the RSS and slow allocation
+                tracemalloc.start()
             cpu0 = _cpu_s()
             with h.RssSampler(0.005, keep=True) as rss, fed.client() as c:
                 t0 = time.time()
                 st = h.run_job(c, spec)
                 job_wall = time.time() - t0
             cpu = _cpu_s() - cpu0
-            traced_peak = tracemalloc.get_traced_memory()[1]
+            threads1 = _threads()
+            traced_peak = tracemalloc.get_traced_memory()[1] if trace_python else None
             tracemalloc.stop()
             per_round = []
             for rec in h.TIMELINE.records:
@@ -176,6 +198,15 @@ def live_case(n: int, rounds: int, max_workers: int, legacy: bool = False) -> di
                         "rss_at_end_mib": rss.at(rec["t1"]),
                     }
                 )
+            # RSS over the job (every 0.2 s) and the times updates were folded, from the job's
+            # start: shows whether the peak builds up with the sites or plateaus
+            timeline: list[tuple[float, float]] = []
+            for ts, v in rss.samples:
+                if not timeline or ts - t0 >= timeline[-1][0] + 0.2:
+                    timeline.append((round(ts - t0, 3), v))
+            folds = [
+                round(rec["t1"] - t0, 3) for rec in h.TIMELINE.records if rec["what"] == "aggregate"
+            ]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     durations = [r.duration_s for r in st.history]
@@ -184,6 +215,7 @@ def live_case(n: int, rounds: int, max_workers: int, legacy: bool = False) -> di
         "transfer": "legacy" if legacy else "current",
         "agent_processes": math.ceil(n / AGENTS_PER_HOST),
         "grpc_max_workers": max_workers,
+        "max_uploads": max_uploads,
         "parameters": params,
         "model_mib": model_bytes / 2**20,
         "rounds": rounds,
@@ -197,8 +229,14 @@ def live_case(n: int, rounds: int, max_workers: int, legacy: bool = False) -> di
         "orchestrator_peak_increase_mib": rss.peak - rss.baseline,
         "peak_increase_over_model_size": (rss.peak - rss.baseline) * 2**20 / model_bytes,
         "rss_per_round": per_round,
-        "traced_python_peak_mib": traced_peak / 2**20,
-        "traced_python_peak_over_model_size": traced_peak / model_bytes,
+        "traced_python_peak_mib": traced_peak / 2**20 if traced_peak else float("nan"),
+        "traced_python_peak_over_model_size": (
+            traced_peak / model_bytes if traced_peak else float("nan")
+        ),
+        "orchestrator_threads_before": threads0,
+        "orchestrator_threads_after": threads1,
+        "rss_timeline_s_mib": timeline,
+        "folded_at_s": folds,
         "case_wall_s": time.time() - t_case,
     }
 
@@ -295,6 +333,11 @@ def _child(args: list[str], timeout_s: float) -> dict[str, Any]:
         out.unlink(missing_ok=True)
 
 
+def _traced(r: dict[str, Any]) -> bool:
+    """Whether the case ran tracemalloc (``--trace-python``)."""
+    return not math.isnan(r.get("traced_python_peak_over_model_size", float("nan")))
+
+
 def _plot(live: list[dict[str, Any]], agg: list[dict[str, Any]], path: Path) -> None:
     plt = h.pyplot()
     fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(14, 4.2))
@@ -317,12 +360,13 @@ def _plot(live: list[dict[str, Any]], agg: list[dict[str, Any]], path: Path) -> 
         "o-",
         label="process RSS, peak - before",
     )
-    ax.plot(
-        ns,
-        [r["traced_python_peak_over_model_size"] for r in ok],
-        "s--",
-        label="Python objects (tracemalloc peak)",
-    )
+    if any(_traced(r) for r in ok):
+        ax.plot(
+            ns,
+            [r["traced_python_peak_over_model_size"] for r in ok],
+            "s--",
+            label="Python objects (tracemalloc peak)",
+        )
     if old:
         ax.plot(
             [r["sites"] for r in old],
@@ -411,6 +455,26 @@ def main(argv: list[str] | None = None) -> int:
         help="hidden widths of the live cases' MLP (default 1024 896: ~1M parameters); a "
         "non-default size writes scale_sites_<params>.json instead",
     )
+    ap.add_argument(
+        "--trace-python",
+        action="store_true",
+        help="also run tracemalloc in the orchestrator to report the peak of Python objects; "
+        "its tables count in the RSS and it doubles the orchestrator's CPU, so the default "
+        "run leaves it off",
+    )
+    ap.add_argument(
+        "--max-uploads",
+        type=int,
+        default=None,
+        help="the orchestrator's max_uploads (updates read or queued at once per round; the "
+        "product's default when left out)",
+    )
+    ap.add_argument(
+        "--name",
+        default=None,
+        help="results file name without extension (default scale_sites, or "
+        "scale_sites_<params> for a non-default --hidden)",
+    )
     ap.add_argument("--agg-params", type=int, nargs="*", default=[1_000_000, 4_000_000])
     ap.add_argument("--agg-updates", type=int, nargs="*", default=[10, 50, 200])
     # internal: one case per child process
@@ -425,7 +489,14 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.WARNING)
         workers = args.max_workers or max(64, 2 * args.case + 32)
-        res = live_case(args.case, args.rounds, workers, legacy=args.legacy_case)
+        res = live_case(
+            args.case,
+            args.rounds,
+            workers,
+            legacy=args.legacy_case,
+            trace_python=args.trace_python,
+            max_uploads=args.max_uploads,
+        )
         args.out.write_text(json.dumps(res))
         return 0
     if args.agg is not None:
@@ -472,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.max_workers),
                 "--hidden",
                 *(str(w) for w in HIDDEN),
+                *(["--trace-python"] if args.trace_python else []),
+                *(["--max-uploads", str(args.max_uploads)] if args.max_uploads else []),
             ]
             r = _child([*cmd, "--legacy-case"] if legacy else cmd, timeout_s=900)
             r.setdefault("sites", n)
@@ -486,9 +559,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"RSS {r['orchestrator_rss_baseline_mib']:.0f} -> "
                 f"{r['orchestrator_rss_peak_mib']:.0f} MiB "
                 f"(+{r['orchestrator_peak_increase_mib']:.0f}"
-                f" = {r['peak_increase_over_model_size']:.1f}x model; Python objects "
-                f"{r['traced_python_peak_over_model_size']:.1f}x); agents ready in "
-                f"{r['agents_ready_s']:.0f} s",
+                f" = {r['peak_increase_over_model_size']:.1f}x model"
+                + (
+                    f"; Python objects {r['traced_python_peak_over_model_size']:.1f}x"
+                    if _traced(r)
+                    else ""
+                )
+                + f"); threads "
+                f"{r['orchestrator_threads_before']} -> {r['orchestrator_threads_after']}; "
+                f"agents ready in {r['agents_ready_s']:.0f} s",
                 flush=True,
             )
     ok = [r for r in live if "error" not in r and r["transfer"] == "current"]
@@ -499,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
             by_p.setdefault(r["parameters"], []).append(r["peak_increase_over_model_size"])
     agg_max = max((max(v) for v in by_p.values()), default=float("nan"))
     live_rss = {r["sites"]: r["peak_increase_over_model_size"] for r in ok}
-    live_py = {r["sites"]: r["traced_python_peak_over_model_size"] for r in ok}
+    live_py = {r["sites"]: r["traced_python_peak_over_model_size"] for r in ok if _traced(r)}
     verdict = {
         "aggregation_peak_over_model_by_params": {str(p): v for p, v in by_p.items()},
         "aggregation_max_peak_over_model": agg_max,
@@ -521,9 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "  live orchestrator process (RSS): "
         + ", ".join(f"{n} sites {v:.0f}x" for n, v in live_rss.items())
-        + "; Python objects: "
-        + ", ".join(f"{n} sites {v:.0f}x" for n, v in live_py.items())
-        + f" -> {'MET' if verdict['live_within_small_multiple'] else 'NOT met (grows with sites)'}"
+        + ("; Python objects: " if live_py else "")
+        + ", ".join(f"{n} sites {v:.1f}x" for n, v in live_py.items())
+        + f" -> {'MET' if verdict['live_within_small_multiple'] else 'NOT met (above 16x)'}"
     )
     if old:
         print(
@@ -534,7 +613,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     payload = {
         "benchmark": "scale_sites",
-        "command": ".venv/bin/python bench/bench_scale_sites.py" + (" --legacy" * args.legacy),
+        "command": " ".join(
+            [".venv/bin/python bench/bench_scale_sites.py", *(argv or sys.argv[1:])]
+        ),
         "environment": h.environment(),
         "wall_s": time.time() - started,
         "live": live,
@@ -543,8 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     params = INPUT * HIDDEN[0] + HIDDEN[0] + HIDDEN[0] * HIDDEN[1] + HIDDEN[1]
     params += HIDDEN[1] * CLASSES + CLASSES
-    name = "scale_sites" if HIDDEN == (1024, 896) else f"scale_sites_{params}"
-    payload["command"] += "" if name == "scale_sites" else f" --hidden {HIDDEN[0]} {HIDDEN[1]}"
+    name = args.name or ("scale_sites" if HIDDEN == (1024, 896) else f"scale_sites_{params}")
     path = h.write_json(f"{name}.json", payload)
     try:
         _plot(live, agg, h.RESULTS / f"{name}.png")
