@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -87,24 +88,31 @@ def test_a_matching_update_passes() -> None:
     check_update(state_from_bytes(state_to_bytes(ref)), ref)
 
 
+# Updates that break the reference's layout or hold non-finite values, each with the message
+# that names what is wrong; shared by the whole-state and the piece-by-piece checks.
+_BAD_UPDATES: list[tuple[Callable[[dict[str, torch.Tensor]], object], str]] = [
+    (lambda u: u.pop("fc0.bias"), r"lacks tensor 'fc0.bias'"),
+    (lambda u: u.update({"extra": torch.zeros(1)}), r"unexpected tensor 'extra'"),
+    (lambda u: u.update({"fc0.weight": torch.zeros(3, 4)}), r"'fc0.weight' has shape"),
+    (
+        lambda u: u.update({"fc0.bias": torch.zeros(4, dtype=torch.float64)}),
+        r"'fc0.bias' has dtype torch.float64",
+    ),
+    (
+        lambda u: u["logits.weight"].__setitem__((1, 2), float("nan")),
+        r"'logits.weight' holds NaN or infinite",
+    ),
+    (
+        lambda u: u["fc0.bias"].__setitem__(0, float("inf")),
+        r"'fc0.bias' holds NaN or infinite",
+    ),
+]
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda u: u.pop("fc0.bias"), r"lacks tensor 'fc0.bias'"),
-        (lambda u: u.update({"extra": torch.zeros(1)}), r"unexpected tensor 'extra'"),
-        (lambda u: u.update({"fc0.weight": torch.zeros(3, 4)}), r"'fc0.weight' has shape"),
-        (
-            lambda u: u.update({"fc0.bias": torch.zeros(4, dtype=torch.float64)}),
-            r"'fc0.bias' has dtype torch.float64",
-        ),
-        (
-            lambda u: u["logits.weight"].__setitem__((1, 2), float("nan")),
-            r"'logits.weight' holds NaN or infinite",
-        ),
-        (
-            lambda u: u["fc0.bias"].__setitem__(0, float("inf")),
-            r"'fc0.bias' holds NaN or infinite",
-        ),
+        *_BAD_UPDATES,
         (
             lambda u: u["fc0.weight"].__setitem__((0, 0), float("-inf")),
             r"'fc0.weight' holds NaN or infinite",
@@ -187,26 +195,7 @@ def test_pieces_never_read_more_than_one_piece_and_check_like_the_whole_state() 
     assert l2_norm(pieces) == pytest.approx(norm, rel=1e-12)
 
 
-@pytest.mark.parametrize(
-    ("mutate", "message"),
-    [
-        (lambda u: u.pop("fc0.bias"), r"lacks tensor 'fc0.bias'"),
-        (lambda u: u.update({"extra": torch.zeros(1)}), r"unexpected tensor 'extra'"),
-        (lambda u: u.update({"fc0.weight": torch.zeros(3, 4)}), r"'fc0.weight' has shape"),
-        (
-            lambda u: u.update({"fc0.bias": torch.zeros(4, dtype=torch.float64)}),
-            r"'fc0.bias' has dtype torch.float64",
-        ),
-        (
-            lambda u: u["logits.weight"].__setitem__((1, 2), float("nan")),
-            r"'logits.weight' holds NaN or infinite",
-        ),
-        (
-            lambda u: u["fc0.bias"].__setitem__(0, float("inf")),
-            r"'fc0.bias' holds NaN or infinite",
-        ),
-    ],
-)
+@pytest.mark.parametrize(("mutate", "message"), _BAD_UPDATES)
 def test_a_bad_update_read_piece_by_piece_is_rejected_by_name(mutate: object, message: str) -> None:
     ref = _reference()
     update: dict[str, torch.Tensor] = {k: v.clone() for k, v in ref.items()}
