@@ -35,9 +35,16 @@ lint: $(STAMP)
 protos: $(STAMP)
 	scripts/gen_protos.sh
 
+# The issue's benchmarks, one after another (about 15 minutes on 2 cores); each writes
+# bench/results/<name>.json and, for a sweep, a plot (matplotlib, installed here if missing).
 bench: $(STAMP)
-	$(PY) bench/bench_accounting.py
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install --quiet "matplotlib>=3.8"
 	$(PY) bench/bench_dp_step.py
+	$(PY) bench/bench_round_overhead.py
+	$(PY) bench/bench_scale_sites.py
+	$(PY) bench/bench_model_size.py
+	$(PY) bench/bench_utility.py
+	$(PY) bench/bench_accounting.py --json bench/results/accounting.json
 
 clean:
 	rm -rf demo-state .pytest_cache .mypy_cache .ruff_cache

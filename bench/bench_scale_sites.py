@@ -43,7 +43,7 @@ the orchestrator's go, glibc's adaptive mmap threshold; ``_harness.use_legacy_tr
 in the same run, for a side-by-side comparison.
 
 Writes ``bench/results/scale_sites.json`` and ``scale_sites.png``.
-Run: ``.venv/bin/python bench/bench_scale_sites.py`` (about 4-5 minutes on 2 cores;
+Run: ``.venv/bin/python bench/bench_scale_sites.py`` (about 2-3 minutes on 2 cores;
 ``--legacy`` adds about 2).
 """
 
