@@ -5,8 +5,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     MALLOC_ARENA_MAX=2
 WORKDIR /opt/dpfed
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
-COPY requirements.lock pyproject.toml README.md ./
-RUN grep -v '^torch==' requirements.lock > /tmp/req.txt && pip install -r /tmp/req.txt
+COPY requirements-runtime.lock pyproject.toml README.md ./
+RUN grep -v '^torch==' requirements-runtime.lock > /tmp/req.txt && pip install -r /tmp/req.txt
 COPY protos ./protos
 COPY common ./common
 COPY orchestrator ./orchestrator

@@ -6,8 +6,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 WORKDIR /opt/dpfed
 # CPU-only torch first, from PyTorch's CPU index: an unpinned torch would pull a CUDA build.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
-COPY requirements.lock pyproject.toml README.md ./
-RUN grep -v '^torch==' requirements.lock > /tmp/req.txt && pip install -r /tmp/req.txt
+COPY requirements-runtime.lock pyproject.toml README.md ./
+RUN grep -v '^torch==' requirements-runtime.lock > /tmp/req.txt && pip install -r /tmp/req.txt
 COPY protos ./protos
 COPY common ./common
 COPY orchestrator ./orchestrator
