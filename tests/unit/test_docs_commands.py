@@ -1,0 +1,88 @@
+"""Every command line the README and the site operator's guide show exists, with its options.
+
+The shell blocks of the docs are what a new user types first; a renamed command or option
+would leave them a usage error. Each line starting with ``orchestrator`` or ``site-agent`` is
+resolved against the CLI's click tree (subcommands first, then options), and options named in
+the comments under it (``# --insecure: ...``) are checked against the same command.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import click
+import pytest
+import typer
+
+from orchestrator.cli import app as orchestrator_app
+from site_agent.cli import app as agent_app
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = (ROOT / "README.md", ROOT / "docs" / "site-operator-guide.md")
+PROGRAMS = {"orchestrator": orchestrator_app, "site-agent": agent_app}
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def _shell_commands() -> list[tuple[str, str, list[str]]]:
+    """(where, command line, options named in its comments) for each documented command."""
+    found: list[tuple[str, str, list[str]]] = []
+    for doc in DOCS:
+        in_block = False
+        pending = ""
+        for n, raw in enumerate(doc.read_text().splitlines(), 1):
+            if raw.startswith("```"):
+                in_block = raw.strip() in ("```bash", "```sh", "```console")
+                continue
+            if not in_block:
+                continue
+            line = pending + raw.strip()
+            if line.endswith("\\"):
+                pending = line[:-1] + " "
+                continue
+            pending = ""
+            code, _, comment = line.partition("#")
+            if code.split()[:1] and code.split()[0] in PROGRAMS:
+                found.append((f"{doc.name}:{n}", code.strip(), FLAG.findall(comment)))
+            elif not code.strip() and found and found[-1][0].startswith(f"{doc.name}:"):
+                found[-1][2].extend(FLAG.findall(comment))  # a comment line under a command
+    return found
+
+
+COMMANDS = _shell_commands()
+
+
+def _resolve(tokens: list[str]) -> click.Command:
+    cmd: click.Command = typer.main.get_command(PROGRAMS[tokens[0]])
+    for token in tokens[1:]:
+        if isinstance(cmd, click.Group) and token in cmd.commands:
+            cmd = cmd.commands[token]
+        else:
+            break
+    return cmd
+
+
+def _options(cmd: click.Command) -> set[str]:
+    return {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")}
+
+
+def test_the_docs_show_the_main_commands() -> None:
+    shown = {" ".join(shlex.split(c)[:2]) for _, c, _ in COMMANDS}
+    for expected in ("orchestrator serve", "orchestrator launch", "site-agent serve"):
+        assert expected in shown
+
+
+@pytest.mark.parametrize(
+    ("where", "line", "comment_flags"), COMMANDS, ids=[w for w, _, _ in COMMANDS]
+)
+def test_a_documented_command_and_its_options_exist(
+    where: str, line: str, comment_flags: list[str]
+) -> None:
+    tokens = shlex.split(line)
+    cmd = _resolve(tokens)
+    assert not isinstance(cmd, click.Group), f"{where}: '{line}' names no command"
+    known = _options(cmd)
+    named = [t.split("=")[0] for t in tokens if t.startswith("--")] + comment_flags
+    unknown = [o for o in named if o not in known]
+    assert not unknown, f"{where}: {cmd.name} has no option {unknown} ('{line}')"
