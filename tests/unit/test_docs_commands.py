@@ -1,9 +1,11 @@
-"""Every command line the README and the site operator's guide show exists, with its options.
+"""Every command line and YAML example the README and the site operator's guide show works.
 
 The shell blocks of the docs are what a new user types first; a renamed command or option
 would leave them a usage error. Each line starting with ``orchestrator`` or ``site-agent`` is
 resolved against the CLI's click tree (subcommands first, then options), and options named in
-the comments under it (``# --insecure: ...``) are checked against the same command.
+the comments under it (``# --insecure: ...``) are checked against the same command. Each
+``yaml`` block loads as a site config or parses as a job spec; a fragment (a block that shows
+one more key) is checked merged into the example it extends.
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
 import typer
+import yaml
 
+from common.specs import parse_any_job_spec
 from orchestrator.cli import app as orchestrator_app
 from site_agent.cli import app as agent_app
+from site_agent.config import load_site_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = (ROOT / "README.md", ROOT / "docs" / "site-operator-guide.md")
@@ -86,3 +92,47 @@ def test_a_documented_command_and_its_options_exist(
     named = [t.split("=")[0] for t in tokens if t.startswith("--")] + comment_flags
     unknown = [o for o in named if o not in known]
     assert not unknown, f"{where}: {cmd.name} has no option {unknown} ('{line}')"
+
+
+def _yaml_blocks() -> list[tuple[str, dict[str, Any]]]:
+    blocks: list[tuple[str, dict[str, Any]]] = []
+    for doc in DOCS:
+        text = doc.read_text()
+        for m in re.finditer(r"```yaml\n(.*?)```", text, re.S):
+            where = f"{doc.name}:{text[: m.start()].count(chr(10)) + 1}"
+            data = yaml.safe_load(m.group(1))
+            assert isinstance(data, dict), f"{where}: not a YAML mapping"
+            blocks.append((where, data))
+    return blocks
+
+
+BLOCKS = _yaml_blocks()
+
+
+def test_every_documented_site_yaml_loads(tmp_path: Path) -> None:
+    sites = [(w, d) for w, d in BLOCKS if "site_id" in d]
+    assert len(sites) >= 2  # the README's and the operator guide's
+    for where, data in sites:
+        path = tmp_path / "site.yaml"
+        path.write_text(yaml.safe_dump(data))
+        cfg = load_site_config(path)
+        assert cfg.site_id == data["site_id"], where
+    # a fragment that only shows `datasets:` (another source kind) fits the README's site.yaml
+    base = dict(sites[0][1])
+    for where, data in BLOCKS:
+        if set(data) == {"datasets"}:
+            path = tmp_path / "fragment.yaml"
+            path.write_text(yaml.safe_dump({**base, **data}))
+            assert load_site_config(path).datasets, where
+
+
+def test_every_documented_job_yaml_parses() -> None:
+    jobs = [(w, d) for w, d in BLOCKS if "dataset" in d and "site_id" not in d]
+    assert {d.get("kind", "train") for _, d in jobs} >= {"train", "gmm"}
+    for where, data in jobs:
+        parse_any_job_spec(data, source=where)
+    # a fragment of extra keys (e.g. `bootstrap:`) fits the mixture job shown before it
+    gmm = next(d for _, d in jobs if d.get("kind") == "gmm")
+    for where, data in BLOCKS:
+        if "dataset" not in data and "site_id" not in data and "datasets" not in data:
+            parse_any_job_spec({**gmm, **data}, source=where)
