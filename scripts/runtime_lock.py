@@ -60,7 +60,6 @@ def _roots(pyproject: Path) -> list[Requirement]:
 def closure(roots: list[Requirement]) -> set[str]:
     """Canonical names of ``roots`` and everything they require, per installed metadata."""
     seen: set[tuple[str, frozenset[str]]] = set()
-    names: set[str] = set()
     todo = [(r, frozenset[str]()) for r in roots]
     while todo:
         req, parent_extras = todo.pop()
@@ -76,14 +75,13 @@ def closure(roots: list[Requirement]) -> set[str]:
         if key in seen:
             continue
         seen.add(key)
-        names.add(name)
         try:
             dist = metadata.distribution(req.name)
         except metadata.PackageNotFoundError:
             raise SystemExit(f"{req.name} is not installed: run `make venv` first") from None
         for spec in dist.requires or []:
             todo.append((Requirement(spec), frozenset(req.extras)))
-    return names
+    return {name for name, _ in seen}
 
 
 def render() -> str:

@@ -37,9 +37,11 @@ def _shell_commands() -> list[tuple[str, str, list[str]]]:
     for doc in DOCS:
         in_block = False
         pending = ""
+        flags: list[str] | None = None  # the comment options of the command just above
         for n, raw in enumerate(doc.read_text().splitlines(), 1):
             if raw.startswith("```"):
                 in_block = raw.strip() in ("```bash", "```sh", "```console")
+                flags = None
                 continue
             if not in_block:
                 continue
@@ -50,9 +52,12 @@ def _shell_commands() -> list[tuple[str, str, list[str]]]:
             pending = ""
             code, _, comment = line.partition("#")
             if code.split()[:1] and code.split()[0] in PROGRAMS:
-                found.append((f"{doc.name}:{n}", code.strip(), FLAG.findall(comment)))
-            elif not code.strip() and found and found[-1][0].startswith(f"{doc.name}:"):
-                found[-1][2].extend(FLAG.findall(comment))  # a comment line under a command
+                flags = FLAG.findall(comment)
+                found.append((f"{doc.name}:{n}", code.strip(), flags))
+            elif not code.strip() and flags is not None:
+                flags.extend(FLAG.findall(comment))  # a comment line under a command
+            else:
+                flags = None  # another command: its comments are not this one's
     return found
 
 

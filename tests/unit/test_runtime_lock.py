@@ -28,12 +28,8 @@ def _runtime_lock() -> object:
 
 
 def _pinned() -> set[str]:
-    text = (ROOT / "requirements-runtime.lock").read_text()
-    return {
-        canonicalize_name(line.split("==")[0])
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
+    pins: dict[str, str] = _runtime_lock()._pins(ROOT / "requirements-runtime.lock")  # type: ignore[attr-defined]
+    return set(pins)
 
 
 def _third_party_imports() -> dict[str, set[str]]:
