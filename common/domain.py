@@ -21,6 +21,8 @@ class ColumnInfo:
     min: float | None = None
     max: float | None = None
     categories: tuple[str, ...] = ()
+    nullable: bool = True
+    """Cells may be missing; the encoding adds a missing indicator for a nullable numeric column."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class DatasetInfo:
     dp_num_rows: float = 0.0
     schema: tuple[ColumnInfo, ...] = ()
     source: str = "csv"
+    label_schema: ColumnInfo | None = None
+    """The label's declared classes (categorical, in order); None when the site declared none."""
 
 
 @dataclass(frozen=True)

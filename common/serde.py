@@ -194,6 +194,7 @@ def column_info_to_proto(c: ColumnInfo) -> ProtoColumnInfo:
         min=c.min if c.min is not None else 0.0,
         max=c.max if c.max is not None else 0.0,
         categories=list(c.categories),
+        nullable=c.nullable,
     )
 
 
@@ -206,6 +207,7 @@ def column_info_from_proto(msg: ProtoColumnInfo) -> ColumnInfo:
         min=_finite("column min", msg.min) if msg.has_bounds else None,
         max=_finite("column max", msg.max) if msg.has_bounds else None,
         categories=tuple(msg.categories),
+        nullable=msg.nullable if msg.HasField("nullable") else True,
     )
 
 
@@ -222,6 +224,7 @@ def dataset_info_to_proto(d: DatasetInfo) -> ProtoDatasetInfo:
         dp_num_rows=d.dp_num_rows,
         schema=[column_info_to_proto(c) for c in d.schema],
         source=d.source,
+        label_schema=column_info_to_proto(d.label_schema) if d.label_schema is not None else None,
     )
 
 
@@ -245,6 +248,9 @@ def dataset_info_from_proto(msg: ProtoDatasetInfo) -> DatasetInfo:
         dp_num_rows=_finite("dp_num_rows", msg.dp_num_rows),
         schema=tuple(column_info_from_proto(c) for c in msg.schema),
         source=msg.source or "csv",
+        label_schema=(
+            column_info_from_proto(msg.label_schema) if msg.HasField("label_schema") else None
+        ),
     )
 
 

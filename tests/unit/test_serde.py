@@ -251,6 +251,9 @@ PAIRS: list[tuple[str, Any, Callable[[Any], Message], Callable[[Any], Any]]] = [
                 ColumnInfo(name="segment", type="categorical", categories=("a", "b")),
             ),
             source="parquet",
+            label_schema=ColumnInfo(
+                name="y", type="categorical", categories=("good", "bad"), nullable=False
+            ),
         ),
         serde.dataset_info_to_proto,
         serde.dataset_info_from_proto,
@@ -262,6 +265,12 @@ PAIRS: list[tuple[str, Any, Callable[[Any], Message], Callable[[Any], Any]]] = [
         serde.column_info_from_proto,
     ),
     ("free column", ColumnInfo(name="x"), serde.column_info_to_proto, serde.column_info_from_proto),
+    (
+        "non-nullable column",
+        ColumnInfo(name="x", min=0.0, max=1.0, nullable=False),
+        serde.column_info_to_proto,
+        serde.column_info_from_proto,
+    ),
     (
         "evaluation",
         Evaluation(
@@ -620,3 +629,22 @@ def test_chunks_read_from_elsewhere_equal_chunks_of_the_bytes() -> None:
     assert [c.data for c in serde.blob_to_chunks(read, 0)] == [b""]
     with pytest.raises(ValueError, match="total size"):
         list(serde.blob_to_chunks(read))
+
+
+def test_schema_fields_absent_from_an_old_peer_decode_to_their_defaults() -> None:
+    """A peer that predates ``nullable``/``label_schema``: columns nullable, no label schema."""
+    msg = ProtoDatasetInfo(name="credit", num_rows=10, label="y")
+    msg.schema.add(name="x", type="numeric", has_bounds=True, min=0.0, max=1.0)
+    info = serde.dataset_info_from_proto(msg)
+    assert info.label_schema is None
+    assert info.schema == (ColumnInfo(name="x", min=0.0, max=1.0, nullable=True),)
+    explicit = serde.column_info_to_proto(ColumnInfo(name="x", nullable=False))
+    assert explicit.HasField("nullable") and not explicit.nullable
+
+
+def test_a_label_schema_with_an_unknown_type_is_rejected() -> None:
+    msg = ProtoDatasetInfo(name="credit", num_rows=10, label="y")
+    msg.label_schema.name = "y"
+    msg.label_schema.type = "text"
+    with pytest.raises(InvalidSpecError, match="unknown type"):
+        serde.dataset_info_from_proto(msg)

@@ -66,12 +66,17 @@ class ColumnInfo(_message.Message):
     MIN_FIELD_NUMBER: _builtins.int
     MAX_FIELD_NUMBER: _builtins.int
     CATEGORIES_FIELD_NUMBER: _builtins.int
+    NULLABLE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     type: _builtins.str
     """numeric | categorical"""
     has_bounds: _builtins.bool
     min: _builtins.float
     max: _builtins.float
+    nullable: _builtins.bool
+    """Cells may be missing (the encoding adds a missing indicator). Absent: true (declared
+    columns are nullable unless the site says otherwise).
+    """
     @_builtins.property
     def categories(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -83,12 +88,15 @@ class ColumnInfo(_message.Message):
         min: _builtins.float = ...,
         max: _builtins.float = ...,
         categories: _abc.Iterable[_builtins.str] | None = ...,
+        nullable: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_nullable", b"_nullable", "nullable", b"nullable"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "has_bounds", b"has_bounds", "max", b"max", "min", b"min", "name", b"name", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_nullable", b"_nullable", "categories", b"categories", "has_bounds", b"has_bounds", "max", b"max", "min", b"min", "name", b"name", "nullable", b"nullable", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__nullable: _TypeAlias = _typing.Literal["nullable"]  # noqa: Y015
+    _WhichOneofArgType__nullable: _TypeAlias = _typing.Literal["_nullable", b"_nullable"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__nullable) -> _WhichOneofReturnType__nullable | None: ...
 
 Global___ColumnInfo: _TypeAlias = ColumnInfo  # noqa: Y015
 
@@ -107,6 +115,7 @@ class DatasetInfo(_message.Message):
     DP_NUM_ROWS_FIELD_NUMBER: _builtins.int
     SCHEMA_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    LABEL_SCHEMA_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     num_rows: _builtins.int
     """rows used for training (the site's choice to disclose)"""
@@ -130,6 +139,10 @@ class DatasetInfo(_message.Message):
     def schema(self) -> _containers.RepeatedCompositeFieldContainer[Global___ColumnInfo]:
         """declared types and bounds of the feature columns"""
 
+    @_builtins.property
+    def label_schema(self) -> Global___ColumnInfo:
+        """the label's declared classes, in order (absent: undeclared)"""
+
     def __init__(
         self,
         *,
@@ -144,10 +157,11 @@ class DatasetInfo(_message.Message):
         dp_num_rows: _builtins.float = ...,
         schema: _abc.Iterable[Global___ColumnInfo] | None = ...,
         source: _builtins.str = ...,
+        label_schema: Global___ColumnInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["label_schema", b"label_schema"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "dp_num_rows", b"dp_num_rows", "epsilon_spent", b"epsilon_spent", "label", b"label", "max_epsilon", b"max_epsilon", "name", b"name", "num_rows", b"num_rows", "num_validation_rows", b"num_validation_rows", "policy_delta", b"policy_delta", "schema", b"schema", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "dp_num_rows", b"dp_num_rows", "epsilon_spent", b"epsilon_spent", "label", b"label", "label_schema", b"label_schema", "max_epsilon", b"max_epsilon", "name", b"name", "num_rows", b"num_rows", "num_validation_rows", b"num_validation_rows", "policy_delta", b"policy_delta", "schema", b"schema", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
