@@ -1,0 +1,1 @@
+"""A dataset's declared schema: typed tables (``table``) and the feature encoding (``encoding``)."""
