@@ -53,6 +53,7 @@ from common.specs import (
     MLPSpec,
     ModelSpec,
     format_validation_error,
+    model_dims,
 )
 
 WEIGHTS_FILE = "model.safetensors"
@@ -151,17 +152,18 @@ def _dense_layers(
 
 
 def _build(spec: ModelSpec) -> nn.Sequential:
+    input_dim, num_classes = model_dims(spec)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     if isinstance(spec, LinearSpec):
-        layers["logits"] = nn.Linear(spec.input_dim, spec.num_classes)
+        layers["logits"] = nn.Linear(input_dim, num_classes)
     elif isinstance(spec, MLPSpec):
         _dense_layers(
             layers,
-            in_features=spec.input_dim,
+            in_features=input_dim,
             hidden=spec.hidden,
             activation=spec.activation,
             dropout=spec.dropout,
-            num_classes=spec.num_classes,
+            num_classes=num_classes,
         )
     else:
         _check_groupnorm(spec)
@@ -195,7 +197,7 @@ def _build(spec: ModelSpec) -> nn.Sequential:
             hidden=spec.hidden,
             activation=spec.activation,
             dropout=0.0,
-            num_classes=spec.num_classes,
+            num_classes=num_classes,
         )
     return nn.Sequential(layers)
 
@@ -212,8 +214,9 @@ def build_model(spec: ModelSpec, *, seed: int | None = None) -> nn.Module:
             orchestrator chose.
 
     Raises:
-        InvalidSpecError: the spec is well-typed but unbuildable (a conv stack that shrinks
-            the input to nothing, GroupNorm groups that do not divide the channels).
+        InvalidSpecError: the spec is well-typed but unbuildable (dimensions not derived yet,
+            a conv stack that shrinks the input to nothing, GroupNorm groups that do not
+            divide the channels).
     """
     if seed is None:
         return _build(spec)
@@ -241,10 +244,11 @@ def count_spec_parameters(spec: ModelSpec) -> int:
             width = h
         return total + width * classes + classes
 
+    input_dim, num_classes = model_dims(spec)
     if isinstance(spec, LinearSpec):
-        return spec.input_dim * spec.num_classes + spec.num_classes
+        return input_dim * num_classes + num_classes
     if isinstance(spec, MLPSpec):
-        return dense(spec.input_dim, spec.hidden, spec.num_classes)
+        return dense(input_dim, spec.hidden, num_classes)
     _check_groupnorm(spec)
     sizes = _conv_geometry(spec)
     total = 0
@@ -258,7 +262,7 @@ def count_spec_parameters(spec: ModelSpec) -> int:
     flat = channels
     for s in sizes[-1]:
         flat *= s
-    return total + dense(flat, spec.hidden, spec.num_classes)
+    return total + dense(flat, spec.hidden, num_classes)
 
 
 def unwrap_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

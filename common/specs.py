@@ -4,6 +4,10 @@ A job is *data*, never code. Everything a site agent needs to build and train th
 this closed vocabulary; it is validated with ``extra="forbid"`` on both sides of the wire (the
 orchestrator when a job is submitted, every site agent again when a task arrives), so an
 unknown key or an out-of-range value is refused with a message naming the field.
+
+A data scientist may leave ``model.input_dim`` and ``model.num_classes`` out: at submit the
+orchestrator derives the feature encoding from the sites' declared schemas
+(``common.schema.encoding``), writes it under ``encoding`` and fills both from it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.errors import InvalidSpecError
+from common.schema.encoding import MAX_BINS, FeatureEncoding
 
 Activation = Literal["relu", "tanh", "gelu", "sigmoid", "elu", "leaky_relu"]
 
@@ -27,16 +32,16 @@ class LinearSpec(_Frozen):
     """Multinomial logistic regression: one affine layer."""
 
     kind: Literal["linear"]
-    input_dim: int = Field(ge=1, le=1_000_000)
-    num_classes: int = Field(ge=2, le=100_000)
+    input_dim: int | None = Field(default=None, ge=1, le=1_000_000)
+    num_classes: int | None = Field(default=None, ge=2, le=100_000)
 
 
 class MLPSpec(_Frozen):
     """Fully connected network: ``input_dim -> hidden[0] -> ... -> num_classes``."""
 
     kind: Literal["mlp"]
-    input_dim: int = Field(ge=1, le=1_000_000)
-    num_classes: int = Field(ge=2, le=100_000)
+    input_dim: int | None = Field(default=None, ge=1, le=1_000_000)
+    num_classes: int | None = Field(default=None, ge=2, le=100_000)
     hidden: tuple[Annotated[int, Field(ge=1, le=65_536)], ...] = Field(default=(64,), max_length=32)
     activation: Activation = "relu"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
@@ -55,8 +60,8 @@ class Conv1dSpec(_Frozen):
     """1-D conv net over rows of ``input_dim`` features reshaped to ``(channels, length)``."""
 
     kind: Literal["cnn1d"]
-    input_dim: int = Field(ge=1, le=1_000_000)
-    num_classes: int = Field(ge=2, le=100_000)
+    input_dim: int | None = Field(default=None, ge=1, le=1_000_000)
+    num_classes: int | None = Field(default=None, ge=2, le=100_000)
     input_shape: tuple[int, int] = Field(description="(channels, length); product = input_dim")
     conv: tuple[ConvLayerSpec, ...] = Field(min_length=1, max_length=16)
     hidden: tuple[Annotated[int, Field(ge=1, le=65_536)], ...] = Field(default=(), max_length=8)
@@ -68,7 +73,7 @@ class Conv1dSpec(_Frozen):
     @model_validator(mode="after")
     def _shape_matches(self) -> Conv1dSpec:
         c, length = self.input_shape
-        if c < 1 or length < 1 or c * length != self.input_dim:
+        if c < 1 or length < 1 or c * length != (self.input_dim or c * length):
             raise ValueError(
                 f"input_shape {self.input_shape} does not multiply to input_dim {self.input_dim}"
             )
@@ -79,8 +84,8 @@ class Conv2dSpec(_Frozen):
     """2-D conv net over rows reshaped to ``(channels, height, width)`` (e.g. 1x8x8 digits)."""
 
     kind: Literal["cnn2d"]
-    input_dim: int = Field(ge=1, le=1_000_000)
-    num_classes: int = Field(ge=2, le=100_000)
+    input_dim: int | None = Field(default=None, ge=1, le=1_000_000)
+    num_classes: int | None = Field(default=None, ge=2, le=100_000)
     input_shape: tuple[int, int, int] = Field(description="(channels, height, width)")
     conv: tuple[ConvLayerSpec, ...] = Field(min_length=1, max_length=16)
     hidden: tuple[Annotated[int, Field(ge=1, le=65_536)], ...] = Field(default=(), max_length=8)
@@ -90,7 +95,7 @@ class Conv2dSpec(_Frozen):
     @model_validator(mode="after")
     def _shape_matches(self) -> Conv2dSpec:
         c, h, w = self.input_shape
-        if min(c, h, w) < 1 or c * h * w != self.input_dim:
+        if min(c, h, w) < 1 or c * h * w != (self.input_dim or c * h * w):
             raise ValueError(
                 f"input_shape {self.input_shape} does not multiply to input_dim {self.input_dim}"
             )
@@ -98,6 +103,20 @@ class Conv2dSpec(_Frozen):
 
 
 ModelSpec = Annotated[LinearSpec | MLPSpec | Conv1dSpec | Conv2dSpec, Field(discriminator="kind")]
+
+
+def model_dims(spec: ModelSpec) -> tuple[int, int]:
+    """``(input_dim, num_classes)`` of a model spec whose dimensions are known.
+
+    Raises:
+        InvalidSpecError: either is unset (a job spec the orchestrator has not completed).
+    """
+    if spec.input_dim is None or spec.num_classes is None:
+        raise InvalidSpecError(
+            "model.input_dim and model.num_classes are not set; the orchestrator derives them "
+            "from the sites' declared schemas when the job is submitted."
+        )
+    return spec.input_dim, spec.num_classes
 
 
 class OptimizerSpec(_Frozen):
@@ -177,6 +196,74 @@ class MetricsSpec(_Frozen):
     exact: bool = False
 
 
+class EncodedColumnSpec(_Frozen):
+    """One feature column of the encoding, as the orchestrator derived it (wire form of
+    ``common.schema.encoding.EncodedFeature``)."""
+
+    name: str = Field(min_length=1, max_length=200)
+    type: Literal["numeric", "categorical"]
+    nullable: bool = True
+    min: float | None = None
+    max: float | None = None
+    categories: tuple[Annotated[str, Field(max_length=200)], ...] | None = Field(
+        default=None, max_length=10_000
+    )
+    edges: tuple[float, ...] | None = Field(default=None, max_length=MAX_BINS + 1)
+
+
+class EncodedLabelSpec(_Frozen):
+    name: str = Field(min_length=1, max_length=200)
+    classes: tuple[Annotated[str, Field(max_length=200)], ...] = Field(
+        min_length=2, max_length=100_000
+    )
+
+
+class EncodingSpec(_Frozen):
+    """How features are encoded (``encoding:`` in ``job.yaml``).
+
+    The data scientist chooses ``numeric`` (``minmax``: scaling by the declared bounds;
+    ``quantile``: piecewise-linear over ``bins`` bins whose edges are DP quantiles across the
+    sites, released once per job through noised histograms over ``quantile_grid`` cells with
+    noise multiplier ``quantile_noise_multiplier``, charged to the sites and counted in the
+    job's ε). ``features`` and ``label`` are filled by the orchestrator from the sites'
+    declared schemas; ``edges_released`` says the quantile edges are the DP ones.
+    """
+
+    numeric: Literal["minmax", "quantile"] = "minmax"
+    bins: int = Field(default=8, ge=2, le=MAX_BINS)
+    quantile_grid: int = Field(default=64, ge=8, le=4096)
+    quantile_noise_multiplier: float = Field(default=10.0, ge=0.01, le=1e6)
+    features: tuple[EncodedColumnSpec, ...] = Field(default=(), max_length=10_000)
+    label: EncodedLabelSpec | None = None
+    edges_released: bool = False
+
+    @property
+    def derived(self) -> bool:
+        """The orchestrator filled in the features and the label."""
+        return bool(self.features) and self.label is not None
+
+    def feature_encoding(self, *, require_edges: bool = True) -> FeatureEncoding:
+        """The encoding to apply (InvalidSpecError if not derived yet or malformed, or, unless
+        ``require_edges`` is false, if its quantile edges are still the placeholders)."""
+        if require_edges and self.numeric == "quantile" and not self.edges_released:
+            raise InvalidSpecError(
+                "The job's quantile bin edges have not been released yet; the orchestrator "
+                "computes them before the first round."
+            )
+        if not self.derived:
+            raise InvalidSpecError(
+                "The job spec carries no feature encoding; the orchestrator derives it from the "
+                "sites' declared schemas when the job is submitted."
+            )
+        return FeatureEncoding.from_dict(
+            {
+                "numeric": self.numeric,
+                "features": [f.model_dump(exclude_none=True, mode="python") for f in self.features],
+                "label": self.label.model_dump() if self.label is not None else None,
+            }
+        )
+
+
 class JobSpec(_Frozen):
     """A federated DP training job (``job.yaml``)."""
 
@@ -191,6 +278,7 @@ class JobSpec(_Frozen):
     optimizer: OptimizerSpec = OptimizerSpec()
     dp: DPSpec
     metrics: MetricsSpec = MetricsSpec()
+    encoding: EncodingSpec = EncodingSpec()
     site_dp: SiteDPSpec | None = None
     audit: AuditSpec | None = None
     min_sites: int = Field(default=1, ge=1, le=100_000)
@@ -207,6 +295,37 @@ class JobSpec(_Frozen):
                 raise ValueError("set only one of local_epochs and local_steps")
             data["local_epochs"] = None
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dims_from_encoding(cls, data: Any) -> Any:
+        """Fill ``model.input_dim``/``num_classes`` from a derived encoding; an explicit value
+        that differs is an error naming both."""
+        if not isinstance(data, dict) or "encoding" not in data or "model" not in data:
+            return data
+        try:
+            enc = EncodingSpec.model_validate(data["encoding"])
+            encoding = enc.feature_encoding(require_edges=False) if enc.derived else None
+        except (ValidationError, InvalidSpecError):
+            return data  # reported by the field's own validation (or the encoding's use)
+        if encoding is None:
+            return data
+        model = data["model"]
+        model = dict(model.model_dump() if isinstance(model, BaseModel) else model)
+        for key, derived in (("input_dim", encoding.width), ("num_classes", encoding.num_classes)):
+            given = model.get(key)
+            if given is None:
+                model[key] = derived
+            elif given != derived:
+                raise ValueError(
+                    f"model.{key}={given} but the encoding derived from the sites' declared "
+                    f"schemas gives {key}={derived}; leave model.{key} out to use the derived one"
+                )
+        return {**data, "model": model}
+
+    def feature_encoding(self) -> FeatureEncoding:
+        """The job's feature encoding (InvalidSpecError until the orchestrator derived it)."""
+        return self.encoding.feature_encoding()
 
 
 class GmmDPSpec(_Frozen):

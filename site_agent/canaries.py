@@ -21,7 +21,7 @@ from common import noise
 from common.audit import make_canaries
 from common.errors import InvalidSpecError, NotFoundError
 from common.models import build_model, load_weights, parse_model_spec
-from common.specs import JobSpec
+from common.specs import JobSpec, model_dims
 from common.tensors import state_from_bytes
 from site_agent.config import DatasetConfig
 
@@ -47,7 +47,11 @@ def canaries_for(
     highs = np.array([_bound(cfg, n)[1] for n in feature_names], dtype=np.float64)
     rng = noise.private_numpy_rng()
     x, y, inc = make_canaries(
-        num=spec.audit.canaries, lows=lows, highs=highs, num_classes=spec.model.num_classes, rng=rng
+        num=spec.audit.canaries,
+        lows=lows,
+        highs=highs,
+        num_classes=model_dims(spec.model)[1],
+        rng=rng,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")

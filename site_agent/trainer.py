@@ -63,7 +63,7 @@ from common import noise
 from common.domain import Metrics
 from common.errors import InvalidSpecError
 from common.models import build_model, load_weights
-from common.specs import ModelSpec, OptimizerSpec
+from common.specs import ModelSpec, OptimizerSpec, model_dims
 from site_agent.clipping import BookKeeper, supports
 
 SUPPORTED_MODES = ("bk", "ghost", "hooks")
@@ -222,9 +222,10 @@ def _check_arrays(
 ) -> tuple[Tensor, Tensor]:
     x = np.asarray(features)
     y = np.asarray(labels)
-    if x.ndim != 2 or x.shape[1] != spec.input_dim:
+    input_dim, num_classes = model_dims(spec)
+    if x.ndim != 2 or x.shape[1] != input_dim:
         raise InvalidSpecError(
-            f"The features have shape {x.shape}, the model needs (N, {spec.input_dim})."
+            f"The features have shape {x.shape}, the model needs (N, {input_dim})."
         )
     if y.shape != (x.shape[0],):
         raise InvalidSpecError(
@@ -233,10 +234,9 @@ def _check_arrays(
     if not np.issubdtype(y.dtype, np.integer):
         raise InvalidSpecError("The labels must be integers (class indices).")
     # Messages say *that* a value is out of range, never which value (it is site data).
-    if y.size and (int(y.min()) < 0 or int(y.max()) >= spec.num_classes):
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise InvalidSpecError(
-            f"Some labels are outside 0..{spec.num_classes - 1}; the model has "
-            f"{spec.num_classes} classes."
+            f"Some labels are outside 0..{num_classes - 1}; the model has {num_classes} classes."
         )
     if not np.isfinite(x).all():
         raise InvalidSpecError("The features hold NaN or infinite values.")
