@@ -43,6 +43,7 @@ BatchNorm would break it and has no support here, as in Opacus).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -190,6 +191,14 @@ def supports(net: nn.Module) -> bool:
 # -- per-example norms and the clipped sum, layer by layer ------------------------------------
 
 
+_MAX_FACTOR = 1e24
+"""Cap on the float32 multiplier ``c_i · s_i`` applied to an example's max-normalised
+tensors. It is at most ``C / ‖Ĝ_i‖`` (the normalised gradient's norm), which for a dense
+layer on vectors is at most ``C``; only a gradient that cancels to below ``C·10⁻²⁴`` of its
+scale could reach the cap, and the cap only ever scales a contribution *down*. With entries
+of ``ĝ`` and ``â`` in ``[-1, 1]`` it keeps every term of the clipped sum below ``10²⁴``."""
+
+
 def _as_sequence(x: Tensor) -> Tensor:
     """``(B, …, d)`` → ``(B, T, d)``: a dense layer's positions as a sequence."""
     return x.reshape(x.shape[0], -1, x.shape[-1])
@@ -212,11 +221,32 @@ def _unfold(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     )
 
 
+def _finite_rows(x: Tensor) -> Tensor:
+    """``(B,)``: whether every value of example ``i`` is finite."""
+    return torch.isfinite(x).reshape(x.shape[0], -1).all(1)
+
+
+def _normalise(x: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
+    """Each example divided by its largest absolute value, and those scales (float64).
+
+    Rows where ``ok`` is false become zeros (scale 1). Entries of the result lie in
+    ``[-1, 1]``, so squares and Gram matrices of it cannot overflow float32 whatever the
+    input's magnitude; the scales carry the magnitude in float64, where ``(3.4·10³⁸)⁴``
+    still fits. Always the same operations whatever the values (no data-dependent branch).
+    """
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    x = torch.where(ok.view(shape), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    scale = x.abs().reshape(x.shape[0], -1).amax(1)
+    scale = torch.where(scale > 0, scale, torch.ones((), dtype=x.dtype, device=x.device))
+    return x / scale.view(shape), scale.to(torch.float64)
+
+
 def _gram_or_materialise(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor | None]:
     """Squared norms of the per-example products ``g_iᵀ a_i`` for ``a (B,T,d)``, ``g (B,T,p)``.
 
     Returns ``(norms², per_example)`` where ``per_example`` is the ``(B, p, d)`` gradient if
     it was materialised (cheaper than the Gram matrices when ``T² > p·d``), else ``None``.
+    The inputs are max-normalised (:func:`_normalise`), so nothing here overflows.
     """
     t, d, p = a.shape[1], a.shape[2], g.shape[2]
     if t == 1:
@@ -235,10 +265,18 @@ class _LayerGrad:
 
     Only trainable parameters count: a frozen weight contributes neither to the norm nor to
     the sum (as in Opacus, which clips the gradients of trainable parameters only).
+
+    Tensors are max-normalised per example: the layer's true per-example weight gradient is
+    ``weight_scale_i · (ĝ_iᵀ â_i)`` and its bias gradient ``bias_scale_i · Σ_t ĝ_it``.
     """
 
     layer: nn.Module
     sq_norm: Tensor
+    """float64 ``(B,)``: the layer's share of each example's squared gradient norm."""
+    bad: Tensor
+    """bool ``(B,)``: examples whose book-kept tensors hold a NaN or an infinity."""
+    weight_scale: Tensor
+    bias_scale: Tensor
     a: Tensor | None = None
     """Inputs ``(B, T, d)`` for the product ``(c ⊙ g)ᵀ a``; ``None`` if not needed."""
     g: Tensor | None = None
@@ -260,13 +298,23 @@ def _prepare(tape: _Tape) -> _LayerGrad:
             "Book-keeping clipping does not support a layer used twice (or not at all)."
         )
     a_raw, g_raw = tape.saved[0]
-    item = _LayerGrad(layer, g_raw.new_zeros(g_raw.shape[0]))
+    ok = _finite_rows(a_raw) & _finite_rows(g_raw)
+    a_raw, a_scale = _normalise(a_raw, ok)
+    g_raw, g_scale = _normalise(g_raw, ok)
+    sq_scale = (a_scale * g_scale).square()
+    item = _LayerGrad(
+        layer,
+        sq_norm=a_scale.new_zeros(a_scale.shape),
+        bad=~ok,
+        weight_scale=a_scale * g_scale,
+        bias_scale=g_scale,
+    )
     if isinstance(layer, nn.GroupNorm):  # per-example gradients are (B, C): materialise
         dims = tuple(range(2, g_raw.dim()))
         if _trainable(layer, "weight"):
             w = (a_raw * g_raw).sum(dims) if dims else a_raw * g_raw
             item.weight_per_example = w
-            item.sq_norm = item.sq_norm + w.square().sum(1)
+            item.sq_norm = item.sq_norm + w.square().sum(1).to(torch.float64) * sq_scale
         if _trainable(layer, "bias"):
             item.bias_per_example = g_raw.sum(dims) if dims else g_raw
     else:
@@ -279,14 +327,20 @@ def _prepare(tape: _Tape) -> _LayerGrad:
             g = g_raw.reshape(g_raw.shape[0], g_raw.shape[1], -1).transpose(1, 2)
         if _trainable(layer, "weight"):
             sq, item.weight_per_example = _gram_or_materialise(a, g)
-            item.sq_norm = item.sq_norm + sq
+            item.sq_norm = item.sq_norm + sq.to(torch.float64) * sq_scale
             if item.weight_per_example is None:
                 item.a, item.g = a, g
         if _trainable(layer, "bias"):
             item.bias_per_example = g.sum(1)
     if item.bias_per_example is not None:
-        item.sq_norm = item.sq_norm + item.bias_per_example.square().sum(1)
+        b_sq = item.bias_per_example.square().sum(1).to(torch.float64)
+        item.sq_norm = item.sq_norm + b_sq * g_scale.square()
     return item
+
+
+def _multiplier(factors: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``min(c_i · scale_i, cap)`` in the parameters' dtype (computed in float64)."""
+    return (factors * scale).clamp(max=_MAX_FACTOR).to(dtype)
 
 
 def _write_clipped_sum(item: _LayerGrad, factors: Tensor) -> None:
@@ -294,17 +348,19 @@ def _write_clipped_sum(item: _LayerGrad, factors: Tensor) -> None:
     if _trainable(layer, "weight"):
         weight = layer.weight
         assert isinstance(weight, Tensor)
+        mult = _multiplier(factors, item.weight_scale, weight.dtype)
         if item.weight_per_example is not None:
-            w_sum = torch.einsum("b,b...->...", factors, item.weight_per_example)
+            w_sum = torch.einsum("b,b...->...", mult, item.weight_per_example)
         else:  # (c ⊙ g)ᵀ a summed over examples and positions: one matrix product
             assert item.a is not None and item.g is not None
-            scaled = item.g * factors.view(-1, 1, 1)
+            scaled = item.g * mult.view(-1, 1, 1)
             w_sum = scaled.flatten(0, 1).t() @ item.a.flatten(0, 1)
         _accumulate(weight, w_sum.reshape(weight.shape))
     if item.bias_per_example is not None:
         bias = layer.bias
         assert isinstance(bias, Tensor)
-        _accumulate(bias, (factors @ item.bias_per_example).reshape(bias.shape))
+        mult = _multiplier(factors, item.bias_scale, bias.dtype)
+        _accumulate(bias, (mult @ item.bias_per_example).reshape(bias.shape))
 
 
 def _accumulate(param: Tensor, value: Tensor) -> None:
@@ -353,8 +409,18 @@ class BookKeeper:
     def clipped_backward(self, loss: Tensor, max_grad_norm: float) -> Tensor:
         """Backward of ``loss`` (a **sum** over the batch), then ``p.grad = Σ_i c_i ∇ℓ_i``.
 
-        Returns the per-example gradient norms before clipping (they stay on the site: the
-        trainer never releases them).
+        An example whose book-kept tensors hold a NaN or an infinity (a non-finite feature, or
+        one so large that the forward pass overflowed) contributes zero, silently: its factor
+        is 0 and its rows are zeroed before any product, so ``0 · ∞`` never occurs. Norms
+        are computed from max-normalised tensors with the scales in float64, so a finite
+        example's norm cannot overflow (float32 squares would beyond ``1.8·10¹⁹``). Each
+        example therefore adds at most ``C`` to a finite sum, whatever its values: one
+        record can neither poison the update nor reveal through a non-finite result that it
+        was sampled.
+
+        Returns the per-example gradient norms before clipping, float64, ``inf`` for an
+        example that contributes zero (they stay on the site: the trainer never releases
+        them).
         """
         if not self._tapes:
             raise RuntimeError("BookKeeper.clipped_backward needs attach() to be active.")
@@ -362,10 +428,16 @@ class BookKeeper:
             tape.saved.clear()
         loss.backward()  # type: ignore[no-untyped-call]
         items = [_prepare(tape) for tape in self._tapes]
-        batch = loss.new_zeros(())
+        batch = torch.zeros((), dtype=torch.float64, device=loss.device)
         sq_norms = sum((item.sq_norm for item in items), batch)
+        bad = torch.zeros_like(sq_norms, dtype=torch.bool)
+        for item in items:
+            bad = bad | item.bad
         norms = sq_norms.sqrt()
+        bad = bad | ~torch.isfinite(norms)
         factors = (max_grad_norm / (norms + _CLIP_EPS)).clamp(max=1.0)
+        factors = torch.where(bad, torch.zeros_like(factors), factors)
+        norms = torch.where(bad, torch.full_like(norms, math.inf), norms)
         for item in items:
             _write_clipped_sum(item, factors)
         for tape in self._tapes:

@@ -54,7 +54,8 @@ import numpy.typing as npt
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
@@ -238,8 +239,8 @@ def _check_arrays(
         raise InvalidSpecError(
             f"Some labels are outside 0..{num_classes - 1}; the model has {num_classes} classes."
         )
-    if not np.isfinite(x).all():
-        raise InvalidSpecError("The features hold NaN or infinite values.")
+    # Non-finite features are not refused (a refusal after the charge would say that such a
+    # row exists): each path gives such an example a zero contribution instead.
     return (
         torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
         torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)),
@@ -340,6 +341,7 @@ def train_local(
     # its state dict has the spec's key names.
     end = net.state_dict()
     delta = {k: (end[k].detach().to(torch.float32) - start[k]).cpu().contiguous() for k in start}
+    _check_finite(delta)
     return LocalResult(
         delta=delta,
         num_examples=n,
@@ -349,6 +351,23 @@ def train_local(
         max_grad_norm=float(params.max_grad_norm),
         grad_sample_mode=mode,
     )
+
+
+def _check_finite(delta: Mapping[str, Tensor]) -> None:
+    """Never release a non-finite update.
+
+    Every step's clipped sum is finite by construction (each example adds at most ``C``, and
+    an example with a non-finite gradient adds zero), so the weights are post-processing of
+    finite noised sums: whether they stay finite depends on the data only through the DP
+    mechanism's outputs, and refusing here reveals nothing more than the update would. The
+    message is fixed; it never depends on a value. It can only show when the optimiser
+    diverges (e.g. a learning rate far too large for the noise).
+    """
+    if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
+        raise InvalidSpecError(
+            "Local training diverged (the weights are no longer finite numbers); the update "
+            "is withheld. Lower the learning rate."
+        )
 
 
 def _poisson_batches(loader: DPDataLoader, steps: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -405,6 +424,53 @@ def _run_bookkeeping(
             _check_not_skipped(dp_optimizer)
 
 
+def _zero_rows(x: Tensor, ok: Tensor) -> Tensor:
+    return torch.where(ok.view((-1,) + (1,) * (x.dim() - 1)), x, torch.zeros_like(x))
+
+
+class _FiniteClipOptimizer(DPOptimizer):  # type: ignore[misc]
+    """Opacus' ``DPOptimizer`` (hooks mode) whose clipping cannot produce a NaN.
+
+    Mirrors ``DPOptimizer.clip_and_accumulate`` (``c_i = min(1, C / (‖g_i‖ + 10⁻⁶))``,
+    ``summed_grad = Σ_i c_i g_i``), with the norms in float64, and an example whose
+    per-example gradient or norm is not finite gets ``c_i = 0`` and zeroed rows.
+    """
+
+    def clip_and_accumulate(self) -> None:
+        samples = [self._get_flat_grad_sample(p) for p in self.params]
+        batch = len(samples[0])
+        if batch == 0:  # an empty Poisson sample: Opacus' own handling (a zero sum)
+            super().clip_and_accumulate()
+            return
+        ok = torch.ones(batch, dtype=torch.bool, device=samples[0].device)
+        for g in samples:
+            ok = ok & torch.isfinite(g).flatten(1).all(1)
+        norms = torch.zeros(batch, dtype=torch.float64, device=ok.device)
+        for g in samples:
+            norms = norms + _zero_rows(g, ok).flatten(1).to(torch.float64).square().sum(1)
+        norms = norms.sqrt()
+        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        factors = torch.where(ok & torch.isfinite(norms), factors, torch.zeros_like(factors))
+        for p, g in zip(self.params, samples, strict=True):
+            _check_processed_flag(p.grad_sample)
+            grad = torch.einsum("i,i...", factors.to(p.dtype), _zero_rows(g.to(p.dtype), ok))
+            if p.summed_grad is not None:
+                p.summed_grad += grad
+            else:
+                p.summed_grad = grad
+            _mark_as_processed(p.grad_sample)
+
+
+class _FiniteGhostModule(GradSampleModuleFastGradientClipping):  # type: ignore[misc]
+    """Opacus' ghost-clipping module whose clipping factor is zero where a norm is not finite
+    (Opacus' ``C / (norm + 10⁻⁶)`` would be NaN for a NaN norm, and NaN for the sum)."""
+
+    def get_clipping_coef(self) -> Tensor:
+        norms = self.get_norm_sample()
+        coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        return torch.where(torch.isfinite(norms), coef, torch.zeros_like(coef))
+
+
 def _run_opacus(
     net: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -415,7 +481,17 @@ def _run_opacus(
     expected: float,
     mode: str,
 ) -> None:
-    """DP-SGD steps with Opacus' own per-example gradients (``ghost`` or ``hooks``)."""
+    """DP-SGD steps with Opacus' own per-example gradients (``ghost`` or ``hooks``).
+
+    Opacus computes per-example norms in the model's dtype, and float32 squares overflow
+    beyond ``1.8·10¹⁹``: one extreme feature would make a norm infinite and the clipped sum
+    ``0 · ∞ = NaN``. So these modes train in float64 (the delta is cast back to float32),
+    where no finite float32 input overflows a norm; rows with a non-finite feature are
+    taken out of the batch (they contribute zero, as in book-keeping); and the clipping
+    factor of any example whose norm or per-example gradient is still not finite is zero
+    (:class:`_FiniteClipOptimizer`, :class:`_FiniteGhostModule`).
+    """
+    net.double()  # in place: the optimiser keeps the same parameter objects
     criterion = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
         # "Secure RNG turned off": our generators are seeded from OS entropy (see module doc).
@@ -434,9 +510,13 @@ def _run_opacus(
         )
     if mode == "ghost":
         dp_model, dp_optimizer, dp_criterion, dp_loader = made
+        assert type(dp_model) is GradSampleModuleFastGradientClipping
+        dp_model.__class__ = _FiniteGhostModule
     else:
         dp_model, dp_optimizer, dp_loader = made
         dp_criterion = criterion
+        assert type(dp_optimizer) is DPOptimizer
+        dp_optimizer.__class__ = _FiniteClipOptimizer
     # Each Poisson batch is one step; accumulating several would break the accounting.
     dp_model.forbid_grad_accumulation()
     dp_optimizer.expected_batch_size = expected
@@ -447,6 +527,9 @@ def _run_opacus(
         )
         for xb, yb in _poisson_batches(dp_loader, steps):
             dp_optimizer.zero_grad(set_to_none=True)
+            # Same operations whatever the values: no data-dependent branch.
+            keep = torch.isfinite(xb).all(1)
+            xb, yb = xb[keep].to(torch.float64), yb[keep]
             # The loss is a tensor that only ever reaches backward(): never a number.
             dp_criterion(dp_model(xb), yb).backward()
             dp_optimizer.step()
