@@ -169,6 +169,25 @@ class SiteDPSpec(_Frozen):
     )
 
 
+class AggregationSpec(_Frozen):
+    """How the orchestrator combines the sites' updates each round (``aggregation:``).
+
+    ``fedavg`` (McMahan et al. 2017) weights each site by the rows it registered, but no one
+    site's share of a round's total weight may pass ``max_site_weight`` (a site that claims a
+    huge dataset is capped, and the cap is an event on the job). ``trimmed_mean`` and
+    ``median`` are coordinate-wise over sites, unweighted (Yin et al. 2018, "Byzantine-Robust
+    Distributed Learning"): ``trim`` is the fraction of sites dropped at each end of every
+    coordinate. With ``site_dp`` the server-side DP mechanism fixes the aggregation
+    (``fedavg`` only).
+    """
+
+    method: Literal["fedavg", "trimmed_mean", "median"] = "fedavg"
+    trim: float = Field(default=0.2, ge=0.0, lt=0.5, description="trimmed_mean: cut per end")
+    max_site_weight: float = Field(
+        default=0.5, gt=0.0, le=1.0, description="fedavg: largest share of one site (1 = none)"
+    )
+
+
 class AuditSpec(_Frozen):
     """Optional empirical privacy audit (Steinke, Nasr, Jagielski 2023).
 
@@ -280,6 +299,7 @@ class JobSpec(_Frozen):
     metrics: MetricsSpec = MetricsSpec()
     encoding: EncodingSpec = EncodingSpec()
     site_dp: SiteDPSpec | None = None
+    aggregation: AggregationSpec = AggregationSpec()
     audit: AuditSpec | None = None
     min_sites: int = Field(default=1, ge=1, le=100_000)
     round_timeout_s: float = Field(default=600.0, gt=0.0, le=86_400.0)
@@ -295,6 +315,15 @@ class JobSpec(_Frozen):
                 raise ValueError("set only one of local_epochs and local_steps")
             data["local_epochs"] = None
         return data
+
+    @model_validator(mode="after")
+    def _aggregation_fits_site_dp(self) -> JobSpec:
+        if self.site_dp is not None and self.aggregation.method != "fedavg":
+            raise ValueError(
+                f"aggregation.method {self.aggregation.method!r} cannot be combined with "
+                "site_dp, whose noise is calibrated to a clipped uniform average (fedavg)"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
