@@ -33,9 +33,11 @@ from common.transport import (
 from common.version import __version__
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
+from site_agent.budget import open_ledger
 from site_agent.config import SiteConfig
 from site_agent.executor import TaskExecutor
 from site_agent.ledger import Ledger
+from site_agent.state_lock import StateDirLock
 
 log = logging.getLogger("dpfed.site_agent")
 
@@ -67,9 +69,15 @@ class SiteAgent:
             self._tls = TlsFiles(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
             self._tls.read()  # fail at start-up, not at the first connection
         self.config = config
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-        self.ledger = ledger or Ledger(config.state_dir / "ledger.sqlite")
-        self.executor = TaskExecutor(config, self.ledger)
+        # One agent owns a state directory (its ledger, catalog, canaries): a second one on
+        # the same directory refuses to start (site_agent.state_lock).
+        self._state_lock = StateDirLock(config.state_dir)
+        try:
+            self.ledger = ledger or open_ledger(config)
+            self.executor = TaskExecutor(config, self.ledger)
+        except BaseException:
+            self._state_lock.release()
+            raise
         self.stopping = threading.Event()
         self.tasks_done = 0
         self._state = "idle"
@@ -125,6 +133,7 @@ class SiteAgent:
 
     def close(self) -> None:
         self.ledger.close()
+        self._state_lock.release()
 
     def _registration(self) -> SiteRegistration:
         return SiteRegistration(

@@ -1,14 +1,22 @@
-"""Admission of any DP release other than a training round (evaluation, synthetic-data
-marginals, mixture statistics): the same policy, the same ledger, the same write-ahead order.
+"""Which budget a dataset draws on, and admission of any DP release other than a training
+round (evaluation, synthetic-data marginals, mixture statistics, the catalog's row count): the
+same policy, the same ledger, the same write-ahead order.
+
+A budget belongs to the data, not to its name (:func:`data_key`): two dataset names on the same
+file, or on the same database URL and query, draw on one budget, limited by the smaller of
+their ``max_epsilon`` (:func:`budget_limit`).
 
 ``admit_and_charge`` checks the release against the site's policy (σ floor, δ ceiling) and its
-dataset's remaining budget (conservative RDP projection over the whole history, as for
-training), then charges the ledger durably. Only after it returns may the release be computed.
+dataset's remaining budget (conservative RDP projection over the whole history and every other
+job's live reservation, as for training), and charges the ledger in the same transaction.
+Only after it returns may the release be computed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -18,11 +26,39 @@ from common.accounting import DpEvent
 from common.domain import ChargedEvent, DpReport, Metrics, TaskAssignment, UpdateMeta
 from common.errors import InvalidSpecError, PolicyRefusal
 from common.specs import format_validation_error
-from site_agent.config import SiteConfig
+from site_agent.config import DatasetConfig, SiteConfig
 from site_agent.ledger import Ledger
 from site_agent.policy import Projection, TaskCost, project
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def data_key(cfg: DatasetConfig) -> str:
+    """What identifies a dataset's records: its file's real path (symbolic links resolved),
+    or its database URL and query (whitespace runs folded, case kept)."""
+    if cfg.path is not None:
+        return "file:" + os.path.realpath(cfg.path)
+    query = re.sub(r"\s+", " ", (cfg.query or "").strip())
+    return f"sql:{cfg.url}\n{query}"
+
+
+def budget_keys(config: SiteConfig) -> dict[str, str]:
+    """Each dataset name's budget key (see :class:`site_agent.ledger.Ledger`)."""
+    return {d.name: data_key(d) for d in config.datasets}
+
+
+def open_ledger(config: SiteConfig) -> Ledger:
+    """The site's ledger, told which names share a budget."""
+    return Ledger(config.state_dir / "ledger.sqlite", budgets=budget_keys(config))
+
+
+def budget_limit(config: SiteConfig, dataset: str) -> float:
+    """The ε limit of ``dataset``'s budget: the smallest over every name on the same data."""
+    cfg = config.dataset(dataset)
+    if cfg is None:
+        return config.max_epsilon_for(dataset)
+    key = data_key(cfg)
+    return min(config.max_epsilon_for(d.name) for d in config.datasets if data_key(d) == key)
 
 
 def parse_request(model: type[RequestT], task: TaskAssignment, *, source: str) -> RequestT:
@@ -59,18 +95,21 @@ def admit_and_charge(
         raise PolicyRefusal(
             f"{what} on dataset {dataset!r} asks for δ={delta:g}, above this site's δ={policy.delta:g}."
         )
-    budget = config.max_epsilon_for(dataset)
-    proj = project(
-        history=ledger.events(dataset),
-        cost=TaskCost(events=tuple(events), delta=delta),
-        policy_delta=policy.delta,
-        max_epsilon=budget,
-    )
-    if proj.epsilon_after > budget:
-        raise PolicyRefusal(
-            f"{what} would bring dataset {dataset!r} to ε={proj.epsilon_after:.3f} "
-            f"(spent {proj.epsilon_before:.3f}), past this site's budget {budget:g}."
-        )
+    budget = budget_limit(config, dataset)
+    cost = TaskCost(events=tuple(events), delta=delta)
+    projections: list[Projection] = []
+
+    def within_budget(history: list[DpEvent]) -> None:
+        proj = project(history=history, cost=cost, policy_delta=policy.delta, max_epsilon=budget)
+        if proj.epsilon_after > budget:
+            raise PolicyRefusal(
+                f"{what} would bring dataset {dataset!r} to ε={proj.epsilon_after:.3f} "
+                f"(spent or promised to admitted jobs {proj.epsilon_before:.3f}), past this "
+                f"site's budget {budget:g}."
+            )
+        projections.append(proj)
+
+    # Check and charge in one ledger transaction: nothing else can spend in between.
     ledger.charge(
         dataset=dataset,
         job_id=job_id,
@@ -79,8 +118,9 @@ def admit_and_charge(
         kind=kind,
         events=list(events),
         delta=delta,
+        check=within_budget,
     )
-    return proj
+    return projections[-1]
 
 
 def release_update(

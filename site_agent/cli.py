@@ -16,8 +16,8 @@ from rich.table import Table
 from common.accounting import compute_epsilon
 from common.cli_support import err_console, run_app, setup_logging
 from common.errors import DpfedError
+from site_agent.budget import budget_limit, open_ledger
 from site_agent.config import load_site_config
-from site_agent.ledger import Ledger
 
 app = typer.Typer(
     add_completion=False,
@@ -83,8 +83,7 @@ def ledger(
 ) -> None:
     """Each dataset's privacy spend, remaining budget and the events behind it."""
     cfg = load_site_config(config)
-    path = cfg.state_dir / "ledger.sqlite"
-    with Ledger(path) as led:
+    with open_ledger(cfg) as led:
         t = Table(
             title=f"site {cfg.site_id}: privacy budget per dataset (δ = {cfg.policy.delta:g})"
         )
@@ -94,7 +93,7 @@ def ledger(
         names += [n for n in led.datasets() if n not in names]
         for name in names:
             spent = led.spent(name, delta=cfg.policy.delta)
-            budget = cfg.max_epsilon_for(name)
+            budget = budget_limit(cfg, name)
             entries = led.entries(dataset=name)
             t.add_row(
                 name,

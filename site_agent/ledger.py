@@ -17,6 +17,20 @@ Specification
 * **Composition.** :meth:`Ledger.spent` composes every event ever charged to a dataset, across
   jobs, with :func:`common.accounting.compute_epsilon` (PRV by default: Gopi, Lee & Wutschitz
   2021) at the δ asked for; each entry also keeps the δ its task was run at.
+* **Check and charge in one transaction.** :meth:`Ledger.charge` takes an optional ``check``
+  that sees the dataset's commitments (below) read *inside* the write transaction (SQLite
+  ``BEGIN IMMEDIATE`` takes the database's write lock), and may raise to refuse; so two
+  processes on one file can never both pass a budget check and together overspend.
+* **Reservations.** A job admitted before its first round (:meth:`Ledger.reserve`) holds its
+  whole projected cost: ``rounds`` times a per-round set of events. Each task of that job
+  charged afterwards uses up one round of it; :meth:`Ledger.release` ends it (cancel, failure,
+  completion). :meth:`Ledger.commitments` (what every budget check composes) is every charge
+  plus the unused part of every other job's live reservation, so a concurrent job's admission
+  cannot take what an admitted job was promised.
+* **A budget belongs to the data.** The ledger is told which budget each dataset name draws
+  on (``budgets``: name → key of the data, see ``site_agent.budget.data_key``); every read
+  that composes (events, spent, commitments) covers every charge recorded under that key or
+  under any name sharing it, so two names on one file share one budget.
 * **Thread-safe.** One connection (``check_same_thread=False``) guarded by a lock, so the
   agent's task loop and its status/heartbeat thread may share a ledger.
 
@@ -31,18 +45,21 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
 from common.accounting import DpEvent, EpsilonBound, compute_epsilon
 from common.errors import PrivacyAccountingError
 
-__all__ = ["SCHEMA_VERSION", "Ledger", "LedgerEntry"]
+__all__ = ["SCHEMA_VERSION", "Ledger", "LedgerEntry", "Reservation"]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+_UPGRADABLE: Final = (1,)
 
 _SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS schema_version (
@@ -59,7 +76,8 @@ _SCHEMA: Final = (
         sample_rate      REAL    NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
         steps            INTEGER NOT NULL CHECK (steps >= 1),
         delta            REAL    NOT NULL CHECK (delta > 0 AND delta < 1),
-        created_at       REAL    NOT NULL
+        created_at       REAL    NOT NULL,
+        budget           TEXT    NOT NULL DEFAULT ''
     )""",
     "CREATE INDEX IF NOT EXISTS charges_by_dataset ON charges (dataset, id)",
     "CREATE INDEX IF NOT EXISTS charges_by_job ON charges (job_id, id)",
@@ -71,6 +89,34 @@ _SCHEMA: Final = (
     BEGIN
         SELECT RAISE(ABORT, 'the privacy ledger is append-only: charges cannot be deleted');
     END""",
+    """CREATE TABLE IF NOT EXISTS reservations (
+        id               INTEGER PRIMARY KEY AUTOINCREMENT,
+        grant_id         TEXT    NOT NULL CHECK (length(grant_id) > 0),
+        dataset          TEXT    NOT NULL CHECK (length(dataset) > 0),
+        budget           TEXT    NOT NULL CHECK (length(budget) > 0),
+        job_id           TEXT    NOT NULL CHECK (length(job_id) > 0),
+        kind             TEXT    NOT NULL CHECK (length(kind) > 0),
+        noise_multiplier REAL    NOT NULL CHECK (noise_multiplier > 0),
+        sample_rate      REAL    NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
+        steps            INTEGER NOT NULL CHECK (steps >= 1),
+        rounds           INTEGER NOT NULL CHECK (rounds >= 1),
+        delta            REAL    NOT NULL CHECK (delta > 0 AND delta < 1),
+        created_at       REAL    NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS reservation_ends (
+        grant_id   TEXT NOT NULL PRIMARY KEY,
+        reason     TEXT NOT NULL,
+        created_at REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS reservations_by_job ON reservations (job_id, id)",
+    *(
+        f"""CREATE TRIGGER IF NOT EXISTS {table}_no_{verb} BEFORE {verb.upper()} ON {table}
+    BEGIN
+        SELECT RAISE(ABORT, 'the privacy ledger is append-only');
+    END"""
+        for table in ("reservations", "reservation_ends")
+        for verb in ("update", "delete")
+    ),
 )
 
 _COLUMNS: Final = (
@@ -92,6 +138,33 @@ class LedgerEntry:
     event: DpEvent
     delta: float
     created_at: float
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A job's live hold on a budget: ``rounds`` times ``per_round``, ``used`` rounds spent."""
+
+    grant_id: str
+    dataset: str
+    job_id: str
+    per_round: tuple[tuple[str, DpEvent], ...]
+    rounds: int
+    used: int
+    delta: float
+
+    @property
+    def remaining(self) -> list[DpEvent]:
+        """The events of the rounds not yet charged (composed k-fold: ``steps`` × k)."""
+        left = max(0, self.rounds - self.used)
+        if not left:
+            return []
+        return [
+            DpEvent(e.noise_multiplier, e.sample_rate, e.steps * left) for _, e in self.per_round
+        ]
+
+
+Check = Callable[[list[DpEvent]], object]
+"""Runs inside the charge's transaction on the dataset's commitments; raises to refuse."""
 
 
 def _entry(row: tuple[object, ...]) -> LedgerEntry:
@@ -132,11 +205,16 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Ledger:
-    """A site's privacy ledger in one SQLite file (see the module docstring)."""
+    """A site's privacy ledger in one SQLite file (see the module docstring).
 
-    def __init__(self, path: Path) -> None:
+    ``budgets`` maps each dataset name to the key of the data it reads (names on the same
+    data share a key, hence a budget); a name it does not list is its own budget.
+    """
+
+    def __init__(self, path: Path, *, budgets: Mapping[str, str] | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._budgets = dict(budgets or {})
         self._lock = threading.Lock()
         # isolation_level=None: no implicit transactions; charge() opens its own.
         self._conn: sqlite3.Connection | None = sqlite3.connect(
@@ -166,21 +244,44 @@ class Ledger:
             rows = (
                 conn.execute("SELECT version FROM schema_version").fetchall() if has_version else []
             )
-            if rows and [r[0] for r in rows] != [SCHEMA_VERSION]:
-                found = ", ".join(str(r[0]) for r in rows)
+            found = [r[0] for r in rows]
+            if (
+                rows
+                and found != [SCHEMA_VERSION]
+                and not (len(found) == 1 and found[0] in _UPGRADABLE)
+            ):
+                listed = ", ".join(str(v) for v in found)
                 raise PrivacyAccountingError(
-                    f"The privacy ledger {self.path} has schema version {found}, but this agent "
+                    f"The privacy ledger {self.path} has schema version {listed}, but this agent "
                     f"understands only version {SCHEMA_VERSION}; refusing to read or write it."
                 )
             for statement in _SCHEMA:
                 conn.execute(statement)
+            columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(charges)")}
+            if "budget" not in columns:  # a version-1 ledger: its charges match by name
+                conn.execute("ALTER TABLE charges ADD COLUMN budget TEXT NOT NULL DEFAULT ''")
             if not rows:
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif found != [SCHEMA_VERSION]:
+                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    # ------------------------------------------------------------------ budgets
+
+    def budget_of(self, dataset: str) -> str:
+        """The key of the budget ``dataset`` draws on."""
+        return self._budgets.get(dataset) or f"name:{dataset}"
+
+    def _match(self, dataset: str) -> tuple[str, list[str]]:
+        """SQL condition and parameters selecting every charge to ``dataset``'s budget."""
+        key = self.budget_of(dataset)
+        names = sorted({dataset, *(n for n, k in self._budgets.items() if k == key)})
+        marks = ", ".join("?" for _ in names)
+        return f"(budget = ? OR dataset IN ({marks}))", [key, *names]
 
     # ------------------------------------------------------------------ writing
 
@@ -191,11 +292,17 @@ class Ledger:
         job_id: str,
         round: int,
         task_id: str,
-        kind: str,
+        kind: str | Sequence[str],
         events: Sequence[DpEvent],
         delta: float,
+        check: Check | None = None,
     ) -> list[LedgerEntry]:
         """Record every event of one task in one durable transaction; return the entries.
+
+        ``kind`` names all the events, or each one (a sequence as long as ``events``).
+        ``check``, when given, is called inside the transaction with the dataset's
+        commitments (every charge to its budget and the unused part of every *other* job's
+        reservation, see :meth:`commitments`); if it raises, nothing is recorded.
 
         Call this *before* the task's update leaves the site. When it returns, the charge is
         on disk; if it raises, nothing was recorded.
@@ -203,55 +310,52 @@ class Ledger:
         _check_text("dataset", dataset)
         _check_text("job_id", job_id)
         _check_text("task_id", task_id)
-        _check_text("kind", kind)
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
             raise ValueError(f"The round must be a non-negative integer, got {round!r}.")
-        if isinstance(delta, bool) or not isinstance(delta, int | float):
-            raise ValueError(f"δ must be a number, got {delta!r}.")
-        if not (math.isfinite(delta) and 0 < delta < 1):
-            raise ValueError(f"δ must be in (0, 1), got {delta}.")
+        _check_delta(delta)
         events = list(events)
         if not events:
             raise ValueError("A charge must record at least one DP event.")
+        kinds = [kind] * len(events) if isinstance(kind, str) else list(kind)
+        if len(kinds) != len(events):
+            raise ValueError(f"{len(kinds)} kinds given for {len(events)} events.")
+        for k in kinds:
+            _check_text("kind", k)
         for e in events:
             if not isinstance(e, DpEvent):
                 raise ValueError(f"Charges are DpEvent instances, got {type(e).__name__}.")
         now = time.time()
+        budget = self.budget_of(dataset)
         rows = [
             (
                 dataset,
                 job_id,
                 round,
                 task_id,
-                kind,
+                k,
                 e.noise_multiplier,
                 e.sample_rate,
                 e.steps,
                 float(delta),
                 now,
+                budget,
             )
-            for e in events
+            for k, e in zip(kinds, events, strict=True)
         ]
-        with self._lock:
-            conn = self._open_conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                ids: list[int] = []
-                for row in rows:
-                    cursor = conn.execute(
-                        "INSERT INTO charges (dataset, job_id, round, task_id, kind, "
-                        "noise_multiplier, sample_rate, steps, delta, created_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        row,
-                    )
-                    if cursor.lastrowid is None:  # pragma: no cover - sqlite always sets it
-                        raise PrivacyAccountingError("SQLite did not report the charge's row id.")
-                    ids.append(cursor.lastrowid)
-                conn.execute("COMMIT")  # WAL + synchronous=FULL: fsynced before this returns
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        with self._transaction() as conn:
+            if check is not None:
+                check(self._commitments(conn, dataset, excluding_job=job_id))
+            ids: list[int] = []
+            for row in rows:
+                cursor = conn.execute(
+                    "INSERT INTO charges (dataset, job_id, round, task_id, kind, "
+                    "noise_multiplier, sample_rate, steps, delta, created_at, budget) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+                if cursor.lastrowid is None:  # pragma: no cover - sqlite always sets it
+                    raise PrivacyAccountingError("SQLite did not report the charge's row id.")
+                ids.append(cursor.lastrowid)
         return [
             LedgerEntry(
                 id=id_,
@@ -259,20 +363,114 @@ class Ledger:
                 job_id=job_id,
                 round=round,
                 task_id=task_id,
-                kind=kind,
+                kind=k,
                 event=e,
                 delta=float(delta),
                 created_at=now,
             )
-            for id_, e in zip(ids, events, strict=True)
+            for id_, k, e in zip(ids, kinds, events, strict=True)
         ]
+
+    def reserve(
+        self,
+        *,
+        dataset: str,
+        job_id: str,
+        per_round: Sequence[tuple[str, DpEvent]],
+        rounds: int,
+        delta: float,
+        check: Check,
+    ) -> Reservation:
+        """Hold ``rounds`` × ``per_round`` of ``dataset``'s budget for ``job_id``.
+
+        ``check`` sees the commitments *without* this job's own reservation and must raise
+        to refuse; it is called inside the transaction that records the reservation. A job
+        reserving again (its admission was repeated) replaces its earlier reservation.
+        """
+        _check_text("dataset", dataset)
+        _check_text("job_id", job_id)
+        _check_delta(delta)
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"A reservation covers at least one round, got {rounds!r}.")
+        per_round = tuple(per_round)
+        if not per_round:
+            raise ValueError("A reservation must hold at least one DP event per round.")
+        for k, e in per_round:
+            _check_text("kind", k)
+            if not isinstance(e, DpEvent):
+                raise ValueError(f"Reservations hold DpEvent instances, got {type(e).__name__}.")
+        grant = uuid.uuid4().hex
+        budget = self.budget_of(dataset)
+        now = time.time()
+        with self._transaction() as conn:
+            check(self._commitments(conn, dataset, excluding_job=job_id))
+            self._end(conn, job_id=job_id, dataset=dataset, reason="replaced", now=now)
+            for k, e in per_round:
+                conn.execute(
+                    "INSERT INTO reservations (grant_id, dataset, budget, job_id, kind, "
+                    "noise_multiplier, sample_rate, steps, rounds, delta, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        grant,
+                        dataset,
+                        budget,
+                        job_id,
+                        k,
+                        e.noise_multiplier,
+                        e.sample_rate,
+                        e.steps,
+                        rounds,
+                        float(delta),
+                        now,
+                    ),
+                )
+        return Reservation(grant, dataset, job_id, per_round, rounds, 0, float(delta))
+
+    def release(self, *, dataset: str, job_id: str, reason: str) -> bool:
+        """End ``job_id``'s live reservation on ``dataset``'s budget; False if it had none."""
+        _check_text("reason", reason)
+        with self._transaction() as conn:
+            return self._end(conn, job_id=job_id, dataset=dataset, reason=reason, now=time.time())
+
+    def _end(
+        self, conn: sqlite3.Connection, *, job_id: str, dataset: str, reason: str, now: float
+    ) -> bool:
+        grants = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT DISTINCT grant_id FROM reservations WHERE job_id = ? AND budget = ? "
+                "AND grant_id NOT IN (SELECT grant_id FROM reservation_ends)",
+                (job_id, self.budget_of(dataset)),
+            )
+        ]
+        for g in grants:
+            conn.execute(
+                "INSERT INTO reservation_ends (grant_id, reason, created_at) VALUES (?, ?, ?)",
+                (g, reason, now),
+            )
+        return bool(grants)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (the database's write lock is taken at BEGIN), committed and
+        fsynced when the block ends, rolled back if it raises."""
+        with self._lock:
+            conn = self._open_conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")  # WAL + synchronous=FULL: fsynced before this returns
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     # ------------------------------------------------------------------ reading
 
     def entries(
         self, *, dataset: str | None = None, job_id: str | None = None
     ) -> list[LedgerEntry]:
-        """Committed entries, oldest first, optionally filtered by dataset and/or job."""
+        """Committed entries, oldest first, optionally filtered by dataset name and/or job."""
         clauses: list[str] = []
         params: list[str] = []
         if dataset is not None:
@@ -291,11 +489,82 @@ class Ledger:
         return [_entry(tuple(r)) for r in rows]
 
     def events(self, dataset: str, *, job_id: str | None = None) -> list[DpEvent]:
-        """The DP events charged to ``dataset`` (optionally one job's), oldest first."""
-        return [e.event for e in self.entries(dataset=dataset, job_id=job_id)]
+        """The DP events charged to ``dataset``'s budget (optionally one job's), oldest first."""
+        with self._lock:
+            return self._events(self._open_conn(), dataset, job_id=job_id)
+
+    def _events(
+        self, conn: sqlite3.Connection, dataset: str, *, job_id: str | None = None
+    ) -> list[DpEvent]:
+        where, params = self._match(dataset)
+        if job_id is not None:
+            where += " AND job_id = ?"
+            params.append(job_id)
+        rows = conn.execute(
+            f"SELECT noise_multiplier, sample_rate, steps FROM charges WHERE {where} ORDER BY id",
+            params,
+        ).fetchall()
+        return [DpEvent(float(s), float(q), int(k)) for s, q, k in rows]
+
+    def reservations(self, dataset: str) -> list[Reservation]:
+        """The live reservations on ``dataset``'s budget, oldest first."""
+        with self._lock:
+            return self._reservations(self._open_conn(), dataset)
+
+    def _reservations(self, conn: sqlite3.Connection, dataset: str) -> list[Reservation]:
+        budget = self.budget_of(dataset)
+        rows = conn.execute(
+            "SELECT grant_id, dataset, job_id, kind, noise_multiplier, sample_rate, steps, "
+            "rounds, delta FROM reservations WHERE budget = ? "
+            "AND grant_id NOT IN (SELECT grant_id FROM reservation_ends) ORDER BY id",
+            (budget,),
+        ).fetchall()
+        grouped: dict[str, list[tuple[Any, ...]]] = {}
+        for r in rows:
+            grouped.setdefault(str(r[0]), []).append(tuple(r))
+        where, params = self._match(dataset)
+        out = []
+        for grant, rs in grouped.items():
+            job_id = str(rs[0][2])
+            # Each task of the job charged since it was admitted uses up one round.
+            used = conn.execute(
+                f"SELECT COUNT(DISTINCT task_id) FROM charges WHERE {where} AND job_id = ?",
+                [*params, job_id],
+            ).fetchone()[0]
+            out.append(
+                Reservation(
+                    grant_id=grant,
+                    dataset=str(rs[0][1]),
+                    job_id=job_id,
+                    per_round=tuple(
+                        (str(r[3]), DpEvent(float(r[4]), float(r[5]), int(r[6]))) for r in rs
+                    ),
+                    rounds=int(rs[0][7]),
+                    used=int(used),
+                    delta=float(rs[0][8]),
+                )
+            )
+        return out
+
+    def commitments(self, dataset: str, *, excluding_job: str | None = None) -> list[DpEvent]:
+        """What a budget check composes: every event charged to ``dataset``'s budget, plus
+        the unused rounds of every live reservation but ``excluding_job``'s."""
+        with self._lock:
+            return self._commitments(self._open_conn(), dataset, excluding_job=excluding_job)
+
+    def _commitments(
+        self, conn: sqlite3.Connection, dataset: str, *, excluding_job: str | None
+    ) -> list[DpEvent]:
+        held = [
+            e
+            for r in self._reservations(conn, dataset)
+            if r.job_id != excluding_job
+            for e in r.remaining
+        ]
+        return self._events(conn, dataset) + held
 
     def datasets(self) -> list[str]:
-        """Every dataset with at least one charge, sorted."""
+        """Every dataset name with at least one charge, sorted."""
         with self._lock:
             rows = (
                 self._open_conn()
@@ -305,7 +574,7 @@ class Ledger:
         return [str(r[0]) for r in rows]
 
     def spent(self, dataset: str, *, delta: float, accountant: str = "prv") -> EpsilonBound:
-        """An upper bound on the ε spent on ``dataset`` by all charges, at ``delta``."""
+        """An upper bound on the ε spent on ``dataset``'s budget by all charges, at ``delta``."""
         return compute_epsilon(self.events(dataset), delta=delta, accountant=accountant)
 
     # ------------------------------------------------------------------ lifecycle
@@ -332,3 +601,10 @@ class Ledger:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _check_delta(delta: object) -> None:
+    if isinstance(delta, bool) or not isinstance(delta, int | float):
+        raise ValueError(f"δ must be a number, got {delta!r}.")
+    if not (math.isfinite(delta) and 0 < delta < 1):
+        raise ValueError(f"δ must be in (0, 1), got {delta}.")

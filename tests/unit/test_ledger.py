@@ -167,13 +167,38 @@ def test_ledger_is_append_only(tmp_path: Path) -> None:
     with Ledger(path) as ledger:
         charge(ledger, task="1/a", events=[SGD])
         public = {name for name in dir(ledger) if not name.startswith("_")}
-        assert public == {"charge", "close", "datasets", "entries", "events", "path", "spent"}
+        ledger.reserve(
+            dataset="digits",
+            job_id="job-r",
+            per_round=[("train", SGD)],
+            rounds=2,
+            delta=DELTA,
+            check=lambda history: None,
+        )
+        ledger.release(dataset="digits", job_id="job-r", reason="test")
+        public = {name for name in dir(ledger) if not name.startswith("_")}
+        # Nothing public lowers what was charged: release ends a reservation, not a charge.
+        assert public == {
+            "budget_of",
+            "charge",
+            "close",
+            "commitments",
+            "datasets",
+            "entries",
+            "events",
+            "path",
+            "release",
+            "reservations",
+            "reserve",
+            "spent",
+        }
     conn = sqlite3.connect(path)
     try:
-        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-            conn.execute("UPDATE charges SET steps = 1")
-        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-            conn.execute("DELETE FROM charges")
+        for table in ("charges", "reservations", "reservation_ends"):
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                conn.execute(f"UPDATE {table} SET created_at = 1")
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                conn.execute(f"DELETE FROM {table}")
     finally:
         conn.close()
     with Ledger(path) as ledger:
