@@ -16,7 +16,15 @@ Trust model
   (:func:`peer_identity`), never from a field in a request: a site that could name itself
   in a message could spend another site's privacy budget or read its tasks.
 * **Each CLI user** holds a client certificate with the role ``operator`` or
-  ``data-scientist``; the orchestrator decides what a caller may do from that role.
+  ``data-scientist`` (or ``monitor``, read-only, like the orchestrator's own health probe);
+  the orchestrator decides what a caller may do from that role.
+* **Revocation.** Every certificate :func:`issue` signs is recorded in ``issued.json``;
+  :func:`revoke` (by name: every certificate issued to it; or by serial) adds it to
+  ``crl.pem``, an X.509 CRL signed by the CA. The orchestrator checks each caller's serial
+  against it on every call (:class:`RevocationList`; gRPC's Python API has no CRL option, so
+  the handshake alone would let a revoked certificate in). Certificates are valid for
+  :data:`DEFAULT_DAYS` unless told otherwise; rotating is re-issuing, then revoking the old
+  serial once the holder uses the new one (``docs/site-operator-guide.md``).
 
 The role is the subject OrganizationalUnitName (OU); the name is the CommonName (CN).
 Keys are EC P-256 and signatures ECDSA with SHA-256 (RSA CA keys are also accepted when
@@ -26,6 +34,7 @@ bounds CommonName at 64 (``ub-common-name``) and ``cryptography`` enforces that 
 Layout written under a ``pki_dir``::
 
     ca.pem  ca.key                    the deployment's CA
+    issued.json  crl.pem              what was issued, what is revoked
     server/orchestrator.pem/.key      ROLE_ORCHESTRATOR
     sites/<site-id>.pem/.key          ROLE_SITE
     users/<user>.pem/.key             ROLE_OPERATOR, ROLE_DATA_SCIENTIST
@@ -35,10 +44,12 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 import re
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -54,7 +65,19 @@ ROLE_SITE: Final = "site"
 ROLE_OPERATOR: Final = "operator"
 ROLE_DATA_SCIENTIST: Final = "data-scientist"
 ROLE_ORCHESTRATOR: Final = "orchestrator"
-ROLES: Final[tuple[str, ...]] = (ROLE_SITE, ROLE_OPERATOR, ROLE_DATA_SCIENTIST, ROLE_ORCHESTRATOR)
+ROLE_MONITOR: Final = "monitor"
+"""Read-only: job, site and ledger views, nothing that submits, cancels or downloads."""
+ROLES: Final[tuple[str, ...]] = (
+    ROLE_SITE,
+    ROLE_OPERATOR,
+    ROLE_DATA_SCIENTIST,
+    ROLE_ORCHESTRATOR,
+    ROLE_MONITOR,
+)
+
+DEFAULT_DAYS: Final = 365
+"""Validity of a certificate :func:`issue` signs unless told otherwise (was 825 days): a key
+that leaks without anyone noticing stops working within a year even if nobody revokes it."""
 
 DEFAULT_HOSTS: Final[tuple[str, ...]] = ("127.0.0.1", "::1", "localhost")
 """Where the orchestrator listens unless told otherwise: this machine only."""
@@ -64,8 +87,9 @@ _ROLE_FOLDER: Final[dict[str, str]] = {
     ROLE_OPERATOR: "users",
     ROLE_DATA_SCIENTIST: "users",
     ROLE_ORCHESTRATOR: "server",
+    ROLE_MONITOR: "users",
 }
-_USER_ROLES: Final = (ROLE_OPERATOR, ROLE_DATA_SCIENTIST)
+_USER_ROLES: Final = (ROLE_OPERATOR, ROLE_DATA_SCIENTIST, ROLE_MONITOR)
 
 # No slashes, so a name can never leave its folder; fullmatch, so no trailing newline sneaks in.
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
@@ -77,14 +101,19 @@ _BACKDATE: Final = dt.timedelta(minutes=5)
 
 _CA_CERT: Final = "ca.pem"
 _CA_KEY: Final = "ca.key"
+CRL_FILE: Final = "crl.pem"
+ISSUED_FILE: Final = "issued.json"
+_SERIAL_RE: Final = re.compile(r"(?:[0-9A-Fa-f]:?){16,}")  # 16+ hex digits, colons allowed
 
 
 @dataclass(frozen=True)
 class Identity:
-    """Who a certificate says its holder is: ``name`` from the CN, ``role`` from the OU."""
+    """Who a certificate says its holder is: ``name`` from the CN, ``role`` from the OU;
+    ``serial`` is the certificate's (for revocation; not part of equality)."""
 
     name: str
     role: str
+    serial: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -172,7 +201,7 @@ def init_ca(pki_dir: Path, *, common_name: str = "dpfed CA", days: int = 3650) -
 
 
 def issue(
-    pki_dir: Path, *, name: str, role: str, hosts: Sequence[str] = (), days: int = 825
+    pki_dir: Path, *, name: str, role: str, hosts: Sequence[str] = (), days: int = DEFAULT_DAYS
 ) -> TlsFiles:
     """Sign a certificate for ``name`` in ``role`` with the CA in ``pki_dir``.
 
@@ -182,7 +211,8 @@ def issue(
     default :data:`DEFAULT_HOSTS`) as subject alternative names, IP addresses as IP entries
     and anything else as DNS names; for every other role it is for ``clientAuth``, and
     ``hosts`` must be empty because a client certificate names no host. The validity is
-    capped at the CA's own. Everything is checked before anything is written.
+    capped at the CA's own. Everything is checked before anything is written. The certificate
+    is recorded in ``issued.json``; the one it replaces stays valid until :func:`revoke`.
     """
     _check_name(name)
     _check_role(role)
@@ -252,6 +282,7 @@ def issue(
     # Key first: a certificate on disk without its key would look usable and is not.
     _write(files.key, _key_pem(key), mode=0o600)
     _write(files.cert, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    _record_issued(pki_dir, [IssuedCert.of(cert)])
     return files
 
 
@@ -264,6 +295,7 @@ def init_pki(
         ("analyst", ROLE_DATA_SCIENTIST),
     ),
     hosts: Sequence[str] = DEFAULT_HOSTS,
+    days: int = DEFAULT_DAYS,
 ) -> dict[str, TlsFiles]:
     """A whole deployment's PKI: the CA, the orchestrator, every site and every user.
 
@@ -286,12 +318,18 @@ def init_pki(
         raise InvalidSpecError("the orchestrator certificate needs at least one host")
     _subject_alt_names(hosts)
 
+    _check_days(days)
+
     init_ca(pki_dir)
-    out = {"orchestrator": issue(pki_dir, name="orchestrator", role=ROLE_ORCHESTRATOR, hosts=hosts)}
+    out = {
+        "orchestrator": issue(
+            pki_dir, name="orchestrator", role=ROLE_ORCHESTRATOR, hosts=hosts, days=days
+        )
+    }
     for site in sites:
-        out[f"site:{site}"] = issue(pki_dir, name=site, role=ROLE_SITE)
+        out[f"site:{site}"] = issue(pki_dir, name=site, role=ROLE_SITE, days=days)
     for user, role in users:
-        out[f"user:{user}"] = issue(pki_dir, name=user, role=role)
+        out[f"user:{user}"] = issue(pki_dir, name=user, role=role, days=days)
     return out
 
 
@@ -323,7 +361,7 @@ def identity_from_pem(cert_pem: bytes) -> Identity:
         raise PermissionDeniedError(f"certificate name {name!r} is malformed")
     if role not in ROLES:
         raise PermissionDeniedError(f"certificate role {role!r} is not a dpfed role")
-    return Identity(name=name, role=role)
+    return Identity(name=name, role=role, serial=cert.serial_number)
 
 
 def peer_identity(context: grpc.ServicerContext) -> Identity:
@@ -332,6 +370,188 @@ def peer_identity(context: grpc.ServicerContext) -> Identity:
     if not certs:
         raise PermissionDeniedError("no client certificate")
     return identity_from_pem(certs[0])
+
+
+# --------------------------------------------------------------------------- revocation
+
+
+@dataclass(frozen=True)
+class IssuedCert:
+    """One line of ``issued.json``: a certificate the CA signed."""
+
+    serial: int
+    name: str
+    role: str
+    not_after: float  # Unix time
+
+    @staticmethod
+    def of(cert: x509.Certificate) -> IssuedCert:
+        ident = identity_from_pem(cert.public_bytes(serialization.Encoding.PEM))
+        return IssuedCert(
+            serial=cert.serial_number,
+            name=ident.name,
+            role=ident.role,
+            not_after=cert.not_valid_after_utc.timestamp(),
+        )
+
+    @property
+    def serial_hex(self) -> str:
+        return format_serial(self.serial)
+
+
+def format_serial(serial: int) -> str:
+    """A serial as the CLI prints and takes it: upper-case hex without separators."""
+    return f"{serial:X}"
+
+
+def issued(pki_dir: Path) -> list[IssuedCert]:
+    """Every certificate recorded in ``issued.json`` plus the ones on disk (a PKI made before
+    the record existed), oldest record first."""
+    out: dict[int, IssuedCert] = {}
+    path = pki_dir / ISSUED_FILE
+    if path.exists():
+        try:
+            for item in json.loads(path.read_text())["certificates"]:
+                c = IssuedCert(
+                    serial=int(item["serial"], 16),
+                    name=str(item["name"]),
+                    role=str(item["role"]),
+                    not_after=float(item["not_after"]),
+                )
+                out[c.serial] = c
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InvalidSpecError(f"cannot read {path}: {exc}") from None
+    for folder in sorted(set(_ROLE_FOLDER.values())):
+        for pem in sorted((pki_dir / folder).glob("*.pem")):
+            try:
+                c = IssuedCert.of(x509.load_pem_x509_certificate(pem.read_bytes()))
+            except (OSError, ValueError, PermissionDeniedError):
+                continue
+            out.setdefault(c.serial, c)
+    return list(out.values())
+
+
+def _record_issued(pki_dir: Path, certs: Sequence[IssuedCert]) -> None:
+    known = {c.serial: c for c in issued(pki_dir)}
+    for c in certs:
+        known[c.serial] = c
+    body = {
+        "certificates": [
+            {"serial": c.serial_hex, "name": c.name, "role": c.role, "not_after": c.not_after}
+            for c in known.values()
+        ]
+    }
+    _write(pki_dir / ISSUED_FILE, json.dumps(body, indent=1).encode(), mode=0o644)
+
+
+def revoked_serials(pki_dir: Path) -> set[int]:
+    """The serials in ``pki_dir/crl.pem`` (empty when there is none); checks its signature."""
+    crl = _load_crl(pki_dir / CRL_FILE, pki_dir / _CA_CERT)
+    return set() if crl is None else {r.serial_number for r in crl}
+
+
+def revoke(pki_dir: Path, target: str) -> list[IssuedCert]:
+    """Revoke ``target``: every certificate issued to that name, or the one with that serial
+    (hex, colons allowed). Rewrites ``crl.pem``, signed by the CA (so this needs ``ca.key``),
+    and returns what it newly revoked. A serial the record does not know is revoked as given
+    (a certificate from a copy of the CA); an unknown name is an error (likely a typo)."""
+    ca_cert, ca_key = _load_ca(pki_dir)
+    known = issued(pki_dir)
+    by_name = [c for c in known if c.name == target]
+    hits = by_name
+    if not hits and _SERIAL_RE.fullmatch(target):
+        serial = int(target.replace(":", ""), 16)
+        hits = [c for c in known if c.serial == serial] or [
+            IssuedCert(serial=serial, name="?", role="?", not_after=0.0)
+        ]
+    if not hits:
+        raise InvalidSpecError(
+            f"{target!r} is neither a name nor a serial the CA in {pki_dir} issued "
+            "(`orchestrator certs list` shows them)"
+        )
+    already = revoked_serials(pki_dir)
+    new = [c for c in hits if c.serial not in already]
+    now = dt.datetime.now(dt.UTC)
+    old = _load_crl(pki_dir / CRL_FILE, pki_dir / _CA_CERT)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - _BACKDATE)
+        .next_update(ca_cert.not_valid_after_utc)
+    )
+    for r in old or ():
+        builder = builder.add_revoked_certificate(r)
+    for c in new:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(c.serial).revocation_date(now).build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write(pki_dir / CRL_FILE, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    return new
+
+
+def _load_crl(path: Path, ca_path: Path) -> x509.CertificateRevocationList | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PermissionDeniedError(f"cannot read the revocation list {path}: {exc}") from None
+    try:
+        crl = x509.load_pem_x509_crl(data)
+        ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
+        public_key = ca.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+            raise ValueError("the CA key is neither EC nor RSA")
+        valid = crl.is_signature_valid(public_key)
+    except (OSError, ValueError) as exc:
+        raise PermissionDeniedError(f"the revocation list {path} is unreadable: {exc}") from None
+    if not valid or crl.issuer != ca.subject:
+        raise PermissionDeniedError(f"the revocation list {path} is not signed by {ca_path}")
+    return crl
+
+
+class RevocationList:
+    """The serials revoked in a ``crl.pem``, re-read whenever the file changes.
+
+    :meth:`check` refuses a revoked caller. A list that exists but cannot be read or is not
+    signed by the CA refuses every caller (fail closed) until it is fixed: otherwise damaging
+    the file would un-revoke everyone. No file means nothing is revoked.
+    """
+
+    def __init__(self, path: Path, ca: Path) -> None:
+        self.path, self.ca = path, ca
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._serials: frozenset[int] = frozenset()
+        self._error: str = ""
+
+    def check(self, ident: Identity) -> None:
+        serials, error = self._current()
+        if error:
+            raise PermissionDeniedError(f"{error}; every certificate is refused until it is fixed")
+        if ident.serial in serials:
+            raise PermissionDeniedError(
+                f"the certificate of {ident.name} (role {ident.role}, serial "
+                f"{format_serial(ident.serial)}) has been revoked"
+            )
+
+    def _current(self) -> tuple[frozenset[int], str]:
+        try:
+            st = self.path.stat()
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        with self._lock:
+            if stamp != self._stamp or self._error:
+                try:
+                    crl = _load_crl(self.path, self.ca)
+                    self._serials = frozenset(r.serial_number for r in crl or ())
+                    self._error = ""
+                except PermissionDeniedError as err:
+                    self._serials, self._error = frozenset(), str(err)
+                self._stamp = stamp
+            return self._serials, self._error
 
 
 # --------------------------------------------------------------------------- gRPC

@@ -184,7 +184,8 @@ class Coordinator:
         if not holders:
             raise NotFoundError(f"no registered site exposes dataset {spec.dataset!r}")
 
-    def submit(self, spec_json: str) -> str:
+    def submit(self, spec_json: str, *, submitted_by: str = "") -> str:
+        """Start a job; ``submitted_by`` (the caller's certificate name) may later cancel it."""
         spec = any_job_spec_from_json(spec_json)
         if isinstance(spec, GmmJobSpec):
             online = [s for s in self.sites() if site_dataset(s, spec.dataset) is not None]
@@ -220,6 +221,7 @@ class Coordinator:
                 created_at=now,
                 updated_at=now,
                 participants={},
+                submitted_by=submitted_by,
             )
         )
         self.store.add_event(job_id, "info", f"job submitted for dataset {spec.dataset!r}")

@@ -2,7 +2,7 @@
 service answers SERVING (used by the Docker HEALTHCHECK and by operators' probes).
 
 Over mTLS it authenticates with the ``healthcheck`` certificate that the orchestrator issues
-into its own PKI folder at start-up (role data-scientist: it can read, not administer).
+into its own PKI folder at start-up (role monitor: it can read job, site and ledger views, nothing else).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.tls import ROLE_DATA_SCIENTIST, channel_credentials, files_in
+from common.tls import ROLE_MONITOR, channel_credentials, files_in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("pass --pki-dir or --insecure", file=sys.stderr)
         return 2
     else:
-        files = files_in(args.pki_dir, name="healthcheck", role=ROLE_DATA_SCIENTIST)
+        files = files_in(args.pki_dir, name="healthcheck", role=ROLE_MONITOR)
         # The server certificate names 127.0.0.1/localhost; the probe runs in the same host.
         channel = grpc.secure_channel(args.address, channel_credentials(files))
     with channel:

@@ -15,12 +15,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from common.tls import (
-    ROLE_DATA_SCIENTIST,
+    CRL_FILE,
+    ROLE_MONITOR,
     ROLE_ORCHESTRATOR,
+    RevocationList,
     TlsFiles,
     files_in,
+    identity_from_pem,
     init_ca,
     issue,
+    revoke,
     server_credentials,
 )
 from common.transport import SERVER_OPTIONS, require_loopback_for_plaintext
@@ -71,10 +75,21 @@ def ensure_server_pki(pki_dir: Path, *, hosts: tuple[str, ...] = DEFAULT_HOSTS) 
 
 
 def _ensure_healthcheck_identity(pki_dir: Path) -> None:
-    """A read-only client certificate for `python -m orchestrator.healthcheck`."""
-    hc = files_in(pki_dir, name="healthcheck", role=ROLE_DATA_SCIENTIST)
-    if not hc.cert.exists() and (pki_dir / "ca.key").exists():
-        issue(pki_dir, name="healthcheck", role=ROLE_DATA_SCIENTIST)
+    """A read-only (``monitor``) client certificate for `python -m orchestrator.healthcheck`.
+
+    One issued by an earlier version with the data-scientist role is replaced and revoked:
+    that one could submit, cancel and download."""
+    hc = files_in(pki_dir, name="healthcheck", role=ROLE_MONITOR)
+    if not (pki_dir / "ca.key").exists():
+        return
+    if not hc.cert.exists():
+        issue(pki_dir, name="healthcheck", role=ROLE_MONITOR)
+        return
+    old = identity_from_pem(hc.cert.read_bytes())
+    if old.role != ROLE_MONITOR:
+        issue(pki_dir, name="healthcheck", role=ROLE_MONITOR)
+        revoke(pki_dir, f"{old.serial:X}")
+        log.info("replaced the %s healthcheck certificate with a read-only one", old.role)
 
 
 MALLOC_MMAP_THRESHOLD = 256 << 10
@@ -138,6 +153,7 @@ def start_server(
     max_uploads: int = MAX_UPLOADS,
     malloc_mmap_threshold: int | None = MALLOC_MMAP_THRESHOLD,
     malloc_arena_max: int | None = MALLOC_ARENA_MAX,
+    crl: Path | None = None,
 ) -> RunningServer:
     """Serve on ``listen``: mTLS with ``tls``; plaintext (loopback only) when it is None.
 
@@ -151,7 +167,8 @@ def start_server(
     theirs until they get the go, and take turns the same way.
     ``bench/RESULTS.md`` §2 measures the resulting peak. ``malloc_mmap_threshold``: see
     :func:`return_large_buffers_to_os`; ``malloc_arena_max``: see :func:`share_malloc_arenas`
-    (None leaves the allocator alone).
+    (None leaves the allocator alone). ``crl``: the revocation list checked on every call
+    (``common.tls.RevocationList``; default ``crl.pem`` next to the CA certificate).
     """
     if tls is None:
         require_loopback_for_plaintext(listen)
@@ -168,7 +185,10 @@ def start_server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=SERVER_OPTIONS,
     )
-    auth = Authorizer(mtls=tls is not None)
+    revocations = None
+    if tls is not None:
+        revocations = RevocationList(crl or tls.ca.parent / CRL_FILE, tls.ca)
+    auth = Authorizer(mtls=tls is not None, revocations=revocations)
     pb_grpc.add_AgentServiceServicer_to_server(AgentServicer(coordinator, auth), server)
     pb_grpc.add_ControlServiceServicer_to_server(ControlServicer(coordinator, auth), server)
     health_servicer = health.HealthServicer()

@@ -20,7 +20,7 @@ from common.domain import TaskFailure
 from common.errors import DpfedError, InvalidSpecError, TryLaterError
 from common.transport import RETRY_AFTER_MS, TURNS, UPLOAD_GATE
 from orchestrator import spool
-from orchestrator.auth import OPERATOR_ONLY, SCIENTIST_OR_OPERATOR, Authorizer
+from orchestrator.auth import OPERATOR_ONLY, READERS, SCIENTIST_OR_OPERATOR, Authorizer
 from orchestrator.coordinator import Coordinator
 from orchestrator.metrics import COUNTERS
 from orchestrator.synthesis import synthesize
@@ -200,8 +200,10 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     def SubmitJob(
         self, request: pb.SubmitJobRequest, context: grpc.ServicerContext
     ) -> pb.SubmitJobResponse:
-        self.auth.user(context, SCIENTIST_OR_OPERATOR)
-        return pb.SubmitJobResponse(job_id=self.c.submit(request.job_spec_json))
+        who = self.auth.user(context, SCIENTIST_OR_OPERATOR)
+        return pb.SubmitJobResponse(
+            job_id=self.c.submit(request.job_spec_json, submitted_by=who.name)
+        )
 
     @abort_on_error
     def PlanJob(
@@ -212,19 +214,19 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
 
     @abort_on_error
     def GetJob(self, request: pb.JobRef, context: grpc.ServicerContext) -> pb.JobStatus:
-        self.auth.user(context, SCIENTIST_OR_OPERATOR)
+        self.auth.user(context, READERS)
         return serde.job_status_to_proto(self.c.job(request.job_id))
 
     @abort_on_error
     def ListJobs(
         self, request: pb.ListJobsRequest, context: grpc.ServicerContext
     ) -> pb.ListJobsResponse:
-        self.auth.user(context, SCIENTIST_OR_OPERATOR)
+        self.auth.user(context, READERS)
         return pb.ListJobsResponse(jobs=[serde.job_status_to_proto(j) for j in self.c.jobs()])
 
     @abort_on_error_stream
     def WatchJob(self, request: pb.JobRef, context: grpc.ServicerContext) -> Iterator[pb.JobStatus]:
-        self.auth.user(context, SCIENTIST_OR_OPERATOR)
+        self.auth.user(context, READERS)
         for status in self.c.watch(request.job_id):
             if not context.is_active():
                 return
@@ -234,14 +236,14 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     def ListSites(
         self, request: pb.ListSitesRequest, context: grpc.ServicerContext
     ) -> pb.ListSitesResponse:
-        self.auth.user(context, SCIENTIST_OR_OPERATOR)
+        self.auth.user(context, READERS)
         return pb.ListSitesResponse(sites=[serde.site_status_to_proto(s) for s in self.c.sites()])
 
     @abort_on_error
     def GetLedger(
         self, request: pb.LedgerRequest, context: grpc.ServicerContext
     ) -> pb.LedgerResponse:
-        self.auth.user(context, SCIENTIST_OR_OPERATOR)
+        self.auth.user(context, READERS)
         rows, sites = self.c.ledger()
         return pb.LedgerResponse(
             rows=[serde.ledger_row_to_proto(r) for r in rows],
@@ -262,6 +264,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     @abort_on_error
     def CancelJob(self, request: pb.JobRef, context: grpc.ServicerContext) -> pb.JobStatus:
         who = self.auth.user(context, SCIENTIST_OR_OPERATOR)
+        submitted_by = self.c.store.job(request.job_id).submitted_by
+        self.auth.may_cancel(who, request.job_id, submitted_by)
         return serde.job_status_to_proto(self.c.cancel(request.job_id, by=who.name))
 
     @abort_on_error

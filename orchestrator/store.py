@@ -2,7 +2,9 @@
 
 SQLite in the state directory is the embedded default; the URL can point at PostgreSQL. Model
 checkpoints and released models are files next to the database (``checkpoints/``,
-``models/``), written atomically (temp file + rename).
+``models/``), written atomically (temp file + rename). The state directory and its folders are
+0700, the SQLite database (and so its WAL and shared-memory files, which SQLite creates with
+the database's mode) and every file written here 0600: only the orchestrator's user reads them.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
     select,
+    text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from common.errors import NotFoundError
@@ -72,6 +76,8 @@ class JobRow(Base):
     participants: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
     # site-level DP (DP-FedAvg): the clip norm for the next round (adaptive clipping moves it)
     site_clip_norm: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the certificate name that submitted the job ("" before this was recorded): it may cancel
+    submitted_by: Mapped[str] = mapped_column(String(128), default="", server_default="")
 
 
 class RoundRow(Base):
@@ -170,11 +176,14 @@ class Store:
     """Thread-safe access to the orchestrator's state."""
 
     def __init__(self, state_dir: Path, *, url: str | None = None) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(state_dir)
         self.paths = StorePaths(state_dir)
-        self.paths.checkpoints.mkdir(exist_ok=True)
-        self.paths.models.mkdir(exist_ok=True)
+        private_dir(self.paths.checkpoints)
+        private_dir(self.paths.models)
         self.url = url or f"sqlite:///{state_dir / 'orchestrator.db'}"
+        sqlite_file = make_url(self.url).database if self.url.startswith("sqlite") else None
+        if sqlite_file and sqlite_file != ":memory:":
+            private_sqlite_files(Path(sqlite_file))
         self.engine = create_engine(
             self.url,
             connect_args={"check_same_thread": False} if self.url.startswith("sqlite") else {},
@@ -182,6 +191,7 @@ class Store:
         if self.url.startswith("sqlite"):
             _sqlite_pragmas(self.engine)
         Base.metadata.create_all(self.engine)
+        self._add_missing_columns()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock = threading.RLock()
 
@@ -192,6 +202,17 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added after a database was created (create_all only makes new tables)."""
+        have = {c["name"] for c in inspect(self.engine).get_columns("jobs")}
+        if "submitted_by" not in have:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "ALTER TABLE jobs ADD COLUMN submitted_by VARCHAR(128) NOT NULL DEFAULT ''"
+                    )
+                )
 
     # ---------------------------------------------------------------- sites
 
@@ -374,11 +395,31 @@ class Store:
             return list(s.scalars(q))
 
 
+def private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) if needed and make it 0700."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def private_sqlite_files(db: Path) -> None:
+    """Make a SQLite database 0600 before SQLite opens it (creating it empty if needed), and
+    its WAL and shared-memory files if they exist: SQLite gives those the database's mode."""
+    if not db.parent.exists():
+        private_dir(db.parent)
+    os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
+    for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        if p.exists():
+            os.chmod(p, 0o600)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write-then-rename, fsynced: a crash leaves the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write-then-rename, fsynced: a crash leaves the old file or the new one, never half.
+    The file is 0600 from its first byte."""
+    private_dir(path.parent)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with open(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

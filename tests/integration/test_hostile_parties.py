@@ -12,6 +12,7 @@ with the rogue party written here from the generated stubs.
 
 from __future__ import annotations
 
+import logging
 import queue
 import signal
 import threading
@@ -29,16 +30,27 @@ import yaml
 
 from common.tls import (
     ROLE_DATA_SCIENTIST,
+    ROLE_MONITOR,
     ROLE_OPERATOR,
     TlsFiles,
+    channel_credentials,
+    files_in,
+    identity_from_pem,
     init_pki,
+    issue,
+    issued,
     server_credentials,
 )
+from orchestrator import cli as orch_cli
+from orchestrator.server import RunningServer, ensure_server_pki, start_server
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 from site_agent import cli as site_cli
 from site_agent.agent import SiteAgent
 from site_agent.config import load_site_config
+from tests.integration.test_security import _spec, health_check, register, rpc
+
+CODE = grpc.StatusCode
 
 SITES = ("bank-a", "bank-b", "rogue")
 USERS = (
@@ -147,6 +159,10 @@ class RogueOrchestrator(pb_grpc.AgentServiceServicer):
     def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
         return pb.HeartbeatResponse(known=True)
 
+    def PushUpdate(self, request_iterator: Any, context: Any) -> pb.PushUpdateResponse:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this rogue takes no updates")
+        raise AssertionError("unreachable")
+
 
 @pytest.fixture
 def rogue_orchestrator(pki: Pki) -> Iterator[tuple[RogueOrchestrator, str]]:
@@ -226,11 +242,194 @@ def test_a_fatal_error_ends_serve_with_a_non_zero_exit(
 
     monkeypatch.setattr(SiteAgent, "_register", broken)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    root = logging.getLogger()
+    log_handlers, log_level = root.handlers[:], root.level
     try:
         code = site_cli.main(["serve", "--config", str(config)])
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+        root.handlers[:], root.level = log_handlers, log_level
     assert code == 1
     err = capsys.readouterr().err
     assert "stopped on a fatal error (RuntimeError: the ledger's disk went away)" in err
+
+
+# ------------------------------------------------------------------ a real orchestrator
+
+
+@pytest.fixture
+def server(pki: Pki, tmp_path: Path) -> Iterator[RunningServer]:
+    srv = start_server(
+        listen="127.0.0.1:0", state_dir=tmp_path / "orch", tls=pki.files["orchestrator"]
+    )
+    yield srv
+    srv.stop(0.2)
+
+
+@pytest.fixture
+def dial(server: RunningServer) -> Iterator[Any]:
+    channels: list[grpc.Channel] = []
+
+    def open_(files: TlsFiles) -> grpc.Channel:
+        ch = grpc.secure_channel(server.address, channel_credentials(files))
+        channels.append(ch)
+        return ch
+
+    yield open_
+    for ch in channels:
+        ch.close()
+
+
+def _orch(*argv: str) -> int:
+    return orch_cli.main(list(argv))
+
+
+# ------------------------------------------------------------------------- 8. revocation
+
+
+def test_a_revoked_certificate_is_refused_on_its_next_call_and_a_reissued_one_works(
+    pki: Pki, server: RunningServer, dial: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    analyst = dial(pki.user("analyst"))
+    assert rpc(analyst, "ControlService", "ListJobs", pb.ListJobsRequest())[0] == CODE.OK
+    site = dial(pki.site("bank-a"))
+    register(site, "bank-a")
+
+    # By name: every certificate of analyst, on a connection opened before the revocation.
+    assert _orch("certs", "revoke", "analyst", "--pki-dir", str(pki.root)) == 0
+    assert "revoked data-scientist analyst (serial" in capsys.readouterr().out
+    code, details, _ = rpc(analyst, "ControlService", "ListJobs", pb.ListJobsRequest())
+    assert code == CODE.PERMISSION_DENIED and "analyst" in details and "revoked" in details
+
+    # Rotation: a re-issued certificate (a new serial) works; the old one stays refused.
+    old_pem = pki.user("analyst").cert.read_bytes()
+    assert (
+        _orch(
+            "certs",
+            "issue",
+            "--pki-dir",
+            str(pki.root),
+            "--name",
+            "analyst",
+            "--role",
+            ROLE_DATA_SCIENTIST,
+        )
+        == 0
+    )
+    assert (
+        identity_from_pem(old_pem).serial
+        != identity_from_pem(pki.user("analyst").cert.read_bytes()).serial
+    )
+    fresh = dial(pki.user("analyst"))
+    assert rpc(fresh, "ControlService", "ListJobs", pb.ListJobsRequest())[0] == CODE.OK
+    assert rpc(analyst, "ControlService", "ListJobs", pb.ListJobsRequest())[0] == (
+        CODE.PERMISSION_DENIED
+    )
+
+    # By serial, the way a rotation ends: the site is refused from its next call on.
+    serial = identity_from_pem(pki.site("bank-a").cert.read_bytes()).serial
+    capsys.readouterr()
+    assert (
+        _orch("certs", "issue", "--pki-dir", str(pki.root), "--name", "bank-a", "--role", "site")
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert f"certs revoke --pki-dir {pki.root} {serial:X}" in " ".join(printed.split())
+    assert rpc(site, "AgentService", "Heartbeat", pb.HeartbeatRequest(site_id="bank-a"))[0] == (
+        CODE.OK
+    )  # still valid until revoked: the site can switch without downtime
+    assert _orch("certs", "revoke", f"{serial:X}", "--pki-dir", str(pki.root)) == 0
+    code, details, _ = rpc(site, "AgentService", "Heartbeat", pb.HeartbeatRequest(site_id="bank-a"))
+    assert code == CODE.PERMISSION_DENIED and f"{serial:X}" in details
+    register(dial(pki.site("bank-a")), "bank-a")  # the new certificate
+
+    assert _orch("certs", "list", "--pki-dir", str(pki.root)) == 0
+    listing = capsys.readouterr().out
+    assert listing.count("revoked") >= 2 and f"{serial:X}" in listing
+
+
+def test_revocation_refuses_unknown_targets_and_a_tampered_list_fails_closed(
+    pki: Pki, server: RunningServer, dial: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _orch("certs", "revoke", "nobody", "--pki-dir", str(pki.root)) == 2
+    assert "neither a name nor a serial" in capsys.readouterr().err
+    operator = dial(pki.user("operator"))
+    assert _orch("certs", "revoke", "bob", "--pki-dir", str(pki.root)) == 0
+    (pki.root / "crl.pem").write_text(
+        "-----BEGIN X509 CRL-----\nnot a crl\n-----END X509 CRL-----\n"
+    )
+    code, details, _ = rpc(operator, "ControlService", "ListJobs", pb.ListJobsRequest())
+    assert code == CODE.PERMISSION_DENIED and "revocation list" in details
+
+
+def test_certificates_are_valid_for_a_year_by_default(pki: Pki) -> None:
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(pki.site("bank-a").cert.read_bytes())
+    days = (cert.not_valid_after_utc - cert.not_valid_before_utc).days
+    assert 365 <= days <= 366
+    assert {c.name for c in issued(pki.root)} >= {"bank-a", "analyst", "orchestrator"}
+
+
+# ------------------------------------------------------------- minor: roles and cancelling
+
+
+def test_the_healthcheck_certificate_only_reads_and_an_old_one_is_replaced(
+    pki: Pki, server: RunningServer, dial: Any
+) -> None:
+    # An earlier version issued it as a data scientist; the next start replaces and revokes it.
+    old = issue(pki.root, name="healthcheck", role=ROLE_DATA_SCIENTIST)
+    stale = TlsFiles(ca=old.ca, cert=pki.root / "stale.pem", key=pki.root / "stale.key")
+    stale.cert.write_bytes(old.cert.read_bytes())
+    stale.key.write_bytes(old.key.read_bytes())
+    ensure_server_pki(pki.root)
+    hc_files = files_in(pki.root, name="healthcheck", role=ROLE_MONITOR)
+    assert identity_from_pem(hc_files.cert.read_bytes()).role == ROLE_MONITOR
+    code, details, _ = rpc(dial(stale), "ControlService", "ListJobs", pb.ListJobsRequest())
+    assert code == CODE.PERMISSION_DENIED and "revoked" in details
+    hc = dial(hc_files)
+    assert health_check(hc) == CODE.OK
+    reads: list[tuple[str, Any]] = [
+        ("ListJobs", pb.ListJobsRequest()),
+        ("ListSites", pb.ListSitesRequest()),
+        ("GetLedger", pb.LedgerRequest()),
+    ]
+    for method, req in reads:
+        assert rpc(hc, "ControlService", method, req)[0] == CODE.OK, method
+    writes: list[tuple[str, Any]] = [
+        ("SubmitJob", pb.SubmitJobRequest(job_spec_json="{}")),
+        ("PlanJob", pb.SubmitJobRequest(job_spec_json="{}")),
+        ("CancelJob", pb.JobRef(job_id="job-x")),
+        ("DownloadModel", pb.JobRef(job_id="job-x")),
+        ("EvaluateModel", pb.EvaluateRequest(job_id="job-x", dataset="digits")),
+        ("Synthesize", pb.SynthRequest(dataset="digits", epsilon=1.0, rows=1)),
+        ("SetSiteEnabled", pb.SiteEnabledRequest(site_id="bank-a", enabled=False)),
+    ]
+    for method, req in writes:
+        code, details, _ = rpc(hc, "ControlService", method, req)
+        assert code == CODE.PERMISSION_DENIED and "monitor" in details, (method, details)
+
+
+def test_only_the_submitter_or_an_operator_cancels_a_job(
+    pki: Pki, server: RunningServer, dial: Any
+) -> None:
+    import json
+
+    register(dial(pki.site("bank-a")), "bank-a")
+    analyst, bob, operator = (dial(pki.user(u)) for u in ("analyst", "bob", "operator"))
+    spec = pb.SubmitJobRequest(job_spec_json=json.dumps(_spec(min_sites=1, start_timeout_s=60)))
+    jobs = []
+    for _ in range(2):
+        code, details, resp = rpc(analyst, "ControlService", "SubmitJob", spec)
+        assert code == CODE.OK, details
+        jobs.append(resp[0].job_id)
+    code, details, _ = rpc(bob, "ControlService", "CancelJob", pb.JobRef(job_id=jobs[0]))
+    assert code == CODE.PERMISSION_DENIED
+    assert details == (
+        f"bob may not cancel job {jobs[0]}: only its submitter (analyst) or an operator may"
+    )
+    code, details, resp = rpc(analyst, "ControlService", "CancelJob", pb.JobRef(job_id=jobs[0]))
+    assert code == CODE.OK and "cancelled by analyst" in resp[0].error, details
+    code, details, resp = rpc(operator, "ControlService", "CancelJob", pb.JobRef(job_id=jobs[1]))
+    assert code == CODE.OK and "cancelled by operator" in resp[0].error, details
