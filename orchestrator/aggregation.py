@@ -1,4 +1,5 @@
-"""Weighted FedAvg (McMahan et al. 2017) folded into one running sum as updates arrive.
+"""Weighted FedAvg (McMahan et al. 2017) folded into one running sum as updates arrive, with a
+cap on any one site's share of the weight; coordinate-wise trimmed mean and median over sites.
 
 ``flwr.server.strategy.aggregate.aggregate`` computes the same weighted mean but needs every
 site's update in memory at once; here each update is added to a float64 running sum and
@@ -7,13 +8,20 @@ An update is added piece by piece (``common.tensors.Pieces``): the round reads a
 from disk a piece at a time and never holds it whole.
 ``tests/unit/test_aggregation.py`` checks the result against Flower's function.
 
+The weights are the rows each site registered, which a site could inflate: no site's share of
+a round may pass the job's ``aggregation.max_site_weight`` (:func:`capped_weights` at dispatch,
+:func:`share_denominator` when some sites did not answer). The robust methods (Yin et al.
+2018, "Byzantine-Robust Distributed Learning", ICML) need every site's value of a coordinate at
+once: :func:`coordinate_aggregate` reads the held updates (spooled) a piece at a time, so
+memory is one piece per site, not one model per site.
+
 Averaging DP-noised deltas is post-processing: it costs no privacy (Dwork & Roth 2014, Prop. 2.1).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -51,16 +59,95 @@ class RunningWeightedMean:
         self.total_weight += float(weight)
         self.count += 1
 
-    def mean(self) -> dict[str, torch.Tensor]:
+    def mean(self, denominator: float | None = None) -> dict[str, torch.Tensor]:
+        """Σ wᵢ·Δᵢ / ``denominator`` (default Σ wᵢ; a larger one gives the rest of the weight
+        to the zero update, i.e. to the current model)."""
         if self.count == 0:
             raise InvalidUpdateError("no update to aggregate")
+        den = self.total_weight if denominator is None else float(denominator)
+        if not den >= self.total_weight * (1 - 1e-12):
+            raise ValueError(f"denominator {den} is below the total weight {self.total_weight}")
         out: dict[str, torch.Tensor] = {}
         for k, v in self._sum.items():
             mean = torch.empty(v.shape, dtype=torch.float32)
             for m, s in zip(flat_parts(mean), flat_parts(v), strict=True):
-                m.copy_(s / self.total_weight)
+                m.copy_(s / den)
             out[k] = mean
         return out
+
+
+def capped_weights(weights: Mapping[str, float], max_share: float) -> dict[str, float]:
+    """The weights with the largest lowered to one level τ, so that no share passes
+    ``max(max_share, 1/n)`` (n sites cannot all be below 1/n); the others are untouched.
+
+    Water-filling: with the k largest at τ and the rest R unchanged, τ/(kτ + R) = s gives
+    τ = s·R/(1 − k·s); k is the smallest count for which the next weight lies below τ.
+    """
+    n = len(weights)
+    if n == 0:
+        return {}
+    s = max(float(max_share), 1.0 / n)
+    w = sorted(weights.values(), reverse=True)
+    suffix = [0.0] * (n + 1)  # Σ w[k:], summed from the small end (no cancellation)
+    for k in range(n - 1, -1, -1):
+        suffix[k] = suffix[k + 1] + w[k]
+    if w[0] <= s * suffix[0]:
+        return dict(weights)
+    for k in range(1, n):
+        if 1.0 - k * s <= 1e-12:
+            break
+        tau = s * suffix[k] / (1.0 - k * s)
+        if w[k] <= tau:
+            return {sid: min(v, tau) for sid, v in weights.items()}
+    return {sid: w[-1] for sid in weights}  # s = 1/n: every site at the smallest weight
+
+
+def share_denominator(weights: Sequence[float], max_share: float) -> float:
+    """The FedAvg denominator that keeps every share at most ``max(max_share, 1/k)`` among the
+    k updates received: Σ w, or max w / share when sites that did not answer leave one site
+    with too much of the rest (the excess goes to the current model)."""
+    if not weights:
+        raise InvalidUpdateError("no update to aggregate")
+    s = max(float(max_share), 1.0 / len(weights))
+    return max(sum(weights), max(weights) / s)
+
+
+AGGREGATORS = ("fedavg", "trimmed_mean", "median")
+
+
+def coordinate_aggregate(
+    updates: Sequence[StateLike],
+    reference: Mapping[str, torch.Tensor],
+    *,
+    method: str,
+    trim: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Coordinate-wise ``median`` or ``trimmed_mean`` (⌊trim·n⌋ values dropped at each end)
+    of ``updates``, unweighted; read in lockstep a piece at a time (one piece per site in
+    memory). The updates must already be checked against ``reference``."""
+    n = len(updates)
+    if n == 0:
+        raise InvalidUpdateError("no update to aggregate")
+    if method not in ("median", "trimmed_mean"):
+        raise ValueError(f"unknown coordinate-wise aggregator {method!r}")
+    cut = 0 if method == "median" else math.floor(trim * n)
+    if not 0 <= 2 * cut < n:
+        raise ValueError(f"trim {trim} leaves no value of {n}")
+    ups = [as_pieces(u) for u in updates]
+    out: dict[str, torch.Tensor] = {}
+    for k, ref in reference.items():
+        result = torch.empty(ref.shape, dtype=torch.float32)
+        streams = [u.pieces(k) for u in ups]
+        for dst in flat_parts(result):
+            stack = torch.stack([next(st).to(torch.float64) for st in streams])
+            ordered = stack.sort(dim=0).values
+            if method == "median":
+                value = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+            else:
+                value = ordered[cut : n - cut].mean(dim=0)
+            dst.copy_(value)
+        out[k] = result
+    return out
 
 
 def apply_delta(

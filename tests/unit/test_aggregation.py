@@ -5,12 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.server.strategy.aggregate import aggregate
+from flwr.server.strategy.aggregate import aggregate, aggregate_median, aggregate_trimmed_avg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.errors import InvalidUpdateError
-from orchestrator.aggregation import RunningWeightedMean, apply_delta
+from orchestrator.aggregation import (
+    RunningWeightedMean,
+    apply_delta,
+    capped_weights,
+    coordinate_aggregate,
+    share_denominator,
+)
 
 SHAPES = [(3,), (4, 5), (2, 3, 3, 3), (), (1,), (7, 1)]
 
@@ -210,3 +216,91 @@ def test_piecewise_fold_matches_the_whole_tensor_computation() -> None:
         assert torch.allclose(mean[k].double(), expected, rtol=0, atol=1e-6)
     whole = sum(float(v.double().pow(2).sum()) for v in deltas[0].values()) ** 0.5
     assert l2_norm(deltas[0]) == pytest.approx(whole, rel=1e-12)
+
+
+# ------------------------------------------------------------ share caps and robust methods
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    weights=st.lists(st.floats(min_value=1.0, max_value=1e12), min_size=1, max_size=12),
+    share=st.floats(min_value=0.01, max_value=1.0),
+)
+def test_capped_weights_keep_every_share_under_the_cap_and_touch_only_the_largest(
+    weights: list[float], share: float
+) -> None:
+    w = {f"s{i}": v for i, v in enumerate(weights)}
+    capped = capped_weights(w, share)
+    limit = max(share, 1.0 / len(w))
+    total = sum(capped.values())
+    assert max(capped.values()) <= limit * total * (1 + 1e-9)
+    assert all(0 < capped[k] <= w[k] for k in w)
+    changed = [k for k in w if capped[k] < w[k]]
+    # Water-filling: the lowered sites share one level, at least as large as every untouched one.
+    if changed:
+        level = capped[changed[0]]
+        assert all(capped[k] == pytest.approx(level) for k in changed)
+        assert all(w[k] <= level * (1 + 1e-9) for k in w if k not in changed)
+        if limit < 1.0 and len(changed) < len(w):  # tight: the cap is reached, not undershot
+            assert level == pytest.approx(limit * total, rel=1e-9)
+
+
+def test_a_site_claiming_a_billion_rows_gets_half_the_weight_not_all_of_it() -> None:
+    capped = capped_weights({"a": 300, "b": 300, "c": 300, "rogue": 1e9}, 0.5)
+    assert capped["rogue"] == pytest.approx(900) and capped["a"] == 300
+    assert capped_weights({"a": 300, "b": 100}, 1.0) == {"a": 300, "b": 100}
+    assert capped_weights({"only": 5.0}, 0.1) == {"only": 5.0}
+
+
+def test_share_denominator_gives_the_excess_to_the_current_model() -> None:
+    assert share_denominator([1.0, 1.0, 1.0], 0.5) == 3.0
+    # Dispatched to 4 with caps, two answered: 900 of 1200 would be 75% > 50%.
+    assert share_denominator([900.0, 300.0], 0.5) == 1800.0
+    state = {"w": torch.zeros(2)}
+    agg = RunningWeightedMean(state)
+    agg.add({"w": torch.tensor([1.0, 1.0])}, 900.0)
+    agg.add({"w": torch.tensor([-1.0, 1.0])}, 300.0)
+    mean = agg.mean(share_denominator([900.0, 300.0], 0.5))
+    assert torch.allclose(mean["w"], torch.tensor([600.0 / 1800, 1200.0 / 1800]))
+    with pytest.raises(ValueError):
+        agg.mean(10.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+    n=st.integers(min_value=1, max_value=9),
+    trim=st.floats(min_value=0.0, max_value=0.49),
+)
+def test_coordinate_aggregates_match_flowers(seed: int, n: int, trim: float) -> None:
+    rng = np.random.default_rng(seed)
+    shapes = {"a": (4, 5), "b": (3,), "c": ()}
+    deltas = [random_state(rng, shapes) for _ in range(n)]
+    keys = list(shapes)
+    results = [([d[k].double().numpy() for k in keys], 1) for d in deltas]
+    ref = deltas[0]
+    med = coordinate_aggregate(deltas, ref, method="median")
+    tri = coordinate_aggregate(deltas, ref, method="trimmed_mean", trim=trim)
+    for k, want_med, want_tri in zip(
+        keys, aggregate_median(results), aggregate_trimmed_avg(results, trim), strict=True
+    ):
+        np.testing.assert_allclose(med[k].numpy(), want_med, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(tri[k].numpy(), want_tri, rtol=1e-5, atol=1e-5)
+
+
+def test_coordinate_aggregates_read_spooled_updates_piece_by_piece() -> None:
+    from common.tensors import FLAT_PART, SafetensorsPieces, state_to_bytes
+    from orchestrator.spool import Payload
+
+    rng = np.random.default_rng(1)
+    shapes = {"big": (FLAT_PART + 7,), "small": (3, 2)}
+    deltas = [random_state(rng, shapes) for _ in range(5)]
+    deltas[4] = {k: v + 1e8 for k, v in deltas[4].items()}  # one outlier site
+    spooled = [SafetensorsPieces(Payload.from_bytes(state_to_bytes(d))) for d in deltas]
+    out = coordinate_aggregate(spooled, deltas[0], method="trimmed_mean", trim=0.2)
+    honest = torch.stack([d["big"] for d in deltas[:4]]).sort(dim=0).values
+    # ⌊0.2·5⌋ = 1 value cut at each end: the outlier is gone from every coordinate.
+    assert float(out["big"].abs().max()) < 100.0
+    lo = honest[0:3].double().mean(0).float()
+    hi = honest[1:4].double().mean(0).float()
+    assert bool(((out["big"] >= lo - 1e-4) & (out["big"] <= hi + 1e-4)).all())
