@@ -113,7 +113,12 @@ class DpReport:
 
 @dataclass(frozen=True)
 class Metrics:
-    """Validation metrics a site releases: noised (Gaussian mechanism) unless ``exact``."""
+    """Validation metrics a site releases: noised (Gaussian mechanism) unless ``exact``.
+
+    The sums are what the orchestrator pools (``orchestrator.metric_pooling``); ``loss`` and
+    ``accuracy`` are the site's own ratios, for display only. Noised metrics carry
+    ``num_examples = 0`` (the row count is released only as the noised ``count_sum``).
+    """
 
     loss: float
     accuracy: float
@@ -122,6 +127,36 @@ class Metrics:
     num_examples: int
     noise_multiplier: float | None
     exact: bool = False
+    count_sum: float | None = None
+    """Noised number of rows evaluated; ``None`` from a site that predates it."""
+    score_histogram: tuple[float, ...] = ()
+    """Binary labels only: noised counts of the model's P(class 1) in ``H`` equal bins of
+    [0, 1], first the ``H`` bins of the rows labelled 0, then those of the rows labelled 1."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A released statistic and its standard error from the DP noise (0: exact; ``inf``:
+    undefined, e.g. a noised row count at or below zero)."""
+
+    value: float
+    se: float
+
+
+@dataclass(frozen=True)
+class PooledMetrics:
+    """Validation metrics pooled over sites from their noised sums (``metric_pooling``)."""
+
+    accuracy: Estimate
+    loss: Estimate
+    num_examples: Estimate
+    """The pooled noised row count."""
+    auc: Estimate | None
+    """ROC AUC from the pooled score histograms (binary labels only)."""
+    sites: int
+    exact: bool
+    noise_multiplier: float
+    """σ of each site's release (0 when exact)."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +188,8 @@ class RoundSummary:
     num_examples: int = 0
     duration_s: float = 0.0
     epsilon: float = 0.0
+    metrics: PooledMetrics | None = None
+    """The round's pooled validation metrics with standard errors (None: none released)."""
 
 
 @dataclass(frozen=True)
@@ -265,3 +302,5 @@ class Evaluation:
     num_examples: int
     epsilon: float
     delta: float
+    metrics: PooledMetrics | None = None
+    """Pooled estimates with standard errors (and AUC for binary labels)."""

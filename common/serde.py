@@ -18,6 +18,7 @@ from common.domain import (
     ColumnInfo,
     DatasetInfo,
     DpReport,
+    Estimate,
     Evaluation,
     JobEvent,
     JobStatus,
@@ -25,6 +26,7 @@ from common.domain import (
     Metrics,
     Plan,
     PolicySummary,
+    PooledMetrics,
     RoundSummary,
     SiteEvaluation,
     SitePlan,
@@ -41,6 +43,7 @@ from protos.dpfed.v1.dpfed_pb2 import ColumnInfo as ProtoColumnInfo
 from protos.dpfed.v1.dpfed_pb2 import DatasetInfo as ProtoDatasetInfo
 from protos.dpfed.v1.dpfed_pb2 import DpEvent as ProtoDpEvent
 from protos.dpfed.v1.dpfed_pb2 import DpReport as ProtoDpReport
+from protos.dpfed.v1.dpfed_pb2 import Estimate as ProtoEstimate
 from protos.dpfed.v1.dpfed_pb2 import EvaluateResponse as ProtoEvaluation
 from protos.dpfed.v1.dpfed_pb2 import JobEvent as ProtoJobEvent
 from protos.dpfed.v1.dpfed_pb2 import JobStatus as ProtoJobStatus
@@ -48,6 +51,7 @@ from protos.dpfed.v1.dpfed_pb2 import LedgerRow as ProtoLedgerRow
 from protos.dpfed.v1.dpfed_pb2 import Metrics as ProtoMetrics
 from protos.dpfed.v1.dpfed_pb2 import PlanResponse as ProtoPlan
 from protos.dpfed.v1.dpfed_pb2 import PolicySummary as ProtoPolicySummary
+from protos.dpfed.v1.dpfed_pb2 import PooledMetrics as ProtoPooledMetrics
 from protos.dpfed.v1.dpfed_pb2 import RegisterRequest as ProtoRegisterRequest
 from protos.dpfed.v1.dpfed_pb2 import RoundSummary as ProtoRoundSummary
 from protos.dpfed.v1.dpfed_pb2 import SiteEvaluation as ProtoSiteEvaluation
@@ -369,8 +373,12 @@ def dp_report_from_proto(msg: ProtoDpReport) -> DpReport:
     )
 
 
+MAX_HISTOGRAM = 2 * 1000
+"""Longest score histogram a message may carry (two classes of at most 1000 bins)."""
+
+
 def metrics_to_proto(m: Metrics) -> ProtoMetrics:
-    return ProtoMetrics(
+    msg = ProtoMetrics(
         loss=m.loss,
         accuracy=m.accuracy,
         correct_sum=m.correct_sum,
@@ -378,10 +386,16 @@ def metrics_to_proto(m: Metrics) -> ProtoMetrics:
         num_examples=m.num_examples,
         noise_multiplier=m.noise_multiplier or 0.0,
         exact=m.exact,
+        score_histogram=list(m.score_histogram),
     )
+    if m.count_sum is not None:
+        msg.count_sum = m.count_sum
+    return msg
 
 
 def metrics_from_proto(msg: ProtoMetrics) -> Metrics:
+    if len(msg.score_histogram) > MAX_HISTOGRAM:
+        raise InvalidSpecError(f"metrics.score_histogram holds more than {MAX_HISTOGRAM} bins")
     return Metrics(
         loss=_finite("metrics.loss", msg.loss),
         accuracy=_finite("metrics.accuracy", msg.accuracy),
@@ -394,6 +408,44 @@ def metrics_from_proto(msg: ProtoMetrics) -> Metrics:
             else None
         ),
         exact=msg.exact,
+        count_sum=(
+            _finite("metrics.count_sum", msg.count_sum) if msg.HasField("count_sum") else None
+        ),
+        score_histogram=tuple(_finite("metrics.score_histogram", v) for v in msg.score_histogram),
+    )
+
+
+def estimate_to_proto(e: Estimate) -> ProtoEstimate:
+    return ProtoEstimate(value=e.value, se=e.se)
+
+
+def estimate_from_proto(msg: ProtoEstimate) -> Estimate:
+    return Estimate(value=msg.value, se=msg.se)
+
+
+def pooled_metrics_to_proto(m: PooledMetrics) -> ProtoPooledMetrics:
+    msg = ProtoPooledMetrics(
+        accuracy=estimate_to_proto(m.accuracy),
+        loss=estimate_to_proto(m.loss),
+        num_examples=estimate_to_proto(m.num_examples),
+        sites=m.sites,
+        exact=m.exact,
+        noise_multiplier=m.noise_multiplier,
+    )
+    if m.auc is not None:
+        msg.auc.CopyFrom(estimate_to_proto(m.auc))
+    return msg
+
+
+def pooled_metrics_from_proto(msg: ProtoPooledMetrics) -> PooledMetrics:
+    return PooledMetrics(
+        accuracy=estimate_from_proto(msg.accuracy),
+        loss=estimate_from_proto(msg.loss),
+        num_examples=estimate_from_proto(msg.num_examples),
+        auc=estimate_from_proto(msg.auc) if msg.HasField("auc") else None,
+        sites=int(msg.sites),
+        exact=msg.exact,
+        noise_multiplier=msg.noise_multiplier,
     )
 
 
@@ -441,7 +493,7 @@ def failure_from_proto(msg: ProtoTaskFailure) -> TaskFailure:
 
 
 def round_to_proto(r: RoundSummary) -> ProtoRoundSummary:
-    return ProtoRoundSummary(
+    msg = ProtoRoundSummary(
         round=r.round,
         site_ids=list(r.site_ids),
         loss=r.loss,
@@ -450,6 +502,9 @@ def round_to_proto(r: RoundSummary) -> ProtoRoundSummary:
         duration_s=r.duration_s,
         epsilon=r.epsilon,
     )
+    if r.metrics is not None:
+        msg.metrics.CopyFrom(pooled_metrics_to_proto(r.metrics))
+    return msg
 
 
 def round_from_proto(msg: ProtoRoundSummary) -> RoundSummary:
@@ -461,6 +516,7 @@ def round_from_proto(msg: ProtoRoundSummary) -> RoundSummary:
         num_examples=msg.num_examples,
         duration_s=msg.duration_s,
         epsilon=msg.epsilon,
+        metrics=pooled_metrics_from_proto(msg.metrics) if msg.HasField("metrics") else None,
     )
 
 
@@ -649,7 +705,7 @@ def evaluation_to_proto(e: Evaluation) -> ProtoEvaluation:
         if s.metrics is not None:
             msg.metrics.CopyFrom(metrics_to_proto(s.metrics))
         sites.append(msg)
-    return ProtoEvaluation(
+    out = ProtoEvaluation(
         sites=sites,
         loss=e.loss,
         accuracy=e.accuracy,
@@ -657,6 +713,9 @@ def evaluation_to_proto(e: Evaluation) -> ProtoEvaluation:
         epsilon=e.epsilon,
         delta=e.delta,
     )
+    if e.metrics is not None:
+        out.metrics.CopyFrom(pooled_metrics_to_proto(e.metrics))
+    return out
 
 
 def evaluation_from_proto(msg: ProtoEvaluation) -> Evaluation:
@@ -675,4 +734,5 @@ def evaluation_from_proto(msg: ProtoEvaluation) -> Evaluation:
         num_examples=msg.num_examples,
         epsilon=msg.epsilon,
         delta=msg.delta,
+        metrics=pooled_metrics_from_proto(msg.metrics) if msg.HasField("metrics") else None,
     )

@@ -21,6 +21,7 @@ from common.domain import (
     ColumnInfo,
     DatasetInfo,
     DpReport,
+    Estimate,
     Evaluation,
     JobEvent,
     JobStatus,
@@ -28,6 +29,7 @@ from common.domain import (
     Metrics,
     Plan,
     PolicySummary,
+    PooledMetrics,
     RoundSummary,
     SiteEvaluation,
     SitePlan,
@@ -121,6 +123,25 @@ NOISED_METRICS = Metrics(
     loss_sum=1248.1,
     num_examples=2400,
     noise_multiplier=20.0,
+)
+POOLING_METRICS = Metrics(
+    loss=0.4,
+    accuracy=0.7,
+    correct_sum=90.5,
+    loss_sum=51.0,
+    num_examples=0,
+    noise_multiplier=5.0,
+    count_sum=128.25,
+    score_histogram=(3.5, -1.25, 40.0, 0.0, 2.0, 7.75),
+)
+POOLED = PooledMetrics(
+    accuracy=Estimate(0.81, 0.03),
+    loss=Estimate(0.44, 0.05),
+    num_examples=Estimate(1203.5, 17.3),
+    auc=Estimate(0.88, 0.02),
+    sites=3,
+    exact=False,
+    noise_multiplier=5.0,
 )
 EXACT_METRICS = Metrics(
     loss=0.5,
@@ -293,6 +314,40 @@ PAIRS: list[tuple[str, Any, Callable[[Any], Message], Callable[[Any], Any]]] = [
     ("dp report", DP_REPORT, serde.dp_report_to_proto, serde.dp_report_from_proto),
     ("noised metrics", NOISED_METRICS, serde.metrics_to_proto, serde.metrics_from_proto),
     ("exact metrics", EXACT_METRICS, serde.metrics_to_proto, serde.metrics_from_proto),
+    (
+        "metrics with count and histogram",
+        POOLING_METRICS,
+        serde.metrics_to_proto,
+        serde.metrics_from_proto,
+    ),
+    ("estimate", Estimate(0.5, math.inf), serde.estimate_to_proto, serde.estimate_from_proto),
+    ("pooled metrics", POOLED, serde.pooled_metrics_to_proto, serde.pooled_metrics_from_proto),
+    (
+        "pooled metrics without auc",
+        replace(POOLED, auc=None, exact=True, noise_multiplier=0.0),
+        serde.pooled_metrics_to_proto,
+        serde.pooled_metrics_from_proto,
+    ),
+    (
+        "round with pooled metrics",
+        replace(ROUND, metrics=POOLED),
+        serde.round_to_proto,
+        serde.round_from_proto,
+    ),
+    (
+        "evaluation with pooled metrics",
+        Evaluation(
+            sites=(SiteEvaluation("a", POOLING_METRICS, epsilon=0.3),),
+            loss=0.4,
+            accuracy=0.7,
+            num_examples=0,
+            epsilon=0.3,
+            delta=1e-5,
+            metrics=POOLED,
+        ),
+        serde.evaluation_to_proto,
+        serde.evaluation_from_proto,
+    ),
     ("update", UPDATE, serde.update_meta_to_proto, serde.update_meta_from_proto),
     (
         "update without metrics",
@@ -533,6 +588,32 @@ def test_non_finite_metrics_are_rejected(field: str, x: float) -> None:
         serde.update_meta_from_proto(header)
     with pytest.raises(InvalidSpecError, match=field):
         serde.metrics_from_proto(header.metrics)
+
+
+@pytest.mark.parametrize("x", NON_FINITE, ids=repr)
+def test_non_finite_count_and_histogram_are_rejected(x: float) -> None:
+    msg = serde.metrics_to_proto(POOLING_METRICS)
+    msg.count_sum = x
+    with pytest.raises(InvalidSpecError, match="count_sum"):
+        serde.metrics_from_proto(msg)
+    msg = serde.metrics_to_proto(POOLING_METRICS)
+    msg.score_histogram[2] = x
+    with pytest.raises(InvalidSpecError, match="score_histogram"):
+        serde.metrics_from_proto(msg)
+
+
+def test_metrics_of_an_older_site_have_no_count_and_no_histogram() -> None:
+    msg = serde.metrics_to_proto(NOISED_METRICS)
+    assert not msg.HasField("count_sum")
+    back = serde.metrics_from_proto(through_bytes(msg))
+    assert back.count_sum is None and back.score_histogram == ()
+
+
+def test_an_overlong_histogram_is_rejected() -> None:
+    msg = serde.metrics_to_proto(POOLING_METRICS)
+    msg.score_histogram.extend([0.0] * serde.MAX_HISTOGRAM)
+    with pytest.raises(InvalidSpecError, match="more than"):
+        serde.metrics_from_proto(msg)
 
 
 @pytest.mark.parametrize("x", NON_FINITE, ids=repr)

@@ -302,6 +302,8 @@ class Metrics(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
     NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
     EXACT_FIELD_NUMBER: _builtins.int
+    COUNT_SUM_FIELD_NUMBER: _builtins.int
+    SCORE_HISTOGRAM_FIELD_NUMBER: _builtins.int
     loss: _builtins.float
     accuracy: _builtins.float
     correct_sum: _builtins.float
@@ -310,6 +312,12 @@ class Metrics(_message.Message):
     noise_multiplier: _builtins.float
     """0 when exact"""
     exact: _builtins.bool
+    count_sum: _builtins.float
+    """noised row count (absent: an older site)"""
+    @_builtins.property
+    def score_histogram(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """binary labels: H bins of P(class 1) for label 0, then 1"""
+
     def __init__(
         self,
         *,
@@ -320,14 +328,89 @@ class Metrics(_message.Message):
         num_examples: _builtins.int = ...,
         noise_multiplier: _builtins.float = ...,
         exact: _builtins.bool = ...,
+        count_sum: _builtins.float | None = ...,
+        score_histogram: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_count_sum", b"_count_sum", "count_sum", b"count_sum"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_count_sum", b"_count_sum", "accuracy", b"accuracy", "correct_sum", b"correct_sum", "count_sum", b"count_sum", "exact", b"exact", "loss", b"loss", "loss_sum", b"loss_sum", "noise_multiplier", b"noise_multiplier", "num_examples", b"num_examples", "score_histogram", b"score_histogram"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__count_sum: _TypeAlias = _typing.Literal["count_sum"]  # noqa: Y015
+    _WhichOneofArgType__count_sum: _TypeAlias = _typing.Literal["_count_sum", b"_count_sum"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__count_sum) -> _WhichOneofReturnType__count_sum | None: ...
+
+Global___Metrics: _TypeAlias = Metrics  # noqa: Y015
+
+@_typing.final
+class Estimate(_message.Message):
+    """A released statistic and its standard error from the DP noise (0 exact, inf undefined)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUE_FIELD_NUMBER: _builtins.int
+    SE_FIELD_NUMBER: _builtins.int
+    value: _builtins.float
+    se: _builtins.float
+    def __init__(
+        self,
+        *,
+        value: _builtins.float = ...,
+        se: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "correct_sum", b"correct_sum", "exact", b"exact", "loss", b"loss", "loss_sum", b"loss_sum", "noise_multiplier", b"noise_multiplier", "num_examples", b"num_examples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["se", b"se", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Metrics: _TypeAlias = Metrics  # noqa: Y015
+Global___Estimate: _TypeAlias = Estimate  # noqa: Y015
+
+@_typing.final
+class PooledMetrics(_message.Message):
+    """Validation metrics pooled over sites from their noised sums."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCURACY_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
+    AUC_FIELD_NUMBER: _builtins.int
+    SITES_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
+    NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    sites: _builtins.int
+    exact: _builtins.bool
+    noise_multiplier: _builtins.float
+    @_builtins.property
+    def accuracy(self) -> Global___Estimate: ...
+    @_builtins.property
+    def loss(self) -> Global___Estimate: ...
+    @_builtins.property
+    def num_examples(self) -> Global___Estimate:
+        """pooled noised row count"""
+
+    @_builtins.property
+    def auc(self) -> Global___Estimate:
+        """binary labels only"""
+
+    def __init__(
+        self,
+        *,
+        accuracy: Global___Estimate | None = ...,
+        loss: Global___Estimate | None = ...,
+        num_examples: Global___Estimate | None = ...,
+        auc: Global___Estimate | None = ...,
+        sites: _builtins.int = ...,
+        exact: _builtins.bool = ...,
+        noise_multiplier: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "auc", b"auc", "loss", b"loss", "num_examples", b"num_examples"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "auc", b"auc", "exact", b"exact", "loss", b"loss", "noise_multiplier", b"noise_multiplier", "num_examples", b"num_examples", "sites", b"sites"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PooledMetrics: _TypeAlias = PooledMetrics  # noqa: Y015
 
 @_typing.final
 class RegisterRequest(_message.Message):
@@ -778,6 +861,7 @@ class RoundSummary(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
     DURATION_S_FIELD_NUMBER: _builtins.int
     EPSILON_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     loss: _builtins.float
     """pooled over sites from their noised sums; NaN if no metrics"""
@@ -789,6 +873,10 @@ class RoundSummary(_message.Message):
     """the job's ε after this round (max over sites)"""
     @_builtins.property
     def site_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def metrics(self) -> Global___PooledMetrics:
+        """absent: no metrics released this round"""
+
     def __init__(
         self,
         *,
@@ -799,10 +887,11 @@ class RoundSummary(_message.Message):
         num_examples: _builtins.int = ...,
         duration_s: _builtins.float = ...,
         epsilon: _builtins.float = ...,
+        metrics: Global___PooledMetrics | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "duration_s", b"duration_s", "epsilon", b"epsilon", "loss", b"loss", "num_examples", b"num_examples", "round", b"round", "site_ids", b"site_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "duration_s", b"duration_s", "epsilon", b"epsilon", "loss", b"loss", "metrics", b"metrics", "num_examples", b"num_examples", "round", b"round", "site_ids", b"site_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1328,6 +1417,7 @@ class EvaluateResponse(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
     EPSILON_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
     loss: _builtins.float
     """pooled over the sites that answered, from their noised sums"""
     accuracy: _builtins.float
@@ -1337,6 +1427,10 @@ class EvaluateResponse(_message.Message):
     delta: _builtins.float
     @_builtins.property
     def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiteEvaluation]: ...
+    @_builtins.property
+    def metrics(self) -> Global___PooledMetrics:
+        """with standard errors (and AUC for binary labels)"""
+
     def __init__(
         self,
         *,
@@ -1346,10 +1440,11 @@ class EvaluateResponse(_message.Message):
         num_examples: _builtins.int = ...,
         epsilon: _builtins.float = ...,
         delta: _builtins.float = ...,
+        metrics: Global___PooledMetrics | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "delta", b"delta", "epsilon", b"epsilon", "loss", b"loss", "num_examples", b"num_examples", "sites", b"sites"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "delta", b"delta", "epsilon", b"epsilon", "loss", b"loss", "metrics", b"metrics", "num_examples", b"num_examples", "sites", b"sites"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
