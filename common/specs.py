@@ -201,18 +201,38 @@ class AuditSpec(_Frozen):
 
 
 class MetricsSpec(_Frozen):
-    """How the sites report validation metrics (loss, accuracy) each round.
+    """When and how the sites report validation metrics (loss, accuracy, ROC AUC).
 
     Metrics are computed on site data, so they leave a site only through the Gaussian
-    mechanism and are charged to the site's ledger like any release. ``exact: true`` asks for
-    un-noised metrics; a site sends those only when its own policy allows it, and the model
-    card then says they are outside the guarantee.
+    mechanism and are charged to the site's ledger like any release. By default they are
+    released once, in the final round, where they describe the model that is released; with
+    ``every: k`` also in rounds k, 2k, … (each release costs the same). The orchestrator
+    pools the sites' noised sums and reports each metric with its standard error
+    (``orchestrator.metric_pooling``). ``exact: true`` asks for un-noised metrics; a site
+    sends those only when its own policy allows it, and the model card then says they are
+    outside the guarantee.
     """
 
     enabled: bool = True
-    noise_multiplier: float = Field(default=20.0, ge=0.01, le=1e6)
+    noise_multiplier: float = Field(default=10.0, ge=0.01, le=1e6)
     loss_bound: float = Field(default=5.0, gt=0.0, le=1e3, description="per-example loss clip")
     exact: bool = False
+    every: int | None = Field(
+        default=None, ge=1, le=10_000, description="also release in every k-th round"
+    )
+    auc_bins: int = Field(
+        default=20, ge=2, le=1000, description="score histogram bins for ROC AUC (binary labels)"
+    )
+
+    def releases_at(self, round: int, rounds: int) -> bool:
+        """Whether round ``round`` (1-based) of a ``rounds``-round job releases metrics."""
+        if not self.enabled:
+            return False
+        return round == rounds or (self.every is not None and round % self.every == 0)
+
+    def release_count(self, rounds: int) -> int:
+        """How many of a job's ``rounds`` rounds release metrics."""
+        return sum(self.releases_at(r, rounds) for r in range(1, rounds + 1))
 
 
 class EncodedColumnSpec(_Frozen):
