@@ -30,6 +30,12 @@ from common.tls import (
 from common.transport import SERVER_OPTIONS, require_loopback_for_plaintext
 from orchestrator.auth import Authorizer
 from orchestrator.broker import MAX_DOWNLOADS, MAX_UPLOADS
+from orchestrator.call_limits import (
+    MAX_CALLS_PER_SITE,
+    MAX_CALLS_PER_USER,
+    CallLimiter,
+    control_reserve,
+)
 from orchestrator.coordinator import Coordinator
 from orchestrator.metrics import MetricsServer
 from orchestrator.servicers import AgentServicer, ControlServicer
@@ -154,6 +160,8 @@ def start_server(
     malloc_mmap_threshold: int | None = MALLOC_MMAP_THRESHOLD,
     malloc_arena_max: int | None = MALLOC_ARENA_MAX,
     crl: Path | None = None,
+    max_calls_per_site: int = MAX_CALLS_PER_SITE,
+    max_calls_per_user: int = MAX_CALLS_PER_USER,
 ) -> RunningServer:
     """Serve on ``listen``: mTLS with ``tls``; plaintext (loopback only) when it is None.
 
@@ -169,6 +177,10 @@ def start_server(
     :func:`return_large_buffers_to_os`; ``malloc_arena_max``: see :func:`share_malloc_arenas`
     (None leaves the allocator alone). ``crl``: the revocation list checked on every call
     (``common.tls.RevocationList``; default ``crl.pem`` next to the CA certificate).
+    ``max_calls_per_site`` / ``max_calls_per_user``: calls one certificate may have in progress
+    on the agent / control service; all agent calls together leave
+    ``call_limits.control_reserve(max_workers)`` threads to the control service
+    (``orchestrator.call_limits``).
     """
     if tls is None:
         require_loopback_for_plaintext(listen)
@@ -189,8 +201,24 @@ def start_server(
     if tls is not None:
         revocations = RevocationList(crl or tls.ca.parent / CRL_FILE, tls.ca)
     auth = Authorizer(mtls=tls is not None, revocations=revocations)
-    pb_grpc.add_AgentServiceServicer_to_server(AgentServicer(coordinator, auth), server)
-    pb_grpc.add_ControlServiceServicer_to_server(ControlServicer(coordinator, auth), server)
+    reserve = control_reserve(max_workers)
+    if max_workers <= reserve:
+        raise ValueError(f"max_workers must exceed the {reserve} threads kept for the CLI")
+    agent_limits = CallLimiter(
+        "agent service",
+        per_caller=max_calls_per_site,
+        total=max_workers - reserve,
+        mtls=tls is not None,
+    )
+    control_limits = CallLimiter(
+        "control service", per_caller=max_calls_per_user, total=None, mtls=tls is not None
+    )
+    pb_grpc.add_AgentServiceServicer_to_server(
+        AgentServicer(coordinator, auth, agent_limits), server
+    )
+    pb_grpc.add_ControlServiceServicer_to_server(
+        ControlServicer(coordinator, auth, control_limits), server
+    )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if tls is None:

@@ -2,6 +2,7 @@
 
 Every ``DpfedError`` becomes ``context.abort(status, message)`` through the table in
 ``common.errors``; anything else is an INTERNAL error whose details stay in the server log.
+Every call first takes a place in its service's ``CallLimiter`` (``orchestrator.call_limits``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from common.errors import DpfedError, InvalidSpecError, TryLaterError
 from common.transport import RETRY_AFTER_MS, TURNS, UPLOAD_GATE
 from orchestrator import spool
 from orchestrator.auth import OPERATOR_ONLY, READERS, SCIENTIST_OR_OPERATOR, Authorizer
+from orchestrator.call_limits import MAX_CALLS_PER_SITE, MAX_CALLS_PER_USER, CallLimiter
 from orchestrator.coordinator import Coordinator
 from orchestrator.metrics import COUNTERS
 from orchestrator.synthesis import synthesize
@@ -53,7 +55,7 @@ def _mapped_errors(method: str, context: grpc.ServicerContext) -> Iterator[None]
 def abort_on_error(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        with _mapped_errors(fn.__name__, context):
+        with _mapped_errors(fn.__name__, context), self.limits.hold(context):
             return fn(self, request, context)
 
     return wrapper  # type: ignore[return-value]
@@ -62,7 +64,7 @@ def abort_on_error(fn: F) -> F:
 def abort_on_error_stream(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        with _mapped_errors(fn.__name__, context):
+        with _mapped_errors(fn.__name__, context), self.limits.hold(context):
             yield from fn(self, request, context)
 
     return wrapper  # type: ignore[return-value]
@@ -74,9 +76,14 @@ def _takes_turns(context: grpc.ServicerContext) -> bool:
 
 
 class AgentServicer(pb_grpc.AgentServiceServicer):
-    def __init__(self, coordinator: Coordinator, auth: Authorizer) -> None:
+    def __init__(
+        self, coordinator: Coordinator, auth: Authorizer, limits: CallLimiter | None = None
+    ) -> None:
         self.c = coordinator
         self.auth = auth
+        self.limits = limits or CallLimiter(
+            "agent service", per_caller=MAX_CALLS_PER_SITE, total=None, mtls=auth.mtls
+        )
 
     @abort_on_error
     def Register(
@@ -192,9 +199,14 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
 
 class ControlServicer(pb_grpc.ControlServiceServicer):
-    def __init__(self, coordinator: Coordinator, auth: Authorizer) -> None:
+    def __init__(
+        self, coordinator: Coordinator, auth: Authorizer, limits: CallLimiter | None = None
+    ) -> None:
         self.c = coordinator
         self.auth = auth
+        self.limits = limits or CallLimiter(
+            "control service", per_caller=MAX_CALLS_PER_USER, total=None, mtls=auth.mtls
+        )
 
     @abort_on_error
     def SubmitJob(

@@ -167,11 +167,14 @@ class SiteAgent:
                         timeout=self.config.poll_seconds + _RPC_TIMEOUT_S,
                     )
                 except grpc.RpcError as err:
-                    if (
-                        isinstance(err, grpc.Call)
-                        and err.code() == grpc.StatusCode.PERMISSION_DENIED
-                    ):
+                    code = err.code() if isinstance(err, grpc.Call) else None
+                    if code == grpc.StatusCode.PERMISSION_DENIED:
                         raise _SessionLost() from None
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        # The orchestrator bounds calls in progress (per site and for all
+                        # agents): wait as told and pull again in the same session.
+                        self.stopping.wait(retry_after_s(err) or 1.0)
+                        continue
                     raise
                 if resp.HasField("task"):
                     try:

@@ -48,7 +48,7 @@ from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 from site_agent import cli as site_cli
 from site_agent.agent import SiteAgent
 from site_agent.config import load_site_config
-from tests.integration.test_security import _spec, health_check, register, rpc
+from tests.integration.test_security import _spec, health_check, register, register_request, rpc
 
 CODE = grpc.StatusCode
 
@@ -416,7 +416,16 @@ def test_only_the_submitter_or_an_operator_cancels_a_job(
 ) -> None:
     import json
 
-    register(dial(pki.site("bank-a")), "bank-a")
+    req = register_request("bank-a")
+    req.datasets[0].schema.extend(
+        pb.ColumnInfo(name=c, type="numeric", has_bounds=True, min=0.0, max=1.0, nullable=False)
+        for c in req.datasets[0].columns
+    )
+    req.datasets[0].label_schema.CopyFrom(
+        pb.ColumnInfo(name="label", type="categorical", categories=[str(i) for i in range(10)])
+    )
+    code, details, _ = rpc(dial(pki.site("bank-a")), "AgentService", "Register", req)
+    assert code == CODE.OK, details
     analyst, bob, operator = (dial(pki.user(u)) for u in ("analyst", "bob", "operator"))
     spec = pb.SubmitJobRequest(job_spec_json=json.dumps(_spec(min_sites=1, start_timeout_s=60)))
     jobs = []
@@ -433,3 +442,66 @@ def test_only_the_submitter_or_an_operator_cancels_a_job(
     assert code == CODE.OK and "cancelled by analyst" in resp[0].error, details
     code, details, resp = rpc(operator, "ControlService", "CancelJob", pb.JobRef(job_id=jobs[1]))
     assert code == CODE.OK and "cancelled by operator" in resp[0].error, details
+
+
+# ------------------------------------------------------------------- 6. thread exhaustion
+
+
+def _park_pulls(channel: grpc.Channel, site_id: str, session: str, n: int) -> list[Any]:
+    """``n`` long-polls of 30 s each, left in flight (futures)."""
+    stub = pb_grpc.AgentServiceStub(channel)
+    req = pb.PullTaskRequest(site_id=site_id, session_id=session, wait_seconds=30.0)
+    return [stub.PullTask.future(req, timeout=60.0) for _ in range(n)]
+
+
+def _answers_quickly(channel: grpc.Channel) -> float:
+    t0 = time.monotonic()
+    code, details, _ = rpc(channel, "ControlService", "ListJobs", pb.ListJobsRequest(), timeout=5)
+    assert code == CODE.OK, details
+    return time.monotonic() - t0
+
+
+def test_parked_long_polls_are_bounded_per_site_and_analysts_still_get_answers(
+    pki: Pki, tmp_path: Path
+) -> None:
+    # 16 worker threads: without bounds, 40 parked pulls of one site take all of them.
+    srv = start_server(
+        listen="127.0.0.1:0",
+        state_dir=tmp_path / "orch",
+        tls=pki.files["orchestrator"],
+        max_workers=16,
+        max_calls_per_site=4,
+    )
+    channels: list[grpc.Channel] = []
+    parked: list[Any] = []
+    try:
+
+        def dial_(files: TlsFiles) -> grpc.Channel:
+            channels.append(grpc.secure_channel(srv.address, channel_credentials(files)))
+            return channels[-1]
+
+        sites = {sid: dial_(pki.site(sid)) for sid in ("rogue", "bank-a", "bank-b")}
+        sessions = {sid: register(ch, sid) for sid, ch in sites.items()}
+        parked = _park_pulls(sites["rogue"], "rogue", sessions["rogue"], 40)
+        analyst = dial_(pki.user("analyst"))
+        assert _answers_quickly(analyst) < 1.0
+        refused = [f for f in parked[4:] if f.exception(timeout=5) is not None]
+        assert len(refused) >= 36
+        err = refused[0].exception()
+        assert err.code() == CODE.RESOURCE_EXHAUSTED
+        assert "site:rogue already has 4 calls in progress on the agent service" in err.details()
+        # Many sites together: agent calls leave 8 of the 16 threads to the control service.
+        for sid in ("bank-a", "bank-b"):
+            parked += _park_pulls(sites[sid], sid, sessions[sid], 4)
+        time.sleep(0.3)
+        assert _answers_quickly(analyst) < 1.0
+        exhausted = [
+            f.exception(timeout=5) for f in parked[40:] if f.done() and f.exception() is not None
+        ]
+        assert any("at its limit of 8 calls" in e.details() for e in exhausted), exhausted
+    finally:
+        for f in parked:
+            f.cancel()
+        for ch in channels:
+            ch.close()
+        srv.stop(0.2)
