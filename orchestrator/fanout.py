@@ -8,7 +8,7 @@ import hashlib
 import queue
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from common.domain import TaskAssignment, TaskFailure
@@ -36,10 +36,12 @@ def fan_out(
     rounds: int = 1,
     job_spec_json: str = "",
     check: Callable[[], None] | None = None,
+    noise_multipliers: Mapping[str, float] | None = None,
 ) -> FanOutResult:
     """Dispatch ``kind`` with the same request to every site; a site that does not answer
     in time is a failure. ``check`` runs at every poll and may raise to abandon the fan-out
-    (a job's cancellation or shutdown); the unanswered tasks are then withdrawn."""
+    (a job's cancellation or shutdown); the unanswered tasks are then withdrawn.
+    ``noise_multipliers`` gives each site its assigned σ (admission); 0 otherwise."""
     sha = hashlib.sha256(blob).hexdigest()
     deadline = time.time() + timeout_s
     results: queue.Queue[Result] = queue.Queue()
@@ -52,7 +54,7 @@ def fan_out(
             rounds=rounds,
             job_spec_json=job_spec_json,
             dataset=dataset,
-            noise_multiplier=0.0,
+            noise_multiplier=(noise_multipliers or {}).get(sid, 0.0),
             model_size=len(blob),
             model_sha256=sha,
             deadline_unix=deadline,

@@ -1,0 +1,153 @@
+"""Admission before any spend: a site checks a whole training job before its first round.
+
+The orchestrator sends every selected site an ``admit`` task before round 1 (issue 16.1,
+DESIGN invariant 6: no site spends on a job that cannot be released). The site derives one
+round's cost itself, exactly as a train task would (``round_charges``: the same policy checks
+and the same DP events, from the spec, its policy and its declared row count; nothing the
+orchestrator claims), multiplies it by the job's declared rounds, and
+
+* ``reserve``: refuses (``PolicyRefusal``, naming the dataset, the value and the limit) or
+  records a reservation of the whole cost in the ledger, in the transaction that checked it
+  (``Ledger.reserve``). Each round's charge then uses up one round of it; every other job's
+  check counts what is left, so a job admitted here cannot be starved by a later one.
+* ``check``: the same verdict, nothing recorded (``orchestrator plan``).
+* ``release``: ends the job's reservation (the job was cancelled, failed or refused
+  elsewhere, or completed with rounds to spare).
+
+The budget check composes with RDP at the policy's δ, like every other check at the site
+(``site_agent.policy``): never by adding ε values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from common.accounting import DpEvent
+from common.domain import DpReport, TaskAssignment, UpdateMeta
+from common.errors import InvalidSpecError, PolicyRefusal, PrivacyAccountingError
+from common.specs import job_spec_from_json
+from site_agent.budget import budget_limit, parse_request
+from site_agent.config import SiteConfig
+from site_agent.ledger import Ledger
+from site_agent.policy import Projection, TaskCost, project
+
+__all__ = ["AdmitRequest", "RoundCharges", "job_events", "run_admit"]
+
+RoundCharges = tuple[tuple[str, DpEvent], ...]
+"""One round's charges as (kind, event), in the order a train task charges them."""
+
+
+class AdmitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    action: Literal["reserve", "check", "release"]
+
+
+def job_events(per_round: RoundCharges, rounds: int) -> list[DpEvent]:
+    """``rounds`` rounds of ``per_round``: each event composed ``rounds``-fold."""
+    return [DpEvent(e.noise_multiplier, e.sample_rate, e.steps * rounds) for _, e in per_round]
+
+
+def run_admit(
+    *,
+    config: SiteConfig,
+    ledger: Ledger,
+    task: TaskAssignment,
+    round_charges: Callable[[TaskAssignment], RoundCharges],
+) -> tuple[UpdateMeta, bytes]:
+    """Answer an ``admit`` task (see the module docstring); raises PolicyRefusal to refuse."""
+    request = parse_request(AdmitRequest, task, source="admission request")
+    if request.action == "release":
+        released = ledger.release(dataset=task.dataset, job_id=task.job_id, reason="released")
+        return _answer(config, task, {"released": released})
+    spec = job_spec_from_json(task.job_spec_json)
+    if spec.dataset != task.dataset:
+        raise InvalidSpecError(
+            f"task names dataset {task.dataset!r} but its spec names {spec.dataset!r}"
+        )
+    # The policy's rules on one round (model, size, steps, σ floor, δ, exact metrics), and
+    # the events one round would charge, exactly as the train task will derive them.
+    per_round = round_charges(task)
+    rounds = spec.rounds
+    cost = TaskCost(events=tuple(job_events(per_round, rounds)), delta=spec.dp.delta)
+    limit = budget_limit(config, task.dataset)
+    where = f"dataset {task.dataset!r}"
+    projections: list[Projection] = []
+
+    def whole_job_fits(history: list[DpEvent]) -> None:
+        try:
+            proj = project(
+                history=history, cost=cost, policy_delta=config.policy.delta, max_epsilon=limit
+            )
+        except PrivacyAccountingError as err:
+            raise PolicyRefusal(
+                f"This site refuses the job on {where}: its cost over {rounds} rounds cannot "
+                f"be bounded ({err})."
+            ) from err
+        if not proj.within_budget:
+            raise PolicyRefusal(
+                f"This site refuses the job on {where}: its {rounds} rounds would bring the "
+                f"dataset to ε≤{proj.epsilon_after:.4g} (RDP at the policy's "
+                f"δ={config.policy.delta:g}; spent or promised to admitted jobs "
+                f"ε≤{proj.epsilon_before:.4g}), over the site's budget of ε={limit:g}; "
+                "raise the noise multiplier, or lower the rounds, steps or sample rate."
+            )
+        projections.append(proj)
+
+    if request.action == "check":
+        whole_job_fits(ledger.commitments(task.dataset, excluding_job=task.job_id))
+    else:
+        ledger.reserve(
+            dataset=task.dataset,
+            job_id=task.job_id,
+            per_round=per_round,
+            rounds=rounds,
+            delta=spec.dp.delta,
+            check=whole_job_fits,
+        )
+    proj = projections[-1]
+    return _answer(
+        config,
+        task,
+        {
+            "admitted": True,
+            "reserved": request.action == "reserve",
+            "rounds": rounds,
+            "epsilon_before": proj.epsilon_before,
+            "epsilon_after": proj.epsilon_after,
+            "max_epsilon": limit,
+            "accountant": proj.accountant,
+        },
+    )
+
+
+def _answer(
+    config: SiteConfig, task: TaskAssignment, result: dict[str, object]
+) -> tuple[UpdateMeta, bytes]:
+    """An admission answer: a verdict as JSON, no DP event (nothing was computed on data)."""
+    report = DpReport(
+        events=(),
+        max_grad_norm=0.0,
+        delta=config.policy.delta,
+        task_epsilon=0.0,
+        job_epsilon=0.0,
+        dataset_epsilon=0.0,
+        policy_delta=config.policy.delta,
+        accountant="rdp",
+    )
+    meta = UpdateMeta(
+        site_id=config.site_id,
+        task_id=task.task_id,
+        num_examples=0,
+        dp_report=report,
+        metrics=None,
+        total_size=0,
+        sha256=hashlib.sha256(b"").hexdigest(),
+        result_json=json.dumps(result),
+    )
+    return meta, b""
