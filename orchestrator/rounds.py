@@ -1,15 +1,18 @@
 """The round loop of one training job (no gRPC here: the broker stands between).
 
-Each round: send the global model to every participating site, fold each update into a running
-weighted mean as it arrives (after checking it), stop when every site answered or the deadline
-passed, require ``min_sites`` accepted updates, apply the mean delta, checkpoint, and account.
-After the last round the model is released with its model card.
+Each round: send the global model to every participating site, check each update as it
+arrives against what its task allows (``orchestrator.update_bounds``: the report must match
+the task, the norm must fit the task's bound), fold it into a running weighted mean (FedAvg,
+no site's share above ``aggregation.max_site_weight``) or keep it for a coordinate-wise robust
+aggregate, stop when every site answered or the deadline passed, require ``min_sites``
+accepted updates, apply the mean delta, checkpoint, and account. After the last round the
+model is released with its model card.
 
-Privacy: the job's ε is composed per site from every update the orchestrator *received* (even
-one it then rejected: it was seen), and the released ε is the maximum over sites (disjoint
-records: parallel composition). Averaging noised deltas is post-processing. Each update is
-charged to the job when it arrives, so a round that a crash or a shutdown interrupts (and that
-is then run again) still counts what it received.
+Privacy: the job's ε is composed per site from the events the orchestrator *assigned* for each
+update it accepted (never the numbers a site reports), and the released ε is the maximum over
+sites (disjoint records: parallel composition). Averaging noised deltas is post-processing.
+Each update is charged to the job when it is accepted, so a round that a crash or a shutdown
+interrupts (and that is then run again) still counts what it received.
 """
 
 from __future__ import annotations
@@ -26,34 +29,44 @@ from typing import Any
 import torch
 
 from common.accounting import DpEvent, compute_epsilon
-from common.domain import TaskAssignment, UpdateMeta
+from common.domain import ChargedEvent, TaskAssignment, UpdateMeta
 from common.errors import InvalidUpdateError, JobFailedError, PrivacyAccountingError
 from common.models import build_model, save_model
+from common.schedule import task_schedule
 from common.specs import JobSpec, job_spec_from_json
 from common.tensors import (
     SafetensorsPieces,
     check_update,
     iter_chunks,
+    l2_norm,
     state_from_bytes,
     state_to_bytes,
 )
 from common.version import __version__
 from orchestrator import spool
-from orchestrator.aggregation import RunningWeightedMean, apply_delta
+from orchestrator.aggregation import (
+    RunningWeightedMean,
+    apply_delta,
+    capped_weights,
+    coordinate_aggregate,
+    share_denominator,
+)
 from orchestrator.auditing import run_audit
 from orchestrator.broker import FailureResult, Result, UpdateResult
 from orchestrator.job_thread import JobStopped, JobThread
 from orchestrator.planning import ACCOUNTANT, plan_site, site_dataset
 from orchestrator.site_dp import round_for, site_level_events, sum_noise_multiplier
 from orchestrator.store import ChargeRow, RoundRow, atomic_write
+from orchestrator.update_bounds import (
+    MAX_STEPS_PER_TASK,
+    Assignment,
+    Matched,
+    match_report,
+    norm_bound,
+)
 from orchestrator.views import charged_event_dict, site_status
 
 log = logging.getLogger("dpfed.orchestrator")
-
-# Sites whose clipped, noised update is implausibly large are rejected: the delta of `steps`
-# steps of clipped SGD has norm at most lr·steps·(C + noise), and noise of std σC per coordinate
-# over d coordinates has norm ≈ σC√d per step. The factor leaves room for momentum/Adam.
-_NORM_SLACK = 10.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,7 @@ class JobRunner(JobThread):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.spec: JobSpec = job_spec_from_json(self.store.job(self.job_id).spec_json)
+        self._held: list[spool.Payload] = []  # closed when the round ends
 
     def _run(self) -> None:
         row = self.store.job(self.job_id)
@@ -92,6 +106,7 @@ class JobRunner(JobThread):
     def _participants(self, fixed: dict[str, float]) -> list[Participant]:
         """Sites with the dataset, online, at least min_sites of them (waits up to start_timeout)."""
         spec = self.spec
+        left_out: set[str] = set()  # sites whose registered size the job cannot take
         deadline = time.time() + spec.start_timeout_s
         announced = False
         while True:
@@ -110,6 +125,25 @@ class JobRunner(JobThread):
                     chosen.append(Participant(sid, fixed[sid], ds.num_rows))
                     continue
                 if ds.num_rows < 1:
+                    continue
+                _, steps = task_schedule(
+                    num_examples=ds.num_rows,
+                    batch_size=spec.batch_size,
+                    local_epochs=spec.local_epochs,
+                    local_steps=spec.local_steps,
+                )
+                if steps > MAX_STEPS_PER_TASK:
+                    # Its registered size would make each task (and the job's accounting) run
+                    # unboundedly many steps: a claimed size must not buy that.
+                    if sid not in left_out:
+                        left_out.add(sid)
+                        self._event(
+                            "warning",
+                            f"site {sid} is left out of the job: its {ds.num_rows} registered "
+                            f"rows give {steps} steps per round, above the orchestrator's "
+                            f"limit of {MAX_STEPS_PER_TASK} (set local_steps)",
+                            sid,
+                        )
                     continue
                 plan = plan_site(spec, sid, ds)
                 chosen.append(Participant(sid, plan.noise_multiplier, ds.num_rows))
@@ -181,6 +215,9 @@ class JobRunner(JobThread):
             return self._run_round(rnd, state, participants, model, t0)
         finally:
             model.close()
+            for payload in self._held:  # updates a robust aggregation kept until now
+                payload.close()
+            self._held.clear()
 
     def _run_round(
         self,
@@ -217,6 +254,23 @@ class JobRunner(JobThread):
         if spec.site_dp is not None:
             clip = self.store.job(self.job_id).site_clip_norm or spec.site_dp.clip_norm
             sdp = round_for(spec.site_dp, clip_norm=clip, num_sites=len(participants))
+        how = spec.aggregation
+        # FedAvg weights: the rows each site registered, no one share above the job's cap.
+        weights = capped_weights(
+            {p.site_id: float(p.num_examples) for p in participants}, how.max_site_weight
+        )
+        if sdp is None and how.method == "fedavg":
+            for p in participants:
+                if weights[p.site_id] < p.num_examples:
+                    self._event(
+                        "warning",
+                        f"round {rnd}: the FedAvg weight of site {p.site_id} is capped at "
+                        f"{how.max_site_weight:.0%} of the round's (it registered "
+                        f"{p.num_examples} rows)",
+                        p.site_id,
+                    )
+        start_norm = l2_norm(state)
+        held: list[SafetensorsPieces] = []  # robust methods: updates kept (spooled) to the end
         accepted: list[UpdateMeta] = []
         refused: set[str] = set()
         problems: list[str] = []
@@ -246,9 +300,10 @@ class JobRunner(JobThread):
             if res.meta.task_id not in outstanding:
                 continue
             p = outstanding.pop(res.meta.task_id)
-            with res.payload:  # read piece by piece from its spool file, then let go of it
+            keep = sdp is None and how.method != "fedavg"
+            try:  # read piece by piece from its spool file, then let go of it (or keep it)
                 try:
-                    delta, norm = self._check(res, state, p)
+                    delta, norm, matched = self._check(res, state, p, start_norm)
                 except InvalidUpdateError as err:
                     # A rejected update is not part of the model, so it is not charged to the
                     # job's ε (a site claiming σ≈0 must not be able to void everyone's job);
@@ -258,11 +313,17 @@ class JobRunner(JobThread):
                     problems.append(msg)
                     self._event("warning", msg, p.site_id)
                     continue
-                self._record_received(rnd, p, res)
+                self._record_received(rnd, p, res, matched)
                 if sdp is not None:
                     sdp.add(delta, norm)
+                elif keep:
+                    held.append(delta)
+                    self._held.append(res.payload)
                 else:
-                    agg.add(delta, res.meta.num_examples)
+                    agg.add(delta, weights[p.site_id])
+            finally:
+                if not (self._held and self._held[-1] is res.payload):
+                    res.payload.close()
             accepted.append(res.meta)
             del delta, res
 
@@ -283,10 +344,10 @@ class JobRunner(JobThread):
                 if isinstance(res, UpdateResult) and res.meta.task_id in outstanding:
                     p = outstanding[res.meta.task_id]
                     try:
-                        self._check_report(res, p)
+                        matched = match_report(self._assignment(p), res.meta)
                     except InvalidUpdateError:
                         continue
-                    self._record_received(rnd, p, res)
+                    self._record_received(rnd, p, res, matched)
             raise JobStopped()
         for tid in late:
             p = outstanding[tid]
@@ -310,8 +371,19 @@ class JobRunner(JobThread):
                     "info",
                     f"round {rnd}: site-level clip norm {sdp.clip_norm:.4g} → {next_clip:.4g}",
                 )
+        elif how.method == "fedavg":
+            got = [weights[m.site_id] for m in accepted]
+            denominator = share_denominator(got, how.max_site_weight)
+            if denominator > agg.total_weight * (1 + 1e-9):
+                self._event(
+                    "warning",
+                    f"round {rnd}: {len(accepted)} of {len(participants)} site(s) answered; "
+                    f"the update is scaled by {agg.total_weight / denominator:.3g} so that no "
+                    f"site has more than {max(how.max_site_weight, 1 / len(got)):.0%} of it",
+                )
+            mean = agg.mean(denominator)
         else:
-            mean = agg.mean()
+            mean = coordinate_aggregate(held, state, method=how.method, trim=how.trim)
         del agg, sdp  # the float64 sum (twice the model) goes before the new state is built
         new_state = apply_delta(state, mean)
         del mean
@@ -345,17 +417,21 @@ class JobRunner(JobThread):
             )
         return new_state, remaining
 
-    def _record_received(self, rnd: int, p: Participant, res: UpdateResult) -> None:
-        """Charge the job for an update as soon as it arrives, before it is checked or used.
+    def _record_received(
+        self, rnd: int, p: Participant, res: UpdateResult, matched: Matched
+    ) -> None:
+        """Charge the job for an accepted update as soon as it is checked, before it is used.
 
-        The job's ε covers every update the orchestrator received, even one it rejects or one
-        whose round never commits: a round that a crash or a shutdown interrupts is run again,
-        and what the lost attempt received was seen all the same. Recording at commit time
-        only would drop those charges (the card would under-state what left the sites).
+        What is charged is the event the orchestrator assigned (``matched``), never the
+        numbers of the site's report. A round that a crash or a shutdown interrupts is run
+        again, and what the lost attempt received was seen all the same: recording at commit
+        time only would drop those charges (the card would under-state what left the sites).
         """
-        self.store.add_charges([self._charge_row(rnd, p, res.meta)])
+        self.store.add_charges([self._charge_row(rnd, p, res.meta, matched)])
 
-    def _charge_row(self, rnd: int, p: Participant, meta: UpdateMeta) -> ChargeRow:
+    def _charge_row(
+        self, rnd: int, p: Participant, meta: UpdateMeta, matched: Matched
+    ) -> ChargeRow:
         r = meta.dp_report
         return ChargeRow(
             job_id=self.job_id,
@@ -363,72 +439,51 @@ class JobRunner(JobThread):
             site_id=p.site_id,
             dataset=self.spec.dataset,
             task_id=meta.task_id,
-            num_examples=meta.num_examples,
-            max_grad_norm=r.max_grad_norm,
-            delta=r.delta,
+            num_examples=matched.num_examples,
+            max_grad_norm=self.spec.dp.max_grad_norm,
+            delta=self.spec.dp.delta,
             dataset_epsilon=r.dataset_epsilon,
             policy_delta=r.policy_delta,
-            events=[charged_event_dict(e) for e in r.events],
+            events=[charged_event_dict(ChargedEvent(k, e)) for k, e in matched.events()],
             grad_sample_mode=r.grad_sample_mode,
         )
 
-    def _check_report(self, res: UpdateResult, p: Participant) -> DpEvent:
-        """The DP report must match the task: σ at least the assigned one, the metrics release
-        at the job's σ, and no more examples than the site registered (plus its canaries)."""
-        meta = res.meta
-        rep = meta.dp_report
-        train = rep.train_event
-        if train is None:
-            raise InvalidUpdateError("its DP report has no training event")
-        if train.noise_multiplier < p.noise_multiplier * (1 - 1e-9):
-            raise InvalidUpdateError(
-                f"it was trained with σ={train.noise_multiplier:g} < assigned {p.noise_multiplier:g}"
-            )
-        for e in rep.events:
-            if (
-                e.kind == "metrics"
-                and e.event.noise_multiplier < self.spec.metrics.noise_multiplier * (1 - 1e-9)
-            ):
-                raise InvalidUpdateError("its metrics were released with less noise than asked")
+    def _assignment(self, p: Participant) -> Assignment:
         canaries = self.spec.audit.canaries if self.spec.audit is not None else 0
-        if meta.num_examples > p.num_examples + canaries:
-            # The weight of an update is its example count: an inflated count would let one
-            # site outweigh all the others in the average.
-            raise InvalidUpdateError(
-                f"it claims {meta.num_examples} examples; the site registered {p.num_examples}"
-            )
-        return train
+        return Assignment(p.site_id, p.noise_multiplier, p.num_examples, canaries, self.spec)
 
     def _check(
-        self, res: UpdateResult, state: dict[str, torch.Tensor], p: Participant
-    ) -> tuple[SafetensorsPieces, float]:
-        """Reject an update that does not match the model or its own DP report; return it,
-        to be read piece by piece, and its L2 norm."""
+        self, res: UpdateResult, state: dict[str, torch.Tensor], p: Participant, start_norm: float
+    ) -> tuple[SafetensorsPieces, float, Matched]:
+        """Reject an update whose report disagrees with its task or whose values could not come
+        from it (``orchestrator.update_bounds``); return it, to be read piece by piece, its L2
+        norm and the assigned events it is charged."""
         spec = self.spec
         meta = res.meta
         if res.payload.sha256 != meta.sha256:
             raise InvalidUpdateError("its bytes do not match the announced sha256")
-        train = self._check_report(res, p)
-        rep = meta.dp_report
-        if abs(rep.max_grad_norm - spec.dp.max_grad_norm) > 1e-9 * spec.dp.max_grad_norm:
-            raise InvalidUpdateError(
-                f"max_grad_norm {rep.max_grad_norm:g} differs from the job's {spec.dp.max_grad_norm:g}"
-            )
-        if rep.delta > spec.dp.delta:
-            raise InvalidUpdateError(f"its δ={rep.delta:g} is above the job's {spec.dp.delta:g}")
-        if meta.metrics is not None and meta.metrics.exact and not spec.metrics.exact:
-            raise InvalidUpdateError("it carries exact metrics the job did not ask for")
+        matched = match_report(self._assignment(p), meta)
         try:
             delta = SafetensorsPieces(res.payload)  # checks the header; reads no value yet
         except InvalidUpdateError as err:
             raise InvalidUpdateError(f"its tensors cannot be decoded: {err}") from None
         norm = check_update(delta, state)
-        bound = _norm_bound(spec, train, num_params=sum(v.numel() for v in state.values()))
+        bound = norm_bound(
+            optimizer=spec.optimizer,
+            max_grad_norm=spec.dp.max_grad_norm,
+            noise_multiplier=p.noise_multiplier,
+            sample_rate=matched.train.sample_rate,
+            steps=matched.train.steps,
+            num_examples=matched.num_examples,
+            num_params=sum(v.numel() for v in state.values()),
+            start_norm=start_norm,
+        )
         if norm > bound:
             raise InvalidUpdateError(
-                f"its norm {norm:.3g} is inconsistent with its DP report (bound {bound:.3g})"
+                f"its norm {norm:.3g} is more than its task allows (bound {bound:.3g}, "
+                "docs/update-bounds.md)"
             )
-        return delta, norm
+        return delta, norm, matched
 
     # ------------------------------------------------------------------ accounting
 
@@ -523,18 +578,6 @@ def _pooled_metrics(accepted: list[UpdateMeta]) -> tuple[float | None, float | N
     acc = min(1.0, max(0.0, sum(m.correct_sum for m in ms) / n))
     loss = max(0.0, sum(m.loss_sum for m in ms) / n)
     return loss, acc, any(m.exact for m in ms)
-
-
-def _norm_bound(spec: JobSpec, train: DpEvent, *, num_params: int) -> float:
-    lr = spec.optimizer.lr
-    c = spec.dp.max_grad_norm
-    per_step = c * (1.0 + train.noise_multiplier * math.sqrt(num_params) * 1.5 + 3.0)
-    # Adam normalises step sizes: each coordinate moves by at most ~lr per step.
-    if spec.optimizer.name == "adam":
-        per_step_adam = lr * math.sqrt(num_params)
-        return _NORM_SLACK * train.steps * per_step_adam
-    momentum_gain = 1.0 / (1.0 - spec.optimizer.momentum)
-    return _NORM_SLACK * train.steps * lr * per_step * momentum_gain
 
 
 def card_json(card: dict[str, Any]) -> str:
