@@ -55,6 +55,7 @@ from typing import Final
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -552,6 +553,74 @@ class RevocationList:
                     self._serials, self._error = frozenset(), str(err)
                 self._stamp = stamp
             return self._serials, self._error
+
+
+# --------------------------------------------------------------------------- diagnosis
+
+
+def explain_tls_failure(files: TlsFiles, details: str, *, host: str = "") -> str | None:
+    """The likely cause of a connection that failed over mTLS, or None if it is not TLS's.
+
+    gRPC reports a handshake the server refused only as "Socket closed", so this end checks
+    its own files: its certificate's validity window, its issuer against the CA file (another
+    deployment's certificate), the CA's own expiry. A refusal of the server's certificate
+    comes with OpenSSL's reason (``CERTIFICATE_VERIFY_FAILED: ...``), which is translated.
+    """
+    now = dt.datetime.now(dt.UTC)
+    try:
+        cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+        ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+    except (OSError, ValueError):
+        return None  # TlsFiles.read already named unreadable files at start-up
+    if now < cert.not_valid_before_utc:
+        return (
+            f"your certificate {files.cert} is not valid yet (from "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC): check this machine's clock"
+        )
+    if now > cert.not_valid_after_utc:
+        return (
+            f"your certificate {files.cert} expired on {cert.not_valid_after_utc:%Y-%m-%d} "
+            "UTC: ask the deployment's operator for a new one"
+        )
+    if now > ca.not_valid_after_utc:
+        return f"the CA certificate {files.ca} expired on {ca.not_valid_after_utc:%Y-%m-%d} UTC"
+    if not _issued_by(cert, ca):
+        return (
+            f"your certificate {files.cert} was not issued by the CA in {files.ca} (a "
+            "certificate of another deployment?): the orchestrator refuses it"
+        )
+    low = details.lower()
+    if "certificate_verify_failed" in low or "certificate verify failed" in low:
+        if "expired" in low:
+            return "the orchestrator's certificate has expired: its operator must re-issue it"
+        if "not yet valid" in low:
+            return "the orchestrator's certificate is not valid yet: check the clocks"
+        return (
+            f"the orchestrator's certificate is not signed by the CA in {files.ca} (you have "
+            "another deployment's CA, or this is not your orchestrator)"
+        )
+    if "peer name" in low or "hostname" in low:
+        return (
+            f"the orchestrator's certificate does not name the host {host or 'you dialled'}: "
+            "dial a name it lists, or have it re-issued with --host"
+        )
+    if "socket closed" in low or "handshake" in low:
+        return (
+            "the orchestrator closed the connection during the TLS handshake: it does not "
+            f"accept your certificate {files.cert} (is its CA another deployment's?), or it "
+            "does not speak TLS"
+        )
+    return None
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    if cert.issuer != ca.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- gRPC

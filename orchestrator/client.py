@@ -12,7 +12,7 @@ import grpc
 from common import serde
 from common.domain import Evaluation, JobStatus, LedgerRow, Plan, SiteStatus
 from common.errors import DpfedError, UnavailableError, error_from_status
-from common.tls import TlsFiles, channel_credentials
+from common.tls import TlsFiles, channel_credentials, explain_tls_failure
 from common.transport import CHANNEL_OPTIONS, require_loopback_for_plaintext
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
@@ -20,11 +20,17 @@ from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 _TIMEOUT_S = 30.0
 
 
-def _translate(err: grpc.RpcError, address: str) -> DpfedError:
+def _translate(err: grpc.RpcError, address: str, tls: TlsFiles | None = None) -> DpfedError:
     if isinstance(err, grpc.Call):
         code = err.code()
         if code == grpc.StatusCode.UNAVAILABLE:
-            return UnavailableError(f"cannot reach the orchestrator at {address}: {err.details()}")
+            details = err.details() or ""
+            why = explain_tls_failure(tls, details, host=address) if tls is not None else None
+            if why is not None:
+                return UnavailableError(
+                    f"cannot connect to the orchestrator at {address}: {why} (gRPC: {details})"
+                )
+            return UnavailableError(f"cannot reach the orchestrator at {address}: {details}")
         return error_from_status(code.name, err.details() or code.name)
     return DpfedError(str(err))
 
@@ -33,6 +39,7 @@ class ControlClient:
     def __init__(self, address: str, *, tls: TlsFiles | None = None) -> None:
         """mTLS with ``tls`` (the user's certificate); plaintext on loopback when None."""
         self.address = address
+        self._tls = tls
         if tls is None:
             require_loopback_for_plaintext(address)
             self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
@@ -59,7 +66,7 @@ class ControlClient:
         try:
             yield
         except grpc.RpcError as err:
-            raise _translate(err, self.address) from None
+            raise _translate(err, self.address, self._tls) from None
 
     def submit(self, spec_json: str) -> str:
         with self._rpc():

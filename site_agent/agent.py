@@ -22,7 +22,7 @@ import grpc
 from common import serde
 from common.domain import SiteRegistration, TaskAssignment, TaskFailure, UpdateMeta
 from common.errors import DpfedError, InvalidSpecError
-from common.tls import TlsFiles, channel_credentials
+from common.tls import TlsFiles, channel_credentials, explain_tls_failure
 from common.transport import (
     CHANNEL_OPTIONS,
     TURNS,
@@ -111,11 +111,16 @@ class SiteAgent:
                 continue
             except grpc.RpcError as err:
                 code = err.code() if isinstance(err, grpc.Call) else None
+                why = None
+                if code == grpc.StatusCode.UNAVAILABLE and self._tls is not None:
+                    why = explain_tls_failure(
+                        self._tls, err.details() or "", host=self.config.orchestrator
+                    )
                 log.warning(
                     "site=%s orchestrator %s unreachable (%s); retrying in %.1f s",
                     self.config.site_id,
                     self.config.orchestrator,
-                    code.name if code else err,
+                    why or (code.name if code else err),
                     backoff,
                 )
                 self.stopping.wait(backoff * (0.5 + random.random()))

@@ -199,6 +199,9 @@ def test_malformed_tasks_are_refused_and_the_agent_keeps_serving(
 ) -> None:
     rogue, address = rogue_orchestrator
     agent = SiteAgent(load_site_config(_site_yaml(tmp_path, pki, "bank-a", address)))
+    # The rogue's specs are empty; the checks of a spec before the download have their own
+    # tests (issue 17.4). Here every task must reach the download.
+    agent.executor.precheck = lambda task: None  # type: ignore[method-assign]
     worker = threading.Thread(target=agent.run, daemon=True)
     worker.start()
     try:
@@ -505,3 +508,85 @@ def test_parked_long_polls_are_bounded_per_site_and_analysts_still_get_answers(
         for ch in channels:
             ch.close()
         srv.stop(0.2)
+
+
+# ------------------------------------------------------- minor: TLS failures say their cause
+
+
+def _dated_cert(pki: Pki, name: str, *, start_days: float, end_days: float) -> TlsFiles:
+    """A data-scientist certificate from the deployment's CA, valid from now + start_days to
+    now + end_days."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert = x509.load_pem_x509_certificate((pki.root / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki.root / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ROLE_DATA_SCIENTIST),
+                    x509.NameAttribute(NameOID.COMMON_NAME, name),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + dt.timedelta(days=start_days))
+        .not_valid_after(now + dt.timedelta(days=end_days))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out = TlsFiles(
+        ca=pki.root / "ca.pem", cert=pki.root / f"{name}.pem", key=pki.root / f"{name}.key"
+    )
+    out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return out
+
+
+def test_tls_failures_name_their_likely_cause(
+    pki: Pki, server: RunningServer, tmp_path: Path
+) -> None:
+    from common.errors import UnavailableError
+    from orchestrator.client import ControlClient
+
+    other = init_pki(tmp_path / "other", sites=(), users=(("analyst", ROLE_DATA_SCIENTIST),))
+    mine = pki.user("analyst")
+    cases = {
+        "expired": (_dated_cert(pki, "old", start_days=-30, end_days=-1), "expired on"),
+        "not yet valid": (
+            _dated_cert(pki, "early", start_days=2, end_days=30),
+            "is not valid yet",
+        ),
+        "foreign certificate": (
+            TlsFiles(ca=mine.ca, cert=other["user:analyst"].cert, key=other["user:analyst"].key),
+            "was not issued by the CA in",
+        ),
+        "foreign CA": (
+            TlsFiles(ca=other["user:analyst"].ca, cert=mine.cert, key=mine.key),
+            "the orchestrator's certificate is not signed by the CA in",
+        ),
+    }
+    for what, (files, cause) in cases.items():
+        with ControlClient(server.address, tls=files) as client:
+            with pytest.raises(UnavailableError) as info:
+                client.jobs()
+        msg = str(info.value)
+        assert msg.startswith(f"cannot connect to the orchestrator at {server.address}: "), msg
+        assert cause in msg, (what, msg)
