@@ -44,7 +44,8 @@ from common.models import build_model, count_parameters
 from common.schedule import task_schedule
 from common.specs import JobSpec, job_spec_from_json
 from common.tensors import check_update, state_from_bytes, state_to_bytes
-from site_agent.budget import release_update
+from site_agent.admission import RoundCharges, run_admit
+from site_agent.budget import budget_limit, release_update
 from site_agent.canaries import canaries_for, score_canaries
 from site_agent.catalog import CatalogCounts, schema_of
 from site_agent.config import SiteConfig
@@ -52,7 +53,7 @@ from site_agent.data import LocalDataset, load_dataset, split_train_validation
 from site_agent.evaluation import run_evaluate
 from site_agent.ledger import Ledger
 from site_agent.mixture import run_gmm, run_gmm_local
-from site_agent.policy import TaskCost, check_task
+from site_agent.policy import Projection, TaskCost, check_task
 from site_agent.synthesis import run_synth
 from site_agent.trainer import TrainParams, evaluate, train_local
 
@@ -166,7 +167,7 @@ class TaskExecutor:
                     columns=sp.train.feature_names,
                     label=sp.train.label_name,
                     epsilon_spent=spent,
-                    max_epsilon=self.config.max_epsilon_for(cfg.name),
+                    max_epsilon=budget_limit(self.config, cfg.name),
                     policy_delta=self.config.policy.delta,
                     num_validation_rows=n_val,
                     dp_num_rows=dp_rows,
@@ -192,8 +193,58 @@ class TaskExecutor:
 
     # ------------------------------------------------------------ one task
 
+    def _round_charges(self, task: TaskAssignment) -> RoundCharges:
+        """One round of the job an ``admit`` task asks about: the policy's checks on a round
+        and the events it would charge, exactly as its train tasks will derive them."""
+        spec: JobSpec = job_spec_from_json(task.job_spec_json)
+        split = self._split(task.dataset)
+        n = len(split.train.labels)
+        if spec.audit is not None:
+            cfg = self.config.dataset(task.dataset)
+            assert cfg is not None
+            _, _, included = canaries_for(
+                self.config.state_dir, task.job_id, spec, cfg, split.train.feature_names
+            )
+            n += int(included.sum())
+        q, steps = task_schedule(
+            num_examples=n,
+            batch_size=spec.batch_size,
+            local_epochs=spec.local_epochs,
+            local_steps=spec.local_steps,
+        )
+        exact = spec.metrics.enabled and spec.metrics.exact
+        want_metrics = spec.metrics.enabled and split.validation is not None
+        train_event = DpEvent(noise_multiplier=task.noise_multiplier, sample_rate=q, steps=steps)
+        charges: RoundCharges = (("train", train_event),)
+        if want_metrics and not exact:
+            metric = DpEvent(spec.metrics.noise_multiplier, 1.0, 1)
+            charges = (*charges, ("metrics", metric))
+        check_task(
+            policy=self.config.policy,
+            max_epsilon=budget_limit(self.config, task.dataset),
+            dataset=task.dataset,
+            model_kind=spec.model.kind,
+            num_parameters=count_parameters(build_model(spec.model)),
+            round=1,
+            rounds=task.rounds,
+            noise_multiplier=task.noise_multiplier,
+            task_delta=spec.dp.delta,
+            steps=steps,
+            cost=TaskCost(events=tuple(e for _, e in charges), delta=spec.dp.delta),
+            history=self.ledger.commitments(task.dataset, excluding_job=task.job_id),
+            exact_metrics=exact and want_metrics,
+        )
+        return charges
+
     def _execute_other(self, task: TaskAssignment, blob: bytes) -> tuple[UpdateMeta, bytes]:
         """The closed set of non-training tasks; each admits and charges its own release."""
+        if task.kind == "admit":  # admission before any spend (site_agent.admission)
+            return run_admit(
+                config=self.config,
+                ledger=self.ledger,
+                task=task,
+                round_charges=self._round_charges,
+            )
         if task.kind == "audit":
             result_json = score_canaries(
                 self.config.state_dir, task.job_id, task.request_json, blob
@@ -217,7 +268,7 @@ class TaskExecutor:
         if handler is None:
             raise InvalidSpecError(
                 f"unknown task kind {task.kind!r}; this agent runs train, "
-                f"{', '.join(handlers)}, audit"
+                f"{', '.join(handlers)}, audit, admit"
             )
         split = self._split(task.dataset)
         result = handler(
@@ -294,21 +345,41 @@ class TaskExecutor:
         cost_events = (train_event,) + ((metric_event,) if metric_event else ())
         cost = TaskCost(events=cost_events, delta=spec.dp.delta)
         policy = self.config.policy
-        projection = check_task(
-            policy=policy,
-            max_epsilon=self.config.max_epsilon_for(task.dataset),
+        projections: list[Projection] = []
+
+        def admit(history: list[DpEvent]) -> None:
+            projections.append(
+                check_task(
+                    policy=policy,
+                    max_epsilon=budget_limit(self.config, task.dataset),
+                    dataset=task.dataset,
+                    model_kind=spec.model.kind,
+                    num_parameters=count_parameters(model),
+                    round=task.round,
+                    rounds=task.rounds,
+                    noise_multiplier=sigma,
+                    task_delta=spec.dp.delta,
+                    steps=steps,
+                    cost=cost,
+                    history=history,
+                    exact_metrics=exact and want_metrics,
+                )
+            )
+
+        # Write-ahead: durable before anything computed on the data exists. The policy and
+        # budget check runs inside the charge's transaction, on every charge to the dataset's
+        # budget and every other admitted job's reservation (site_agent.ledger).
+        self.ledger.charge(
             dataset=task.dataset,
-            model_kind=spec.model.kind,
-            num_parameters=count_parameters(model),
+            job_id=task.job_id,
             round=task.round,
-            rounds=task.rounds,
-            noise_multiplier=sigma,
-            task_delta=spec.dp.delta,
-            steps=steps,
-            cost=cost,
-            history=self.ledger.events(task.dataset),
-            exact_metrics=exact and want_metrics,
+            task_id=task.task_id,
+            kind=["train"] + (["metrics"] if metric_event is not None else []),
+            events=list(cost_events),
+            delta=spec.dp.delta,
+            check=admit,
         )
+        projection = projections[-1]
         log.info(
             "site=%s job=%s round=%d accepted: projected ε %.3f → %.3f of %.3f",
             self.config.site_id,
@@ -318,27 +389,6 @@ class TaskExecutor:
             projection.epsilon_after,
             projection.max_epsilon,
         )
-
-        # Write-ahead: durable before anything computed on the data exists.
-        self.ledger.charge(
-            dataset=task.dataset,
-            job_id=task.job_id,
-            round=task.round,
-            task_id=task.task_id,
-            kind="train",
-            events=[train_event],
-            delta=spec.dp.delta,
-        )
-        if metric_event is not None:
-            self.ledger.charge(
-                dataset=task.dataset,
-                job_id=task.job_id,
-                round=task.round,
-                task_id=task.task_id,
-                kind="metrics",
-                events=[metric_event],
-                delta=spec.dp.delta,
-            )
         epsilons = _report_epsilons_in_background(
             self.ledger,
             task_events=cost_events,
