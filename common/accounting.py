@@ -70,6 +70,16 @@ RDP bound (a sign of numerical trouble) is replaced by the RDP bound, labelled `
 
 Events with identical ``(σ, q)`` are merged (their steps summed) before accounting, which is
 exact: self-composition is composition. It keeps a ledger of a thousand jobs fast.
+
+Cost
+----
+Every call is bounded in time whatever the events say (a history claiming 10⁹ steps once made
+the orchestrator compose for hours): PRV runs only when its grid has at most
+:data:`PRV_MAX_DOMAIN_SIZE` points and distinct events × grid points stay within
+:data:`PRV_MAX_WORK`; PLD only for at most :data:`PLD_MAX_COMPOSITIONS` subsampled
+compositions over at most :data:`PLD_MAX_EVENTS` distinct events (about 2 s at the limit);
+otherwise the RDP bound is reported (analytic: one cached curve per distinct event, however
+many steps), labelled ``"rdp"``. Each is an upper bound, so the fallback is sound, only looser.
 """
 
 from __future__ import annotations
@@ -102,7 +112,10 @@ from common.errors import PrivacyAccountingError
 
 __all__ = [
     "ACCOUNTANTS",
+    "PLD_MAX_COMPOSITIONS",
+    "PLD_MAX_EVENTS",
     "PRV_MAX_DOMAIN_SIZE",
+    "PRV_MAX_WORK",
     "RDP_ORDERS",
     "DpEvent",
     "EpsilonBound",
@@ -125,6 +138,16 @@ _OPACUS_MASK: Final = np.isin(np.array(RDP_ORDERS), np.array(_OPACUS_ORDERS))
 
 PRV_MAX_DOMAIN_SIZE: Final = 2**22
 """Largest PRV grid (points) computed; beyond it (≈ 0.3 GB of work arrays) PLD is used."""
+
+PRV_MAX_WORK: Final = 2**25
+"""Most distinct events × grid points PRV composes (one FFT per distinct event); beyond, PLD."""
+
+PLD_MAX_COMPOSITIONS: Final = 10**6
+"""Most subsampled compositions (steps with q < 1) PLD composes; beyond, the RDP bound
+(measured: 10⁶ compositions take up to ≈ 2 s, 10⁷ up to 85 s)."""
+
+PLD_MAX_EVENTS: Final = 256
+"""Most distinct events PLD composes; beyond, the RDP bound."""
 
 _PRV_DELTA_ERROR_FRACTION: Final = 1e-3  # delta_error = δ/1000, as Opacus's default
 _PRV_RELATIVE_ERROR: Final = 3e-3  # eps_error = 0.3% of the RDP bound (clipped to [1e-3, 0.5])
@@ -367,6 +390,10 @@ def _prv_domain(merged: Sequence[DpEvent], eps_error: float, delta_error: float)
     k = math.ceil(half_width / mesh)
     if 2 * k + 2 > PRV_MAX_DOMAIN_SIZE:
         raise _PrvUnavailable(f"the PRV grid would need {2 * k + 2:,} points")
+    if len(merged) * (2 * k + 2) > PRV_MAX_WORK:
+        raise _PrvUnavailable(
+            f"{len(merged)} distinct events on a {2 * k + 2:,}-point grid exceed PRV_MAX_WORK"
+        )
     size = next_fast_len(2 * k + 2, real=True)
     size += size % 2
     k = (size - 2) // 2
@@ -445,6 +472,15 @@ def _compute_merged(merged: tuple[DpEvent, ...], delta: float, accountant: str) 
                 ),
                 scale,
             )
+    compositions = sum(e.steps for e in merged if e.sample_rate < 1.0)
+    if compositions > PLD_MAX_COMPOSITIONS or len(merged) > PLD_MAX_EVENTS:
+        # Bounded cost (module docstring, "Cost"): RDP is looser but analytic.
+        _log.info(
+            "%d compositions of %d distinct events are beyond PLD's bounded cost; using RDP.",
+            compositions,
+            len(merged),
+        )
+        return EpsilonBound(epsilon=scale, delta=delta, accountant="rdp")
     try:
         eps = _pld_epsilon(merged, delta, scale)
     except (ValueError, ArithmeticError, MemoryError) as err:

@@ -406,3 +406,25 @@ def test_bound_is_a_frozen_value() -> None:
     bound = EpsilonBound(epsilon=1.0, delta=DELTA, accountant="prv")
     with pytest.raises(AttributeError):
         bound.epsilon = 0.5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [DpEvent(1.0, 0.01, 10**9)],  # a claimed 10⁹ steps (issue 17.2)
+        [DpEvent(1000.0, 1e-6, 10**9)],
+        [DpEvent(1.0, 0.01, 10**7)],  # PLD alone took 85 s here
+    ],
+    ids=["1e9-steps", "1e9-steps-weak", "1e7-steps"],
+)
+def test_any_history_is_accounted_in_bounded_time_with_a_sound_bound(
+    events: list[DpEvent],
+) -> None:
+    import time
+
+    t0 = time.perf_counter()
+    bound = compute_epsilon(events, delta=DELTA)
+    assert time.perf_counter() - t0 < 5.0
+    # The fallback is the RDP bound: an upper bound, computed independently here.
+    assert bound.accountant == "rdp"
+    assert bound.epsilon == pytest.approx(rdp_epsilon(events, delta=DELTA))
