@@ -12,10 +12,31 @@ from collections.abc import Sequence
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from common.errors import DpfedError
 
-err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+err_console = Console(
+    stderr=True, highlight=False, emoji=False, width=None if sys.stderr.isatty() else 160
+)
+
+
+def inert(value: object, *, newlines: bool = False) -> str:
+    """``value`` as text that prints as itself: what a remote party wrote (job names, site
+    failure reasons, dataset and column names, error details) must not drive the terminal.
+
+    Control and format characters (ESC and the sequences it starts, C1 controls such as CSI,
+    bidirectional overrides, zero-width characters) are shown as escapes (``\\x1b``,
+    ``\\u202e``), and rich markup is escaped, so ``[link=...]`` or ``[red]`` print literally.
+    ``newlines`` keeps line breaks (multi-line error messages); otherwise they are escaped too.
+    """
+    out = []
+    for ch in str(value):
+        if ch.isprintable() or ch == " " or (newlines and ch == "\n"):
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return escape("".join(out))
 
 
 def run_app(app: typer.Typer, argv: Sequence[str] | None, *, prog: str) -> int:
@@ -24,7 +45,9 @@ def run_app(app: typer.Typer, argv: Sequence[str] | None, *, prog: str) -> int:
     try:
         result = app(args=args, prog_name=prog, standalone_mode=False)
     except DpfedError as err:
-        err_console.print(f"[bold red]error:[/] {err}", markup=True, soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/] {inert(err, newlines=True)}", markup=True, soft_wrap=True
+        )
         return err.exit_code
     except click.exceptions.Exit as ex:
         return int(ex.exit_code)

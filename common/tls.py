@@ -584,12 +584,8 @@ def explain_tls_failure(files: TlsFiles, details: str, *, host: str = "") -> str
         )
     if now > ca.not_valid_after_utc:
         return f"the CA certificate {files.ca} expired on {ca.not_valid_after_utc:%Y-%m-%d} UTC"
-    if not _issued_by(cert, ca):
-        return (
-            f"your certificate {files.cert} was not issued by the CA in {files.ca} (a "
-            "certificate of another deployment?): the orchestrator refuses it"
-        )
     low = details.lower()
+    # This end refused the server's certificate (gRPC passes OpenSSL's reason on).
     if "certificate_verify_failed" in low or "certificate verify failed" in low:
         if "expired" in low:
             return "the orchestrator's certificate has expired: its operator must re-issue it"
@@ -598,6 +594,11 @@ def explain_tls_failure(files: TlsFiles, details: str, *, host: str = "") -> str
         return (
             f"the orchestrator's certificate is not signed by the CA in {files.ca} (you have "
             "another deployment's CA, or this is not your orchestrator)"
+        )
+    if not _issued_by(cert, ca):
+        return (
+            f"your certificate {files.cert} was not issued by the CA in {files.ca} (a "
+            "certificate of another deployment?): the orchestrator refuses it"
         )
     if "peer name" in low or "hostname" in low:
         return (

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.cli_support import err_console, run_app, setup_logging
+from common.cli_support import err_console, inert, run_app, setup_logging
 from common.domain import ColumnInfo, JobStatus
 from common.errors import DpfedError, InvalidSpecError, JobFailedError
 from common.specs import GmmJobSpec, load_any_job_spec, load_job_spec
@@ -33,7 +33,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="dpfed orchestrator: run the server and drive federated DP jobs.",
 )
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+out = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 200)
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 ServerOpt = Annotated[
@@ -195,10 +195,12 @@ def _follow(client: ControlClient, job_id: str, rounds: int) -> JobStatus:
             last = status
             for ev in status.events[seen_events:]:
                 if ev.level != "info":
-                    who = f"[{ev.site_id}] " if ev.site_id else ""
-                    progress.console.print(f"[yellow]{ev.level}[/]: {who}{ev.message}")
+                    who = f"\\[{inert(ev.site_id)}] " if ev.site_id else ""
+                    progress.console.print(
+                        f"[yellow]{inert(ev.level)}[/]: {who}{inert(ev.message)}"
+                    )
             seen_events = len(status.events)
-            info = status.state
+            info = inert(status.state)
             if status.history:
                 h = status.history[-1]
                 info = f"acc {_fmt_metric(h.accuracy)}  loss {_fmt_metric(h.loss)}  ε {_fmt_eps(h.epsilon)}"
@@ -217,7 +219,7 @@ def _print_result(status: JobStatus) -> None:
             f"({status.accountant.upper()} accountant, max over {len(status.sites)} sites)"
         )
     else:
-        err_console.print(f"[red]{status.state}[/]: {status.error}")
+        err_console.print(f"[red]{inert(status.state)}[/]: {inert(status.error, newlines=True)}")
 
 
 @app.command()
@@ -233,7 +235,9 @@ def plan(
     spec = load_job_spec(job_file)
     with _client(server, ca, cert, key, insecure) as client:
         p = client.plan(spec.model_dump_json())
-    t = Table(title=f"plan for dataset {spec.dataset!r}, {spec.rounds} rounds, δ={p.delta:g}")
+    t = Table(
+        title=f"plan for dataset {inert(repr(spec.dataset))}, {spec.rounds} rounds, δ={p.delta:g}"
+    )
     for col in (
         "site",
         "rows",
@@ -248,7 +252,7 @@ def plan(
         t.add_column(col)
     for s in p.sites:
         t.add_row(
-            s.site_id,
+            inert(s.site_id),
             str(s.num_examples),
             f"{s.noise_multiplier:.3g}",
             f"{s.sample_rate:.3g}",
@@ -256,10 +260,10 @@ def plan(
             _fmt_eps(s.projected_epsilon),
             f"{s.dataset_epsilon_before:.3f} → {s.dataset_epsilon_after:.3f}",
             f"{s.max_epsilon:.3g}",
-            f"[red]refuse[/]: {s.reason}" if s.would_refuse else "[green]ok[/]",
+            f"[red]refuse[/]: {inert(s.reason)}" if s.would_refuse else "[green]ok[/]",
         )
     out.print(t)
-    verdict = "feasible" if p.feasible else f"NOT feasible: {p.message}"
+    verdict = "feasible" if p.feasible else f"NOT feasible: {inert(p.message, newlines=True)}"
     out.print(f"released model ε ≈ {p.epsilon:.3f} ({p.accountant.upper()}); {verdict}")
     if not p.feasible:
         raise typer.Exit(4)
@@ -284,9 +288,9 @@ def status(
         print(json.dumps(asdict(s), default=str, indent=2))
         return
     out.print(
-        f"[bold]{s.job_id}[/] {s.name}  dataset={s.dataset}  state={s.state}  "
-        f"rounds {s.round}/{s.rounds}  ε={_fmt_eps(s.epsilon)} δ={s.delta:g}"
-        + (f"\n[red]error:[/] {s.error}" if s.error else "")
+        f"[bold]{inert(s.job_id)}[/] {inert(s.name)}  dataset={inert(s.dataset)}  "
+        f"state={inert(s.state)}  rounds {s.round}/{s.rounds}  ε={_fmt_eps(s.epsilon)} "
+        f"δ={s.delta:g}" + (f"\n[red]error:[/] {inert(s.error, newlines=True)}" if s.error else "")
     )
     if s.history:
         t = Table(title="rounds")
@@ -295,7 +299,7 @@ def status(
         for h in s.history:
             t.add_row(
                 str(h.round),
-                ", ".join(h.site_ids),
+                inert(", ".join(h.site_ids)),
                 str(h.num_examples),
                 _fmt_metric(h.loss),
                 _fmt_metric(h.accuracy),
@@ -309,7 +313,7 @@ def status(
             t.add_column(col)
         for sp in s.sites:
             t.add_row(
-                sp.site_id,
+                inert(sp.site_id),
                 str(sp.num_examples),
                 f"{sp.noise_multiplier:.3g}",
                 f"{sp.sample_rate:.3g}",
@@ -324,7 +328,9 @@ def status(
         for col in ("time", "level", "site", "message"):
             t.add_column(col)
         for ev in s.events[-20:]:
-            t.add_row(_fmt_time(ev.time), ev.level, ev.site_id or "-", ev.message)
+            t.add_row(
+                _fmt_time(ev.time), inert(ev.level), inert(ev.site_id or "-"), inert(ev.message)
+            )
         out.print(t)
 
 
@@ -344,10 +350,10 @@ def jobs(
         t.add_column(col)
     for j in rows:
         t.add_row(
-            j.job_id,
-            j.name or "-",
-            j.dataset,
-            j.state,
+            inert(j.job_id),
+            inert(j.name or "-"),
+            inert(j.dataset),
+            inert(j.state),
             f"{j.round}/{j.rounds}",
             _fmt_eps(j.epsilon),
             f"{j.delta:g}",
@@ -386,13 +392,13 @@ def sites(
             if len(cols) > 60:
                 cols = f"{len(d.columns)} columns: {', '.join(d.columns[:4])}, …"
             t.add_row(
-                s.site_id if i == 0 else "",
-                s.state if i == 0 else "",
+                inert(s.site_id) if i == 0 else "",
+                inert(s.state) if i == 0 else "",
                 _fmt_time(s.last_seen) if i == 0 else "",
-                s.version if i == 0 else "",
-                d.name,
+                inert(s.version) if i == 0 else "",
+                inert(d.name),
                 _fmt_rows(d.dp_num_rows),
-                f"{cols} → label {d.label}",
+                f"{inert(cols)} → label {inert(d.label)}",
                 f"{d.epsilon_spent:.3f} / {d.max_epsilon:.3g}",
             )
     out.print(t)
@@ -462,7 +468,14 @@ def datasets(
             shown = "; ".join(_fmt_column(c) for c in schema[:6])
             if len(schema) > 6:
                 shown += f"; … ({len(schema)} columns)"
-            t.add_row(s.site_id, d.name, d.source, _fmt_rows(d.dp_num_rows), d.label, shown)
+            t.add_row(
+                inert(s.site_id),
+                inert(d.name),
+                inert(d.source),
+                _fmt_rows(d.dp_num_rows),
+                inert(d.label),
+                inert(shown),
+            )
     out.print(t)
 
 
@@ -482,7 +495,12 @@ def ledger(
         t.add_column(col)
     for r in rows:
         t.add_row(
-            r.site_id, r.dataset, r.job_id, str(r.rounds), _fmt_eps(r.epsilon), f"{r.delta:g}"
+            inert(r.site_id),
+            inert(r.dataset),
+            inert(r.job_id),
+            str(r.rounds),
+            _fmt_eps(r.epsilon),
+            f"{r.delta:g}",
         )
     out.print(t)
     t = Table(title="lifetime spend per dataset (as each site reports it, at the site's δ)")
@@ -491,8 +509,8 @@ def ledger(
     for s in site_rows:
         for d in s.datasets:
             t.add_row(
-                s.site_id,
-                d.name,
+                inert(s.site_id),
+                inert(d.name),
                 f"{d.epsilon_spent:.3f}",
                 f"{d.max_epsilon:.3g}",
                 f"{max(0.0, d.max_epsilon - d.epsilon_spent):.3f}",
@@ -520,7 +538,7 @@ def pull(
         (out_dir / "mixture.json").write_bytes(weights)
         (out_dir / "model_card.json").write_text(card)
         err_console.print(
-            f"wrote {out_dir}/mixture.json and model_card.json (K = {c['model']['K']}, "
+            f"wrote {out_dir}/mixture.json and model_card.json (K = {inert(c['model']['K'])}, "
             f"ε = {c['epsilon']:.4g}, δ = {c['delta']:g}); load with "
             f"common.gmm.load_mixture({str(out_dir)!r}).predict(X)"
         )
@@ -546,7 +564,7 @@ def cancel(
     """Cancel a running job (no model is released)."""
     with _client(server, ca, cert, key, insecure) as client:
         s = client.cancel(job_id)
-    err_console.print(f"{s.job_id}: {s.state} ({s.error})")
+    err_console.print(f"{inert(s.job_id)}: {inert(s.state)} ({inert(s.error)})")
 
 
 @app.command("site")
@@ -564,7 +582,7 @@ def site_enable(
         raise InvalidSpecError(f"action must be enable or disable, not {action!r}")
     with _client(server, ca, cert, key, insecure) as client:
         s = client.set_site_enabled(site_id, action == "enable")
-    err_console.print(f"site {s.site_id}: {s.state}")
+    err_console.print(f"site {inert(s.site_id)}: {inert(s.state)}")
 
 
 @app.command()
@@ -592,12 +610,12 @@ def evaluate(
     for s in ev.sites:
         m = s.metrics
         t.add_row(
-            s.site_id,
+            inert(s.site_id),
             str(m.num_examples) if m else "-",
             _fmt_metric(m.accuracy) if m else "-",
             _fmt_metric(m.loss) if m else "-",
             _fmt_eps(s.epsilon),
-            s.error,
+            inert(s.error),
         )
     out.print(t)
     out.print(
@@ -631,9 +649,9 @@ def synth(
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(csv_text)
     err_console.print(
-        f"wrote {rows} synthetic rows to {out_file}: {info['guarantee']}; sites "
-        f"{', '.join(str(s) for s in info['sites'])}"  # type: ignore[attr-defined]
-        + (f"; missing: {info['sites_missing']}" if info.get("sites_missing") else "")
+        f"wrote {rows} synthetic rows to {out_file}: {inert(info['guarantee'])}; sites "
+        f"{inert(', '.join(str(s) for s in info['sites']))}"  # type: ignore[attr-defined]
+        + (f"; missing: {inert(info['sites_missing'])}" if info.get("sites_missing") else "")
     )
 
 

@@ -49,12 +49,16 @@ def dataset_from_dict(d: dict[str, Any]) -> DatasetInfo:
         **{
             **d,
             "columns": tuple(d["columns"]),
-            "schema": tuple(
-                ColumnInfo(**{**c, "categories": tuple(c.get("categories") or ())})
-                for c in d.get("schema", ())
+            "schema": tuple(_column_from_dict(c) for c in d.get("schema", ())),
+            "label_schema": (
+                _column_from_dict(d["label_schema"]) if d.get("label_schema") else None
             ),
         }
     )
+
+
+def _column_from_dict(c: dict[str, Any]) -> ColumnInfo:
+    return ColumnInfo(**{**c, "categories": tuple(c.get("categories") or ())})
 
 
 def site_status(row: SiteRow, broker: Broker) -> SiteStatus:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.accounting import compute_epsilon
-from common.cli_support import err_console, run_app, setup_logging
+from common.cli_support import err_console, inert, run_app, setup_logging
 from common.errors import DpfedError
 from site_agent.budget import budget_limit, open_ledger
 from site_agent.config import load_site_config
@@ -24,7 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="dpfed site agent: the trust boundary in front of one site's data.",
 )
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+out = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 200)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="site.yaml")]
 
@@ -96,7 +96,7 @@ def ledger(
             budget = budget_limit(cfg, name)
             entries = led.entries(dataset=name)
             t.add_row(
-                name,
+                inert(name),
                 f"{spent.epsilon:.4f}",
                 f"{budget:g}",
                 f"{max(0.0, budget - spent.epsilon):.4f}",
@@ -113,10 +113,10 @@ def ledger(
                 eps = compute_epsilon([e.event], delta=e.delta).epsilon
                 t.add_row(
                     str(e.id),
-                    e.dataset,
-                    e.job_id,
+                    inert(e.dataset),
+                    inert(e.job_id),  # the orchestrator named it
                     str(e.round),
-                    e.kind,
+                    inert(e.kind),
                     f"{e.event.noise_multiplier:.3g}",
                     f"{e.event.sample_rate:.3g}",
                     str(e.event.steps),

@@ -590,3 +590,99 @@ def test_tls_failures_name_their_likely_cause(
         msg = str(info.value)
         assert msg.startswith(f"cannot connect to the orchestrator at {server.address}: "), msg
         assert cause in msg, (what, msg)
+
+
+# ------------------------------------------- minor: what remote parties wrote prints inert
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\u202e[link=file:///etc/passwd]click[/link][red]"
+
+
+def _printed_inert(text: str) -> None:
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+    # Shown as escapes, markup literal (a table cell may cut the rest short).
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\u202e[link=file:///etc/passwd]" in text, text
+
+
+def _as_analyst(pki: Pki, server: RunningServer, *argv: str) -> list[str]:
+    files = pki.user("analyst")
+    return [
+        *argv,
+        "--server",
+        server.address,
+        "--ca",
+        str(files.ca),
+        "--cert",
+        str(files.cert),
+        "--key",
+        str(files.key),
+    ]
+
+
+def _hostile_registration(site_id: str) -> pb.RegisterRequest:
+    req = register_request(site_id)
+    req.agent_version = HOSTILE
+    d = req.datasets[0]
+    d.schema.extend(
+        pb.ColumnInfo(name=c, type="numeric", has_bounds=True, min=0.0, max=1.0, nullable=False)
+        for c in d.columns
+    )
+    d.label_schema.CopyFrom(
+        pb.ColumnInfo(name="label", type="categorical", categories=[str(i) for i in range(9)])
+    )
+    d.label_schema.categories.append(HOSTILE)
+    return req
+
+
+def test_what_a_rogue_site_registered_prints_inert(
+    pki: Pki, server: RunningServer, dial: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    req = _hostile_registration("rogue")
+    req.datasets[0].columns[0] = HOSTILE
+    req.datasets[0].schema[0].name = HOSTILE
+    code, details, _ = rpc(dial(pki.site("rogue")), "AgentService", "Register", req)
+    assert code == CODE.OK, details
+    for command in ("sites", "datasets"):
+        capsys.readouterr()
+        assert _orch(*_as_analyst(pki, server, command)) == 0
+        _printed_inert(capsys.readouterr().out)
+
+
+def test_a_hostile_job_name_and_failure_reason_print_inert(
+    pki: Pki, server: RunningServer, dial: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    rogue = dial(pki.site("rogue"))
+    code, details, resp = rpc(rogue, "AgentService", "Register", _hostile_registration("rogue"))
+    assert code == CODE.OK, details
+    session = resp[0].session_id
+    spec = _spec(min_sites=1, rounds=1, name=HOSTILE, start_timeout_s=20)
+    code, details, resp = rpc(
+        dial(pki.user("analyst")),
+        "ControlService",
+        "SubmitJob",
+        pb.SubmitJobRequest(job_spec_json=json.dumps(spec)),
+    )
+    assert code == CODE.OK, details
+    job_id = resp[0].job_id
+    # The rogue fails whatever task it gets with a hostile reason, until the job ends.
+    stub = pb_grpc.AgentServiceStub(rogue)
+    deadline = time.time() + 30
+    while True:
+        assert time.time() < deadline, "the job did not end"
+        got = stub.PullTask(
+            pb.PullTaskRequest(site_id="rogue", session_id=session, wait_seconds=0.5), timeout=5
+        )
+        if got.HasField("task"):
+            stub.ReportFailure(
+                pb.TaskFailure(site_id="rogue", task_id=got.task.task_id, code="X", reason=HOSTILE),
+                timeout=5,
+            )
+        status = server.coordinator.job(job_id)
+        if status.terminal:
+            break
+    assert HOSTILE in status.error or any(HOSTILE in e.message for e in status.events)
+    for argv in (("jobs",), ("status", job_id)):
+        capsys.readouterr()
+        assert _orch(*_as_analyst(pki, server, *argv)) == 0
+        _printed_inert(capsys.readouterr().out)
