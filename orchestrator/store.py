@@ -4,7 +4,7 @@ SQLite in the state directory is the embedded default; the URL can point at Post
 checkpoints and released models are files next to the database (``checkpoints/``,
 ``models/``), written atomically (temp file + rename). The state directory and its folders are
 0700, the SQLite database (and so its WAL and shared-memory files, which SQLite creates with
-the database's mode) and every file written here 0600: only the orchestrator's user reads them.
+the database's mode) and every file written here 0600 (``common.private_files``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from common.errors import NotFoundError
+from common.private_files import private_dir, private_sqlite_files
 
 
 class Base(DeclarativeBase):
@@ -393,23 +394,6 @@ class Store:
             if job_id is not None:
                 q = q.where(ChargeRow.job_id == job_id)
             return list(s.scalars(q))
-
-
-def private_dir(path: Path) -> None:
-    """Create ``path`` (and parents) if needed and make it 0700."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-
-
-def private_sqlite_files(db: Path) -> None:
-    """Make a SQLite database 0600 before SQLite opens it (creating it empty if needed), and
-    its WAL and shared-memory files if they exist: SQLite gives those the database's mode."""
-    if not db.parent.exists():
-        private_dir(db.parent)
-    os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
-    for p in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
-        if p.exists():
-            os.chmod(p, 0o600)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

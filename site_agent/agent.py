@@ -22,6 +22,7 @@ import grpc
 from common import serde
 from common.domain import SiteRegistration, TaskAssignment, TaskFailure, UpdateMeta
 from common.errors import DpfedError, InvalidSpecError
+from common.private_files import private_dir, private_sqlite_files
 from common.tls import TlsFiles, channel_credentials, explain_tls_failure
 from common.transport import (
     CHANNEL_OPTIONS,
@@ -69,6 +70,9 @@ class SiteAgent:
             self._tls = TlsFiles(ca=config.tls.ca, cert=config.tls.cert, key=config.tls.key)
             self._tls.read()  # fail at start-up, not at the first connection
         self.config = config
+        # Only the agent's user reads its state (ledger, split key, canaries): issue 17.
+        private_dir(config.state_dir)
+        private_sqlite_files(config.state_dir / "ledger.sqlite")
         # One agent owns a state directory (its ledger, catalog, canaries): a second one on
         # the same directory refuses to start (site_agent.state_lock).
         self._state_lock = StateDirLock(config.state_dir)

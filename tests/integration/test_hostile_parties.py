@@ -686,3 +686,52 @@ def test_a_hostile_job_name_and_failure_reason_print_inert(
         capsys.readouterr()
         assert _orch(*_as_analyst(pki, server, *argv)) == 0
         _printed_inert(capsys.readouterr().out)
+
+
+# ------------------------------------------------------------ minor: state is private
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_orchestrator_and_site_state_are_private(
+    pki: Pki, tmp_path: Path, rogue_orchestrator: tuple[RogueOrchestrator, str]
+) -> None:
+    import os
+    import sqlite3
+
+    from orchestrator.store import atomic_write
+
+    # State an earlier version left world-readable is narrowed at the next start.
+    state = tmp_path / "orch"
+    state.mkdir(mode=0o755)
+    os.chmod(state, 0o755)
+    sqlite3.connect(state / "orchestrator.db").close()
+    os.chmod(state / "orchestrator.db", 0o644)
+    srv = start_server(listen="127.0.0.1:0", state_dir=state, tls=pki.files["orchestrator"])
+    try:
+        with grpc.secure_channel(srv.address, channel_credentials(pki.site("bank-a"))) as ch:
+            register(ch, "bank-a")  # writes through the WAL
+        for d in (state, state / "checkpoints", state / "models"):
+            assert _mode(d) == 0o700, d
+        for suffix in ("", "-wal", "-shm"):
+            db = state / f"orchestrator.db{suffix}"
+            assert db.exists() and _mode(db) == 0o600, db
+        checkpoint = srv.coordinator.store.paths.checkpoint("job-x", 1)
+        atomic_write(checkpoint, b"weights")
+        assert _mode(checkpoint) == 0o600 and _mode(checkpoint.parent) == 0o700
+    finally:
+        srv.stop(0.2)
+
+    _, address = rogue_orchestrator
+    agent = SiteAgent(load_site_config(_site_yaml(tmp_path, pki, "bank-b", address)))
+    try:
+        site_state = agent.config.state_dir
+        agent.ledger.entries()
+        assert _mode(site_state) == 0o700
+        for suffix in ("", "-wal"):
+            ledger = site_state / f"ledger.sqlite{suffix}"
+            assert ledger.exists() and _mode(ledger) == 0o600, ledger
+    finally:
+        agent.close()
