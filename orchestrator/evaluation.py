@@ -16,6 +16,7 @@ from common.domain import Evaluation, SiteEvaluation, SiteStatus
 from common.errors import InvalidSpecError, NotFoundError
 from orchestrator.broker import Broker
 from orchestrator.fanout import fan_out
+from orchestrator.metric_pooling import EVALUATE_LOSS_BOUND, pool_metrics, pooled_to_dict
 from orchestrator.planning import online_holders
 from orchestrator.store import Store
 
@@ -56,6 +57,7 @@ def evaluate_model(
             "model": card["model"],
             "dataset": dataset,
             "noise_multiplier": noise_multiplier,
+            "loss_bound": EVALUATE_LOSS_BOUND,
             "delta": DELTA,
         }
     )
@@ -88,13 +90,20 @@ def evaluate_model(
             per_site.append(
                 SiteEvaluation(sid, None, error=f"{fail.code}: {fail.reason}" if fail else "")
             )
+    # Pooled from the noised sums, with standard errors and AUC (orchestrator.metric_pooling).
+    pooled = pool_metrics(
+        [s.metrics for s in per_site if s.metrics is not None],
+        noise_multiplier=noise_multiplier,
+        loss_bound=EVALUATE_LOSS_BOUND,
+    )
     result = Evaluation(
         sites=tuple(per_site),
-        loss=max(0.0, loss / n) if n else math.nan,
-        accuracy=min(1.0, max(0.0, correct / n)) if n else math.nan,
+        loss=pooled.loss.value if pooled else math.nan,
+        accuracy=pooled.accuracy.value if pooled else math.nan,
         num_examples=n,
         epsilon=eps,
         delta=DELTA,
+        metrics=pooled,
     )
     with (model_dir / "evaluations.jsonl").open("a") as f:
         f.write(
@@ -106,6 +115,7 @@ def evaluate_model(
                     "accuracy": result.accuracy,
                     "loss": result.loss,
                     "num_examples": n,
+                    "metrics": pooled_to_dict(pooled) if pooled else None,
                     "epsilon": eps,
                     "delta": DELTA,
                     "sites": [{"site_id": s.site_id, "error": s.error} for s in per_site],

@@ -47,7 +47,9 @@ def job_events(
     ]
     m = metrics_event(spec)
     if m is not None:
-        events.append(DpEvent(noise_multiplier=m.noise_multiplier, sample_rate=1.0, steps=rounds))
+        # One release in each round that releases metrics (metrics.every; the last round).
+        releases = spec.metrics.release_count(rounds)
+        events.append(DpEvent(noise_multiplier=m.noise_multiplier, sample_rate=1.0, steps=releases))
     return events
 
 
@@ -77,7 +79,8 @@ def plan_site(spec: JobSpec, site_id: str, ds: DatasetInfo) -> SiteTaskPlan:
     else:
         assert spec.dp.target_epsilon is not None
         m = metrics_event(spec)
-        prior = [] if m is None else [DpEvent(m.noise_multiplier, 1.0, spec.rounds)]
+        releases = spec.metrics.release_count(spec.rounds)
+        prior = [] if m is None else [DpEvent(m.noise_multiplier, 1.0, releases)]
         sigma = calibrate_noise_multiplier(
             target_epsilon=spec.dp.target_epsilon,
             sample_rate=q,

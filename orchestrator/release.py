@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.specs import JobSpec
+from orchestrator.metric_pooling import metrics_card
 from orchestrator.store import ChargeRow, JobRow, RoundRow
 from orchestrator.views import charged_event_dict, site_spends
 
@@ -96,9 +97,12 @@ def build_model_card(
                 "num_examples": r.num_examples,
                 "epsilon": r.epsilon,
                 "duration_s": round(r.duration_s, 3),
+                # pooled with standard errors (and AUC): orchestrator.metric_pooling
+                "validation": r.metrics,
             }
             for r in rounds
         ],
+        **metrics_card(spec, rounds),
         "metrics_privacy": (
             "EXACT metrics from at least one site: they are OUTSIDE the DP guarantee"
             if exact

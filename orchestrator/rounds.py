@@ -54,6 +54,7 @@ from orchestrator.aggregation import (
 from orchestrator.auditing import run_audit
 from orchestrator.broker import FailureResult, Result, UpdateResult
 from orchestrator.job_thread import JobStopped, JobThread
+from orchestrator.metric_pooling import pool_metrics, pooled_to_dict
 from orchestrator.planning import ACCOUNTANT, plan_site, site_dataset
 from orchestrator.site_dp import round_for, site_level_events, sum_noise_multiplier
 from orchestrator.store import ChargeRow, RoundRow, atomic_write
@@ -388,19 +389,25 @@ class JobRunner(JobThread):
         new_state = apply_delta(state, mean)
         del mean
         atomic_write(self.store.paths.checkpoint(self.job_id, rnd), state_to_bytes(new_state))
-        loss, acc, exact = _pooled_metrics(accepted)
+        # Pooled over sites from their noised sums, with standard errors (issue 15.7).
+        pooled = pool_metrics(
+            [m.metrics for m in accepted if m.metrics is not None],
+            noise_multiplier=spec.metrics.noise_multiplier,
+            loss_bound=spec.metrics.loss_bound,
+        )
         epsilon, _ = self._job_epsilon()
         self.store.commit_round(
             RoundRow(
                 job_id=self.job_id,
                 round=rnd,
                 site_ids=[m.site_id for m in accepted],
-                loss=loss,
-                accuracy=acc,
+                loss=None if pooled is None else pooled.loss.value,
+                accuracy=None if pooled is None else pooled.accuracy.value,
                 num_examples=sum(m.num_examples for m in accepted),
                 duration_s=time.time() - t0,
                 epsilon=epsilon,
-                metrics_exact=exact,
+                metrics_exact=pooled is not None and pooled.exact,
+                metrics=None if pooled is None else pooled_to_dict(pooled),
             ),
             [],  # the round's charges were recorded as each update arrived
             round=rnd,
@@ -568,16 +575,6 @@ class JobRunner(JobThread):
         save_model(self.store.paths.model_dir(self.job_id), module_or_state=model, card=card)
         self.store.update_job(self.job_id, state="completed", model_released=True, epsilon=epsilon)
         self._event("info", f"model released: ε={epsilon:.4g}, δ={self.spec.dp.delta:g}")
-
-
-def _pooled_metrics(accepted: list[UpdateMeta]) -> tuple[float | None, float | None, bool]:
-    ms = [m.metrics for m in accepted if m.metrics is not None]
-    n = sum(m.num_examples for m in ms)
-    if not ms or n <= 0:
-        return None, None, False
-    acc = min(1.0, max(0.0, sum(m.correct_sum for m in ms) / n))
-    loss = max(0.0, sum(m.loss_sum for m in ms) / n)
-    return loss, acc, any(m.exact for m in ms)
 
 
 def card_json(card: dict[str, Any]) -> str:

@@ -92,6 +92,8 @@ class RoundRow(Base):
     duration_s: Mapped[float] = mapped_column(Float, default=0.0)
     epsilon: Mapped[float] = mapped_column(Float, default=0.0)
     metrics_exact: Mapped[bool] = mapped_column(Boolean, default=False)
+    # pooled metrics with standard errors (orchestrator.metric_pooling.pooled_to_dict)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class JobEventRow(Base):
@@ -214,6 +216,9 @@ class Store:
                         "ALTER TABLE jobs ADD COLUMN submitted_by VARCHAR(128) NOT NULL DEFAULT ''"
                     )
                 )
+        if "metrics" not in {c["name"] for c in inspect(self.engine).get_columns("rounds")}:
+            with self.engine.begin() as conn:
+                conn.execute(text("ALTER TABLE rounds ADD COLUMN metrics JSON"))
 
     # ---------------------------------------------------------------- sites
 

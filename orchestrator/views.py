@@ -19,6 +19,7 @@ from common.domain import (
     SiteStatus,
 )
 from orchestrator.broker import Broker
+from orchestrator.metric_pooling import pooled_from_dict
 from orchestrator.store import ChargeRow, JobRow, SiteRow, Store
 
 
@@ -131,6 +132,7 @@ def job_status(row: JobRow, store: Store, per_site_epsilon: dict[str, float]) ->
                 num_examples=r.num_examples,
                 duration_s=r.duration_s,
                 epsilon=r.epsilon,
+                metrics=None if r.metrics is None else pooled_from_dict(r.metrics),
             )
             for r in rounds
         ),

@@ -335,7 +335,10 @@ class TaskExecutor:
             local_steps=spec.local_steps,
         )
         exact = spec.metrics.enabled and spec.metrics.exact
-        want_metrics = spec.metrics.enabled and split.validation is not None
+        # Only in the rounds the job releases metrics (metrics.every; by default the last).
+        want_metrics = (
+            spec.metrics.releases_at(task.round, task.rounds) and split.validation is not None
+        )
         train_event = DpEvent(noise_multiplier=sigma, sample_rate=q, steps=steps)
         metric_event = (
             DpEvent(noise_multiplier=spec.metrics.noise_multiplier, sample_rate=1.0, steps=1)
@@ -430,6 +433,7 @@ class TaskExecutor:
                 features=split.validation.features,
                 labels=split.validation.labels,
                 loss_bound=spec.metrics.loss_bound,
+                auc_bins=spec.metrics.auc_bins,
                 noise_multiplier=None if exact else spec.metrics.noise_multiplier,
             )
             metrics = ev.released()

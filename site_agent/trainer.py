@@ -106,13 +106,29 @@ class LocalResult:
     """How per-example gradients were clipped: ``"bk"``, or Opacus' ``"ghost"``/``"hooks"``."""
 
 
+DEFAULT_AUC_BINS = 20
+"""Score bins per class for the ROC AUC histogram (``metrics.auc_bins`` sets it per job)."""
+
+
+def metrics_sensitivity(*, histogram: bool) -> float:
+    """L2 sensitivity of the released vector: ``√3``, or ``2`` with the score histogram."""
+    return 2.0 if histogram else math.sqrt(3.0)
+
+
+def score_bins(scores: Tensor, bins: int) -> Tensor:
+    """Bin index ``0..bins-1`` of each score in [0, 1] (equal widths; NaN → 0, 1 → last)."""
+    s = torch.nan_to_num(scores.to(torch.float64), nan=0.0).clamp(0.0, 1.0)
+    return (s * bins).floor().clamp(max=bins - 1).to(torch.int64)
+
+
 @dataclass(frozen=True)
 class EvalMetrics:
-    """Validation metrics as released by :func:`evaluate`.
+    """What :func:`evaluate` released (noised unless ``noise_multiplier`` is ``None``).
 
-    ``correct_sum`` and ``loss_sum`` are the (noised) sums actually released, so that the
-    orchestrator can pool sites by adding them; ``accuracy`` and ``loss`` are derived from
-    them by post-processing. ``noise_multiplier`` is ``None`` for exact, un-noised metrics.
+    ``count_sum``, ``correct_sum``, ``loss_sum`` (times ``B``) and ``score_histogram`` are
+    the sums as released; ``accuracy`` and ``loss`` are the site's own ratios of them (0 when
+    the noised count is below 1), post-processing for display. ``num_examples`` is the exact
+    row count, which stays at the site unless the metrics are exact.
     """
 
     loss: float
@@ -121,17 +137,22 @@ class EvalMetrics:
     noise_multiplier: float | None
     correct_sum: float
     loss_sum: float
+    count_sum: float
+    score_histogram: tuple[float, ...] = ()
 
     def released(self) -> Metrics:
-        """The wire form of what :func:`evaluate` released (exact when no noise was added)."""
+        """The wire form of what :func:`evaluate` released."""
+        exact = self.noise_multiplier is None
         return Metrics(
             loss=self.loss,
             accuracy=self.accuracy,
             correct_sum=self.correct_sum,
             loss_sum=self.loss_sum,
-            num_examples=self.num_examples,
+            num_examples=self.num_examples if exact else 0,
             noise_multiplier=self.noise_multiplier,
-            exact=self.noise_multiplier is None,
+            exact=exact,
+            count_sum=self.count_sum,
+            score_histogram=self.score_histogram,
         )
 
 
@@ -545,30 +566,34 @@ def evaluate(
     labels: npt.ArrayLike,
     loss_bound: float,
     noise_multiplier: float | None,
+    auc_bins: int = DEFAULT_AUC_BINS,
 ) -> EvalMetrics:
-    """Validation loss and accuracy on site data, released through the Gaussian mechanism.
+    """Validation metrics on site data, released through one Gaussian mechanism.
 
-    Each example ``i`` contributes the pair ``v_i = (c_i, ℓ_i)`` with ``c_i ∈ {0, 1}`` (is
-    the prediction correct) and ``ℓ_i = min(max(loss_i, 0), B) / B ∈ [0, 1]`` (its
-    cross-entropy clipped to ``[0, B]``, ``B = loss_bound``, then scaled). Adding or
-    removing one example changes ``Σ v_i`` by ``v_i``, whose L2 norm is at most ``√2``;
-    replacing one changes each coordinate by at most 1, again at most ``√2``. So releasing
-    ``Σ v_i + N(0, (σ·√2)² I₂)`` is one Gaussian mechanism with noise multiplier ``σ``
-    (noise standard deviation over L2 sensitivity; Dwork & Roth, "The Algorithmic
-    Foundations of Differential Privacy", 2014, §3.5 and App. A), which the site's
-    accountant composes with its DP-SGD steps.
+    Each row ``i`` contributes ``v_i = (1, c_i, ℓ_i/B, e_i)``: a count, ``c_i ∈ {0, 1}`` (is
+    the prediction correct), ``ℓ_i ∈ [0, B]`` its cross-entropy clipped to ``B = loss_bound``
+    (NaN or ∞ count as ``B``), and, for a model with two classes, ``e_i`` the one-hot
+    indicator of its (label, score bin) among ``2·H`` cells, the score being the model's
+    P(class 1) cut into ``H = auc_bins`` equal bins of [0, 1] (NaN in the first). Released:
+    ``Σ_i v_i + N(0, (σ·Δ)² I)``.
 
-    Released: ``correct_sum`` (noised count), ``loss_sum`` (noised ``Σ ℓ_i`` times ``B``),
-    and, by post-processing, ``accuracy = clip(correct_sum / N, 0, 1)`` and
-    ``loss = max(0, loss_sum / N)``. ``N`` itself is released exactly, as every site's
-    example counts are (see DESIGN.md). With ``noise_multiplier=None`` the exact values are
-    returned (outside any guarantee; the site's policy decides whether they may leave).
-
+    Sensitivity: adding or removing a row changes the sum by ``v_i``, of squared L2 norm at
+    most ``1 + 1 + 1 (+ 1)``: ``Δ = √3``, or ``2`` with the histogram; replacing a row
+    changes the count by 0, ``c`` and ``ℓ/B`` by at most 1 and two histogram cells by 1: at
+    most ``√4 = 2``. So the release is one Gaussian mechanism with noise multiplier ``σ``
+    (std over L2 sensitivity; Dwork & Roth 2014, App. A), charged as ``(σ, q = 1, 1 step)``
+    whatever ``Δ`` is; ``tests/unit/test_metric_pooling.py`` checks ``Δ`` on neighbouring
+    datasets, and ``orchestrator.metric_pooling`` pools the sums with standard errors from
+    the same ``σ·Δ``. No row count leaves exactly: noised metrics carry ``num_examples = 0``.
     The noise comes from a generator seeded from OS entropy, never from a known seed.
 
+    With ``noise_multiplier=None`` the exact sums are returned (outside any guarantee; the
+    site's policy decides whether they may leave). No rows gives zero sums (plus noise):
+    whether a site has validation rows is not revealed by an error.
+
     Raises:
-        InvalidSpecError: empty or mis-shaped data, a non-positive ``loss_bound`` or
-            ``noise_multiplier``, or weights that do not fit the spec.
+        InvalidSpecError: mis-shaped data, a non-positive ``loss_bound``,
+            ``noise_multiplier`` or ``auc_bins``, or weights that do not fit the spec.
     """
     if not (loss_bound > 0.0 and math.isfinite(loss_bound)):
         raise InvalidSpecError(f"loss_bound must be a finite number > 0, got {loss_bound}.")
@@ -578,15 +603,17 @@ def evaluate(
         raise InvalidSpecError(
             f"noise_multiplier must be a finite number > 0 or None, got {noise_multiplier}."
         )
+    if auc_bins < 1:
+        raise InvalidSpecError(f"auc_bins must be at least 1, got {auc_bins}.")
     x, y = _check_arrays(model_spec, features, labels)
     n = int(x.shape[0])
-    if n == 0:
-        raise InvalidSpecError("There are no validation examples to evaluate on.")
+    binary = model_dims(model_spec)[1] == 2
+    hist = torch.zeros(2 * auc_bins if binary else 0, dtype=torch.float64)
 
     net = build_model(model_spec)
     load_weights(net, state, what="the weights to evaluate")
     net.eval()
-    sums = torch.zeros(2, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64)  # count, correct, clipped loss / B
     with torch.no_grad():
         for start in range(0, n, _EVAL_BATCH):
             xb, yb = x[start : start + _EVAL_BATCH], y[start : start + _EVAL_BATCH]
@@ -595,19 +622,28 @@ def evaluate(
             # NaN or inf losses count as the bound: the clip must hold for *every* example.
             per_example = torch.nan_to_num(per_example, nan=loss_bound, posinf=loss_bound)
             scaled = per_example.to(torch.float64).clamp(0.0, loss_bound) / loss_bound
-            sums[0] += (logits.argmax(dim=1) == yb).sum().to(torch.float64)
-            sums[1] += scaled.sum()
+            sums[0] += float(xb.shape[0])
+            sums[1] += (logits.argmax(dim=1) == yb).sum().to(torch.float64)
+            sums[2] += scaled.sum()
+            if binary:
+                scores = torch.softmax(logits.to(torch.float64), dim=1)[:, 1]
+                cells = yb * auc_bins + score_bins(scores, auc_bins)
+                hist += torch.bincount(cells, minlength=2 * auc_bins).to(torch.float64)
 
     if noise_multiplier is not None:
-        std = noise_multiplier * math.sqrt(2.0)
-        sums += noise.gaussian_torch(std, (2,), generator=_private_generator(), dtype=torch.float64)
-    correct_sum = float(sums[0])
-    loss_sum = float(sums[1]) * loss_bound
+        std = noise_multiplier * metrics_sensitivity(histogram=binary)
+        gen = _private_generator()
+        sums += noise.gaussian_torch(std, (3,), generator=gen, dtype=torch.float64)
+        if binary:
+            hist += noise.gaussian_torch(std, hist.shape, generator=gen, dtype=torch.float64)
+    count, correct_sum, loss_sum = float(sums[0]), float(sums[1]), float(sums[2]) * loss_bound
     return EvalMetrics(
-        loss=max(0.0, loss_sum / n),
-        accuracy=min(1.0, max(0.0, correct_sum / n)),
+        loss=loss_sum / count if count >= 1 else 0.0,
+        accuracy=correct_sum / count if count >= 1 else 0.0,
         num_examples=n,
         noise_multiplier=noise_multiplier,
         correct_sum=correct_sum,
         loss_sum=loss_sum,
+        count_sum=count,
+        score_histogram=tuple(float(v) for v in hist),
     )

@@ -31,8 +31,15 @@ def test_evaluate_pools_noised_metrics_and_charges_each_site(tmp_path: Path, dig
     # c's policy wants σ ≥ 50: it refuses, says why, and is left out of the pool
     assert by_site["c"].metrics is None and "minimum" in by_site["c"].error
     assert by_site["a"].metrics is not None and by_site["b"].metrics is not None
-    assert ev.num_examples == 600  # a and b hold 300 rows each (train + validation)
-    assert 0.3 < ev.accuracy <= 1.0  # well above chance (0.1) even with σ=5 noise
+    # a and b hold 300 rows each (train + validation): only a noised count leaves them.
+    assert ev.num_examples == 0 and ev.metrics is not None
+    rows = ev.metrics.num_examples
+    assert abs(rows.value - 600) < 5 * rows.se and rows.se == pytest.approx(
+        (2 * 3) ** 0.5 * 5
+    )  # 2 sites, σΔ = 5√3
+    assert 0.3 < ev.accuracy < 1.2  # well above chance (0.1) even with σ=5 noise
+    assert ev.metrics.accuracy.value == ev.accuracy and 0 < ev.metrics.accuracy.se < 0.05
+    assert ev.metrics.auc is None  # ten classes: no ROC AUC
     assert ev.epsilon > 0 and ev.epsilon == pytest.approx(by_site["a"].epsilon)
     for sid in ("a", "b"):
         with Ledger(tmp_path / sid / "state" / "ledger.sqlite") as led:

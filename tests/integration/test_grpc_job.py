@@ -62,7 +62,15 @@ def _write_site(
         "site_id": site_id,
         "orchestrator": f"127.0.0.1:{port}",
         "state_dir": "state",
-        "datasets": [{"name": "digits", "path": "data.csv", "label": "label"}],
+        "datasets": [
+            {
+                "name": "digits",
+                "path": "data.csv",
+                "label": "label",
+                "feature_bounds": [0, 1],
+                "num_classes": 10,
+            }
+        ],
         "policy": {"max_epsilon": 50.0, "delta": 1e-5, "min_noise_multiplier": 0.5, **policy},
         "poll_seconds": 1.0,
         "heartbeat_seconds": 0.5,
@@ -156,13 +164,20 @@ def test_job_runs_end_to_end_and_card_matches_site_ledgers(
     for key in ("job_id", "model", "epsilon", "delta", "accountant", "rounds", "sites", "metrics"):
         assert key in card
     assert card["rounds"] == 2 and len(card["metrics"]) == 2
+    # Metrics in the final round only (metrics.every unset), pooled with standard errors.
+    assert card["metrics"][0]["validation"] is None
+    pooled = card["metrics"][1]["validation"]
+    assert pooled["sites"] == 3 and pooled["accuracy"]["se"] > 0
+    assert card["metrics_release"]["rounds"] == [2]
+    assert card["final_metrics"]["round"] == 2 and " ± " in card["final_metrics"]["summary"]
+    assert st.history[0].metrics is None and st.history[1].metrics is not None
     assert {s["site_id"] for s in card["sites"]} == {"a", "b", "c"}
     # The card's ε is the max over sites, and each site's ε is what its own ledger composes.
     assert card["epsilon"] == pytest.approx(max(s["epsilon"] for s in card["sites"]))
     for s in card["sites"]:
         with Ledger(tmp_path / s["site_id"] / "state" / "ledger.sqlite") as led:
             evs = led.events("digits", job_id=job_id)
-        assert len(evs) == 4  # 2 rounds x (train + metrics)
+        assert len(evs) == 3  # 2 rounds of training + metrics in the last round only
         assert compute_epsilon(evs, delta=1e-5).epsilon == pytest.approx(s["epsilon"], rel=1e-6)
         assert s["steps"] == 12 and s["noise_multiplier"] == 1.0
     out = tmp_path / "pulled"
@@ -335,3 +350,25 @@ def test_a_site_requiring_secure_noise_draws_all_its_noise_from_the_csprng(
     assert {secure for _, secure in draws} == {True, False}
     secure_threads = {name for name, secure in draws if secure}
     assert secure_threads.isdisjoint({name for name, secure in draws if not secure})
+
+
+def test_plan_epsilon_is_the_charged_epsilon_with_metrics_every_k_rounds(
+    net_factory: Any, tmp_path: Path
+) -> None:
+    # metrics.every = 2 over 3 rounds: metrics in rounds 2 and 3. The plan counts exactly
+    # those releases, so its ε is the ε of what each site's ledger charged.
+    net = net_factory({"a": {}, "b": {}})
+    spec = _job(rounds=3, min_sites=2, local_steps=2, metrics={"every": 2})
+    with ControlClient(net.address) as c:
+        plan = c.plan(spec)
+        st = _wait(c, c.submit(spec))
+        assert st.state == "completed", st.error
+    assert [h.metrics is not None for h in st.history] == [False, True, True]
+    planned = {s.site_id: s.projected_epsilon for s in plan.sites}
+    for sid in ("a", "b"):
+        with Ledger(tmp_path / sid / "state" / "ledger.sqlite") as led:
+            evs = led.events("digits", job_id=st.job_id)
+        assert sorted(e.noise_multiplier for e in evs) == [1.0, 1.0, 1.0, 10.0, 10.0]
+        charged = compute_epsilon(evs, delta=1e-5).epsilon
+        assert planned[sid] == pytest.approx(charged, rel=1e-6)
+    assert plan.epsilon == pytest.approx(st.epsilon, rel=1e-6)

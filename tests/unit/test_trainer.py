@@ -406,8 +406,8 @@ def test_exact_metrics_match_a_direct_computation() -> None:
 
 
 def test_evaluate_noise_has_the_calibrated_std() -> None:
-    # The pair (correct, clipped loss / B) has L2 sensitivity √2, so each coordinate gets
-    # N(0, (σ·√2)²). Tolerances are ~5 standard errors of the estimates (n = 3000).
+    # The vector (count, correct, clipped loss / B) has L2 sensitivity √3, so each coordinate
+    # gets N(0, (σ·√3)²). Tolerances are ~5 standard errors of the estimates (n = 3000).
     spec = SPECS["linear"]
     state = build_model(spec, seed=5).state_dict()
     x, y = _random_data(40)
@@ -416,7 +416,7 @@ def test_evaluate_noise_has_the_calibrated_std() -> None:
     torch.manual_seed(0)  # must not make the noise repeat
     samples = np.array(
         [
-            (m.correct_sum - correct, (m.loss_sum - loss_sum) / bound)
+            (m.count_sum - 40, m.correct_sum - correct, (m.loss_sum - loss_sum) / bound)
             for m in (
                 evaluate(
                     model_spec=spec,
@@ -430,18 +430,20 @@ def test_evaluate_noise_has_the_calibrated_std() -> None:
             )
         ]
     )
-    expected_std = sigma * math.sqrt(2.0)
-    for j in range(2):
+    expected_std = sigma * math.sqrt(3.0)
+    for j in range(3):
         assert samples[:, j].std(ddof=1) == pytest.approx(expected_std, rel=0.07)
         assert abs(samples[:, j].mean()) < 5 * expected_std / math.sqrt(n)
-    assert abs(np.corrcoef(samples.T)[0, 1]) < 0.1
+    corr = np.corrcoef(samples.T)
+    assert np.abs(corr[np.triu_indices(3, 1)]).max() < 0.1
     assert len(np.unique(samples[:, 0])) == n  # no two draws alike
 
 
-def test_noised_metrics_are_post_processed_into_range() -> None:
+def test_noised_metrics_are_not_clamped_and_hide_the_row_count() -> None:
     spec = SPECS["linear"]
     state = build_model(spec, seed=6).state_dict()
     x, y = _random_data(3)
+    outside = 0
     for _ in range(50):
         m = evaluate(
             model_spec=spec,
@@ -451,29 +453,47 @@ def test_noised_metrics_are_post_processed_into_range() -> None:
             loss_bound=1.0,
             noise_multiplier=50.0,
         )
-        assert 0.0 <= m.accuracy <= 1.0 and m.loss >= 0.0
+        released = m.released()
+        assert released.num_examples == 0 and released.count_sum == m.count_sum
         assert m.noise_multiplier == 50.0 and m.num_examples == 3
+        if m.count_sum >= 1:
+            assert m.accuracy == pytest.approx(m.correct_sum / m.count_sum)
+            outside += not (0.0 <= m.accuracy <= 1.0)
+        else:
+            assert m.accuracy == 0.0 and m.loss == 0.0
+    assert outside > 0  # at σ = 50 on 3 rows the ratio leaves [0, 1]: shown, not clamped
 
 
-def test_evaluate_refuses_bad_arguments() -> None:
+def test_evaluate_refuses_bad_arguments_and_takes_no_rows() -> None:
     spec = SPECS["linear"]
     state = build_model(spec).state_dict()
     x, y = _random_data(5)
     for kwargs, pattern in [
         ({"loss_bound": 0.0, "noise_multiplier": 1.0}, "loss_bound"),
         ({"loss_bound": 1.0, "noise_multiplier": 0.0}, "noise_multiplier"),
+        ({"loss_bound": 1.0, "noise_multiplier": 1.0, "auc_bins": 0}, "auc_bins"),
     ]:
         with pytest.raises(InvalidSpecError, match=pattern):
             evaluate(model_spec=spec, state=state, features=x, labels=y, **kwargs)
-    with pytest.raises(InvalidSpecError, match="no validation examples"):
-        evaluate(
-            model_spec=spec,
-            state=state,
-            features=x[:0],
-            labels=y[:0],
-            loss_bound=1.0,
-            noise_multiplier=1.0,
-        )
+    # No validation rows is not an error (that would say so): zero sums plus noise.
+    exact = evaluate(
+        model_spec=spec,
+        state=state,
+        features=x[:0],
+        labels=y[:0],
+        loss_bound=1.0,
+        noise_multiplier=None,
+    )
+    assert (exact.count_sum, exact.correct_sum, exact.loss_sum) == (0.0, 0.0, 0.0)
+    noised = evaluate(
+        model_spec=spec,
+        state=state,
+        features=x[:0],
+        labels=y[:0],
+        loss_bound=1.0,
+        noise_multiplier=1.0,
+    )
+    assert noised.count_sum != 0.0
 
 
 _NOISE_PROBE = _params(
