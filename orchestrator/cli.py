@@ -110,8 +110,20 @@ def serve(
         str | None, typer.Option(help="HOST:PORT for Prometheus metrics at /metrics (opt-in)")
     ] = None,
     max_workers: Annotated[
-        int, typer.Option(help="gRPC worker threads; each connected site holds one")
+        int,
+        typer.Option(
+            help="gRPC worker threads; each connected site holds one, and an eighth (at least "
+            "8) is kept for CLI calls, so serve up to about 7/8 of this many sites"
+        ),
     ] = 512,
+    max_calls_per_site: Annotated[
+        int,
+        typer.Option(
+            min=2,
+            help="calls one site certificate may have in progress (an agent needs 3); more "
+            "are refused at once, so a rogue site cannot take the worker threads",
+        ),
+    ] = 8,
     max_downloads: Annotated[
         int,
         typer.Option(
@@ -148,6 +160,7 @@ def serve(
         max_workers=max_workers,
         max_downloads=max_downloads,
         max_uploads=max_uploads,
+        max_calls_per_site=max_calls_per_site,
     )
     err_console.print(
         f"orchestrator listening on {listen} ({'plaintext' if tls is None else 'mutual TLS'})"
