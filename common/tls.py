@@ -614,6 +614,23 @@ def explain_tls_failure(files: TlsFiles, details: str, *, host: str = "") -> str
     return None
 
 
+def expires_in(cert_pem: bytes) -> dt.timedelta:
+    """How long until the certificate expires (negative once it has)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
+
+
+def server_hosts(cert_pem: bytes) -> tuple[str, ...]:
+    """The host names and addresses a server certificate was issued for (its SANs)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return ()
+    ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    return (*ips, *san.get_values_for_type(x509.DNSName))
+
+
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     if cert.issuer != ca.subject:
         return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import datetime as dt
 import logging
 import signal
 import threading
@@ -20,12 +21,14 @@ from common.tls import (
     ROLE_ORCHESTRATOR,
     RevocationList,
     TlsFiles,
+    expires_in,
     files_in,
     identity_from_pem,
     init_ca,
     issue,
     revoke,
     server_credentials,
+    server_hosts,
 )
 from common.transport import SERVER_OPTIONS, require_loopback_for_plaintext
 from orchestrator.auth import Authorizer
@@ -66,10 +69,28 @@ class RunningServer:
         self.server.stop(grace_s).wait()
 
 
+RENEW_BEFORE = dt.timedelta(days=30)
+"""At start, the orchestrator re-issues its own certificate (and the health probe's) when it
+expires within this long and the CA key is at hand; without the key it warns."""
+
+
 def ensure_server_pki(pki_dir: Path, *, hosts: tuple[str, ...] = DEFAULT_HOSTS) -> TlsFiles:
-    """The orchestrator's certificate; on first start, create the deployment's CA and it."""
+    """The orchestrator's certificate; on first start, create the deployment's CA and it.
+    A certificate close to expiry (:data:`RENEW_BEFORE`) is re-issued for the same hosts."""
     files = files_in(pki_dir, name="orchestrator", role=ROLE_ORCHESTRATOR)
     if files.cert.exists() and files.key.exists():
+        left = expires_in(files.cert.read_bytes())
+        if left < RENEW_BEFORE and (pki_dir / "ca.key").exists():
+            old_hosts = server_hosts(files.cert.read_bytes()) or hosts
+            files = issue(pki_dir, name="orchestrator", role=ROLE_ORCHESTRATOR, hosts=old_hosts)
+            log.warning("re-issued the orchestrator's certificate (%d days were left)", left.days)
+        elif left < RENEW_BEFORE:
+            log.warning(
+                "the orchestrator's certificate %s expires in %d days: re-issue it with "
+                "`orchestrator certs issue --role orchestrator --host ...` where the CA key is",
+                files.cert,
+                left.days,
+            )
         _ensure_healthcheck_identity(pki_dir)
         return files
     if not (pki_dir / "ca.key").exists():
@@ -83,8 +104,8 @@ def ensure_server_pki(pki_dir: Path, *, hosts: tuple[str, ...] = DEFAULT_HOSTS) 
 def _ensure_healthcheck_identity(pki_dir: Path) -> None:
     """A read-only (``monitor``) client certificate for `python -m orchestrator.healthcheck`.
 
-    One issued by an earlier version with the data-scientist role is replaced and revoked:
-    that one could submit, cancel and download."""
+    One issued by an earlier version with the data-scientist role (it could submit, cancel
+    and download) is replaced and revoked, and so is one close to expiry."""
     hc = files_in(pki_dir, name="healthcheck", role=ROLE_MONITOR)
     if not (pki_dir / "ca.key").exists():
         return
@@ -92,10 +113,10 @@ def _ensure_healthcheck_identity(pki_dir: Path) -> None:
         issue(pki_dir, name="healthcheck", role=ROLE_MONITOR)
         return
     old = identity_from_pem(hc.cert.read_bytes())
-    if old.role != ROLE_MONITOR:
+    if old.role != ROLE_MONITOR or expires_in(hc.cert.read_bytes()) < RENEW_BEFORE:
         issue(pki_dir, name="healthcheck", role=ROLE_MONITOR)
         revoke(pki_dir, f"{old.serial:X}")
-        log.info("replaced the %s healthcheck certificate with a read-only one", old.role)
+        log.info("re-issued the healthcheck certificate (role monitor, read-only)")
 
 
 MALLOC_MMAP_THRESHOLD = 256 << 10

@@ -735,3 +735,30 @@ def test_orchestrator_and_site_state_are_private(
             assert ledger.exists() and _mode(ledger) == 0o600, ledger
     finally:
         agent.close()
+
+
+def test_the_orchestrator_renews_its_own_certificates_before_they_expire(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from common.tls import expires_in, server_hosts
+    from orchestrator import healthcheck
+
+    root = tmp_path / "pki"
+    init_pki(root, sites=("bank-a",), hosts=("127.0.0.1", "orch.internal"), days=10)
+    issue(root, name="healthcheck", role=ROLE_MONITOR, days=10)
+    files = ensure_server_pki(root)
+    assert expires_in(files.cert.read_bytes()).days >= 364
+    assert server_hosts(files.cert.read_bytes()) == ("127.0.0.1", "orch.internal")
+    hc = files_in(root, name="healthcheck", role=ROLE_MONITOR)
+    assert expires_in(hc.cert.read_bytes()).days >= 364
+    srv = start_server(listen="127.0.0.1:0", state_dir=tmp_path / "orch", tls=files)
+    try:
+        assert healthcheck.main(["--pki-dir", str(root), srv.address]) == 0
+        assert capsys.readouterr().out.strip() == "SERVING"
+        site = grpc.secure_channel(
+            srv.address, channel_credentials(files_in(root, name="bank-a", role="site"))
+        )
+        register(site, "bank-a")  # the renewed server certificate chains to the same CA
+        site.close()
+    finally:
+        srv.stop(0.2)
