@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
@@ -23,7 +24,7 @@ from rich.table import Table
 
 from common.cli_support import err_console, inert, run_app, setup_logging
 from common.domain import ColumnInfo, JobStatus
-from common.errors import DpfedError, InvalidSpecError, JobFailedError
+from common.errors import DpfedError, InvalidSpecError, JobFailedError, PolicyRefusal
 from common.specs import GmmJobSpec, load_any_job_spec, load_job_spec
 from common.tls import DEFAULT_DAYS, ROLES, TlsFiles
 from orchestrator.client import ControlClient
@@ -183,12 +184,29 @@ def launch(
     with _client(server, ca, cert, key, insecure) as client:
         job_id = client.submit(spec.model_dump_json())
         print(job_id, flush=True)
+        _await_admission(client, job_id)
         if wait:
             rounds = spec.max_rounds if isinstance(spec, GmmJobSpec) else spec.rounds
             final = _follow(client, job_id, rounds)
             _print_result(final)
             if final.state != "completed" or not final.model_released:
                 raise JobFailedError(f"job {job_id} {final.state}: {final.error or 'no model'}")
+
+
+def _await_admission(client: ControlClient, job_id: str) -> None:
+    """Return once the sites have admitted the job (it left "pending"); a job that fewer than
+    min_sites admitted fails launch here (exit 4), naming each refusing site and its reason,
+    before any site trained (orchestrator.admission)."""
+    from orchestrator.admission import ADMISSION_REFUSED
+
+    status = client.job(job_id)
+    if status.state == "pending":
+        err_console.print(f"{job_id}: waiting for the sites to admit the job")
+    while status.state == "pending":
+        time.sleep(0.5)
+        status = client.job(job_id)
+    if status.state == "failed" and status.error.startswith(ADMISSION_REFUSED):
+        raise PolicyRefusal(f"job {job_id} was not started: {status.error}")
 
 
 def _follow(client: ControlClient, job_id: str, rounds: int) -> JobStatus:
@@ -715,10 +733,6 @@ def certs_issue(
     name: Annotated[str, typer.Option(help="site id or user name")],
     role: Annotated[str, typer.Option(help=f"one of {', '.join(ROLES)}")],
     days: Annotated[int, typer.Option(min=1, help="validity of the certificate")] = DEFAULT_DAYS,
-    host: Annotated[
-        list[str] | None,
-        typer.Option(help="orchestrator role only: a host name/IP it serves (repeat)"),
-    ] = None,
 ) -> None:
     """Issue a certificate from an existing CA: a new site or user, or a rotation (the one it
     replaces stays valid until you revoke its serial)."""
@@ -726,7 +740,7 @@ def certs_issue(
 
     revoked = revoked_serials(pki_dir)
     before = [c for c in issued(pki_dir) if c.name == name and c.serial not in revoked]
-    f = issue(pki_dir, name=name, role=role, days=days, hosts=tuple(host or ()))
+    f = issue(pki_dir, name=name, role=role, days=days)
     new = next(
         c
         for c in issued(pki_dir)

@@ -35,6 +35,7 @@ from common.errors import (
     PrivacyAccountingError,
 )
 from common.specs import GmmJobSpec, JobSpec, any_job_spec_from_json, job_spec_from_json
+from orchestrator.admission import with_site_verdicts
 from orchestrator.broker import Broker
 from orchestrator.evaluation import evaluate_model
 from orchestrator.gmm_runner import GmmRunner, build_machine, declared_box
@@ -235,7 +236,11 @@ class Coordinator:
             )
         spec = job_spec_from_json(spec_json)
         self._validate_against_sites(spec)
-        return plan_job(spec, self.sites())
+        sites = self.sites()
+        plan = plan_job(spec, sites)
+        # Each online site's own verdict (admission's dry run) replaces the estimate.
+        online = {s.site_id for s in sites if s.state not in ("offline", "disabled")}
+        return with_site_verdicts(plan, spec, self.broker, online=online)
 
     def _per_site_epsilon(self, job_id: str, delta: float) -> dict[str, float]:
         by_site: dict[str, list[DpEvent]] = {}

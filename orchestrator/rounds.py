@@ -44,6 +44,7 @@ from common.tensors import (
 )
 from common.version import __version__
 from orchestrator import spool
+from orchestrator.admission import admit, release_at_end
 from orchestrator.aggregation import (
     RunningWeightedMean,
     apply_delta,
@@ -84,6 +85,18 @@ class JobRunner(JobThread):
         super().__init__(**kwargs)
         self.spec: JobSpec = job_spec_from_json(self.store.job(self.job_id).spec_json)
         self._held: list[spool.Payload] = []  # closed when the round ends
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:  # the sites' reservations end with the job (not with a shutdown)
+            release_at_end(
+                store=self.store,
+                broker=self.broker,
+                job_id=self.job_id,
+                spec=self.spec,
+                stopping=self.stopping,
+            )
 
     def _run(self) -> None:
         row = self.store.job(self.job_id)
@@ -180,6 +193,18 @@ class JobRunner(JobThread):
                 spec.site_dp.count_noise_multiplier or len(chosen) / 20.0,
             )
         if not fixed:
+            # Admission before any spend (orchestrator.admission): every site checks the whole
+            # job and reserves its cost, or the job fails here, before round 1.
+            admitted, _ = admit(
+                self.broker,
+                job_id=self.job_id,
+                spec=spec,
+                noise_multipliers={p.site_id: p.noise_multiplier for p in chosen},
+                timeout_s=spec.round_timeout_s,
+                check=self._check_cancelled,
+                event=self._event,
+            )
+            chosen = [p for p in chosen if p.site_id in admitted]
             self.store.update_job(
                 self.job_id, participants={p.site_id: p.noise_multiplier for p in chosen}
             )

@@ -143,7 +143,7 @@ def _answer(
     meta = UpdateMeta(
         site_id=config.site_id,
         task_id=task.task_id,
-        num_examples=0,
+        num_examples=1,  # one verdict (the wire requires a positive count); no row counted
         dp_report=report,
         metrics=None,
         total_size=0,

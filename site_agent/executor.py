@@ -231,7 +231,7 @@ class TaskExecutor:
             task_delta=spec.dp.delta,
             steps=steps,
             cost=TaskCost(events=tuple(e for _, e in charges), delta=spec.dp.delta),
-            history=self.ledger.commitments(task.dataset, excluding_job=task.job_id),
+            history=[],  # the whole job's budget check is admission's, on the commitments
             exact_metrics=exact and want_metrics,
         )
         return charges

@@ -435,12 +435,13 @@ class Ledger:
     def _end(
         self, conn: sqlite3.Connection, *, job_id: str, dataset: str, reason: str, now: float
     ) -> bool:
+        where, params = self._match(dataset)
         grants = [
             str(r[0])
             for r in conn.execute(
-                "SELECT DISTINCT grant_id FROM reservations WHERE job_id = ? AND budget = ? "
+                f"SELECT DISTINCT grant_id FROM reservations WHERE job_id = ? AND {where} "
                 "AND grant_id NOT IN (SELECT grant_id FROM reservation_ends)",
-                (job_id, self.budget_of(dataset)),
+                [job_id, *params],
             )
         ]
         for g in grants:
@@ -512,17 +513,16 @@ class Ledger:
             return self._reservations(self._open_conn(), dataset)
 
     def _reservations(self, conn: sqlite3.Connection, dataset: str) -> list[Reservation]:
-        budget = self.budget_of(dataset)
+        where, params = self._match(dataset)
         rows = conn.execute(
             "SELECT grant_id, dataset, job_id, kind, noise_multiplier, sample_rate, steps, "
-            "rounds, delta FROM reservations WHERE budget = ? "
+            f"rounds, delta FROM reservations WHERE {where} "
             "AND grant_id NOT IN (SELECT grant_id FROM reservation_ends) ORDER BY id",
-            (budget,),
+            params,
         ).fetchall()
         grouped: dict[str, list[tuple[Any, ...]]] = {}
         for r in rows:
             grouped.setdefault(str(r[0]), []).append(tuple(r))
-        where, params = self._match(dataset)
         out = []
         for grant, rs in grouped.items():
             job_id = str(rs[0][2])
