@@ -23,11 +23,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.cli_support import err_console, inert, run_app, setup_logging
-from common.domain import ColumnInfo, JobStatus
+from common.domain import ColumnInfo, JobStatus, PooledMetrics
 from common.errors import DpfedError, InvalidSpecError, JobFailedError, PolicyRefusal
 from common.specs import GmmJobSpec, load_any_job_spec, load_job_spec
 from common.tls import DEFAULT_DAYS, ROLES, TlsFiles
 from orchestrator.client import ControlClient
+from orchestrator.metric_pooling import (
+    EVALUATE_LOSS_BOUND,
+    format_estimate,
+    metrics_plan_summary,
+    metrics_summary,
+    pool_metrics,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -234,7 +241,8 @@ def _follow(client: ControlClient, job_id: str, rounds: int) -> JobStatus:
             info = inert(status.state)
             if status.history:
                 h = status.history[-1]
-                info = f"acc {_fmt_metric(h.accuracy)}  loss {_fmt_metric(h.loss)}  ε {_fmt_eps(h.epsilon)}"
+                m = _last_metrics(status)
+                info = (metrics_summary(m) + "  " if m else "") + f"ε {_fmt_eps(h.epsilon)}"
             progress.update(bar, completed=status.round, info=info)
     if last is None:
         raise DpfedError(f"lost track of job {job_id}")
@@ -243,12 +251,22 @@ def _follow(client: ControlClient, job_id: str, rounds: int) -> JobStatus:
     return last
 
 
+def _last_metrics(status: JobStatus) -> PooledMetrics | None:
+    return next((h.metrics for h in reversed(status.history) if h.metrics is not None), None)
+
+
 def _print_result(status: JobStatus) -> None:
     if status.state == "completed":
         err_console.print(
             f"[green]completed[/]: model released, ε = {status.epsilon:.4g}, δ = {status.delta:g} "
             f"({status.accountant.upper()} accountant, max over {len(status.sites)} sites)"
         )
+        final = next((h for h in reversed(status.history) if h.metrics is not None), None)
+        if final is not None:
+            err_console.print(
+                f"validation (round {final.round}, ± the DP noise's standard error): "
+                + metrics_summary(final.metrics)
+            )
     else:
         err_console.print(f"[red]{inert(status.state)}[/]: {inert(status.error, newlines=True)}")
 
@@ -296,6 +314,7 @@ def plan(
     out.print(t)
     verdict = "feasible" if p.feasible else f"NOT feasible: {inert(p.message, newlines=True)}"
     out.print(f"released model ε ≈ {p.epsilon:.3f} ({p.accountant.upper()}); {verdict}")
+    out.print(metrics_plan_summary(spec))
     if not p.feasible:
         raise typer.Exit(4)
 
@@ -325,15 +344,27 @@ def status(
     )
     if s.history:
         t = Table(title="rounds")
-        for col in ("round", "sites", "examples", "val loss", "val acc", "ε after", "seconds"):
+        cols = (
+            "round",
+            "sites",
+            "examples",
+            "val loss",
+            "val acc",
+            "val AUC",
+            "ε after",
+            "seconds",
+        )
+        for col in cols:
             t.add_column(col)
         for h in s.history:
+            m = h.metrics  # ± the DP noise's standard error (orchestrator.metric_pooling)
             t.add_row(
                 str(h.round),
                 inert(", ".join(h.site_ids)),
                 str(h.num_examples),
-                _fmt_metric(h.loss),
-                _fmt_metric(h.accuracy),
+                format_estimate(m.loss) if m else _fmt_metric(h.loss),
+                format_estimate(m.accuracy) if m else _fmt_metric(h.accuracy),
+                format_estimate(m.auc) if m else "-",
                 _fmt_eps(h.epsilon),
                 f"{h.duration_s:.1f}",
             )
@@ -636,22 +667,31 @@ def evaluate(
             job_id, dataset=dataset, noise_multiplier=noise_multiplier, timeout_s=timeout
         )
     t = Table(title=f"{job_id} on dataset {dataset!r} (noised sums, σ={noise_multiplier:g})")
-    for col in ("site", "rows", "accuracy", "loss", "ε (this evaluation)", "note"):
+    for col in ("site", "rows", "accuracy", "loss", "AUC", "ε (this evaluation)", "note"):
         t.add_column(col)
     for s in ev.sites:
-        m = s.metrics
+        one = (
+            None
+            if s.metrics is None
+            else pool_metrics(
+                [s.metrics], noise_multiplier=noise_multiplier, loss_bound=EVALUATE_LOSS_BOUND
+            )
+        )
         t.add_row(
             inert(s.site_id),
-            str(m.num_examples) if m else "-",
-            _fmt_metric(m.accuracy) if m else "-",
-            _fmt_metric(m.loss) if m else "-",
+            format_estimate(one.num_examples) if one else "-",
+            format_estimate(one.accuracy) if one else "-",
+            format_estimate(one.loss) if one else "-",
+            format_estimate(one.auc) if one else "-",
             _fmt_eps(s.epsilon),
             inert(s.error),
         )
     out.print(t)
+    rows = f"{ev.metrics.num_examples.value:.0f}" if ev.metrics else "0"
     out.print(
-        f"pooled: accuracy {_fmt_metric(ev.accuracy)}, loss {_fmt_metric(ev.loss)} over "
-        f"{ev.num_examples} rows; cost ε = {ev.epsilon:.3g}, δ = {ev.delta:g} (max over sites)"
+        f"pooled over ≈{rows} rows (± the DP noise's standard error): "
+        f"{metrics_summary(ev.metrics)}; cost ε = {ev.epsilon:.3g}, δ = {ev.delta:g} "
+        "(max over sites)"
     )
 
 

@@ -192,6 +192,24 @@ def metrics_summary(p: PooledMetrics | None) -> str:
     return "  ".join(parts)
 
 
+def metrics_plan_summary(spec: JobSpec) -> str:
+    """One line for ``orchestrator plan``: which rounds release metrics and what they cost."""
+    m = spec.metrics
+    if not m.enabled:
+        return "metrics: none released"
+    planned = [r for r in range(1, spec.rounds + 1) if m.releases_at(r, spec.rounds)]
+    where = f"round {planned[0]}" if len(planned) == 1 else f"{len(planned)} rounds"
+    if m.exact:
+        return f"metrics: EXACT in {where}, outside the DP guarantee (sites must allow it)"
+    alone = compute_epsilon(
+        [DpEvent(m.noise_multiplier, 1.0, len(planned))], delta=spec.dp.delta
+    ).epsilon
+    return (
+        f"metrics: released in {where} (metrics.every={m.every}), σ={m.noise_multiplier:g}; "
+        f"they cost ε {alone:.3g} alone at δ={spec.dp.delta:g}, included in each site's job ε"
+    )
+
+
 class _RoundRecord(Protocol):
     round: int
     metrics: dict[str, Any] | None

@@ -354,7 +354,7 @@ def test_a_site_requiring_secure_noise_draws_all_its_noise_from_the_csprng(
 
 
 def test_plan_epsilon_is_the_charged_epsilon_with_metrics_every_k_rounds(
-    net_factory: Any, tmp_path: Path
+    net_factory: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # metrics.every = 2 over 3 rounds: metrics in rounds 2 and 3. The plan counts exactly
     # those releases, so its ε is the ε of what each site's ledger charged.
@@ -373,3 +373,17 @@ def test_plan_epsilon_is_the_charged_epsilon_with_metrics_every_k_rounds(
         charged = compute_epsilon(evs, delta=1e-5).epsilon
         assert planned[sid] == pytest.approx(charged, rel=1e-6)
     assert plan.epsilon == pytest.approx(st.epsilon, rel=1e-6)
+    # What the CLI shows: the plan's metrics cost, every metric with its standard error.
+    from orchestrator import cli as orch_cli
+
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(spec)
+    server = ["--server", net.address, "--insecure"]
+    capsys.readouterr()
+    assert orch_cli.main(["plan", str(job_file), *server]) == 0
+    assert "metrics: released in 2 rounds (metrics.every=2), σ=10" in capsys.readouterr().out
+    assert orch_cli.main(["status", st.job_id, *server]) == 0
+    assert "±" in capsys.readouterr().out
+    assert orch_cli.main(["evaluate", st.job_id, "-d", "digits", *server]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "pooled over ≈" in printed and "acc " in printed and " ± " in printed
