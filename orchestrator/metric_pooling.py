@@ -133,8 +133,9 @@ def pool_metrics(
 
 
 def format_estimate(e: Estimate | None) -> str:
-    """``0.81 ± 0.03``; the SE's first significant digit sets the decimals (2 to 4); exact
-    values without ``±``; an undefined one says so."""
+    """``0.81 ± 0.03``: decimals down to the SE's first significant digit, at least two
+    below 10 (``0.812 ± 0.004``, a count ``433 ± 17``); exact values without ``±``; an
+    undefined one says so."""
     if e is None:
         return "-"
     if not math.isfinite(e.value):
@@ -143,7 +144,8 @@ def format_estimate(e: Estimate | None) -> str:
         return f"{e.value:.3f}"
     if not math.isfinite(e.se):
         return f"{e.value:.3f} ± ∞"
-    digits = min(4, max(2, -math.floor(math.log10(e.se))))
+    least = 2 if abs(e.value) < 10 else 0  # rates and losses keep two decimals
+    digits = min(4, max(least, -math.floor(math.log10(e.se))))
     return f"{e.value:.{digits}f} ± {e.se:.{digits}f}"
 
 

@@ -232,6 +232,8 @@ def test_formatting_and_json_round_trip() -> None:
     assert format_estimate(Estimate(0.8123, 0.0312)) == "0.81 ± 0.03"
     assert format_estimate(Estimate(0.8123, 0.0042)) == "0.812 ± 0.004"
     assert format_estimate(Estimate(0.8, 0.0)) == "0.800"
+    assert format_estimate(Estimate(432.94, 17.32)) == "433 ± 17"
+    assert format_estimate(Estimate(-0.23, 0.32)) == "-0.23 ± 0.32"
     assert format_estimate(None) == "-"
     p = pool_metrics(
         [_site(100.0, 80.0, 40.0, np.arange(4.0), 2.0)], noise_multiplier=2.0, loss_bound=5.0
