@@ -277,7 +277,7 @@ def _meta(events: list[tuple[str, DpEvent]], *, n: int, **over: Any) -> UpdateMe
 
 
 def test_the_honest_report_matches_and_is_charged_as_assigned() -> None:
-    spec = _job()
+    spec = _job(metrics={"noise_multiplier": 20.0})
     a = ub.Assignment("s", 1.2, 100, 0, spec)
     m = ub.match_report(
         a,
