@@ -467,6 +467,8 @@ def sites(
 
 
 def _fmt_rows(dp_rows: float) -> str:
+    if dp_rows < 0:  # the site's σ floor or budget did not allow the count (site_agent.catalog)
+        return "withheld (budget)"
     return f"≈{dp_rows:,.0f}"
 
 

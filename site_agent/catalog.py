@@ -1,10 +1,13 @@
 """What data scientists may see of a site's datasets: declared schema and a DP row count.
 
-The row count shown in ``orchestrator datasets`` is released through the Gaussian mechanism
+The row count shown in ``orchestrator sites`` is released through the Gaussian mechanism
 (sensitivity 1 under add/remove of one row; Dwork & Roth 2014, Thm A.1) with the policy's
-``catalog_noise_multiplier``, charged to the ledger **before** it leaves (write-ahead), and
-cached in the state directory: asking again costs nothing more. A new count (the data
-changed) is a new release and is charged again.
+``catalog_noise_multiplier``, admitted like any release (the policy's σ floor; the budget,
+with every charge and every admitted job's reservation, checked in the charge's transaction),
+charged to the ledger **before** it leaves (write-ahead), and cached in the state directory
+per budget (names on the same data share it). It is released once: a change of the data keeps
+the first count rather than charging again. When the σ floor or the budget does not allow
+it, the count is withheld (:data:`WITHHELD`, shown as such by ``orchestrator sites``).
 
 (The training protocol itself still discloses exact row counts to the orchestrator, which
 uses them for sample rates and weighting; the README lists this.)
@@ -13,50 +16,101 @@ uses them for sample rates and weighting; the README lists this.)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 from common import noise
 from common.accounting import DpEvent
 from common.domain import ColumnInfo
+from common.errors import PolicyRefusal, PrivacyAccountingError
 from site_agent.config import DatasetConfig, Policy
 from site_agent.ledger import Ledger
+from site_agent.policy import TaskCost, project
 
 CATALOG_JOB = "catalog"
+WITHHELD: Final = -1.0
+"""The count a site shows when it did not release one (a DP count is never negative)."""
+log = logging.getLogger("dpfed.site_agent")
 
 
 class CatalogCounts:
-    def __init__(self, state_dir: Path, ledger: Ledger, policy: Policy) -> None:
+    """The catalog's DP row counts, one release per budget (see the module docstring)."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        ledger: Ledger,
+        policy: Policy,
+        *,
+        budget_limit: Callable[[str], float] | None = None,
+    ) -> None:
         self.path = state_dir / "catalog_counts.json"
         self.ledger = ledger
         self.policy = policy
+        self._limit = budget_limit or (lambda _name: policy.max_epsilon)
         self._lock = threading.Lock()
         self._cache: dict[str, dict[str, float]] = (
             json.loads(self.path.read_text()) if self.path.exists() else {}
         )
 
     def noisy_count(self, dataset: str, exact: int) -> float:
-        """The cached DP count of ``dataset``; a fresh, charged release when ``exact`` moved."""
+        """The DP count of ``dataset``: released (and charged) once per budget, then cached;
+        :data:`WITHHELD` when the site's σ floor or the budget does not allow it."""
         with self._lock:
-            hit = self._cache.get(dataset)
-            if hit is not None and int(hit["exact"]) == exact:
+            key = self.ledger.budget_of(dataset)
+            # Released once: a later change of the data does not buy a new release (each
+            # would be charged again, without end); the count stays the first one.
+            hit = self._cache.get(key) or self._cache.get(dataset)
+            if hit is not None:
                 return float(hit["noisy"])
             sigma = self.policy.catalog_noise_multiplier
-            # Write-ahead: the charge is durable before the number exists.
-            self.ledger.charge(
-                dataset=dataset,
-                job_id=CATALOG_JOB,
-                round=0,
-                task_id=f"catalog-{uuid.uuid4().hex}",
-                kind="catalog",
-                events=[DpEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)],
-                delta=self.policy.delta,
-            )
+            if sigma < self.policy.min_noise_multiplier:
+                log.info(
+                    "catalog count of %s withheld: its σ=%g is below the policy's minimum %g",
+                    dataset,
+                    sigma,
+                    self.policy.min_noise_multiplier,
+                )
+                return WITHHELD
+            event = DpEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)
+            limit = self._limit(dataset)
+
+            def fits(history: list[DpEvent]) -> None:
+                proj = project(
+                    history=history,
+                    cost=TaskCost(events=(event,), delta=self.policy.delta),
+                    policy_delta=self.policy.delta,
+                    max_epsilon=limit,
+                )
+                if not proj.within_budget:
+                    raise PolicyRefusal(
+                        f"the count would bring dataset {dataset!r} to ε≤"
+                        f"{proj.epsilon_after:.4g}, over its budget of ε={limit:g}"
+                    )
+
+            try:
+                # Write-ahead, checked in the charge's transaction like any other release.
+                self.ledger.charge(
+                    dataset=dataset,
+                    job_id=CATALOG_JOB,
+                    round=0,
+                    task_id=f"catalog-{uuid.uuid4().hex}",
+                    kind="catalog",
+                    events=[event],
+                    delta=self.policy.delta,
+                    check=fits,
+                )
+            except (PolicyRefusal, PrivacyAccountingError) as err:
+                log.info("catalog count of %s withheld: %s", dataset, err)
+                return WITHHELD
             rng = noise.private_numpy_rng()
             noisy = max(0.0, round(exact + float(noise.gaussian_np(rng, sigma))))
-            self._cache[dataset] = {"exact": float(exact), "noisy": noisy, "sigma": sigma}
+            self._cache[key] = {"noisy": noisy, "sigma": sigma}
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self._cache))
             os.replace(tmp, self.path)

@@ -123,7 +123,12 @@ class TaskExecutor:
         self._lock = threading.Lock()
         for ds in config.datasets:
             self._split(ds.name)  # fail fast on a broken dataset at start-up
-        self._catalog = CatalogCounts(config.state_dir, ledger, config.policy)
+        self._catalog = CatalogCounts(
+            config.state_dir,
+            ledger,
+            config.policy,
+            budget_limit=functools.partial(budget_limit, config),
+        )
         self._infos: list[DatasetInfo] = self._compute_infos()
 
     # ------------------------------------------------------------ what the site discloses

@@ -122,9 +122,9 @@ def test_catalog_count_is_noised_charged_once_and_cached(tmp_path: Path) -> None
             5.0,
             1.0,
         )
-        # the data changed: a new release, charged again
-        counts.noisy_count("d", 1200)
-        assert len(led.entries(dataset="d")) == 2
+        # the data changed: the first count stays, nothing is charged again (issue 16.3)
+        assert counts.noisy_count("d", 1200) == first
+        assert len(led.entries(dataset="d")) == 1
 
 
 def test_catalog_noise_has_the_stated_spread(tmp_path: Path) -> None:
