@@ -274,3 +274,38 @@ def test_an_older_database_gains_the_rounds_metrics_column(tmp_path: Any) -> Non
     with sqlite3.connect(db) as con:
         columns = {row[1] for row in con.execute("PRAGMA table_info(rounds)")}
     assert "metrics" in columns
+
+
+def test_a_sites_noised_binary_release_has_the_standard_errors_the_pool_states() -> None:
+    # The site's own noise (σ·2 on every coordinate, histogram included) against the SEs
+    # metric_pooling derives: the pooled AUC and accuracy scatter as stated around the
+    # exact values.
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(4000, 6)).astype(np.float32)
+    y = (x[:, 0] + 0.8 * rng.normal(size=4000) > 0).astype(np.int64)
+    state = build_model(BINARY, seed=5).state_dict()
+    kw: dict[str, Any] = {
+        "model_spec": BINARY,
+        "state": state,
+        "features": x,
+        "labels": y,
+        "loss_bound": 5.0,
+        "auc_bins": 10,
+    }
+    exact = pool_metrics(
+        [evaluate(**kw, noise_multiplier=None).released()], noise_multiplier=1.0, loss_bound=5.0
+    )
+    assert exact is not None and exact.auc is not None
+    sigma, reps = 8.0, 400
+    draws, ses = [], []
+    for _ in range(reps):
+        m = evaluate(**kw, noise_multiplier=sigma).released()
+        assert m.num_examples == 0 and len(m.score_histogram) == 20
+        p = pool_metrics([m], noise_multiplier=sigma, loss_bound=5.0)
+        assert p is not None and p.auc is not None
+        draws.append((p.accuracy.value, p.auc.value))
+        ses.append((p.accuracy.se, p.auc.se))
+    d, s = np.array(draws), np.array(ses)
+    for j, truth in enumerate((exact.accuracy.value, exact.auc.value)):
+        assert s[:, j].mean() == pytest.approx(d[:, j].std(ddof=1), rel=0.15), j
+        assert abs(d[:, j].mean() - truth) < 5 * d[:, j].std(ddof=1) / math.sqrt(reps), j
