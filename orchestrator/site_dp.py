@@ -10,10 +10,18 @@ multiplier z at the *site* level; over R rounds with every selected site taking 
 
 Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private Learning with Adaptive
 Clipping", NeurIPS 2021: S follows the γ-quantile of update norms, S ← S·exp(−η(b̃ − γ)),
-where b̃ is the fraction of unclipped updates counted with Gaussian noise σ_b. Their Theorem 1:
-releasing both the sum (noise multiplier z_Δ) and the count (σ_b, sensitivity ½) is as private
-as one Gaussian mechanism with z = (z_Δ⁻² + (2σ_b)⁻²)^(-1/2); so for a requested z we use
-z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2), which needs 2σ_b > z.
+where b̃ is the fraction of unclipped updates counted with Gaussian noise σ_b. Each site
+contributes the bit b_i = 1[‖Δ_i‖ ≤ S] − ½ ∈ {−½, ½}, so adding or removing one site moves
+the released sum Σ b_i by ½ (as TF Privacy's quantile estimator does: the ½ is added back
+after dividing by the public denominator). Their Theorem 1: releasing both the sum (noise
+multiplier z_Δ) and that count (σ_b, sensitivity ½) is as private as one Gaussian mechanism
+with z = (z_Δ⁻² + (2σ_b)⁻²)^(-1/2); so for a requested z we use z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2),
+which needs 2σ_b > z. (Counting 0/1 bits instead has sensitivity 1, and the same formula
+would understate ε by 1.08-2.55x.)
+
+Noise comes from a private generator (``common.noise.private_torch_generator``, seeded from
+OS entropy) unless a test passes its own: never from torch's global generator, which other
+job threads seed with a public seed when they build a model.
 
 This guarantee is *in addition to* the sample-level guarantee of each site's DP-SGD, and it
 relies on the orchestrator applying it honestly (it is the orchestrator's noise).
@@ -26,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common import noise
 from common.accounting import DpEvent
 from common.errors import InvalidSpecError
 from common.specs import SiteDPSpec
@@ -82,23 +91,35 @@ class SiteDPRound:
         self.count += 1
         return norm
 
+    @property
+    def count_statistic(self) -> float:
+        """What the count release adds noise to: Σ (1[unclipped] − ½), sensitivity ½."""
+        return self.unclipped - 0.5 * self.count
+
     def finish(
         self, spec: SiteDPSpec, generator: torch.Generator | None = None
     ) -> tuple[dict[str, torch.Tensor], float]:
-        """The noised mean update and the next round's clip norm."""
+        """The noised mean update and the next round's clip norm.
+
+        ``generator``: for tests only; by default every draw comes from a fresh private
+        generator (see the module docstring)."""
         if self._sum is None:
             raise InvalidSpecError("site-level DP round with no update")
+        if generator is None:
+            generator = noise.private_torch_generator()
         std = self.sum_noise_multiplier * self.clip_norm
         out = {}
         for k, acc in self._sum.items():
-            noise = torch.normal(0.0, std, size=acc.shape, dtype=torch.float64, generator=generator)
-            out[k] = ((acc + noise) / self.denominator).to(torch.float32)
+            draw = torch.normal(0.0, std, size=acc.shape, dtype=torch.float64, generator=generator)
+            out[k] = ((acc + draw) / self.denominator).to(torch.float32)
         next_clip = self.clip_norm
         if spec.adaptive and self.count_sigma is not None:
-            noisy = self.unclipped + float(
-                torch.normal(0.0, self.count_sigma, size=(1,), generator=generator)
+            noisy = self.count_statistic + float(
+                torch.normal(
+                    0.0, self.count_sigma, size=(1,), dtype=torch.float64, generator=generator
+                )
             )
-            frac = noisy / self.denominator
+            frac = noisy / self.denominator + 0.5
             next_clip = self.clip_norm * math.exp(
                 -spec.clip_learning_rate * (frac - spec.target_quantile)
             )

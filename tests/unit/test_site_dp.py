@@ -69,3 +69,49 @@ def test_site_level_events() -> None:
     spec = SiteDPSpec(noise_multiplier=1.5, clip_norm=1.0)
     (ev,) = site_level_events(spec, 7)
     assert (ev.noise_multiplier, ev.sample_rate, ev.steps) == (1.5, 1.0, 7)
+
+
+def _next_clip(updates: list[float], seed: int, num_sites: int) -> float:
+    spec = SiteDPSpec(
+        noise_multiplier=0.5,
+        clip_norm=1.0,
+        adaptive=True,
+        count_noise_multiplier=1.0,
+        clip_learning_rate=0.5,
+        target_quantile=0.5,
+    )
+    r = round_for(spec, clip_norm=1.0, num_sites=num_sites)
+    for norm in updates:
+        r.add({"w": torch.full((4,), norm / 2.0)})  # L2 norm of 4 equal entries: 2·entry
+    return r.finish(spec, generator=torch.Generator().manual_seed(seed))[1]
+
+
+@pytest.mark.parametrize("extra", [0.1, 100.0])  # one more site, unclipped or clipped
+def test_the_released_count_has_sensitivity_one_half(extra: float) -> None:
+    """Issue 16.5: what is released (the noised count behind the next clip norm) moves by at
+    most ½ when one site is added, as Andrew et al.'s Theorem 1 assumes; with the same noise
+    draw, the difference is the statistic's."""
+    eta, denominator = 0.5, 3
+    for seed in range(5):
+        before = _next_clip([100.0, 0.1], seed, denominator)
+        after = _next_clip([100.0, 0.1, extra], seed, denominator)
+        moved = denominator * abs(math.log(after / before)) / eta
+        assert moved == pytest.approx(0.5, abs=1e-9)
+
+
+def test_site_level_noise_ignores_the_global_generator() -> None:
+    """Issue 16.6: a public torch.manual_seed (other job threads seed it to build models)
+    neither predicts nor repeats the orchestrator's noise, and the noise does not draw on it."""
+    spec = SiteDPSpec(
+        noise_multiplier=1.0, clip_norm=1.0, adaptive=True, count_noise_multiplier=1.0
+    )
+    outs = []
+    for _ in range(2):
+        r = round_for(spec, clip_norm=1.0, num_sites=2)
+        r.add({"w": torch.zeros(64)})
+        torch.manual_seed(1234)
+        state = torch.get_rng_state()
+        mean, clip = r.finish(spec)
+        assert torch.equal(torch.get_rng_state(), state)  # the global generator is untouched
+        outs.append((mean["w"], clip))
+    assert not torch.equal(outs[0][0], outs[1][0]) and outs[0][1] != outs[1][1]
