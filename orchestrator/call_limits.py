@@ -5,8 +5,9 @@ waits (a parked ``PullTask`` long-poll, a slow upload) holds its thread. One sit
 that parked more long-polls than the pool has threads starved every other caller, analysts
 included (issue 17.6). So:
 
-- each caller (its certificate's role and name; its connection's address without mTLS) has at
-  most ``per_caller`` calls in progress on a service;
+- each caller (its certificate's role and name) has at most ``per_caller`` calls in progress
+  on a service. Without mTLS (loopback development) there is no identity to bound: a caller
+  could open another connection at will, so only the total applies;
 - all agent calls together leave ``reserve`` threads free for the control service and health
   checks, whatever the number of sites.
 
@@ -31,14 +32,15 @@ MAX_CALLS_PER_SITE = 8
 MAX_CALLS_PER_USER = 16
 
 
-def caller_key(context: grpc.ServicerContext, *, mtls: bool) -> str:
-    """Who is calling: the certificate's role and name with mTLS, else the peer address."""
+def caller_key(context: grpc.ServicerContext, *, mtls: bool) -> str | None:
+    """Who is calling: the certificate's role and name; None without mTLS or a certificate
+    (the handler's own identity check refuses the latter)."""
     if not mtls:
-        return str(context.peer())
+        return None
     try:
         ident = peer_identity(context)
     except PermissionDeniedError:
-        return str(context.peer())  # refused by the handler's own identity check
+        return None
     return f"{ident.role}:{ident.name}"
 
 
@@ -60,7 +62,7 @@ class CallLimiter:
     def hold(self, context: grpc.ServicerContext) -> Iterator[None]:
         key = caller_key(context, mtls=self.mtls)
         with self._lock:
-            if self._by_caller[key] >= self.per_caller:
+            if key is not None and self._by_caller[key] >= self.per_caller:
                 raise TryLaterError(
                     f"{key} already has {self.per_caller} calls in progress on the "
                     f"{self.service}; finish or cancel some first",
@@ -71,16 +73,18 @@ class CallLimiter:
                     f"the {self.service} is at its limit of {self.total} calls in progress",
                     retry_after_s=1.0,
                 )
-            self._by_caller[key] += 1
+            if key is not None:
+                self._by_caller[key] += 1
             self._in_progress += 1
         try:
             yield
         finally:
             with self._lock:
                 self._in_progress -= 1
-                self._by_caller[key] -= 1
-                if self._by_caller[key] <= 0:
-                    del self._by_caller[key]
+                if key is not None:
+                    self._by_caller[key] -= 1
+                    if self._by_caller[key] <= 0:
+                        del self._by_caller[key]
 
     def in_progress(self) -> int:
         with self._lock:
