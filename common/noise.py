@@ -119,9 +119,9 @@ def gaussian_torch(
 ) -> torch.Tensor:
     """``N(0, std²)`` noise of ``shape`` from the configured source.
 
-    ``generator`` is used by the standard source only; pass one from
-    :func:`private_torch_generator` (``None`` would fall back to torch's global generator,
-    which any code in the process can seed).
+    ``generator`` is used by the standard source only, and that source refuses ``None``:
+    pass one from :func:`private_torch_generator` (torch's global generator is one that any
+    code in the process can seed, and some does, with public seeds).
     """
     if not (std >= 0.0 and math.isfinite(std)):
         raise ValueError(f"std must be a finite number >= 0, got {std}")
@@ -130,6 +130,11 @@ def gaussian_torch(
         return torch.zeros(size, dtype=dtype)
     if secure_enabled():
         return _secure_normal(std, math.prod(size)).reshape(size).to(dtype)
+    if generator is None:
+        raise ValueError(
+            "DP noise needs an explicit private generator (noise.private_torch_generator()); "
+            "torch's global generator can be seeded by anyone in the process."
+        )
     return torch.normal(0.0, std, size=size, generator=generator, dtype=dtype)
 
 

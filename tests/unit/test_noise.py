@@ -67,9 +67,16 @@ def test_shapes_zero_std_and_bad_std() -> None:
         with noise.secure_noise(secure):
             assert noise.gaussian_np(rng, 1.0).shape == ()
             assert noise.gaussian_np(rng, 1.0, (2, 3)).shape == (2, 3)
-            assert noise.gaussian_torch(1.0, (2, 3), generator=None).shape == (2, 3)
+            gen = noise.private_torch_generator()
+            assert noise.gaussian_torch(1.0, (2, 3), generator=gen).shape == (2, 3)
             assert not noise.gaussian_torch(0.0, (4,), generator=None).any()
             with pytest.raises(ValueError, match="std"):
                 noise.gaussian_np(rng, -1.0)
             with pytest.raises(ValueError, match="std"):
                 noise.gaussian_torch(float("nan"), (1,), generator=None)
+
+
+def test_standard_noise_refuses_the_global_generator() -> None:
+    """Issue 16.6: no DP draw falls back to torch's global generator."""
+    with noise.secure_noise(False), pytest.raises(ValueError, match="private generator"):
+        noise.gaussian_torch(1.0, (3,), generator=None)
