@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 
 from common.errors import InvalidSpecError
 
@@ -62,6 +63,8 @@ def retry_after_s(err: BaseException) -> float | None:
             try:
                 ms = float(value)
             except ValueError:
+                return None
+            if not math.isfinite(ms):  # "nan" would make the caller's sleep raise
                 return None
             return min(max(ms, 0.0), 60_000.0) / 1000.0
     return None

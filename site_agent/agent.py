@@ -10,6 +10,7 @@ set, so that ``site-agent serve`` exits non-zero and a supervisor restarts it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -278,6 +279,13 @@ class SiteAgent:
                 log.warning("site=%s task %s: %s", self.config.site_id, task.task_id, err.details())
                 return
             raise
+        except Exception as err:
+            # Whatever one task brings (a transfer the orchestrator answered oddly, ...) ends
+            # that task, not the agent.
+            self.tasks_refused += 1
+            log.exception("site=%s job=%s task failed", self.config.site_id, task.job_id)
+            with contextlib.suppress(grpc.RpcError):
+                self._report(stub, task, "INTERNAL", f"the site agent failed: {type(err).__name__}")
         finally:
             self._state, self._task_id = "idle", ""
 

@@ -41,6 +41,7 @@ from common.tls import (
     issued,
     server_credentials,
 )
+from common.transport import RETRY_AFTER_MS
 from orchestrator import cli as orch_cli
 from orchestrator.server import RunningServer, ensure_server_pki, start_server
 from protos.dpfed.v1 import dpfed_pb2 as pb
@@ -150,6 +151,9 @@ class RogueOrchestrator(pb_grpc.AgentServiceServicer):
         return pb.PullTaskResponse()
 
     def FetchModel(self, request: pb.FetchModelRequest, context: Any) -> Iterator[pb.Chunk]:
+        if request.task_id == "t-nan-retry":  # "try again in NaN ms"
+            context.set_trailing_metadata(((RETRY_AFTER_MS, "nan"),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "later")
         yield from self.streams[request.task_id]
 
     def ReportFailure(self, request: pb.TaskFailure, context: Any) -> pb.ReportFailureResponse:
@@ -171,6 +175,7 @@ def rogue_orchestrator(pki: Pki) -> Iterator[tuple[RogueOrchestrator, str]]:
             _task("t-nan", noise_multiplier=float("nan")),
             _task("t-inf-deadline", deadline_unix=float("inf")),
             _task("t-two-sizes"),
+            _task("t-nan-retry"),
             _task("t-short"),
             _task("t-bad-offset"),
         ],
