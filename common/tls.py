@@ -601,8 +601,9 @@ def explain_tls_failure(files: TlsFiles, details: str, *, host: str = "") -> str
             "certificate of another deployment?): the orchestrator refuses it"
         )
     if "peer name" in low or "hostname" in low:
+        name = host.rsplit(":", 1)[0] if host.rsplit(":", 1)[-1].isdigit() else host
         return (
-            f"the orchestrator's certificate does not name the host {host or 'you dialled'}: "
+            f"the orchestrator's certificate does not name the host {name or 'you dialled'}: "
             "dial a name it lists, or have it re-issued with --host"
         )
     if "socket closed" in low or "handshake" in low:

@@ -693,6 +693,29 @@ def test_a_hostile_job_name_and_failure_reason_print_inert(
         _printed_inert(capsys.readouterr().out)
 
 
+def test_a_server_certificate_for_another_host_is_named_as_the_cause(
+    pki: Pki, tmp_path: Path
+) -> None:
+    from common.errors import UnavailableError
+    from orchestrator.client import ControlClient
+
+    try:  # the certificate names 127.0.0.1, ::1 and localhost, not 127.0.0.2
+        srv = start_server(
+            listen="127.0.0.2:0", state_dir=tmp_path / "orch", tls=pki.files["orchestrator"]
+        )
+    except OSError:
+        pytest.skip("127.0.0.2 is not a loopback address here")
+    try:
+        with ControlClient(f"127.0.0.2:{srv.port}", tls=pki.user("analyst")) as client:
+            with pytest.raises(UnavailableError) as info:
+                client.jobs()
+        assert "the orchestrator's certificate does not name the host 127.0.0.2: " in str(
+            info.value
+        )
+    finally:
+        srv.stop(0.2)
+
+
 # ------------------------------------------------------------ minor: state is private
 
 
