@@ -25,7 +25,10 @@ A released model is a folder with two files:
 * ``model.safetensors`` — the weights (safetensors cannot carry code, unlike pickle), with
   the model spec as JSON in its metadata under ``"dpfed.model_spec"``;
 * ``model_card.json`` — the model card: the spec under ``"model"``, plus whatever the
-  release adds (ε, δ, accountant, each site's spend).
+  release adds (ε, δ, accountant, each site's spend, the feature encoding).
+
+:func:`load_model` gives the module (encoded float32 rows in, logits out);
+:func:`load_pipeline` gives it with its encoding, for raw rows (:mod:`common.pipeline`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors
 import safetensors.torch
@@ -55,6 +58,9 @@ from common.specs import (
     format_validation_error,
     model_dims,
 )
+
+if TYPE_CHECKING:
+    from common.pipeline import Pipeline
 
 WEIGHTS_FILE = "model.safetensors"
 """Name of the weights file in a model folder."""
@@ -450,3 +456,11 @@ def load_model(path: str | Path) -> nn.Module:
     load_weights(module, state, what=f"the weights in {weights_path}")
     module.eval()
     return module
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    """A released model with its feature encoding: ``classes``, ``predict_proba(frame)`` and
+    ``predict(frame)`` on a pandas DataFrame of raw rows (:mod:`common.pipeline`)."""
+    from common.pipeline import load_pipeline as load
+
+    return load(path)

@@ -281,9 +281,11 @@ class EncodingSpec(_Frozen):
         """The orchestrator filled in the features and the label."""
         return bool(self.features) and self.label is not None
 
-    def feature_encoding(self, *, require_edges: bool = True) -> FeatureEncoding:
-        """The encoding to apply (InvalidSpecError if not derived yet or malformed, or, unless
-        ``require_edges`` is false, if its quantile edges are still the placeholders)."""
+    def feature_encoding(self, *, require_edges: bool = False) -> FeatureEncoding:
+        """The encoding to apply (InvalidSpecError if not derived yet or malformed, or, with
+        ``require_edges``, if its quantile edges are still the uniform placeholders: they have
+        the right width, so admission and policy checks can run on them before the
+        orchestrator releases the DP edges ahead of round 1)."""
         if require_edges and self.numeric == "quantile" and not self.edges_released:
             raise InvalidSpecError(
                 "The job's quantile bin edges have not been released yet; the orchestrator "

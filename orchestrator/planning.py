@@ -4,13 +4,15 @@ Sites hold disjoint records, so the released model's sample-level ε is the maxi
 of each site's composed ε for the job (parallel composition), not the sum.
 
 With ``dp.target_epsilon`` each site's σ is calibrated to its own sample rate (sites differ in
-size) so that no site passes the target over all planned rounds, counting the metric releases.
-The plan is advisory: every site re-checks each task against its own ledger and policy.
+size) so that no site passes the target over all planned rounds, counting the metric releases
+and, with ``encoding.numeric: quantile``, the one release of noised histograms the quantile
+bin edges come from. The plan is advisory: every site re-checks each task against its own
+ledger and policy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from common.accounting import DpEvent, calibrate_noise_multiplier, compute_epsilon
@@ -39,18 +41,38 @@ def metrics_event(spec: JobSpec) -> DpEvent | None:
     return DpEvent(noise_multiplier=spec.metrics.noise_multiplier, sample_rate=1.0, steps=1)
 
 
+def quantile_event(spec: JobSpec) -> DpEvent | None:
+    """The one Gaussian release of noised histograms the quantile bin edges come from
+    (``orchestrator.quantiles``; None unless ``encoding.numeric`` is ``quantile`` and a numeric
+    column is binned)."""
+    enc = spec.encoding
+    binned = not enc.derived or any(f.type == "numeric" and f.edges for f in enc.features)
+    if enc.numeric != "quantile" or not binned:
+        return None
+    return DpEvent(noise_multiplier=enc.quantile_noise_multiplier, sample_rate=1.0, steps=1)
+
+
+def prior_events(spec: JobSpec, rounds: int) -> list[DpEvent]:
+    """Every release of the job at a site other than DP-SGD's steps."""
+    out = []
+    q = quantile_event(spec)
+    if q is not None:
+        out.append(q)
+    m = metrics_event(spec)
+    if m is not None:
+        # One release in each round that releases metrics (metrics.every; the last round).
+        releases = spec.metrics.release_count(rounds)
+        out.append(DpEvent(noise_multiplier=m.noise_multiplier, sample_rate=1.0, steps=releases))
+    return out
+
+
 def job_events(
     spec: JobSpec, *, noise_multiplier: float, sample_rate: float, steps: int, rounds: int
 ) -> list[DpEvent]:
     events = [
         DpEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps * rounds)
     ]
-    m = metrics_event(spec)
-    if m is not None:
-        # One release in each round that releases metrics (metrics.every; the last round).
-        releases = spec.metrics.release_count(rounds)
-        events.append(DpEvent(noise_multiplier=m.noise_multiplier, sample_rate=1.0, steps=releases))
-    return events
+    return events + prior_events(spec, rounds)
 
 
 def site_dataset(site: SiteStatus, name: str) -> DatasetInfo | None:
@@ -78,9 +100,7 @@ def plan_site(spec: JobSpec, site_id: str, ds: DatasetInfo) -> SiteTaskPlan:
         sigma = spec.dp.noise_multiplier
     else:
         assert spec.dp.target_epsilon is not None
-        m = metrics_event(spec)
-        releases = spec.metrics.release_count(spec.rounds)
-        prior = [] if m is None else [DpEvent(m.noise_multiplier, 1.0, releases)]
+        prior = prior_events(spec, spec.rounds)
         sigma = calibrate_noise_multiplier(
             target_epsilon=spec.dp.target_epsilon,
             sample_rate=q,
@@ -94,12 +114,34 @@ def plan_site(spec: JobSpec, site_id: str, ds: DatasetInfo) -> SiteTaskPlan:
     )
 
 
-def plan_job(spec: JobSpec, sites: list[SiteStatus]) -> Plan:
-    """Project each site's cost for ``spec`` and say which sites would refuse it."""
+def plan_job(
+    spec: JobSpec, sites: list[SiteStatus], *, excluded: Mapping[str, str] | None = None
+) -> Plan:
+    """Project each site's cost for ``spec`` and say which sites would refuse it.
+
+    ``excluded``: sites left out of the job (their declared schema disagrees), with why.
+    """
     rows: list[SitePlan] = []
     for site in sites:
         ds = site_dataset(site, spec.dataset)
         if ds is None:
+            continue
+        if excluded and site.site_id in excluded:
+            rows.append(
+                SitePlan(
+                    site.site_id,
+                    ds.num_rows,
+                    0.0,
+                    0.0,
+                    0,
+                    0.0,
+                    ds.epsilon_spent,
+                    ds.epsilon_spent,
+                    ds.max_epsilon,
+                    True,
+                    f"excluded from the job: {excluded[site.site_id]}",
+                )
+            )
             continue
         reason = ""
         try:

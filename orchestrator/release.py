@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.specs import JobSpec
+from orchestrator.planning import quantile_event
 from orchestrator.metric_pooling import metrics_card
 from orchestrator.store import ChargeRow, JobRow, RoundRow
 from orchestrator.views import charged_event_dict, site_spends
@@ -43,6 +44,34 @@ def noise_limits(secure_noise: Mapping[str, bool]) -> str:
         "generators seeded from OS entropy, without a countermeasure to floating-point attacks "
         "on the Gaussian sampler; a site sets policy.secure_noise to change that."
     )
+
+
+def encoding_card(spec: JobSpec) -> dict[str, Any]:
+    """What the card says about the features: the encoding ``load_pipeline`` applies
+    (``"encoding"``), each feature's declaration and slots, the classes, and where the
+    encoding's parameters came from (empty for a spec without a derived encoding)."""
+    if not spec.encoding.derived:
+        return {}
+    enc = spec.encoding.feature_encoding(require_edges=True)
+    q = quantile_event(spec)
+    return {
+        "encoding": enc.to_dict(),
+        "features": [
+            {**f.to_dict(), "encoding": f.kind, "slots": f.slot_names()} for f in enc.features
+        ],
+        "label": enc.label.name,
+        "classes": list(enc.classes),
+        "encoding_privacy": (
+            "numeric columns scaled by their declared bounds and categories one-hot over their "
+            "declared lists: derived from the sites' declared schemas, no data used"
+            if q is None
+            else (
+                "quantile bin edges of numeric columns from the sites' Gaussian-noised "
+                f"histograms (noise multiplier {q.noise_multiplier:g}), charged to every site "
+                "and included in ε; bounds and categories from the declared schemas"
+            )
+        ),
+    }
 
 
 def build_model_card(
@@ -121,6 +150,7 @@ def build_model_card(
             "optimizer": spec.optimizer.model_dump(mode="json"),
             "min_sites": spec.min_sites,
         },
+        **encoding_card(spec),
         "released_at": time.time(),
         "dpfed_version": version,
     }

@@ -341,7 +341,7 @@ def derive_encoding(
 
     With ``numeric="quantile"`` every numeric column needs its bin edges in ``edges`` (from
     ``orchestrator.quantiles``; :func:`uniform_edges` is the placeholder of the right width
-    before they are computed).
+    before they are computed), except a constant one (``min == max``), scaled as min/max.
 
     Raises:
         InvalidSpecError: a numeric column without bounds, a label that is not categorical
@@ -353,7 +353,8 @@ def derive_encoding(
         )
     out = []
     for col in features:
-        if col.type == "numeric" and numeric == "quantile":
+        spread = col.min is not None and col.max is not None and col.min < col.max
+        if col.type == "numeric" and numeric == "quantile" and spread:
             if edges is None or col.name not in edges:
                 raise InvalidSpecError(f"The numeric column {col.name!r} has no bin edges.")
             out.append(EncodedFeature(col, tuple(float(e) for e in edges[col.name])))

@@ -79,11 +79,12 @@ def test_quantile_edges_must_be_released_before_training() -> None:
     spec = parse_job_spec(_job({"kind": "linear"}, encoding={**enc, "bins": 4}))
     assert model_dims(spec.model) == (4 + 1 + 4, 2)
     with pytest.raises(InvalidSpecError, match="not been released"):
-        spec.feature_encoding()
+        spec.encoding.feature_encoding(require_edges=True)
+    assert spec.feature_encoding().width == 9  # the placeholders have the right width
     released = parse_job_spec(
         _job({"kind": "linear"}, encoding={**enc, "bins": 4, "edges_released": True})
     )
-    assert released.feature_encoding().width == 9
+    assert released.encoding.feature_encoding(require_edges=True).width == 9
 
 
 def test_encoding_options_are_closed() -> None:
