@@ -221,24 +221,28 @@ def _unfold(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     )
 
 
-def _finite_rows(x: Tensor) -> Tensor:
-    """``(B,)``: whether every value of example ``i`` is finite."""
-    return torch.isfinite(x).reshape(x.shape[0], -1).all(1)
+def _normalise(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each example divided by its largest absolute value; those scales (float64); and
+    whether the example's values are all finite.
 
-
-def _normalise(x: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
-    """Each example divided by its largest absolute value, and those scales (float64).
-
-    Rows where ``ok`` is false become zeros (scale 1). Entries of the result lie in
+    Rows holding a NaN or an infinity become zeros (scale 1). Entries of the result lie in
     ``[-1, 1]``, so squares and Gram matrices of it cannot overflow float32 whatever the
     input's magnitude; the scales carry the magnitude in float64, where ``(3.4·10³⁸)⁴``
-    still fits. Always the same operations whatever the values (no data-dependent branch).
+    still fits. Always the same three passes whatever the values (no data-dependent branch):
+    the max-norm (NaN or ∞ for a non-finite row), a division (by ∞ for such a row), and
+    zeroing what is not finite.
     """
     shape = (-1,) + (1,) * (x.dim() - 1)
-    x = torch.where(ok.view(shape), x, torch.zeros((), dtype=x.dtype, device=x.device))
-    scale = x.abs().reshape(x.shape[0], -1).amax(1)
-    scale = torch.where(scale > 0, scale, torch.ones((), dtype=x.dtype, device=x.device))
-    return x / scale.view(shape), scale.to(torch.float64)
+    rows = x.reshape(x.shape[0], -1)
+    # max |x| per row without an |x| copy (vector_norm's ord=∞ is ten times slower); NaN and
+    # ∞ propagate through amax/amin and maximum.
+    scale = torch.maximum(rows.amax(1), -rows.amin(1))
+    ok = torch.isfinite(scale)
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    scale = torch.where(scale > 0, scale, one)
+    out = x / torch.where(ok, scale, math.inf).view(shape)
+    torch.nan_to_num_(out, nan=0.0, posinf=0.0, neginf=0.0)
+    return out, torch.where(ok, scale, one).to(torch.float64), ok
 
 
 def _gram_or_materialise(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -282,6 +286,9 @@ class _LayerGrad:
     g: Tensor | None = None
     weight_per_example: Tensor | None = None
     bias_per_example: Tensor | None = None
+    dense: bool = False
+    """A dense layer on one vector per example: ``a (B, d)``, ``g (B, p)`` as book-kept, not
+    normalised (:func:`_prepare_dense`)."""
 
 
 def _trainable(layer: nn.Module, name: str) -> bool:
@@ -298,9 +305,11 @@ def _prepare(tape: _Tape) -> _LayerGrad:
             "Book-keeping clipping does not support a layer used twice (or not at all)."
         )
     a_raw, g_raw = tape.saved[0]
-    ok = _finite_rows(a_raw) & _finite_rows(g_raw)
-    a_raw, a_scale = _normalise(a_raw, ok)
-    g_raw, g_scale = _normalise(g_raw, ok)
+    if isinstance(layer, nn.Linear) and a_raw.numel() == a_raw.shape[0] * a_raw.shape[-1]:
+        return _prepare_dense(layer, a_raw, g_raw)
+    a_raw, a_scale, a_ok = _normalise(a_raw)
+    g_raw, g_scale, g_ok = _normalise(g_raw)
+    ok = a_ok & g_ok
     sq_scale = (a_scale * g_scale).square()
     item = _LayerGrad(
         layer,
@@ -338,12 +347,49 @@ def _prepare(tape: _Tape) -> _LayerGrad:
     return item
 
 
+def _prepare_dense(layer: nn.Linear, a_raw: Tensor, g_raw: Tensor) -> _LayerGrad:
+    """A dense layer on one vector per example (the MLPs' case): ``‖g_i a_iᵀ‖ = ‖a_i‖·‖g_i‖``,
+    both norms computed in float64 from the tensors as they are (no normalised copies: every
+    term ``c_i g_ij a_ik`` of the clipped sum is at most ``c_i ‖g_i‖ ‖a_i‖ ≤ C``). An example
+    with a NaN or an infinity has a non-finite norm; :func:`_write_clipped_sum` zeroes it."""
+    a = a_raw.reshape(a_raw.shape[0], -1)
+    g = g_raw.reshape(g_raw.shape[0], -1)
+    norm_a = torch.linalg.vector_norm(a, dim=1, dtype=torch.float64)
+    norm_g = torch.linalg.vector_norm(g, dim=1, dtype=torch.float64)
+    sq = torch.zeros_like(norm_a)
+    if _trainable(layer, "weight"):
+        sq = sq + (norm_a * norm_g).square()
+    if _trainable(layer, "bias"):
+        sq = sq + norm_g.square()
+    ones = torch.ones_like(norm_a)
+    bad = ~(torch.isfinite(norm_a) & torch.isfinite(norm_g))
+    return _LayerGrad(layer, sq, bad, ones, ones, a=a, g=g, dense=True)
+
+
+def _write_dense(item: _LayerGrad, factors: Tensor) -> None:
+    layer = item.layer
+    assert isinstance(layer, nn.Linear) and item.a is not None and item.g is not None
+    # c_i = 0 for a non-finite example: its NaN products and ∞ inputs are zeroed, the rest of
+    # its row is multiplied by 0. Same operations for every batch.
+    scaled = item.g * factors.to(item.g.dtype).view(-1, 1)
+    torch.nan_to_num_(scaled, nan=0.0, posinf=0.0, neginf=0.0)
+    if _trainable(layer, "weight"):
+        a = torch.nan_to_num(item.a, nan=0.0, posinf=0.0, neginf=0.0)
+        _accumulate(layer.weight, scaled.t() @ a)
+    if _trainable(layer, "bias"):
+        assert layer.bias is not None
+        _accumulate(layer.bias, scaled.sum(0))
+
+
 def _multiplier(factors: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     """``min(c_i · scale_i, cap)`` in the parameters' dtype (computed in float64)."""
     return (factors * scale).clamp(max=_MAX_FACTOR).to(dtype)
 
 
 def _write_clipped_sum(item: _LayerGrad, factors: Tensor) -> None:
+    if item.dense:
+        _write_dense(item, factors)
+        return
     layer = item.layer
     if _trainable(layer, "weight"):
         weight = layer.weight
