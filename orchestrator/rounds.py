@@ -57,6 +57,8 @@ from orchestrator.broker import FailureResult, Result, UpdateResult
 from orchestrator.job_thread import JobStopped, JobThread
 from orchestrator.metric_pooling import pool_metrics, pooled_to_dict
 from orchestrator.planning import ACCOUNTANT, plan_site, site_dataset
+from orchestrator.quantiles import release_quantile_edges
+from orchestrator.schemas import job_disagreement
 from orchestrator.site_dp import round_for, site_level_events, sum_noise_multiplier
 from orchestrator.store import ChargeRow, RoundRow, atomic_write
 from orchestrator.update_bounds import (
@@ -103,6 +105,16 @@ class JobRunner(JobThread):
         if row.state in ("completed", "failed"):
             return
         participants = self._participants(row.participants)
+        # Quantile bin edges (encoding.numeric: quantile) are released once, before round 1.
+        self.spec = release_quantile_edges(
+            store=self.store,
+            broker=self.broker,
+            job_id=self.job_id,
+            spec=self.spec,
+            site_ids=[p.site_id for p in participants],
+            check=self._check_cancelled,
+            event=self._event,
+        )
         self.store.update_job(self.job_id, state="running")
         self.on_change(self.job_id)
         state = self._load_global(row.round)
@@ -123,6 +135,7 @@ class JobRunner(JobThread):
         left_out: set[str] = set()  # sites whose registered size the job cannot take
         deadline = time.time() + spec.start_timeout_s
         announced = False
+        excluded: dict[str, str] = {}
         while True:
             chosen: list[Participant] = []
             # Row by row (in site id order): only the job's dataset of each site is kept.
@@ -130,6 +143,12 @@ class JobRunner(JobThread):
                 sid = site.site_id
                 ds = site_dataset(site, spec.dataset)
                 if ds is None or site.state == "disabled":
+                    continue
+                why = None if sid in fixed else job_disagreement(spec, ds)
+                if why is not None:  # its declared schema is not the job's (orchestrator.schemas)
+                    if excluded.get(sid) != why:
+                        excluded[sid] = why
+                        self._event("warning", f"site {sid} is excluded from the job: {why}", sid)
                     continue
                 if site.state == "offline" and sid not in fixed:
                     continue
