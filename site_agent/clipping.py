@@ -28,6 +28,12 @@ the norms, the noise and a little Python. The result is the same clipped sum tha
 ``hooks`` and ``ghost`` modes compute; ``tests/unit/test_clipping.py`` checks the norms
 against per-example gradients from ``torch.func`` and the update against Opacus.
 
+Whatever a record holds, the sum stays finite and each example adds at most ``C``: norms
+cannot overflow (dense layers on vectors take them in float64; other layers from tensors
+max-normalised per example, the scales in float64), and an example whose book-kept tensors
+hold a NaN or an infinity gets factor 0 and zeroed rows, so it contributes nothing
+(``tests/unit/test_finite_clipping.py``).
+
 Noise and averaging are left to Opacus' ``DPOptimizerFastGradientClipping`` (as
 ``site_agent.trainer.SiteNoiseOptimizer``, which draws the noise through
 :mod:`common.noise`): it adds ``N(0, (σC)²)`` to ``p.grad`` and divides by the expected

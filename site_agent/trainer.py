@@ -32,6 +32,10 @@ What the guarantee rests on, and how this module keeps it:
   OS-seeded torch generator.
 * **Every step is a DP step.** An empty Poisson sample still takes a noise-only step, and
   exactly ``steps`` steps run: the accountant's count is the truth.
+* **Finite for any record.** Each example adds at most ``C`` to a finite clipped sum in every
+  clipping mode, whatever its values: one with a NaN or ∞ in its features or gradient adds
+  zero (:mod:`site_agent.clipping`, :class:`_FiniteClipOptimizer`,
+  :class:`_FiniteGhostModule`); a non-finite update is never released (:func:`_check_finite`).
 * **No un-noised output.** The training loss is never computed into a number, logged or
   returned; validation metrics leave only through :func:`evaluate`'s Gaussian mechanism.
 
