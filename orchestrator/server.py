@@ -187,7 +187,8 @@ def start_server(
     """Serve on ``listen``: mTLS with ``tls``; plaintext (loopback only) when it is None.
 
     Every dialled-in agent holds one worker thread during its long-poll, so ``max_workers``
-    must exceed the number of sites by a margin (threads are created on demand).
+    must exceed the number of sites by a margin plus the threads kept for the control service
+    (``call_limits.control_reserve``: an eighth, at least 8); threads are created on demand.
     ``max_downloads`` model downloads stream at once; the others wait their turn
     (``orchestrator.turns``): a current agent on its side, told when to ask again; an older
     one in a worker thread. So the orchestrator's memory does not grow with the number of
