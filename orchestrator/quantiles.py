@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from common.schema.encoding import FeatureEncoding, derive_encoding, uniform_edg
 from common.specs import JobSpec, parse_job_spec
 from orchestrator.broker import Broker
 from orchestrator.fanout import fan_out
+from orchestrator.job_thread import JobStopped
 from orchestrator.planning import quantile_event
 from orchestrator.store import ChargeRow, Store
 from orchestrator.views import charged_event_dict
@@ -106,13 +108,24 @@ def release_quantile_edges(
     site_ids: Sequence[str],
     check: Callable[[], None],
     event: Callable[..., None],
+    stopping: threading.Event | None = None,
 ) -> JobSpec:
     """``spec`` with DP quantile edges in its encoding (``spec`` itself when it has no
     quantile columns or they were released already), stored as the job's spec.
 
+    ``check`` runs while the sites are asked and may raise (a cancelled job); ``stopping``
+    set (the orchestrator shutting down) raises JobStopped: the job resumes after a restart
+    and asks again (what was received is charged either way).
+
     Raises:
         JobFailedError: no site released usable histograms.
     """
+
+    def guard() -> None:
+        check()
+        if stopping is not None and stopping.is_set():
+            raise JobStopped()
+
     enc = spec.encoding
     if enc.numeric != "quantile" or enc.edges_released:
         return spec
@@ -131,7 +144,7 @@ def release_quantile_edges(
             timeout_s=spec.round_timeout_s,
             round_=0,
             rounds=spec.rounds,
-            check=check,
+            check=guard,
         )
         charged = ChargedEvent("metrics", assigned)
         rows: list[ChargeRow] = []

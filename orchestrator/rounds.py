@@ -114,6 +114,7 @@ class JobRunner(JobThread):
             site_ids=[p.site_id for p in participants],
             check=self._check_cancelled,
             event=self._event,
+            stopping=self.stopping,
         )
         self.store.update_job(self.job_id, state="running")
         self.on_change(self.job_id)
