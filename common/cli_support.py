@@ -21,14 +21,10 @@ err_console = Console(
 )
 
 
-def inert(value: object, *, newlines: bool = False) -> str:
-    """``value`` as text that prints as itself: what a remote party wrote (job names, site
-    failure reasons, dataset and column names, error details) must not drive the terminal.
-
-    Control and format characters (ESC and the sequences it starts, C1 controls such as CSI,
-    bidirectional overrides, zero-width characters) are shown as escapes (``\\x1b``,
-    ``\\u202e``), and rich markup is escaped, so ``[link=...]`` or ``[red]`` print literally.
-    ``newlines`` keeps line breaks (multi-line error messages); otherwise they are escaped too.
+def printable(value: object, *, newlines: bool = False) -> str:
+    """``value`` with control and format characters (ESC and the sequences it starts, C1
+    controls such as CSI, bidirectional overrides, zero-width characters) shown as escapes
+    (``\\x1b``, ``\\u202e``). ``newlines`` keeps line breaks; otherwise they are escaped too.
     """
     out = []
     for ch in str(value):
@@ -36,7 +32,23 @@ def inert(value: object, *, newlines: bool = False) -> str:
             out.append(ch)
         else:
             out.append(ch.encode("unicode_escape").decode("ascii"))
-    return escape("".join(out))
+    return "".join(out)
+
+
+def inert(value: object, *, newlines: bool = False) -> str:
+    """``value`` as rich text that prints as itself: what a remote party wrote (job names,
+    site failure reasons, dataset and column names, error details) must not drive the
+    terminal. :func:`printable`, then rich markup escaped, so ``[link=...]`` or ``[red]``
+    print literally."""
+    return escape(printable(value, newlines=newlines))
+
+
+class PrintableFormatter(logging.Formatter):
+    """Text log lines with control characters escaped: log messages quote what remote
+    parties sent (failure reasons, error details), and the log often goes to a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), newlines=True)
 
 
 def run_app(app: typer.Typer, argv: Sequence[str] | None, *, prog: str) -> int:
@@ -91,9 +103,9 @@ def setup_logging(level: str = "INFO", *, fmt: str = "text") -> None:
         raise DpfedError(f"--log-format must be text or json, not {fmt!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter()
+        JsonFormatter()  # json.dumps escapes control characters itself
         if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+        else PrintableFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
