@@ -48,9 +48,21 @@ class AdmitRequest(BaseModel):
     action: Literal["reserve", "check", "release"]
 
 
-def job_events(per_round: RoundCharges, rounds: int) -> list[DpEvent]:
-    """``rounds`` rounds of ``per_round``: each event composed ``rounds``-fold."""
-    return [DpEvent(e.noise_multiplier, e.sample_rate, e.steps * rounds) for _, e in per_round]
+def job_events(
+    per_round: RoundCharges, rounds: int, *, metrics_releases: int | None = None
+) -> list[DpEvent]:
+    """``rounds`` rounds of ``per_round``: each event composed ``rounds``-fold, except the
+    metrics release, composed ``metrics_releases``-fold when given (the rounds that
+    ``metrics.every`` selects release metrics; by default only the last)."""
+    return [
+        DpEvent(
+            e.noise_multiplier,
+            e.sample_rate,
+            e.steps
+            * (metrics_releases if kind == "metrics" and metrics_releases is not None else rounds),
+        )
+        for kind, e in per_round
+    ]
 
 
 def run_admit(
@@ -74,7 +86,11 @@ def run_admit(
     # the events one round would charge, exactly as the train task will derive them.
     per_round = round_charges(task)
     rounds = spec.rounds
-    cost = TaskCost(events=tuple(job_events(per_round, rounds)), delta=spec.dp.delta)
+    releases = spec.metrics.release_count(rounds)
+    cost = TaskCost(
+        events=tuple(job_events(per_round, rounds, metrics_releases=releases)),
+        delta=spec.dp.delta,
+    )
     limit = budget_limit(config, task.dataset)
     where = f"dataset {task.dataset!r}"
     projections: list[Projection] = []

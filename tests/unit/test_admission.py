@@ -34,7 +34,7 @@ def _config(tmp_path: Path, max_epsilon: float) -> SiteConfig:
     )
 
 
-def _task(job_id: str, action: str, rounds: int = 5) -> TaskAssignment:
+def _task(job_id: str, action: str, rounds: int = 5, every: int | None = 1) -> TaskAssignment:
     spec = parse_job_spec(
         {
             "dataset": "digits",
@@ -43,6 +43,7 @@ def _task(job_id: str, action: str, rounds: int = 5) -> TaskAssignment:
             "local_steps": 20,
             "batch_size": 8,
             "dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5},
+            "metrics": {"every": every} if every else {},
         }
     )
     return TaskAssignment(
@@ -111,3 +112,15 @@ def test_composition_is_not_a_sum_of_epsilons(tmp_path: Path) -> None:
     with Ledger(tmp_path / "l.sqlite") as ledger:
         _admit(cfg, ledger, _task("job-1", "reserve"))
         assert _admit(cfg, ledger, _task("job-2", "reserve"))["admitted"] is True
+
+
+def test_metrics_are_reserved_only_for_the_rounds_that_release_them(tmp_path: Path) -> None:
+    # By default only the last round releases metrics (metrics.every unset): the job costs
+    # five rounds of training and one metrics release, as its train tasks will charge.
+    cfg = _config(tmp_path, 100.0)
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        answer = _admit(cfg, ledger, _task("job-1", "check", every=None))
+    once = rdp_epsilon(job_events(PER_ROUND, 5, metrics_releases=1), delta=1e-5)
+    assert job_events(PER_ROUND, 5, metrics_releases=1) == [DpEvent(1.0, 0.05, 100), METRIC]
+    assert answer["epsilon_after"] == pytest.approx(once)
+    assert once < rdp_epsilon(job_events(PER_ROUND, 5), delta=1e-5)
