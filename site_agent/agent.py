@@ -121,8 +121,13 @@ class SiteAgent:
                     why = explain_tls_failure(
                         self._tls, err.details() or "", host=self.config.orchestrator
                     )
+                elif code is not None and code != grpc.StatusCode.UNAVAILABLE:
+                    # e.g. a revoked certificate: PERMISSION_DENIED naming its serial. The TLS
+                    # files are read again at each reconnection, so a re-issued one is picked
+                    # up without a restart.
+                    why = f"{code.name}: {err.details()}"
                 log.warning(
-                    "site=%s orchestrator %s unreachable (%s); retrying in %.1f s",
+                    "site=%s orchestrator %s refused or unreachable (%s); retrying in %.1f s",
                     self.config.site_id,
                     self.config.orchestrator,
                     why or (code.name if code else err),

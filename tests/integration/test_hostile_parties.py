@@ -790,3 +790,39 @@ def test_the_orchestrator_renews_its_own_certificates_before_they_expire(
         site.close()
     finally:
         srv.stop(0.2)
+
+
+def test_a_revoked_agent_says_so_and_picks_up_its_reissued_certificate_without_a_restart(
+    pki: Pki, server: RunningServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dpfed.site_agent")
+    agent = SiteAgent(load_site_config(_site_yaml(tmp_path, pki, "bank-a", server.address)))
+    worker = threading.Thread(target=agent.run, daemon=True)
+    worker.start()
+
+    def registrations() -> int:
+        return sum("registered with" in r.getMessage() for r in caplog.records)
+
+    def wait_for(what: str, cond: Any) -> None:
+        deadline = time.time() + 15
+        while not cond():
+            assert time.time() < deadline, what
+            time.sleep(0.05)
+
+    try:
+        wait_for("the agent did not register", lambda: registrations() == 1)
+        assert _orch("certs", "revoke", "bank-a", "--pki-dir", str(pki.root)) == 0
+        wait_for(
+            "the agent did not log why it is refused",
+            lambda: any(
+                "PERMISSION_DENIED" in r.getMessage() and "has been revoked" in r.getMessage()
+                for r in caplog.records
+            ),
+        )
+        issue(pki.root, name="bank-a", role="site")  # the same files, a new certificate
+        wait_for("the agent did not come back", lambda: registrations() == 2)
+        assert worker.is_alive() and agent.fatal is None
+    finally:
+        agent.stop()
+        worker.join(timeout=15)
+        agent.close()
