@@ -625,7 +625,7 @@ def cancel(
     key: KeyOpt = None,
     insecure: InsecureOpt = False,
 ) -> None:
-    """Cancel a running job (no model is released)."""
+    """Cancel a running job (no model is released): its submitter or an operator may."""
     with _client(server, ca, cert, key, insecure) as client:
         s = client.cancel(job_id)
     err_console.print(f"{inert(s.job_id)}: {inert(s.state)} ({inert(s.error)})")
@@ -738,7 +738,9 @@ def certs_init(
     site: Annotated[list[str] | None, typer.Option(help="a site id (repeat)")] = None,
     user: Annotated[
         list[str] | None,
-        typer.Option(help="NAME:ROLE with ROLE operator or data-scientist (repeat)"),
+        typer.Option(
+            help="NAME:ROLE with ROLE operator, data-scientist or monitor (read-only) (repeat)"
+        ),
     ] = None,
     host: Annotated[
         list[str] | None, typer.Option(help="orchestrator host name/IP (repeat)")
