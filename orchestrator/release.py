@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from common.specs import JobSpec
-from orchestrator.planning import quantile_event
 from orchestrator.metric_pooling import metrics_card
+from orchestrator.planning import quantile_event
 from orchestrator.store import ChargeRow, JobRow, RoundRow
 from orchestrator.views import charged_event_dict, site_spends
 
