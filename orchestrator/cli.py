@@ -148,6 +148,14 @@ def serve(
             "one chunk each); other sites wait their turn (at the site)",
         ),
     ] = 4,
+    max_parameters: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="largest model (parameters) a job may ask for; checked from the spec before "
+            "anything is built",
+        ),
+    ] = 50_000_000,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
     log_format: Annotated[str, typer.Option(help="text or json")] = "text",
 ) -> None:
@@ -168,6 +176,7 @@ def serve(
         max_workers=max_workers,
         max_downloads=max_downloads,
         max_uploads=max_uploads,
+        max_parameters=max_parameters,
         max_calls_per_site=max_calls_per_site,
     )
     err_console.print(

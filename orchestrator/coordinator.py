@@ -39,6 +39,7 @@ from orchestrator.admission import with_site_verdicts
 from orchestrator.broker import Broker
 from orchestrator.evaluation import evaluate_model
 from orchestrator.gmm_runner import GmmRunner, build_machine, declared_box
+from orchestrator.model_size import DEFAULT_MAX_PARAMETERS, check_model_size
 from orchestrator.planning import ACCOUNTANT, plan_job, site_dataset
 from orchestrator.rounds import JobRunner
 from orchestrator.spool import Payload
@@ -57,6 +58,7 @@ class Coordinator:
     ) -> None:
         self.store = Store(state_dir, url=db_url)
         self.broker = Broker(offline_after_s=offline_after_s)
+        self.max_parameters = DEFAULT_MAX_PARAMETERS  # orchestrator serve --max-parameters
         self.spool_dir: Path | None = self.store.paths.spool
         self._stopping = threading.Event()
         self._runners: dict[str, JobRunner | GmmRunner] = {}
@@ -188,6 +190,7 @@ class Coordinator:
     def submit(self, spec_json: str, *, submitted_by: str = "") -> str:
         """Start a job; ``submitted_by`` (the caller's certificate name) may later cancel it."""
         spec = any_job_spec_from_json(spec_json)
+        check_model_size(spec, self.max_parameters)  # from the spec, before anything is built
         if isinstance(spec, GmmJobSpec):
             online = [s for s in self.sites() if site_dataset(s, spec.dataset) is not None]
             if not online:
@@ -230,6 +233,7 @@ class Coordinator:
         return job_id
 
     def plan(self, spec_json: str) -> Plan:
+        check_model_size(any_job_spec_from_json(spec_json), self.max_parameters)
         if isinstance(any_job_spec_from_json(spec_json), GmmJobSpec):
             raise InvalidSpecError(
                 "plan projects training jobs; a gmm job reports its cost at start"

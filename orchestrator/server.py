@@ -40,6 +40,7 @@ from orchestrator.call_limits import (
     control_reserve,
 )
 from orchestrator.coordinator import Coordinator
+from orchestrator.model_size import DEFAULT_MAX_PARAMETERS
 from orchestrator.metrics import MetricsServer
 from orchestrator.servicers import AgentServicer, ControlServicer
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
@@ -183,6 +184,7 @@ def start_server(
     crl: Path | None = None,
     max_calls_per_site: int = MAX_CALLS_PER_SITE,
     max_calls_per_user: int = MAX_CALLS_PER_USER,
+    max_parameters: int = DEFAULT_MAX_PARAMETERS,
 ) -> RunningServer:
     """Serve on ``listen``: mTLS with ``tls``; plaintext (loopback only) when it is None.
 
@@ -202,7 +204,8 @@ def start_server(
     ``max_calls_per_site`` / ``max_calls_per_user``: calls one certificate may have in progress
     on the agent / control service; all agent calls together leave
     ``call_limits.control_reserve(max_workers)`` threads to the control service
-    (``orchestrator.call_limits``).
+    (``orchestrator.call_limits``). ``max_parameters``: the largest model a job may ask for
+    (``orchestrator.model_size``), checked from the spec before anything is built.
     """
     if tls is None:
         require_loopback_for_plaintext(listen)
@@ -215,6 +218,9 @@ def start_server(
         raise ValueError("max_downloads and max_uploads must be at least 1")
     coordinator.broker.max_downloads = max_downloads
     coordinator.broker.max_uploads = max_uploads
+    if max_parameters < 1:
+        raise ValueError("max_parameters must be at least 1")
+    coordinator.max_parameters = max_parameters  # checked from each spec before building it
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=SERVER_OPTIONS,
