@@ -505,7 +505,9 @@ _NOISE_PROBE = _params(
 )
 
 
-@pytest.mark.parametrize(("mode", "secure"), [("bk", False), ("ghost", False), ("bk", True)])
+@pytest.mark.parametrize(
+    ("mode", "secure"), [("bk", False), ("ghost", False), ("hooks", False), ("bk", True)]
+)
 def test_noise_is_calibrated_to_sigma_times_the_clip_norm(mode: str, secure: bool) -> None:
     # One step with q = 1, lr = 1 and a clip norm so small that the clipped sum is negligible:
     # the delta is then -N(0, (σC)²)/N per coordinate, from either noise source.
