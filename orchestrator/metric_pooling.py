@@ -223,7 +223,15 @@ def metrics_card(spec: JobSpec, rounds: Sequence[_RoundRecord]) -> dict[str, Any
     (``final_metrics``)."""
     m = spec.metrics
     planned = [r for r in range(1, spec.rounds + 1) if m.releases_at(r, spec.rounds)]
-    release: dict[str, Any] = {"rounds": planned, "every": m.every}
+    release: dict[str, Any] = {
+        "rounds": planned,
+        "every": m.every,
+        "what": (
+            "each site's validation rows, scored by its model after that round's local "
+            "training, pooled over sites (the released model is the sites' weighted average; "
+            "`orchestrator evaluate` scores the released model itself)"
+        ),
+    }
     if m.enabled and not m.exact:
         # The same event the plan and every site charge, alone (it is part of the job's ε).
         alone = compute_epsilon(
