@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,8 +195,16 @@ def write_site_datasets(
     validation_fraction: float = 0.0,
     tls: TlsFiles | None = None,
     threads: int | None = 1,
+    feature_bounds: tuple[float, float] = (0.0, 1.0),
+    num_classes: int | Mapping[str, int] = 10,
 ) -> Path:
-    """One site holding several datasets (one CSV each) and its site.yaml."""
+    """One site holding several datasets (one CSV each) and its site.yaml.
+
+    Every dataset declares its schema as a site operator would: each feature numeric within
+    ``feature_bounds`` (values outside are clipped at load), the label's classes
+    ``0..num_classes-1`` (per dataset name when a mapping). Give every site the same
+    declaration: a job trains only on features that mean the same thing at every site.
+    """
     d = root / site_id
     d.mkdir(parents=True, exist_ok=True)
     datasets = []
@@ -215,6 +223,8 @@ def write_site_datasets(
                 "name": name,
                 "path": f"{name}.csv",
                 "label": "label",
+                "feature_bounds": list(feature_bounds),
+                "num_classes": num_classes if isinstance(num_classes, int) else num_classes[name],
                 "validation_fraction": validation_fraction,
             }
         )

@@ -149,6 +149,8 @@ def live_case(
                         y,
                         address=fed.address,
                         dataset="synthetic",
+                        feature_bounds=(-5.0, 5.0),
+                        num_classes=CLASSES,
                         poll_s=20.0,
                         heartbeat_s=5.0,
                         threads=None,

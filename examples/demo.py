@@ -116,7 +116,16 @@ def prepare(
             "site_id": site_id,
             "orchestrator": orchestrator_address or f"127.0.0.1:{port}",
             "state_dir": "state",
-            "datasets": [{"name": "digits", "path": "digits.csv", "label": "digit"}],
+            "datasets": [
+                {
+                    "name": "digits",
+                    "path": "digits.csv",
+                    "label": "digit",
+                    # pixel intensities scaled to [0, 1]; the classes 0..9
+                    "feature_bounds": [0, 1],
+                    "num_classes": 10,
+                }
+            ],
             "tls": {
                 "ca": "../pki/ca.pem",
                 "cert": f"../pki/sites/{site_id}.pem",

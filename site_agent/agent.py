@@ -243,6 +243,20 @@ class SiteAgent:
         self._state, self._task_id = "training", task.task_id
         try:
             try:
+                # Public inputs only (spec, schema, policy): refused before the model is
+                # downloaded or built (issue 17.4).
+                self.executor.precheck(task)
+            except DpfedError as err:
+                self.tasks_refused += 1
+                log.warning("site=%s job=%s refused: %s", self.config.site_id, task.job_id, err)
+                self._report(stub, task, err.grpc_status, str(err))
+                return
+            except Exception as err:
+                self.tasks_refused += 1
+                log.exception("site=%s job=%s task check crashed", self.config.site_id, task.job_id)
+                self._report(stub, task, "INTERNAL", f"the site agent failed: {type(err).__name__}")
+                return
+            try:
                 blob = self._fetch(stub, task)
             except DpfedError as err:  # a stream that breaks its own sizes, a wrong model size
                 self.tasks_refused += 1

@@ -1,7 +1,7 @@
 """The site's side of the privacy audit: secret canaries for a job, and their scores.
 
-Canaries are synthetic (uniform in the dataset's declared feature bounds — [0, 1] for a
-column without declared bounds — with uniform random labels), drawn from OS entropy when a
+Canaries are synthetic (uniform within the declared schema, encoded with the job's feature
+encoding, with uniform random labels), drawn from OS entropy when a
 job's first task arrives and kept in the state directory with their inclusion coins, which
 never leave the site. Scoring them under the released model is post-processing of a public
 model and synthetic records: it costs no privacy on the site's data.
@@ -19,11 +19,13 @@ from torch import nn
 
 from common import noise
 from common.audit import make_canaries
+from common.domain import ColumnInfo
 from common.errors import InvalidSpecError, NotFoundError
 from common.models import build_model, load_weights, parse_model_spec
-from common.specs import JobSpec, model_dims
+from common.schema.encoding import FeatureEncoding
+from common.schema.table import TypedTable
+from common.specs import JobSpec
 from common.tensors import state_from_bytes
-from site_agent.config import DatasetConfig
 
 Canaries = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.bool_]]
 
@@ -35,24 +37,35 @@ def _path(state_dir: Path, job_id: str) -> Path:
 
 
 def canaries_for(
-    state_dir: Path, job_id: str, spec: JobSpec, cfg: DatasetConfig, feature_names: tuple[str, ...]
+    state_dir: Path, job_id: str, spec: JobSpec, encoding: FeatureEncoding
 ) -> Canaries:
-    """This job's canaries, created on first use and stable across rounds and restarts."""
+    """This job's canaries, created on first use and stable across rounds and restarts.
+
+    Each canary is a typed record drawn uniformly within the declared schema (numeric
+    columns in ``[min, max]``, categorical ones among the declared categories) with a uniform
+    class, then encoded like any row of the dataset; they never read the data.
+    """
     assert spec.audit is not None
     path = _path(state_dir, job_id)
     if path.exists():
         with np.load(path) as z:
             return z["x"], z["y"], z["included"]
-    lows = np.array([_bound(cfg, n)[0] for n in feature_names], dtype=np.float64)
-    highs = np.array([_bound(cfg, n)[1] for n in feature_names], dtype=np.float64)
+    schema = encoding.feature_schema()
+    lows = np.array([_bound(c)[0] for c in schema], dtype=np.float64)
+    highs = np.array([_bound(c)[1] for c in schema], dtype=np.float64)
     rng = noise.private_numpy_rng()
-    x, y, inc = make_canaries(
-        num=spec.audit.canaries,
-        lows=lows,
-        highs=highs,
-        num_classes=model_dims(spec.model)[1],
-        rng=rng,
+    raw, y, inc = make_canaries(
+        num=spec.audit.canaries, lows=lows, highs=highs, num_classes=encoding.num_classes, rng=rng
     )
+    columns: dict[str, npt.NDArray[np.float64] | npt.NDArray[np.int64]] = {}
+    for j, c in enumerate(schema):
+        values = raw[:, j].astype(np.float64)
+        if c.type == "categorical":
+            k = len(c.categories)
+            columns[c.name] = np.clip(np.floor(values), 0, k - 1).astype(np.int64)
+        else:
+            columns[c.name] = values
+    x = encoding.encode(TypedTable(columns=columns, num_rows=int(y.shape[0])))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, x=x, y=y, included=inc)
@@ -60,18 +73,11 @@ def canaries_for(
     return x, y, inc
 
 
-def _bound(cfg: DatasetConfig, name: str) -> tuple[float, float]:
-    spec = cfg.columns.get(name)
-    if (
-        spec is not None
-        and spec.type == "numeric"
-        and spec.min is not None
-        and spec.max is not None
-    ):
-        return spec.min, spec.max
-    if spec is not None and spec.type == "categorical" and spec.categories:
-        return 0.0, float(len(spec.categories))
-    return 0.0, 1.0
+def _bound(column: ColumnInfo) -> tuple[float, float]:
+    if column.type == "categorical":
+        return 0.0, float(len(column.categories))
+    assert column.min is not None and column.max is not None  # an encoding has bounds
+    return column.min, column.max
 
 
 def score_canaries(state_dir: Path, job_id: str, request_json: str, blob: bytes) -> str:

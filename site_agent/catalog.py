@@ -118,20 +118,7 @@ class CatalogCounts:
 
 
 def schema_of(cfg: DatasetConfig, feature_names: tuple[str, ...]) -> tuple[ColumnInfo, ...]:
-    """Declared types and bounds of the feature columns, in model order (no data read)."""
-    out = []
-    for name in feature_names:
-        spec = cfg.columns.get(name)
-        if spec is None:
-            out.append(ColumnInfo(name=name))
-        else:
-            out.append(
-                ColumnInfo(
-                    name=name,
-                    type=spec.type,
-                    min=spec.min,
-                    max=spec.max,
-                    categories=tuple(spec.categories or ()),
-                )
-            )
-    return tuple(out)
+    """Declared types, bounds and nullability of the feature columns, in model order (from
+    ``columns`` or ``feature_bounds``; no data read). The label's classes are
+    ``cfg.label_schema()``."""
+    return cfg.feature_schema(feature_names)

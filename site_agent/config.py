@@ -6,13 +6,17 @@ any task the orchestrator sends that would break it.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common.domain import ColumnInfo
 from common.errors import InvalidSpecError
+from common.schema.table import FLOAT32_MAX
 from common.specs import format_validation_error
 
 
@@ -21,14 +25,19 @@ class _Frozen(BaseModel):
 
 
 class ColumnSpec(_Frozen):
-    """Declared type and bounds of a column. Values outside are clipped (numeric) or mapped to
-    an extra "other" code (categorical) at load time; the bounds are public schema, the values
-    never leave the site and never appear in an error."""
+    """Declared type and bounds of a column: the contract between the raw data and everything
+    else (``common.schema.table.apply_schema``). At load time numeric values are clipped to
+    ``[min, max]`` and categorical values outside ``categories`` become "other"; empty cells
+    and ``NA``/``NaN`` are missing. The declaration is public schema; the values never leave
+    the site and never appear in an error."""
 
     type: Literal["numeric", "categorical"] = "numeric"
     min: float | None = None
     max: float | None = None
     categories: tuple[str, ...] | None = Field(default=None, min_length=1, max_length=10_000)
+    nullable: bool = Field(
+        default=True, description="cells may be missing (the encoding adds an indicator)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ColumnSpec:
@@ -37,13 +46,32 @@ class ColumnSpec(_Frozen):
                 raise ValueError("a numeric column has min/max, not categories")
             if (self.min is None) != (self.max is None):
                 raise ValueError("give both min and max, or neither")
-            if self.min is not None and self.max is not None and not self.min < self.max:
-                raise ValueError(f"min {self.min} must be below max {self.max}")
+            if self.min is not None and self.max is not None:
+                _check_bounds(self.min, self.max)
         elif self.categories is None:
             raise ValueError("a categorical column needs its categories")
         elif len(set(self.categories)) != len(self.categories):
             raise ValueError("categories must be distinct")
         return self
+
+    def info(self, name: str) -> ColumnInfo:
+        """This declaration as the schema type every other module reads."""
+        return ColumnInfo(
+            name=name,
+            type=self.type,
+            min=self.min,
+            max=self.max,
+            categories=tuple(self.categories or ()),
+            nullable=self.nullable,
+        )
+
+
+def _check_bounds(low: float, high: float) -> None:
+    for value in (low, high):
+        if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise ValueError(f"bounds must be finite numbers within float32's range, got {value}")
+    if not low < high:
+        raise ValueError(f"min {low} must be below max {high}")
 
 
 class DatasetConfig(_Frozen):
@@ -62,12 +90,31 @@ class DatasetConfig(_Frozen):
     query: str | None = Field(default=None, max_length=100_000, description="SELECT ...")
     chunk_rows: int = Field(default=100_000, ge=100, description="rows per chunk when streaming")
     columns: dict[str, ColumnSpec] = Field(default_factory=dict, description="types and bounds")
-    label: str = Field(min_length=1, description="the label column (integers 0..C-1)")
+    label: str = Field(
+        min_length=1,
+        description="the label column, declared under columns as categorical (its categories "
+        "are the classes, in order), or integers 0..C-1 declared by num_classes",
+    )
     features: tuple[str, ...] | None = Field(
         default=None, description="feature columns, in order; default: every other column"
     )
+    feature_bounds: tuple[float, float] | None = Field(
+        default=None,
+        description="[min, max] of every feature not declared under columns (numeric, never "
+        "missing)",
+    )
+    num_classes: int | None = Field(
+        default=None,
+        ge=2,
+        le=100_000,
+        description="an undeclared integer label has classes 0..num_classes-1",
+    )
     validation_fraction: float = Field(
-        default=0.1, ge=0.0, lt=1.0, description="rows held out for locally computed metrics"
+        default=0.1,
+        ge=0.0,
+        lt=1.0,
+        description="expected share of rows held out for locally computed metrics (each "
+        "record's side is drawn from a keyed hash of the record)",
     )
     max_epsilon: float | None = Field(
         default=None, gt=0.0, description="overrides policy.max_epsilon for this dataset"
@@ -84,6 +131,67 @@ class DatasetConfig(_Frozen):
         elif self.path is None:
             raise ValueError("a file dataset needs path")
         return self
+
+    @model_validator(mode="after")
+    def _declarations(self) -> DatasetConfig:
+        if self.feature_bounds is not None:
+            _check_bounds(*self.feature_bounds)
+        spec = self.columns.get(self.label)
+        if spec is not None:
+            if spec.type != "categorical":
+                raise ValueError(
+                    f"the label column {self.label!r} must be declared categorical, its "
+                    "categories being the classes in order"
+                )
+            if self.num_classes is not None:
+                raise ValueError(
+                    f"the label column {self.label!r} is declared under columns; drop "
+                    "num_classes (its categories are the classes)"
+                )
+            if len(spec.categories or ()) < 2:
+                raise ValueError(f"the label column {self.label!r} needs at least 2 classes")
+        return self
+
+    def label_schema(self) -> ColumnInfo | None:
+        """The label's declared classes, in order; None when the label is not declared."""
+        spec = self.columns.get(self.label)
+        if spec is not None:
+            return spec.info(self.label)
+        if self.num_classes is not None:
+            return ColumnInfo(
+                name=self.label,
+                type="categorical",
+                categories=tuple(str(i) for i in range(self.num_classes)),
+                nullable=True,
+            )
+        return None
+
+    def feature_schema(self, names: Sequence[str]) -> tuple[ColumnInfo, ...]:
+        """Each feature's declaration: from ``columns``, else numeric within
+        ``feature_bounds`` and never missing, else numeric without bounds (undeclared)."""
+        out = []
+        for name in names:
+            spec = self.columns.get(name)
+            if spec is not None:
+                out.append(spec.info(name))
+            elif self.feature_bounds is not None:
+                low, high = self.feature_bounds
+                out.append(ColumnInfo(name=name, min=low, max=high, nullable=False))
+            else:
+                out.append(ColumnInfo(name=name))
+        return tuple(out)
+
+    def undeclared(self, names: Sequence[str]) -> list[str]:
+        """The columns among ``names`` (features) and the label that a model cannot train on
+        because they lack a declaration (numeric bounds, categories or the label's classes)."""
+        missing = [
+            c.name
+            for c in self.feature_schema(names)
+            if c.type == "numeric" and (c.min is None or c.max is None)
+        ]
+        if self.label_schema() is None:
+            missing.append(self.label)
+        return missing
 
     def source_format(self) -> str:
         if self.format is not None:

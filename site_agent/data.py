@@ -1,21 +1,35 @@
-"""Dataset connector: a site's CSV file to arrays the trainer can use.
+"""Dataset connector: a site's CSV, Parquet or SQL table under its declared schema.
 
-This code runs inside the site's trust boundary and reads raw records, so it follows one
-rule beyond correctness: **no error message ever contains a data value.** Messages name the
-file, the column (only names taken from the site config, or positions) and the 1-based
-line, which are schema, never a cell's content: errors
-are logged, shown to operators and may travel to the orchestrator, and a rejected cell is
-often exactly the sensitive one (a name in a numeric column, an account number pasted in
-the wrong place). Errors from the CSV parser are therefore never passed on verbatim.
+This code runs inside the site's trust boundary and reads raw records. Two rules beyond
+correctness (issue 15; DESIGN.md, privacy invariants 1-3):
 
-File format: UTF-8 text, a header row of column names, then one record per line. The label
-column holds class indices (integers ``0..C-1``); feature columns hold numbers.
+- **The declared schema is the contract.** Every cell is typed by
+  :func:`common.schema.table.apply_schema` against the dataset's declaration
+  (``DatasetConfig.feature_schema`` / ``label_schema``): numbers clipped to their bounds,
+  unknown categories "other", empty / ``NA`` / ``NaN`` cells missing, and rows whose label is
+  missing or not a declared class dropped, silently and identically for every row.
+- **Nothing but configuration raises.** Errors are for a missing or unreadable source, a
+  header without the configured columns, a label listed as a feature; their messages name
+  files and columns (taken from the site config, or positions), never a cell's content. No
+  message, error or log line that can leave the site depends on a value; the local log
+  counts dropped rows. A CSV row with more fields than the header is dropped like a row
+  without a label, and bytes that are not UTF-8 are replaced, so that no single record can
+  stop the site from loading its data.
+
+The train/validation side of each record is decided by that record alone
+(:func:`split_train_validation`, a keyed hash), so that adding or removing one record moves
+no other record between training and validation.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import hmac
+import logging
 import math
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,32 +37,58 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from common.domain import ColumnInfo
 from common.errors import InvalidSpecError
+from common.schema.table import TypedTable, apply_schema
 from site_agent.config import DatasetConfig
 
-MAX_LABEL = 1_000_000
-"""Largest class index accepted (a model's ``num_classes`` is capped at 100,000 anyway)."""
+log = logging.getLogger("dpfed.site_agent")
+
+SPLIT_KEY_FILE = "split.key"
+"""The site's secret key for the per-record train/validation hash (in the state dir, 0600)."""
 
 
 @dataclass(frozen=True, eq=False)
 class LocalDataset:
-    """A loaded dataset. It never leaves the site.
+    """A loaded dataset under its declared schema. It never leaves the site.
 
-    ``num_classes_seen`` is ``max(label) + 1``: the smallest ``num_classes`` a model needs
-    so that every label present is a valid class index. It stays at the site (it is a
-    function of the data) and is used only to refuse a task whose model cannot represent
-    the labels.
+    ``table`` holds the typed feature columns and, when the label is declared, the label's
+    codes. ``labels`` are class indices ``0..C-1`` in the declared order of
+    ``label_schema.categories`` (every row has one: rows without a declared class were
+    dropped); when the label is not declared they are ``-1`` and no model can train on it.
     """
 
     name: str
-    features: npt.NDArray[np.float32]
-    labels: npt.NDArray[np.int64]
+    table: TypedTable
     feature_names: tuple[str, ...]
+    feature_schema: tuple[ColumnInfo, ...]
     label_name: str
-    num_classes_seen: int
+    label_schema: ColumnInfo | None
+    labels: npt.NDArray[np.int64]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def features(self) -> npt.NDArray[np.float32]:
+        """The typed feature columns side by side (numbers, NaN when missing; categorical
+        codes), for inspection and statistics; models train on a job's encoding instead."""
+        cols = [self.table.columns[n].astype(np.float32) for n in self.feature_names]
+        if not cols:
+            return np.zeros((len(self), 0), dtype=np.float32)
+        return np.stack(cols, axis=1)
+
+    def take(self, index: npt.NDArray[np.int64]) -> LocalDataset:
+        """The rows at ``index``, in that order."""
+        return LocalDataset(
+            name=self.name,
+            table=self.table.take(index),
+            feature_names=self.feature_names,
+            feature_schema=self.feature_schema,
+            label_name=self.label_name,
+            label_schema=self.label_schema,
+            labels=self.labels[index],
+        )
 
 
 @dataclass(frozen=True)
@@ -65,9 +105,133 @@ class DatasetInfo:
     label: str
 
 
+def load_dataset(cfg: DatasetConfig) -> LocalDataset:
+    """Read the dataset ``cfg`` names and apply its declared schema (module docstring).
+
+    Features are ``cfg.features`` in that order, or every column except the label in source
+    order.
+
+    Raises:
+        InvalidSpecError: the source is missing or unreadable, the CSV has no header, the
+            label or a configured feature is not in it, or the label is listed as a feature.
+            The message names the source and the columns, never a value.
+    """
+    frame, where = read_frame(cfg)
+    header = [str(c) for c in frame.columns]
+    feature_names = _feature_names(cfg, header, where)
+    return typed_dataset(cfg, frame, feature_names)
+
+
+def typed_dataset(
+    cfg: DatasetConfig, frame: pd.DataFrame, feature_names: Sequence[str]
+) -> LocalDataset:
+    """``frame`` under the declared schema of ``cfg``: typed columns, rows without a
+    declared label dropped (counted in the local log only)."""
+    names = tuple(feature_names)
+    feature_schema = cfg.feature_schema(names)
+    label_schema = cfg.label_schema()
+    schema = [*feature_schema, *([label_schema] if label_schema is not None else [])]
+    table = apply_schema(frame, schema)
+    if label_schema is None:
+        labels = np.full(table.num_rows, -1, dtype=np.int64)
+    else:
+        codes = np.asarray(table.columns[cfg.label], dtype=np.int64)
+        keep = (codes >= 0) & (codes < len(label_schema.categories))
+        dropped = int(table.num_rows - np.count_nonzero(keep))
+        if dropped:
+            # Local log only (never sent): how many rows had no declared class.
+            log.info("dataset %s: %d rows without a declared label dropped", cfg.name, dropped)
+        table = table.take(keep)
+        labels = np.asarray(table.columns[cfg.label], dtype=np.int64)
+    return LocalDataset(
+        name=cfg.name,
+        table=table,
+        feature_names=names,
+        feature_schema=feature_schema,
+        label_name=cfg.label,
+        label_schema=label_schema,
+        labels=labels,
+    )
+
+
+def read_frame(cfg: DatasetConfig) -> tuple[pd.DataFrame, Path]:
+    """The dataset's raw rows (CSV: every cell as text) and a name for its source."""
+    fmt = cfg.source_format()
+    if fmt != "csv":
+        return _read_typed_source(cfg)
+    assert cfg.path is not None
+    path = Path(cfg.path)
+    header = _read_header(path)
+    _check_label_in(cfg, header, path)
+    return _read_csv_frame(path, header), path
+
+
+def iter_typed_chunks(cfg: DatasetConfig, columns: Sequence[str]) -> Iterator[LocalDataset]:
+    """The dataset in chunks of ``cfg.chunk_rows`` rows, each under the declared schema of
+    ``columns`` (as features) and the label, with the same row filter as
+    :func:`load_dataset`: memory holds one chunk. CSV is streamed from the file; other
+    sources are read whole first."""
+    names = tuple(columns)
+    if cfg.source_format() != "csv":
+        frame, where = read_frame(cfg)
+        _feature_names(cfg, [str(c) for c in frame.columns], where, names)
+        for start in range(0, max(len(frame), 1), cfg.chunk_rows):
+            yield typed_dataset(cfg, frame.iloc[start : start + cfg.chunk_rows], names)
+        return
+    assert cfg.path is not None
+    path = Path(cfg.path)
+    header = _read_header(path)
+    _check_label_in(cfg, header, path)
+    _feature_names(cfg, header, path, names)
+    for chunk in _iter_csv_frames(path, header, cfg.chunk_rows):
+        yield typed_dataset(cfg, chunk, names)
+
+
+def _check_label_in(cfg: DatasetConfig, header: Sequence[str], where: Path) -> None:
+    if cfg.label not in header:
+        # Only names from the site config are echoed: if the file lacks a header after all,
+        # its "header" is a data row.
+        raise InvalidSpecError(
+            f"The label column {cfg.label!r} is not in the header of {where} "
+            f"({len(header)} columns); check the dataset's `label` setting."
+        )
+
+
+def _feature_names(
+    cfg: DatasetConfig,
+    header: Sequence[str],
+    where: Path,
+    requested: Sequence[str] | None = None,
+) -> tuple[str, ...]:
+    """The feature columns (``requested``, ``cfg.features`` or all but the label), checked
+    against the header. Errors name configured columns only."""
+    _check_label_in(cfg, header, where)
+    if requested is None and cfg.features is None:
+        names = tuple(c for c in header if c != cfg.label)
+    else:
+        names = tuple(requested if requested is not None else cfg.features or ())
+        absent = [c for c in names if c not in header]
+        if absent:
+            raise InvalidSpecError(
+                f"The feature column{'s' if len(absent) > 1 else ''} "
+                f"{', '.join(repr(c) for c in absent)} "
+                f"{'are' if len(absent) > 1 else 'is'} not in the header of {where}."
+            )
+        if cfg.label in names:
+            raise InvalidSpecError(
+                f"The label column {cfg.label!r} of dataset {cfg.name!r} is also listed as a "
+                "feature; a model must not see its own target."
+            )
+        if len(set(names)) != len(names):
+            raise InvalidSpecError(f"Dataset {cfg.name!r} lists a feature column twice.")
+    if not names:
+        raise InvalidSpecError(f"The dataset {where} has no feature columns besides the label.")
+    return names
+
+
 def _read_header(path: Path) -> list[str]:
     try:
-        with path.open("r", encoding="utf-8-sig", newline="") as f:
+        with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as f:
             row = next(csv.reader(f), None)
     except FileNotFoundError:
         raise InvalidSpecError(f"The dataset file {path} does not exist.") from None
@@ -77,8 +241,6 @@ def _read_header(path: Path) -> list[str]:
         raise InvalidSpecError(
             f"The dataset file {path} cannot be read (permission denied)."
         ) from None
-    except UnicodeDecodeError:
-        raise InvalidSpecError(f"The dataset file {path} is not UTF-8 text.") from None
     except csv.Error:
         raise InvalidSpecError(f"The header row of dataset file {path} is not valid CSV.") from None
     if row is None or not any(cell.strip() for cell in row):
@@ -113,120 +275,6 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _bad_line(mask: npt.NDArray[np.bool_]) -> int:
-    """1-based line number of the first flagged record (line 1 is the header).
-
-    Exact unless a quoted field spans lines above it; then it is the record's number + 1.
-    """
-    return int(np.argmax(mask)) + 2
-
-
-def _cells(mask: npt.NDArray[np.bool_]) -> str:
-    n = int(mask.sum())
-    return "1 cell does" if n == 1 else f"{n} cells do"
-
-
-def _numeric_column(
-    frame: pd.DataFrame, column: str, *, path: Path, role: str
-) -> npt.NDArray[np.float64]:
-    raw = frame[column]
-    values: npt.NDArray[np.float64] = pd.to_numeric(raw, errors="coerce").to_numpy(
-        dtype=np.float64, na_value=np.nan
-    )
-    blank = raw.isna().to_numpy() | (raw.astype(str).str.strip() == "").to_numpy()
-    bad = ~np.isfinite(values)
-    if bad.any():
-        n = int(bad.sum())
-        what = "empty" if bool(blank[bad].all()) else "missing, non-numeric or infinite"
-        raise InvalidSpecError(
-            f"The {role} column {column!r} of {path} must hold numbers, but {n} "
-            f"{'cell is' if n == 1 else 'cells are'} {what} (first at line {_bad_line(bad)})."
-        )
-    return values
-
-
-def load_dataset(cfg: DatasetConfig) -> LocalDataset:
-    """Read the CSV file ``cfg.path`` into a :class:`LocalDataset`.
-
-    Features are ``cfg.features`` in that order, or every column except the label in file
-    order. Every feature cell must be a finite number and every label a whole number in
-    ``0..1_000_000``.
-
-    Raises:
-        InvalidSpecError: the file is missing, unreadable, not CSV, has no header or no
-            rows, lacks a configured column, or holds a value of the wrong kind. The message
-            names the file, the column and the line, never a value.
-    """
-    fmt = cfg.source_format()
-    if fmt == "csv":
-        assert cfg.path is not None
-        path = Path(cfg.path)
-        header = _read_header(path)
-    else:
-        frame, path = _read_typed_source(cfg)
-        header = [str(c) for c in frame.columns]
-    if cfg.label not in header:
-        # Only names from the site config are echoed: if the file lacks a header after all,
-        # its "header" is a data row.
-        raise InvalidSpecError(
-            f"The label column {cfg.label!r} is not in the header of {path} "
-            f"({len(header)} columns); check the dataset's `label` setting."
-        )
-    if cfg.features is None:
-        feature_names = tuple(c for c in header if c != cfg.label)
-    else:
-        feature_names = tuple(cfg.features)
-        absent = [c for c in feature_names if c not in header]
-        if absent:
-            raise InvalidSpecError(
-                f"The feature column{'s' if len(absent) > 1 else ''} "
-                f"{', '.join(repr(c) for c in absent)} "
-                f"{'are' if len(absent) > 1 else 'is'} not in the header of {path}."
-            )
-        if cfg.label in feature_names:
-            raise InvalidSpecError(
-                f"The label column {cfg.label!r} of dataset {cfg.name!r} is also listed as a "
-                "feature; a model must not see its own target."
-            )
-        if len(set(feature_names)) != len(feature_names):
-            raise InvalidSpecError(f"Dataset {cfg.name!r} lists a feature column twice.")
-    if not feature_names:
-        raise InvalidSpecError(f"The dataset file {path} has no feature columns besides the label.")
-
-    if fmt == "csv":
-        frame = _read_csv_frame(path, header)
-    if len(frame) == 0:
-        raise InvalidSpecError(f"The dataset {path} has a header but no data rows.")
-
-    features = np.empty((len(frame), len(feature_names)), dtype=np.float32)
-    for j, name in enumerate(feature_names):
-        spec = cfg.columns.get(name)
-        if spec is not None and spec.type == "categorical":
-            features[:, j] = _categorical_codes(frame[name], spec.categories or ())
-            continue
-        column = _numeric_column(frame, name, path=path, role="feature")
-        if spec is not None and spec.min is not None and spec.max is not None:
-            # Declared bounds are the schema: clip silently, never report the values.
-            column = np.clip(column, spec.min, spec.max)
-        with np.errstate(over="ignore"):
-            features[:, j] = column.astype(np.float32)
-        overflow = ~np.isfinite(features[:, j])
-        if overflow.any():
-            raise InvalidSpecError(
-                f"The feature column {name!r} of {path} holds a number too large for float32 "
-                f"(first at line {_bad_line(overflow)})."
-            )
-    return _with_labels(cfg, frame, path, features, feature_names)
-
-
-def _categorical_codes(raw: pd.Series, categories: tuple[str, ...]) -> npt.NDArray[np.float32]:
-    """Index of each value in the declared categories; anything else is the extra code
-    ``len(categories)`` ("other"), so an unexpected value is neither an error nor echoed."""
-    index = {c: i for i, c in enumerate(categories)}
-    other = float(len(categories))
-    return np.array([index.get(str(v).strip(), other) for v in raw.tolist()], dtype=np.float32)
 
 
 def _read_typed_source(cfg: DatasetConfig) -> tuple[pd.DataFrame, Path]:
@@ -268,118 +316,110 @@ def _read_typed_source(cfg: DatasetConfig) -> tuple[pd.DataFrame, Path]:
     return frame, where
 
 
+_CSV_OPTIONS: dict[str, object] = {
+    "header": 0,
+    "dtype": str,
+    "keep_default_na": False,
+    "na_filter": False,
+    "encoding": "utf-8-sig",
+    "encoding_errors": "replace",
+    "skipinitialspace": True,
+    "on_bad_lines": "skip",
+    "engine": "c",
+}
+"""Every cell as text; rows with more fields than the header skipped (silently, like any row
+the schema drops) and bytes that are not UTF-8 replaced, so that no record can make the load
+fail. pandas' own conversion errors, which quote values, cannot happen."""
+
+
 def _read_csv_frame(path: Path, header: list[str]) -> pd.DataFrame:
     try:
-        # Every cell as text: our own checks then decide what is acceptable, and pandas'
-        # own conversion errors (which quote the offending value) never happen.
-        frame = pd.read_csv(
-            path,
-            header=0,
-            names=header,
-            dtype=str,
-            keep_default_na=False,
-            na_filter=False,
-            encoding="utf-8-sig",
-            skipinitialspace=True,
-            engine="c",
-        )
-    except pd.errors.ParserError as err:
-        # The parser's message may quote a line; report only its line number.
-        line = _line_from_parser_error(str(err))
-        where = f" near line {line}" if line is not None else ""
-        raise InvalidSpecError(
-            f"The dataset file {path} is not well-formed CSV{where}: a row has more fields "
-            "than the header, or a quote is not closed."
-        ) from None
-    except UnicodeDecodeError:
-        raise InvalidSpecError(f"The dataset file {path} is not UTF-8 text.") from None
+        return pd.read_csv(path, names=header, **_CSV_OPTIONS)
+    except pd.errors.ParserError:
+        # Reachable only for damage no row-level rule covers (the parser's message may quote
+        # a line, so it is not passed on).
+        raise InvalidSpecError(f"The dataset file {path} is not well-formed CSV.") from None
     except pd.errors.EmptyDataError:
         raise InvalidSpecError(f"The dataset file {path} is empty.") from None
-    return frame
 
 
-def _with_labels(
-    cfg: DatasetConfig,
-    frame: pd.DataFrame,
-    path: Path,
-    features: npt.NDArray[np.float32],
-    feature_names: tuple[str, ...],
-) -> LocalDataset:
-    raw_labels = _numeric_column(frame, cfg.label, path=path, role="label")
-    not_int = raw_labels != np.floor(raw_labels)
-    if not_int.any():
-        raise InvalidSpecError(
-            f"The label column {cfg.label!r} of {path} must hold whole numbers (class "
-            f"indices), but {_cells(not_int)} not (first at line {_bad_line(not_int)})."
-        )
-    out_of_range = (raw_labels < 0) | (raw_labels > MAX_LABEL)
-    if out_of_range.any():
-        raise InvalidSpecError(
-            f"The label column {cfg.label!r} of {path} must hold class indices from 0 to "
-            f"{MAX_LABEL}, but {_cells(out_of_range)} not "
-            f"(first at line {_bad_line(out_of_range)})."
-        )
-    labels = raw_labels.astype(np.int64)
-    return LocalDataset(
-        name=cfg.name,
-        features=features,
-        labels=labels,
-        feature_names=feature_names,
-        label_name=cfg.label,
-        num_classes_seen=int(labels.max()) + 1,
-    )
+def _iter_csv_frames(path: Path, header: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
+    try:
+        with pd.read_csv(path, names=header, chunksize=chunk_rows, **_CSV_OPTIONS) as reader:
+            yield from reader
+    except pd.errors.ParserError:
+        raise InvalidSpecError(f"The dataset file {path} is not well-formed CSV.") from None
+    except pd.errors.EmptyDataError:
+        raise InvalidSpecError(f"The dataset file {path} is empty.") from None
 
 
-def _line_from_parser_error(message: str) -> int | None:
-    # pandas' C parser says "... Expected 3 fields in line 7, saw 4"; keep the number only.
-    marker = " in line "
-    at = message.find(marker)
-    if at < 0:
-        return None
-    digits = ""
-    for ch in message[at + len(marker) :]:
-        if not ch.isdigit():
-            break
-        digits += ch
-    return int(digits) if digits else None
+# ------------------------------------------------------------------ per-record split
+
+
+def split_key(state_dir: Path) -> bytes:
+    """The site's secret split key: created once (32 bytes from the OS, mode 0600) in
+    ``state_dir``, then read back, so every job sees the same split."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / SPLIT_KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) < 16:
+            raise InvalidSpecError(
+                f"The split key {path} is damaged; restore it from a backup (deleting it "
+                "moves records between training and validation)."
+            ) from None
+        return key
+    key = os.urandom(32)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+        f.flush()
+        os.fsync(f.fileno())
+    return key
+
+
+def record_digests(ds: LocalDataset, key: bytes) -> npt.NDArray[np.uint64]:
+    """HMAC-SHA256 (RFC 2104) of each record's canonical content, as a 64-bit number.
+
+    The content is the dataset's name, then each typed feature and the label in the
+    dataset's column order, as float64 (``-0.0`` as ``0.0``, every NaN the same bits): a
+    function of the record alone.
+    """
+    n = len(ds)
+    cols = [np.asarray(ds.table.columns[c], dtype=np.float64) for c in ds.feature_names]
+    cols.append(ds.labels.astype(np.float64))
+    matrix = np.stack(cols, axis=1) + 0.0  # -0.0 + 0.0 == 0.0
+    matrix[np.isnan(matrix)] = np.nan
+    prefix = f"{ds.name}\x1f{','.join(ds.feature_names)}\x1f{ds.label_name}\x1f".encode()
+    rows = np.ascontiguousarray(matrix.astype("<f8"))
+    out = np.empty(n, dtype=np.uint64)
+    for i in range(n):
+        digest = hmac.new(key, prefix + rows[i].tobytes(), hashlib.sha256).digest()
+        out[i] = int.from_bytes(digest[:8], "big")
+    return out
 
 
 def split_train_validation(
-    ds: LocalDataset, fraction: float, seed: int
+    ds: LocalDataset, fraction: float, key: bytes
 ) -> tuple[LocalDataset, LocalDataset]:
-    """Split rows into (train, validation) by a seeded permutation.
+    """Split rows into (train, validation), each record's side decided by that record alone.
 
-    Deterministic in ``(dataset, fraction, seed)``: every job on a dataset sees the same
-    validation rows, so DP-SGD never trains on rows that an earlier job's metrics were
-    computed on, and vice versa. The validation part has ``round(fraction · N)`` rows, at
-    least one when ``fraction > 0`` and at most ``N - 1`` so training always keeps a row.
-    Both parts keep the whole dataset's ``num_classes_seen``.
+    A record goes to validation when its keyed digest (:func:`record_digests`), read as a
+    number in ``[0, 1)``, is below ``fraction``: adding or removing one record changes no
+    other record's side (``split(D ∪ {x})`` restricted to ``D`` is ``split(D)``), as DP-SGD's
+    neighbouring-dataset assumption needs; a secret key keeps the side unpredictable to
+    anyone who knows the record. Every job on the dataset sees the same split, so DP-SGD never
+    trains on rows an earlier job's metrics were computed on. Row order is kept on each side.
 
     Raises:
         InvalidSpecError: ``fraction`` is outside ``[0, 1)``.
     """
     if not (0.0 <= fraction < 1.0) or math.isnan(fraction):
         raise InvalidSpecError(f"The validation fraction must be in [0, 1), got {fraction}.")
-    n = len(ds)
-    n_val = round(fraction * n)
-    if fraction > 0.0:
-        n_val = max(n_val, 1)
-    n_val = min(n_val, max(n - 1, 0))
-    order = np.random.default_rng(seed).permutation(n)
-    val_idx = np.sort(order[:n_val])
-    train_idx = np.sort(order[n_val:])
-
-    def part(idx: npt.NDArray[np.int64]) -> LocalDataset:
-        return LocalDataset(
-            name=ds.name,
-            features=ds.features[idx],
-            labels=ds.labels[idx],
-            feature_names=ds.feature_names,
-            label_name=ds.label_name,
-            num_classes_seen=ds.num_classes_seen,
-        )
-
-    return part(train_idx), part(val_idx)
+    threshold = np.uint64(min(int(fraction * 2**64), 2**64 - 1))
+    to_validation = record_digests(ds, key) < threshold
+    return ds.take(np.flatnonzero(~to_validation)), ds.take(np.flatnonzero(to_validation))
 
 
 def describe(ds: LocalDataset) -> DatasetInfo:

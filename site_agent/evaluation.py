@@ -1,6 +1,7 @@
 """Federated evaluation of a released model on a site's data (``orchestrator evaluate``).
 
-The site evaluates the model on *all* rows of the named dataset and releases the correct
+The site evaluates the model on *all* rows of the named dataset, encoded with the model's own
+feature encoding once it agrees with the site's declared schema, and releases the correct
 count and the clipped loss sum through the Gaussian mechanism (``site_agent.trainer.evaluate``:
 one Gaussian with noise multiplier σ at L2 sensitivity √2·unit), charged to its ledger first.
 """
@@ -9,18 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.accounting import DpEvent, compute_epsilon
 from common.domain import TaskAssignment, UpdateMeta
-from common.errors import InvalidSpecError
+from common.errors import InvalidSpecError, NotFoundError
 from common.models import parse_model_spec
+from common.schema.encoding import FeatureEncoding
+from common.schema.table import TypedTable
 from common.tensors import state_from_bytes
 from site_agent.budget import admit_and_charge, parse_request, release_update
 from site_agent.config import SiteConfig
 from site_agent.data import LocalDataset
+from site_agent.encoding_check import checked_encoding
 from site_agent.ledger import Ledger
 from site_agent.trainer import evaluate
 
@@ -35,6 +40,11 @@ class EvaluateRequest(BaseModel):
     noise_multiplier: float = Field(gt=0.0, le=1e6)
     loss_bound: float = Field(default=5.0, gt=0.0, le=1e3)
     delta: float = Field(default=1e-5, gt=0.0, lt=0.01)
+    encoding: dict[str, Any] | None = Field(
+        default=None,
+        description="the released model's feature encoding (FeatureEncoding.to_dict); "
+        "absent: the min/max encoding of this site's own declaration",
+    )
 
 
 def run_evaluate(
@@ -49,13 +59,25 @@ def run_evaluate(
     if req.dataset != task.dataset:
         raise InvalidSpecError("the evaluate request names another dataset than its task")
     spec = parse_model_spec(req.model, source="evaluate request model")
+    cfg = config.dataset(req.dataset)
+    if cfg is None:
+        raise NotFoundError(f"site {config.site_id} has no dataset named {req.dataset!r}")
     train, val = data
-    x = train.features if val is None else np.concatenate([train.features, val.features])
-    y = train.labels if val is None else np.concatenate([train.labels, val.labels])
-    if spec.input_dim != x.shape[1]:
-        raise InvalidSpecError(
-            f"the model takes {spec.input_dim} features; dataset {req.dataset!r} has {x.shape[1]}"
-        )
+    # Public inputs only before the charge: the request, the declared schema, the policy.
+    encoding = checked_encoding(
+        cfg,
+        train.feature_names,
+        None if req.encoding is None else FeatureEncoding.from_dict(req.encoding),
+        what=f"evaluating model {req.model_job_id}",
+    )
+    for key, value in (("input_dim", encoding.width), ("num_classes", encoding.num_classes)):
+        if getattr(spec, key) is not None and getattr(spec, key) != value:
+            raise InvalidSpecError(
+                f"the model's {key} is {getattr(spec, key)} but its feature encoding gives {value}"
+            )
+    spec = spec.model_copy(
+        update={"input_dim": encoding.width, "num_classes": encoding.num_classes}
+    )
     if hashlib.sha256(blob).hexdigest() != task.model_sha256:
         raise InvalidSpecError("the model's bytes do not match the task's sha256")
     state = state_from_bytes(blob)
@@ -71,6 +93,9 @@ def run_evaluate(
         delta=req.delta,
         what=f"evaluating model {req.model_job_id}",
     )
+    rows = train.table if val is None else TypedTable.concat([train.table, val.table])
+    x = encoding.encode(rows)
+    y = train.labels if val is None else np.concatenate([train.labels, val.labels])
     ev = evaluate(
         model_spec=spec,
         state=state,

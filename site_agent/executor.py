@@ -15,12 +15,12 @@ Order of operations for every task (no gRPC here; ``site_agent.agent`` carries t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import threading
-import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -40,16 +40,18 @@ from common.domain import (
     UpdateMeta,
 )
 from common.errors import InvalidSpecError, NotFoundError
-from common.models import build_model, count_parameters
+from common.models import build_model, count_spec_parameters
 from common.schedule import task_schedule
-from common.specs import JobSpec, job_spec_from_json
+from common.schema.encoding import FeatureEncoding
+from common.specs import JobSpec, ModelSpec, job_spec_from_json
 from common.tensors import check_update, state_from_bytes, state_to_bytes
 from site_agent.admission import RoundCharges, run_admit
 from site_agent.budget import budget_limit, release_update
 from site_agent.canaries import canaries_for, score_canaries
 from site_agent.catalog import CatalogCounts, schema_of
 from site_agent.config import SiteConfig
-from site_agent.data import LocalDataset, load_dataset, split_train_validation
+from site_agent.data import LocalDataset, load_dataset, split_key, split_train_validation
+from site_agent.encoding_check import checked_encoding
 from site_agent.evaluation import run_evaluate
 from site_agent.ledger import Ledger
 from site_agent.mixture import run_gmm, run_gmm_local
@@ -111,8 +113,29 @@ def _wait_for_report(pending: Future[_ReportEpsilons]) -> _ReportEpsilons:
 
 @dataclass(frozen=True)
 class _Split:
+    """A dataset's two sides. ``validation`` is None exactly when the dataset's configured
+    ``validation_fraction`` is 0 (configuration, never the data); it may hold no rows."""
+
     train: LocalDataset
     validation: LocalDataset | None
+
+
+@dataclass(frozen=True)
+class _TrainPlan:
+    """Everything a train task is decided on before the charge: public inputs only (the task,
+    the spec, the site's policy and declared schema, the dataset's row count)."""
+
+    spec: JobSpec
+    model_spec: ModelSpec
+    encoding: FeatureEncoding
+    sample_rate: float
+    steps: int
+    train_event: DpEvent
+    metric_event: DpEvent | None
+    cost_events: tuple[DpEvent, ...]
+    projection: Projection
+    exact: bool
+    want_metrics: bool
 
 
 class TaskExecutor:
@@ -140,11 +163,11 @@ class TaskExecutor:
                 if cfg is None:
                     raise NotFoundError(f"site {self.config.site_id} has no dataset named {name!r}")
                 full = load_dataset(cfg)
-                if cfg.validation_fraction > 0 and len(full.labels) >= 10:
-                    # A stable split (seeded by site and dataset) keeps each record on one side.
-                    seed = zlib.crc32(f"{self.config.site_id}/{name}".encode())
-                    train, val = split_train_validation(full, cfg.validation_fraction, seed)
-                    self._splits[name] = _Split(train, val if len(val.labels) else None)
+                if cfg.validation_fraction > 0:
+                    # Each record's side comes from a keyed hash of that record alone.
+                    key = split_key(self.config.state_dir)
+                    train, val = split_train_validation(full, cfg.validation_fraction, key)
+                    self._splits[name] = _Split(train, val)
                 else:
                     self._splits[name] = _Split(full, None)
             return self._splits[name]
@@ -177,6 +200,7 @@ class TaskExecutor:
                     num_validation_rows=n_val,
                     dp_num_rows=dp_rows,
                     schema=schema_of(cfg, sp.train.feature_names),
+                    label_schema=cfg.label_schema(),
                     source=cfg.source_format(),
                 )
             )
@@ -201,45 +225,14 @@ class TaskExecutor:
     def _round_charges(self, task: TaskAssignment) -> RoundCharges:
         """One round of the job an ``admit`` task asks about: the policy's checks on a round
         and the events it would charge, exactly as its train tasks will derive them."""
-        spec: JobSpec = job_spec_from_json(task.job_spec_json)
-        split = self._split(task.dataset)
-        n = len(split.train.labels)
-        if spec.audit is not None:
-            cfg = self.config.dataset(task.dataset)
-            assert cfg is not None
-            _, _, included = canaries_for(
-                self.config.state_dir, task.job_id, spec, cfg, split.train.feature_names
-            )
-            n += int(included.sum())
-        q, steps = task_schedule(
-            num_examples=n,
-            batch_size=spec.batch_size,
-            local_epochs=spec.local_epochs,
-            local_steps=spec.local_steps,
+        # The last round: it always releases the metrics (if any), so each round's charges,
+        # times the rounds, cover at least every release the job makes.
+        # history=[]: the whole job's budget check is admission's, on the commitments.
+        plan = self._plan_train(
+            dataclasses.replace(task, kind="train", round=task.rounds), history=[]
         )
-        exact = spec.metrics.enabled and spec.metrics.exact
-        want_metrics = spec.metrics.enabled and split.validation is not None
-        train_event = DpEvent(noise_multiplier=task.noise_multiplier, sample_rate=q, steps=steps)
-        charges: RoundCharges = (("train", train_event),)
-        if want_metrics and not exact:
-            metric = DpEvent(spec.metrics.noise_multiplier, 1.0, 1)
-            charges = (*charges, ("metrics", metric))
-        check_task(
-            policy=self.config.policy,
-            max_epsilon=budget_limit(self.config, task.dataset),
-            dataset=task.dataset,
-            model_kind=spec.model.kind,
-            num_parameters=count_parameters(build_model(spec.model)),
-            round=1,
-            rounds=task.rounds,
-            noise_multiplier=task.noise_multiplier,
-            task_delta=spec.dp.delta,
-            steps=steps,
-            cost=TaskCost(events=tuple(e for _, e in charges), delta=spec.dp.delta),
-            history=[],  # the whole job's budget check is admission's, on the commitments
-            exact_metrics=exact and want_metrics,
-        )
-        return charges
+        metric = () if plan.metric_event is None else (("metrics", plan.metric_event),)
+        return (("train", plan.train_event), *metric)
 
     def _execute_other(self, task: TaskAssignment, blob: bytes) -> tuple[UpdateMeta, bytes]:
         """The closed set of non-training tasks; each admits and charges its own release."""
@@ -294,47 +287,43 @@ class TaskExecutor:
         with noise.secure_noise(self.config.policy.secure_noise):
             return self._execute(task, global_blob)
 
-    def _execute(self, task: TaskAssignment, global_blob: bytes) -> tuple[UpdateMeta, bytes]:
-        if task.kind != "train":
-            return self._execute_other(task, global_blob)
+    def precheck(self, task: TaskAssignment) -> None:
+        """Refuse a task from public inputs alone, before its model is downloaded or built
+        (issue 17.4): for a train task, the spec, the encoding against this site's declared
+        schema and the site's policy (model kind and size from the spec, σ, δ, projected ε).
+        ``execute`` checks all of it again."""
+        if task.kind == "train":
+            self._plan_train(task)
+
+    def _plan_train(
+        self, task: TaskAssignment, *, history: list[DpEvent] | None = None
+    ) -> _TrainPlan:
+        """Every decision of a train task before the charge, from public inputs only.
+
+        The budget check composes ``history`` (default: the dataset's commitments now, every
+        charge and every other job's reservation; the charge passes them from inside its
+        transaction)."""
         spec: JobSpec = job_spec_from_json(task.job_spec_json)
         if spec.dataset != task.dataset:
             raise InvalidSpecError(
                 f"task names dataset {task.dataset!r} but its spec names {spec.dataset!r}"
             )
+        cfg = self.config.dataset(task.dataset)
+        if cfg is None:
+            raise NotFoundError(f"site {self.config.site_id} has no dataset named {task.dataset!r}")
         split = self._split(task.dataset)
         train = split.train
-        n_features = train.features.shape[1]
-        if spec.model.input_dim != n_features:
+        job_encoding = spec.encoding.feature_encoding() if spec.encoding.derived else None
+        if job_encoding is None and spec.encoding.numeric != "minmax":
             raise InvalidSpecError(
-                f"model.input_dim={spec.model.input_dim} but dataset {task.dataset!r} has "
-                f"{n_features} feature columns"
+                "the job asks for a quantile encoding but carries no derived encoding; the "
+                "orchestrator derives it when the job is submitted"
             )
-        if train.num_classes_seen > spec.model.num_classes:
-            raise InvalidSpecError(
-                f"model.num_classes={spec.model.num_classes} is too small for the labels of "
-                f"dataset {task.dataset!r}"
-            )
-        if hashlib.sha256(global_blob).hexdigest() != task.model_sha256:
-            raise InvalidSpecError("the global model's bytes do not match the task's sha256")
-        model = build_model(spec.model)
-        reference = model.state_dict()
-        global_state = state_from_bytes(global_blob)
-        check_update(global_state, reference)
-
-        sigma = task.noise_multiplier
-        train_x, train_y = train.features, train.labels
-        if spec.audit is not None:
-            # The audit's canaries train like any record: the ones whose secret coin came up.
-            cfg = self.config.dataset(task.dataset)
-            assert cfg is not None
-            cx, cy, included = canaries_for(
-                self.config.state_dir, task.job_id, spec, cfg, train.feature_names
-            )
-            train_x = np.concatenate([train_x, cx[included]])
-            train_y = np.concatenate([train_y, cy[included]])
+        encoding = checked_encoding(cfg, train.feature_names, job_encoding, what="training")
+        model_spec = _model_spec_for(spec.model, encoding)
         q, steps = task_schedule(
-            num_examples=len(train_y),
+            # the row count is disclosed (registration); canaries are drawn by secret coins
+            num_examples=len(train.labels) + self._included_canaries(task, spec, encoding),
             batch_size=spec.batch_size,
             local_epochs=spec.local_epochs,
             local_steps=spec.local_steps,
@@ -344,50 +333,71 @@ class TaskExecutor:
         want_metrics = (
             spec.metrics.releases_at(task.round, task.rounds) and split.validation is not None
         )
-        train_event = DpEvent(noise_multiplier=sigma, sample_rate=q, steps=steps)
+        train_event = DpEvent(noise_multiplier=task.noise_multiplier, sample_rate=q, steps=steps)
         metric_event = (
             DpEvent(noise_multiplier=spec.metrics.noise_multiplier, sample_rate=1.0, steps=1)
             if want_metrics and not exact
             else None
         )
         cost_events = (train_event,) + ((metric_event,) if metric_event else ())
-        cost = TaskCost(events=cost_events, delta=spec.dp.delta)
-        policy = self.config.policy
-        projections: list[Projection] = []
-
-        def admit(history: list[DpEvent]) -> None:
-            projections.append(
-                check_task(
-                    policy=policy,
-                    max_epsilon=budget_limit(self.config, task.dataset),
-                    dataset=task.dataset,
-                    model_kind=spec.model.kind,
-                    num_parameters=count_parameters(model),
-                    round=task.round,
-                    rounds=task.rounds,
-                    noise_multiplier=sigma,
-                    task_delta=spec.dp.delta,
-                    steps=steps,
-                    cost=cost,
-                    history=history,
-                    exact_metrics=exact and want_metrics,
-                )
-            )
-
-        # Write-ahead: durable before anything computed on the data exists. The policy and
-        # budget check runs inside the charge's transaction, on every charge to the dataset's
-        # budget and every other admitted job's reservation (site_agent.ledger).
-        self.ledger.charge(
+        projection = check_task(
+            policy=self.config.policy,
+            max_epsilon=budget_limit(self.config, task.dataset),
             dataset=task.dataset,
-            job_id=task.job_id,
+            model_kind=spec.model.kind,
+            # From the spec: nothing is built before the policy admits its size.
+            num_parameters=count_spec_parameters(model_spec),
             round=task.round,
-            task_id=task.task_id,
-            kind=["train"] + (["metrics"] if metric_event is not None else []),
-            events=list(cost_events),
-            delta=spec.dp.delta,
-            check=admit,
+            rounds=task.rounds,
+            noise_multiplier=task.noise_multiplier,
+            task_delta=spec.dp.delta,
+            steps=steps,
+            cost=TaskCost(events=cost_events, delta=spec.dp.delta),
+            history=(
+                self.ledger.commitments(task.dataset, excluding_job=task.job_id)
+                if history is None
+                else history
+            ),
+            exact_metrics=exact and want_metrics,
         )
-        projection = projections[-1]
+        return _TrainPlan(
+            spec=spec,
+            model_spec=model_spec,
+            encoding=encoding,
+            sample_rate=q,
+            steps=steps,
+            train_event=train_event,
+            metric_event=metric_event,
+            cost_events=cost_events,
+            projection=projection,
+            exact=exact,
+            want_metrics=want_metrics,
+        )
+
+    def _included_canaries(self, task: TaskAssignment, spec: JobSpec, enc: FeatureEncoding) -> int:
+        if spec.audit is None:
+            return 0
+        _, _, included = canaries_for(self.config.state_dir, task.job_id, spec, enc)
+        return int(included.sum())
+
+    def _execute(self, task: TaskAssignment, global_blob: bytes) -> tuple[UpdateMeta, bytes]:
+        if task.kind != "train":
+            return self._execute_other(task, global_blob)
+        plan = self._plan_train(task)
+        spec, projection = plan.spec, plan.projection
+        q, steps, sigma = plan.sample_rate, plan.steps, task.noise_multiplier
+        train_event, metric_event, cost_events = (
+            plan.train_event,
+            plan.metric_event,
+            plan.cost_events,
+        )
+        policy = self.config.policy
+        if hashlib.sha256(global_blob).hexdigest() != task.model_sha256:
+            raise InvalidSpecError("the global model's bytes do not match the task's sha256")
+        model = build_model(plan.model_spec)
+        reference = model.state_dict()
+        global_state = state_from_bytes(global_blob)
+        check_update(global_state, reference)
         log.info(
             "site=%s job=%s round=%d accepted: projected ε %.3f → %.3f of %.3f",
             self.config.site_id,
@@ -396,6 +406,20 @@ class TaskExecutor:
             projection.epsilon_before,
             projection.epsilon_after,
             projection.max_epsilon,
+        )
+
+        # Write-ahead: durable before anything computed on the data exists. The policy and
+        # budget are checked again inside the charge's transaction (site_agent.ledger), so
+        # nothing can spend between the check and the charge.
+        self.ledger.charge(
+            dataset=task.dataset,
+            job_id=task.job_id,
+            round=task.round,
+            task_id=task.task_id,
+            kind=["train"] + (["metrics"] if metric_event is not None else []),
+            events=list(cost_events),
+            delta=spec.dp.delta,
+            check=lambda history: self._plan_train(task, history=history),
         )
         epsilons = _report_epsilons_in_background(
             self.ledger,
@@ -406,8 +430,16 @@ class TaskExecutor:
             policy_delta=policy.delta,
         )
 
+        split = self._split(task.dataset)
+        train_x = plan.encoding.encode(split.train.table)
+        train_y = split.train.labels
+        if spec.audit is not None:
+            # The audit's canaries train like any record: the ones whose secret coin came up.
+            cx, cy, included = canaries_for(self.config.state_dir, task.job_id, spec, plan.encoding)
+            train_x = np.concatenate([train_x, cx[included]])
+            train_y = np.concatenate([train_y, cy[included]])
         result = train_local(
-            model_spec=spec.model,
+            model_spec=plan.model_spec,
             global_state=global_state,
             features=train_x,
             labels=train_y,
@@ -430,16 +462,17 @@ class TaskExecutor:
                 f"charged {steps} at q={q:g}; update withheld"
             )
         metrics: Metrics | None = None
-        if want_metrics and split.validation is not None:
+        validation = split.validation
+        if plan.want_metrics and validation is not None and len(validation) > 0:
             local = {k: global_state[k] + result.delta[k] for k in global_state}
             ev = evaluate(
-                model_spec=spec.model,
+                model_spec=plan.model_spec,
                 state=local,
-                features=split.validation.features,
-                labels=split.validation.labels,
+                features=plan.encoding.encode(validation.table),
+                labels=validation.labels,
                 loss_bound=spec.metrics.loss_bound,
                 auc_bins=spec.metrics.auc_bins,
-                noise_multiplier=None if exact else spec.metrics.noise_multiplier,
+                noise_multiplier=None if plan.exact else spec.metrics.noise_multiplier,
             )
             metrics = ev.released()
 
@@ -472,3 +505,19 @@ class TaskExecutor:
             sha256=hashlib.sha256(blob).hexdigest(),
         )
         return meta, blob
+
+
+def _model_spec_for(model: ModelSpec, encoding: FeatureEncoding) -> ModelSpec:
+    """``model`` with ``input_dim``/``num_classes`` from the encoding (public: the schema).
+
+    Raises:
+        InvalidSpecError: the spec states either and it differs from the encoding's.
+    """
+    derived = {"input_dim": encoding.width, "num_classes": encoding.num_classes}
+    for key, value in derived.items():
+        given = getattr(model, key)
+        if given is not None and given != value:
+            raise InvalidSpecError(
+                f"model.{key}={given} but the feature encoding gives {key}={value}"
+            )
+    return model.model_copy(update=derived)

@@ -4,7 +4,10 @@ Every request is priced first (``site_agent.gmm_stats.request_cost``: the sensit
 computed here from the request's shape, never read from it), admitted against the site's
 policy and budget and charged to the ledger, and only then answered with noised statistics.
 CSV datasets are streamed from the file in ``chunk_rows`` chunks, so memory holds one chunk;
-Parquet and SQL datasets are chunked from the rows the agent loaded at start-up.
+Parquet and SQL datasets are chunked from the rows the agent loaded at start-up. Either way
+every row is typed by the declared schema (``site_agent.data``): values clipped to the
+declared bounds, rows without a declared label or with a missing value in a requested column
+left out, each by a rule on that record alone.
 """
 
 from __future__ import annotations
@@ -14,15 +17,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from common import noise
 from common.domain import TaskAssignment, UpdateMeta
 from common.errors import InvalidSpecError
 from site_agent.budget import admit_and_charge, parse_request, release_update
-from site_agent.config import SiteConfig
-from site_agent.data import LocalDataset
-from site_agent.gmm_stats import answer_request, iter_csv_chunks, request_cost
+from site_agent.config import DatasetConfig, SiteConfig
+from site_agent.data import LocalDataset, iter_typed_chunks
+from site_agent.gmm_stats import answer_request, request_cost
 from site_agent.ledger import Ledger
 
 
@@ -32,12 +36,27 @@ class MixtureTask(BaseModel):
     request: dict[str, Any]
 
 
-def _column_indices(train: LocalDataset, columns: tuple[str, ...], dataset: str) -> list[int]:
-    """Where each requested column sits among the dataset's features; refuses unknown ones."""
+def _check_columns(
+    cfg: DatasetConfig, train: LocalDataset, columns: tuple[str, ...], dataset: str
+) -> None:
+    """Refuse unknown columns and columns without declared numeric bounds (config only)."""
     unknown = [c for c in columns if c not in train.feature_names]
     if unknown:
         raise InvalidSpecError(f"dataset {dataset!r} has no feature column(s) {unknown}")
-    return [train.feature_names.index(c) for c in columns]
+    for info in cfg.feature_schema(columns):
+        if info.type != "numeric" or info.min is None or info.max is None:
+            raise InvalidSpecError(
+                f"column {info.name!r} of dataset {dataset!r} has no declared numeric bounds here"
+            )
+
+
+def _rows(part: LocalDataset, columns: tuple[str, ...]) -> npt.NDArray[np.float64]:
+    """The typed values of ``columns`` (clipped at load), rows with a missing value left out:
+    a decision on each record alone."""
+    if not columns:
+        return np.zeros((len(part), 0), dtype=np.float64)
+    x = np.stack([np.asarray(part.table.columns[c], dtype=np.float64) for c in columns], axis=1)
+    return x[~np.isnan(x).any(axis=1)]
 
 
 def run_gmm(
@@ -51,13 +70,7 @@ def run_gmm(
     cfg = config.dataset(task.dataset)
     assert cfg is not None
     train, val = data
-    idx = _column_indices(train, body.columns, task.dataset)
-    for c in body.columns:
-        spec = cfg.columns.get(c)
-        if spec is None or spec.type != "numeric" or spec.min is None:
-            raise InvalidSpecError(
-                f"column {c!r} of dataset {task.dataset!r} has no declared numeric bounds here"
-            )
+    _check_columns(cfg, train, body.columns, task.dataset)
     event = request_cost(body.request)
     admit_and_charge(
         config=config,
@@ -70,22 +83,25 @@ def run_gmm(
         delta=config.policy.delta,
         what=f"mixture statistics (round {task.round})",
     )
-    n_rows = len(train.labels) + (0 if val is None else len(val.labels))
+    n_rows = 0
 
-    def in_memory() -> Iterator[np.ndarray]:
+    def in_memory() -> Iterator[LocalDataset]:
         for part in (train, val):
-            if part is None:
-                continue
-            x = part.features[:, idx].astype(np.float64)
+            if part is not None:
+                yield part
+
+    def chunks() -> Iterator[npt.NDArray[np.float64]]:
+        nonlocal n_rows
+        parts = (
+            iter_typed_chunks(cfg, body.columns) if cfg.source_format() == "csv" else in_memory()
+        )
+        for part in parts:
+            x = _rows(part, body.columns)
             for start in range(0, len(x), cfg.chunk_rows):
+                n_rows += len(x[start : start + cfg.chunk_rows])
                 yield x[start : start + cfg.chunk_rows]
 
-    chunks: Iterator[np.ndarray] = (
-        iter_csv_chunks(cfg.path, body.columns, cfg.chunk_rows)
-        if cfg.source_format() == "csv" and cfg.path is not None
-        else in_memory()
-    )
-    result, charged = answer_request(body.request, chunks, rng=noise.private_numpy_rng())
+    result, charged = answer_request(body.request, chunks(), rng=noise.private_numpy_rng())
     if charged != event:
         raise InvalidSpecError("internal: the answered release differs from the one charged")
     return release_update(
@@ -128,8 +144,10 @@ def run_gmm_local(
     from orchestrator.gmm_em import FederatedEM  # pure maths, shared with the orchestrator
 
     body = parse_request(LocalFitTask, task, source="gmm local fit")
+    cfg = config.dataset(task.dataset)
+    assert cfg is not None
     train, val = data
-    idx = _column_indices(train, body.columns, task.dataset)
+    _check_columns(cfg, train, body.columns, task.dataset)
     em = FederatedEM(
         K=body.K,
         covariance_type=body.covariance_type,
@@ -151,7 +169,7 @@ def run_gmm_local(
         delta=config.policy.delta,
         what="a local DP mixture fit (one-shot federation)",
     )
-    parts = [p.features[:, idx].astype(np.float64) for p in (train, val) if p is not None]
+    parts = [_rows(p, body.columns) for p in (train, val) if p is not None]
     rows = np.concatenate(parts)
     rng = noise.private_numpy_rng()
     request: dict[str, Any] | None = em.initial_request()

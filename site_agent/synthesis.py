@@ -1,9 +1,10 @@
 """The site's side of federated DP synthetic data (``orchestrator synth``).
 
 The site builds the measurement schema from its *declared* column types and bounds (never
-from the data), plans the marginals for the requested ε (``common.synth.marginal_plan``),
-admits and charges them to its ledger, then releases the noisy marginal counts. Every column
-asked for, the label included, must be declared in ``site.yaml`` under ``columns``.
+from the data; ``columns``, ``feature_bounds`` and ``num_classes`` in ``site.yaml``), plans the marginals for the requested ε (``common.synth.marginal_plan``),
+admits and charges them to its ledger, then releases the noisy marginal counts of the rows as
+typed at load (``common.schema.table``). Every column asked for, the label included, must be
+declared.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from common import noise
-from common.domain import TaskAssignment, UpdateMeta
+from common.domain import ColumnInfo, TaskAssignment, UpdateMeta
 from common.errors import InvalidSpecError, PolicyRefusal
 from common.synth import ColumnSchema, Schema, marginal_plan, measure_site
 from site_agent.budget import admit_and_charge, parse_request, release_update
@@ -34,39 +35,54 @@ class SynthRequest(BaseModel):
     columns: tuple[str, ...] | None = Field(default=None, max_length=MAX_COLUMNS)
 
 
+def _declared(cfg: DatasetConfig, name: str) -> ColumnInfo | None:
+    if name == cfg.label:
+        return cfg.label_schema()
+    info = cfg.feature_schema([name])[0]
+    if info.type == "numeric" and (info.min is None or info.max is None):
+        return None
+    return info
+
+
 def site_schema(cfg: DatasetConfig, names: tuple[str, ...], bins: int) -> Schema:
     cols = []
     for name in names:
-        spec = cfg.columns.get(name)
-        if spec is None or (spec.type == "numeric" and spec.min is None):
+        info = _declared(cfg, name)
+        if info is None:
+            spec = cfg.columns.get(name)
             raise PolicyRefusal(
                 f"column {name!r} of dataset {cfg.name!r} has no declared "
                 + ("categories" if spec is not None and spec.type == "categorical" else "bounds")
                 + " in this site's config; synthetic data needs every column declared"
             )
-        if spec.type == "categorical":
-            cols.append(ColumnSchema.categorical(name, spec.categories or ()))
+        if info.type == "categorical":
+            cols.append(ColumnSchema.categorical(name, info.categories))
         else:
-            assert spec.min is not None and spec.max is not None
-            cols.append(ColumnSchema.numeric(name, lo=spec.min, hi=spec.max, bins=bins))
+            assert info.min is not None and info.max is not None
+            cols.append(ColumnSchema.numeric(name, lo=info.min, hi=info.max, bins=bins))
     return Schema(tuple(cols))
 
 
-def _frame(cfg: DatasetConfig, data: LocalDataset, names: tuple[str, ...]) -> pd.DataFrame:
+def _frame(data: LocalDataset, schema: Schema) -> pd.DataFrame:
+    """The typed rows as measure_site reads them: declared categories as their text ("other"
+    and missing as None, the "other" bin), numbers as they were clipped at load. A row with a
+    missing number in a measured column is left out (a numeric marginal has no bin for it):
+    a decision on that record alone."""
     out: dict[str, object] = {}
-    for name in names:
-        if name == data.label_name:
-            out[name] = [str(int(v)) for v in data.labels]
-            continue
-        j = data.feature_names.index(name)
-        spec = cfg.columns.get(name)
-        if spec is not None and spec.type == "categorical":
-            cats = spec.categories or ()
-            # codes back to the declared categories; the extra "other" code maps to None
-            out[name] = [cats[int(c)] if int(c) < len(cats) else None for c in data.features[:, j]]
+    keep = np.ones(len(data), dtype=bool)
+    for col in schema.columns:
+        name = col.name
+        codes = data.labels if name == data.label_name else data.table.columns[name]
+        if col.kind == "categorical":
+            cats = np.array([*(str(c) for c in col.categories or ()), None], dtype=object)
+            k = len(cats) - 1
+            idx = np.where((codes >= 0) & (codes < k), codes, k).astype(np.int64)
+            out[name] = cats[idx]
         else:
-            out[name] = data.features[:, j].astype(np.float64)
-    return pd.DataFrame(out)
+            values = np.asarray(codes, dtype=np.float64)
+            keep &= ~np.isnan(values)
+            out[name] = values
+    return pd.DataFrame(out).loc[keep].reset_index(drop=True)
 
 
 def run_synth(
@@ -102,9 +118,9 @@ def run_synth(
         delta=req.delta,
         what=f"synthetic-data marginals at ε={req.target_epsilon:g}",
     )
-    frame = _frame(cfg, train, tuple(names))
+    frame = _frame(train, schema)
     if val is not None:
-        frame = pd.concat([frame, _frame(cfg, val, tuple(names))], ignore_index=True)
+        frame = pd.concat([frame, _frame(val, schema)], ignore_index=True)
     measurement = measure_site(frame, schema, plan, noise.private_numpy_rng())
     return release_update(
         config=config,

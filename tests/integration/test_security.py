@@ -943,7 +943,15 @@ def _site_config(
         "site_id": site_id,
         "orchestrator": f"127.0.0.1:{port}",
         "state_dir": "state",
-        "datasets": [{"name": "digits", "path": "data.csv", "label": "label"}],
+        "datasets": [
+            {
+                "name": "digits",
+                "path": "data.csv",
+                "label": "label",
+                "feature_bounds": [0, 1],
+                "num_classes": 10,
+            }
+        ],
         "policy": {"max_epsilon": 50.0, "delta": 1e-5, "min_noise_multiplier": 0.5},
         "poll_seconds": 1.0,
         "heartbeat_seconds": 0.5,

@@ -27,6 +27,7 @@ COLUMNS = {
     "age": {"type": "numeric", "min": 18, "max": 100},
     "income": {"type": "numeric", "min": 0, "max": 100000},
     "segment": {"type": "categorical", "categories": ["retail", "private"]},
+    "default": {"type": "categorical", "categories": ["0", "1"]},
 }
 
 
@@ -85,12 +86,12 @@ def test_sql_failure_names_the_dataset_not_the_data(tmp_path: Path) -> None:
     assert "SECRET-VALUE-42" not in str(info.value) and "dataset 'd'" in str(info.value)
 
 
-def test_non_numeric_values_are_never_echoed(tmp_path: Path) -> None:
+def test_text_in_an_undeclared_column_is_missing_not_an_error(tmp_path: Path) -> None:
     FRAME.to_parquet(tmp_path / "d.parquet")
-    cfg = DatasetConfig(name="d", path=tmp_path / "d.parquet", label="default")  # segment numeric
-    with pytest.raises(InvalidSpecError) as info:
-        load_dataset(cfg)
-    assert "SECRET" not in str(info.value) and "segment" in str(info.value)
+    cfg = DatasetConfig(name="d", path=tmp_path / "d.parquet", label="default", num_classes=2)
+    ds = load_dataset(cfg)  # segment undeclared: read as a number, so every cell is missing
+    assert np.isnan(ds.table.columns["segment"]).all()
+    assert ds.labels.tolist() == [0, 1, 0, 1]
 
 
 def test_source_config_is_validated(tmp_path: Path) -> None:
@@ -144,3 +145,7 @@ def test_schema_comes_from_the_config_only() -> None:
         ("other", "numeric", None, None),
     ]
     assert schema[1].categories == ("retail", "private")
+    label = cfg.label_schema()
+    assert label is not None and label.categories == ("0", "1")
+    bounded = cfg.model_copy(update={"feature_bounds": (0.0, 1.0)})
+    assert schema_of(bounded, ("other",))[0].max == 1.0
