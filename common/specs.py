@@ -221,7 +221,7 @@ class MetricsSpec(_Frozen):
         default=None, ge=1, le=10_000, description="also release in every k-th round"
     )
     auc_bins: int = Field(
-        default=20, ge=2, le=1000, description="score histogram bins for ROC AUC (binary labels)"
+        default=10, ge=2, le=1000, description="score histogram bins for ROC AUC (binary labels)"
     )
 
     def releases_at(self, round: int, rounds: int) -> bool:

@@ -110,8 +110,11 @@ class LocalResult:
     """How per-example gradients were clipped: ``"bk"``, or Opacus' ``"ghost"``/``"hooks"``."""
 
 
-DEFAULT_AUC_BINS = 20
-"""Score bins per class for the ROC AUC histogram (``metrics.auc_bins`` sets it per job)."""
+DEFAULT_AUC_BINS = 10
+"""Score bins per class for the ROC AUC histogram (``metrics.auc_bins`` sets it per job).
+More bins cut the binning error (at most ½ the share of pairs in one bin) but add noise:
+the AUC's noise SE grows about as √bins. At 10 bins, on 900 validation rows over three sites
+at σ = 10, the binning error is ~0.01 and the SE ~0.17 (20 bins: ~0 and ~0.24)."""
 
 
 def metrics_sensitivity(*, histogram: bool) -> float:
