@@ -68,8 +68,7 @@ Data handling follows :mod:`site_agent.data`: no error message contains a data v
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -118,7 +117,6 @@ __all__ = [
     "compute_candidate_stats",
     "compute_replicate_stats",
     "compute_stats",
-    "iter_csv_chunks",
     "noisy_candidate_stats",
     "noisy_replicate_stats",
     "noisy_stats",
@@ -126,40 +124,6 @@ __all__ = [
 ]
 
 FloatArray = npt.NDArray[np.float64]
-
-
-def iter_csv_chunks(
-    path: str | Path, columns: Sequence[str], chunk_rows: int = 100_000
-) -> Iterator[FloatArray]:
-    """Yield the ``columns`` of a CSV file as float64 arrays of at most ``chunk_rows`` rows.
-
-    Reads with pandas in chunks (``read_csv(chunksize=...)``), so memory holds one chunk.
-    Columns come out in the order given. A missing column, a non-numeric cell or a missing
-    value raises :class:`~common.errors.InvalidSpecError` naming the file and column only.
-    """
-    import pandas as pd
-
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}.")
-    cols = list(columns)
-    if not cols or len(set(cols)) != len(cols):
-        raise ValueError("columns must be a non-empty list of distinct names.")
-    p = Path(path)
-    header = pd.read_csv(p, nrows=0).columns
-    missing = [c for c in cols if c not in header]
-    if missing:
-        raise InvalidSpecError(f"{p.name}: missing column(s) {missing}.")
-    with pd.read_csv(p, usecols=cols, chunksize=chunk_rows) as reader:
-        for chunk in reader:
-            frame = chunk[cols]
-            for c in cols:
-                if not pd.api.types.is_numeric_dtype(frame[c]):
-                    raise InvalidSpecError(f"{p.name}: column {c!r} is not numeric.")
-            arr = np.asarray(frame.to_numpy(dtype=np.float64))
-            if not np.all(np.isfinite(arr)):
-                bad = [c for j, c in enumerate(cols) if not np.all(np.isfinite(arr[:, j]))]
-                raise InvalidSpecError(f"{p.name}: column(s) {bad} have missing values.")
-            yield arr
 
 
 def _unit_models(

@@ -59,11 +59,12 @@ from common.gmm import (
 )
 from common.specs import GmmJobSpec, parse_any_job_spec
 from orchestrator.gmm_em import FederatedBIC, FederatedBootstrap, FederatedEM
+from site_agent.config import DatasetConfig
+from site_agent.data import iter_typed_chunks
 from site_agent.gmm_stats import (
     answer_request,
     compute_replicate_stats,
     compute_stats,
-    iter_csv_chunks,
     noisy_replicate_stats,
     noisy_stats,
     request_cost,
@@ -428,10 +429,15 @@ def test_streaming_chunks_give_the_same_statistics(tmp_path: Path) -> None:
         f"{i},{float(r[2])!r},{float(r[0])!r},{float(r[1])!r}\n" for i, r in enumerate(X)
     )
     path.write_text(header + body)
-    from_csv = compute_stats(iter_csv_chunks(path, ["a", "b", "c"], 777), params, bounds=bounds)
+    cfg = DatasetConfig(name="rows", path=path, label="id", chunk_rows=777)
+    chunks = (
+        np.stack([part.table.columns[c] for c in ("a", "b", "c")], axis=1)
+        for part in iter_typed_chunks(cfg, ["a", "b", "c"])
+    )
+    from_csv = compute_stats(chunks, params, bounds=bounds)
     np.testing.assert_allclose(from_csv.s2, whole.s2, rtol=1e-10, atol=1e-9)
-    with pytest.raises(InvalidSpecError, match="missing column"):
-        next(iter_csv_chunks(path, ["a", "zzz"], 10))
+    with pytest.raises(InvalidSpecError, match="'zzz' is not in the header"):
+        next(iter_typed_chunks(cfg, ["a", "zzz"]))
 
 
 def test_noise_loss_prediction_matches_simulation() -> None:
