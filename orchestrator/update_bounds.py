@@ -62,6 +62,9 @@ class Assignment:
     """Audit canaries the site may add to its rows (0 without an audit): between 0 and this
     many, by coins only the site knows, so the sample rate and steps have that many options."""
     spec: JobSpec
+    round: int | None = None
+    """The round (1-based) when known: metrics are released only in the rounds
+    ``metrics.every`` selects (by default the last), so only those may carry them."""
 
     def schedule(self, num_examples: int) -> tuple[float, int]:
         return task_schedule(
@@ -74,6 +77,8 @@ class Assignment:
     def metrics_event(self) -> DpEvent | None:
         m = self.spec.metrics
         if not m.enabled or m.exact:
+            return None
+        if self.round is not None and not m.releases_at(self.round, self.spec.rounds):
             return None
         return DpEvent(noise_multiplier=m.noise_multiplier, sample_rate=1.0, steps=1)
 

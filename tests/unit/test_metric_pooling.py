@@ -309,3 +309,26 @@ def test_a_sites_noised_binary_release_has_the_standard_errors_the_pool_states()
     for j, truth in enumerate((exact.accuracy.value, exact.auc.value)):
         assert s[:, j].mean() == pytest.approx(d[:, j].std(ddof=1), rel=0.15), j
         assert abs(d[:, j].mean() - truth) < 5 * d[:, j].std(ddof=1) / math.sqrt(reps), j
+
+
+def test_an_assignment_that_knows_its_round_expects_metrics_only_when_released() -> None:
+    from common.accounting import DpEvent
+    from common.specs import parse_job_spec
+    from orchestrator.update_bounds import Assignment
+
+    spec = parse_job_spec(
+        {
+            "dataset": "d",
+            "model": {"kind": "linear", "input_dim": 4, "num_classes": 2},
+            "rounds": 5,
+            "local_steps": 2,
+            "batch_size": 10,
+            "dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5},
+            "metrics": {"every": 2},
+        }
+    )
+    event = DpEvent(10.0, 1.0, 1)
+    assert Assignment("s", 1.0, 100, 0, spec).metrics_event() == event  # round unknown
+    expected = {1: None, 2: event, 3: None, 4: event, 5: event}
+    for rnd, want in expected.items():
+        assert Assignment("s", 1.0, 100, 0, spec, round=rnd).metrics_event() == want
