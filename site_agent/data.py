@@ -188,12 +188,20 @@ def iter_typed_chunks(cfg: DatasetConfig, columns: Sequence[str]) -> Iterator[Lo
 
 
 def _check_label_in(cfg: DatasetConfig, header: Sequence[str], where: Path) -> None:
+    """The label and every column declared under ``columns`` are in the header."""
     if cfg.label not in header:
         # Only names from the site config are echoed: if the file lacks a header after all,
         # its "header" is a data row.
         raise InvalidSpecError(
             f"The label column {cfg.label!r} is not in the header of {where} "
             f"({len(header)} columns); check the dataset's `label` setting."
+        )
+    absent = [c for c in cfg.columns if c not in header]
+    if absent:
+        raise InvalidSpecError(
+            f"The declared column{'s' if len(absent) > 1 else ''} "
+            f"{', '.join(repr(c) for c in absent)} of dataset {cfg.name!r} "
+            f"{'are' if len(absent) > 1 else 'is'} not in the header of {where}."
         )
 
 
@@ -359,7 +367,7 @@ def _iter_csv_frames(path: Path, header: list[str], chunk_rows: int) -> Iterator
 def split_key(state_dir: Path) -> bytes:
     """The site's secret split key: created once (32 bytes from the OS, mode 0600) in
     ``state_dir``, then read back, so every job sees the same split."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = state_dir / SPLIT_KEY_FILE
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

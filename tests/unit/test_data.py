@@ -160,6 +160,9 @@ def test_schema_errors_name_the_file_and_column(tmp_path: Path) -> None:
     assert "'target' is not in the header" in _error(
         DatasetConfig(name="loans", path=p, label="target")
     )
+    assert "declared column 'zz' of dataset 'loans' is not in the header" in _error(
+        _cfg(p, columns={"zz": {"min": 0, "max": 1}})
+    )
     assert "no feature columns" in _error(_cfg(_write(tmp_path, "label\n1\n", "only.csv")))
     assert "Columns 1 and 3" in _error(_cfg(_write(tmp_path, "a,label,a\n1,0,2\n", "dup.csv")))
     assert "Column 2" in _error(_cfg(_write(tmp_path, "a,,label\n1,2,0\n", "blank.csv")))
