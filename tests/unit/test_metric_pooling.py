@@ -82,6 +82,10 @@ def test_sensitivity_on_neighbouring_datasets(spec: ModelSpec) -> None:
             )
             for other in (added, replaced):
                 assert np.isfinite(other).all()
+                d = np.abs(other - base)
+                # each statistic's own sensitivity: count, correct, loss/B at most 1 each,
+                # the histogram at most √2 in L2 (one cell out, one in)
+                assert d[:3].max() <= 1 + 1e-9 and np.linalg.norm(d[3:]) <= 2**0.5 + 1e-9
                 worst = max(worst, float(np.linalg.norm(other - base)))
     assert worst <= delta + 1e-9
     assert worst >= 0.9 * delta  # the bound is attained (up to the loss scaling)
