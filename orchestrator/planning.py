@@ -21,6 +21,7 @@ from common.errors import PrivacyAccountingError
 from common.models import count_spec_parameters
 from common.schedule import task_schedule
 from common.specs import JobSpec
+from orchestrator.update_bounds import MAX_STEPS_PER_TASK
 
 ACCOUNTANT = "prv"
 
@@ -96,6 +97,11 @@ def plan_site(spec: JobSpec, site_id: str, ds: DatasetInfo) -> SiteTaskPlan:
         local_epochs=spec.local_epochs,
         local_steps=spec.local_steps,
     )
+    if steps > MAX_STEPS_PER_TASK:  # checked before any calibration runs over them
+        raise ValueError(
+            f"its {ds.num_rows} registered rows give {steps} steps per round, above the "
+            f"orchestrator's limit of {MAX_STEPS_PER_TASK} (set local_steps)"
+        )
     if spec.dp.noise_multiplier is not None:
         sigma = spec.dp.noise_multiplier
     else:

@@ -240,6 +240,18 @@ def test_site_with_no_training_rows_would_refuse() -> None:
     assert plan.epsilon == by_id(plan)["a"].projected_epsilon
 
 
+def test_a_site_claiming_a_billion_rows_would_refuse_instead_of_planning_10_million_steps() -> None:
+    import time
+
+    spec = job(local_steps=None, local_epochs=1.0, dp={"target_epsilon": 3.0, "delta": DELTA})
+    t0 = time.perf_counter()
+    plan = plan_job(spec, [site("rogue", 10**9), site("a", 1_000)])
+    assert time.perf_counter() - t0 < 5.0  # no calibration over 10⁷ steps
+    rogue = by_id(plan)["rogue"]
+    assert rogue.would_refuse and "above the orchestrator's limit" in rogue.reason
+    assert not by_id(plan)["a"].would_refuse
+
+
 # ------------------------------------------------------------------ feasibility
 
 
