@@ -4,12 +4,17 @@ exactly what leaves.
 Order of operations for every task (no gRPC here; ``site_agent.agent`` carries the bytes):
 
 1. validate the declarative spec again (never trust the orchestrator's validation);
-2. check the global model matches the spec's architecture;
-3. project the task's privacy cost with RDP and refuse it if the site's policy or the
-   dataset's remaining budget does not allow it (``PolicyRefusal``);
+2. check the job's feature encoding against the site's own declared schema
+   (``site_agent.encoding_check``) and project the task's privacy cost with RDP against the
+   site's policy and the dataset's remaining budget, the model's size counted from the spec
+   (``PolicyRefusal``). Steps 1-2 read public inputs only (task, spec, policy, declared
+   schema, the dataset's disclosed row count), never the data, and run in :meth:`precheck`
+   before the agent downloads the model (issue 17.4);
+3. check the global model matches the spec's architecture;
 4. **charge the ledger (durable) before anything computed on the data exists**, so a crash
    can over-count but never under-count (write-ahead);
-5. train with Opacus DP-SGD, release validation metrics through the Gaussian mechanism;
+5. encode the typed rows with the job's encoding, train with DP-SGD, release validation
+   metrics through the Gaussian mechanism;
 6. return only the noised delta, the example count and the DP report.
 """
 
