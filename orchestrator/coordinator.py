@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from common.accounting import DpEvent, compute_epsilon
 from common.domain import (
     DatasetInfo,
     Evaluation,
@@ -39,12 +38,13 @@ from orchestrator.admission import with_site_verdicts
 from orchestrator.broker import Broker
 from orchestrator.evaluation import evaluate_model
 from orchestrator.gmm_runner import GmmRunner, build_machine, declared_box
+from orchestrator.job_ledger import job_epsilon
 from orchestrator.model_size import DEFAULT_MAX_PARAMETERS, check_model_size
 from orchestrator.planning import ACCOUNTANT, plan_job, site_dataset
 from orchestrator.rounds import JobRunner
 from orchestrator.spool import Payload
 from orchestrator.store import JobRow, Store
-from orchestrator.views import charged_events, job_status, ledger_rows, site_status
+from orchestrator.views import job_status, ledger_rows, site_status
 
 log = logging.getLogger("dpfed.orchestrator")
 
@@ -247,13 +247,7 @@ class Coordinator:
         return with_site_verdicts(plan, spec, self.broker, online=online)
 
     def _per_site_epsilon(self, job_id: str, delta: float) -> dict[str, float]:
-        by_site: dict[str, list[DpEvent]] = {}
-        for c in self.store.charges(job_id):
-            by_site.setdefault(c.site_id, []).extend(e.event for e in charged_events(c.events))
-        return {
-            sid: compute_epsilon(evs, delta=delta, accountant=ACCOUNTANT).epsilon
-            for sid, evs in by_site.items()
-        }
+        return job_epsilon(self.store.charges(job_id), delta=delta).site_epsilons()
 
     def job(self, job_id: str) -> JobStatus:
         row = self.store.job(job_id)

@@ -16,6 +16,7 @@ from common.domain import Evaluation, SiteEvaluation, SiteStatus
 from common.errors import InvalidSpecError, NotFoundError
 from orchestrator.broker import Broker
 from orchestrator.fanout import fan_out
+from orchestrator.job_ledger import record_one_shot
 from orchestrator.metric_pooling import EVALUATE_LOSS_BOUND, pool_metrics, pooled_to_dict
 from orchestrator.planning import online_holders
 from orchestrator.store import Store
@@ -61,15 +62,26 @@ def evaluate_model(
             "delta": DELTA,
         }
     )
+    eval_id = f"eval-{job_id}-{uuid.uuid4().hex[:6]}"
     res = fan_out(
         broker,
         site_ids=holders,
-        job_id=f"eval-{job_id}-{uuid.uuid4().hex[:6]}",
+        job_id=eval_id,
         kind="evaluate",
         dataset=dataset,
         request_json=request,
         blob=weights,
         timeout_s=timeout_s,
+    )
+    # What each site was charged, in the job ledger like any job's (orchestrator.job_ledger).
+    record_one_shot(
+        store,
+        job_id=eval_id,
+        kind="evaluate",
+        dataset=dataset,
+        delta=DELTA,
+        request_json=request,
+        answers={sid: u.meta for sid, u in res.updates.items()},
     )
     per_site = []
     correct = loss = 0.0

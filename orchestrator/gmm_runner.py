@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,7 @@ from common.gmm import (
 )
 from common.specs import GmmJobSpec
 from common.version import __version__
+from orchestrator import job_ledger
 from orchestrator.fanout import FanOutResult, fan_out
 from orchestrator.gmm_em import (
     FederatedBIC,
@@ -399,6 +401,23 @@ class GmmRunner(JobThread):
         self.store.save_gmm_state(
             self.job_id, charged=json.dumps(self._charged), epsilon=self._epsilon().epsilon
         )
+        # The job ledger that status and ledger read (orchestrator.job_ledger), like training's.
+        job_ledger.record(
+            self.store,
+            [
+                job_ledger.charge_row(
+                    job_id=self.job_id,
+                    round=rnd,
+                    site_id=sid,
+                    dataset=self.spec.dataset,
+                    task_id=uuid.uuid4().hex,
+                    # a noised statistic: the wire's kind for any release but a model update
+                    events=[("metrics", e) for e in events],
+                    delta=self.spec.dp.delta,
+                )
+                for sid in site_ids
+            ],
+        )
         return self._fan_out(site_ids, rnd, kind=kind, request_json=request_json)
 
     def _fan_out(
@@ -427,16 +446,23 @@ class GmmRunner(JobThread):
         )
 
     def _site_epsilons(self) -> dict[str, EpsilonBound]:
-        """Each site's ε, composed from every release it was sent."""
-        out: dict[str, EpsilonBound] = {}
-        for sid, records in sorted(self._charged.items()):
-            # compute_epsilon caches by history, so sites of equal size compose once
-            out[sid] = compute_epsilon(
-                [_charged_event(c) for c in records],
+        """Each site's ε, composed from every release it was sent (the resumable record, which
+        also holds what a job started before the job ledger had), by the one composition
+        every job kind uses (``orchestrator.job_ledger.job_epsilon``)."""
+        rows = [
+            job_ledger.charge_row(
+                job_id=self.job_id,
+                round=int(c["round"]),
+                site_id=sid,
+                dataset=self.spec.dataset,
+                task_id=f"{sid}/{i}",
+                events=[(str(c["release"]), _charged_event(c))],
                 delta=self.spec.dp.delta,
-                accountant=ACCOUNTANT,
             )
-        return out
+            for sid, records in sorted(self._charged.items())
+            for i, c in enumerate(records)
+        ]
+        return job_ledger.job_epsilon(rows, delta=self.spec.dp.delta).per_site
 
     def _epsilon(self) -> EpsilonBound:
         """The job's ε: the maximum over sites (disjoint rows)."""
@@ -449,7 +475,7 @@ class GmmRunner(JobThread):
         eps = self._epsilon().epsilon
         row.epsilon = eps
         self.store.commit_gmm_round(
-            row, prog.to_json(), round=row.round, epsilon=eps, accountant=ACCOUNTANT
+            row, prog.to_json(), round=row.round, epsilon=eps, accountant=self._epsilon().accountant
         )
         self.on_change(self.job_id)
 

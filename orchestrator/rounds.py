@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import queue
 import time
 import uuid
@@ -28,9 +27,9 @@ from typing import Any
 
 import torch
 
-from common.accounting import DpEvent, compute_epsilon
+from common.accounting import compute_epsilon
 from common.domain import ChargedEvent, TaskAssignment, UpdateMeta
-from common.errors import InvalidUpdateError, JobFailedError, PrivacyAccountingError
+from common.errors import InvalidUpdateError, JobFailedError
 from common.models import build_model, save_model
 from common.schedule import task_schedule
 from common.specs import JobSpec, job_spec_from_json
@@ -43,7 +42,7 @@ from common.tensors import (
     state_to_bytes,
 )
 from common.version import __version__
-from orchestrator import spool
+from orchestrator import job_ledger, spool
 from orchestrator.admission import admit, release_at_end
 from orchestrator.aggregation import (
     RunningWeightedMean,
@@ -54,6 +53,7 @@ from orchestrator.aggregation import (
 )
 from orchestrator.auditing import run_audit
 from orchestrator.broker import FailureResult, Result, UpdateResult
+from orchestrator.job_ledger import job_epsilon
 from orchestrator.job_thread import JobStopped, JobThread
 from orchestrator.metric_pooling import pool_metrics, pooled_to_dict
 from orchestrator.planning import ACCOUNTANT, plan_site, site_dataset
@@ -80,8 +80,17 @@ class Participant:
     num_examples: int
 
 
+REJECTED_UPDATES = (
+    "counted: an update the orchestrator rejected is charged to its site's ε at the most its "
+    "assigned task could have cost, because it depended on the site's data and its rejection "
+    "is published (the job's events, the sites of each round)"
+)
+
+
 class JobRunner(JobThread):
     """The round loop of one training job."""
+
+    accountant_used: str = ACCOUNTANT
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -351,10 +360,11 @@ class JobRunner(JobThread):
                 try:
                     delta, norm, matched = self._check(res, state, p, start_norm)
                 except InvalidUpdateError as err:
-                    # A rejected update is not part of the model, so it is not charged to the
-                    # job's ε (a site claiming σ≈0 must not be able to void everyone's job);
-                    # the event names the site and the reason, and the site's own ledger
-                    # keeps it.
+                    # A rejected update is not part of the model, but it depended on the
+                    # site's data and its rejection is published (this event, the round's
+                    # sites): it counts in the job's ε, at the most its task could have cost
+                    # (from the assignment, never the site's report; issue 16.8).
+                    self._record_rejected(rnd, p, res.meta.task_id)
                     msg = f"rejected the update of site {p.site_id} in round {rnd}: {err}"
                     problems.append(msg)
                     self._event("warning", msg, p.site_id)
@@ -392,6 +402,7 @@ class JobRunner(JobThread):
                     try:
                         matched = match_report(self._assignment(p), res.meta)
                     except InvalidUpdateError:
+                        self._record_rejected(rnd, p, res.meta.task_id)
                         continue
                     self._record_received(rnd, p, res, matched)
             raise JobStopped()
@@ -457,7 +468,7 @@ class JobRunner(JobThread):
             [],  # the round's charges were recorded as each update arrived
             round=rnd,
             epsilon=epsilon,
-            accountant=ACCOUNTANT,
+            accountant=self.accountant_used,
             **job_fields,
         )
         self.on_change(self.job_id)
@@ -500,6 +511,25 @@ class JobRunner(JobThread):
             grad_sample_mode=r.grad_sample_mode,
         )
 
+    def _record_rejected(self, rnd: int, p: Participant, task_id: str) -> None:
+        """Charge the job for a rejected update: its assigned task's worst case."""
+        job_ledger.record(
+            self.store,
+            [
+                job_ledger.charge_row(
+                    job_id=self.job_id,
+                    round=rnd,
+                    site_id=p.site_id,
+                    dataset=self.spec.dataset,
+                    task_id=task_id,
+                    events=job_ledger.assigned_worst_case(self._assignment(p)),
+                    delta=self.spec.dp.delta,
+                    num_examples=p.num_examples,
+                    max_grad_norm=self.spec.dp.max_grad_norm,
+                )
+            ],
+        )
+
     def _assignment(self, p: Participant) -> Assignment:
         canaries = self.spec.audit.canaries if self.spec.audit is not None else 0
         return Assignment(p.site_id, p.noise_multiplier, p.num_examples, canaries, self.spec)
@@ -540,18 +570,11 @@ class JobRunner(JobThread):
     # ------------------------------------------------------------------ accounting
 
     def _job_epsilon(self) -> tuple[float, dict[str, float]]:
-        by_site: dict[str, list[DpEvent]] = {}
-        for c in self.store.charges(self.job_id):
-            by_site.setdefault(c.site_id, []).extend(
-                DpEvent(e["noise_multiplier"], e["sample_rate"], int(e["steps"])) for e in c.events
-            )
-        per_site: dict[str, float] = {}
-        for sid, events in by_site.items():
-            b = compute_epsilon(events, delta=self.spec.dp.delta, accountant=ACCOUNTANT)
-            if not math.isfinite(b.epsilon):
-                raise PrivacyAccountingError(f"no finite ε for site {sid}")
-            per_site[sid] = b.epsilon
-        return max(per_site.values(), default=0.0), per_site
+        """The job's ε and each site's, composed by ``orchestrator.job_ledger`` (which also
+        says which accountant produced them: ``self.accountant_used``)."""
+        je = job_epsilon(self.store.charges(self.job_id), delta=self.spec.dp.delta)
+        self.accountant_used = je.accountant
+        return je.epsilon, je.site_epsilons()
 
     # ------------------------------------------------------------------ release
 
@@ -573,17 +596,19 @@ class JobRunner(JobThread):
                 for sid, policy in self.store.site_policies().items()
             },
         )
+        card["accountant"] = self.accountant_used  # the one that produced the bound
+        card["rejected_updates"] = REJECTED_UPDATES
         if self.spec.site_dp is not None:
             sdp = self.spec.site_dp
-            site_eps = compute_epsilon(
+            site_bound = compute_epsilon(
                 site_level_events(sdp, len(card["metrics"])),
                 delta=self.spec.dp.delta,
                 accountant=ACCOUNTANT,
-            ).epsilon
+            )
             card["site_level_dp"] = {
-                "epsilon": site_eps,
+                "epsilon": site_bound.epsilon,
                 "delta": self.spec.dp.delta,
-                "accountant": ACCOUNTANT,
+                "accountant": site_bound.accountant,
                 "mechanism": "DP-FedAvg (McMahan et al. 2018): server-side clipping + Gaussian noise"
                 + (", adaptive clipping (Andrew et al. 2021)" if sdp.adaptive else ""),
                 "noise_multiplier": sdp.noise_multiplier,

@@ -308,6 +308,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             bins=request.bins or 8,
             columns=tuple(request.columns),
             timeout_s=request.timeout_s or 300.0,
+            store=self.c.store,
         )
         yield pb.SynthPart(info_json=json.dumps(info))
         for ch in serde.blob_to_chunks(csv_text.encode()):

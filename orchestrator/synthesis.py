@@ -19,7 +19,9 @@ from common.errors import InvalidSpecError, NotFoundError
 from common.synth import Schema, combine, fit_and_sample
 from orchestrator.broker import Broker
 from orchestrator.fanout import fan_out
+from orchestrator.job_ledger import record_one_shot
 from orchestrator.planning import online_holders
+from orchestrator.store import Store
 
 MAX_ROWS = 1_000_000
 
@@ -35,6 +37,7 @@ def synthesize(
     bins: int = 8,
     columns: tuple[str, ...] = (),
     timeout_s: float = 300.0,
+    store: Store | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """(CSV text, info) of ``rows`` synthetic rows with the dataset's declared schema."""
     if not 0 < rows <= MAX_ROWS:
@@ -52,15 +55,26 @@ def synthesize(
             "columns": list(columns) or None,
         }
     )
+    synth_id = f"synth-{uuid.uuid4().hex[:10]}"
     res = fan_out(
         broker,
         site_ids=holders,
-        job_id=f"synth-{uuid.uuid4().hex[:10]}",
+        job_id=synth_id,
         kind="synth",
         dataset=dataset,
         request_json=request,
         timeout_s=timeout_s,
     )
+    if store is not None:  # what each site was charged, in the job ledger like any job's
+        record_one_shot(
+            store,
+            job_id=synth_id,
+            kind="synth",
+            dataset=dataset,
+            delta=delta,
+            request_json=request,
+            answers={sid: u.meta for sid, u in res.updates.items()},
+        )
     problems = {sid: f"{f.code}: {f.reason}" for sid, f in res.failures.items()}
     if not res.updates:
         raise NotFoundError(

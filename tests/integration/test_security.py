@@ -985,6 +985,8 @@ def federation(
 
                 def malicious(task: TaskAssignment, blob: bytes, honest: Any = honest) -> Any:
                     meta, delta = honest(task, blob)
+                    if task.kind != "train":  # it admits the job honestly, then tampers
+                        return meta, delta
                     return tamper(task, meta, delta)
 
                 agent.executor.execute = malicious  # type: ignore[method-assign]

@@ -1,0 +1,95 @@
+"""Issue 16.7/16.8: one record of charges and one composition for every job kind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from common.accounting import DpEvent, EpsilonBound, compute_epsilon
+from common.domain import ChargedEvent, DpReport, UpdateMeta
+from common.specs import parse_job_spec
+from orchestrator import job_ledger
+from orchestrator.store import Store
+from orchestrator.update_bounds import Assignment
+
+
+def _row(site: str, task: str, event: DpEvent) -> object:
+    return job_ledger.charge_row(
+        job_id="job-1",
+        round=1,
+        site_id=site,
+        dataset="d",
+        task_id=task,
+        events=[("train", event)],
+        delta=1e-5,
+    )
+
+
+def test_the_released_epsilon_is_the_max_over_sites_and_names_its_accountant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b = DpEvent(1.0, 0.01, 100), DpEvent(0.8, 0.02, 100)
+    rows = [_row("a", "t1", a), _row("a", "t2", a), _row("b", "t3", b)]
+    je = job_ledger.job_epsilon(rows, delta=1e-5)  # type: ignore[arg-type]
+    assert je.per_site["a"].epsilon == compute_epsilon([a, a], delta=1e-5).epsilon
+    assert je.epsilon == max(b.epsilon for b in je.per_site.values())
+    assert je.accountant == "prv"
+
+    def fell_back(events: list[DpEvent], *, delta: float, accountant: str) -> EpsilonBound:
+        return EpsilonBound(epsilon=1.0, delta=delta, accountant="pld")
+
+    monkeypatch.setattr(job_ledger, "compute_epsilon", fell_back)
+    assert job_ledger.job_epsilon(rows, delta=1e-5).accountant == "pld"  # type: ignore[arg-type]
+
+
+def test_a_rejected_update_is_charged_the_most_its_task_could_cost() -> None:
+    spec = parse_job_spec(
+        {
+            "dataset": "d",
+            "model": {"kind": "linear", "input_dim": 2, "num_classes": 2},
+            "rounds": 2,
+            "local_epochs": 1.0,
+            "batch_size": 10,
+            "dp": {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5},
+            "audit": {"canaries": 20},
+        }
+    )
+    a = Assignment("s", 1.0, 100, 20, spec)
+    worst = dict(job_ledger.assigned_worst_case(a))
+    for n in range(100, 121):  # every size the site may have trained on
+        q, steps = a.schedule(n)
+        honest = compute_epsilon([DpEvent(1.0, q, steps)], delta=1e-5).epsilon
+        assert compute_epsilon([worst["train"]], delta=1e-5).epsilon >= honest
+
+
+def test_one_shot_releases_are_jobs_with_charges(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    report = DpReport(
+        events=(ChargedEvent("synth", DpEvent(5.0, 1.0, 3)),),
+        max_grad_norm=0.0,
+        delta=1e-5,
+        task_epsilon=1.0,
+        job_epsilon=1.0,
+        dataset_epsilon=2.0,
+        policy_delta=1e-5,
+        accountant="prv",
+    )
+    meta = UpdateMeta("a", "task-1", 7, report, None, 0, "", "")
+    job_ledger.record_one_shot(
+        store,
+        job_id="synth-1",
+        kind="synth",
+        dataset="d",
+        delta=1e-5,
+        request_json=json.dumps({"target_epsilon": 1.0}),
+        answers={"a": meta},
+    )
+    (row,) = store.charges("synth-1")
+    assert row.site_id == "a" and row.events[0]["kind"] == "synth"
+    job = store.job("synth-1")
+    assert job.state == "completed" and job.epsilon == pytest.approx(
+        compute_epsilon([DpEvent(5.0, 1.0, 3)], delta=1e-5).epsilon
+    )
+    store.close()
