@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from common.errors import InvalidSpecError
 from common.schema.encoding import MAX_BINS, FeatureEncoding
+from common.synthesis.autoregressive_spec import AutoregressiveSpec
 
 Activation = Literal["relu", "tanh", "gelu", "sigmoid", "elu", "leaky_relu"]
 
@@ -102,7 +103,10 @@ class Conv2dSpec(_Frozen):
         return self
 
 
-ModelSpec = Annotated[LinearSpec | MLPSpec | Conv1dSpec | Conv2dSpec, Field(discriminator="kind")]
+ModelSpec = Annotated[
+    LinearSpec | MLPSpec | Conv1dSpec | Conv2dSpec | AutoregressiveSpec,
+    Field(discriminator="kind"),
+]
 
 
 def model_dims(spec: ModelSpec) -> tuple[int, int]:
@@ -120,10 +124,18 @@ def model_dims(spec: ModelSpec) -> tuple[int, int]:
 
 
 class OptimizerSpec(_Frozen):
-    name: Literal["sgd", "adam"] = "sgd"
+    """``sgld``: DP-SGLD (``common.sgld``, ``orchestrator.posterior``): plain SGD steps
+    whose DP noise is the Langevin noise (topped up to ``temperature`` when too small); the
+    global models of ``samples`` rounds after ``burn_in`` are kept and released as an
+    ensemble."""
+
+    name: Literal["sgd", "adam", "sgld"] = "sgd"
     lr: float = Field(default=0.1, gt=0.0, le=10.0)
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    burn_in: int = Field(default=0, ge=0, le=10_000, description="sgld: rounds before sampling")
+    samples: int = Field(default=1, ge=1, le=1000, description="sgld: posterior samples kept")
+    temperature: float = Field(default=1.0, gt=0.0, le=1e6, description="sgld: posterior T")
 
 
 class DPSpec(_Frozen):
@@ -337,6 +349,19 @@ class JobSpec(_Frozen):
                 raise ValueError("set only one of local_epochs and local_steps")
             data["local_epochs"] = None
         return data
+
+    @model_validator(mode="after")
+    def _sgld_fits_rounds(self) -> JobSpec:
+        opt = self.optimizer
+        if opt.name == "sgld" and opt.burn_in + opt.samples > self.rounds:
+            raise ValueError(
+                f"optimizer sgld keeps {opt.samples} sample(s) after {opt.burn_in} burn-in "
+                f"round(s), which needs at least {opt.burn_in + opt.samples} rounds, not "
+                f"{self.rounds}"
+            )
+        if opt.name == "sgld" and opt.momentum != 0.0:
+            raise ValueError("optimizer sgld takes no momentum (Langevin steps are plain SGD)")
+        return self
 
     @model_validator(mode="after")
     def _aggregation_fits_site_dp(self) -> JobSpec:
