@@ -48,6 +48,7 @@ from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 
 from common.errors import InvalidSpecError, NotFoundError
+from common.sgld import PosteriorEnsemble, unpack_samples
 from common.specs import (
     Activation,
     Conv1dSpec,
@@ -58,6 +59,9 @@ from common.specs import (
     format_validation_error,
     model_dims,
 )
+from common.synthesis.autoregressive import AutoregressiveNet
+from common.synthesis.autoregressive import count_parameters as count_autoregressive
+from common.synthesis.autoregressive_spec import AutoregressiveSpec
 
 if TYPE_CHECKING:
     from common.pipeline import Pipeline
@@ -158,6 +162,7 @@ def _dense_layers(
 
 
 def _build(spec: ModelSpec) -> nn.Sequential:
+    assert not isinstance(spec, AutoregressiveSpec)
     input_dim, num_classes = model_dims(spec)
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     if isinstance(spec, LinearSpec):
@@ -225,10 +230,16 @@ def build_model(spec: ModelSpec, *, seed: int | None = None) -> nn.Module:
             divide the channels).
     """
     if seed is None:
-        return _build(spec)
+        return _build_any(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _build(spec)
+        return _build_any(spec)
+
+
+def _build_any(spec: ModelSpec) -> nn.Module:
+    if isinstance(spec, AutoregressiveSpec):  # the synthesizer (issue 20)
+        return AutoregressiveNet(spec)
+    return _build(spec)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -250,6 +261,8 @@ def count_spec_parameters(spec: ModelSpec) -> int:
             width = h
         return total + width * classes + classes
 
+    if isinstance(spec, AutoregressiveSpec):
+        return count_autoregressive(spec)
     input_dim, num_classes = model_dims(spec)
     if isinstance(spec, LinearSpec):
         return input_dim * num_classes + num_classes
@@ -371,9 +384,12 @@ def save_model(
         state = unwrap_state(module_or_state.state_dict())
     else:
         state = unwrap_state(module_or_state)
-    problem = _describe_mismatch(build_model(spec).state_dict(), state, what="the weights")
-    if problem is not None:
-        raise InvalidSpecError(problem)
+    if "posterior_samples" in card:  # DP-SGLD: every packed sample must fit the spec
+        load_ensemble(spec, state, card["posterior_samples"], what="the weights")
+    else:
+        problem = _describe_mismatch(build_model(spec).state_dict(), state, what="the weights")
+        if problem is not None:
+            raise InvalidSpecError(problem)
     tensors = {
         k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()
     }
@@ -452,10 +468,34 @@ def load_model(path: str | Path) -> nn.Module:
                 f"{weights_path} was saved for a different model spec than {card_path} describes."
             )
 
+    if "posterior_samples" in card:  # a DP-SGLD ensemble (common.sgld)
+        return load_ensemble(spec, state, card["posterior_samples"], what=str(weights_path))
     module = build_model(spec)
     load_weights(module, state, what=f"the weights in {weights_path}")
     module.eval()
     return module
+
+
+def load_ensemble(
+    spec: ModelSpec, state: Mapping[str, Tensor], samples: Any, *, what: str
+) -> nn.Module:
+    """The :class:`~common.sgld.PosteriorEnsemble` of the posterior samples packed in
+    ``state`` (``samples``: the card's list of them, one entry per sample)."""
+    if not isinstance(samples, list) or not samples:
+        raise InvalidSpecError(f"the posterior_samples of {what}'s card must be a non-empty list.")
+    unpacked = unpack_samples(state, len(samples))
+    if sum(len(m) for m in unpacked) != len(state):
+        raise InvalidSpecError(
+            f"{what} hold tensors outside the {len(samples)} posterior samples its card lists."
+        )
+    members = []
+    for k, member_state in enumerate(unpacked):
+        member = build_model(spec)
+        load_weights(member, member_state, what=f"posterior sample {k} in {what}")
+        members.append(member)
+    ensemble = PosteriorEnsemble(members)
+    ensemble.eval()
+    return ensemble
 
 
 def load_pipeline(path: str | Path) -> Pipeline:
