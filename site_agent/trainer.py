@@ -64,12 +64,13 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from common import noise
+from common import noise, sgld
 from common.domain import Metrics
 from common.errors import InvalidSpecError
 from common.models import build_model, load_weights
 from common.specs import ModelSpec, OptimizerSpec, model_dims
 from site_agent.clipping import BookKeeper, supports
+from site_agent.generative import batch_loss, check_generative_mode
 
 SUPPORTED_MODES = ("bk", "ghost", "hooks")
 """Per-example clipping modes :func:`train_local` runs: ``"bk"`` (one backward pass,
@@ -354,12 +355,29 @@ def train_local(
             f"This site requires secure noise (policy.secure_noise), which the {mode!r} "
             "clipping mode cannot draw; only models book-keeping clipping supports can train."
         )
+    check_generative_mode(net, mode)
     load_weights(net, global_state, what="the global weights")
     net.train()
     start = {k: v.detach().to(torch.float32).clone() for k, v in net.state_dict().items()}
 
     loader = DPDataLoader(TensorDataset(x, y), sample_rate=q, generator=_private_generator())
-    optimizer = _optimizer(params.optimizer, list(net.parameters()))
+    if params.optimizer.name == "sgld":  # Langevin steps (common.sgld): plain SGD, topped-up noise
+        optimizer: torch.optim.Optimizer = sgld.LangevinSGD(
+            list(net.parameters()),
+            lr=params.optimizer.lr,
+            weight_decay=params.optimizer.weight_decay,
+            extra_std=sgld.extra_std(
+                lr=params.optimizer.lr,
+                temperature=params.optimizer.temperature,
+                noise_multiplier=params.noise_multiplier,
+                max_grad_norm=params.max_grad_norm,
+                expected=q * n,
+                num_examples=n,
+            ),
+            generator=_private_generator(),
+        )
+    else:
+        optimizer = _optimizer(params.optimizer, list(net.parameters()))
     if mode == "bk":
         _run_bookkeeping(net, optimizer, loader, params=params, steps=steps, expected=q * n)
     else:
@@ -447,7 +465,7 @@ def _run_bookkeeping(
                 keeper.zero_batch()  # an empty sample still takes a noise-only step
             else:
                 # The loss is a tensor that only ever reaches backward(): never a number.
-                keeper.clipped_backward(criterion(net(xb), yb), params.max_grad_norm)
+                keeper.clipped_backward(batch_loss(net, criterion, xb, yb), params.max_grad_norm)
             dp_optimizer.step()
             _check_not_skipped(dp_optimizer)
 
