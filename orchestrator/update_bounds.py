@@ -28,6 +28,7 @@ from common.accounting import DpEvent
 from common.domain import UpdateMeta
 from common.errors import InvalidUpdateError
 from common.schedule import task_schedule
+from common.sgld import bound_noise_multiplier
 from common.specs import JobSpec, OptimizerSpec
 
 MAX_STEPS_PER_TASK = 1_000_000
@@ -216,6 +217,16 @@ def norm_bound(
     """
     if steps > MAX_STEPS_PER_TASK:
         raise ValueError(f"{steps} steps exceed the most a task may run ({MAX_STEPS_PER_TASK})")
+    # DP-SGLD's extra Langevin noise bounds like DP noise of a larger σ (common.sgld)
+    noise_multiplier = bound_noise_multiplier(
+        name=optimizer.name,
+        lr=optimizer.lr,
+        temperature=optimizer.temperature,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        sample_rate=sample_rate,
+        num_examples=num_examples,
+    )
     d = num_params
     log_inv_p = math.log(2.0 / failure_probability)  # each tail gets half
     if optimizer.name == "adam":
