@@ -61,6 +61,7 @@ from site_agent.evaluation import run_evaluate
 from site_agent.ledger import Ledger
 from site_agent.mixture import run_gmm, run_gmm_local
 from site_agent.policy import Projection, TaskCost, check_task
+from site_agent.quantiles import run_quantiles
 from site_agent.synthesis import run_synth
 from site_agent.trainer import TrainParams, evaluate, train_local
 
@@ -266,6 +267,7 @@ class TaskExecutor:
             "synth": run_synth,
             "gmm": run_gmm,
             "gmm_local": run_gmm_local,
+            "quantiles": run_quantiles,
         }
         handler = handlers.get(task.kind)
         if handler is None:
