@@ -22,8 +22,9 @@ Specification
   ``BEGIN IMMEDIATE`` takes the database's write lock), and may raise to refuse; so two
   processes on one file can never both pass a budget check and together overspend.
 * **Reservations.** A job admitted before its first round (:meth:`Ledger.reserve`) holds its
-  whole projected cost: ``rounds`` times a per-round set of events. Each task of that job
-  charged afterwards uses up one round of it; :meth:`Ledger.release` ends it (cancel, failure,
+  whole projected cost: ``rounds`` times a per-round set of events. Each training task of that
+  job charged afterwards uses up one round of it (any other release of the job is checked
+  against the whole reservation, its own included); :meth:`Ledger.release` ends it (cancel, failure,
   completion). :meth:`Ledger.commitments` (what every budget check composes) is every charge
   plus the unused part of every other job's live reservation, so a concurrent job's admission
   cannot take what an admitted job was promised.
@@ -301,8 +302,9 @@ class Ledger:
 
         ``kind`` names all the events, or each one (a sequence as long as ``events``).
         ``check``, when given, is called inside the transaction with the dataset's
-        commitments (every charge to its budget and the unused part of every *other* job's
-        reservation, see :meth:`commitments`); if it raises, nothing is recorded.
+        commitments (every charge to its budget and the unused part of every live
+        reservation, see :meth:`commitments`; a training charge draws on its own job's
+        reservation, so that one is left out for it); if it raises, nothing is recorded.
 
         Call this *before* the task's update leaves the site. When it returns, the charge is
         on disk; if it raises, nothing was recorded.
@@ -344,7 +346,8 @@ class Ledger:
         ]
         with self._transaction() as conn:
             if check is not None:
-                check(self._commitments(conn, dataset, excluding_job=job_id))
+                own = job_id if "train" in kinds else None
+                check(self._commitments(conn, dataset, excluding_job=own))
             ids: list[int] = []
             for row in rows:
                 cursor = conn.execute(
@@ -526,9 +529,11 @@ class Ledger:
         out = []
         for grant, rs in grouped.items():
             job_id = str(rs[0][2])
-            # Each task of the job charged since it was admitted uses up one round.
+            # Each training task of the job charged since it was admitted uses up one round
+            # (its other releases, e.g. quantile edges, are charged beside the reservation).
             used = conn.execute(
-                f"SELECT COUNT(DISTINCT task_id) FROM charges WHERE {where} AND job_id = ?",
+                f"SELECT COUNT(DISTINCT task_id) FROM charges WHERE {where} AND job_id = ? "
+                "AND kind = 'train'",
                 [*params, job_id],
             ).fetchone()[0]
             out.append(

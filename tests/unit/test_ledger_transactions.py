@@ -228,3 +228,35 @@ def test_a_second_agent_on_the_same_state_dir_refuses_to_start(tmp_path: Path) -
     finally:
         first.close()
     SiteAgent(cfg).close()
+
+
+def test_a_jobs_other_releases_do_not_eat_into_its_own_reservation(tmp_path: Path) -> None:
+    """A job's non-training release (e.g. quantile edges) is checked against its own
+    reservation too, and does not use up one of its rounds."""
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        ledger.reserve(
+            dataset="digits",
+            job_id="job-a",
+            per_round=[("train", SGD)],
+            rounds=2,
+            delta=DELTA,
+            check=lambda h: None,
+        )
+        seen: list[list[DpEvent]] = []
+        ledger.charge(
+            dataset="digits",
+            job_id="job-a",
+            round=0,
+            task_id="q-1",
+            kind="quantiles",
+            events=[DpEvent(5.0, 1.0, 1)],
+            delta=DELTA,
+            check=seen.append,
+        )
+        assert seen == [[DpEvent(1.0, 0.01, 200)]]  # its own two rounds, still held
+        (res,) = ledger.reservations("digits")
+        assert res.used == 0
+        seen.clear()
+        _charge(ledger, "a-1", job="job-a", check=seen.append)
+        assert seen == [[DpEvent(5.0, 1.0, 1)]]  # a round of job-a draws on its reservation
+        assert ledger.reservations("digits")[0].used == 1
