@@ -57,7 +57,6 @@ from orchestrator.job_ledger import job_epsilon
 from orchestrator.job_thread import JobStopped, JobThread
 from orchestrator.metric_pooling import pool_metrics, pooled_to_dict
 from orchestrator.planning import ACCOUNTANT, plan_site, site_dataset
-from orchestrator.posterior import released_state
 from orchestrator.quantiles import release_quantile_edges
 from orchestrator.schemas import job_disagreement
 from orchestrator.site_dp import round_for, site_level_events, sum_noise_multiplier
@@ -359,7 +358,7 @@ class JobRunner(JobThread):
             keep = sdp is None and how.method != "fedavg"
             try:  # read piece by piece from its spool file, then let go of it (or keep it)
                 try:
-                    delta, norm, matched = self._check(res, state, p, start_norm)
+                    delta, norm, matched = self._check(res, state, p, start_norm, rnd)
                 except InvalidUpdateError as err:
                     # A rejected update is not part of the model, but it depended on the
                     # site's data and its rejection is published (this event, the round's
@@ -401,7 +400,7 @@ class JobRunner(JobThread):
                 if isinstance(res, UpdateResult) and res.meta.task_id in outstanding:
                     p = outstanding[res.meta.task_id]
                     try:
-                        matched = match_report(self._assignment(p), res.meta)
+                        matched = match_report(self._assignment(p, rnd), res.meta)
                     except InvalidUpdateError:
                         self._record_rejected(rnd, p, res.meta.task_id)
                         continue
@@ -523,7 +522,7 @@ class JobRunner(JobThread):
                     site_id=p.site_id,
                     dataset=self.spec.dataset,
                     task_id=task_id,
-                    events=job_ledger.assigned_worst_case(self._assignment(p)),
+                    events=job_ledger.assigned_worst_case(self._assignment(p, rnd)),
                     delta=self.spec.dp.delta,
                     num_examples=p.num_examples,
                     max_grad_norm=self.spec.dp.max_grad_norm,
@@ -531,12 +530,19 @@ class JobRunner(JobThread):
             ],
         )
 
-    def _assignment(self, p: Participant) -> Assignment:
+    def _assignment(self, p: Participant, rnd: int) -> Assignment:
         canaries = self.spec.audit.canaries if self.spec.audit is not None else 0
-        return Assignment(p.site_id, p.noise_multiplier, p.num_examples, canaries, self.spec)
+        return Assignment(
+            p.site_id, p.noise_multiplier, p.num_examples, canaries, self.spec, round=rnd
+        )
 
     def _check(
-        self, res: UpdateResult, state: dict[str, torch.Tensor], p: Participant, start_norm: float
+        self,
+        res: UpdateResult,
+        state: dict[str, torch.Tensor],
+        p: Participant,
+        start_norm: float,
+        rnd: int,
     ) -> tuple[SafetensorsPieces, float, Matched]:
         """Reject an update whose report disagrees with its task or whose values could not come
         from it (``orchestrator.update_bounds``); return it, to be read piece by piece, its L2
@@ -545,7 +551,7 @@ class JobRunner(JobThread):
         meta = res.meta
         if res.payload.sha256 != meta.sha256:
             raise InvalidUpdateError("its bytes do not match the announced sha256")
-        matched = match_report(self._assignment(p), meta)
+        matched = match_report(self._assignment(p, rnd), meta)
         try:
             delta = SafetensorsPieces(res.payload)  # checks the header; reads no value yet
         except InvalidUpdateError as err:
@@ -643,11 +649,7 @@ class JobRunner(JobThread):
             )
         model = build_model(self.spec.model)
         model.load_state_dict(state)
-        # DP-SGLD releases its posterior samples (orchestrator.posterior); others, ``state``
-        released = released_state(
-            self.spec, state, lambda r: self.store.paths.checkpoint(self.job_id, r), card
-        )
-        save_model(self.store.paths.model_dir(self.job_id), module_or_state=released, card=card)
+        save_model(self.store.paths.model_dir(self.job_id), module_or_state=model, card=card)
         self.store.update_job(self.job_id, state="completed", model_released=True, epsilon=epsilon)
         self._event("info", f"model released: ε={epsilon:.4g}, δ={self.spec.dp.delta:g}")
 
