@@ -211,11 +211,12 @@ class Policy(_Frozen):
     min_noise_multiplier: float = Field(default=0.5, gt=0.0)
     max_rounds: int = Field(default=1000, ge=1)
     max_steps_per_task: int = Field(default=100_000, ge=1)
-    allowed_models: tuple[Literal["linear", "mlp", "cnn1d", "cnn2d"], ...] = (
+    allowed_models: tuple[Literal["linear", "mlp", "cnn1d", "cnn2d", "autoregressive"], ...] = (
         "linear",
         "mlp",
         "cnn1d",
         "cnn2d",
+        "autoregressive",  # the DP synthesizer (issue 20): trained by the same DP-SGD
     )
     max_parameters: int = Field(default=100_000_000, ge=1)
     allow_exact_metrics: bool = Field(
