@@ -57,6 +57,7 @@ from orchestrator.job_ledger import job_epsilon
 from orchestrator.job_thread import JobStopped, JobThread
 from orchestrator.metric_pooling import pool_metrics, pooled_to_dict
 from orchestrator.planning import ACCOUNTANT, plan_site, site_dataset
+from orchestrator.posterior import released_state
 from orchestrator.quantiles import release_quantile_edges
 from orchestrator.schemas import job_disagreement
 from orchestrator.site_dp import round_for, site_level_events, sum_noise_multiplier
@@ -649,7 +650,11 @@ class JobRunner(JobThread):
             )
         model = build_model(self.spec.model)
         model.load_state_dict(state)
-        save_model(self.store.paths.model_dir(self.job_id), module_or_state=model, card=card)
+        # DP-SGLD releases its posterior samples (orchestrator.posterior); others, ``state``
+        released = released_state(
+            self.spec, state, lambda r: self.store.paths.checkpoint(self.job_id, r), card
+        )
+        save_model(self.store.paths.model_dir(self.job_id), module_or_state=released, card=card)
         self.store.update_job(self.job_id, state="completed", model_released=True, epsilon=epsilon)
         self._event("info", f"model released: ε={epsilon:.4g}, δ={self.spec.dp.delta:g}")
 
