@@ -318,8 +318,11 @@ class JobRunner(JobThread):
         if sdp is None and how.method == "fedavg":
             for p in participants:
                 if weights[p.site_id] < p.num_examples:
+                    # Honest sites of unequal size are capped too (two sites: equal weights);
+                    # a claimed size far beyond the others' is worth a warning.
+                    level = "warning" if p.num_examples > 10 * weights[p.site_id] else "info"
                     self._event(
-                        "warning",
+                        level,
                         f"round {rnd}: the FedAvg weight of site {p.site_id} is capped at "
                         f"{how.max_site_weight:.0%} of the round's (it registered "
                         f"{p.num_examples} rows)",
