@@ -268,6 +268,21 @@ def register_request(site_id: str, *, policy_delta: float = 1e-5) -> pb.Register
                 label="label",
                 max_epsilon=50.0,
                 policy_delta=policy_delta,
+                # declared as the digits sites' site.yaml does (feature_bounds, num_classes)
+                schema=[
+                    pb.ColumnInfo(
+                        name=f"f{i}",
+                        type="numeric",
+                        has_bounds=True,
+                        min=0.0,
+                        max=1.0,
+                        nullable=False,
+                    )
+                    for i in range(64)
+                ],
+                label_schema=pb.ColumnInfo(
+                    name="label", type="categorical", categories=[str(c) for c in range(10)]
+                ),
             )
         ],
         policy=pb.PolicySummary(
