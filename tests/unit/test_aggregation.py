@@ -304,3 +304,31 @@ def test_coordinate_aggregates_read_spooled_updates_piece_by_piece() -> None:
     lo = honest[0:3].double().mean(0).float()
     hi = honest[1:4].double().mean(0).float()
     assert bool(((out["big"] >= lo - 1e-4) & (out["big"] <= hi + 1e-4)).all())
+
+
+def test_the_aggregation_block_of_a_job_spec() -> None:
+    from common.errors import InvalidSpecError
+    from common.specs import parse_job_spec
+
+    base = {
+        "dataset": "d",
+        "model": {"kind": "linear", "input_dim": 3, "num_classes": 2},
+        "rounds": 1,
+        "batch_size": 4,
+        "dp": {"noise_multiplier": 1.0},
+    }
+    spec = parse_job_spec(base)
+    assert spec.aggregation.method == "fedavg" and spec.aggregation.max_site_weight == 0.5
+    robust = parse_job_spec({**base, "aggregation": {"method": "trimmed_mean", "trim": 0.25}})
+    assert robust.aggregation.trim == 0.25
+    for bad, field in [
+        ({"method": "mean"}, "aggregation.method"),
+        ({"trim": 0.5}, "aggregation.trim"),
+        ({"max_site_weight": 0.0}, "aggregation.max_site_weight"),
+        ({"weights": "claimed"}, "aggregation.weights"),
+    ]:
+        with pytest.raises(InvalidSpecError, match=field):
+            parse_job_spec({**base, "aggregation": bad})
+    site_dp = {"noise_multiplier": 1.0, "clip_norm": 1.0}
+    with pytest.raises(InvalidSpecError, match="cannot be combined with site_dp"):
+        parse_job_spec({**base, "site_dp": site_dp, "aggregation": {"method": "median"}})
