@@ -40,8 +40,9 @@ from orchestrator.evaluation import evaluate_model
 from orchestrator.gmm_runner import GmmRunner, build_machine, declared_box
 from orchestrator.job_ledger import job_epsilon
 from orchestrator.model_size import DEFAULT_MAX_PARAMETERS, check_model_size
-from orchestrator.planning import ACCOUNTANT, plan_job, site_dataset
+from orchestrator.planning import ACCOUNTANT, online_holders, plan_job, site_dataset
 from orchestrator.rounds import JobRunner
+from orchestrator.schemas import Agreement, agree, with_encoding
 from orchestrator.spool import Payload
 from orchestrator.store import JobRow, Store
 from orchestrator.views import job_status, ledger_rows, site_status
@@ -172,20 +173,25 @@ class Coordinator:
     def sites(self) -> list[SiteStatus]:
         return [site_status(r, self.broker) for r in self.store.sites()]
 
-    def _validate_against_sites(self, spec: JobSpec) -> None:
-        holders = 0
-        for row in self.store.each_site():  # a page of rows at a time, whatever the count
-            d = site_dataset(site_status(row, self.broker), spec.dataset)
-            if d is None:
-                continue
-            holders += 1
-            if len(d.columns) != spec.model.input_dim:
-                raise InvalidSpecError(
-                    f"model.input_dim={spec.model.input_dim} but dataset {spec.dataset!r} at "
-                    f"site {row.site_id} has {len(d.columns)} feature columns"
-                )
+    def _with_encoding(self, spec: JobSpec) -> tuple[JobSpec, Agreement]:
+        """``spec`` with the feature encoding derived from the declared schemas of the online,
+        enabled sites holding its dataset (those of enabled offline ones when none is online);
+        sites whose declaration disagrees with the majority's are excluded (``schemas``). The
+        model's size is checked again with the derived dimensions."""
+        sites = self.sites()
+        holders = [(s.site_id, d) for s, d in online_holders(sites, spec.dataset)]
+        if not holders:
+            holders = [
+                (s.site_id, d)
+                for s in sites
+                if s.state != "disabled" and (d := site_dataset(s, spec.dataset)) is not None
+            ]
         if not holders:
             raise NotFoundError(f"no registered site exposes dataset {spec.dataset!r}")
+        agreement = agree(spec.dataset, holders)
+        derived = with_encoding(spec, agreement)
+        check_model_size(derived, self.max_parameters)  # exact, now the dimensions are known
+        return derived, agreement
 
     def submit(self, spec_json: str, *, submitted_by: str = "") -> str:
         """Start a job; ``submitted_by`` (the caller's certificate name) may later cancel it."""
@@ -206,7 +212,9 @@ class Coordinator:
                 ) from None
             rounds = spec.max_rounds
         else:
-            self._validate_against_sites(spec)
+            # Sites whose declaration disagrees are named in the job's events when its
+            # participants are chosen (JobRunner._participants).
+            spec, _ = self._with_encoding(spec)
             rounds = spec.rounds
         job_id = "job-" + uuid.uuid4().hex[:12]
         now = time.time()
@@ -238,10 +246,9 @@ class Coordinator:
             raise InvalidSpecError(
                 "plan projects training jobs; a gmm job reports its cost at start"
             )
-        spec = job_spec_from_json(spec_json)
-        self._validate_against_sites(spec)
+        spec, agreement = self._with_encoding(job_spec_from_json(spec_json))
         sites = self.sites()
-        plan = plan_job(spec, sites)
+        plan = plan_job(spec, sites, excluded=agreement.excluded)
         # Each online site's own verdict (admission's dry run) replaces the estimate.
         online = {s.site_id for s in sites if s.state not in ("offline", "disabled")}
         return with_site_verdicts(plan, spec, self.broker, online=online)

@@ -3,6 +3,10 @@
 Each site holding ``D`` evaluates the model on its rows and releases noised sums (charged to
 its own ledger); the orchestrator pools them: accuracy = Σ noised correct / Σ rows. The ε of
 the evaluation is the maximum over sites (disjoint data). Results are kept next to the model.
+
+The sites encode their rows with the encoding on the model's card; a site whose declared
+schema of ``D`` is not the one the encoding was derived from is left out, with the reason as
+its error (``orchestrator.schemas``).
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import uuid
 
 from common.domain import Evaluation, SiteEvaluation, SiteStatus
 from common.errors import InvalidSpecError, NotFoundError
+from common.pipeline import card_encoding
 from orchestrator.broker import Broker
 from orchestrator.fanout import fan_out
 from orchestrator.job_ledger import record_one_shot
 from orchestrator.metric_pooling import EVALUATE_LOSS_BOUND, pool_metrics, pooled_to_dict
 from orchestrator.planning import online_holders
+from orchestrator.schemas import disagreement
 from orchestrator.store import Store
 
 DELTA = 1e-5
@@ -42,20 +48,27 @@ def evaluate_model(
     model_dir = store.paths.model_dir(job_id)
     card = json.loads((model_dir / "model_card.json").read_text())
     weights = (model_dir / "model.safetensors").read_bytes()
+    encoding = card_encoding(card, source=f"the model card of job {job_id}")
     holders = []
+    left_out: dict[str, str] = {}
     for s, d in online_holders(sites, dataset):
-        if len(d.columns) != int(card["model"]["input_dim"]):
-            raise InvalidSpecError(
-                f"the model takes {card['model']['input_dim']} features but dataset {dataset!r} "
-                f"at site {s.site_id} has {len(d.columns)}"
-            )
-        holders.append(s.site_id)
+        why = disagreement(encoding, d)
+        if why is None:
+            holders.append(s.site_id)
+        else:
+            left_out[s.site_id] = why
     if not holders:
+        if left_out:
+            raise InvalidSpecError(
+                f"no online site holding dataset {dataset!r} declares the schema the model was "
+                "trained on: " + "; ".join(f"{sid}: {why}" for sid, why in sorted(left_out.items()))
+            )
         raise NotFoundError(f"no online site exposes dataset {dataset!r}")
     request = json.dumps(
         {
             "model_job_id": job_id,
             "model": card["model"],
+            "encoding": encoding.to_dict(),
             "dataset": dataset,
             "noise_multiplier": noise_multiplier,
             "loss_bound": EVALUATE_LOSS_BOUND,
@@ -83,7 +96,9 @@ def evaluate_model(
         request_json=request,
         answers={sid: u.meta for sid, u in res.updates.items()},
     )
-    per_site = []
+    per_site = [
+        SiteEvaluation(sid, None, error=f"left out: {why}") for sid, why in sorted(left_out.items())
+    ]
     correct = loss = 0.0
     n = 0
     eps = 0.0

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from common.domain import ColumnInfo, DatasetInfo, PolicySummary, SiteStatus
+from common.domain import ColumnInfo, DatasetInfo, PolicySummary, SiteRegistration, SiteStatus
 from common.errors import InvalidSpecError
 from common.specs import model_dims, parse_job_spec
+from orchestrator.coordinator import Coordinator
 from orchestrator.planning import job_events, plan_job, quantile_event
 from orchestrator.schemas import agree, disagreement, job_disagreement, with_encoding
 
@@ -128,18 +130,20 @@ def test_derived_features_may_not_come_from_the_data_scientist() -> None:
         with_encoding(derived, a)
 
 
+POLICY = PolicySummary(
+    max_epsilon=10.0,
+    delta=1e-5,
+    min_noise_multiplier=0.5,
+    max_rounds=100,
+    allowed_models=("linear", "mlp"),
+    allow_exact_metrics=False,
+    max_steps_per_task=0,
+    max_parameters=0,
+)
+
+
 def _site(sid: str, ds: DatasetInfo, state: str = "idle") -> SiteStatus:
-    policy = PolicySummary(
-        max_epsilon=10.0,
-        delta=1e-5,
-        min_noise_multiplier=0.5,
-        max_rounds=100,
-        allowed_models=("linear", "mlp"),
-        allow_exact_metrics=False,
-        max_steps_per_task=0,
-        max_parameters=0,
-    )
-    return SiteStatus(sid, (ds,), 0.0, "0", state, policy)
+    return SiteStatus(sid, (ds,), 0.0, "0", state, POLICY)
 
 
 def test_the_plan_shows_excluded_sites_with_their_reason() -> None:
@@ -180,3 +184,30 @@ def test_the_quantile_release_is_in_the_plan_and_in_the_calibration() -> None:
     )
     plan = plan_job(with_encoding(target, a), sites)
     assert plan.epsilon == pytest.approx(3.0, rel=0.02)
+
+
+def _registration(sid: str, ds: DatasetInfo) -> SiteRegistration:
+    return SiteRegistration(sid, "0", (ds,), POLICY)
+
+
+def test_offline_and_disabled_sites_never_block(tmp_path: Path) -> None:
+    """A squatter that ties with the only honest site blocks nothing once it is disabled or
+    offline: only online, enabled sites are counted (issue 17.7)."""
+    odd = _ds(features=(ColumnInfo("income", min=0.0, max=5.0), HOME))
+    coord = Coordinator(tmp_path / "orch", offline_after_s=30.0)
+    try:
+        coord.register(_registration("honest", _ds()))
+        coord.register(_registration("squatter", odd))
+        spec = parse_job_spec(_job())
+        with pytest.raises(InvalidSpecError, match=r"\{honest\} versus \{squatter\}"):
+            coord._with_encoding(spec)
+        coord.set_site_enabled("squatter", False)
+        derived, agreement = coord._with_encoding(spec)
+        assert agreement.sites == ("honest",) and not agreement.excluded
+        assert model_dims(derived.model) == (6, 2)
+        coord.register(_registration("late", odd))
+        coord.broker.disconnect("late")  # registered once, offline now
+        _, agreement = coord._with_encoding(spec)
+        assert agreement.sites == ("honest",) and "late" not in agreement.excluded
+    finally:
+        coord.stop()
