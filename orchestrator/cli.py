@@ -711,7 +711,9 @@ def synth(
     dataset: Annotated[str, typer.Argument(help="the sites' dataset")],
     epsilon: Annotated[float, typer.Option("--epsilon", help="ε each site spends (δ=1e-5)")],
     rows: Annotated[int, typer.Option("--rows", help="synthetic rows to sample")],
-    out_file: Annotated[Path, typer.Option("--out", help="CSV file to write")],
+    out_file: Annotated[
+        Path, typer.Option("--out", help="CSV file to write (autoregressive: .csv or .parquet)")
+    ],
     columns: Annotated[
         str | None, typer.Option(help="comma-separated columns (default: all, at most 16)")
     ] = None,
@@ -721,8 +723,31 @@ def synth(
     cert: CertOpt = None,
     key: KeyOpt = None,
     insecure: InsecureOpt = False,
+    method: Annotated[
+        str,
+        typer.Option(help="mst (noisy marginals) or autoregressive (a DP-SGD-trained model)"),
+    ] = "mst",
+    seed: Annotated[int | None, typer.Option(help="autoregressive: seed of the draw")] = None,
+    rounds: Annotated[int, typer.Option(help="autoregressive: training rounds")] = 20,
+    model_out: Annotated[
+        Path | None, typer.Option(help="autoregressive: keep the released model in this folder")
+    ] = None,
 ) -> None:
     """DP synthetic rows with the dataset's schema, for prototyping (charged to each site)."""
+    if method == "autoregressive":  # orchestrator.synth_autoregressive (issue 20)
+        from orchestrator import synth_autoregressive as ar
+
+        opts = ar.SynthOptions(epsilon=epsilon, rounds=rounds, quantile_bins=bins)
+        with _client(server, ca, cert, key, insecure) as client:
+            res = ar.run(client, dataset, opts, rows=rows, seed=seed, model_dir=model_out)
+        ar.write_table(res.table, out_file)
+        err_console.print(
+            f"wrote {rows} synthetic rows to {out_file} from job {inert(res.job_id)} "
+            f"(ε = {res.card['epsilon']:.4g}, δ = {res.card['delta']:g}, max over sites)"
+        )
+        return
+    if method != "mst":
+        raise InvalidSpecError(f"--method is mst or autoregressive, not {method!r}.")
     cols = tuple(c.strip() for c in columns.split(",") if c.strip()) if columns else ()
     with _client(server, ca, cert, key, insecure) as client:
         csv_text, info = client.synthesize(
