@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from common.accounting import DpEvent, compute_epsilon
+from orchestrator import cli
 from orchestrator.client import ControlClient
 from orchestrator.server import start_server
 from orchestrator.synth_autoregressive import (
@@ -82,6 +83,14 @@ def test_autoregressive_synth_job_end_to_end(tmp_path: Path) -> None:
                 time.sleep(0.1)
             opts = SynthOptions(epsilon=3.0, rounds=2, batch_size=128, hidden=8, bins=8, seed=0)
             res = run(c, "credit", opts, rows=400, seed=5, model_dir=tmp_path / "model")
+            # the same through the CLI (its defaults), written as Parquet
+            code = cli.main(
+                ["synth", "credit", "--method", "autoregressive", "--epsilon", "1", "--rows",
+                 "50", "--rounds", "1", "--seed", "3", "--out", str(tmp_path / "cli.parquet"),
+                 "--model-out", str(tmp_path / "cli-model"), "--server", server.address,
+                 "--insecure"]
+            )  # fmt: skip
+            assert code == 0
     finally:
         for a in agents:
             a.stop()
@@ -99,6 +108,7 @@ def test_autoregressive_synth_job_end_to_end(tmp_path: Path) -> None:
         with Ledger(tmp_path / f"s{k}" / "state" / "ledger.sqlite") as led:
             kinds = [e.kind for e in led.entries(job_id=res.job_id)]
             assert kinds.count("train") == 2 and "quantiles" in kinds
+            assert len(led.entries()) > len(kinds)  # the CLI's job was charged too
 
     syn = res.table
     assert list(syn.columns) == [*NUMERIC, *CATEGORICAL, "Status"]
@@ -124,3 +134,10 @@ def test_autoregressive_synth_job_end_to_end(tmp_path: Path) -> None:
     )
     write_table(syn, tmp_path / "out.csv")
     assert pd.read_csv(tmp_path / "out.csv")["Income"].isna().sum() == syn["Income"].isna().sum()
+    net, enc, cli_card = load_synthesizer(tmp_path / "cli-model")
+    assert cli_card["epsilon"] <= 1.0 + 1e-6
+    got, want = pd.read_parquet(tmp_path / "cli.parquet"), sample_table(net, enc, 50, seed=3)
+    # Parquet's strings read back as pandas' string dtype, missing as NaN rather than None
+    pd.testing.assert_frame_equal(
+        got.astype(object).where(got.notna(), None), want.astype(object).where(want.notna(), None)
+    )
