@@ -293,6 +293,16 @@ class EncodingSpec(_Frozen):
         """The orchestrator filled in the features and the label."""
         return bool(self.features) and self.label is not None
 
+    @property
+    def quantile_release(self) -> float | None:
+        """The noise multiplier of the job's one release of noised histograms for quantile
+        bin edges (``site_agent.quantiles``), or None when it makes none: numeric encoding
+        ``minmax``, or no numeric column to bin (every one constant)."""
+        binned = not self.derived or any(f.type == "numeric" and f.edges for f in self.features)
+        if self.numeric != "quantile" or not binned:
+            return None
+        return self.quantile_noise_multiplier
+
     def feature_encoding(self, *, require_edges: bool = False) -> FeatureEncoding:
         """The encoding to apply (InvalidSpecError if not derived yet or malformed, or, with
         ``require_edges``, if its quantile edges are still the uniform placeholders: they have

@@ -46,11 +46,8 @@ def quantile_event(spec: JobSpec) -> DpEvent | None:
     """The one Gaussian release of noised histograms the quantile bin edges come from
     (``orchestrator.quantiles``; None unless ``encoding.numeric`` is ``quantile`` and a numeric
     column is binned)."""
-    enc = spec.encoding
-    binned = not enc.derived or any(f.type == "numeric" and f.edges for f in enc.features)
-    if enc.numeric != "quantile" or not binned:
-        return None
-    return DpEvent(noise_multiplier=enc.quantile_noise_multiplier, sample_rate=1.0, steps=1)
+    sigma = spec.encoding.quantile_release
+    return None if sigma is None else DpEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)
 
 
 def prior_events(spec: JobSpec, rounds: int) -> list[DpEvent]:
