@@ -87,8 +87,12 @@ def run_admit(
     per_round = round_charges(task)
     rounds = spec.rounds
     releases = spec.metrics.release_count(rounds)
+    # The job's one histogram release for quantile bin edges (site_agent.quantiles) comes
+    # after admission and before round 1: the whole job includes it.
+    sigma_q = None if spec.encoding.edges_released else spec.encoding.quantile_release
+    once = () if sigma_q is None else (DpEvent(sigma_q, 1.0, 1),)
     cost = TaskCost(
-        events=tuple(job_events(per_round, rounds, metrics_releases=releases)),
+        events=(*job_events(per_round, rounds, metrics_releases=releases), *once),
         delta=spec.dp.delta,
     )
     limit = budget_limit(config, task.dataset)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.accounting import DpEvent
-from common.domain import TaskAssignment
-from common.errors import InvalidSpecError
+from common.domain import ColumnInfo, TaskAssignment
+from common.errors import InvalidSpecError, PolicyRefusal
+from common.schema.encoding import derive_encoding, uniform_edges
 from common.schema.table import TypedTable
+from common.specs import parse_job_spec
 from orchestrator.quantiles import UNIFORM_WEIGHT, edges_from_histogram
+from site_agent.admission import run_admit
 from site_agent.config import SiteConfig, load_site_config
 from site_agent.data import LocalDataset, load_dataset
 from site_agent.ledger import Ledger
@@ -197,3 +201,43 @@ def test_a_column_not_declared_as_asked_is_refused_before_any_charge(
         with pytest.raises(InvalidSpecError, match="'income' is not declared"):
             run_quantiles(config=config, ledger=ledger, task=_task(REQUEST), data=(data, None))
         assert ledger.entries(job_id="job-1") == []
+
+
+def test_admission_counts_the_histogram_release_in_the_whole_job(tmp_path: Path) -> None:
+    """A budget the rounds alone fit, but not with the quantile release on top: refused."""
+    config, _ = _site(tmp_path, {"type": "numeric", "min": 0, "max": 1000})
+    features = (
+        ColumnInfo("income", min=0.0, max=1000.0),
+        ColumnInfo("home", "categorical", categories=("rent", "owner")),
+    )
+    label = ColumnInfo("y", "categorical", categories=("a", "b"))
+
+    def spec_json(sigma_q: float | None) -> str:
+        numeric = "minmax" if sigma_q is None else "quantile"
+        edges = None if sigma_q is None else {"income": uniform_edges(0.0, 1000.0, 4)}
+        enc = derive_encoding(features, label, numeric=numeric, edges=edges).to_dict()
+        if sigma_q is not None:
+            enc |= {"bins": 4, "quantile_noise_multiplier": sigma_q}
+        return parse_job_spec(
+            {
+                "dataset": "d",
+                "model": {"kind": "linear"},
+                "rounds": 2,
+                "batch_size": 2,
+                "dp": {"noise_multiplier": 2.0},
+                "metrics": {"enabled": False},
+                "encoding": enc,
+            }
+        ).model_dump_json()
+
+    one_round = (("train", DpEvent(2.0, 0.5, 4)),)
+
+    def admit(sigma_q: float | None) -> None:
+        task = replace(_task({"action": "check"}), kind="admit", job_spec_json=spec_json(sigma_q))
+        run_admit(config=config, ledger=ledger, task=task, round_charges=lambda _: one_round)
+
+    with Ledger(tmp_path / "state" / "ledger.sqlite") as ledger:
+        admit(None)
+        admit(20.0)  # a weak release on top still fits
+        with pytest.raises(PolicyRefusal, match="refuses the job"):
+            admit(0.6)
