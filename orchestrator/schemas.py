@@ -49,7 +49,7 @@ def _names(names: Sequence[str], limit: int = 5) -> str:
 
 def describe(c: ColumnInfo) -> str:
     """A column's declaration in a few words (for messages)."""
-    missing = ", may be missing" if c.nullable else ""
+    missing = " or missing" if c.nullable else ""
     if c.type == "categorical":
         return f"categorical [{', '.join(c.categories)}]{missing}"
     return f"{c.type} in [{c.min:g}, {c.max:g}]{missing}" if c.min is not None else c.type

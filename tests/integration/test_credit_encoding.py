@@ -144,6 +144,7 @@ def test_credit_table_with_quantile_encoding_to_raw_row_predictions(tmp_path: Pa
                 last = st
             assert last is not None and last.state == "completed", last and last.error
             card_text, weights = c.download(job_id)
+            ev = c.evaluate(job_id, dataset="credit", noise_multiplier=5.0, timeout_s=60)
     finally:
         for a in agents.values():
             a.stop()
@@ -154,6 +155,14 @@ def test_credit_table_with_quantile_encoding_to_raw_row_predictions(tmp_path: Pa
     events = [e.message for e in last.events]
     assert any(m.startswith("site squatter is excluded from the job") for m in events), events
     assert {s.site_id for s in last.sites} == {"bank-a", "bank-b", "bank-c"}
+
+    # evaluate encodes with the card's encoding; the squatter is left out, saying why
+    by_site = {s.site_id: s for s in ev.sites}
+    assert by_site["squatter"].metrics is None
+    assert by_site["squatter"].error.startswith("left out: its schema disagrees")
+    assert all(by_site[s].metrics is not None for s in ("bank-a", "bank-b", "bank-c"))
+    assert ev.metrics is not None and ev.metrics.auc is not None
+    assert ev.metrics.auc.value > 0.6  # the sites' raw rows, encoded at each site
 
     card = json.loads(card_text)
     assert card["classes"] == CLASSES and card["label"] == "Status"
