@@ -40,8 +40,8 @@ from orchestrator.call_limits import (
     control_reserve,
 )
 from orchestrator.coordinator import Coordinator
-from orchestrator.model_size import DEFAULT_MAX_PARAMETERS
 from orchestrator.metrics import MetricsServer
+from orchestrator.model_size import DEFAULT_MAX_PARAMETERS
 from orchestrator.servicers import AgentServicer, ControlServicer
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 
