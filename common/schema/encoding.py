@@ -285,8 +285,6 @@ class FeatureEncoding:
                 f"The table has no column(s) {', '.join(repr(n) for n in absent)} that the "
                 "encoding needs."
             )
-        if not self.features:
-            return np.zeros((table.num_rows, 0), dtype=np.float32)
         parts = [f.encode(table.columns[f.name]) for f in self.features]
         return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
 
