@@ -507,6 +507,31 @@ def _compose(merged: Sequence[DpEvent], domain: Domain) -> DiscretePRV:
     return _compose_convolution_tree(composed)
 
 
+@dataclass(frozen=True)
+class _Grid:
+    domain: Domain
+    eps_error_mesh: float
+    eps_error_up: float
+
+
+@functools.lru_cache(maxsize=256)
+def _grid_for(grid_history: tuple[DpEvent, ...], delta: float) -> _Grid:
+    """The grid for every history whose steps round up to ``grid_history``'s (see
+    :func:`_prv_epsilon`); cached, since it does not move while such a history grows."""
+    half_history = [
+        DpEvent(e.noise_multiplier, e.sample_rate, max(1, e.steps // 2)) for e in grid_history
+    ]
+    eps_error_mesh = _prv_eps_error(_rdp_raw(half_history, delta))
+    eps_error_up = _prv_eps_error(_rdp_raw(grid_history, delta))
+    domain = _prv_domain(
+        grid_history,
+        eps_error_mesh,
+        delta * _PRV_DELTA_ERROR_FRACTION,
+        eps_error_at_most=eps_error_up,
+    )
+    return _Grid(domain, eps_error_mesh, eps_error_up)
+
+
 def _prv_eps_error(scale: float) -> float:
     """The ε error PRV is run with: 0.3% of the RDP bound, within [1e-3, 0.5] (non-decreasing;
     a non-finite scale gives 0.5, and the grid check then refuses)."""
@@ -524,18 +549,13 @@ def _prv_epsilon(merged: Sequence[DpEvent], delta: float, scale: float) -> tuple
     # with the steps, so ε_error(half) ≤ ε_error ≤ ε_error(grid): a mesh sized for the first
     # over the grid's steps is finer than ``merged`` needs, a half-width sized for the last
     # is wider. Neither moves while the history grows within its powers of two.
-    grid_history = _grid_history(merged)
-    half_history = [
-        DpEvent(e.noise_multiplier, e.sample_rate, max(1, e.steps // 2)) for e in grid_history
-    ]
-    eps_error_mesh = min(eps_error, _prv_eps_error(_rdp_raw(half_history, delta)))
-    eps_error_up = max(eps_error, _prv_eps_error(_rdp_raw(grid_history, delta)))
     try:
         # q == 1 makes log(1 − q) = −inf inside the PRV's pdf/cdf; that is the intended branch.
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            domain = _prv_domain(
-                grid_history, eps_error_mesh, delta_error, eps_error_at_most=eps_error_up
-            )
+            grid = _grid_for(tuple(_grid_history(merged)), delta)
+            if not grid.eps_error_mesh <= eps_error <= grid.eps_error_up:  # cannot happen
+                raise _PrvUnavailable("the ε error lies outside its power-of-two bucket")
+            domain = grid.domain
             # The FFT composition runs in float64, so rounding error in the tail sums is about
             # eps64 · size; Opacus guards with longdouble's eps, which is too lax on x86
             # (observed: δ=1e-13, 10,000 steps: 12.39 against PLD's 10.99). Require float64.
