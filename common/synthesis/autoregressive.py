@@ -1,7 +1,7 @@
 """An autoregressive model of encoded rows: densities, log-likelihood and sampling.
 
-The row is the label ``y`` followed by the feature columns in the encoding's order
-(:mod:`common.schema.encoding`); the model factorises ``p(y, x) = p(y) Π_j p(x_j | y, x_<j)``
+The row is the feature columns in the encoding's order (:mod:`common.schema.encoding`)
+followed by the label ``y``; the model factorises ``p(x, y) = Π_j p(x_j | x_<j) · p(y | x)``
 as in MADE / NADE (Germain et al., ICML 2015; Uria et al., JMLR 2016), with one small
 network per column on the encoded slots before it (plain ``nn.Linear`` layers, so the
 site's book-keeping clipping trains it with DP-SGD unchanged).
@@ -85,17 +85,18 @@ def count_parameters(spec: AutoregressiveSpec) -> int:
     """Parameters :class:`AutoregressiveNet` has for ``spec``, without building it."""
     _, classes = _dims(spec)
     h = spec.hidden
-    total = (1 * h + h) + (h * classes + classes)
+    width = sum(c.width for c in spec.columns)
+    total = (1 + width) * h + h + h * classes + classes
     for col in _layout(spec):
-        total += (1 + classes + col.start) * h + h + h * col.outcomes + col.outcomes
+        total += (1 + col.start) * h + h + h * col.outcomes + col.outcomes
     return total
 
 
 class AutoregressiveNet(nn.Module):
-    """``p(y) Π_j p(x_j | y, x_<j)`` over encoded rows (see the module docstring).
+    """``Π_j p(x_j | x_<j) · p(y | x)`` over encoded rows (see the module docstring).
 
-    ``forward(x)`` returns the label's logits ``(N, C)`` (the marginal ``p(y)``), so the
-    module keeps the zoo's "rows in, logits out" contract; the training loss is
+    ``forward(x)`` returns the label's logits ``p(y | x)`` ``(N, C)``, so the module keeps the
+    zoo's "rows in, logits out" contract (it is also a classifier); the training loss is
     ``-log_prob(x, y)``.
     """
 
@@ -104,29 +105,29 @@ class AutoregressiveNet(nn.Module):
         _, self.num_classes = _dims(spec)
         self.bins = spec.bins
         self.columns = _layout(spec)
-        # Head 0 is the label's (its only input is the constant 1); head j+1 reads the
-        # constant, the label's one-hot and the slots of columns 0..j-1.
-        heads = [_head(1, spec.hidden, self.num_classes)]
+        # Head 0 is the label's, on the constant 1 and every slot; head j+1 reads the
+        # constant and the slots of columns 0..j-1.
+        width = sum(col.width for col in self.columns)
+        heads = [_head(1 + width, spec.hidden, self.num_classes)]
         for col in self.columns:
-            heads.append(_head(1 + self.num_classes + col.start, spec.hidden, col.outcomes))
+            heads.append(_head(1 + col.start, spec.hidden, col.outcomes))
         self.heads = nn.ModuleList(heads)
 
-    def _context(self, x: Tensor, y: Tensor) -> Tensor:
+    @staticmethod
+    def _context(x: Tensor) -> Tensor:
         ones = torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device)
-        onehot = nn.functional.one_hot(y, self.num_classes).to(x.dtype)
-        return torch.cat([ones, onehot, x], dim=1)
+        return torch.cat([ones, x], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        ones = torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device)
-        return self.heads[0](ones)  # type: ignore[no-any-return]
+        return self.heads[0](self._context(x))  # type: ignore[no-any-return]
 
     def column_log_probs(self, x: Tensor, y: Tensor) -> Tensor:
-        """``(N, 1 + D)``: ``log p(y)`` then each column's ``log p(x_j | y, x_<j)``, the
+        """``(N, 1 + D)``: ``log p(y | x)`` then each column's ``log p(x_j | x_<j)``, the
         numeric ones as densities of the encoded position on ``[0, 1]``."""
-        z = self._context(x, y)
-        outs = [torch.log_softmax(self.heads[0](z[:, :1]), dim=1).gather(1, y[:, None])]
+        z = self._context(x)
+        outs = [torch.log_softmax(self.heads[0](z), dim=1).gather(1, y[:, None])]
         for col, head in zip(self.columns, self.heads[1:], strict=True):
-            logp = torch.log_softmax(head(z[:, : 1 + self.num_classes + col.start]), dim=1)
+            logp = torch.log_softmax(head(z[:, : 1 + col.start]), dim=1)
             target, extra = self._target(x, col)
             outs.append(logp.gather(1, target[:, None]) + extra[:, None])
         return torch.cat(outs, dim=1)
@@ -170,17 +171,14 @@ def sample_encoded(
     net: AutoregressiveNet, rows: int, rng: np.random.Generator
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """``rows`` encoded rows ``(rows, width)`` and labels, drawn ancestrally with ``rng``."""
-    c = net.num_classes
     width = sum(col.width for col in net.columns)
-    z = torch.zeros((rows, 1 + c + width), dtype=torch.float32)
+    z = torch.zeros((rows, 1 + width), dtype=torch.float32)
     z[:, 0] = 1.0
     net.eval()
     with torch.no_grad():
-        y = _draw(_probs(net.heads[0](z[:, :1])), rng)
-        z[torch.arange(rows), 1 + torch.from_numpy(y)] = 1.0
         for col, head in zip(net.columns, net.heads[1:], strict=True):
-            logits = head(z[:, : 1 + c + col.start])
-            s = 1 + c + col.start
+            logits = head(z[:, : 1 + col.start])
+            s = 1 + col.start
             if col.type == "categorical":
                 allowed = np.ones(col.slots, dtype=bool)
                 allowed[col.slots - 2] = False  # "other": no declared value to write
@@ -195,7 +193,8 @@ def sample_encoded(
             if col.nullable:
                 z[torch.from_numpy(missing), s : s + col.slots] = 0.0
                 z[:, s + col.slots] = torch.from_numpy(missing.astype(np.float32))
-    return z[:, 1 + c :].numpy().copy(), y
+        y = _draw(_probs(net.heads[0](z)), rng)
+    return z[:, 1:].numpy().copy(), y
 
 
 def _position_slots(u: npt.NDArray[np.float64], slots: int) -> npt.NDArray[np.float32]:

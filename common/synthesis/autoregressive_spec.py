@@ -38,9 +38,9 @@ class ARColumnSpec(BaseModel):
 
 
 class AutoregressiveSpec(BaseModel):
-    """An autoregressive generative model of (label, features) in the encoding's order.
+    """An autoregressive generative model of (features, label) in the encoding's order.
 
-    The label comes first, then each column given the label and the columns before it.
+    Each column given the columns before it, then the label given all of them.
     Each conditional is a one-hidden-layer network (``hidden`` units) on the encoded slots
     before the column. Numeric columns get a discretised density on their declared range:
     ``bins`` equal bins of the encoded position with a uniform density inside each bin (plus

@@ -50,6 +50,8 @@ def _net(numeric: str = "minmax", bins: int = 16, seed: int = 0) -> Autoregressi
     with torch.no_grad():  # sharper random conditionals than the default init
         for p in net.parameters():
             p.mul_(3.0)
+        for j in (2, 3):  # income and home (nullable): "missing" (their last outcome) likely
+            net.heads[j][2].bias[-1] = net.heads[j][2].bias.max() + 1.0
     return net
 
 
