@@ -119,6 +119,12 @@ class DatasetConfig(_Frozen):
     max_epsilon: float | None = Field(
         default=None, gt=0.0, description="overrides policy.max_epsilon for this dataset"
     )
+    storage: Literal["memory", "disk"] = Field(
+        default="memory",
+        description="disk: never load the table; train from an encoded, memory-mapped row "
+        "cache in the state dir, built once per data version (CSV or Parquet; "
+        "site_agent.row_store)",
+    )
 
     @model_validator(mode="after")
     def _source(self) -> DatasetConfig:
@@ -130,6 +136,8 @@ class DatasetConfig(_Frozen):
                 raise ValueError("a sql dataset has url and query, not path")
         elif self.path is None:
             raise ValueError("a file dataset needs path")
+        if fmt == "sql" and self.storage == "disk":
+            raise ValueError("storage: disk reads a CSV or Parquet file, not a SQL query")
         return self
 
     @model_validator(mode="after")

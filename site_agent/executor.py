@@ -30,7 +30,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from common import noise
@@ -54,7 +53,7 @@ from site_agent.admission import RoundCharges, run_admit
 from site_agent.budget import budget_limit, release_update
 from site_agent.canaries import canaries_for, score_canaries
 from site_agent.catalog import CatalogCounts, schema_of
-from site_agent.config import SiteConfig
+from site_agent.config import DatasetConfig, SiteConfig
 from site_agent.data import LocalDataset, load_dataset, split_key, split_train_validation
 from site_agent.encoding_check import checked_encoding
 from site_agent.evaluation import run_evaluate
@@ -62,6 +61,7 @@ from site_agent.ledger import Ledger
 from site_agent.mixture import run_gmm, run_gmm_local
 from site_agent.policy import Projection, TaskCost, check_task
 from site_agent.quantiles import run_quantiles
+from site_agent.row_store import DiskDataset, EncodedRows
 from site_agent.synthesis import run_synth
 from site_agent.trainer import TrainParams, evaluate, train_local
 
@@ -127,6 +127,16 @@ class _Split:
 
 
 @dataclass(frozen=True)
+class _Shape:
+    """What is public about a dataset's two sides: row counts and columns."""
+
+    num_train: int
+    num_validation: int | None  # None exactly when validation_fraction is 0
+    feature_names: tuple[str, ...]
+    label: str
+
+
+@dataclass(frozen=True)
 class _TrainPlan:
     """Everything a train task is decided on before the charge: public inputs only (the task,
     the spec, the site's policy and declared schema, the dataset's row count)."""
@@ -149,9 +159,10 @@ class TaskExecutor:
         self.config = config
         self.ledger = ledger
         self._splits: dict[str, _Split] = {}
+        self._disk: dict[str, DiskDataset] = {}
         self._lock = threading.Lock()
         for ds in config.datasets:
-            self._split(ds.name)  # fail fast on a broken dataset at start-up
+            self._shape(ds.name)  # fail fast on a broken dataset at start-up
         self._catalog = CatalogCounts(
             config.state_dir,
             ledger,
@@ -162,12 +173,48 @@ class TaskExecutor:
 
     # ------------------------------------------------------------ what the site discloses
 
+    def _config(self, name: str) -> DatasetConfig:
+        cfg = self.config.dataset(name)
+        if cfg is None:
+            raise NotFoundError(f"site {self.config.site_id} has no dataset named {name!r}")
+        return cfg
+
+    def _disk_dataset(self, name: str) -> DiskDataset:
+        """A ``storage: disk`` dataset: its sides computed once (streamed), no rows loaded."""
+        with self._lock:
+            if name not in self._disk:
+                self._disk[name] = DiskDataset(
+                    self._config(name), self.config.state_dir, split_key(self.config.state_dir)
+                )
+            return self._disk[name]
+
+    def _shape(self, name: str) -> _Shape:
+        cfg = self._config(name)
+        if cfg.storage == "disk":
+            d = self._disk_dataset(name)
+            return _Shape(
+                d.num_train,
+                d.num_validation if cfg.validation_fraction > 0 else None,
+                d.feature_names,
+                cfg.label,
+            )
+        sp = self._split(name)
+        return _Shape(
+            len(sp.train.labels),
+            None if sp.validation is None else len(sp.validation.labels),
+            sp.train.feature_names,
+            sp.train.label_name,
+        )
+
     def _split(self, name: str) -> _Split:
+        cfg = self._config(name)
+        if cfg.storage == "disk":
+            raise InvalidSpecError(
+                f"The dataset {name!r} is stored on disk (storage: disk) and serves training "
+                "tasks only; this task reads the table in memory."
+            )
         with self._lock:
             if name not in self._splits:
-                cfg = self.config.dataset(name)
-                if cfg is None:
-                    raise NotFoundError(f"site {self.config.site_id} has no dataset named {name!r}")
                 full = load_dataset(cfg)
                 if cfg.validation_fraction > 0:
                     # Each record's side comes from a keyed hash of that record alone.
@@ -189,23 +236,23 @@ class TaskExecutor:
     def _compute_infos_now(self) -> list[DatasetInfo]:
         out = []
         for cfg in self.config.datasets:
-            sp = self._split(cfg.name)
-            n_val = 0 if sp.validation is None else len(sp.validation.labels)
+            sp = self._shape(cfg.name)
+            n_val = sp.num_validation or 0
             # Charged (once, then cached) before the spend below is computed and disclosed.
-            dp_rows = self._catalog.noisy_count(cfg.name, len(sp.train.labels) + n_val)
+            dp_rows = self._catalog.noisy_count(cfg.name, sp.num_train + n_val)
             spent = self.ledger.spent(cfg.name, delta=self.config.policy.delta).epsilon
             out.append(
                 DatasetInfo(
                     name=cfg.name,
-                    num_rows=len(sp.train.labels),
-                    columns=sp.train.feature_names,
-                    label=sp.train.label_name,
+                    num_rows=sp.num_train,
+                    columns=sp.feature_names,
+                    label=sp.label,
                     epsilon_spent=spent,
                     max_epsilon=budget_limit(self.config, cfg.name),
                     policy_delta=self.config.policy.delta,
                     num_validation_rows=n_val,
                     dp_num_rows=dp_rows,
-                    schema=schema_of(cfg, sp.train.feature_names),
+                    schema=schema_of(cfg, sp.feature_names),
                     label_schema=cfg.label_schema(),
                     source=cfg.source_format(),
                 )
@@ -315,22 +362,19 @@ class TaskExecutor:
             raise InvalidSpecError(
                 f"task names dataset {task.dataset!r} but its spec names {spec.dataset!r}"
             )
-        cfg = self.config.dataset(task.dataset)
-        if cfg is None:
-            raise NotFoundError(f"site {self.config.site_id} has no dataset named {task.dataset!r}")
-        split = self._split(task.dataset)
-        train = split.train
+        cfg = self._config(task.dataset)
+        shape = self._shape(task.dataset)
         job_encoding = spec.encoding.feature_encoding() if spec.encoding.derived else None
         if job_encoding is None and spec.encoding.numeric != "minmax":
             raise InvalidSpecError(
                 "the job asks for a quantile encoding but carries no derived encoding; the "
                 "orchestrator derives it when the job is submitted"
             )
-        encoding = checked_encoding(cfg, train.feature_names, job_encoding, what="training")
+        encoding = checked_encoding(cfg, shape.feature_names, job_encoding, what="training")
         model_spec = _model_spec_for(spec.model, encoding)
         q, steps = task_schedule(
             # the row count is disclosed (registration); canaries are drawn by secret coins
-            num_examples=len(train.labels) + self._included_canaries(task, spec, encoding),
+            num_examples=shape.num_train + self._included_canaries(task, spec, encoding),
             batch_size=spec.batch_size,
             local_epochs=spec.local_epochs,
             local_steps=spec.local_steps,
@@ -338,7 +382,7 @@ class TaskExecutor:
         exact = spec.metrics.enabled and spec.metrics.exact
         # Only in the rounds the job releases metrics (metrics.every; by default the last).
         want_metrics = (
-            spec.metrics.releases_at(task.round, task.rounds) and split.validation is not None
+            spec.metrics.releases_at(task.round, task.rounds) and shape.num_validation is not None
         )
         train_event = DpEvent(noise_multiplier=task.noise_multiplier, sample_rate=q, steps=steps)
         metric_event = (
@@ -380,6 +424,20 @@ class TaskExecutor:
             exact=exact,
             want_metrics=want_metrics,
         )
+
+    def _encoded_rows(
+        self, name: str, encoding: FeatureEncoding
+    ) -> tuple[EncodedRows, EncodedRows | None]:
+        """The (train, validation) rows of a dataset under ``encoding``: encoded in memory, or
+        from the row cache of a ``storage: disk`` dataset (memory-mapped)."""
+        if self._config(name).storage == "disk":
+            train, val = self._disk_dataset(name).encoded(encoding)
+            return train, (val if self._shape(name).num_validation is not None else None)
+        split = self._split(name)
+        rows = EncodedRows(encoding.encode(split.train.table), split.train.labels)
+        if split.validation is None:
+            return rows, None
+        return rows, EncodedRows(encoding.encode(split.validation.table), split.validation.labels)
 
     def _included_canaries(self, task: TaskAssignment, spec: JobSpec, enc: FeatureEncoding) -> int:
         if spec.audit is None:
@@ -437,19 +495,19 @@ class TaskExecutor:
             policy_delta=policy.delta,
         )
 
-        split = self._split(task.dataset)
-        train_x = plan.encoding.encode(split.train.table)
-        train_y = split.train.labels
+        train_rows, validation_rows = self._encoded_rows(task.dataset, plan.encoding)
         if spec.audit is not None:
             # The audit's canaries train like any record: the ones whose secret coin came up.
             cx, cy, included = canaries_for(self.config.state_dir, task.job_id, spec, plan.encoding)
-            train_x = np.concatenate([train_x, cx[included]])
-            train_y = np.concatenate([train_y, cy[included]])
+            train_rows = train_rows.with_extra(cx[included], cy[included])
+        # A memory-mapped table is read one Poisson batch at a time; rows in memory train
+        # from arrays, as before.
+        features, labels = (train_rows, None) if train_rows.maps else train_rows.arrays()
         result = train_local(
             model_spec=plan.model_spec,
             global_state=global_state,
-            features=train_x,
-            labels=train_y,
+            features=features,
+            labels=labels,
             params=TrainParams(
                 noise_multiplier=sigma,
                 max_grad_norm=spec.dp.max_grad_norm,
@@ -469,14 +527,13 @@ class TaskExecutor:
                 f"charged {steps} at q={q:g}; update withheld"
             )
         metrics: Metrics | None = None
-        validation = split.validation
-        if plan.want_metrics and validation is not None and len(validation) > 0:
+        if plan.want_metrics and validation_rows is not None and len(validation_rows) > 0:
             local = {k: global_state[k] + result.delta[k] for k in global_state}
             ev = evaluate(
                 model_spec=plan.model_spec,
                 state=local,
-                features=plan.encoding.encode(validation.table),
-                labels=validation.labels,
+                features=validation_rows.x,
+                labels=validation_rows.y,
                 loss_bound=spec.metrics.loss_bound,
                 auc_bins=spec.metrics.auc_bins,
                 noise_multiplier=None if plan.exact else spec.metrics.noise_multiplier,

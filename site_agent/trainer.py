@@ -62,7 +62,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from common import noise, sgld
 from common.domain import Metrics
@@ -71,6 +71,7 @@ from common.models import build_model, load_weights
 from common.specs import ModelSpec, OptimizerSpec, model_dims
 from site_agent.clipping import BookKeeper, supports
 from site_agent.generative import batch_loss, check_generative_mode
+from site_agent.row_store import EncodedRows
 
 SUPPORTED_MODES = ("bk", "ghost", "hooks")
 """Per-example clipping modes :func:`train_local` runs: ``"bk"`` (one backward pass,
@@ -304,8 +305,8 @@ def train_local(
     *,
     model_spec: ModelSpec,
     global_state: Mapping[str, Tensor],
-    features: npt.ArrayLike,
-    labels: npt.ArrayLike,
+    features: npt.ArrayLike | EncodedRows,
+    labels: npt.ArrayLike | None,
     params: TrainParams,
     grad_sample_mode: str | None = None,
 ) -> LocalResult:
@@ -322,7 +323,9 @@ def train_local(
     Args:
         model_spec: the task's model.
         global_state: the current global weights (``build_model(spec).state_dict()`` keys).
-        features: float array ``(N, input_dim)``.
+        features: float array ``(N, input_dim)``, or memory-mapped
+            :class:`~site_agent.row_store.EncodedRows` (with their labels; ``labels`` None),
+            read one Poisson batch at a time (issue 19.3).
         labels: integer class indices ``(N,)``.
         params: the task's DP and optimiser parameters.
         grad_sample_mode: ``"bk"``, ``"ghost"`` or ``"hooks"`` to override
@@ -333,8 +336,18 @@ def train_local(
         InvalidSpecError: arrays, weights or parameters that do not fit the spec.
     """
     _check_params(params)
-    x, y = _check_arrays(model_spec, features, labels)
-    n = int(x.shape[0])
+    if isinstance(features, EncodedRows):
+        rows: EncodedRows | None = features
+        if features.width != model_dims(model_spec)[0]:
+            raise InvalidSpecError(
+                f"The rows have {features.width} features, the model needs "
+                f"{model_dims(model_spec)[0]}."
+            )
+        n = len(features)
+    else:
+        rows = None
+        x, y = _check_arrays(model_spec, features, labels if labels is not None else [])
+        n = int(x.shape[0])
     q, steps = plan_steps(
         num_examples=n,
         batch_size=params.batch_size,
@@ -360,7 +373,11 @@ def train_local(
     net.train()
     start = {k: v.detach().to(torch.float32).clone() for k, v in net.state_dict().items()}
 
-    loader = DPDataLoader(TensorDataset(x, y), sample_rate=q, generator=_private_generator())
+    loader: DataLoader[Any] = (
+        DPDataLoader(TensorDataset(x, y), sample_rate=q, generator=_private_generator())
+        if rows is None
+        else rows.poisson_loader(q, _private_generator())
+    )
     if params.optimizer.name == "sgld":  # Langevin steps (common.sgld): plain SGD, topped-up noise
         optimizer: torch.optim.Optimizer = sgld.LangevinSGD(
             list(net.parameters()),
@@ -416,7 +433,7 @@ def _check_finite(delta: Mapping[str, Tensor]) -> None:
         )
 
 
-def _poisson_batches(loader: DPDataLoader, steps: int) -> Iterator[tuple[Tensor, Tensor]]:
+def _poisson_batches(loader: DataLoader[Any], steps: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Exactly ``steps`` Poisson batches: one "epoch" of ``1/q`` samples is not a limit."""
     batches = iter(loader)
     for _ in range(steps):
@@ -436,7 +453,7 @@ def _check_not_skipped(optimizer: Any) -> None:
 def _run_bookkeeping(
     net: nn.Module,
     optimizer: torch.optim.Optimizer,
-    loader: DPDataLoader,
+    loader: DataLoader[Any],
     *,
     params: TrainParams,
     steps: int,
@@ -520,7 +537,7 @@ class _FiniteGhostModule(GradSampleModuleFastGradientClipping):  # type: ignore[
 def _run_opacus(
     net: nn.Module,
     optimizer: torch.optim.Optimizer,
-    loader: DPDataLoader,
+    loader: DataLoader[Any],
     *,
     params: TrainParams,
     steps: int,
