@@ -149,3 +149,14 @@ def test_sgld_job_releases_the_ensemble_of_post_burn_in_rounds(tmp_path: Path) -
         proba = torch.softmax(ens(torch.from_numpy(x).float()), 1)
     acc = float((proba.argmax(1).numpy() == y).mean())
     assert acc > 0.7, acc
+    # load_pipeline (raw rows) gives the same average of the samples' probabilities
+    import pandas as pd
+
+    from common.models import load_pipeline
+
+    pipe = load_pipeline(model_dir)
+    raw = pd.DataFrame(x, columns=[f"f{i}" for i in range(x.shape[1])])
+    with torch.no_grad():
+        xt = torch.from_numpy(pipe.transform(raw))
+        want = torch.stack([torch.softmax(m(xt).double(), 1) for m in ens.members]).mean(0)
+    np.testing.assert_allclose(pipe.predict_proba(raw), want.numpy(), rtol=1e-5, atol=1e-6)
