@@ -12,16 +12,16 @@ better):
 
 * ``central``: scikit-learn's ``GaussianMixture`` (K = 4, full covariances, 3 initialisations)
   on all training rows in one place, without DP: the reference no federation can beat.
-* ``fed σ=.01``: :class:`orchestrator.gmm_em.FederatedEM` with the smallest noise multiplier
+* ``fed σ=.01``: :class:`common.clustering.federated_em.FederatedEM` with the smallest noise multiplier
   a :class:`~common.accounting.DpEvent` accepts (0.01; no meaningful ε): the federated
   algorithm itself, nearly without the cost of privacy.
-* ``fed DP-EM``: :class:`~orchestrator.gmm_em.FederatedEM` (1 init release + at most
+* ``fed DP-EM``: :class:`~common.clustering.federated_em.FederatedEM` (1 init release + at most
   ``--rounds`` EM rounds), σ calibrated with
   :func:`common.accounting.calibrate_noise_multiplier` so that every site's worst-case
   history (``planned_events``) meets the target ε at δ = 1e-5 (PRV accountant).
 * ``one-shot``: every site fits its own DP mixture (a one-site ``FederatedEM`` with the same
   σ, rounds and ε), and the orchestrator merges the local models with
-  :func:`common.gmm.merge_mixtures`, weighting sites by their noisy row counts: one
+  :func:`common.clustering.merge.merge_mixtures`, weighting sites by their noisy row counts: one
   round trip instead of ``rounds + 1``.
 
 Every site is charged ε (its rows are in one release chain); sites hold disjoint rows, so ε is
@@ -64,8 +64,10 @@ from sklearn.mixture import GaussianMixture
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.accounting import DpEvent, calibrate_noise_multiplier, compute_epsilon
-from common.gmm import GaussianMixtureParams, merge_mixtures
-from orchestrator.gmm_em import FederatedBootstrap, FederatedEM
+from common.clustering.federated_bootstrap import FederatedBootstrap
+from common.clustering.federated_em import FederatedEM
+from common.clustering.merge import merge_mixtures
+from common.clustering.model import GaussianMixtureParams
 from site_agent.gmm_stats import answer_request
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gmm.json"

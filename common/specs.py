@@ -434,7 +434,7 @@ class GmmBootstrapSpec(_Frozen):
     After the final model is fitted, every site releases ``replicates`` Poisson(1)-reweighted
     copies of its E-step statistics under that model (weights capped at ``weight_cap``),
     noised by the Gaussian mechanism; the orchestrator runs one M-step per replicate and
-    reports the standard deviation over replicates (``common.gmm``, "DP Poisson bootstrap").
+    reports the standard deviation over replicates (docs/clustering.md, "DP Poisson bootstrap").
     The release is one more Gaussian mechanism on every site's ledger and in the job's ε.
     ``noise_multiplier`` is set like ``dp.noise_multiplier``; left unset it is the job's σ
     (with ``dp.target_epsilon``, σ is calibrated with this release counted).

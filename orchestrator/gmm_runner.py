@@ -1,16 +1,16 @@
 """The job loop of a mixture job (``kind: gmm``): federated DP EM, K by distributed BIC.
 
-The maths and the request/response protocol are ``orchestrator.gmm_em`` (a transport-free
-state machine) and ``common.gmm``; each round here sends its request to every participating
-site (as ``orchestrator.fanout`` does, but stopping at once on shutdown or cancellation), feeds
-the noised statistics back, and records the round. The box the sites clip to is the union of
+The maths, the request/response protocol and the transport-free EM state machines are in
+``common.clustering``; each round here sends its request to every participating site (as
+``orchestrator.fanout`` does, but stopping at once on shutdown or cancellation), feeds the
+noised statistics back, and records the round. The box the sites clip to is the union of
 the bounds the sites *declare* for the job's columns (never learned from data). Sites hold
 disjoint rows, so the released mixture's ε is the composition of one site's releases (every
 site answers the same requests): the maximum over sites.
 
 With the ``bootstrap:`` option, one more round follows the fit (either method): every site
 that contributed releases noisy Poisson-bootstrap replicates of its statistics under the final
-model (``orchestrator.gmm_em.FederatedBootstrap``); the standard errors go into
+model (``common.clustering.federated_bootstrap.FederatedBootstrap``); the standard errors go into
 ``mixture.json`` and the card, and the release into every site's events and the card's ε. If
 too few sites answer it, the mixture is released without standard errors, and its ε still
 counts the bootstrap release (a site may have been charged before it failed).
@@ -21,7 +21,7 @@ where it stopped. Its state lives in the store (``orchestrator.store.GmmStateRow
 * the *checkpoint*, written in the same transaction as each round it follows: the method, the
   columns, the declared box, the participating sites, the last committed round, the phase
   (``fit`` → ``boot`` → ``release``), the EM state machine with everything it holds
-  (``orchestrator.gmm_em``, "Checkpoints": the seed, even one drawn from the clock, σ, every K's
+  (``common.clustering``, "Checkpoints": the seed, even one drawn from the clock, σ, every K's
   model, statistics, log-likelihood history and stopping state, the eval round's values for
   BIC, the pending request), the one-shot merged model, the bootstrap's standard errors;
 * the *charged releases*: per site, every release it was sent (round, kind, ``DpEvent``),
@@ -30,7 +30,7 @@ where it stopped. Its state lives in the store (``orchestrator.store.GmmStateRow
 On start the coordinator resumes every pending or running job; a mixture job reloads its
 checkpoint, waits for its sites to dial back in, and sends the pending request again: the
 round a restart interrupted is re-issued with fresh tasks (its statistics were never
-absorbed). The sites price a request from its content (``orchestrator.gmm_em.request_events``
+absorbed). The sites price a request from its content (``common.clustering.federated_em.request_events``
 gives the same event), so a site's ledger for the job holds at most the releases it was sent,
 each at most once, and the charged releases hold every one of them, the interrupted round's
 included. The card's per-site ε is composed from the charged releases and the released ε is
@@ -52,26 +52,22 @@ from typing import Any
 import numpy as np
 
 from common.accounting import DpEvent, EpsilonBound, calibrate_noise_multiplier, compute_epsilon
+from common.clustering.bootstrap import BOOTSTRAP_NOTE, MixtureStandardErrors
+from common.clustering.federated_bootstrap import FederatedBootstrap, check_bootstrap_size
+from common.clustering.federated_em import (
+    FederatedBIC,
+    FederatedEM,
+    machine_from_state,
+    request_events,
+)
+from common.clustering.merge import merge_mixtures
+from common.clustering.model import GaussianMixtureParams
 from common.domain import SiteStatus
 from common.errors import InvalidSpecError, InvalidUpdateError, JobFailedError
-from common.gmm import (
-    BOOTSTRAP_NOTE,
-    GaussianMixtureParams,
-    MixtureStandardErrors,
-    merge_mixtures,
-)
 from common.specs import GmmJobSpec
 from common.version import __version__
 from orchestrator import job_ledger
 from orchestrator.fanout import FanOutResult, fan_out
-from orchestrator.gmm_em import (
-    FederatedBIC,
-    FederatedBootstrap,
-    FederatedEM,
-    check_bootstrap_size,
-    machine_from_state,
-    request_events,
-)
 from orchestrator.job_thread import JobStopped, JobThread
 from orchestrator.planning import ACCOUNTANT, online_holders, site_dataset
 from orchestrator.release import LIMITS, noise_limits

@@ -5,32 +5,32 @@ Specification
 
 This code runs inside the site's trust boundary; everything it returns for release is
 noised here, by the site, with a sensitivity the site computes itself (never read from the
-wire). The maths and the sensitivity derivation are in :mod:`common.gmm`.
+wire). The maths and the sensitivity derivation are in :mod:`common.clustering`.
 
 What a site computes
 --------------------
-* :func:`compute_stats`: the exact E-step statistics (:class:`~common.gmm.SufficientStats`,
+* :func:`compute_stats`: the exact E-step statistics (:class:`~common.clustering.statistics.SufficientStats`,
   unit-box coordinates) of its rows under a public model, streaming over chunks of rows:
   memory holds one chunk, never the dataset. Every value is clipped to the declared bounds
-  and mapped into ``[−1, 1]^D`` (:class:`~common.gmm.FeatureBox`); every row's
-  log-likelihood is clipped to :func:`~common.gmm.loglik_clip_range` of the model.
+  and mapped into ``[−1, 1]^D`` (:class:`~common.clustering.model.FeatureBox`); every row's
+  log-likelihood is clipped to :func:`~common.clustering.statistics.loglik_clip_range` of the model.
 * :func:`noisy_stats`: the same, noised by the Gaussian mechanism with L2 sensitivity
-  :func:`~common.gmm.stats_sensitivity`, and its :class:`~common.accounting.DpEvent`
+  :func:`~common.clustering.release.stats_sensitivity`, and its :class:`~common.accounting.DpEvent`
   ``(σ, 1.0, 1)``.
 * :func:`compute_candidate_stats` / :func:`noisy_candidate_stats`: nearest-candidate counts
-  and sums for the DP initialisation (sensitivity :func:`~common.gmm.candidate_sensitivity`,
+  and sums for the DP initialisation (sensitivity :func:`~common.clustering.initialisation.candidate_sensitivity`,
   ``DpEvent(σ, 1.0, 1)``).
 * :func:`compute_replicate_stats` / :func:`noisy_replicate_stats`: the DP Poisson bootstrap
   of the final model (the ``bootstrap:`` job option): R replicates of the E-step statistics
   with per-row, per-replicate weights ``min(Poisson(1), cap)`` drawn from a generator seeded
   from OS entropy here (never from the job or the request), each row's weight vector rescaled
-  to L2 norm at most :func:`~common.gmm.bootstrap_weight_norm`; noise with sensitivity
-  :func:`~common.gmm.bootstrap_sensitivity`, ``DpEvent(σ, 1.0, 1)`` (derivation in
-  :mod:`common.gmm`).
+  to L2 norm at most :func:`~common.clustering.bootstrap.bootstrap_weight_norm`; noise with sensitivity
+  :func:`~common.clustering.bootstrap.bootstrap_sensitivity`, ``DpEvent(σ, 1.0, 1)`` (derivation in
+  :mod:`common.clustering`).
 * :func:`answer_request`: the whole site step for a wire request (one pass over the data
   for all the models it names), returning the JSON-safe result and the event to charge.
   ``gmm.init`` → noisy candidate statistics; ``gmm.em`` → noisy E-step statistics per model;
-  ``gmm.eval`` → noisy :func:`~common.gmm.scaled_loglik_sum` per model (sensitivity 1,
+  ``gmm.eval`` → noisy :func:`~common.clustering.release.scaled_loglik_sum` per model (sensitivity 1,
   noise ``N(0, σ²)``), used to compare final models; ``gmm.boot`` → noisy bootstrap
   replicates of one model's statistics.
 
@@ -51,9 +51,9 @@ The statistics are sums over rows, so a cluster computes them as a map-reduce wi
 *same* functions and adds noise exactly once, at the end:
 
 * map: per partition, ``expected_stats(box.to_unit(rows), box.params_to_unit(params),
-  loglik_range=loglik_clip_range(unit_params))`` (``common.gmm``), e.g. with Spark's
-  ``rdd.mapPartitions`` or Dask's ``ddf.map_partitions`` / ``dask.delayed`` per partition,
-  returning ``SufficientStats`` objects (or their ``to_dict()``);
+  loglik_range=loglik_clip_range(unit_params))`` (``common.clustering.statistics``), e.g.
+  with Spark's ``rdd.mapPartitions`` or Dask's ``ddf.map_partitions`` / ``dask.delayed`` per
+  partition, returning ``SufficientStats`` objects (or their ``to_dict()``);
 * reduce: ``functools.reduce(operator.add, parts)`` (Spark ``treeReduce``, Dask
   ``dask.bag.fold``): exact, order-independent up to floating-point rounding;
 * noise: one call to ``noise_stats(total, noise_multiplier=σ, sensitivity=Δ, rng=...)`` on
@@ -76,41 +76,44 @@ import numpy.typing as npt
 
 from common import noise
 from common.accounting import DpEvent
-from common.errors import InvalidSpecError
-from common.gmm import (
-    LOGLIK_SENSITIVITY,
+from common.clustering.bootstrap import (
     MAX_BOOTSTRAP_VALUES,
-    BootRequest,
-    BootResult,
-    CandidateStats,
-    EmRequest,
-    EmResult,
-    EvalRequest,
-    EvalResult,
-    FeatureBox,
-    GaussianMixtureParams,
-    InitRequest,
-    InitResult,
     ReplicateStats,
-    SufficientStats,
-    WireDpEvent,
     bootstrap_release_size,
     bootstrap_sensitivity,
     bootstrap_weight_norm,
     bootstrap_weights,
+    noise_replicate_stats,
+    replicate_stats,
+)
+from common.clustering.initialisation import (
+    CandidateStats,
     candidate_sensitivity,
     candidate_stats,
-    expected_stats,
-    loglik_clip_range,
     noise_candidate_stats,
-    noise_replicate_stats,
+)
+from common.clustering.model import FeatureBox, GaussianMixtureParams
+from common.clustering.release import (
+    LOGLIK_SENSITIVITY,
     noise_stats,
-    parse_request,
-    release_event,
-    replicate_stats,
     scaled_loglik_sum,
     stats_sensitivity,
 )
+from common.clustering.statistics import SufficientStats, expected_stats, loglik_clip_range
+from common.clustering.wire import (
+    BootRequest,
+    BootResult,
+    EmRequest,
+    EmResult,
+    EvalRequest,
+    EvalResult,
+    InitRequest,
+    InitResult,
+    WireDpEvent,
+    parse_request,
+    release_event,
+)
+from common.errors import InvalidSpecError
 
 __all__ = [
     "answer_request",
@@ -166,7 +169,7 @@ def _stream_stats(
 def _stream_loglik(
     chunks: Iterable[npt.ArrayLike], models: Sequence[GaussianMixtureParams], box: FeatureBox
 ) -> list[float]:
-    """One pass accumulating every model's :func:`~common.gmm.scaled_loglik_sum`."""
+    """One pass accumulating every model's :func:`~common.clustering.release.scaled_loglik_sum`."""
     unit = _unit_models(models, box)
     totals = [0.0] * len(unit)
     for chunk in chunks:
@@ -208,7 +211,7 @@ def noisy_stats(
 ) -> tuple[SufficientStats, DpEvent]:
     """:func:`compute_stats` released by the Gaussian mechanism, and its cost.
 
-    Noise ``N(0, (σΔ)²)`` on every coordinate of :func:`~common.gmm.release_vector`, with
+    Noise ``N(0, (σΔ)²)`` on every coordinate of :func:`~common.clustering.release.release_vector`, with
     ``Δ = stats_sensitivity(D, K, covariance_type, 1.0, loglik_weight=w)``; returns the noisy
     statistics and ``DpEvent(σ, 1.0, 1)`` to charge to the site's ledger before release.
     """
@@ -322,8 +325,8 @@ def noisy_replicate_stats(
     """:func:`compute_replicate_stats` released by the Gaussian mechanism, and its cost.
 
     Noise ``N(0, (σ·C·Δ₀)²)`` on every coordinate (``C·Δ₀`` =
-    :func:`~common.gmm.bootstrap_sensitivity` with ``C`` =
-    :func:`~common.gmm.bootstrap_weight_norm`); returns the noisy replicates and
+    :func:`~common.clustering.bootstrap.bootstrap_sensitivity` with ``C`` =
+    :func:`~common.clustering.bootstrap.bootstrap_weight_norm`); returns the noisy replicates and
     ``DpEvent(σ, 1.0, 1)``, to charge to the site's ledger before release.
     """
     ctype = covariance_type or params.covariance_type

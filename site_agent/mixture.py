@@ -21,6 +21,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from common import noise
+from common.clustering.federated_em import FederatedEM
 from common.domain import TaskAssignment, UpdateMeta
 from common.errors import InvalidSpecError
 from site_agent.budget import admit_and_charge, parse_request, release_update
@@ -141,7 +142,6 @@ def run_gmm_local(
     Its intermediate noisy statistics never leave the site, but the mixture is computed from
     them, so the site charges the whole run's worst case (every planned release) up front.
     """
-    from orchestrator.gmm_em import FederatedEM  # pure maths, shared with the orchestrator
 
     body = parse_request(LocalFitTask, task, source="gmm local fit")
     cfg = config.dataset(task.dataset)

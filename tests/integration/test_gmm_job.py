@@ -17,10 +17,15 @@ import yaml
 from scipy.optimize import linear_sum_assignment
 
 from common.accounting import DpEvent, compute_epsilon
+from common.clustering.federated_em import (
+    FederatedBIC,
+    FederatedEM,
+    machine_from_state,
+    request_events,
+)
+from common.clustering.released import load_mixture
 from common.errors import InvalidSpecError
-from common.gmm import load_mixture
 from orchestrator.client import ControlClient
-from orchestrator.gmm_em import FederatedBIC, FederatedEM, machine_from_state, request_events
 from orchestrator.server import RunningServer, start_server
 from orchestrator.store import Store
 from site_agent.agent import SiteAgent

@@ -1,5 +1,5 @@
-"""Federated DP Gaussian mixtures: maths (common.gmm), site (site_agent.gmm_stats), EM state
-machine (orchestrator.gmm_em).
+"""Federated DP Gaussian mixtures: maths and EM state machines (common.clustering), site
+(site_agent.gmm_stats).
 
 Sites are simulated by calling the site functions directly on uneven splits of synthetic
 mixtures; every request and result goes through ``json.dumps``/``loads`` as on the wire.
@@ -26,39 +26,35 @@ from sklearn.mixture._gaussian_mixture import (
 )
 
 from common.accounting import DpEvent, compute_epsilon
-from common.errors import InvalidSpecError, InvalidUpdateError
-from common.gmm import (
-    LOGLIK_SENSITIVITY,
-    FeatureBox,
-    GaussianMixtureParams,
+from common.clustering.bootstrap import (
     MixtureStandardErrors,
-    ReleasedMixture,
     ReplicateStats,
-    SufficientStats,
     blb_variance,
     bootstrap_sensitivity,
     bootstrap_weight_norm,
     bootstrap_weights,
-    candidate_sensitivity,
-    candidate_stats,
     capped_poisson_moments,
-    expected_stats,
-    load_mixture,
-    loglik_clip_range,
-    loglik_noise_sd,
-    m_step,
-    merge_mixtures,
-    noise_loglik_loss,
     noise_replicate_stats,
+    replicate_stats,
+)
+from common.clustering.federated_bootstrap import FederatedBootstrap
+from common.clustering.federated_em import FederatedBIC, FederatedEM
+from common.clustering.initialisation import candidate_sensitivity, candidate_stats
+from common.clustering.merge import merge_mixtures
+from common.clustering.model import FeatureBox, GaussianMixtureParams
+from common.clustering.release import (
+    LOGLIK_SENSITIVITY,
+    loglik_noise_sd,
     noise_stats,
     release_vector,
-    replicate_stats,
     scaled_loglik_sum,
-    select_k_by_bic,
     stats_sensitivity,
 )
+from common.clustering.released import ReleasedMixture, load_mixture
+from common.clustering.selection import noise_loglik_loss, select_k_by_bic
+from common.clustering.statistics import SufficientStats, expected_stats, loglik_clip_range, m_step
+from common.errors import InvalidSpecError, InvalidUpdateError
 from common.specs import GmmJobSpec, parse_any_job_spec
-from orchestrator.gmm_em import FederatedBIC, FederatedBootstrap, FederatedEM
 from site_agent.config import DatasetConfig
 from site_agent.data import iter_typed_chunks
 from site_agent.gmm_stats import (

@@ -27,13 +27,13 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.clustering.federated_em import FederatedEM
 from common.domain import TaskAssignment, UpdateMeta
 from common.errors import DpfedError
 from common.models import build_model, parse_model_spec
 from common.schema.encoding import FeatureEncoding, derive_encoding
 from common.specs import OptimizerSpec
 from common.tensors import state_from_bytes, state_to_bytes
-from orchestrator.gmm_em import FederatedEM
 from site_agent import trainer
 from site_agent.config import SiteConfig, load_site_config
 from site_agent.data import SPLIT_KEY_FILE, load_dataset, split_train_validation
