@@ -613,7 +613,7 @@ def pull(
         err_console.print(
             f"wrote {out_dir}/mixture.json and model_card.json (K = {inert(c['model']['K'])}, "
             f"ε = {c['epsilon']:.4g}, δ = {c['delta']:g}); load with "
-            f"common.gmm.load_mixture({str(out_dir)!r}).predict(X)"
+            f"common.clustering.released.load_mixture({str(out_dir)!r}).predict(X)"
         )
         return
     (out_dir / "model.safetensors").write_bytes(weights)
