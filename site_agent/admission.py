@@ -129,6 +129,9 @@ def run_admit(
             rounds=rounds,
             delta=spec.dp.delta,
             check=whole_job_fits,
+            # Held exactly as checked: the metrics of the rounds that release them. The
+            # quantile release is charged beside it, checked with it (site_agent.ledger).
+            counts={"metrics": releases},
         )
     proj = projections[-1]
     return _answer(

@@ -152,16 +152,21 @@ class Reservation:
     rounds: int
     used: int
     delta: float
+    counts: tuple[int, ...] = ()
+    """How many of the rounds release each event of ``per_round`` (default: every one)."""
 
     @property
     def remaining(self) -> list[DpEvent]:
         """The events of the rounds not yet charged (composed k-fold: ``steps`` × k)."""
         left = max(0, self.rounds - self.used)
-        if not left:
-            return []
-        return [
-            DpEvent(e.noise_multiplier, e.sample_rate, e.steps * left) for _, e in self.per_round
-        ]
+        counts = self.counts or tuple(self.rounds for _ in self.per_round)
+        # An event released in only some rounds: at most that many, and no more than are left.
+        out = []
+        for (_, e), count in zip(self.per_round, counts, strict=True):
+            k = min(count, left)
+            if k:
+                out.append(DpEvent(e.noise_multiplier, e.sample_rate, e.steps * k))
+        return out
 
 
 Check = Callable[[list[DpEvent]], object]
@@ -383,8 +388,12 @@ class Ledger:
         rounds: int,
         delta: float,
         check: Check,
+        counts: Mapping[str, int] | None = None,
     ) -> Reservation:
         """Hold ``rounds`` × ``per_round`` of ``dataset``'s budget for ``job_id``.
+
+        ``counts`` gives, by kind, how many of the rounds release that kind's event when
+        fewer than all do (e.g. metrics only every k-th round).
 
         ``check`` sees the commitments *without* this job's own reservation and must raise
         to refuse; it is called inside the transaction that records the reservation. A job
@@ -402,13 +411,18 @@ class Ledger:
             _check_text("kind", k)
             if not isinstance(e, DpEvent):
                 raise ValueError(f"Reservations hold DpEvent instances, got {type(e).__name__}.")
+        per_count = tuple(min(rounds, (counts or {}).get(k, rounds)) for k, _ in per_round)
+        if any(c < 0 for c in per_count):
+            raise ValueError(f"Release counts must be non-negative, got {counts!r}.")
         grant = uuid.uuid4().hex
         budget = self.budget_of(dataset)
         now = time.time()
         with self._transaction() as conn:
             check(self._commitments(conn, dataset, excluding_job=job_id))
             self._end(conn, job_id=job_id, dataset=dataset, reason="replaced", now=now)
-            for k, e in per_round:
+            for (k, e), count in zip(per_round, per_count, strict=True):
+                if not count:
+                    continue
                 conn.execute(
                     "INSERT INTO reservations (grant_id, dataset, budget, job_id, kind, "
                     "noise_multiplier, sample_rate, steps, rounds, delta, created_at) "
@@ -422,12 +436,22 @@ class Ledger:
                         e.noise_multiplier,
                         e.sample_rate,
                         e.steps,
-                        rounds,
+                        count,
                         float(delta),
                         now,
                     ),
                 )
-        return Reservation(grant, dataset, job_id, per_round, rounds, 0, float(delta))
+        kept = [(pr, c) for pr, c in zip(per_round, per_count, strict=True) if c]
+        return Reservation(
+            grant,
+            dataset,
+            job_id,
+            tuple(pr for pr, _ in kept),
+            rounds,
+            0,
+            float(delta),
+            tuple(c for _, c in kept),
+        )
 
     def release(self, *, dataset: str, job_id: str, reason: str) -> bool:
         """End ``job_id``'s live reservation on ``dataset``'s budget; False if it had none."""
@@ -544,9 +568,10 @@ class Ledger:
                     per_round=tuple(
                         (str(r[3]), DpEvent(float(r[4]), float(r[5]), int(r[6]))) for r in rs
                     ),
-                    rounds=int(rs[0][7]),
+                    rounds=max(int(r[7]) for r in rs),
                     used=int(used),
                     delta=float(rs[0][8]),
+                    counts=tuple(int(r[7]) for r in rs),
                 )
             )
         return out

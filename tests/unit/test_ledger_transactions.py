@@ -260,3 +260,22 @@ def test_a_jobs_other_releases_do_not_eat_into_its_own_reservation(tmp_path: Pat
         _charge(ledger, "a-1", job="job-a", check=seen.append)
         assert seen == [[DpEvent(5.0, 1.0, 1)]]  # a round of job-a draws on its reservation
         assert ledger.reservations("digits")[0].used == 1
+
+
+def test_an_event_released_in_some_rounds_only_is_held_that_often(tmp_path: Path) -> None:
+    metric = DpEvent(20.0, 1.0, 1)
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        res = ledger.reserve(
+            dataset="digits",
+            job_id="job-a",
+            per_round=[("train", SGD), ("metrics", metric)],
+            rounds=5,
+            delta=DELTA,
+            check=lambda h: None,
+            counts={"metrics": 2},
+        )
+        assert res.remaining == [DpEvent(1.0, 0.01, 500), DpEvent(20.0, 1.0, 2)]
+        for i in range(4):
+            _charge(ledger, f"a-{i}", job="job-a")
+        # One round left: at most one more metrics release.
+        assert ledger.commitments("digits") == [SGD] * 4 + [SGD, metric]
