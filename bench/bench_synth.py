@@ -1,4 +1,5 @@
-"""Utility of federated DP synthetic data (:mod:`common.synth`) against the privacy budget ε.
+"""Utility of federated DP synthetic data (:mod:`common.synthesis.marginals`) against the
+privacy budget ε.
 
 For each dataset the training rows are split unevenly over three simulated sites (55%, 30%,
 15%). Each site measures every one-way and two-way marginal at the same per-site ε (δ = 1e-5;
@@ -47,16 +48,9 @@ from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.synth import (
-    ColumnSchema,
-    MeasurementPlan,
-    Schema,
-    combine,
-    fit_tree,
-    infer_schema,
-    marginal_plan,
-    measure_site,
-)
+from common.synthesis.discretisation import ColumnSchema, Schema, infer_schema
+from common.synthesis.marginals import MeasurementPlan, marginal_plan, measure_site
+from orchestrator.synthesis_tree import combine, fit_tree
 
 DELTA = 1e-5
 EPSILONS = (0.5, 1.0, 3.0, 10.0)

@@ -2,8 +2,9 @@
 
 Every online site holding the dataset measures noisy one- and two-way marginals of its own
 rows under its own budget (``site_agent.synthesis``); the orchestrator checks they used the
-same declared schema, sums the counts (``common.synth.combine``), fits a maximum spanning tree
-of two-way marginals and samples rows (``fit_and_sample``, MST-style, McKenna et al. 2021).
+same declared schema, sums the counts (``orchestrator.synthesis_tree.combine``), fits a
+maximum spanning tree of two-way marginals and samples rows (``fit_and_sample``, MST-style,
+McKenna et al. 2021).
 No single site's rows or counts are published: only rows sampled from the summed model.
 """
 
@@ -16,12 +17,13 @@ from typing import Any
 from common import noise
 from common.domain import SiteStatus
 from common.errors import InvalidSpecError, NotFoundError
-from common.synth import Schema, combine, fit_and_sample
+from common.synthesis.discretisation import Schema
 from orchestrator.broker import Broker
 from orchestrator.fanout import fan_out
 from orchestrator.job_ledger import record_one_shot
 from orchestrator.planning import online_holders
 from orchestrator.store import Store
+from orchestrator.synthesis_tree import combine, fit_and_sample
 
 MAX_ROWS = 1_000_000
 

@@ -1,10 +1,10 @@
 """The site's side of federated DP synthetic data (``orchestrator synth``).
 
 The site builds the measurement schema from its *declared* column types and bounds (never
-from the data; ``columns``, ``feature_bounds`` and ``num_classes`` in ``site.yaml``), plans the marginals for the requested ε (``common.synth.marginal_plan``),
-admits and charges them to its ledger, then releases the noisy marginal counts of the rows as
-typed at load (``common.schema.table``). Every column asked for, the label included, must be
-declared.
+from the data; ``columns``, ``feature_bounds`` and ``num_classes`` in ``site.yaml``), plans
+the marginals for the requested ε (``common.synthesis.marginals.marginal_plan``), admits and
+charges them to its ledger, then releases the noisy marginal counts of the rows as typed at
+load (``common.schema.table``). Every column asked for, the label included, must be declared.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from common import noise
 from common.domain import ColumnInfo, TaskAssignment, UpdateMeta
 from common.errors import InvalidSpecError, PolicyRefusal
-from common.synth import ColumnSchema, Schema, marginal_plan, measure_site
+from common.synthesis.discretisation import ColumnSchema, Schema
+from common.synthesis.marginals import marginal_plan, measure_site
 from site_agent.budget import admit_and_charge, parse_request, release_update
 from site_agent.config import DatasetConfig, SiteConfig
 from site_agent.data import LocalDataset

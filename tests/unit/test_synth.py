@@ -1,4 +1,5 @@
-"""Federated DP synthetic data (common.synth): schema, calibration, noise, combination, utility.
+"""Federated DP synthetic data (common.synthesis, orchestrator.synthesis_tree): schema,
+calibration, noise, combination, utility.
 
 The utility tests run the whole protocol as it would run across processes: every request and
 response goes through ``json.dumps``/``json.loads``, data is split unevenly over three
@@ -27,19 +28,9 @@ from sklearn.model_selection import train_test_split
 
 from common.accounting import DpEvent, calibrate_noise_multiplier, compute_epsilon
 from common.errors import InvalidSpecError, InvalidUpdateError
-from common.synth import (
-    ColumnSchema,
-    MeasurementDict,
-    MeasurementPlan,
-    Schema,
-    combine,
-    fit_and_sample,
-    fit_tree,
-    infer_schema,
-    marginal_plan,
-    measure_site,
-    measurement_events,
-)
+from common.synthesis.discretisation import ColumnSchema, MeasurementDict, Schema, infer_schema
+from common.synthesis.marginals import MeasurementPlan, marginal_plan, measure_site
+from orchestrator.synthesis_tree import combine, fit_and_sample, fit_tree, measurement_events
 
 DELTA = 1e-5
 SITE_SHARES = (0.55, 0.30, 0.15)  # uneven split of the rows over three sites
