@@ -71,9 +71,12 @@ def secure_noise(enabled: bool = True) -> Iterator[None]:
         _state.secure = before
 
 
-def private_torch_generator() -> torch.Generator:
-    """A torch generator seeded from the OS entropy pool, known to no one else."""
-    return torch.Generator().manual_seed(secrets.randbits(64))
+def private_torch_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator on ``device`` seeded from the OS entropy pool, known to no one else.
+
+    On a CUDA device it is that device's own Philox generator: the noise is drawn where the
+    gradients are, never copied from the host (issue 19.2)."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(64))
 
 
 def private_numpy_rng() -> np.random.Generator:
@@ -116,26 +119,40 @@ def gaussian_torch(
     *,
     generator: torch.Generator | None,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """``N(0, std²)`` noise of ``shape`` from the configured source.
+    """``N(0, std²)`` noise of ``shape`` from the configured source, on ``device``.
 
     ``generator`` is used by the standard source only, and that source refuses ``None``:
     pass one from :func:`private_torch_generator` (torch's global generator is one that any
-    code in the process can seed, and some does, with public seeds).
+    code in the process can seed, and some does, with public seeds). The standard source
+    draws on the generator's own device, which must be ``device`` (default: the
+    generator's); the secure source draws on the CPU and copies the result to ``device``.
     """
     if not (std >= 0.0 and math.isfinite(std)):
         raise ValueError(f"std must be a finite number >= 0, got {std}")
     size = tuple(int(s) for s in shape)
+    if device is not None:
+        where: torch.device | None = torch.device(device)
+    else:
+        where = generator.device if generator is not None else None
     if std == 0.0:
-        return torch.zeros(size, dtype=dtype)
+        return torch.zeros(size, dtype=dtype, device=where)
     if secure_enabled():
-        return _secure_normal(std, math.prod(size)).reshape(size).to(dtype)
+        return _secure_normal(std, math.prod(size)).reshape(size).to(dtype=dtype, device=where)
     if generator is None:
         raise ValueError(
             "DP noise needs an explicit private generator (noise.private_torch_generator()); "
             "torch's global generator can be seeded by anyone in the process."
         )
-    return torch.normal(0.0, std, size=size, generator=generator, dtype=dtype)
+    if where is not None and generator.device.type != where.type:
+        raise ValueError(
+            f"The noise is wanted on {where}, but the private generator is on "
+            f"{generator.device}; create it there (noise.private_torch_generator(device))."
+        )
+    return torch.normal(
+        0.0, std, size=size, generator=generator, dtype=dtype, device=generator.device
+    )
 
 
 def gaussian_np(

@@ -18,6 +18,7 @@ from common.domain import ColumnInfo
 from common.errors import InvalidSpecError
 from common.schema.table import FLOAT32_MAX
 from common.specs import format_validation_error
+from site_agent.device import check_available as check_device
 
 
 class _Frozen(BaseModel):
@@ -267,6 +268,16 @@ class SiteConfig(_Frozen):
     poll_seconds: float = Field(default=10.0, gt=0.0, le=300.0)
     heartbeat_seconds: float = Field(default=5.0, gt=0.0, le=300.0)
     threads: int | None = Field(default=None, ge=1, le=256, description="torch threads")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="where training runs: auto (CUDA when present), cpu, or cuda "
+        "(an error on a machine without CUDA); site_agent.device",
+    )
+
+    @model_validator(mode="after")
+    def _device(self) -> SiteConfig:
+        check_device(self.device)
+        return self
 
     @model_validator(mode="after")
     def _transport(self) -> SiteConfig:

@@ -55,6 +55,7 @@ from site_agent.canaries import canaries_for, score_canaries
 from site_agent.catalog import CatalogCounts, schema_of
 from site_agent.config import DatasetConfig, SiteConfig
 from site_agent.data import LocalDataset, load_dataset, split_key, split_train_validation
+from site_agent.device import resolve as resolve_device
 from site_agent.encoding_check import checked_encoding
 from site_agent.evaluation import run_evaluate
 from site_agent.ledger import Ledger
@@ -518,6 +519,7 @@ class TaskExecutor:
                 local_steps=steps,
                 optimizer=spec.optimizer,
                 seed=spec.seed,
+                device=str(resolve_device(self.config.device)),
             ),
         )
         if result.steps != steps or abs(result.sample_rate - q) > 1e-12 * q:

@@ -94,6 +94,10 @@ class TrainParams:
     optimizer: OptimizerSpec
     seed: int | None = None
     """Seeds model construction only; never the DP noise or the sampling."""
+    device: str = "cpu"
+    """Where the steps run (``site_agent.device.resolve`` of the site's ``device:``): the
+    network, each batch and the noise (drawn there by a private generator on that device).
+    The site's setting, not the task's; the delta comes back to the CPU."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +233,10 @@ def _mode_for(net: nn.Module) -> str:
 _private_generator = noise.private_torch_generator
 
 
+def _device_of(net: nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
 class SiteNoiseOptimizer(DPOptimizerFastGradientClipping):  # type: ignore[misc]
     """Opacus' optimiser for pre-clipped sums, with the noise drawn by :mod:`common.noise`
     (the site's configured source: standard, or CSPRNG with Opacus' secure-mode sum).
@@ -237,14 +245,29 @@ class SiteNoiseOptimizer(DPOptimizerFastGradientClipping):  # type: ignore[misc]
     step, guarded by Opacus' processed flag against adding noise twice.
     """
 
+    def accumulate(self) -> None:
+        """``p.summed_grad`` is this step's clipped sum: the gradient tensor itself, not the
+        deep copy Opacus makes (a full copy of the model's gradients every step). Safe
+        because :meth:`add_noise` then replaces ``p.grad`` with a new tensor, and
+        ``zero_grad`` clears both before the next backward pass."""
+        for p in self.params:
+            if p.summed_grad is not None:
+                p.summed_grad.add_(p.grad)
+            else:
+                p.summed_grad = p.grad.detach()
+
     def add_noise(self) -> None:
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:
             _check_processed_flag(p.summed_grad)
             drawn = noise.gaussian_torch(
-                std, p.summed_grad.shape, generator=self.generator, dtype=p.summed_grad.dtype
+                std,
+                p.summed_grad.shape,
+                generator=self.generator,
+                dtype=p.summed_grad.dtype,
+                device=p.summed_grad.device,
             )
-            p.grad = (p.summed_grad + drawn).view_as(p)
+            p.grad = drawn.add_(p.summed_grad).view_as(p)  # the noise's fresh tensor, in place
             _mark_as_processed(p.summed_grad)
 
 
@@ -360,6 +383,7 @@ def train_local(
             f"got {grad_sample_mode!r}."
         )
 
+    device = torch.device(params.device)
     net = build_model(model_spec, seed=params.seed)
     # choose_grad_sample_mode's choice, on the network already built for training.
     mode = _mode_for(net) if grad_sample_mode is None else grad_sample_mode
@@ -370,6 +394,7 @@ def train_local(
         )
     check_generative_mode(net, mode)
     load_weights(net, global_state, what="the global weights")
+    net.to(device)
     net.train()
     start = {k: v.detach().to(torch.float32).clone() for k, v in net.state_dict().items()}
 
@@ -391,7 +416,7 @@ def train_local(
                 expected=q * n,
                 num_examples=n,
             ),
-            generator=_private_generator(),
+            generator=_private_generator(device),
         )
     else:
         optimizer = _optimizer(params.optimizer, list(net.parameters()))
@@ -433,8 +458,11 @@ def _check_finite(delta: Mapping[str, Tensor]) -> None:
         )
 
 
-def _poisson_batches(loader: DataLoader[Any], steps: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """Exactly ``steps`` Poisson batches: one "epoch" of ``1/q`` samples is not a limit."""
+def _poisson_batches(
+    loader: DataLoader[Any], steps: int, device: torch.device | None = None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Exactly ``steps`` Poisson batches: one "epoch" of ``1/q`` samples is not a limit.
+    Sampled on the CPU beside the rows; each batch then moves to ``device`` when given."""
     batches = iter(loader)
     for _ in range(steps):
         try:
@@ -442,6 +470,8 @@ def _poisson_batches(loader: DataLoader[Any], steps: int) -> Iterator[tuple[Tens
         except StopIteration:
             batches = iter(loader)
             xb, yb = next(batches)
+        if device is not None and device.type != "cpu":
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         yield xb, yb
 
 
@@ -466,7 +496,7 @@ def _run_bookkeeping(
         max_grad_norm=params.max_grad_norm,
         expected_batch_size=1,  # set just below to the exact, non-integer q·N
         loss_reduction="mean",
-        generator=_private_generator(),
+        generator=_private_generator(_device_of(net)),
     )
     # Unbiased average over the public expected batch size q·N (a public constant, so the
     # division is post-processing of the noised sum).
@@ -476,7 +506,7 @@ def _run_bookkeeping(
     criterion = nn.CrossEntropyLoss(reduction="sum")
     keeper = BookKeeper(net)
     with keeper.attach():
-        for xb, yb in _poisson_batches(loader, steps):
+        for xb, yb in _poisson_batches(loader, steps, _device_of(net)):
             dp_optimizer.zero_grad(set_to_none=True)
             if xb.shape[0] == 0:
                 keeper.zero_batch()  # an empty sample still takes a noise-only step
@@ -569,7 +599,7 @@ def _run_opacus(
             max_grad_norm=params.max_grad_norm,
             poisson_sampling=False,  # the loader already samples, at the exact q
             grad_sample_mode=mode,
-            noise_generator=_private_generator(),
+            noise_generator=_private_generator(_device_of(net)),
         )
     if mode == "ghost":
         dp_model, dp_optimizer, dp_criterion, dp_loader = made
@@ -588,7 +618,7 @@ def _run_opacus(
         warnings.filterwarnings(
             "ignore", message="Full backward hook is firing", category=UserWarning
         )
-        for xb, yb in _poisson_batches(dp_loader, steps):
+        for xb, yb in _poisson_batches(dp_loader, steps, _device_of(net)):
             dp_optimizer.zero_grad(set_to_none=True)
             # Same operations whatever the values: no data-dependent branch.
             keep = torch.isfinite(xb).all(1)
