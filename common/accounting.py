@@ -91,8 +91,12 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import queue
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Final
@@ -578,12 +582,21 @@ def _prv_epsilon(merged: Sequence[DpEvent], delta: float, scale: float) -> tuple
 
 
 def compute_epsilon(
-    events: Sequence[DpEvent], *, delta: float, accountant: str = "prv"
+    events: Sequence[DpEvent],
+    *,
+    delta: float,
+    accountant: str = "prv",
+    within_s: float | None = None,
 ) -> EpsilonBound:
     """A sound upper bound on ε at ``delta`` for the composition of ``events``.
 
     See the module docstring for the accountants. Raises ``ValueError`` on bad arguments and
     :class:`PrivacyAccountingError` when no finite bound can be computed.
+
+    ``within_s``: for callers that must answer quickly (an RPC thread): the tight bound if it
+    is known or computed within that many seconds (by a background worker, which goes on and
+    keeps it for the next call), else the RDP bound (labelled ``"rdp"``: sound, looser, and
+    analytic whatever the number of steps).
     """
     _check_delta(delta)
     _check_accountant(accountant)
@@ -592,7 +605,78 @@ def compute_epsilon(
         return EpsilonBound(epsilon=0.0, delta=delta, accountant=accountant, epsilon_estimate=0.0)
     # The orchestrator and the agents ask for the same histories again and again (status
     # views, heartbeats, rounds); the answer is a pure function of the merged history.
-    return _compute_merged(tuple(merged), float(delta), accountant)
+    key = (tuple(merged), float(delta), accountant)
+    if within_s is None or accountant == "rdp":
+        return _compute_and_keep(key)
+    with _known_lock:
+        known = _known.get(key)
+        if known is not None:
+            return known
+    try:
+        return _background().submit(key).result(timeout=max(0.0, within_s))
+    except FutureTimeout:
+        rdp = _finite_or_raise(_rdp_raw(merged, delta), "RDP")
+        return EpsilonBound(epsilon=rdp, delta=delta, accountant="rdp")
+
+
+_Key = tuple[tuple[DpEvent, ...], float, str]
+
+_KNOWN_MAX: Final = 4096
+_known: dict[_Key, EpsilonBound] = {}  # tight bounds already computed (a bounded cache)
+_known_lock = threading.Lock()
+
+
+def _compute_and_keep(key: _Key) -> EpsilonBound:
+    bound = _compute_merged(*key)
+    with _known_lock:
+        if len(_known) >= _KNOWN_MAX:
+            _known.clear()
+        _known[key] = bound
+    return bound
+
+
+class _Worker:
+    """One daemon thread computing tight bounds that quick callers asked for (each history
+    once; a caller that gave up gets it from the cache next time). A daemon, so a queue of
+    histories never delays the process's exit."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[_Key, Future[EpsilonBound]]] = queue.SimpleQueue()
+        self._pending: dict[_Key, Future[EpsilonBound]] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="epsilon-worker", daemon=True).start()
+
+    def submit(self, key: _Key) -> Future[EpsilonBound]:
+        with self._lock:
+            fut = self._pending.get(key)
+            if fut is None:
+                fut = Future()
+                self._pending[key] = fut
+                self._queue.put((key, fut))
+            return fut
+
+    def _run(self) -> None:
+        while True:
+            key, fut = self._queue.get()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(_compute_and_keep(key))
+                except BaseException as err:  # handed to whoever waits; the worker goes on
+                    fut.set_exception(err)
+            with self._lock:
+                self._pending.pop(key, None)
+
+
+_worker: _Worker | None = None
+_worker_lock = threading.Lock()
+
+
+def _background() -> _Worker:
+    global _worker
+    with _worker_lock:
+        if _worker is None:
+            _worker = _Worker()
+        return _worker
 
 
 @functools.lru_cache(maxsize=2048)

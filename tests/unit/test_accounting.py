@@ -428,3 +428,24 @@ def test_any_history_is_accounted_in_bounded_time_with_a_sound_bound(
     # The fallback is the RDP bound: an upper bound, computed independently here.
     assert bound.accountant == "rdp"
     assert bound.epsilon == pytest.approx(rdp_epsilon(events, delta=DELTA))
+
+
+def test_a_quick_caller_gets_the_rdp_bound_at_once_and_the_tight_one_once_computed() -> None:
+    import time
+
+    events = [DpEvent(1.0123, 0.01, 100_000)]  # a history no other test composes (PRV ≈ 0.4 s)
+    t0 = time.perf_counter()
+    quick = compute_epsilon(events, delta=DELTA, within_s=0.0)
+    assert time.perf_counter() - t0 < 0.3
+    assert quick.accountant == "rdp"
+    assert quick.epsilon == pytest.approx(rdp_epsilon(events, delta=DELTA))
+    # The background worker goes on; the next quick call answers with the tight bound.
+    deadline = time.time() + 60
+    while (later := compute_epsilon(events, delta=DELTA, within_s=0.0)).accountant == "rdp":
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert later == compute_epsilon(events, delta=DELTA)
+    assert later.accountant == "prv" and later.epsilon <= quick.epsilon
+    # Unusable inputs still raise for a quick caller, naming the problem.
+    with pytest.raises(ValueError, match="δ must be in"):
+        compute_epsilon(events, delta=0.0, within_s=0.0)
