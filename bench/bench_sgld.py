@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burn-in", type=int, default=10)
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--datasets", nargs="+", default=["breast_cancer", "credit"])
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -212,9 +213,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"v_dp/v_L {agg['dp_over_langevin'][0]:.2f}",
                     flush=True,
                 )
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {OUT}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report["args"] = {**vars(args), "out": str(out)}
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 
