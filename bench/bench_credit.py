@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in dict.fromkeys(r["variant"] for r in rows):
         table_out[variant] = _summary([r["auc"] for r in rows if r["variant"] == variant])
     path = h.write_json(
-        args.name,
+        args.name + ".json",
         {
             "args": vars(args),
             "rows": rows,
