@@ -17,7 +17,6 @@ interrupts (and that is then run again) still counts what it received.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import time
@@ -660,7 +659,3 @@ class JobRunner(JobThread):
         save_model(self.store.paths.model_dir(self.job_id), module_or_state=released, card=card)
         self.store.update_job(self.job_id, state="completed", model_released=True, epsilon=epsilon)
         self._event("info", f"model released: ε={epsilon:.4g}, δ={self.spec.dp.delta:g}")
-
-
-def card_json(card: dict[str, Any]) -> str:
-    return json.dumps(card, indent=2, sort_keys=False)

@@ -91,20 +91,6 @@ class LocalDataset:
         )
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What the site's catalog says about a dataset: schema and size, no values.
-
-    ``columns`` are the feature columns in the order the model sees them; ``label`` is the
-    label column.
-    """
-
-    name: str
-    num_rows: int
-    columns: tuple[str, ...]
-    label: str
-
-
 def load_dataset(cfg: DatasetConfig) -> LocalDataset:
     """Read the dataset ``cfg`` names and apply its declared schema (module docstring).
 
@@ -498,10 +484,3 @@ def split_train_validation(
     """
     to_validation = record_digests(ds, key) < split_threshold(fraction)
     return ds.take(np.flatnonzero(~to_validation)), ds.take(np.flatnonzero(to_validation))
-
-
-def describe(ds: LocalDataset) -> DatasetInfo:
-    """The catalog entry for a dataset: its name, row count and column names."""
-    return DatasetInfo(
-        name=ds.name, num_rows=len(ds), columns=ds.feature_names, label=ds.label_name
-    )

@@ -202,11 +202,6 @@ class FederatedBIC(MixtureJob):
         """The smallest K whose BIC is within ``z`` standard deviations of the minimum."""
         return select_k_by_bic(self._fits(), loglik_sd=self._selection_sd(), z=self.z)
 
-    @property
-    def histories(self) -> dict[int, list[float]]:
-        """Per K, the noisy log-likelihood of each EM round (unit box)."""
-        return {K: list(run.history) for K, run in self._runs.items()}
-
     def result(self, K: int | None = None) -> GaussianMixtureParams:
         """The final model of ``K`` (default: :attr:`chosen_k`), in data units."""
         return self._final(self.chosen_k if K is None else K)

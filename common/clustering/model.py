@@ -147,9 +147,6 @@ class FeatureBox:
             covs = params.covariances * scale**2
         return GaussianMixtureParams(params.weights, means, covs, params.covariance_type)
 
-    def to_list(self) -> list[list[float]]:
-        return [[float(lo), float(hi)] for lo, hi in self.bounds]
-
 
 @dataclass(frozen=True, eq=False)
 class GaussianMixtureParams:

@@ -53,9 +53,6 @@ class WireDpEvent(_Wire):
     sample_rate: float = Field(gt=0, le=1)
     steps: int = Field(ge=1)
 
-    def to_event(self) -> DpEvent:
-        return DpEvent(self.noise_multiplier, self.sample_rate, self.steps)
-
     @classmethod
     def of(cls, event: DpEvent) -> WireDpEvent:
         return cls(
