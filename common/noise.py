@@ -22,9 +22,9 @@ marginals, mixture statistics) draws its noise through :func:`gaussian_torch` or
   attacker who would recover one Box–Muller draw from its low-order bits now faces a sum
   of four. Its cost is measured by ``bench/bench_dp_step.py --secure-noise``.
 
-The source is a process-wide setting (:func:`set_secure`), because a site agent process
-serves one site with one policy; the agent sets it from ``site.yaml`` at start-up, before any
-task runs. Neither source is ever seeded from anything the orchestrator knows.
+The source is chosen per thread (:func:`secure_noise`): the executor sets it from the site's
+policy (``site.yaml``) around every task it runs. Neither source is ever seeded from anything
+the orchestrator knows.
 """
 
 from __future__ import annotations
@@ -42,22 +42,14 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 _state = threading.local()
-_default_secure = False
 _SECURE_DRAWS = 4
 """Opacus' ``secure_mode``: four draws of std σ, summed and halved (std σ)."""
 _TWO_POW_MINUS_53 = 1.0 / float(1 << 53)
 
 
-def set_secure(enabled: bool) -> None:
-    """Choose the noise source for this process (the site agent calls it once, at start)."""
-    global _default_secure
-    _default_secure = bool(enabled)
-
-
 def secure_enabled() -> bool:
-    """Whether noise comes from the CSPRNG (see the module docstring)."""
-    override = getattr(_state, "secure", None)
-    return _default_secure if override is None else bool(override)
+    """Whether noise comes from the CSPRNG in this thread (see the module docstring)."""
+    return bool(getattr(_state, "secure", None))
 
 
 @contextmanager
