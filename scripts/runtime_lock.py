@@ -3,7 +3,7 @@
 ``requirements.lock`` pins the development environment (tests, linters, the Flower baseline
 the benchmarks and one test compare against). The images (``docker/``) and a site's bare-metal
 install take only what the product imports: the transitive closure of ``[project]
-dependencies`` and the ``postgres`` extra in ``pyproject.toml``, walked through the installed
+dependencies`` and the ``postgres`` and ``dask`` extras in ``pyproject.toml``, walked through the installed
 packages' metadata (environment markers evaluated for this interpreter, extras of a dependency
 followed only where a requirement names them), each at its version in ``requirements.lock``.
 
@@ -25,7 +25,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"
 RUNTIME_LOCK = ROOT / "requirements-runtime.lock"
-RUNTIME_EXTRAS = ("postgres",)
+RUNTIME_EXTRAS = ("postgres", "dask")
 INSTALLER_PACKAGES = {"pip", "setuptools", "wheel"}
 """Left out as ``pip freeze`` leaves them out of requirements.lock: the interpreter's installer
 brings them (torch's own install pulls the setuptools it requires)."""

@@ -126,6 +126,12 @@ class DatasetConfig(_Frozen):
         "cache in the state dir, built once per data version (CSV or Parquet; "
         "site_agent.row_store)",
     )
+    engine: Literal["local", "dask"] = Field(
+        default="local",
+        description="dask: the site's Dask cluster (dask_scheduler) computes the exact "
+        "statistics the site releases over the Parquet partitions; noise and charge stay in "
+        "the agent (site_agent.dask_engine)",
+    )
 
     @model_validator(mode="after")
     def _source(self) -> DatasetConfig:
@@ -139,6 +145,8 @@ class DatasetConfig(_Frozen):
             raise ValueError("a file dataset needs path")
         if fmt == "sql" and self.storage == "disk":
             raise ValueError("storage: disk reads a CSV or Parquet file, not a SQL query")
+        if self.engine == "dask" and fmt != "parquet":
+            raise ValueError("engine: dask reads Parquet (a file or a folder of .parquet files)")
         return self
 
     @model_validator(mode="after")
@@ -268,6 +276,11 @@ class SiteConfig(_Frozen):
     poll_seconds: float = Field(default=10.0, gt=0.0, le=300.0)
     heartbeat_seconds: float = Field(default=5.0, gt=0.0, le=300.0)
     threads: int | None = Field(default=None, ge=1, le=256, description="torch threads")
+    dask_scheduler: str | None = Field(
+        default=None,
+        min_length=3,
+        description="the site's Dask scheduler (tcp://host:8786) for datasets with engine: dask",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",
         description="where training runs: auto (CUDA when present), cpu, or cuda "
@@ -283,6 +296,13 @@ class SiteConfig(_Frozen):
     def _transport(self) -> SiteConfig:
         if self.tls is not None and self.insecure:
             raise ValueError("set only one of tls and insecure")
+        return self
+
+    @model_validator(mode="after")
+    def _engines(self) -> SiteConfig:
+        dask = [d.name for d in self.datasets if d.engine == "dask"]
+        if dask and self.dask_scheduler is None:
+            raise ValueError(f"dataset(s) {dask} have engine: dask; set dask_scheduler")
         return self
 
     @model_validator(mode="after")

@@ -1,0 +1,209 @@
+"""Site statistics on the site's Dask cluster: exact sums over Parquet partitions (issue 19.4).
+
+A dataset declared ``engine: dask`` (with ``dask_scheduler`` in ``site.yaml``) has the
+*exact* statistics a site releases computed where its data lives: every Parquet row group
+(or file, for a folder of Parquet files) is one partition; a worker reads it, applies the
+declared schema exactly as the agent does (:func:`site_agent.data.typed_dataset`: clipping,
+"other", missing, rows without a declared label dropped) and returns its partial sums; the
+agent folds the partials in partition order. Only those sums come back: no row, and no
+secret (the statistics are over all kept rows, so the split key stays in the agent). **The
+noise and the charge stay in the agent**: the caller admits and charges the release, then
+adds the noise to the folded total once (per-partition noise would add more noise for the
+same guarantee), as in :mod:`site_agent.gmm_stats`' map-reduce note.
+
+The fold is the agent's own streaming sum over the same chunks, in the same order, so the
+result equals the in-process path's bit for bit (:func:`local_partials` runs the same map
+in-process). Statistics: the row count (catalog), the quantile histograms of the feature
+encoding (:func:`site_agent.quantiles.histogram_counts`), the marginals of the synthetic-data
+release (counts over the ``common.synth`` schema's bins) and the mixture E-step sufficient
+statistics (:func:`site_agent.gmm_stats.compute_stats`).
+
+The same map-reduce runs on Spark where a site already has it (``docs/site-operator.md``).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow.parquet as pq
+
+from common.errors import InvalidSpecError
+from site_agent.config import DatasetConfig
+from site_agent.data import LocalDataset, typed_dataset
+
+Partial = Callable[[LocalDataset], Any]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One Parquet file's row group: what one worker task reads."""
+
+    path: str
+    row_group: int
+
+
+def partitions(cfg: DatasetConfig) -> list[Partition]:
+    """The dataset's partitions in a fixed order: every row group of the Parquet file, or of
+    each ``*.parquet`` file of a folder, sorted by name."""
+    if cfg.source_format() != "parquet" or cfg.path is None:
+        raise InvalidSpecError(
+            f"The dataset {cfg.name!r} has engine: dask, which reads Parquet; its source is "
+            f"{cfg.source_format()}."
+        )
+    path = Path(cfg.path)
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files or not all(f.exists() for f in files):
+        raise InvalidSpecError(f"The dataset path {path} holds no Parquet file.")
+    out: list[Partition] = []
+    for f in files:
+        try:
+            groups = pq.ParquetFile(f).metadata.num_row_groups
+        except Exception as err:
+            raise InvalidSpecError(
+                f"The dataset file {f} is not a readable Parquet file ({type(err).__name__})."
+            ) from None
+        out.extend(Partition(str(f), g) for g in range(groups))
+    return out
+
+
+def load_partition(cfg: DatasetConfig, names: tuple[str, ...], part: Partition) -> LocalDataset:
+    """One partition's rows under the declared schema (runs on a worker)."""
+    try:
+        frame = (
+            pq.ParquetFile(part.path)
+            .read_row_group(part.row_group, columns=[*names, cfg.label])
+            .to_pandas()
+        )
+    except Exception as err:
+        raise InvalidSpecError(
+            f"A row group of {part.path} could not be read ({type(err).__name__})."
+        ) from None
+    return typed_dataset(cfg, frame, names)
+
+
+def _map_one(
+    cfg: DatasetConfig, names: tuple[str, ...], part: Partition, fn: Partial
+) -> tuple[int, Any]:
+    ds = load_partition(cfg, names, part)
+    return len(ds), fn(ds)
+
+
+def local_partials(cfg: DatasetConfig, names: Sequence[str], fn: Partial) -> list[tuple[int, Any]]:
+    """``(rows, fn(rows))`` of every partition, in partition order, computed in-process."""
+    return [_map_one(cfg, tuple(names), p, fn) for p in partitions(cfg)]
+
+
+def dask_partials(
+    client: Any, cfg: DatasetConfig, names: Sequence[str], fn: Partial
+) -> list[tuple[int, Any]]:
+    """The same as :func:`local_partials`, each partition a task on the Dask ``client``'s
+    cluster (``distributed.Client``); gathered in partition order."""
+    futures = [
+        client.submit(_map_one, cfg, tuple(names), p, fn, pure=False) for p in partitions(cfg)
+    ]
+    return list(client.gather(futures))
+
+
+def fold(
+    partials: Sequence[tuple[int, Any]], zero: Any, add: Callable[[Any, Any], Any] = operator.add
+) -> Any:
+    """The partials of the partitions that hold rows, summed left to right with ``add``
+    (``zero`` when none does): the order an in-process stream over the same chunks sums in."""
+    parts = [value for rows, value in partials if rows > 0]
+    return functools.reduce(add, parts) if parts else zero
+
+
+# ------------------------------------------------------------------ the statistics' maps
+
+
+def row_count(ds: LocalDataset) -> int:
+    """Kept rows (the catalog's count, before its noise)."""
+    return len(ds)
+
+
+@dataclass(frozen=True)
+class QuantileCounts:
+    """Map for :func:`site_agent.quantiles.histogram_counts` of ``columns`` on ``grid``."""
+
+    columns: tuple[Any, ...]  # site_agent.quantiles.QuantileColumn
+    grid: int
+
+    def __call__(self, ds: LocalDataset) -> npt.NDArray[np.float64]:
+        from site_agent.quantiles import histogram_counts
+
+        return histogram_counts(ds.table, self.columns, self.grid)
+
+
+@dataclass(frozen=True)
+class MarginalCounts:
+    """Map for the exact counts of the synthetic-data marginals ``marginals`` (each a tuple
+    of column names) over the site's ``common.synth`` schema: flat in C order over the
+    columns' bins, as ``common.synth.measure_site`` releases them (before its noise)."""
+
+    schema: Any  # the site's synthetic-data Schema (site_agent.synthesis.site_schema)
+    marginals: tuple[tuple[str, ...], ...]
+
+    def __call__(self, ds: LocalDataset) -> list[npt.NDArray[np.int64]]:
+        from site_agent.synthesis import _frame
+
+        codes = np.asarray(self.schema.encode(_frame(ds, self.schema)), dtype=np.int64)
+        index = {c.name: i for i, c in enumerate(self.schema.columns)}
+        out = []
+        for cols in self.marginals:
+            shape = tuple(self.schema.column(c).bins for c in cols)
+            flat = (
+                np.ravel_multi_index(tuple(codes[:, index[c]] for c in cols), shape)
+                if codes.shape[0]
+                else np.zeros(0, dtype=np.int64)
+            )
+            out.append(np.bincount(flat, minlength=int(np.prod(shape))).astype(np.int64))
+        return out
+
+
+def add_marginals(
+    a: list[npt.NDArray[np.int64]], b: list[npt.NDArray[np.int64]]
+) -> list[npt.NDArray[np.int64]]:
+    return [x + y for x, y in zip(a, b, strict=True)]
+
+
+@dataclass(frozen=True)
+class MixtureStats:
+    """Map for the mixture E-step's sufficient statistics of ``columns`` under ``params``
+    (:func:`site_agent.gmm_stats.compute_stats`, unit coordinates of ``bounds``)."""
+
+    columns: tuple[str, ...]
+    params: Any  # common.gmm.GaussianMixtureParams
+    bounds: tuple[tuple[float, float], ...]
+    covariance_type: str | None = None
+
+    def __call__(self, ds: LocalDataset) -> Any:
+        from site_agent.gmm_stats import compute_stats
+        from site_agent.mixture import _rows
+
+        rows = _rows(ds, self.columns)  # the rows run_gmm streams, treated the same way
+        return compute_stats(
+            [rows], self.params, bounds=self.bounds, covariance_type=self.covariance_type
+        )
+
+
+def connect(address: str) -> Any:
+    """A ``distributed.Client`` for the site's scheduler (``dask_scheduler`` in site.yaml)."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise InvalidSpecError(
+            "engine: dask needs the dask extra: pip install 'dpfed[dask]'."
+        ) from None
+    try:
+        return Client(address, timeout="10s")  # type: ignore[no-untyped-call]
+    except Exception as err:
+        raise InvalidSpecError(
+            f"The Dask scheduler {address} cannot be reached ({type(err).__name__})."
+        ) from None
