@@ -153,18 +153,6 @@ class EncodedRows:
         for m in self.maps:
             m.madvise(mmap.MADV_DONTNEED)
 
-    def batches(self, size: int) -> Iterator[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]]:
-        """Consecutive blocks of ``size`` rows (the memory-mapped part only), for evaluation."""
-        n = int(self.x.shape[0])
-        for k, start in enumerate(range(0, n, size)):
-            yield (
-                np.ascontiguousarray(self.x[start : start + size]),
-                np.ascontiguousarray(self.y[start : start + size]),
-            )
-            if k % RELEASE_EVERY == RELEASE_EVERY - 1:
-                self.release_pages()
-        self.release_pages()
-
     def poisson_loader(self, sample_rate: float, generator: torch.Generator) -> DataLoader[Any]:
         """A loader of Poisson batches at exactly ``sample_rate`` (module docstring), each a
         pair of tensors; one pass is ``ceil(1/q)`` batches, as Opacus' loader."""
