@@ -253,8 +253,13 @@ class Coordinator:
         online = {s.site_id for s in sites if s.state not in ("offline", "disabled")}
         return with_site_verdicts(plan, spec, self.broker, online=online)
 
-    def _per_site_epsilon(self, job_id: str, delta: float) -> dict[str, float]:
-        return job_epsilon(self.store.charges(job_id), delta=delta).site_epsilons()
+    def _per_site_epsilon(
+        self, job_id: str, delta: float, *, within_s: float = 0.3
+    ) -> dict[str, float]:
+        # On an RPC thread: the tight bounds known or computed within the budget, the RDP
+        # bounds for the rest (issue 17.2: a stored history must not make status hang).
+        charges = self.store.charges(job_id)
+        return job_epsilon(charges, delta=delta, within_s=within_s).site_epsilons()
 
     def job(self, job_id: str) -> JobStatus:
         row = self.store.job(job_id)
@@ -282,7 +287,7 @@ class Coordinator:
     def ledger(self) -> tuple[list[LedgerRow], list[SiteStatus]]:
         eps: dict[tuple[str, str], float] = {}
         for row in self.store.jobs():
-            for sid, e in self._per_site_epsilon(row.job_id, row.delta).items():
+            for sid, e in self._per_site_epsilon(row.job_id, row.delta, within_s=0.0).items():
                 eps[(row.job_id, sid)] = e
         return ledger_rows(self.store.charges(), eps), self.sites()
 

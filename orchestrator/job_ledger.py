@@ -53,14 +53,21 @@ class JobEpsilon:
         return {sid: b.epsilon for sid, b in self.per_site.items()}
 
 
-def job_epsilon(charges: Iterable[ChargeRow], *, delta: float) -> JobEpsilon:
-    """Compose every event charged to each site for a job (see the module docstring)."""
+def job_epsilon(
+    charges: Iterable[ChargeRow], *, delta: float, within_s: float | None = None
+) -> JobEpsilon:
+    """Compose every event charged to each site for a job (see the module docstring).
+
+    ``within_s``: a time budget for the whole call (an RPC thread's): sites whose tight bound
+    is not ready by then get their RDP bound (``common.accounting.compute_epsilon``)."""
     by_site: dict[str, list[DpEvent]] = {}
     for c in charges:
         by_site.setdefault(c.site_id, []).extend(e.event for e in charged_events(c.events))
     per_site: dict[str, EpsilonBound] = {}
+    deadline = None if within_s is None else time.monotonic() + within_s
     for sid, events in sorted(by_site.items()):
-        bound = compute_epsilon(events, delta=delta, accountant=ACCOUNTANT)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        bound = compute_epsilon(events, delta=delta, accountant=ACCOUNTANT, within_s=left)
         if not math.isfinite(bound.epsilon):
             raise PrivacyAccountingError(f"no finite ε for site {sid}")
         per_site[sid] = bound

@@ -37,7 +37,9 @@ def test_the_released_epsilon_is_the_max_over_sites_and_names_its_accountant(
     assert je.epsilon == max(b.epsilon for b in je.per_site.values())
     assert je.accountant == "prv"
 
-    def fell_back(events: list[DpEvent], *, delta: float, accountant: str) -> EpsilonBound:
+    def fell_back(
+        events: list[DpEvent], *, delta: float, accountant: str, within_s: float | None = None
+    ) -> EpsilonBound:
         return EpsilonBound(epsilon=1.0, delta=delta, accountant="pld")
 
     monkeypatch.setattr(job_ledger, "compute_epsilon", fell_back)
