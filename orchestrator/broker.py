@@ -1,8 +1,8 @@
 """Hands tasks to dialled-in agents and their results back to the round that asked.
 
 Agents open no port: they long-poll :meth:`Broker.pull`. A round dispatches one task per
-selected site with :meth:`Broker.dispatch` and reads results (updates or failures) from its own
-queue. A site may only fetch the model of, and answer, a task addressed to it.
+selected site with :meth:`Broker.dispatch_into` and reads results (updates or failures) from
+its own queue. A site may only fetch the model of, and answer, a task addressed to it.
 """
 
 from __future__ import annotations
@@ -159,13 +159,6 @@ class Broker:
             return None if p is None else (p.last_seen, p.state)
 
     # ------------------------------------------------------------ rounds side
-
-    def dispatch(
-        self, site_id: str, assignment: TaskAssignment, model: Payload | bytes
-    ) -> queue.Queue[Result]:
-        results: queue.Queue[Result] = queue.Queue()
-        self.dispatch_into(site_id, assignment, model, results)
-        return results
 
     def dispatch_into(
         self,

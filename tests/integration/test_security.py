@@ -17,6 +17,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import queue
 import struct
 import threading
 import time
@@ -388,7 +389,9 @@ def dispatch(server: RunningServer, site_id: str, blob: bytes) -> tuple[str, Any
         model_sha256=_sha(blob),
         deadline_unix=time.time() + 600,
     )
-    return task.task_id, server.coordinator.broker.dispatch(site_id, task, blob)
+    results: queue.Queue[Result] = queue.Queue()
+    server.coordinator.broker.dispatch_into(site_id, task, blob, results)
+    return task.task_id, results
 
 
 def drained(results: Any) -> list[Result]:

@@ -57,6 +57,15 @@ def meta(site_id: str, task_id: str, *, size: int = len(DELTA)) -> UpdateMeta:
     )
 
 
+def dispatch(
+    broker: Broker, site_id: str, assignment: TaskAssignment, model: bytes
+) -> queue.Queue[Result]:
+    """One task for one site, its results in a queue of their own (as a round's fan-out)."""
+    results: queue.Queue[Result] = queue.Queue()
+    broker.dispatch_into(site_id, assignment, model, results)
+    return results
+
+
 def only_result(results: queue.Queue[Result]) -> Result:
     res = results.get(timeout=5)
     assert results.empty(), "a task must produce exactly one result"
@@ -74,7 +83,7 @@ def broker() -> Broker:
 def test_pull_returns_a_task_only_to_its_site(broker: Broker) -> None:
     sa = broker.connect("site-a")
     sb = broker.connect("site-b")
-    broker.dispatch("site-a", task("t1"), MODEL)
+    dispatch(broker, "site-a", task("t1"), MODEL)
 
     assert broker.pull("site-b", sb, wait_s=0) is None
     got = broker.pull("site-a", sa, wait_s=0)
@@ -87,7 +96,7 @@ def test_pull_returns_a_task_only_to_its_site(broker: Broker) -> None:
 def test_pull_delivers_the_assignment_and_its_model(broker: Broker) -> None:
     sa = broker.connect("site-a")
     t = task("t1")
-    broker.dispatch("site-a", t, MODEL)
+    dispatch(broker, "site-a", t, MODEL)
     assert broker.pull("site-a", sa, wait_s=0) == t
     assert broker.model("site-a", "t1").read_all() == MODEL
 
@@ -95,13 +104,13 @@ def test_pull_delivers_the_assignment_and_its_model(broker: Broker) -> None:
 def test_tasks_are_delivered_in_dispatch_order(broker: Broker) -> None:
     sa = broker.connect("site-a")
     for i in range(3):
-        broker.dispatch("site-a", task(f"t{i}", round=i + 1), MODEL)
+        dispatch(broker, "site-a", task(f"t{i}", round=i + 1), MODEL)
     got = [broker.pull("site-a", sa, wait_s=0) for _ in range(3)]
     assert [t.task_id for t in got if t is not None] == ["t0", "t1", "t2"]
 
 
 def test_a_task_dispatched_before_the_site_connects_waits_for_it(broker: Broker) -> None:
-    broker.dispatch("site-a", task("t1"), MODEL)
+    dispatch(broker, "site-a", task("t1"), MODEL)
     sa = broker.connect("site-a")
     got = broker.pull("site-a", sa, wait_s=0)
     assert got is not None and got.task_id == "t1"
@@ -118,7 +127,7 @@ def test_a_waiting_pull_wakes_for_a_dispatch(broker: Broker) -> None:
     puller = threading.Thread(target=lambda: got.append(broker.pull("site-a", sa, wait_s=10)))
     puller.start()
     time.sleep(0.05)
-    broker.dispatch("site-a", task("t1"), MODEL)
+    dispatch(broker, "site-a", task("t1"), MODEL)
     puller.join(timeout=10)
     assert not puller.is_alive()
     assert got and got[0] is not None and got[0].task_id == "t1"
@@ -126,7 +135,7 @@ def test_a_waiting_pull_wakes_for_a_dispatch(broker: Broker) -> None:
 
 def test_unknown_session_is_refused(broker: Broker) -> None:
     broker.connect("site-a")
-    broker.dispatch("site-a", task("t1"), MODEL)
+    dispatch(broker, "site-a", task("t1"), MODEL)
     with pytest.raises(PermissionDeniedError):
         broker.pull("site-a", "not-a-session", wait_s=0)
     with pytest.raises(PermissionDeniedError):
@@ -137,7 +146,7 @@ def test_unknown_session_is_refused(broker: Broker) -> None:
 def test_another_sites_session_is_refused(broker: Broker) -> None:
     broker.connect("site-a")
     sb = broker.connect("site-b")
-    broker.dispatch("site-a", task("t1"), MODEL)
+    dispatch(broker, "site-a", task("t1"), MODEL)
     with pytest.raises(PermissionDeniedError):
         broker.pull("site-a", sb, wait_s=0)
 
@@ -160,7 +169,7 @@ def test_an_old_session_is_refused_after_reconnect(broker: Broker) -> None:
 def test_another_site_cannot_touch_a_task(broker: Broker) -> None:
     sa = broker.connect("site-a")
     broker.connect("site-b")
-    results = broker.dispatch("site-a", task("t1"), MODEL)
+    results = dispatch(broker, "site-a", task("t1"), MODEL)
     assert broker.pull("site-a", sa, wait_s=0) is not None
 
     with pytest.raises(PermissionDeniedError):
@@ -191,7 +200,7 @@ def test_unknown_task_is_not_found(broker: Broker) -> None:
 
 def test_report_failure_reaches_the_round(broker: Broker) -> None:
     sa = broker.connect("site-a")
-    results = broker.dispatch("site-a", task("t1"), MODEL)
+    results = dispatch(broker, "site-a", task("t1"), MODEL)
     broker.pull("site-a", sa, wait_s=0)
     broker.report_failure(TaskFailure("site-a", "t1", "FAILED_PRECONDITION", "over budget"))
     res = only_result(results)
@@ -204,7 +213,7 @@ def test_report_failure_reaches_the_round(broker: Broker) -> None:
 
 def test_an_answered_task_takes_no_second_update(broker: Broker) -> None:
     sa = broker.connect("site-a")
-    results = broker.dispatch("site-a", task("t1"), MODEL)
+    results = dispatch(broker, "site-a", task("t1"), MODEL)
     broker.pull("site-a", sa, wait_s=0)
     broker.push_update(meta("site-a", "t1"), DELTA)
     with pytest.raises(NotFoundError):
@@ -219,7 +228,7 @@ def test_push_update_with_a_size_other_than_the_header_is_rejected(
     broker: Broker, size: int
 ) -> None:
     sa = broker.connect("site-a")
-    results = broker.dispatch("site-a", task("t1"), MODEL)
+    results = dispatch(broker, "site-a", task("t1"), MODEL)
     broker.pull("site-a", sa, wait_s=0)
     with pytest.raises(InvalidSpecError, match="bytes"):
         broker.push_update(meta("site-a", "t1", size=size), DELTA)
@@ -234,10 +243,10 @@ def test_push_update_with_a_size_other_than_the_header_is_rejected(
 
 def test_reconnect_fails_delivered_unanswered_tasks(broker: Broker) -> None:
     sa = broker.connect("site-a")
-    delivered = broker.dispatch("site-a", task("t1"), MODEL)
+    delivered = dispatch(broker, "site-a", task("t1"), MODEL)
     assert broker.pull("site-a", sa, wait_s=0) is not None
-    waiting = broker.dispatch("site-a", task("t2"), MODEL)  # not yet pulled
-    other = broker.dispatch("site-b", task("t3"), MODEL)
+    waiting = dispatch(broker, "site-a", task("t2"), MODEL)  # not yet pulled
+    other = dispatch(broker, "site-b", task("t3"), MODEL)
 
     new = broker.connect("site-a")  # the agent restarted
 
@@ -258,7 +267,7 @@ def test_reconnect_fails_delivered_unanswered_tasks(broker: Broker) -> None:
 
 def test_reconnect_without_tasks_fails_nothing(broker: Broker) -> None:
     sa = broker.connect("site-a")
-    results = broker.dispatch("site-a", task("t1"), MODEL)
+    results = dispatch(broker, "site-a", task("t1"), MODEL)
     broker.pull("site-a", sa, wait_s=0)
     broker.push_update(meta("site-a", "t1"), DELTA)
     broker.connect("site-a")
@@ -268,8 +277,8 @@ def test_reconnect_without_tasks_fails_nothing(broker: Broker) -> None:
 def test_check_liveness_fails_tasks_of_silent_sites() -> None:
     broker = Broker(offline_after_s=0.05)
     sa = broker.connect("site-a")
-    results = broker.dispatch("site-a", task("t1"), MODEL)
-    never = broker.dispatch("site-x", task("tx"), MODEL)  # never connected
+    results = dispatch(broker, "site-a", task("t1"), MODEL)
+    never = dispatch(broker, "site-x", task("tx"), MODEL)  # never connected
     assert broker.pull("site-a", sa, wait_s=0) is not None
     time.sleep(0.2)
     assert not broker.online("site-a")
@@ -290,7 +299,7 @@ def test_check_liveness_fails_tasks_of_silent_sites() -> None:
 
 def test_check_liveness_spares_live_sites(broker: Broker) -> None:
     sa = broker.connect("site-a")
-    results = broker.dispatch("site-a", task("t1"), MODEL)
+    results = dispatch(broker, "site-a", task("t1"), MODEL)
     broker.pull("site-a", sa, wait_s=0)
     assert broker.online("site-a")
     broker.check_liveness(["t1"])
@@ -302,8 +311,8 @@ def test_check_liveness_spares_live_sites(broker: Broker) -> None:
 def test_check_liveness_only_touches_the_listed_tasks() -> None:
     broker = Broker(offline_after_s=0.05)
     broker.connect("site-a")
-    listed = broker.dispatch("site-a", task("t1"), MODEL)
-    unlisted = broker.dispatch("site-a", task("t2"), MODEL)
+    listed = dispatch(broker, "site-a", task("t1"), MODEL)
+    unlisted = dispatch(broker, "site-a", task("t2"), MODEL)
     time.sleep(0.2)
     broker.check_liveness(["t1"])
     assert isinstance(only_result(listed), FailureResult)
@@ -315,8 +324,8 @@ def test_check_liveness_only_touches_the_listed_tasks() -> None:
 
 def test_cancel_makes_late_answers_not_found(broker: Broker) -> None:
     sa = broker.connect("site-a")
-    delivered = broker.dispatch("site-a", task("t1"), MODEL)
-    queued = broker.dispatch("site-a", task("t2"), MODEL)
+    delivered = dispatch(broker, "site-a", task("t1"), MODEL)
+    queued = dispatch(broker, "site-a", task("t2"), MODEL)
     assert broker.pull("site-a", sa, wait_s=0) is not None
 
     broker.cancel(["t1", "t2", "never-existed"])
