@@ -1,4 +1,5 @@
-"""Admission before any spend, on the orchestrator's side (issue 16.1; DESIGN invariant 6).
+"""Admission before any spend, on the orchestrator's side (issue 16.1): no site spends on a
+job that cannot be released.
 
 Before round 1 every selected site is sent an ``admit`` task (``site_agent.admission``): it
 checks the whole job against its own policy and budget and reserves its cost in its ledger,

@@ -1,7 +1,7 @@
 """Dataset connector: a site's CSV, Parquet or SQL table under its declared schema.
 
 This code runs inside the site's trust boundary and reads raw records. Two rules beyond
-correctness (issue 15; DESIGN.md, privacy invariants 1-3):
+correctness (issue 15; held by ``tests/unit/test_neighbouring.py``):
 
 - **The declared schema is the contract.** Every cell is typed by
   :func:`common.schema.table.apply_schema` against the dataset's declaration

@@ -1,6 +1,7 @@
 """Fault tolerance with real processes killed by signal (orchestrator and site agents).
 
-What the design promises (docs: DESIGN.md, "Trust model") and what these tests hold it to:
+What the design promises (docs/architecture.md, "Where ε is computed") and what these tests
+hold it to:
 
 * Every site charges its durable ledger *before* it trains (write-ahead), so a crash anywhere
   can make the site's ledger over-count, never under-count.

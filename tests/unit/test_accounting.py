@@ -69,7 +69,7 @@ def label(events: list[DpEvent]) -> str:
 
 @pytest.mark.parametrize("accountant", ["prv", "pld"])
 def test_reference_value_tight_accountants(accountant: str) -> None:
-    # DESIGN.md: q=0.01, σ=1.0, 10,000 steps, δ=1e-5 → ε ≈ 6.19 with PRV/PLD.
+    # Reference point: q=0.01, σ=1.0, 10,000 steps, δ=1e-5 → ε ≈ 6.19 with PRV/PLD.
     bound = compute_epsilon([DpEvent(1.0, 0.01, 10_000)], delta=DELTA, accountant=accountant)
     assert bound.accountant == accountant
     assert bound.delta == DELTA

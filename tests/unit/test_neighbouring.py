@@ -1,6 +1,6 @@
 """Neighbouring datasets D and D ∪ {x}, x extreme, for every task kind the site executes.
 
-DESIGN.md's privacy invariants 1-3 (issue 15): whatever one record holds (numbers at ±1e38,
+The site's privacy invariants on raw data (issue 15): whatever one record holds (numbers at ±1e38,
 ±inf, beyond float32, empty cells, text in a numeric column, an undeclared label, an
 undeclared category), every decision and message before the charge is the same on D and on
 D ∪ {x} (the same refusals with the same words, the same charges in the ledger), every output
