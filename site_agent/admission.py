@@ -1,9 +1,10 @@
 """Admission before any spend: a site checks a whole training job before its first round.
 
 The orchestrator sends every selected site an ``admit`` task before round 1 (issue 16.1:
-no site spends on a job that cannot be released). The site derives one round's cost itself, exactly as a train task would (``round_charges``: the same policy checks
-and the same DP events, from the spec, its policy and its declared row count; nothing the
-orchestrator claims), multiplies it by the job's declared rounds, and
+no site spends on a job that cannot be released). The site derives one round's cost itself,
+exactly as a train task would (``round_charges``: the same policy checks and the same DP
+events, from the spec, its policy and its declared row count; nothing the orchestrator
+claims), multiplies it by the job's declared rounds, and
 
 * ``reserve``: refuses (``PolicyRefusal``, naming the dataset, the value and the limit) or
   records a reservation of the whole cost in the ledger, in the transaction that checked it
