@@ -77,8 +77,8 @@ exact: self-composition is composition. It keeps a ledger of a thousand jobs fas
 
 Cost
 ----
-Every call is bounded in time whatever the events say (a history claiming 10⁹ steps once made
-the orchestrator compose for hours): PRV runs only when its grid has at most
+Every call is bounded in time whatever the events say (a history claiming 10⁹ steps would
+otherwise make the orchestrator compose for hours): PRV runs only when its grid has at most
 :data:`PRV_MAX_DOMAIN_SIZE` points and distinct events × grid points stay within
 :data:`PRV_MAX_WORK`; PLD only for at most :data:`PLD_MAX_COMPOSITIONS` subsampled
 compositions over at most :data:`PLD_MAX_EVENTS` distinct events (about 2 s at the limit);

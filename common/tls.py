@@ -77,7 +77,7 @@ ROLES: Final[tuple[str, ...]] = (
 )
 
 DEFAULT_DAYS: Final = 365
-"""Validity of a certificate :func:`issue` signs unless told otherwise (was 825 days): a key
+"""Validity of a certificate :func:`issue` signs unless told otherwise: a key
 that leaks without anyone noticing stops working within a year even if nobody revokes it."""
 
 DEFAULT_HOSTS: Final[tuple[str, ...]] = ("127.0.0.1", "::1", "localhost")

@@ -52,7 +52,7 @@ class RunningWeightedMean:
                 raise InvalidUpdateError(
                     f"tensor {k!r} has shape {upd.shape(k)}, expected {tuple(acc.shape)}"
                 )
-        # Piece by piece: a float64 copy of a whole update was the fold's largest temporary.
+        # Piece by piece: a float64 copy of a whole update would be the fold's largest temporary.
         for k, acc in self._sum.items():
             for a, d in zip(flat_parts(acc), upd.pieces(k), strict=True):
                 a.add_(d.to(torch.float64), alpha=float(weight))

@@ -133,8 +133,8 @@ class Coordinator:
     ) -> bool:
         """A sign of life. Liveness and state are the broker's (in memory); the store gets a
         row write only when the site's datasets changed, or its last-seen time is more than
-        PERSIST_LAST_SEEN_S old. One write per heartbeat made 200 sites' heartbeats queue on
-        the store's lock in front of the rounds' charge records (``bench/RESULTS.md`` §2)."""
+        PERSIST_LAST_SEEN_S old: one write per heartbeat would make 200 sites' heartbeats queue
+        on the store's lock in front of the rounds' charge records (``bench/RESULTS.md`` §2)."""
         if not self.broker.seen(site_id, session_id, state=state or "idle"):
             return False
         now = time.monotonic()
@@ -151,7 +151,7 @@ class Coordinator:
                 self._persisted[site_id] = (now, kept)
         if due:
             # Converted only when written: asdict over every column's schema, for every
-            # heartbeat of every site, was a quarter of the orchestrator's CPU at 200 sites.
+            # heartbeat of every site, would cost a quarter of the CPU at 200 sites.
             dicts = [_dataset_dict(d) for d in datasets] if datasets else None
             self.store.touch_site(site_id, state=state or "idle", datasets=dicts)
         return True
@@ -350,7 +350,7 @@ class Coordinator:
 
 def _digest(datasets: Sequence[DatasetInfo]) -> int | None:
     """What a heartbeat compares with the datasets last written: a hash, not the datasets (their
-    column schemas, kept for every site, were megabytes at 200 sites). A collision of the
+    column schemas, kept for every site, would be megabytes at 200 sites). A collision of the
     64-bit hashes would delay a write by at most PERSIST_LAST_SEEN_S."""
     return hash(tuple(datasets)) if datasets else None
 

@@ -1,6 +1,6 @@
 """The orchestrator's own cap on a job's model size, checked from the spec before anything is
-built (issue 17.3): a 32 × 65,536 MLP once made it try to allocate 17 GiB, and a 67M-parameter
-model cost it 600 MB although every site refused it.
+built (issue 17.3): building an oversized model to count it would allocate it (17 GiB for a
+32 × 65,536 MLP), even when every site is going to refuse it.
 
 The count comes from :func:`common.models.count_spec_parameters`, which allocates nothing. A
 spec whose input width or class count the orchestrator has yet to derive (from the sites'

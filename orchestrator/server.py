@@ -159,7 +159,7 @@ def share_malloc_arenas(arena_max: int = MALLOC_ARENA_MAX) -> bool:
 
     glibc gives each new thread its own arena until there are 8 per core, and each arena
     keeps the high-water mark of what its threads allocated below the mmap threshold (gRPC's
-    buffers, transfer chunks, protobuf messages). With a worker thread per site, that made the
+    buffers, transfer chunks, protobuf messages). With a worker thread per site, that makes the
     orchestrator's RSS grow by 6–9% of the model per site; with two shared arenas it stays
     flat (``bench/RESULTS.md`` §2). Worker threads mostly wait on the network or the GIL, so
     sharing arenas costs no measurable time.

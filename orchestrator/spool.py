@@ -3,8 +3,8 @@ otherwise in an anonymous file on the orchestrator's disk.
 
 Why a file: a round reads up to ``max_uploads`` uploads at once and queues them for its fold
 (``orchestrator.broker``). Held in memory, each is a whole model, so the orchestrator's peak
-memory was about ten times the model (``bench/RESULTS.md`` §2) and rose with the number of
-uploads in flight. Spooled, an upload costs one chunk of Python memory while it arrives (and
+memory would be about ten times the model (``bench/RESULTS.md`` §2) and grow with the number
+of uploads in flight. Spooled, an upload costs one chunk of Python memory while it arrives (and
 gRPC's receive buffers, at most one flow-control window, when this thread falls behind the
 network), and the round reads it back a piece at a time (``common.tensors.SafetensorsPieces``)
 to check it and fold it; the page cache, which the kernel can drop, holds the rest.
