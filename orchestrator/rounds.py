@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
-from common.accounting import compute_epsilon
+from common.accounting import DpEvent, compute_epsilon
 from common.domain import ChargedEvent, TaskAssignment, UpdateMeta
 from common.errors import InvalidUpdateError, JobFailedError
 from common.models import build_model, save_model
+from common.running_epsilon import running_epsilon
 from common.schedule import task_schedule
 from common.specs import JobSpec, job_spec_from_json
 from common.tensors import (
@@ -68,7 +69,7 @@ from orchestrator.update_bounds import (
     match_report,
     norm_bound,
 )
-from orchestrator.views import charged_event_dict, site_status
+from orchestrator.views import charged_event_dict, charged_events, site_status
 
 log = logging.getLogger("dpfed.orchestrator")
 
@@ -454,7 +455,7 @@ class JobRunner(JobThread):
             noise_multiplier=spec.metrics.noise_multiplier,
             loss_bound=spec.metrics.loss_bound,
         )
-        epsilon, _ = self._job_epsilon()
+        epsilon = self._round_epsilon()
         self.store.commit_round(
             RoundRow(
                 job_id=self.job_id,
@@ -585,6 +586,22 @@ class JobRunner(JobThread):
         je = job_epsilon(self.store.charges(self.job_id), delta=self.spec.dp.delta)
         self.accountant_used = je.accountant
         return je.epsilon, je.site_epsilons()
+
+    def _round_epsilon(self) -> float:
+        """The job's ε so far, for the round's history row: informational and growing every
+        round, so each site's bound is :func:`common.running_epsilon.running_epsilon`'s (a
+        dominating history's, at most ~2% above exact, recomputed once per step bucket);
+        the released ε (:meth:`_release`) is exact (issue 19.1). Sets ``accountant_used``."""
+        by_site: dict[str, list[DpEvent]] = {}
+        for c in self.store.charges(self.job_id):
+            by_site.setdefault(c.site_id, []).extend(e.event for e in charged_events(c.events))
+        bounds = [
+            running_epsilon(events, delta=self.spec.dp.delta, accountant=ACCOUNTANT)
+            for events in by_site.values()
+        ]
+        if bounds:
+            self.accountant_used = "+".join(sorted({b.accountant for b in bounds}))
+        return max((b.epsilon for b in bounds), default=0.0)
 
     # ------------------------------------------------------------------ release
 
