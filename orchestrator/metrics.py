@@ -8,6 +8,7 @@ the source of truth. Text exposition format 0.0.4, no client library needed.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -53,12 +54,23 @@ _HELP = {
 }
 
 
+def _number(value: float) -> str:
+    """A sample value at full precision, in the exposition format's spelling of the specials."""
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
 def render(store: Store) -> str:
     """The whole exposition: transport counters plus what the store knows."""
     lines: list[str] = []
     by_name: dict[str, list[str]] = defaultdict(list)
     for (name, labels), value in sorted(COUNTERS.snapshot().items()):
-        by_name[name].append(f"{name}{_labels(dict(labels))} {value:g}")
+        by_name[name].append(f"{name}{_labels(dict(labels))} {_number(value)}")
     for name, samples in by_name.items():
         lines += [f"# HELP {name} {_HELP.get(name, name)}", f"# TYPE {name} counter", *samples]
 
@@ -95,7 +107,7 @@ def render(store: Store) -> str:
         "# TYPE dpfed_job_epsilon gauge",
     ]
     lines += [
-        f"dpfed_job_epsilon{_labels({'job': j.job_id, 'dataset': j.dataset})} {j.epsilon:g}"
+        f"dpfed_job_epsilon{_labels({'job': j.job_id, 'dataset': j.dataset})} {_number(j.epsilon)}"
         for j in jobs
         if j.epsilon > 0
     ]
@@ -106,7 +118,8 @@ def render(store: Store) -> str:
     for s in store.sites():
         for d in s.datasets:
             lab = _labels({"site": s.site_id, "dataset": str(d.get("name", ""))})
-            lines.append(f"dpfed_dataset_epsilon_spent{lab} {float(d.get('epsilon_spent', 0.0)):g}")
+            spent = _number(float(d.get("epsilon_spent", 0.0)))
+            lines.append(f"dpfed_dataset_epsilon_spent{lab} {spent}")
     return "\n".join(lines) + "\n"
 
 
