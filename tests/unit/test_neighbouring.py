@@ -367,7 +367,9 @@ def test_any_record_encodes_to_bounded_finite_features(
 def _first_step_sum(cfg: SiteConfig, monkeypatch: pytest.MonkeyPatch) -> tuple[np.ndarray, float]:
     """One DP-SGD step with σ = 0 and q = 1 on the site's encoded training rows: the clipped
     gradient sum it applied (update × q·N / lr, flattened) and q·N."""
-    monkeypatch.setattr(trainer, "_private_generator", lambda: torch.Generator().manual_seed(0))
+    monkeypatch.setattr(
+        trainer, "_private_generator", lambda *_a, **_k: torch.Generator().manual_seed(0)
+    )
     enc = _encoding(cfg)
     train = load_dataset(cfg.datasets[0])  # validation_fraction 0: every row trains
     x = enc.encode(train.table)
