@@ -246,7 +246,12 @@ class TaskExecutor:
             n_val = sp.num_validation or 0
             # Charged (once, then cached) before the spend below is computed and disclosed.
             dp_rows = self._catalog.noisy_count(cfg.name, sp.num_train + n_val)
-            spent = self.ledger.spent(cfg.name, delta=self.config.policy.delta).epsilon
+            # Disclosed with every heartbeat and recomputed after every task: the running
+            # bound (common.running_epsilon, ≤ ~2% above exact), the same figure as the DP
+            # report's lifetime ε, so a round's infos come from its cache (issue 19.1).
+            spent = running_epsilon(
+                self.ledger.events(cfg.name), delta=self.config.policy.delta, accountant=ACCOUNTANT
+            ).epsilon
             out.append(
                 DatasetInfo(
                     name=cfg.name,
