@@ -551,6 +551,7 @@ class TaskExecutor:
                 noise_multiplier=None if plan.exact else spec.metrics.noise_multiplier,
             )
             metrics = ev.released()
+            validation_rows.release_pages()  # a memory-mapped side: its pages, not the RSS
 
         charged = tuple(
             ChargedEvent("train" if e is train_event else "metrics", e) for e in cost_events

@@ -100,13 +100,20 @@ def encoding_version(encoding: FeatureEncoding) -> str:
 @dataclass(frozen=True, eq=False)
 class EncodedRows:
     """Encoded rows and their labels, read by position (memory-mapped or in memory), with
-    optional extra in-memory rows after them (an audit's canaries)."""
+    optional extra in-memory rows after them (an audit's canaries).
+
+    A cached side reads random rows with ``pread`` on ``fd`` (a file mapping would map the
+    file's large folios around every row touched: one Poisson batch of 1,024 rows mapped the
+    whole 3.6 GB table); ``x`` maps the same file for sequential reads (validation metrics),
+    and its labels are held in memory in the smallest integer type.
+    """
 
     x: npt.NDArray[np.float32]
-    y: npt.NDArray[np.int64]
+    y: npt.NDArray[np.integer[Any]]
     extra_x: npt.NDArray[np.float32] | None = None
     extra_y: npt.NDArray[np.int64] | None = None
     maps: tuple[mmap.mmap, ...] = ()
+    fd: int | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0]) + (0 if self.extra_y is None else int(self.extra_y.shape[0]))
@@ -123,25 +130,38 @@ class EncodedRows:
             np.ascontiguousarray(x, dtype=np.float32),
             np.ascontiguousarray(y, dtype=np.int64),
             self.maps,
+            self.fd,
         )
 
     def arrays(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """All rows (the extra ones last) as arrays: for rows that fit in memory."""
+        y = self.y.astype(np.int64, copy=False)
         if self.extra_x is None or self.extra_y is None:
-            return self.x, self.y
-        return np.concatenate([self.x, self.extra_x]), np.concatenate([self.y, self.extra_y])
+            return self.x, y
+        return np.concatenate([self.x, self.extra_x]), np.concatenate([y, self.extra_y])
+
+    def _rows_at(self, index: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        if self.fd is None:
+            return self.x[index]
+        out = np.empty((index.shape[0], self.width), dtype=np.float32)
+        size = 4 * self.width
+        view = out.data.cast("B")
+        for j, i in enumerate(index.tolist()):
+            if os.preadv(self.fd, [view[j * size : (j + 1) * size]], i * size) != size:
+                raise InvalidSpecError("The row cache ended early; delete it to rebuild.")
+        return out
 
     def take(self, index: npt.NDArray[np.int64]) -> tuple[Tensor, Tensor]:
         """The rows at ``index`` (sorted positions read fastest) as new tensors."""
         index = np.asarray(index, dtype=np.int64)
         n = int(self.x.shape[0])
         if self.extra_y is None or self.extra_x is None:
-            xb, yb = self.x[index], self.y[index]
+            xb, yb = self._rows_at(index), self.y[index].astype(np.int64)
         else:
             own = index < n
             xb = np.empty((index.shape[0], self.width), dtype=np.float32)
             yb = np.empty(index.shape[0], dtype=np.int64)
-            xb[own], yb[own] = self.x[index[own]], self.y[index[own]]
+            xb[own], yb[own] = self._rows_at(index[own]), self.y[index[own]]
             xb[~own], yb[~own] = self.extra_x[index[~own] - n], self.extra_y[index[~own] - n]
         return torch.from_numpy(np.ascontiguousarray(xb)), torch.from_numpy(
             np.ascontiguousarray(yb)
@@ -242,14 +262,29 @@ def _open_rows(path: Path) -> tuple[npt.NDArray[np.uint8], mmap.mmap | None]:
     return np.frombuffer(m, dtype=np.uint8), m
 
 
-def _open_side(folder: Path, prefix: str, width: int) -> EncodedRows:
-    xb, xm = _open_rows(folder / f"{prefix}.x.f32")
-    yb, ym = _open_rows(folder / f"{prefix}.y.i64")
+def _labels(path: Path, num_classes: int) -> npt.NDArray[np.integer[Any]]:
+    """The label file read in blocks into the smallest integer type that holds the classes."""
+    dtype = np.int8 if num_classes <= 127 else np.int16 if num_classes <= 32767 else np.int32
+    count = path.stat().st_size // 8
+    out: npt.NDArray[np.integer[Any]] = np.empty(count, dtype=dtype)
+    block = 1 << 20
+    with path.open("rb") as f:
+        for start in range(0, count, block):
+            part = np.fromfile(f, dtype="<i8", count=min(block, count - start))
+            out[start : start + part.shape[0]] = part
+    return out
+
+
+def _open_side(folder: Path, prefix: str, width: int, num_classes: int) -> EncodedRows:
+    path = folder / f"{prefix}.x.f32"
+    xb, xm = _open_rows(path)
     x = xb.view(np.float32).reshape(-1, width) if xm else np.zeros((0, width), np.float32)
-    y = yb.view(np.int64) if ym else np.zeros(0, np.int64)
+    y = _labels(folder / f"{prefix}.y.i64", num_classes)
     if x.shape[0] != y.shape[0]:
         raise InvalidSpecError(f"The row cache in {folder} is damaged; delete it to rebuild.")
-    return EncodedRows(x, y, maps=tuple(m for m in (xm, ym) if m is not None))
+    # Kept open as long as the cache is (one descriptor per side and encoding).
+    fd = os.open(path, os.O_RDONLY)
+    return EncodedRows(x, y, maps=() if xm is None else (xm,), fd=fd)
 
 
 class DiskDataset:
@@ -316,7 +351,11 @@ class DiskDataset:
                 if not (folder / "done").exists():
                     self._build(encoding, folder)
                 w = encoding.width
-                self._encoded[ev] = (_open_side(folder, "train", w), _open_side(folder, "val", w))
+                c = encoding.num_classes
+                self._encoded[ev] = (
+                    _open_side(folder, "train", w, c),
+                    _open_side(folder, "val", w, c),
+                )
             return self._encoded[ev]
 
     def _build(self, encoding: FeatureEncoding, folder: Path) -> None:
