@@ -206,8 +206,9 @@ def metrics_plan_summary(spec: JobSpec) -> str:
     alone = compute_epsilon(
         [DpEvent(m.noise_multiplier, 1.0, len(planned))], delta=spec.dp.delta
     ).epsilon
+    when = "the final round only" if m.every is None else f"every {m.every} rounds and the last"
     return (
-        f"metrics: released in {where} (metrics.every={m.every}), σ={m.noise_multiplier:g}; "
+        f"metrics: released in {where} ({when}), σ={m.noise_multiplier:g}; "
         f"they cost ε {alone:.3g} alone at δ={spec.dp.delta:g}, included in each site's job ε"
     )
 
