@@ -12,8 +12,8 @@ better):
 
 * ``central``: scikit-learn's ``GaussianMixture`` (K = 4, full covariances, 3 initialisations)
   on all training rows in one place, without DP: the reference no federation can beat.
-* ``fed σ=.01``: :class:`common.clustering.federated_em.FederatedEM` with the smallest noise multiplier
-  a :class:`~common.accounting.DpEvent` accepts (0.01; no meaningful ε): the federated
+* ``fed σ=.01``: :class:`common.clustering.federated_em.FederatedEM` with the smallest noise
+  multiplier a :class:`~common.accounting.DpEvent` accepts (0.01; no meaningful ε): the federated
   algorithm itself, nearly without the cost of privacy.
 * ``fed DP-EM``: :class:`~common.clustering.federated_em.FederatedEM` (1 init release + at most
   ``--rounds`` EM rounds), σ calibrated with

@@ -28,15 +28,15 @@ where it stopped. Its state lives in the store (``orchestrator.store.GmmStateRow
   written **before** the request is dispatched (write-ahead, like the sites' own ledgers).
 
 On start the coordinator resumes every pending or running job; a mixture job reloads its
-checkpoint, waits for its sites to dial back in, and sends the pending request again: the
-round a restart interrupted is re-issued with fresh tasks (its statistics were never
-absorbed). The sites price a request from its content (``common.clustering.federated_em.request_events``
-gives the same event), so a site's ledger for the job holds at most the releases it was sent,
-each at most once, and the charged releases hold every one of them, the interrupted round's
-included. The card's per-site ε is composed from the charged releases and the released ε is
-the maximum over sites: it over-counts (a release sent but never answered) and never
-under-counts. A re-issued round is one release more than the job planned, so after a restart
-the card's ε can exceed ``dp.target_epsilon`` by it (the card says what was spent).
+checkpoint, waits for its sites to dial back in, and sends the pending request again: the round
+a restart interrupted is re-issued with fresh tasks (its statistics were never absorbed). The
+sites price a request from its content (``common.clustering.federated_em.request_events`` gives
+the same event), so a site's ledger for the job holds at most the releases it was sent, each at
+most once, and the charged releases hold every one of them, the interrupted round's included.
+The card's per-site ε is composed from the charged releases and the released ε is the maximum
+over sites: it over-counts (a release sent but never answered) and never under-counts. A
+re-issued round is one release more than the job planned, so after a restart the card's ε can
+exceed ``dp.target_epsilon`` by it (the card says what was spent).
 """
 
 from __future__ import annotations

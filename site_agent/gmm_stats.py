@@ -9,30 +9,31 @@ wire). The maths and the sensitivity derivation are in :mod:`common.clustering`.
 
 What a site computes
 --------------------
-* :func:`compute_stats`: the exact E-step statistics (:class:`~common.clustering.statistics.SufficientStats`,
-  unit-box coordinates) of its rows under a public model, streaming over chunks of rows:
-  memory holds one chunk, never the dataset. Every value is clipped to the declared bounds
-  and mapped into ``[−1, 1]^D`` (:class:`~common.clustering.model.FeatureBox`); every row's
-  log-likelihood is clipped to :func:`~common.clustering.statistics.loglik_clip_range` of the model.
+* :func:`compute_stats`: the exact E-step statistics
+  (:class:`~common.clustering.statistics.SufficientStats`, unit-box coordinates) of its rows under a
+  public model, streaming over chunks of rows: memory holds one chunk, never the dataset. Every
+  value is clipped to the declared bounds and mapped into ``[−1, 1]^D``
+  (:class:`~common.clustering.model.FeatureBox`); every row's log-likelihood is clipped to
+  :func:`~common.clustering.statistics.loglik_clip_range` of the model.
 * :func:`noisy_stats`: the same, noised by the Gaussian mechanism with L2 sensitivity
   :func:`~common.clustering.release.stats_sensitivity`, and its :class:`~common.accounting.DpEvent`
   ``(σ, 1.0, 1)``.
-* :func:`compute_candidate_stats` / :func:`noisy_candidate_stats`: nearest-candidate counts
-  and sums for the DP initialisation (sensitivity :func:`~common.clustering.initialisation.candidate_sensitivity`,
-  ``DpEvent(σ, 1.0, 1)``).
-* :func:`compute_replicate_stats` / :func:`noisy_replicate_stats`: the DP Poisson bootstrap
-  of the final model (the ``bootstrap:`` job option): R replicates of the E-step statistics
-  with per-row, per-replicate weights ``min(Poisson(1), cap)`` drawn from a generator seeded
-  from OS entropy here (never from the job or the request), each row's weight vector rescaled
-  to L2 norm at most :func:`~common.clustering.bootstrap.bootstrap_weight_norm`; noise with sensitivity
+* :func:`compute_candidate_stats` / :func:`noisy_candidate_stats`: nearest-candidate counts and sums
+  for the DP initialisation (sensitivity
+  :func:`~common.clustering.initialisation.candidate_sensitivity`, ``DpEvent(σ, 1.0, 1)``).
+* :func:`compute_replicate_stats` / :func:`noisy_replicate_stats`: the DP Poisson bootstrap of the
+  final model (the ``bootstrap:`` job option): R replicates of the E-step statistics with per-row,
+  per-replicate weights ``min(Poisson(1), cap)`` drawn from a generator seeded from OS entropy here
+  (never from the job or the request), each row's weight vector rescaled to L2 norm at most
+  :func:`~common.clustering.bootstrap.bootstrap_weight_norm`; noise with sensitivity
   :func:`~common.clustering.bootstrap.bootstrap_sensitivity`, ``DpEvent(σ, 1.0, 1)`` (derivation in
-  :mod:`common.clustering`).
-* :func:`answer_request`: the whole site step for a wire request (one pass over the data
-  for all the models it names), returning the JSON-safe result and the event to charge.
-  ``gmm.init`` → noisy candidate statistics; ``gmm.em`` → noisy E-step statistics per model;
-  ``gmm.eval`` → noisy :func:`~common.clustering.release.scaled_loglik_sum` per model (sensitivity 1,
-  noise ``N(0, σ²)``), used to compare final models; ``gmm.boot`` → noisy bootstrap
-  replicates of one model's statistics.
+  docs/clustering.md).
+* :func:`answer_request`: the whole site step for a wire request (one pass over the data for all the
+  models it names), returning the JSON-safe result and the event to charge. ``gmm.init`` → noisy
+  candidate statistics; ``gmm.em`` → noisy E-step statistics per model; ``gmm.eval`` → noisy
+  :func:`~common.clustering.release.scaled_loglik_sum` per model (sensitivity 1, noise
+  ``N(0, σ²)``), used to compare final models; ``gmm.boot`` → noisy bootstrap replicates of one
+  model's statistics.
 
 Ledger discipline (write-ahead)
 -------------------------------
@@ -211,8 +212,8 @@ def noisy_stats(
 ) -> tuple[SufficientStats, DpEvent]:
     """:func:`compute_stats` released by the Gaussian mechanism, and its cost.
 
-    Noise ``N(0, (σΔ)²)`` on every coordinate of :func:`~common.clustering.release.release_vector`, with
-    ``Δ = stats_sensitivity(D, K, covariance_type, 1.0, loglik_weight=w)``; returns the noisy
+    Noise ``N(0, (σΔ)²)`` on every coordinate of :func:`~common.clustering.release.release_vector`,
+    with ``Δ = stats_sensitivity(D, K, covariance_type, 1.0, loglik_weight=w)``; returns the noisy
     statistics and ``DpEvent(σ, 1.0, 1)`` to charge to the site's ledger before release.
     """
     ctype = covariance_type or params.covariance_type

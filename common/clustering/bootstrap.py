@@ -31,12 +31,7 @@ from common.clustering.model import (
     _check_positive,
     _frozen,
 )
-from common.clustering.statistics import (
-    SufficientStats,
-    _triu,
-    expected_stats,
-    m_step,
-)
+from common.clustering.statistics import SufficientStats, _triu, expected_stats, m_step
 
 __all__ = [
     "BOOTSTRAP_NOTE",

@@ -38,11 +38,7 @@ from common.clustering.release import (
     stats_sensitivity,
 )
 from common.clustering.selection import noise_loglik_loss
-from common.clustering.statistics import (
-    SufficientStats,
-    loglik_clip_range,
-    m_step,
-)
+from common.clustering.statistics import SufficientStats, loglik_clip_range, m_step
 from common.clustering.wire import (
     BootResult,
     EmRequest,
@@ -64,7 +60,6 @@ __all__ = [
 STATE_VERSION: Final = 1
 
 _RANGE_RTOL: Final = 1e-6
-_NOISE_SIMULATIONS: Final = 200  # draws simulating the bootstrap noise alone (public)
 _STOP_Z: Final = 2.0
 
 _Result = InitResult | EmResult | EvalResult | BootResult
@@ -416,8 +411,8 @@ class MixtureJob:
         back from the last round, round i joins while ``|ℓ_{i+1} − ℓ_i|`` (the noisy
         log-likelihoods of the models the two rounds used) is within ``tol·n̂ + 2·sd``,
         where ``sd`` combines the release noise of both values and the predicted jitter of
-        both models (:func:`common.clustering.selection.noise_loglik_loss`). Rounds still climbing are left
-        out; rounds that differ only by noise are averaged.
+        both models (:func:`common.clustering.selection.noise_loglik_loss`). Rounds still
+        climbing are left out; rounds that differ only by noise are averaged.
         """
         if run.rounds == 0:
             return 0
@@ -537,8 +532,9 @@ class MixtureJob:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue between two requests, JSON-safe (module docstring,
-        "Checkpoints"); :func:`machine_from_state` is the inverse."""
+        """Everything needed to continue between two requests, JSON-safe
+        (docs/clustering.md, "Checkpoints");
+        :func:`~common.clustering.federated_em.machine_from_state` is the inverse."""
         return {
             "version": STATE_VERSION,
             "class": type(self).__name__,

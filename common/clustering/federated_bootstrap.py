@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -25,24 +25,14 @@ from common.clustering.bootstrap import (
     capped_poisson_moments,
     noise_replicate_stats,
 )
-from common.clustering.em_machine import _NOISE_SIMULATIONS
-from common.clustering.model import (
-    FeatureBox,
-    GaussianMixtureParams,
-)
+from common.clustering.model import FeatureBox, GaussianMixtureParams
 from common.clustering.statistics import m_step
-from common.clustering.wire import (
-    BootRequest,
-    BootResult,
-    ModelRequest,
-    parse_result,
-)
+from common.clustering.wire import BootRequest, BootResult, ModelRequest, parse_result
 from common.errors import InvalidSpecError, InvalidUpdateError
 
-__all__ = [
-    "FederatedBootstrap",
-    "check_bootstrap_size",
-]
+__all__ = ["FederatedBootstrap", "check_bootstrap_size"]
+
+_NOISE_SIMULATIONS: Final = 200  # draws simulating the bootstrap noise alone (public)
 
 
 class FederatedBootstrap:
@@ -50,8 +40,9 @@ class FederatedBootstrap:
 
     ``params`` is the released model (data units), ``bounds`` the declared box. Send
     :meth:`request` to every site that contributed to the model, give the answers to
-    :meth:`absorb`, which returns the :class:`~common.clustering.bootstrap.MixtureStandardErrors`. Every site
-    that received the request is charged :meth:`planned_events` (``DpEvent(σ, 1.0, 1)``).
+    :meth:`absorb`, which returns the :class:`~common.clustering.bootstrap.MixtureStandardErrors`.
+    Every site that received the request is charged :meth:`planned_events`
+    (``DpEvent(σ, 1.0, 1)``).
     Raises :class:`~common.errors.InvalidSpecError` at construction when the release would be
     too large (``replicates × K × (1 + D + |S2|)`` above ``MAX_BOOTSTRAP_VALUES``).
     """

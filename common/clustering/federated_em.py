@@ -15,16 +15,10 @@ import numpy as np
 import numpy.typing as npt
 
 from common.accounting import DpEvent
-from common.clustering.em_machine import (
-    STATE_VERSION,
-    MixtureJob,
-)
+from common.clustering.em_machine import STATE_VERSION, MixtureJob
 from common.clustering.model import GaussianMixtureParams
 from common.clustering.selection import select_k_by_bic
-from common.clustering.wire import (
-    parse_request,
-    release_event,
-)
+from common.clustering.wire import parse_request, release_event
 from common.errors import InvalidSpecError
 
 __all__ = [
@@ -36,13 +30,14 @@ __all__ = [
 
 
 class FederatedEM(MixtureJob):
-    """Federated DP EM for one K (see the module docstring for the protocol and privacy).
+    """Federated DP EM for one K (protocol and privacy: docs/clustering.md).
 
     ``bounds`` ``(D, 2)`` are the declared feature bounds (data units). ``min_variance`` is
     a numerical eigenvalue floor in unit-box coordinates (1e-5: a standard deviation of 0.3%
-    of a half-range); the noise-aware floor of :func:`common.clustering.statistics.m_step` is what guards
-    against noise. ``n_candidates`` defaults to ``max(64, 16K)``; ``init_noise_multiplier``
-    to ``noise_multiplier``; ``average_last`` to the stationary tail (module docstring).
+    of a half-range); the noise-aware floor of :func:`common.clustering.statistics.m_step` is
+    what guards against noise. ``n_candidates`` defaults to ``max(64, 16K)``;
+    ``init_noise_multiplier`` to ``noise_multiplier``; ``average_last`` to the stationary tail
+    (docs/clustering.md).
     """
 
     def __init__(
@@ -192,8 +187,8 @@ class FederatedBIC(MixtureJob):
 
         ``sd_eval`` is the noise of the measured log-likelihood; ``sd_model`` the spread of
         the log-likelihood that the model itself loses to the noise in its statistics
-        (:func:`common.clustering.selection.noise_loglik_loss`). Two fits of the same K on the same rows
-        differ by about this much.
+        (:func:`common.clustering.selection.noise_loglik_loss`). Two fits of the same K on the
+        same rows differ by about this much.
         """
         return {K: 2.0 * sd for K, sd in self._selection_sd().items()}
 

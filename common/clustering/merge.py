@@ -10,10 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.clustering.model import (
-    FloatArray,
-    GaussianMixtureParams,
-)
+from common.clustering.model import FloatArray, GaussianMixtureParams
 
 __all__ = [
     "merge_mixtures",

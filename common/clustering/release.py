@@ -1,8 +1,8 @@
 """The DP release of E-step statistics and of a final model's log-likelihood.
 
 :func:`stats_sensitivity` is the L2 sensitivity of :func:`release_vector` for add/remove one
-row (derived in docs/clustering.md, "Sensitivity of the E-step statistics"); :func:`noise_stats` is the
-Gaussian mechanism on it, ``DpEvent(σ, 1.0, 1)`` per model. Pure.
+row (derived in docs/clustering.md, "Sensitivity of the E-step statistics");
+:func:`noise_stats` is the Gaussian mechanism on it, ``DpEvent(σ, 1.0, 1)`` per model. Pure.
 """
 
 from __future__ import annotations
@@ -23,10 +23,7 @@ from common.clustering.model import (
     _check_covariance_type,
     _check_positive,
 )
-from common.clustering.statistics import (
-    SufficientStats,
-    _triu,
-)
+from common.clustering.statistics import SufficientStats, _triu
 
 __all__ = [
     "LOGLIK_SENSITIVITY",

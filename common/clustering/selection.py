@@ -1,7 +1,8 @@
 """Choosing K by BIC under DP: the one-standard-error rule with the noise's spread.
 
 :func:`noise_loglik_loss` predicts, from public quantities, how much likelihood a model lost
-to the noise in its statistics; :func:`select_k_by_bic` uses it (docs/clustering.md, "Model selection"). Pure.
+to the noise in its statistics; :func:`select_k_by_bic` uses it (docs/clustering.md, "Model
+selection"). Pure.
 """
 
 from __future__ import annotations

@@ -14,11 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.accounting import DpEvent
 from common.clustering.bootstrap import MAX_REPLICATES
-from common.clustering.model import (
-    MAX_CANDIDATES,
-    MAX_FEATURES,
-    MAX_MODELS_PER_REQUEST,
-)
+from common.clustering.model import MAX_CANDIDATES, MAX_FEATURES, MAX_MODELS_PER_REQUEST
 from common.errors import InvalidSpecError
 
 __all__ = [

@@ -18,12 +18,7 @@ from typing import Any
 import numpy as np
 
 from common import noise
-from common.accounting import (
-    ACCOUNTANTS,
-    DpEvent,
-    calibrate_noise_multiplier,
-    compute_epsilon,
-)
+from common.accounting import ACCOUNTANTS, DpEvent, calibrate_noise_multiplier, compute_epsilon
 from common.errors import InvalidSpecError, PrivacyAccountingError
 from common.synthesis.discretisation import (
     _MAX_SIGMA_INFLATIONS,
