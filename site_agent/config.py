@@ -250,6 +250,22 @@ class Policy(_Frozen):
         description="draw every DP noise value from a ChaCha20 CSPRNG with Opacus' "
         "secure-mode countermeasure to floating-point attacks (common/noise.py); slower",
     )
+    disclose_row_counts: bool = Field(
+        default=True,
+        description="false: no exact row count leaves the site. It registers the catalog's "
+        "DP count (charged, catalog_noise_multiplier) as its size; sample rates, steps, "
+        "the DP-SGD normalisation and every reported example count derive from that public "
+        "count, and without one (withheld) the dataset serves no task (issue 16.9)",
+    )
+
+    @model_validator(mode="after")
+    def _counts(self) -> Policy:
+        if not self.disclose_row_counts and self.allow_exact_metrics:
+            raise ValueError(
+                "allow_exact_metrics sends exact validation counts and metrics, which "
+                "disclose_row_counts: false forbids; set only one of them"
+            )
+        return self
 
 
 class TlsConfig(_Frozen):

@@ -43,7 +43,7 @@ from common.domain import (
     TaskAssignment,
     UpdateMeta,
 )
-from common.errors import InvalidSpecError, NotFoundError
+from common.errors import InvalidSpecError, NotFoundError, PolicyRefusal
 from common.models import build_model, count_spec_parameters
 from common.running_epsilon import running_epsilon
 from common.schedule import task_schedule
@@ -53,7 +53,7 @@ from common.tensors import check_update, state_from_bytes, state_to_bytes
 from site_agent.admission import RoundCharges, run_admit
 from site_agent.budget import budget_limit, release_update
 from site_agent.canaries import canaries_for, score_canaries
-from site_agent.catalog import CatalogCounts, schema_of
+from site_agent.catalog import WITHHELD, CatalogCounts, schema_of
 from site_agent.config import DatasetConfig, SiteConfig
 from site_agent.data import LocalDataset, load_dataset, split_key, split_train_validation
 from site_agent.device import resolve as resolve_device
@@ -150,6 +150,9 @@ class _TrainPlan:
     spec: JobSpec
     model_spec: ModelSpec
     encoding: FeatureEncoding
+    num_examples: int
+    """The size q and the steps come from: the train rows plus included canaries, the rows
+    counted by their disclosed (DP) number when the policy keeps sizes private."""
     sample_rate: float
     steps: int
     train_event: DpEvent
@@ -212,6 +215,21 @@ class TaskExecutor:
             sp.train.label_name,
         )
 
+    def _disclosed(self, name: str) -> _Shape:
+        """The dataset's sizes as the site discloses them: exact by default; under
+        ``policy.disclose_row_counts: false`` derived from the catalog's DP count alone
+        (released once, charged through admission; :func:`_public_shape`).
+
+        Raises:
+            PolicyRefusal: sizes are private and no DP count was released.
+        """
+        shape = self._shape(name)
+        if self.config.policy.disclose_row_counts:
+            return shape
+        with noise.secure_noise(self.config.policy.secure_noise):  # cached after the first
+            dp_rows = self._catalog.noisy_count(name, shape.num_train + (shape.num_validation or 0))
+        return _public_shape(shape, dp_rows, self._config(name))
+
     def _split(self, name: str) -> _Split:
         cfg = self._config(name)
         if cfg.storage == "disk":
@@ -246,6 +264,14 @@ class TaskExecutor:
             n_val = sp.num_validation or 0
             # Charged (once, then cached) before the spend below is computed and disclosed.
             dp_rows = self._catalog.noisy_count(cfg.name, sp.num_train + n_val)
+            if not self.config.policy.disclose_row_counts:
+                # Only the DP count leaves (policy.disclose_row_counts: false): the sizes
+                # registered are derived from it; none when it was withheld.
+                try:
+                    sp = _public_shape(sp, dp_rows, cfg)
+                except PolicyRefusal:
+                    sp = dataclasses.replace(sp, num_train=0, num_validation=0)
+                n_val = sp.num_validation or 0
             # Disclosed with every heartbeat and recomputed after every task: the running
             # bound (common.running_epsilon, ≤ ~2% above exact), the same figure as the DP
             # report's lifetime ε, so a round's infos come from its cache (issue 19.1).
@@ -333,6 +359,7 @@ class TaskExecutor:
                 f"unknown task kind {task.kind!r}; this agent runs train, "
                 f"{', '.join(handlers)}, audit, admit"
             )
+        public = None if self.config.policy.disclose_row_counts else self._disclosed(task.dataset)
         split = self._split(task.dataset)
         result = handler(
             config=self.config,
@@ -341,7 +368,7 @@ class TaskExecutor:
             data=(split.train, split.validation),
         )
         self._infos = self._compute_infos()  # the spend moved
-        return result
+        return result if public is None else _with_public_count(task.kind, result, public)
 
     def execute(self, task: TaskAssignment, global_blob: bytes) -> tuple[UpdateMeta, bytes]:
         """Run one task; raises PolicyRefusal / InvalidSpecError / NotFoundError to refuse it.
@@ -374,7 +401,7 @@ class TaskExecutor:
                 f"task names dataset {task.dataset!r} but its spec names {spec.dataset!r}"
             )
         cfg = self._config(task.dataset)
-        shape = self._shape(task.dataset)
+        shape = self._disclosed(task.dataset)
         job_encoding = spec.encoding.feature_encoding() if spec.encoding.derived else None
         if job_encoding is None and spec.encoding.numeric != "minmax":
             raise InvalidSpecError(
@@ -383,9 +410,10 @@ class TaskExecutor:
             )
         encoding = checked_encoding(cfg, shape.feature_names, job_encoding, what="training")
         model_spec = _model_spec_for(spec.model, encoding)
+        # The row count as disclosed (registration); canaries are drawn by secret coins.
+        num_examples = shape.num_train + self._included_canaries(task, spec, encoding)
         q, steps = task_schedule(
-            # the row count is disclosed (registration); canaries are drawn by secret coins
-            num_examples=shape.num_train + self._included_canaries(task, spec, encoding),
+            num_examples=num_examples,
             batch_size=spec.batch_size,
             local_epochs=spec.local_epochs,
             local_steps=spec.local_steps,
@@ -426,6 +454,7 @@ class TaskExecutor:
             spec=spec,
             model_spec=model_spec,
             encoding=encoding,
+            num_examples=num_examples,
             sample_rate=q,
             steps=steps,
             train_event=train_event,
@@ -530,6 +559,11 @@ class TaskExecutor:
                 optimizer=spec.optimizer,
                 seed=spec.seed,
                 device=str(resolve_device(self.config.device)),
+                # The disclosed size (plus included canaries), when sizes are private: q and
+                # the normalisation are then exactly those charged, never from the true count.
+                public_num_examples=(
+                    None if self.config.policy.disclose_row_counts else plan.num_examples
+                ),
             ),
         )
         if result.steps != steps or abs(result.sample_rate - q) > 1e-12 * q:
@@ -582,6 +616,47 @@ class TaskExecutor:
             sha256=hashlib.sha256(blob).hexdigest(),
         )
         return meta, blob
+
+
+def _public_shape(shape: _Shape, dp_rows: float, cfg: DatasetConfig) -> _Shape:
+    """``shape`` with sizes from the DP count ``dp_rows`` of all rows alone (post-processing):
+    ``round(dp_rows · validation_fraction)`` validation rows, the rest (at least 1) train rows.
+
+    Raises:
+        PolicyRefusal: the count was withheld (budget or σ floor), so no size is public.
+    """
+    if dp_rows == WITHHELD:
+        raise PolicyRefusal(
+            f"The site keeps the size of dataset {cfg.name!r} private "
+            "(policy.disclose_row_counts: false) and its DP row count was withheld (the "
+            "budget or the σ floor did not allow it), so it serves no task: a sample rate "
+            "or an example count would disclose the exact size."
+        )
+    n_val = None if shape.num_validation is None else round(dp_rows * cfg.validation_fraction)
+    n_train = max(1, round(dp_rows) - (n_val or 0))
+    return dataclasses.replace(shape, num_train=n_train, num_validation=n_val)
+
+
+def _with_public_count(
+    kind: str, answer: tuple[UpdateMeta, bytes], shape: _Shape
+) -> tuple[UpdateMeta, bytes]:
+    """A non-training answer with every example count it carries replaced by the disclosed
+    size (``policy.disclose_row_counts: false``): the meta's ``num_examples`` (kept at 0 when
+    the handler sends none, as noised metrics do) and a local mixture fit's ``rows`` weight.
+    The DP results themselves are unchanged."""
+    meta, blob = answer
+    total = shape.num_train + (shape.num_validation or 0)
+    result_json = meta.result_json
+    if kind == "gmm_local":  # its fit is weighted by its rows (orchestrator.gmm_runner)
+        result_json = json.dumps({**json.loads(result_json), "rows": total})
+    return (
+        dataclasses.replace(
+            meta,
+            num_examples=meta.num_examples and total,
+            result_json=result_json,
+        ),
+        blob,
+    )
 
 
 def _model_spec_for(model: ModelSpec, encoding: FeatureEncoding) -> ModelSpec:

@@ -94,6 +94,12 @@ class TrainParams:
     optimizer: OptimizerSpec
     seed: int | None = None
     """Seeds model construction only; never the DP noise or the sampling."""
+    public_num_examples: int | None = None
+    """The public size the site disclosed instead of its exact row count
+    (``policy.disclose_row_counts: false``): when set, ``q = batch_size / public_num_examples``
+    and the averaging denominator ``q·public_num_examples`` come from it, never from the rows'
+    true number, and :class:`LocalResult` reports it. Poisson sampling at a rate fixed before
+    the data is read is sound for any rate; the accountant is told that rate."""
     device: str = "cpu"
     """Where the steps run (``site_agent.device.resolve`` of the site's ``device:``): the
     network, each batch and the noise (drawn there by a private generator on that device).
@@ -371,6 +377,8 @@ def train_local(
         rows = None
         x, y = _check_arrays(model_spec, features, labels if labels is not None else [])
         n = int(x.shape[0])
+    if params.public_num_examples is not None:
+        n = params.public_num_examples  # the disclosed size; the rows' own count stays here
     q, steps = plan_steps(
         num_examples=n,
         batch_size=params.batch_size,
