@@ -9,8 +9,10 @@ per budget (names on the same data share it). It is released once: a change of t
 the first count rather than charging again. When the σ floor or the budget does not allow
 it, the count is withheld (:data:`WITHHELD`, shown as such by ``orchestrator sites``).
 
-(The training protocol itself still discloses exact row counts to the orchestrator, which
-uses them for sample rates and weighting; the README lists this.)
+By default the training protocol also discloses exact row counts to the orchestrator, which
+uses them for sample rates and weighting (the README lists this); with the policy's
+``disclose_row_counts: false`` the site registers sizes derived from this count instead
+(``site_agent.executor``), so no exact count leaves.
 """
 
 from __future__ import annotations
