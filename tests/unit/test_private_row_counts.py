@@ -30,8 +30,22 @@ from site_agent.catalog import CatalogCounts
 from site_agent.config import Policy, SiteConfig, load_site_config
 from site_agent.executor import TaskExecutor
 from site_agent.ledger import Ledger
-from tests.unit.test_neighbouring import EXTREMES, _base_rows, _site, _tasks
+from tests.unit.test_neighbouring import EXTREMES, _base_rows, _site, _task, _tasks
 
+QUANTILES = _task(
+    "quantiles",
+    b"",
+    round=0,
+    rounds=1,
+    request_json=json.dumps(
+        {
+            "columns": [{"name": "amount", "min": 0.0, "max": 300_000.0}],
+            "grid": 8,
+            "noise_multiplier": 1.0,
+            "delta": 1e-5,
+        }
+    ),
+)
 DP_COUNT = 70.0
 """The DP count both neighbours release under the coupling."""
 
@@ -95,7 +109,7 @@ def _run(cfg: SiteConfig, monkeypatch: pytest.MonkeyPatch) -> Seen:
         mp.setattr(trainer, "_run_opacus", recording(trainer._run_opacus))
         ex = TaskExecutor(cfg, ledger)
         seen.registered.append(ex.dataset_infos())
-        for what, task, blob in _tasks(cfg):
+        for what, task, blob in [*_tasks(cfg), ("quantiles", QUANTILES, b"")]:
             try:
                 ex.precheck(task)
                 meta, _ = ex.execute(task, blob)
@@ -136,7 +150,7 @@ def test_nothing_leaving_depends_on_the_exact_count_but_through_the_dp_count(
     assert d.sampled_q == d1.sampled_q and d.normalisers == d1.normalisers
     # The suite trained, and ran every other kind, under the switch.
     ok = [w for w, verdict, _ in d.decisions if verdict == "ok"]
-    assert {"train", "evaluate", "synth", "gmm", "gmm_local"} <= set(ok)
+    assert {"train", "evaluate", "synth", "gmm", "gmm_local", "quantiles"} <= set(ok)
 
     info = d.registered[0][0]
     assert info.dp_num_rows == DP_COUNT
@@ -150,7 +164,8 @@ def test_nothing_leaving_depends_on_the_exact_count_but_through_the_dp_count(
     counts = {what: n for what, n, *_ in d.answers}
     assert counts["train"] == info.num_rows
     # Each of these read every row; the evaluate answer's count was the exact one before.
-    assert counts["evaluate"] == counts["synth"] == counts["gmm"] == counts["gmm_local"] == DP_COUNT
+    for kind in ("evaluate", "synth", "gmm", "gmm_local", "quantiles"):
+        assert counts[kind] == DP_COUNT, kind
     assert [m for what, _, _, m, _ in d.answers if what == "evaluate"] == [0]  # noised metrics
     assert [rows_ for what, *_, rows_ in d.answers if what == "gmm_local"] == [DP_COUNT]
 
