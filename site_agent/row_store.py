@@ -1,4 +1,4 @@
-"""Site data larger than memory: an encoded, memory-mapped row cache and Poisson batches.
+"""Site data larger than memory: an encoded row cache on disk and Poisson batches read from it.
 
 A dataset declared ``storage: disk`` in ``site.yaml`` is never loaded whole (issue 19.3). The
 agent streams its source (Parquet row groups, CSV chunks; :func:`site_agent.data.
@@ -14,10 +14,12 @@ Both live in the site's state dir (``rowcache/<dataset>/<version>/``, directorie
 0600), keyed by the source file's identity (device, inode, size, mtime), the declared schema,
 the feature order, the validation fraction and a digest of the split key; a stale version is
 removed when a new one is built. A build is written under a temporary name and renamed, so a
-crash leaves no half cache. Training reads rows at random through a read-only ``mmap``
-(:class:`EncodedRows`), one Poisson batch at a time (:class:`PoissonIndexSampler`), and
-drops the pages it touched from the process' mapping every few batches, so the agent's
-resident memory stays bounded by one batch and the model, not by the table.
+crash leaves no half cache. Training reads the rows of one Poisson batch at a time
+(:class:`PoissonIndexSampler`) with ``pread`` (:class:`EncodedRows`), and the labels are
+held in memory in the smallest integer type, so the agent's resident memory is bounded by a
+batch, the labels and the model, not by the table; validation metrics read their side
+sequentially through a read-only ``mmap`` whose pages are dropped from the process' mapping
+afterwards.
 
 Poisson subsampling (each row independently with probability ``q``) is drawn as its exact
 equivalent: a size ``K ~ Binomial(N, q)``, then a uniformly random ``K``-subset (first ``K``
