@@ -12,7 +12,8 @@ DP-SGD (Abadi et al., CCS 2016) needs every example's gradient norm to clip it. 
   per-example gradients;
 * ``bk`` — dpfed's book-keeping clipping (Bu et al., ICML 2023; ``site_agent/clipping.py``):
   the same norms in a single backward pass, then the clipped sum as one matrix product per
-  layer; Opacus' optimiser adds the noise. dpfed's default.
+  layer; the site's noise optimiser adds the noise. dpfed's default, timed through the
+  trainer's own loop (``site_agent.trainer._run_bookkeeping``), not a re-creation of it.
 * ``bk+csprng`` — ``bk`` with the noise a site gets under ``policy.secure_noise``
   (``common/noise.py``: ChaCha20 CSPRNG, Box–Muller, Opacus' secure-mode sum of four draws).
 
@@ -42,7 +43,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import opacus
 import torch
@@ -53,13 +54,21 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.models import build_model, count_parameters
-from common.noise import private_torch_generator, secure_noise
-from common.specs import Conv2dSpec, ConvLayerSpec, MLPSpec, ModelSpec
-from site_agent.clipping import BookKeeper
-from site_agent.trainer import SiteNoiseOptimizer, choose_grad_sample_mode
+from common.noise import secure_noise
+from common.specs import (
+    Conv2dSpec,
+    ConvLayerSpec,
+    MLPSpec,
+    ModelSpec,
+    OptimizerSpec,
+    model_dims,
+)
+from site_agent.trainer import TrainParams, _run_bookkeeping, choose_grad_sample_mode
 
 MODES = ("hooks", "ew", "ghost", "bk", "bk+csprng")
 RESULTS = Path(__file__).resolve().parent / "results" / "dp_step.json"
+STEPS_PER_CALL = 10
+"""Optimiser steps per timed call, for every variant alike."""
 
 Step = Callable[[], None]
 
@@ -88,35 +97,39 @@ def _nonprivate_step(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor) -> Step:
     crit = nn.CrossEntropyLoss()
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        crit(model(x), y).backward()
-        opt.step()
+        for _ in range(STEPS_PER_CALL):
+            opt.zero_grad(set_to_none=True)
+            crit(model(x), y).backward()
+            opt.step()
 
     return step
 
 
 def _bk_step(spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, *, secure: bool) -> Step:
-    """dpfed's own mode, as ``site_agent.trainer._run_bookkeeping`` runs it; ``secure``: the
-    noise from the ChaCha20 CSPRNG with Opacus' secure-mode sum (``policy.secure_noise``)."""
+    """dpfed's own mode through the trainer's actual code: ``site_agent.trainer.
+    _run_bookkeeping`` (the site's noise optimiser, book-keeping clipping, the loss as
+    ``batch_loss`` forms it, Opacus' step) over :data:`STEPS_PER_CALL` steps on the fixed
+    batch, as a ``train_local`` of that many steps runs them after sampling; ``secure``: the
+    noise from the ChaCha20 CSPRNG with Opacus' secure-mode sum (``policy.secure_noise``).
+    Each call's set-up (optimiser wrapper, attaching the book-keeper) is spread over its
+    steps, as in a task."""
     model = build_model(spec, seed=0)
-    opt = SiteNoiseOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.01),
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    params = TrainParams(
         noise_multiplier=1.0,
         max_grad_norm=1.0,
-        expected_batch_size=len(x),
-        loss_reduction="mean",
-        generator=private_torch_generator(),
+        batch_size=len(x),
+        local_epochs=None,
+        local_steps=STEPS_PER_CALL,
+        optimizer=OptimizerSpec(lr=0.01),
     )
-    crit = nn.CrossEntropyLoss(reduction="sum")
-    keeper = BookKeeper(model)
-    attached = keeper.attach()
-    attached.__enter__()  # stays attached while ``step`` (which holds it) lives
+    batches = cast(Any, [(x, y)])  # the loader: the same batch every step
 
-    def step(_attached: Any = attached) -> None:
+    def step() -> None:
         with secure_noise(secure):
-            opt.zero_grad(set_to_none=True)
-            keeper.clipped_backward(crit(model(x), y), 1.0)
-            opt.step()
+            _run_bookkeeping(
+                model, opt, batches, params=params, steps=STEPS_PER_CALL, expected=float(len(x))
+            )
 
     return step
 
@@ -147,26 +160,29 @@ def _dp_step(spec: ModelSpec, mode: str, x: torch.Tensor, y: torch.Tensor) -> St
         dp_crit = crit
 
     def step() -> None:
-        dp_opt.zero_grad(set_to_none=True)
-        dp_crit(dp_model(x), y).backward()
-        dp_opt.step()
+        for _ in range(STEPS_PER_CALL):
+            dp_opt.zero_grad(set_to_none=True)
+            dp_crit(dp_model(x), y).backward()
+            dp_opt.step()
 
     return step
 
 
 def _time(step: Step, n: int) -> float:
+    """Seconds per optimiser step (each call runs :data:`STEPS_PER_CALL` steps)."""
     start = time.perf_counter()
     for _ in range(n):
         step()
-    return (time.perf_counter() - start) / n
+    return (time.perf_counter() - start) / (n * STEPS_PER_CALL)
 
 
 def bench_model(
     name: str, spec: ModelSpec, *, batch: int, repeats: int, repeat_s: float
 ) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, spec.input_dim, generator=g)
-    y = torch.randint(0, spec.num_classes, (batch,), generator=g)
+    input_dim, num_classes = model_dims(spec)
+    x = torch.randn(batch, input_dim, generator=g)
+    y = torch.randint(0, num_classes, (batch,), generator=g)
 
     steps: dict[str, Step] = {"sgd": _nonprivate_step(spec, x, y)}
     errors: dict[str, str] = {}
@@ -186,7 +202,7 @@ def bench_model(
         warnings.simplefilter("ignore")
         for key, step in steps.items():
             t = _time(step, 2)
-            per_repeat[key] = max(1, min(50, round(repeat_s / max(t, 1e-6))))
+            per_repeat[key] = max(1, min(50, round(repeat_s / max(t * STEPS_PER_CALL, 1e-6))))
         samples: dict[str, list[float]] = {key: [] for key in steps}
         for _ in range(repeats):  # interleaved: every variant sees the same machine state
             for key, step in steps.items():
