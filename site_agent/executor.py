@@ -92,7 +92,7 @@ def _report_epsilons_in_background(
 
     They depend only on the ledger as charged (write-ahead, before training), so computing
     them alongside training gives the same numbers, and a PRV composition (tens to hundreds
-    of ms each) no longer adds to the round. Nothing here touches the data. The task's ε is
+    of ms each) does not add to the round. Nothing here touches the data. The task's ε is
     exact; the job's and the lifetime's are :func:`common.running_epsilon.running_epsilon`
     bounds (at most ~2% above exact), so their cost does not grow with the history.
     """
