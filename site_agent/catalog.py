@@ -60,9 +60,11 @@ class CatalogCounts:
             json.loads(self.path.read_text()) if self.path.exists() else {}
         )
 
-    def noisy_count(self, dataset: str, exact: int) -> float:
+    def noisy_count(self, dataset: str, exact: int | Callable[[], int]) -> float:
         """The DP count of ``dataset``: released (and charged) once per budget, then cached;
-        :data:`WITHHELD` when the site's σ floor or the budget does not allow it."""
+        :data:`WITHHELD` when the site's σ floor or the budget does not allow it. ``exact``
+        may be a function (``engine: dask``: the count on the site's cluster), called only
+        after the charge is written."""
         with self._lock:
             key = self.ledger.budget_of(dataset)
             # Released once: a later change of the data does not buy a new release (each
@@ -110,8 +112,9 @@ class CatalogCounts:
             except (PolicyRefusal, PrivacyAccountingError) as err:
                 log.info("catalog count of %s withheld: %s", dataset, err)
                 return WITHHELD
+            rows = exact() if callable(exact) else exact
             rng = noise.private_numpy_rng()
-            noisy = max(0.0, round(exact + float(noise.gaussian_np(rng, sigma))))
+            noisy = max(0.0, round(rows + float(noise.gaussian_np(rng, sigma))))
             self._cache[key] = {"noisy": noisy, "sigma": sigma}
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self._cache))

@@ -18,7 +18,7 @@ encoding (:func:`site_agent.quantiles.histogram_counts`), the marginals of the s
 release (counts over the ``common.synth`` schema's bins) and the mixture E-step sufficient
 statistics (:func:`site_agent.gmm_stats.compute_stats`).
 
-The same map-reduce runs on Spark where a site already has it (``docs/site-operator.md``).
+The same map-reduce runs on Spark where a site already has it (``docs/site-operator-guide.md``).
 """
 
 from __future__ import annotations
@@ -207,3 +207,33 @@ def connect(address: str) -> Any:
         raise InvalidSpecError(
             f"The Dask scheduler {address} cannot be reached ({type(err).__name__})."
         ) from None
+
+
+SYNCHRONOUS = "synchronous"
+"""``dask_scheduler: synchronous``: the same map, run partition by partition in the agent's
+own process (tests, debugging); any other value is a scheduler address."""
+
+
+class StatsEngine:
+    """A dataset's exact statistics computed by the engine (``engine: dask``): the agent's
+    handlers call :meth:`fold` **after** they admitted and charged the release, add the
+    noise to its result, and release it. ``client`` is a ``distributed.Client`` or None
+    (:data:`SYNCHRONOUS`: in-process)."""
+
+    def __init__(self, cfg: DatasetConfig, names: Sequence[str], client: Any | None) -> None:
+        self.cfg = cfg
+        self.names = tuple(names)
+        self.client = client
+
+    def fold(self, fn: Partial, zero: Any, add: Callable[[Any, Any], Any] = operator.add) -> Any:
+        """``fn`` mapped over the dataset's partitions (on the cluster), folded in order."""
+        if self.client is None:
+            parts = local_partials(self.cfg, self.names, fn)
+        else:
+            parts = dask_partials(self.client, self.cfg, self.names, fn)
+        return fold(parts, zero, add)
+
+
+def engine_client(address: str) -> Any | None:
+    """The client for ``dask_scheduler``: None for :data:`SYNCHRONOUS`, else :func:`connect`."""
+    return None if address == SYNCHRONOUS else connect(address)

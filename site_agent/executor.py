@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -55,6 +56,7 @@ from site_agent.budget import budget_limit, release_update
 from site_agent.canaries import canaries_for, score_canaries
 from site_agent.catalog import WITHHELD, CatalogCounts, schema_of
 from site_agent.config import DatasetConfig, SiteConfig
+from site_agent.dask_engine import SYNCHRONOUS, StatsEngine, engine_client, row_count
 from site_agent.data import LocalDataset, load_dataset, split_key, split_train_validation
 from site_agent.device import resolve as resolve_device
 from site_agent.encoding_check import checked_encoding
@@ -170,6 +172,7 @@ class TaskExecutor:
         self._splits: dict[str, _Split] = {}
         self._disk: dict[str, DiskDataset] = {}
         self._lock = threading.Lock()
+        self._dask_client: Any | None = None
         for ds in config.datasets:
             self._shape(ds.name)  # fail fast on a broken dataset at start-up
         self._catalog = CatalogCounts(
@@ -196,6 +199,29 @@ class TaskExecutor:
                     self._config(name), self.config.state_dir, split_key(self.config.state_dir)
                 )
             return self._disk[name]
+
+    def _engine(self, name: str) -> StatsEngine | None:
+        """The dataset's statistics engine: None for ``engine: local`` (the handler computes
+        in-process); for ``engine: dask`` the site's cluster (connected on first use). Called
+        by a handler only after its release is charged."""
+        cfg = self._config(name)
+        if cfg.engine != "dask":
+            return None
+        assert self.config.dask_scheduler is not None  # SiteConfig requires it
+        names = self._shape(name).feature_names
+        with self._lock:
+            if self._dask_client is None and self.config.dask_scheduler != SYNCHRONOUS:
+                self._dask_client = engine_client(self.config.dask_scheduler)
+            return StatsEngine(cfg, names, self._dask_client)
+
+    def _exact_rows(self, name: str, shape: _Shape) -> int | Callable[[], int]:
+        """The catalog's exact count: the shape's, or (``engine: dask``) a function the
+        catalog calls after its charge, folding the count on the site's cluster (connected
+        here, before the charge: an unreachable scheduler costs no ε)."""
+        engine = self._engine(name)
+        if engine is None:
+            return shape.num_train + (shape.num_validation or 0)
+        return lambda: int(engine.fold(row_count, 0))
 
     def _shape(self, name: str) -> _Shape:
         cfg = self._config(name)
@@ -227,7 +253,7 @@ class TaskExecutor:
         if self.config.policy.disclose_row_counts:
             return shape
         with noise.secure_noise(self.config.policy.secure_noise):  # cached after the first
-            dp_rows = self._catalog.noisy_count(name, shape.num_train + (shape.num_validation or 0))
+            dp_rows = self._catalog.noisy_count(name, self._exact_rows(name, shape))
         return _public_shape(shape, dp_rows, self._config(name))
 
     def _split(self, name: str) -> _Split:
@@ -263,7 +289,7 @@ class TaskExecutor:
             sp = self._shape(cfg.name)
             n_val = sp.num_validation or 0
             # Charged (once, then cached) before the spend below is computed and disclosed.
-            dp_rows = self._catalog.noisy_count(cfg.name, sp.num_train + n_val)
+            dp_rows = self._catalog.noisy_count(cfg.name, self._exact_rows(cfg.name, sp))
             if not self.config.policy.disclose_row_counts:
                 # Only the DP count leaves (policy.disclose_row_counts: false): the sizes
                 # registered are derived from it; none when it was withheld.
@@ -361,6 +387,8 @@ class TaskExecutor:
             )
         public = None if self.config.policy.disclose_row_counts else self._disclosed(task.dataset)
         split = self._split(task.dataset)
+        if task.kind in ("synth", "quantiles"):  # computed by the engine after the charge
+            handler = functools.partial(handler, engine=self._engine(task.dataset))
         result = handler(
             config=self.config,
             ledger=self.ledger,

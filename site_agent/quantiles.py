@@ -32,6 +32,7 @@ from common.errors import InvalidSpecError
 from common.schema.table import TypedTable
 from site_agent.budget import admit_and_charge, parse_request, release_update
 from site_agent.config import SiteConfig
+from site_agent.dask_engine import QuantileCounts, StatsEngine
 from site_agent.data import LocalDataset
 from site_agent.ledger import Ledger
 
@@ -97,8 +98,11 @@ def run_quantiles(
     ledger: Ledger,
     task: TaskAssignment,
     data: tuple[LocalDataset, LocalDataset | None],
+    engine: StatsEngine | None = None,
 ) -> tuple[UpdateMeta, bytes]:
-    """Admit, charge, then release the noised histograms of the requested columns."""
+    """Admit, charge, then release the noised histograms of the requested columns; with an
+    ``engine`` (``engine: dask``) the exact counts are computed on the site's cluster after
+    the charge (the same counts: ``tests/unit/test_dask_wiring.py``)."""
     req = parse_request(QuantileRequest, task, source="quantile request")
     train, val = data
     _check_declared(req, train.feature_schema, task.dataset)
@@ -114,8 +118,14 @@ def run_quantiles(
         delta=req.delta,
         what="noised histograms for quantile bin edges",
     )
-    table = train.table if val is None else TypedTable.concat([train.table, val.table])
-    counts = histogram_counts(table, req.columns, req.grid)
+    if engine is not None:
+        zero = np.zeros((len(req.columns), req.grid), dtype=np.float64)
+        counts = engine.fold(QuantileCounts(tuple(req.columns), req.grid), zero)
+        rows = len(train) + (0 if val is None else len(val))
+    else:
+        table = train.table if val is None else TypedTable.concat([train.table, val.table])
+        counts = histogram_counts(table, req.columns, req.grid)
+        rows = table.num_rows
     std = req.noise_multiplier * sensitivity(len(req.columns))
     noised = counts + noise.gaussian_np(noise.private_numpy_rng(), std, counts.shape)
     result = {
@@ -129,7 +139,7 @@ def run_quantiles(
         task=task,
         events=[event],
         delta=req.delta,
-        num_examples=max(1, table.num_rows),
+        num_examples=max(1, rows),
         result_json=json.dumps(result),
         task_epsilon=eps.epsilon,
         accountant=eps.accountant,

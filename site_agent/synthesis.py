@@ -22,6 +22,7 @@ from common.synthesis.discretisation import ColumnSchema, Schema
 from common.synthesis.marginals import marginal_plan, measure_site
 from site_agent.budget import admit_and_charge, parse_request, release_update
 from site_agent.config import DatasetConfig, SiteConfig
+from site_agent.dask_engine import MarginalCounts, StatsEngine, add_marginals
 from site_agent.data import LocalDataset
 from site_agent.ledger import Ledger
 
@@ -92,7 +93,11 @@ def run_synth(
     ledger: Ledger,
     task: TaskAssignment,
     data: tuple[LocalDataset, LocalDataset | None],
+    engine: StatsEngine | None = None,
 ) -> tuple[UpdateMeta, bytes]:
+    """Admit and charge the planned marginals, then release their noisy counts; with an
+    ``engine`` (``engine: dask``) the exact counts are computed on the site's cluster after
+    the charge (the same counts: ``tests/unit/test_dask_wiring.py``)."""
     req = parse_request(SynthRequest, task, source="synth request")
     cfg = config.dataset(task.dataset)
     assert cfg is not None
@@ -119,16 +124,28 @@ def run_synth(
         delta=req.delta,
         what=f"synthetic-data marginals at ε={req.target_epsilon:g}",
     )
-    frame = _frame(train, schema)
-    if val is not None:
-        frame = pd.concat([frame, _frame(val, schema)], ignore_index=True)
-    measurement = measure_site(frame, schema, plan, noise.private_numpy_rng())
+    if engine is not None:
+        marginals = tuple(m.columns for m in plan.marginals)
+        counts = engine.fold(MarginalCounts(schema, marginals), None, add_marginals)
+        if counts is None:  # no partition holds a row
+            counts = [
+                np.zeros(int(np.prod([schema.column(c).bins for c in m])), np.int64)
+                for m in marginals
+            ]
+        rows = int(counts[0].sum()) if counts else 0  # each kept row counts once per marginal
+        measurement = measure_site(None, schema, plan, noise.private_numpy_rng(), counts=counts)
+    else:
+        frame = _frame(train, schema)
+        if val is not None:
+            frame = pd.concat([frame, _frame(val, schema)], ignore_index=True)
+        rows = len(frame)
+        measurement = measure_site(frame, schema, plan, noise.private_numpy_rng())
     return release_update(
         config=config,
         ledger=ledger,
         task=task,
         delta=req.delta,
-        num_examples=len(frame),
+        num_examples=rows,
         result_json=json.dumps({"schema": schema.to_dict(), "measurement": measurement}),
         task_epsilon=plan.epsilon,
         accountant=plan.accountant,

@@ -269,7 +269,12 @@ def _counts(codes: IntArray, schema: Schema, columns: tuple[str, ...]) -> IntArr
 
 
 def measure_site(
-    data: Any, schema: Schema, plan: MeasurementPlan, rng: np.random.Generator
+    data: Any,
+    schema: Schema,
+    plan: MeasurementPlan,
+    rng: np.random.Generator,
+    *,
+    counts: Sequence[IntArray] | None = None,
 ) -> MeasurementDict:
     """The site's release: every planned marginal's counts plus ``N(0, σ²)`` per cell.
 
@@ -280,6 +285,8 @@ def measure_site(
     "marginals": [{"columns", "shape", "counts", "variance"}], "events", "epsilon", "delta",
     "accountant"}``, where ``counts`` is flat in C order over ``shape`` and ``variance`` is
     ``σ²`` of every cell. Exact counts, row numbers and values never appear in it or in errors.
+    ``counts``: the plan's exact marginal counts (in plan order) computed elsewhere, the
+    site's Dask cluster (``site_agent.dask_engine``); ``data`` is then not read.
     """
     if not isinstance(plan, MeasurementPlan) or not isinstance(schema, Schema):
         raise InvalidSpecError("measure_site needs the site's Schema and a MeasurementPlan.")
@@ -289,10 +296,13 @@ def measure_site(
         )
     if not isinstance(rng, np.random.Generator):
         raise ValueError("rng must be a numpy.random.Generator.")
-    codes = schema.encode(data)
+    if counts is not None and len(counts) != len(plan.marginals):
+        raise InvalidSpecError("measure_site needs one count vector per planned marginal.")
+    if counts is None:
+        codes = schema.encode(data)
+        counts = [_counts(codes, schema, m.columns) for m in plan.marginals]
     out: list[MarginalDict] = []
-    for m in plan.marginals:
-        exact = _counts(codes, schema, m.columns)
+    for m, exact in zip(plan.marginals, counts, strict=True):
         noisy = exact + noise.gaussian_np(rng, m.noise_std, exact.shape[0])
         out.append(
             {

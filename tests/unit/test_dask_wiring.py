@@ -1,0 +1,216 @@
+"""``engine: dask`` wired into the site's handlers (issue 19.4): the catalog's DP row count,
+the quantile histograms and the synthetic-data marginals a site releases are computed by
+``site_agent.dask_engine`` after the release is charged, and equal the in-process path's
+exactly (the noise is zeroed to compare the values it is added to)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from common import noise
+from common.domain import TaskAssignment
+from site_agent import dask_engine
+from site_agent.config import load_site_config
+from site_agent.executor import TaskExecutor
+from site_agent.ledger import Ledger
+
+COLUMNS: dict[str, Any] = {
+    "amount": {"type": "numeric", "min": 0, "max": 1000},
+    "age": {"type": "numeric", "min": 18, "max": 100, "nullable": False},
+    "home": {"type": "categorical", "categories": ["owner", "rent"]},
+    "status": {"type": "categorical", "categories": ["good", "bad"]},
+}
+
+
+def _write_data(root: Path, rows: int = 600) -> None:
+    rng = np.random.default_rng(5)
+    amount = rng.uniform(-50, 1200, rows)
+    amount[rng.random(rows) < 0.1] = np.nan
+    frame = pd.DataFrame(
+        {
+            "amount": amount,
+            "age": rng.integers(10, 110, rows).astype(float),
+            "home": rng.choice(np.array(["owner", "rent", "castle", None], dtype=object), rows),
+            "status": rng.choice(np.array(["good", "bad", "maybe", None], dtype=object), rows),
+        }
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(root / "loans.parquet", row_group_size=110)
+
+
+def _executor(root: Path, data: Path, engine: str, scheduler: str) -> TaskExecutor:
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "site_id": "bank-a",
+        "orchestrator": "127.0.0.1:1",
+        "state_dir": str(root / "state"),
+        "insecure": True,
+        "dask_scheduler": scheduler,
+        "datasets": [
+            {
+                "name": "loans",
+                "path": str(data / "loans.parquet"),
+                "label": "status",
+                "columns": COLUMNS,
+                "engine": engine,
+                "validation_fraction": 0.25,
+            }
+        ],
+        "policy": {"max_epsilon": 50.0, "delta": 1e-5, "catalog_noise_multiplier": 5.0},
+    }
+    (root / "site.yaml").write_text(yaml.safe_dump(cfg))
+    config = load_site_config(root / "site.yaml")
+    return TaskExecutor(config, Ledger(config.state_dir / "ledger.sqlite"))
+
+
+def _task(kind: str, request: dict[str, Any], task_id: str) -> TaskAssignment:
+    return TaskAssignment(
+        task_id=task_id,
+        job_id=f"job-{task_id}",
+        round=0,
+        rounds=1,
+        job_spec_json="",
+        dataset="loans",
+        noise_multiplier=0.0,
+        model_size=0,
+        model_sha256="",
+        deadline_unix=0.0,
+        kind=kind,
+        request_json=json.dumps(request),
+    )
+
+
+QUANTILES = {
+    "columns": [
+        {"name": "amount", "min": 0.0, "max": 1000.0},
+        {"name": "age", "min": 18.0, "max": 100.0},
+    ],
+    "grid": 16,
+    "noise_multiplier": 1.0,
+    "delta": 1e-5,
+}
+SYNTH = {"target_epsilon": 3.0, "delta": 1e-5, "bins": 4}
+
+
+def _zero_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    def zeros(rng: Any, std: float, size: Any = None) -> Any:
+        return np.zeros(() if size is None else size, dtype=np.float64)
+
+    monkeypatch.setattr(noise, "gaussian_np", zeros)
+
+
+def _released(ex: TaskExecutor) -> dict[str, Any]:
+    """The values the site releases (noise zeroed): catalog count, histograms, marginals."""
+    q_meta, _ = ex._execute_other(_task("quantiles", QUANTILES, "q"), b"")
+    s_meta, _ = ex._execute_other(_task("synth", SYNTH, "s"), b"")
+    synth = json.loads(s_meta.result_json)["measurement"]
+    return {
+        "count": ex.dataset_infos()[0].dp_num_rows,
+        "quantiles": json.loads(q_meta.result_json)["histograms"],
+        "q_rows": q_meta.num_examples,
+        "marginals": [(m["columns"], m["counts"]) for m in synth["marginals"]],
+        "s_rows": s_meta.num_examples,
+    }
+
+
+def _engine_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    fold = dask_engine.StatsEngine.fold
+
+    def spy(self: dask_engine.StatsEngine, fn: Any, *args: Any) -> Any:
+        calls.append(getattr(fn, "__name__", type(fn).__name__))
+        return fold(self, fn, *args)
+
+    monkeypatch.setattr(dask_engine.StatsEngine, "fold", spy)
+    return calls
+
+
+def test_engine_dask_releases_what_the_in_process_path_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _zero_noise(monkeypatch)
+    calls = _engine_calls(monkeypatch)
+    _write_data(tmp_path / "data")
+    local = _released(_executor(tmp_path / "local", tmp_path / "data", "local", "synchronous"))
+    assert calls == []  # engine: local never calls the engine
+    dask = _released(_executor(tmp_path / "dask", tmp_path / "data", "dask", "synchronous"))
+    assert calls == ["row_count", "QuantileCounts", "MarginalCounts"]
+    assert dask == local
+    assert local["count"] > 0 and sum(local["quantiles"]["amount"]) > 0
+
+
+def test_each_release_is_charged_before_the_engine_computes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_data(tmp_path / "data")
+    seen: list[tuple[str, list[str]]] = []
+    fold = dask_engine.StatsEngine.fold
+    ledgers: list[Ledger] = []
+
+    def spy(self: dask_engine.StatsEngine, fn: Any, *args: Any) -> Any:
+        kinds = [e.kind for e in ledgers[0].entries(dataset="loans")]
+        seen.append((getattr(fn, "__name__", type(fn).__name__), kinds))
+        return fold(self, fn, *args)
+
+    monkeypatch.setattr(dask_engine.StatsEngine, "fold", spy)
+    root = tmp_path / "dask"
+    root.mkdir()
+    # The ledger the executor will open, read by the spy in the same process.
+    ex_ledger = Ledger(root / "state" / "ledger.sqlite")
+    ledgers.append(ex_ledger)
+    ex = _executor(root, tmp_path / "data", "dask", "synchronous")
+    ex._execute_other(_task("quantiles", QUANTILES, "q"), b"")
+    ex._execute_other(_task("synth", SYNTH, "s"), b"")
+    assert [name for name, _ in seen] == ["row_count", "QuantileCounts", "MarginalCounts"]
+    assert seen[0][1] == ["catalog"]
+    assert seen[1][1] == ["catalog", "quantiles"]
+    assert seen[2][1] == ["catalog", "quantiles", "synth"]
+
+
+def test_a_refused_release_never_runs_the_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.errors import InvalidSpecError
+
+    calls = _engine_calls(monkeypatch)
+    _write_data(tmp_path / "data")
+    ex = _executor(tmp_path / "dask", tmp_path / "data", "dask", "synchronous")
+    undeclared = {**QUANTILES, "columns": [{"name": "amount", "min": 0.0, "max": 5.0}]}
+    with pytest.raises(InvalidSpecError, match="not declared"):
+        ex._execute_other(_task("quantiles", undeclared, "q"), b"")
+    assert calls == ["row_count"]  # the catalog's count only
+    assert [e.kind for e in ex.ledger.entries(dataset="loans")] == ["catalog"]
+
+
+@pytest.mark.slow
+def test_a_local_cluster_of_worker_processes_releases_the_same_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    distributed = pytest.importorskip("distributed")
+    _zero_noise(monkeypatch)
+    _write_data(tmp_path / "data")
+    local = _released(_executor(tmp_path / "local", tmp_path / "data", "local", "synchronous"))
+    with distributed.LocalCluster(
+        n_workers=3,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        worker_dashboard_address=None,
+    ) as cluster:
+        ex = _executor(tmp_path / "dask", tmp_path / "data", "dask", cluster.scheduler_address)
+        try:
+            on_cluster = _released(ex)
+            client = ex._dask_client
+            assert client is not None and len(client.scheduler_info()["workers"]) == 3
+        finally:
+            if ex._dask_client is not None:
+                ex._dask_client.close()
+    assert on_cluster == local
