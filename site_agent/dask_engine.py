@@ -193,6 +193,32 @@ class MixtureStats:
         )
 
 
+@dataclass(frozen=True)
+class MixtureRequestStats:
+    """Map for an E-step request's exact statistics (``site_agent.gmm_stats``'
+    ``_stream_stats``) of ``columns``: ``(rows used, one SufficientStats per model)``, the
+    partition's rows streamed in ``chunk_rows`` chunks as :func:`site_agent.mixture.run_gmm`
+    streams them."""
+
+    columns: tuple[str, ...]
+    chunk_rows: int
+    models: tuple[Any, ...]  # common.clustering GaussianMixtureParams
+    box: Any  # common.clustering.model.FeatureBox
+    covariance_types: tuple[str, ...]
+
+    def __call__(self, ds: LocalDataset) -> tuple[int, list[Any]]:
+        from site_agent.gmm_stats import _stream_stats
+        from site_agent.mixture import _rows
+
+        x = _rows(ds, self.columns)
+        chunks = [x[i : i + self.chunk_rows] for i in range(0, len(x), self.chunk_rows)]
+        return len(x), _stream_stats(chunks, self.models, self.box, self.covariance_types)
+
+
+def add_mixture(a: tuple[int, list[Any]], b: tuple[int, list[Any]]) -> tuple[int, list[Any]]:
+    return a[0] + b[0], [x + y for x, y in zip(a[1], b[1], strict=True)]
+
+
 def connect(address: str) -> Any:
     """A ``distributed.Client`` for the site's scheduler (``dask_scheduler`` in site.yaml)."""
     try:

@@ -387,7 +387,7 @@ class TaskExecutor:
             )
         public = None if self.config.policy.disclose_row_counts else self._disclosed(task.dataset)
         split = self._split(task.dataset)
-        if task.kind in ("synth", "quantiles"):  # computed by the engine after the charge
+        if task.kind in ("synth", "quantiles", "gmm"):  # the engine computes after the charge
             handler = functools.partial(handler, engine=self._engine(task.dataset))
         result = handler(
             config=self.config,

@@ -69,7 +69,7 @@ Data handling follows :mod:`site_agent.data`: no error message contains a data v
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -165,6 +165,12 @@ def _stream_stats(
             total = SufficientStats(np.zeros(K), np.zeros((K, D)), s2, 0.0, rng)
         out.append(total)
     return out
+
+
+ExactStats = Callable[
+    [Sequence[GaussianMixtureParams], FeatureBox, Sequence[str]], list[SufficientStats]
+]
+"""Computes :func:`_stream_stats`' result for the site's rows (models, box, covariance types)."""
 
 
 def _stream_loglik(
@@ -430,6 +436,7 @@ def answer_request(
     *,
     rng: np.random.Generator,
     weight_rng: np.random.Generator | None = None,
+    exact_stats: ExactStats | None = None,
 ) -> tuple[dict[str, Any], DpEvent]:
     """Answer a wire request with noised statistics: ``(result dict, event to charge)``.
 
@@ -438,6 +445,9 @@ def answer_request(
     The caller checks :func:`request_cost` against its policy first and charges the returned
     event to its ledger *before* sending the result. ``weight_rng`` draws the bootstrap
     weights of a ``gmm.boot`` request; leave it None in production (OS entropy).
+    ``exact_stats`` computes an E-step request's exact statistics elsewhere (``engine:
+    dask``: ``site_agent.dask_engine``) in place of the pass over ``chunks``; the other
+    requests read ``chunks``.
     """
     event = request_cost(request)
     req = parse_request(request)
@@ -480,7 +490,12 @@ def answer_request(
         }
         ev = EvalResult(round=req.round, logliks=noisy_ll, dp_event=WireDpEvent.of(event))
         return ev.model_dump(mode="json"), event
-    exact = _stream_stats(chunks, models, box, [req.covariance_type] * len(models))
+    covs = [req.covariance_type] * len(models)
+    exact = (
+        _stream_stats(chunks, models, box, covs)
+        if exact_stats is None
+        else exact_stats(models, box, covs)
+    )
     noised: dict[str, dict[str, Any]] = {}
     for m, params, stats in zip(req.models, models, exact, strict=True):
         delta = stats_sensitivity(

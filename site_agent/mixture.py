@@ -13,7 +13,7 @@ left out, each by a rule on that record alone.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,12 +22,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from common import noise
 from common.clustering.federated_em import FederatedEM
+from common.clustering.model import FeatureBox, GaussianMixtureParams
+from common.clustering.statistics import SufficientStats
 from common.domain import TaskAssignment, UpdateMeta
 from common.errors import InvalidSpecError
 from site_agent.budget import admit_and_charge, parse_request, release_update
 from site_agent.config import DatasetConfig, SiteConfig
+from site_agent.dask_engine import MixtureRequestStats, StatsEngine, add_mixture
 from site_agent.data import LocalDataset, iter_typed_chunks
-from site_agent.gmm_stats import answer_request, request_cost
+from site_agent.gmm_stats import ExactStats, _stream_stats, answer_request, request_cost
 from site_agent.ledger import Ledger
 
 
@@ -66,7 +69,11 @@ def run_gmm(
     ledger: Ledger,
     task: TaskAssignment,
     data: tuple[LocalDataset, LocalDataset | None],
+    engine: StatsEngine | None = None,
 ) -> tuple[UpdateMeta, bytes]:
+    """Admit and charge one mixture request, then answer it; with an ``engine`` (``engine:
+    dask``) an E-step request's exact statistics are computed on the site's cluster after
+    the charge (``tests/unit/test_dask_wiring.py``)."""
     body = parse_request(MixtureTask, task, source="gmm request")
     cfg = config.dataset(task.dataset)
     assert cfg is not None
@@ -102,7 +109,25 @@ def run_gmm(
                 n_rows += len(x[start : start + cfg.chunk_rows])
                 yield x[start : start + cfg.chunk_rows]
 
-    result, charged = answer_request(body.request, chunks(), rng=noise.private_numpy_rng())
+    exact_stats: ExactStats | None = None
+    if engine is not None:
+
+        def exact_stats(
+            models: Sequence[GaussianMixtureParams], box: FeatureBox, covs: Sequence[str]
+        ) -> list[SufficientStats]:
+            nonlocal n_rows
+            stats_map = MixtureRequestStats(
+                body.columns, cfg.chunk_rows, tuple(models), box, tuple(covs)
+            )
+            rows, stats = engine.fold(stats_map, (0, None), add_mixture)
+            if stats is None:  # no partition holds a row: the stream's zeros
+                return _stream_stats([], models, box, covs)
+            n_rows = rows
+            return list(stats)
+
+    result, charged = answer_request(
+        body.request, chunks(), rng=noise.private_numpy_rng(), exact_stats=exact_stats
+    )
     if charged != event:
         raise InvalidSpecError("internal: the answered release differs from the one charged")
     return release_update(

@@ -1,7 +1,8 @@
 """``engine: dask`` wired into the site's handlers (issue 19.4): the catalog's DP row count,
-the quantile histograms and the synthetic-data marginals a site releases are computed by
-``site_agent.dask_engine`` after the release is charged, and equal the in-process path's
-exactly (the noise is zeroed to compare the values it is added to)."""
+the quantile histograms, the synthetic-data marginals and the mixture E-step statistics a
+site releases are computed by ``site_agent.dask_engine`` after the release is charged, and
+equal the in-process path's (the counts exactly, the mixture sums up to summation order; the
+noise is zeroed to compare the values it is added to)."""
 
 from __future__ import annotations
 
@@ -168,10 +169,19 @@ def test_each_release_is_charged_before_the_engine_computes_it(
     ex = _executor(root, tmp_path / "data", "dask", "synchronous")
     ex._execute_other(_task("quantiles", QUANTILES, "q"), b"")
     ex._execute_other(_task("synth", SYNTH, "s"), b"")
-    assert [name for name, _ in seen] == ["row_count", "QuantileCounts", "MarginalCounts"]
-    assert seen[0][1] == ["catalog"]
-    assert seen[1][1] == ["catalog", "quantiles"]
-    assert seen[2][1] == ["catalog", "quantiles", "synth"]
+    ex._execute_other(_task("gmm", _GMM, "g"), b"")
+    assert [name for name, _ in seen] == [
+        "row_count",
+        "QuantileCounts",
+        "MarginalCounts",
+        "MixtureRequestStats",
+    ]
+    assert [kinds for _, kinds in seen] == [
+        ["catalog"],
+        ["catalog", "quantiles"],
+        ["catalog", "quantiles", "synth"],
+        ["catalog", "quantiles", "synth", "gmm"],
+    ]
 
 
 def test_a_refused_release_never_runs_the_engine(
@@ -196,7 +206,8 @@ def test_a_local_cluster_of_worker_processes_releases_the_same_values(
     distributed = pytest.importorskip("distributed")
     _zero_noise(monkeypatch)
     _write_data(tmp_path / "data")
-    local = _released(_executor(tmp_path / "local", tmp_path / "data", "local", "synchronous"))
+    local_ex = _executor(tmp_path / "local", tmp_path / "data", "local", "synchronous")
+    local = _released(local_ex)
     with distributed.LocalCluster(
         n_workers=3,
         threads_per_worker=1,
@@ -208,9 +219,64 @@ def test_a_local_cluster_of_worker_processes_releases_the_same_values(
         ex = _executor(tmp_path / "dask", tmp_path / "data", "dask", cluster.scheduler_address)
         try:
             on_cluster = _released(ex)
+            g_meta, _ = ex._execute_other(_task("gmm", _GMM, "g"), b"")
             client = ex._dask_client
             assert client is not None and len(client.scheduler_info()["workers"]) == 3
         finally:
             if ex._dask_client is not None:
                 ex._dask_client.close()
     assert on_cluster == local
+    l_meta, _ = local_ex._execute_other(_task("gmm", _GMM, "g"), b"")
+    assert g_meta.num_examples == l_meta.num_examples
+    got, want = (json.loads(m.result_json)["stats"] for m in (g_meta, l_meta))
+    for key in want:
+        for field in ("nk", "s1", "s2", "loglik"):
+            np.testing.assert_allclose(got[key][field], want[key][field], rtol=1e-12, atol=1e-9)
+
+
+def _em_request() -> dict[str, Any]:
+    """A mixture E-step request (gmm.em): the machine's first, after an init answer."""
+    from common.clustering.federated_em import FederatedEM
+    from site_agent.gmm_stats import answer_request
+
+    em = FederatedEM(
+        K=2,
+        covariance_type="diag",
+        bounds=[[0, 1000], [18, 100]],
+        max_rounds=2,
+        tol=1e-3,
+        noise_multiplier=5.0,
+        seed=0,
+    )
+    rows = np.random.default_rng(0).uniform([0, 18], [1000, 100], size=(200, 2))
+    answer, _ = answer_request(em.initial_request(), [rows], rng=np.random.default_rng(1))
+    nxt = em.absorb([answer])
+    assert nxt is not None and nxt["kind"] == "gmm.em"
+    return nxt
+
+
+def test_mixture_statistics_on_the_engine_equal_the_in_process_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The E-step sums equal the agent's up to the order of summation (the agent streams its
+    in-memory table, the engine each row group), the rows exactly; charged before."""
+    _zero_noise(monkeypatch)
+    calls = _engine_calls(monkeypatch)
+    _write_data(tmp_path / "data")
+    request = _GMM
+    out = {}
+    for engine in ("local", "dask"):
+        ex = _executor(tmp_path / engine, tmp_path / "data", engine, "synchronous")
+        meta, _ = ex._execute_other(_task("gmm", request, "g"), b"")
+        assert [e.kind for e in ex.ledger.entries(dataset="loans")] == ["catalog", "gmm"]
+        out[engine] = (meta.num_examples, json.loads(meta.result_json)["stats"])
+    assert calls == ["row_count", "MixtureRequestStats"]
+    assert out["dask"][0] == out["local"][0] > 0
+    (key,) = out["local"][1]
+    for field in ("nk", "s1", "s2", "loglik"):
+        np.testing.assert_allclose(
+            out["dask"][1][key][field], out["local"][1][key][field], rtol=1e-12, atol=1e-9
+        )
+
+
+_GMM = {"columns": ["amount", "age"], "request": _em_request()}
