@@ -295,7 +295,8 @@ class SiteConfig(_Frozen):
     dask_scheduler: str | None = Field(
         default=None,
         min_length=3,
-        description="the site's Dask scheduler (tcp://host:8786) for datasets with engine: dask",
+        description="the site's Dask scheduler (tcp://host:8786) for datasets with engine: "
+        "dask; 'synchronous' runs the same map in the agent's process (tests, debugging)",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto",
