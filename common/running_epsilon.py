@@ -36,7 +36,7 @@ def round_up_steps(steps: int) -> int:
         return steps  # the grid is denser than the integers here
 
     def point(j: int) -> int:
-        return int(math.ceil(2.0 ** (j / GRID_POINTS_PER_DOUBLING)))
+        return math.ceil(math.pow(2.0, j / GRID_POINTS_PER_DOUBLING))
 
     j = math.ceil(GRID_POINTS_PER_DOUBLING * math.log2(steps))
     while point(j) < steps:  # guard against rounding in log2/pow

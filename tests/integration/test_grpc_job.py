@@ -381,7 +381,10 @@ def test_plan_epsilon_is_the_charged_epsilon_with_metrics_every_k_rounds(
     server = ["--server", net.address, "--insecure"]
     capsys.readouterr()
     assert orch_cli.main(["plan", str(job_file), *server]) == 0
-    assert "metrics: released in 2 rounds (every 2 rounds and the last), σ=10" in capsys.readouterr().out
+    assert (
+        "metrics: released in 2 rounds (every 2 rounds and the last), σ=10"
+        in capsys.readouterr().out
+    )
     assert orch_cli.main(["status", st.job_id, *server]) == 0
     assert "±" in capsys.readouterr().out
     assert orch_cli.main(["evaluate", st.job_id, "-d", "digits", *server]) == 0
