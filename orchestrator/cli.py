@@ -811,6 +811,10 @@ def certs_issue(
     name: Annotated[str, typer.Option(help="site id or user name")],
     role: Annotated[str, typer.Option(help=f"one of {', '.join(ROLES)}")],
     days: Annotated[int, typer.Option(min=1, help="validity of the certificate")] = DEFAULT_DAYS,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="orchestrator role only: a host name/IP it serves (repeat)"),
+    ] = None,
 ) -> None:
     """Issue a certificate from an existing CA: a new site or user, or a rotation (the one it
     replaces stays valid until you revoke its serial)."""
@@ -818,7 +822,7 @@ def certs_issue(
 
     revoked = revoked_serials(pki_dir)
     before = [c for c in issued(pki_dir) if c.name == name and c.serial not in revoked]
-    f = issue(pki_dir, name=name, role=role, days=days)
+    f = issue(pki_dir, name=name, role=role, days=days, hosts=tuple(host or ()))
     new = next(
         c
         for c in issued(pki_dir)
