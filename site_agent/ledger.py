@@ -41,6 +41,7 @@ refused rather than misread.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sqlite3
@@ -222,6 +223,8 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._budgets = dict(budgets or {})
         self._lock = threading.Lock()
+        # (dataset, delta, accountant) -> (events composed, ε): the highest bound reported.
+        self._spent_marks: dict[tuple[str, float, str], tuple[int, float]] = {}
         # isolation_level=None: no implicit transactions; charge() opens its own.
         self._conn: sqlite3.Connection | None = sqlite3.connect(
             self.path, timeout=30.0, isolation_level=None, check_same_thread=False
@@ -604,8 +607,22 @@ class Ledger:
         return [str(r[0]) for r in rows]
 
     def spent(self, dataset: str, *, delta: float, accountant: str = "prv") -> EpsilonBound:
-        """An upper bound on the ε spent on ``dataset``'s budget by all charges, at ``delta``."""
-        return compute_epsilon(self.events(dataset), delta=delta, accountant=accountant)
+        """An upper bound on the ε spent on ``dataset``'s budget by all charges, at ``delta``,
+        that never decreases while this ledger is open.
+
+        A numerical accountant's bound moves within its own error (PRV: ``eps_error``, 0.3%)
+        when the history grows, so it can come out a hair lower after a cheap charge. The
+        ledger is append-only, so an earlier history is a subset of today's and its bound
+        stays an upper bound of today's ε: reporting the larger of the two is sound."""
+        events = self.events(dataset)
+        bound = compute_epsilon(events, delta=delta, accountant=accountant)
+        key = (dataset, delta, accountant)
+        with self._lock:
+            count, previous = self._spent_marks.get(key, (0, 0.0))
+            if len(events) >= count and previous > bound.epsilon:
+                bound = dataclasses.replace(bound, epsilon=previous)
+            self._spent_marks[key] = (len(events), bound.epsilon)
+        return bound
 
     # ------------------------------------------------------------------ lifecycle
 
