@@ -455,7 +455,9 @@ class JobRunner(JobThread):
             noise_multiplier=spec.metrics.noise_multiplier,
             loss_bound=spec.metrics.loss_bound,
         )
-        epsilon = self._round_epsilon()
+        # The last round's figure is the one the card will state (exact); earlier rounds
+        # show the running bound (issue 19.1), at most ~2% above exact.
+        epsilon = self._job_epsilon()[0] if rnd == spec.rounds else self._round_epsilon()
         self.store.commit_round(
             RoundRow(
                 job_id=self.job_id,
