@@ -328,7 +328,11 @@ def _kill_orchestrator_mid_round_and_resume(tmp_path: Path, sig: signal.Signals)
         rerun = site in st.history[k].site_ids
         assert 1 + rerun <= len(tasks) <= 2, (site, tasks, rerun)
     if sig == signal.SIGTERM:
-        assert "bank-c" in sent_first and "bank-a" not in sent_first, sent_first
+        # The orchestrator held at least one update of the round it did not commit (bank-c's,
+        # waited for above). Whether bank-a (2.5x the rows) had also delivered by the time it
+        # stopped is a race with training speed; each site's accounting is checked above in
+        # either case.
+        assert "bank-c" in sent_first, sent_first
 
 
 def test_orchestrator_sigkill_mid_round_resumes_from_checkpoint(tmp_path: Path) -> None:
