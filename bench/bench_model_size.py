@@ -177,7 +177,7 @@ def run(sizes: list[int], repeats: int) -> dict[str, Any]:
     import grpc
 
     from common import serde
-    from common.transport import CHANNEL_OPTIONS
+    from common.rpc.transport import CHANNEL_OPTIONS
     from protos.dpfed.v1 import dpfed_pb2 as pb
     from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 

@@ -311,7 +311,7 @@ class Broker:
         sites. gRPC flow control alone does not hold a
         waiting upload back: once its bandwidth-delay probing has grown the windows, a stream
         may send ~4 MiB unread. The servicer therefore sends the agent its go
-        (``common.transport.UPLOAD_GATE``) only after this returns.
+        (``common.rpc.transport.UPLOAD_GATE``) only after this returns.
 
         Uploads take turns first come, first served (``orchestrator.turns``). ``wait=False``
         (the agent waits on its side) raises TryLaterError with the time to ask again when the

@@ -13,7 +13,7 @@ import threading
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from common.transport import split_address
+from common.rpc.transport import split_address
 from orchestrator.store import Store
 
 _CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

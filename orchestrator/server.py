@@ -30,7 +30,7 @@ from common.tls import (
     server_credentials,
     server_hosts,
 )
-from common.transport import SERVER_OPTIONS, require_loopback_for_plaintext
+from common.rpc.transport import SERVER_OPTIONS, require_loopback_for_plaintext
 from orchestrator.auth import Authorizer
 from orchestrator.broker import MAX_DOWNLOADS, MAX_UPLOADS
 from orchestrator.call_limits import (

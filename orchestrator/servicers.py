@@ -19,7 +19,7 @@ import grpc
 from common import serde
 from common.domain import TaskFailure
 from common.errors import DpfedError, InvalidSpecError, TryLaterError
-from common.transport import RETRY_AFTER_MS, TURNS, UPLOAD_GATE
+from common.rpc.transport import RETRY_AFTER_MS, TURNS, UPLOAD_GATE
 from orchestrator import spool
 from orchestrator.auth import OPERATOR_ONLY, READERS, SCIENTIST_OR_OPERATOR, Authorizer
 from orchestrator.call_limits import MAX_CALLS_PER_SITE, MAX_CALLS_PER_USER, CallLimiter
@@ -71,7 +71,7 @@ def abort_on_error_stream(fn: F) -> F:
 
 
 def _takes_turns(context: grpc.ServicerContext) -> bool:
-    """The agent waits for a transfer's turn on its side (``common.transport.TURNS``)."""
+    """The agent waits for a transfer's turn on its side (``common.rpc.transport.TURNS``)."""
     return TURNS in tuple(context.invocation_metadata() or ())
 
 

@@ -5,7 +5,7 @@ blocked in a handler costs the process about 60 KiB (stack pages, interpreter st
 call objects; measured in ``bench/RESULTS.md`` §2). If every site waited for its download and
 its upload inside the orchestrator, those threads would be the whole of the orchestrator's
 memory growth with the number of sites. A caller that can wait on its own side (a current agent:
-``common.transport.TURNS``) is instead told when to ask again, and its place in the line is
+``common.rpc.transport.TURNS``) is instead told when to ask again, and its place in the line is
 kept meanwhile; the line is a few bytes per waiting key.
 
 The line is first come, first served. A key is admitted when the resource has room for it and

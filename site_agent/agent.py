@@ -25,7 +25,7 @@ from common.domain import SiteRegistration, TaskAssignment, TaskFailure, UpdateM
 from common.errors import DpfedError, InvalidSpecError
 from common.private_files import private_dir, private_sqlite_files
 from common.tls import TlsFiles, channel_credentials, explain_tls_failure
-from common.transport import (
+from common.rpc.transport import (
     CHANNEL_OPTIONS,
     TURNS,
     UPLOAD_GATE,
@@ -348,9 +348,9 @@ def fetch_model(
     stub: pb_grpc.AgentServiceStub, site_id: str, task: TaskAssignment
 ) -> tuple[bytes, bool]:
     """Download a task's model; also says whether the orchestrator gates uploads
-    (``common.transport.UPLOAD_GATE`` in the stream's initial metadata).
+    (``common.rpc.transport.UPLOAD_GATE`` in the stream's initial metadata).
 
-    Takes turns (``common.transport.TURNS``): when every download place is taken, the
+    Takes turns (``common.rpc.transport.TURNS``): when every download place is taken, the
     orchestrator says when to ask again and the agent waits here, not in the orchestrator.
     """
 
@@ -372,7 +372,7 @@ def push_update(
     """Upload an update. ``gated``: send the header, then hold the chunks until the
     orchestrator's go (its initial metadata, sent once the round has room for this upload),
     so that a site waiting its turn does not park its update in the orchestrator's memory.
-    A gated upload also takes turns (``common.transport.TURNS``): when the round has no room
+    A gated upload also takes turns (``common.rpc.transport.TURNS``): when the round has no room
     yet, the orchestrator ends the call with the time to ask again, and the agent waits here."""
     if not gated:
         resp: pb.PushUpdateResponse = stub.PushUpdate(

@@ -41,7 +41,7 @@ from common.tls import (
     issued,
     server_credentials,
 )
-from common.transport import RETRY_AFTER_MS
+from common.rpc.transport import RETRY_AFTER_MS
 from orchestrator import cli as orch_cli
 from orchestrator.server import RunningServer, ensure_server_pki, start_server
 from protos.dpfed.v1 import dpfed_pb2 as pb

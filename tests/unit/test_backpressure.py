@@ -178,7 +178,7 @@ def test_fetch_model_streams_to_at_most_max_downloads_sites_at_once() -> None:
     from types import SimpleNamespace
 
     from common import serde
-    from common.transport import UPLOAD_GATE
+    from common.rpc.transport import UPLOAD_GATE
     from orchestrator.auth import Authorizer
     from orchestrator.servicers import AgentServicer
     from protos.dpfed.v1 import dpfed_pb2 as pb
@@ -279,7 +279,7 @@ def test_a_gated_upload_sends_no_bytes_until_the_round_has_room(
     import grpc
 
     from common import serde
-    from common.transport import CHANNEL_OPTIONS
+    from common.rpc.transport import CHANNEL_OPTIONS
     from orchestrator.server import start_server
     from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
     from site_agent.agent import fetch_model, push_update
@@ -564,7 +564,7 @@ def test_agents_that_take_turns_hold_no_orchestrator_thread_while_they_wait(
     import grpc
 
     from common import serde
-    from common.transport import CHANNEL_OPTIONS
+    from common.rpc.transport import CHANNEL_OPTIONS
     from orchestrator.server import start_server
     from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
     from site_agent import agent
