@@ -29,8 +29,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import accounting
-from common.accounting import ACCOUNTANTS, DpEvent
+from common.dp import rdp
+from common.dp.accounting import ACCOUNTANTS
+from common.dp.events import DpEvent
 from site_agent.ledger import Ledger
 
 DATASET = "claims"
@@ -72,7 +73,7 @@ def time_spent(ledger: Ledger, accountant: str, repeats: int) -> tuple[float, An
     times = []
     bound = None
     for _ in range(repeats):
-        accounting._rdp_per_step.cache_clear()
+        rdp.rdp_per_step.cache_clear()
         start = time.perf_counter()
         bound = ledger.spent(DATASET, delta=DELTA, accountant=accountant)
         times.append(time.perf_counter() - start)

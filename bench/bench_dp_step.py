@@ -15,7 +15,7 @@ DP-SGD (Abadi et al., CCS 2016) needs every example's gradient norm to clip it. 
   layer; the site's noise optimiser adds the noise. dpfed's default, timed through the
   trainer's own loop (``site_agent.trainer._run_bookkeeping``), not a re-creation of it.
 * ``bk+csprng`` — ``bk`` with the noise a site gets under ``policy.secure_noise``
-  (``common/noise.py``: ChaCha20 CSPRNG, Box–Muller, Opacus' secure-mode sum of four draws).
+  (``common/dp/noise.py``: ChaCha20 CSPRNG, Box–Muller, Opacus' secure-mode sum of four draws).
 
 This script times one optimiser step (forward, backward, clip, noise, update) on a fixed
 batch for each model and mode, interleaving the variants repeat by repeat so that machine
@@ -53,8 +53,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.dp.noise import secure_noise
 from common.models import build_model, count_parameters
-from common.noise import secure_noise
 from common.specs import (
     Conv2dSpec,
     ConvLayerSpec,

@@ -13,11 +13,11 @@ better):
 * ``central``: scikit-learn's ``GaussianMixture`` (K = 4, full covariances, 3 initialisations)
   on all training rows in one place, without DP: the reference no federation can beat.
 * ``fed σ=.01``: :class:`common.clustering.federated_em.FederatedEM` with the smallest noise
-  multiplier a :class:`~common.accounting.DpEvent` accepts (0.01; no meaningful ε): the federated
+  multiplier a :class:`~common.dp.events.DpEvent` accepts (0.01; no meaningful ε): the federated
   algorithm itself, nearly without the cost of privacy.
 * ``fed DP-EM``: :class:`~common.clustering.federated_em.FederatedEM` (1 init release + at most
   ``--rounds`` EM rounds), σ calibrated with
-  :func:`common.accounting.calibrate_noise_multiplier` so that every site's worst-case
+  :func:`common.dp.calibrate.calibrate_noise_multiplier` so that every site's worst-case
   history (``planned_events``) meets the target ε at δ = 1e-5 (PRV accountant).
 * ``one-shot``: every site fits its own DP mixture (a one-site ``FederatedEM`` with the same
   σ, rounds and ε), and the orchestrator merges the local models with
@@ -63,11 +63,13 @@ from sklearn.mixture import GaussianMixture
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.accounting import DpEvent, calibrate_noise_multiplier, compute_epsilon
 from common.clustering.federated_bootstrap import FederatedBootstrap
 from common.clustering.federated_em import FederatedEM
 from common.clustering.merge import merge_mixtures
 from common.clustering.model import GaussianMixtureParams
+from common.dp.accounting import compute_epsilon
+from common.dp.calibrate import calibrate_noise_multiplier
+from common.dp.events import DpEvent
 from site_agent.gmm_stats import answer_request
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gmm.json"

@@ -149,8 +149,8 @@ def _update_stream(meta: Any, blob: bytes) -> Iterator[Any]:
 
 
 def _meta(task_id: str, blob: bytes) -> Any:
-    from common.accounting import DpEvent
     from common.domain import ChargedEvent, DpReport, UpdateMeta
+    from common.dp.events import DpEvent
 
     report = DpReport(
         events=(ChargedEvent("train", DpEvent(1.0, 0.01, 1)),),

@@ -39,7 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.accounting import DpEvent, calibrate_noise_multiplier, compute_epsilon
+from common.dp.accounting import compute_epsilon
+from common.dp.calibrate import calibrate_noise_multiplier
+from common.dp.events import DpEvent
 from common.models import build_model
 from common.sgld import (
     PosteriorEnsemble,

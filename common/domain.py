@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from common.accounting import DpEvent
+from common.dp.events import DpEvent
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class PolicySummary:
     max_steps_per_task: int
     max_parameters: int
     secure_noise: bool = False
-    """The site draws every DP noise value from a CSPRNG (``common.noise``)."""
+    """The site draws every DP noise value from a CSPRNG (``common.dp.noise``)."""
 
 
 @dataclass(frozen=True)

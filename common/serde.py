@@ -12,7 +12,6 @@ import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 
-from common.accounting import DpEvent
 from common.domain import (
     ChargedEvent,
     ColumnInfo,
@@ -37,6 +36,7 @@ from common.domain import (
     TaskFailure,
     UpdateMeta,
 )
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 from protos.dpfed.v1.dpfed_pb2 import Chunk as ProtoChunk
 from protos.dpfed.v1.dpfed_pb2 import ColumnInfo as ProtoColumnInfo

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from common import noise
+from common.dp import noise
 
 
 def langevin_variance(*, lr: float, temperature: float, num_examples: int) -> float:
@@ -116,7 +116,7 @@ def bound_noise_multiplier(
 
 class LangevinSGD(torch.optim.SGD):
     """Plain SGD (no momentum) whose every step adds ``N(0, extra_std²)`` to each parameter,
-    drawn by :mod:`common.noise` from a private generator (see the module docstring)."""
+    drawn by :mod:`common.dp.noise` from a private generator (see the module docstring)."""
 
     def __init__(
         self,

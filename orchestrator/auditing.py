@@ -3,7 +3,7 @@
 The sites score their secret canaries under the final model (``site_agent.canaries``) and
 send the scores with the coins; the orchestrator pools them (all canaries, all sites: each
 record of the union is protected at the job's ε, the max over sites) and applies
-``common.audit.audit``. A lower bound above the claimed ε means the implementation leaks more
+``common.dp.audit.audit``. A lower bound above the claimed ε means the implementation leaks more
 than its accounting says: the job fails and the model is withheld.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from common.audit import audit
+from common.dp.audit import audit
 from common.errors import JobFailedError
 from common.specs import JobSpec
 from orchestrator.broker import Broker

@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from common.accounting import DpEvent
 from common.domain import (
     DatasetInfo,
     Evaluation,
@@ -28,13 +27,14 @@ from common.domain import (
     TaskFailure,
     UpdateMeta,
 )
+from common.dp.events import DpEvent
+from common.dp.running import running_epsilon
 from common.errors import (
     InvalidSpecError,
     NotFoundError,
     PermissionDeniedError,
     PrivacyAccountingError,
 )
-from common.running_epsilon import running_epsilon
 from common.specs import GmmJobSpec, JobSpec, any_job_spec_from_json, job_spec_from_json
 from orchestrator.admission import with_site_verdicts
 from orchestrator.broker import Broker
@@ -265,7 +265,7 @@ class Coordinator:
 
     def _running_site_epsilon(self, job_id: str, delta: float) -> dict[str, float]:
         """A running job's ε so far, per site, as its rounds report it: the running bound
-        (common.running_epsilon; ≤ ~2% above exact, recomputed once per step bucket), so a
+        (common.dp.running; ≤ ~2% above exact, recomputed once per step bucket), so a
         status watched every round does not compose every site's whole history (issue 19.1)."""
         by_site: dict[str, list[DpEvent]] = {}
         for c in self.store.charges(job_id):

@@ -51,7 +51,6 @@ from typing import Any
 
 import numpy as np
 
-from common.accounting import DpEvent, EpsilonBound, calibrate_noise_multiplier, compute_epsilon
 from common.clustering.bootstrap import BOOTSTRAP_NOTE, MixtureStandardErrors
 from common.clustering.federated_bootstrap import FederatedBootstrap, check_bootstrap_size
 from common.clustering.federated_em import (
@@ -63,6 +62,9 @@ from common.clustering.federated_em import (
 from common.clustering.merge import merge_mixtures
 from common.clustering.model import GaussianMixtureParams
 from common.domain import SiteStatus
+from common.dp.accounting import EpsilonBound, compute_epsilon
+from common.dp.calibrate import calibrate_noise_multiplier
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, InvalidUpdateError, JobFailedError
 from common.specs import GmmJobSpec
 from common.version import __version__

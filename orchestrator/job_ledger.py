@@ -21,8 +21,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from common.accounting import DpEvent, EpsilonBound, compute_epsilon
 from common.domain import ChargedEvent, UpdateMeta
+from common.dp.accounting import EpsilonBound, compute_epsilon
+from common.dp.events import DpEvent
 from common.errors import PrivacyAccountingError
 from orchestrator.store import ChargeRow, JobRow, Store
 from orchestrator.update_bounds import Assignment
@@ -59,7 +60,7 @@ def job_epsilon(
     """Compose every event charged to each site for a job (see the module docstring).
 
     ``within_s``: a time budget for the whole call (an RPC thread's): sites whose tight bound
-    is not ready by then get their RDP bound (``common.accounting.compute_epsilon``)."""
+    is not ready by then get their RDP bound (``common.dp.accounting.compute_epsilon``)."""
     by_site: dict[str, list[DpEvent]] = {}
     for c in charges:
         by_site.setdefault(c.site_id, []).extend(e.event for e in charged_events(c.events))

@@ -38,8 +38,9 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from common.accounting import DpEvent, compute_epsilon
 from common.domain import Estimate, Metrics, PooledMetrics
+from common.dp.accounting import compute_epsilon
+from common.dp.events import DpEvent
 from common.specs import JobSpec
 
 UNDEFINED = Estimate(math.nan, math.inf)

@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from common.accounting import DpEvent, calibrate_noise_multiplier, compute_epsilon
 from common.domain import DatasetInfo, Plan, SitePlan, SiteStatus
+from common.dp.accounting import compute_epsilon
+from common.dp.calibrate import calibrate_noise_multiplier
+from common.dp.events import DpEvent
 from common.errors import PrivacyAccountingError
 from common.models import count_spec_parameters
 from common.schedule import task_schedule

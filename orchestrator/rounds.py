@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 
-from common.accounting import DpEvent, compute_epsilon
 from common.domain import ChargedEvent, TaskAssignment, UpdateMeta
+from common.dp.accounting import compute_epsilon
+from common.dp.events import DpEvent
+from common.dp.running import running_epsilon
 from common.errors import InvalidUpdateError, JobFailedError
 from common.models import build_model, save_model
-from common.running_epsilon import running_epsilon
 from common.schedule import task_schedule
 from common.specs import JobSpec, job_spec_from_json
 from common.tensors import (
@@ -591,7 +592,7 @@ class JobRunner(JobThread):
 
     def _round_epsilon(self) -> float:
         """The job's ε so far, for the round's history row: informational and growing every
-        round, so each site's bound is :func:`common.running_epsilon.running_epsilon`'s (a
+        round, so each site's bound is :func:`common.dp.running.running_epsilon`'s (a
         dominating history's, at most ~2% above exact, recomputed once per step bucket);
         the released ε (:meth:`_release`) is exact (issue 19.1). Sets ``accountant_used``."""
         by_site: dict[str, list[DpEvent]] = {}

@@ -19,7 +19,7 @@ with z = (z_Δ⁻² + (2σ_b)⁻²)^(-1/2); so for a requested z we use z_Δ = (
 which needs 2σ_b > z. (Counting 0/1 bits instead has sensitivity 1, and the same formula
 would understate ε by 1.08-2.55x.)
 
-Noise comes from a private generator (``common.noise.private_torch_generator``, seeded from
+Noise comes from a private generator (``common.dp.noise.private_torch_generator``, seeded from
 OS entropy) unless a test passes its own: never from torch's global generator, which other
 job threads seed with a public seed when they build a model.
 
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import noise
-from common.accounting import DpEvent
+from common.dp import noise
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 from common.specs import SiteDPSpec
 from common.tensors import StateLike, as_pieces, flat_parts, l2_norm

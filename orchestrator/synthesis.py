@@ -14,8 +14,8 @@ import json
 import uuid
 from typing import Any
 
-from common import noise
 from common.domain import SiteStatus
+from common.dp import noise
 from common.errors import InvalidSpecError, NotFoundError
 from common.synthesis.discretisation import Schema
 from orchestrator.broker import Broker

@@ -17,7 +17,7 @@ from typing import Any, Final
 import numpy as np
 import pandas as pd
 
-from common.accounting import DpEvent
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, InvalidUpdateError
 from common.synthesis.discretisation import (
     _INDEPENDENCE_BLEND,

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.accounting import DpEvent
 from common.domain import UpdateMeta
+from common.dp.events import DpEvent
 from common.errors import InvalidUpdateError
 from common.schedule import task_schedule
 from common.sgld import bound_noise_multiplier

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from common.accounting import DpEvent
 from common.domain import (
     ChargedEvent,
     ColumnInfo,
@@ -18,6 +17,7 @@ from common.domain import (
     SiteSpend,
     SiteStatus,
 )
+from common.dp.events import DpEvent
 from orchestrator.broker import Broker
 from orchestrator.metric_pooling import pooled_from_dict
 from orchestrator.store import ChargeRow, JobRow, SiteRow, Store

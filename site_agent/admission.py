@@ -27,8 +27,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from common.accounting import DpEvent
 from common.domain import DpReport, TaskAssignment, UpdateMeta
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, PolicyRefusal, PrivacyAccountingError
 from common.specs import job_spec_from_json
 from site_agent.budget import budget_limit, parse_request

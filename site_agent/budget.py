@@ -22,8 +22,8 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from common.accounting import DpEvent
 from common.domain import ChargedEvent, DpReport, Metrics, TaskAssignment, UpdateMeta
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, PolicyRefusal
 from common.specs import format_validation_error
 from site_agent.config import DatasetConfig, SiteConfig

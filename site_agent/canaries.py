@@ -17,9 +17,9 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from common import noise
-from common.audit import make_canaries
 from common.domain import ColumnInfo
+from common.dp import noise
+from common.dp.audit import make_canaries
 from common.errors import InvalidSpecError, NotFoundError
 from common.models import build_model, load_weights, parse_model_spec
 from common.schema.encoding import FeatureEncoding

@@ -26,9 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from common import noise
-from common.accounting import DpEvent
 from common.domain import ColumnInfo
+from common.dp import noise
+from common.dp.events import DpEvent
 from common.errors import PolicyRefusal, PrivacyAccountingError
 from site_agent.config import DatasetConfig, Policy
 from site_agent.ledger import Ledger

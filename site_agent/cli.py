@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from common.accounting import compute_epsilon
 from common.cli_support import err_console, inert, run_app, setup_logging
+from common.dp.accounting import compute_epsilon
 from common.errors import DpfedError
 from site_agent.budget import budget_limit, open_ledger
 from site_agent.config import load_site_config

@@ -36,7 +36,7 @@ hold a NaN or an infinity gets factor 0 and zeroed rows, so it contributes nothi
 
 Noise and averaging are left to Opacus' ``DPOptimizerFastGradientClipping`` (as
 ``site_agent.trainer.SiteNoiseOptimizer``, which draws the noise through
-:mod:`common.noise`): it adds ``N(0, (σC)²)`` to ``p.grad`` and divides by the expected
+:mod:`common.dp.noise`): it adds ``N(0, (σC)²)`` to ``p.grad`` and divides by the expected
 batch size.
 
 Supported layers: ``nn.Linear`` (any leading dimensions), ``nn.Conv1d`` and ``nn.Conv2d``

@@ -248,7 +248,7 @@ class Policy(_Frozen):
     secure_noise: bool = Field(
         default=False,
         description="draw every DP noise value from a ChaCha20 CSPRNG with Opacus' "
-        "secure-mode countermeasure to floating-point attacks (common/noise.py); slower",
+        "secure-mode countermeasure to floating-point attacks (common/dp/noise.py); slower",
     )
     disclose_row_counts: bool = Field(
         default=True,

@@ -9,7 +9,7 @@
 Only where the arithmetic runs changes. Clipping (:mod:`site_agent.clipping`), the noise and
 the accounting are the same code on either device: the network and each Poisson batch move
 to the device, the noise is drawn there by the site's private generator
-(:func:`common.noise.private_torch_generator` on that device, seeded from the OS entropy
+(:func:`common.dp.noise.private_torch_generator` on that device, seeded from the OS entropy
 pool), and the released delta comes back to the CPU. The Poisson sampling itself stays on
 the CPU, beside the rows. With ``policy.secure_noise`` the noise comes from the ChaCha20
 CSPRNG, which runs on the CPU, and is copied to the device.

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.accounting import DpEvent, compute_epsilon
 from common.domain import TaskAssignment, UpdateMeta
+from common.dp.accounting import compute_epsilon
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, NotFoundError
 from common.models import parse_model_spec
 from common.schema.encoding import FeatureEncoding

@@ -33,8 +33,6 @@ from typing import Any
 
 import torch
 
-from common import noise
-from common.accounting import DpEvent, EpsilonBound, compute_epsilon
 from common.domain import (
     ChargedEvent,
     DatasetInfo,
@@ -44,9 +42,12 @@ from common.domain import (
     TaskAssignment,
     UpdateMeta,
 )
+from common.dp import noise
+from common.dp.accounting import EpsilonBound, compute_epsilon
+from common.dp.events import DpEvent
+from common.dp.running import running_epsilon
 from common.errors import InvalidSpecError, NotFoundError, PolicyRefusal
 from common.models import build_model, count_spec_parameters
-from common.running_epsilon import running_epsilon
 from common.schedule import task_schedule
 from common.schema.encoding import FeatureEncoding
 from common.specs import JobSpec, ModelSpec, job_spec_from_json
@@ -95,7 +96,7 @@ def _report_epsilons_in_background(
     They depend only on the ledger as charged (write-ahead, before training), so computing
     them alongside training gives the same numbers, and a PRV composition (tens to hundreds
     of ms each) does not add to the round. Nothing here touches the data. The task's ε is
-    exact; the job's and the lifetime's are :func:`common.running_epsilon.running_epsilon`
+    exact; the job's and the lifetime's are :func:`common.dp.running.running_epsilon`
     bounds (at most ~2% above exact), so their cost does not grow with the history.
     """
     history = ledger.events(dataset, job_id=job_id)
@@ -108,7 +109,7 @@ def _report_epsilons_in_background(
                 _ReportEpsilons(
                     task=compute_epsilon(list(task_events), delta=delta, accountant=ACCOUNTANT),
                     # Informational, and growing every round: a dominating history's
-                    # bound, recomputed once per step bucket (common.running_epsilon).
+                    # bound, recomputed once per step bucket (common.dp.running).
                     job=running_epsilon(history, delta=delta, accountant=ACCOUNTANT),
                     lifetime=running_epsilon(lifetime, delta=policy_delta, accountant=ACCOUNTANT),
                 )
@@ -299,7 +300,7 @@ class TaskExecutor:
                     sp = dataclasses.replace(sp, num_train=0, num_validation=0)
                 n_val = sp.num_validation or 0
             # Disclosed with every heartbeat and recomputed after every task: the running
-            # bound (common.running_epsilon, ≤ ~2% above exact), the same figure as the DP
+            # bound (common.dp.running, ≤ ~2% above exact), the same figure as the DP
             # report's lifetime ε, so a round's infos come from its cache (issue 19.1).
             spent = running_epsilon(
                 self.ledger.events(cfg.name), delta=self.config.policy.delta, accountant=ACCOUNTANT
@@ -402,7 +403,7 @@ class TaskExecutor:
         """Run one task; raises PolicyRefusal / InvalidSpecError / NotFoundError to refuse it.
 
         Every noise value the task draws comes from the source the site's policy names
-        (``policy.secure_noise``; :mod:`common.noise`), set for this thread while it runs.
+        (``policy.secure_noise``; :mod:`common.dp.noise`), set for this thread while it runs.
         """
         with noise.secure_noise(self.config.policy.secure_noise):
             return self._execute(task, global_blob)

@@ -16,7 +16,7 @@ What a site computes
   (:class:`~common.clustering.model.FeatureBox`); every row's log-likelihood is clipped to
   :func:`~common.clustering.statistics.loglik_clip_range` of the model.
 * :func:`noisy_stats`: the same, noised by the Gaussian mechanism with L2 sensitivity
-  :func:`~common.clustering.release.stats_sensitivity`, and its :class:`~common.accounting.DpEvent`
+  :func:`~common.clustering.release.stats_sensitivity`, and its :class:`~common.dp.events.DpEvent`
   ``(σ, 1.0, 1)``.
 * :func:`compute_candidate_stats` / :func:`noisy_candidate_stats`: nearest-candidate counts and sums
   for the DP initialisation (sensitivity
@@ -75,8 +75,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from common import noise
-from common.accounting import DpEvent
 from common.clustering.bootstrap import (
     MAX_BOOTSTRAP_VALUES,
     ReplicateStats,
@@ -114,6 +112,8 @@ from common.clustering.wire import (
     parse_request,
     release_event,
 )
+from common.dp import noise
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 
 __all__ = [

@@ -15,7 +15,7 @@ Specification
   ``UPDATE`` and ``DELETE`` on the charges table, so a bug elsewhere in the agent cannot lower
   the spend either.
 * **Composition.** :meth:`Ledger.spent` composes every event ever charged to a dataset, across
-  jobs, with :func:`common.accounting.compute_epsilon` (PRV by default: Gopi, Lee & Wutschitz
+  jobs, with :func:`common.dp.accounting.compute_epsilon` (PRV by default: Gopi, Lee & Wutschitz
   2021) at the δ asked for; each entry also keeps the δ its task was run at.
 * **Check and charge in one transaction.** :meth:`Ledger.charge` takes an optional ``check``
   that sees the dataset's commitments (below) read *inside* the write transaction (SQLite
@@ -55,7 +55,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
-from common.accounting import DpEvent, EpsilonBound, compute_epsilon
+from common.dp.accounting import EpsilonBound, compute_epsilon
+from common.dp.events import DpEvent
 from common.errors import PrivacyAccountingError
 
 __all__ = ["SCHEMA_VERSION", "Ledger", "LedgerEntry", "Reservation"]

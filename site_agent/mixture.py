@@ -20,11 +20,11 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from common import noise
 from common.clustering.federated_em import FederatedEM
 from common.clustering.model import FeatureBox, GaussianMixtureParams
 from common.clustering.statistics import SufficientStats
 from common.domain import TaskAssignment, UpdateMeta
+from common.dp import noise
 from common.errors import InvalidSpecError
 from site_agent.budget import admit_and_charge, parse_request, release_update
 from site_agent.config import DatasetConfig, SiteConfig

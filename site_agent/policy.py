@@ -38,7 +38,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from common.accounting import DpEvent, rdp_epsilon
+from common.dp.events import DpEvent
+from common.dp.rdp import rdp_epsilon
 from common.errors import PolicyRefusal, PrivacyAccountingError
 from site_agent.config import Policy
 

@@ -25,9 +25,10 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from common import noise
-from common.accounting import DpEvent, compute_epsilon
 from common.domain import ColumnInfo, TaskAssignment, UpdateMeta
+from common.dp import noise
+from common.dp.accounting import compute_epsilon
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 from common.schema.table import TypedTable
 from site_agent.budget import admit_and_charge, parse_request, release_update

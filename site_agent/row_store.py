@@ -25,7 +25,7 @@ Poisson subsampling (each row independently with probability ``q``) is drawn as 
 equivalent: a size ``K ~ Binomial(N, q)``, then a uniformly random ``K``-subset (first ``K``
 distinct values of a stream of uniform indices, or a random permutation when ``K`` is a large
 part of ``N``): ``O(q·N)`` work per step instead of the ``O(N)`` Bernoulli mask Opacus draws.
-Both come from the site's private generator (:func:`common.noise.private_torch_generator`).
+Both come from the site's private generator (:func:`common.dp.noise.private_torch_generator`).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from common import noise
 from common.domain import ColumnInfo, TaskAssignment, UpdateMeta
+from common.dp import noise
 from common.errors import InvalidSpecError, PolicyRefusal
 from common.synthesis.discretisation import ColumnSchema, Schema
 from common.synthesis.marginals import marginal_plan, measure_site

@@ -24,11 +24,11 @@ What the guarantee rests on, and how this module keeps it:
   the noise. (Opacus' default, the process-wide torch RNG, would be as good only as long as
   no code in the process ever called ``torch.manual_seed``.) The job seed reaches
   :func:`common.models.build_model` only, which leaves the global RNG untouched.
-  The noise goes through :mod:`common.noise`: PyTorch's Mersenne-Twister sampler by
+  The noise goes through :mod:`common.dp.noise`: PyTorch's Mersenne-Twister sampler by
   default, or, where the site's policy sets ``secure_noise``, a ChaCha20 CSPRNG with
   Opacus' secure-mode countermeasure to floating-point attacks (Opacus' own ``secure_mode``
   needs ``torchcsprng``, which is not a dependency). Secure noise needs the ``"bk"`` mode,
-  whose optimiser draws through :mod:`common.noise`; the Poisson sampling keeps the
+  whose optimiser draws through :mod:`common.dp.noise`; the Poisson sampling keeps the
   OS-seeded torch generator.
 * **Every step is a DP step.** An empty Poisson sample still takes a noise-only step, and
   exactly ``steps`` steps run: the accountant's count is the truth.
@@ -64,8 +64,9 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import noise, sgld
+from common import sgld
 from common.domain import Metrics
+from common.dp import noise
 from common.errors import InvalidSpecError
 from common.models import build_model, load_weights
 from common.specs import ModelSpec, OptimizerSpec, model_dims
@@ -244,7 +245,7 @@ def _device_of(net: nn.Module) -> torch.device:
 
 
 class SiteNoiseOptimizer(DPOptimizerFastGradientClipping):  # type: ignore[misc]
-    """Opacus' optimiser for pre-clipped sums, with the noise drawn by :mod:`common.noise`
+    """Opacus' optimiser for pre-clipped sums, with the noise drawn by :mod:`common.dp.noise`
     (the site's configured source: standard, or CSPRNG with Opacus' secure-mode sum).
 
     Mirrors ``DPOptimizer.add_noise``: ``p.grad = p.summed_grad + N(0, (σC)²)`` once per

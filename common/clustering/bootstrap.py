@@ -20,7 +20,6 @@ import numpy.typing as npt
 from scipy import special
 from scipy import stats as sps
 
-from common import noise
 from common.clustering.model import (
     MAX_FEATURES,
     CovarianceType,
@@ -32,6 +31,7 @@ from common.clustering.model import (
     _frozen,
 )
 from common.clustering.statistics import SufficientStats, _triu, expected_stats, m_step
+from common.dp import noise
 
 __all__ = [
     "BOOTSTRAP_NOTE",

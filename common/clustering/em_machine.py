@@ -17,7 +17,6 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from common.accounting import DpEvent
 from common.clustering.initialisation import (
     CandidateStats,
     candidate_sensitivity,
@@ -51,6 +50,7 @@ from common.clustering.wire import (
     parse_request,
     parse_result,
 )
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, InvalidUpdateError
 
 __all__ = [

@@ -14,7 +14,6 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from common.accounting import DpEvent
 from common.clustering.bootstrap import (
     MAX_BOOTSTRAP_VALUES,
     MixtureStandardErrors,
@@ -28,6 +27,7 @@ from common.clustering.bootstrap import (
 from common.clustering.model import FeatureBox, GaussianMixtureParams
 from common.clustering.statistics import m_step
 from common.clustering.wire import BootRequest, BootResult, ModelRequest, parse_result
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, InvalidUpdateError
 
 __all__ = ["FederatedBootstrap", "check_bootstrap_size"]

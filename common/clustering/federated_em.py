@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from common.accounting import DpEvent
 from common.clustering.em_machine import STATE_VERSION, MixtureJob
 from common.clustering.model import GaussianMixtureParams
 from common.clustering.selection import select_k_by_bic
 from common.clustering.wire import parse_request, release_event
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 
 __all__ = [

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from common import noise
 from common.clustering.model import (
     MAX_CANDIDATES,
     MAX_COMPONENTS,
@@ -27,6 +26,7 @@ from common.clustering.model import (
     _check_positive,
     _frozen,
 )
+from common.dp import noise
 
 __all__ = [
     "CandidateStats",

@@ -13,7 +13,6 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from common import noise
 from common.clustering.model import (
     MAX_COMPONENTS,
     MAX_FEATURES,
@@ -24,6 +23,7 @@ from common.clustering.model import (
     _check_positive,
 )
 from common.clustering.statistics import SufficientStats, _triu
+from common.dp import noise
 
 __all__ = [
     "LOGLIK_SENSITIVITY",

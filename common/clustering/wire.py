@@ -12,9 +12,9 @@ from typing import Any, Final, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.accounting import DpEvent
 from common.clustering.bootstrap import MAX_REPLICATES
 from common.clustering.model import MAX_CANDIDATES, MAX_FEATURES, MAX_MODELS_PER_REQUEST
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 
 __all__ = [
@@ -43,7 +43,7 @@ class _Wire(BaseModel):
 
 
 class WireDpEvent(_Wire):
-    """A :class:`~common.accounting.DpEvent` on the wire."""
+    """A :class:`~common.dp.events.DpEvent` on the wire."""
 
     noise_multiplier: float = Field(gt=0)
     sample_rate: float = Field(gt=0, le=1)

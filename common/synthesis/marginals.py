@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from common import noise
-from common.accounting import ACCOUNTANTS, DpEvent, calibrate_noise_multiplier, compute_epsilon
+from common.dp import noise
+from common.dp.accounting import ACCOUNTANTS, compute_epsilon
+from common.dp.calibrate import calibrate_noise_multiplier
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, PrivacyAccountingError
 from common.synthesis.discretisation import (
     _MAX_SIGMA_INFLATIONS,

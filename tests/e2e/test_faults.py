@@ -37,8 +37,8 @@ import numpy as np
 import pytest
 import yaml
 
-from common.accounting import compute_epsilon
 from common.domain import JobStatus
+from common.dp.accounting import compute_epsilon
 from common.errors import DpfedError
 from common.models import load_model
 from common.specs import load_job_spec

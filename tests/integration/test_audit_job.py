@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.audit import AuditResult
+from common.dp.audit import AuditResult
 from common.errors import NotFoundError
 from orchestrator.client import ControlClient
 from tests.integration.test_grpc_job import _job, _start, _wait

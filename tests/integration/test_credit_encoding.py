@@ -20,7 +20,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from common.accounting import DpEvent, compute_epsilon
+from common.dp.accounting import compute_epsilon
+from common.dp.events import DpEvent
 from common.models import load_pipeline
 from common.specs import parse_job_spec
 from orchestrator.client import ControlClient

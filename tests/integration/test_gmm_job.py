@@ -16,7 +16,6 @@ import pytest
 import yaml
 from scipy.optimize import linear_sum_assignment
 
-from common.accounting import DpEvent, compute_epsilon
 from common.clustering.federated_em import (
     FederatedBIC,
     FederatedEM,
@@ -24,6 +23,8 @@ from common.clustering.federated_em import (
     request_events,
 )
 from common.clustering.released import load_mixture
+from common.dp.accounting import compute_epsilon
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 from orchestrator.client import ControlClient
 from orchestrator.server import RunningServer, start_server

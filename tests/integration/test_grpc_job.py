@@ -16,7 +16,8 @@ import torch
 import yaml
 from sklearn.datasets import load_digits
 
-from common.accounting import DpEvent, compute_epsilon
+from common.dp.accounting import compute_epsilon
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, NotFoundError
 from common.models import load_model
 from common.specs import parse_job_spec
@@ -324,7 +325,7 @@ def test_adaptive_clipping_with_too_little_count_noise_fails_clearly(net_factory
 def test_a_site_requiring_secure_noise_draws_all_its_noise_from_the_csprng(
     net_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from common import noise
+    from common.dp import noise
 
     draws: list[tuple[str, bool]] = []
     original = noise.gaussian_torch

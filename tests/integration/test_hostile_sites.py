@@ -27,8 +27,8 @@ import torch
 from sklearn.datasets import load_digits
 
 from common import serde
-from common.accounting import DpEvent
 from common.domain import ChargedEvent, DatasetInfo, DpReport, JobStatus, UpdateMeta
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 from common.models import build_model, count_spec_parameters, load_weights
 from common.schedule import task_schedule

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from common.accounting import DpEvent
+from common.dp.events import DpEvent
 from orchestrator.client import ControlClient
 from site_agent.ledger import Ledger
 from tests.integration.test_grpc_job import _job, _wait, net_factory

@@ -41,8 +41,8 @@ from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 
 from common import serde
-from common.accounting import DpEvent
 from common.domain import ChargedEvent, DpReport, JobStatus, TaskAssignment, UpdateMeta
+from common.dp.events import DpEvent
 from common.tensors import state_from_bytes, state_to_bytes
 from common.tls import (
     ROLE_DATA_SCIENTIST,

@@ -15,7 +15,8 @@ import torch
 import yaml
 from sklearn.datasets import load_breast_cancer
 
-from common.accounting import DpEvent, compute_epsilon
+from common.dp.accounting import compute_epsilon
+from common.dp.events import DpEvent
 from common.models import load_model
 from common.sgld import PosteriorEnsemble
 from common.specs import parse_job_spec

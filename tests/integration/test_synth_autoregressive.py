@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from common.accounting import DpEvent, compute_epsilon
+from common.dp.accounting import compute_epsilon
+from common.dp.events import DpEvent
 from orchestrator import cli
 from orchestrator.client import ControlClient
 from orchestrator.server import start_server

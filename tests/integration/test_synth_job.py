@@ -15,7 +15,7 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from common.accounting import compute_epsilon
+from common.dp.accounting import compute_epsilon
 from orchestrator.client import ControlClient
 from orchestrator.server import start_server
 from site_agent.agent import SiteAgent

@@ -1,4 +1,4 @@
-"""Unit tests for common.accounting: reference values, cross-checks, calibration, bad input."""
+"""Unit tests for common.dp (accounting, calibrate, rdp, prv, pld): reference values, cross-checks, calibration, bad input."""
 
 from __future__ import annotations
 
@@ -11,15 +11,11 @@ import pytest
 from dp_accounting.pld import PLDAccountant
 from opacus.accountants import PRVAccountant
 
-from common import accounting
-from common.accounting import (
-    ACCOUNTANTS,
-    DpEvent,
-    EpsilonBound,
-    calibrate_noise_multiplier,
-    compute_epsilon,
-    rdp_epsilon,
-)
+from common.dp import accounting, prv
+from common.dp.accounting import ACCOUNTANTS, EpsilonBound, compute_epsilon
+from common.dp.calibrate import calibrate_noise_multiplier
+from common.dp.events import DpEvent
+from common.dp.rdp import rdp_epsilon
 from common.errors import PrivacyAccountingError
 
 DELTA = 1e-5
@@ -206,7 +202,7 @@ def test_rdp_bound_reported_when_pld_has_no_finite_bound() -> None:
 def test_tight_bound_never_exceeds_rdp(monkeypatch: pytest.MonkeyPatch) -> None:
     events = [DpEvent(1.0, 0.01, 100)]
     rdp = rdp_epsilon(events, delta=DELTA)
-    monkeypatch.setattr(accounting, "_pld_epsilon", lambda *a, **k: rdp * 2)
+    monkeypatch.setattr(accounting, "pld_epsilon", lambda *a, **k: rdp * 2)
     bound = compute_epsilon(events, delta=DELTA, accountant="pld")
     assert bound == EpsilonBound(epsilon=rdp, delta=DELTA, accountant="rdp")
 
@@ -240,7 +236,7 @@ def test_unboundable_history_raises(acc: str) -> None:
 
 
 def test_nan_from_pld_falls_back_to_rdp(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(accounting, "_pld_epsilon", lambda *a, **k: float("nan"))
+    monkeypatch.setattr(accounting, "pld_epsilon", lambda *a, **k: float("nan"))
     events = [DpEvent(1.0, 0.01, 10)]
     bound = compute_epsilon(events, delta=DELTA, accountant="pld")
     assert bound.accountant == "rdp"
@@ -248,8 +244,8 @@ def test_nan_from_pld_falls_back_to_rdp(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_nan_from_every_accountant_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(accounting, "_pld_epsilon", lambda *a, **k: float("nan"))
-    monkeypatch.setattr(accounting, "_rdp_raw", lambda *a, **k: float("nan"))
+    monkeypatch.setattr(accounting, "pld_epsilon", lambda *a, **k: float("nan"))
+    monkeypatch.setattr(accounting, "rdp_raw", lambda *a, **k: float("nan"))
     accounting._compute_merged.cache_clear()  # results are memoised per history
     for acc in ACCOUNTANTS:
         with pytest.raises(PrivacyAccountingError, match="not a usable bound"):
@@ -273,7 +269,7 @@ def test_safe_half_width_matches_opacus() -> None:
                 eps_error=0.01,
                 delta_error=1e-8,
             )
-        ours = accounting._safe_half_width(events, 0.01, 1e-8)
+        ours = prv.safe_half_width(events, 0.01, 1e-8)
         assert ours == pytest.approx(expected, rel=1e-12)
 
 

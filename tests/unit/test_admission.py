@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.accounting import DpEvent, rdp_epsilon
 from common.domain import TaskAssignment
+from common.dp.events import DpEvent
+from common.dp.rdp import rdp_epsilon
 from common.errors import PolicyRefusal
 from common.specs import parse_job_spec
 from site_agent.admission import RoundCharges, job_events, run_admit

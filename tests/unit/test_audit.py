@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from common.audit import audit, epsilon_lower_bound, make_canaries, p_value
+from common.dp.audit import audit, epsilon_lower_bound, make_canaries, p_value
 
 
 def test_p_value_without_delta_is_the_binomial_tail() -> None:

@@ -247,8 +247,8 @@ def test_an_abandoned_download_gives_its_slot_back() -> None:
 
 
 def _meta(site_id: str, task_id: str, size: int) -> UpdateMeta:
-    from common.accounting import DpEvent
     from common.domain import ChargedEvent, DpReport
+    from common.dp.events import DpEvent
 
     return UpdateMeta(
         site_id=site_id,

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from common.accounting import DpEvent
 from common.domain import ChargedEvent, DpReport, TaskAssignment, TaskFailure, UpdateMeta
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, NotFoundError, PermissionDeniedError
 from orchestrator.broker import Broker, FailureResult, Result, UpdateResult
 

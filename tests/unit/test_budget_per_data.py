@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.accounting import DpEvent, rdp_epsilon
+from common.dp.events import DpEvent
+from common.dp.rdp import rdp_epsilon
 from common.errors import PolicyRefusal
 from site_agent.budget import admit_and_charge, budget_limit, data_key, open_ledger
 from site_agent.config import SiteConfig

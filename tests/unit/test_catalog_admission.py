@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.accounting import DpEvent, rdp_epsilon
+from common.dp.events import DpEvent
+from common.dp.rdp import rdp_epsilon
 from site_agent.catalog import WITHHELD, CatalogCounts
 from site_agent.config import Policy
 from site_agent.ledger import Ledger

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from common import noise
 from common.domain import TaskAssignment
+from common.dp import noise
 from site_agent import dask_engine
 from site_agent.config import load_site_config
 from site_agent.executor import TaskExecutor

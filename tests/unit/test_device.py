@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import noise
+from common.dp import noise
 from common.errors import InvalidSpecError
 from common.models import build_model
 from common.specs import MLPSpec, OptimizerSpec

@@ -25,7 +25,6 @@ from sklearn.mixture._gaussian_mixture import (
     _estimate_gaussian_parameters,
 )
 
-from common.accounting import DpEvent, compute_epsilon
 from common.clustering.bootstrap import (
     MixtureStandardErrors,
     ReplicateStats,
@@ -53,6 +52,8 @@ from common.clustering.release import (
 from common.clustering.released import ReleasedMixture, load_mixture
 from common.clustering.selection import noise_loglik_loss, select_k_by_bic
 from common.clustering.statistics import SufficientStats, expected_stats, loglik_clip_range, m_step
+from common.dp.accounting import compute_epsilon
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, InvalidUpdateError
 from common.specs import GmmJobSpec, parse_any_job_spec
 from site_agent.config import DatasetConfig
@@ -925,7 +926,7 @@ def test_bootstrap_release_is_in_the_planned_epsilon_and_the_calibration() -> No
 
 
 def test_statistics_noise_follows_the_site_noise_source() -> None:
-    from common import noise
+    from common.dp import noise
 
     D, K = 2, 2
     base = SufficientStats(np.zeros(K), np.zeros((K, D)), np.zeros((K, D, D)), 0.0, (-5.0, 0.0))

@@ -1,4 +1,4 @@
-"""PRV composition on grids sized per power of two of the steps (common.accounting).
+"""PRV composition on grids sized per power of two of the steps (common.dp.prv).
 
 A growing history keeps its grid, so each event is discretised once per doubling and every
 further round costs one FFT composition. Checked here against Opacus' own composition and
@@ -21,8 +21,10 @@ from opacus.accountants.analysis.prv import (
     discretize,
 )
 
-import common.accounting as acc
-from common.accounting import DpEvent, compute_epsilon
+import common.dp.accounting as acc
+import common.dp.prv as prv
+from common.dp.accounting import compute_epsilon
+from common.dp.events import DpEvent
 
 DELTA = 1e-5
 
@@ -31,14 +33,14 @@ def test_integer_power_equals_numpy_power() -> None:
     rng = np.random.default_rng(0)
     z = rng.uniform(0.5, 1.0, 257) * np.exp(1j * rng.uniform(-np.pi, np.pi, 257))
     for k in (1, 2, 3, 7, 64, 200, 1023):
-        np.testing.assert_allclose(acc._integer_power(z, k), z**k, rtol=1e-11, atol=1e-300)
+        np.testing.assert_allclose(prv._integer_power(z, k), z**k, rtol=1e-11, atol=1e-300)
 
 
 @pytest.mark.parametrize("steps", [[1], [5], [200], [37, 4]])
 def test_composition_equals_opacus(steps: list[int]) -> None:
     events = [DpEvent(1.0 + 0.3 * i, 0.02 + 0.01 * i, k) for i, k in enumerate(steps)]
     domain = Domain(t_min=-12.0, t_max=12.0 + 24.0 / 9998, size=10_000)
-    ours = acc._compose(events, domain)
+    ours = prv._compose(events, domain)
     dprvs = [
         discretize(
             TruncatedPrivacyRandomVariable(
@@ -57,11 +59,11 @@ def test_composition_equals_opacus(steps: list[int]) -> None:
 
 def test_grid_stays_put_within_a_power_of_two() -> None:
     """Rounds 129..256 of a one-event history share one grid (one discretisation)."""
-    acc._discretized_cached.cache_clear()
+    prv._discretized_cached.cache_clear()
     acc._compute_merged.cache_clear()
     for k in range(129, 141):
         compute_epsilon([DpEvent(1.0, 32 / 900, k)], delta=DELTA)
-    assert acc._discretized_cached.cache_info().misses == 1
+    assert prv._discretized_cached.cache_info().misses == 1
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from common.accounting import DpEvent, EpsilonBound, compute_epsilon
 from common.domain import ChargedEvent, DpReport, UpdateMeta
+from common.dp.accounting import EpsilonBound, compute_epsilon
+from common.dp.events import DpEvent
 from common.specs import parse_job_spec
 from orchestrator import job_ledger
 from orchestrator.store import Store

@@ -36,12 +36,12 @@ TRANSPORT_AND_CLI = ("grpc", "protos", "typer", "click", "rich")
 # The maths: no transport, no CLI. Every module of these packages, and these modules.
 MATHS_PACKAGES = ("common/clustering", "common/synthesis", "common/schema")
 MATHS_MODULES = (
-    "common/accounting.py",
-    "common/audit.py",
+    "common/dp/accounting.py",
+    "common/dp/audit.py",
     "common/domain.py",
     "common/errors.py",
     "common/models.py",
-    "common/noise.py",
+    "common/dp/noise.py",
     "common/pipeline.py",
     "common/schedule.py",
     "common/sgld.py",
@@ -54,7 +54,7 @@ IO_EXEMPT = frozenset(
     {
         "common/clustering/released.py",
         "common/models.py",
-        "common/noise.py",
+        "common/dp/noise.py",
         "common/pipeline.py",
         "common/tensors.py",
     }
@@ -157,7 +157,7 @@ def test_every_listed_module_exists() -> None:
         ("common/clustering/x.py", "import grpc\n", "grpc"),
         ("common/synthesis/x.py", "import typer\n", "typer"),
         ("common/schema/x.py", "from pathlib import Path\n", "pathlib"),
-        ("common/accounting.py", "def f(p):\n    return open(p).read()\n", "open()"),
+        ("common/dp/accounting.py", "def f(p):\n    return open(p).read()\n", "open()"),
         ("common/clustering/x.py", "def f(p):\n    return p.read_text()\n", ".read_text()"),
     ],
 )

@@ -15,7 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.accounting import DpEvent, compute_epsilon, rdp_epsilon
+from common.dp.accounting import compute_epsilon
+from common.dp.events import DpEvent
+from common.dp.rdp import rdp_epsilon
 from common.errors import PolicyRefusal, PrivacyAccountingError
 from site_agent.config import Policy
 from site_agent.ledger import SCHEMA_VERSION, Ledger, LedgerEntry
@@ -256,7 +258,7 @@ _CHILD = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from common.accounting import DpEvent
+    from common.dp.events import DpEvent
     from site_agent.ledger import Ledger
 
     ledger = Ledger(Path(sys.argv[1]))

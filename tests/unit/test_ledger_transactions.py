@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.accounting import DpEvent
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, PolicyRefusal
 from site_agent.ledger import Ledger
 from site_agent.state_lock import StateDirLock
@@ -81,7 +81,7 @@ def test_two_processes_never_overspend(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import sys
-        from common.accounting import DpEvent
+        from common.dp.events import DpEvent
         from common.errors import PolicyRefusal
         from site_agent.ledger import Ledger
         def check(history):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
-from common import noise
+from common.dp import noise
 
 
 @pytest.mark.parametrize("secure", [False, True])

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from common.accounting import compute_epsilon
 from common.domain import DatasetInfo, Plan, PolicySummary, SitePlan, SiteStatus
+from common.dp.accounting import compute_epsilon
 from common.specs import JobSpec, parse_job_spec
 from orchestrator.planning import job_events, plan_job
 

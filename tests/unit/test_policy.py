@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from common.accounting import DpEvent, rdp_epsilon
+from common.dp.events import DpEvent
+from common.dp.rdp import rdp_epsilon
 from common.errors import PolicyRefusal
 from site_agent.config import Policy
 from site_agent.policy import Projection, TaskCost, check_task, project

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from opacus.data_loader import DPDataLoader
 
-from common import noise
 from common.domain import DatasetInfo
+from common.dp import noise
 from common.errors import DpfedError
 from site_agent import catalog, trainer
 from site_agent.catalog import CatalogCounts

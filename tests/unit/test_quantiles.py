@@ -15,8 +15,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.accounting import DpEvent
 from common.domain import ColumnInfo, TaskAssignment
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, PolicyRefusal
 from common.schema.encoding import derive_encoding, uniform_edges
 from common.schema.table import TypedTable

@@ -1,4 +1,4 @@
-"""common.running_epsilon: a dominating history's bound, against the exact one (issue 19.1)."""
+"""common.dp.running: a dominating history's bound, against the exact one (issue 19.1)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import math
 
 import pytest
 
-import common.accounting as acc
-from common.accounting import DpEvent, compute_epsilon
-from common.running_epsilon import dominating_history, round_up_steps, running_epsilon
+import common.dp.accounting as acc
+from common.dp.accounting import compute_epsilon
+from common.dp.events import DpEvent
+from common.dp.running import dominating_history, round_up_steps, running_epsilon
 
 
 def test_step_grid_rounds_up_by_at_most_one_grid_ratio() -> None:

@@ -15,7 +15,6 @@ import pytest
 from google.protobuf.message import Message
 
 from common import serde
-from common.accounting import DpEvent
 from common.domain import (
     ChargedEvent,
     ColumnInfo,
@@ -40,6 +39,7 @@ from common.domain import (
     TaskFailure,
     UpdateMeta,
 )
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 from protos.dpfed.v1.dpfed_pb2 import Chunk as ProtoChunk
 from protos.dpfed.v1.dpfed_pb2 import DatasetInfo as ProtoDatasetInfo

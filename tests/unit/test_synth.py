@@ -26,7 +26,9 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from common.accounting import DpEvent, calibrate_noise_multiplier, compute_epsilon
+from common.dp.accounting import compute_epsilon
+from common.dp.calibrate import calibrate_noise_multiplier
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, InvalidUpdateError
 from common.synthesis.discretisation import ColumnSchema, MeasurementDict, Schema, infer_schema
 from common.synthesis.marginals import MeasurementPlan, marginal_plan, measure_site

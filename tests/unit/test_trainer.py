@@ -12,7 +12,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from common import noise
+from common.dp import noise
 from common.errors import InvalidSpecError
 from common.models import build_model
 from common.specs import (

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.accounting import DpEvent
 from common.domain import ChargedEvent, DpReport, Metrics, UpdateMeta
+from common.dp.events import DpEvent
 from common.errors import InvalidUpdateError
 from common.specs import JobSpec, LinearSpec, MLPSpec, ModelSpec, OptimizerSpec, parse_job_spec
 from common.tensors import l2_norm

@@ -12,11 +12,11 @@ actual history is a prefix of the dominating one, and an adversary's view of a p
 post-processing of the whole), so a sound upper bound for the dominating history is one for
 the actual history. Cost: the dominating history changes only when a step count crosses a
 grid point, so once histories pass a few dozen steps, most rounds are answered from
-:func:`common.accounting.compute_epsilon`'s cache, and a round at step 200 costs what a
+:func:`common.dp.accounting.compute_epsilon`'s cache, and a round at step 200 costs what a
 round at step 12 does.
 
 What must be tight stays exact: the ε a model is released with, and budget checks, call
-:func:`~common.accounting.compute_epsilon` on the actual history.
+:func:`~common.dp.accounting.compute_epsilon` on the actual history.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import math
 from collections.abc import Sequence
 from typing import Final
 
-from common.accounting import DpEvent, EpsilonBound, compute_epsilon
+from common.dp.accounting import EpsilonBound, compute_epsilon
+from common.dp.events import DpEvent, merge_events
 
 GRID_POINTS_PER_DOUBLING: Final = 32
 
@@ -48,18 +49,17 @@ def round_up_steps(steps: int) -> int:
 
 def dominating_history(events: Sequence[DpEvent]) -> list[DpEvent]:
     """Events with identical (σ, q) merged, each count rounded up by :func:`round_up_steps`."""
-    steps: dict[tuple[float, float], int] = {}
-    for e in events:
-        key = (e.noise_multiplier, e.sample_rate)
-        steps[key] = steps.get(key, 0) + e.steps
-    return [DpEvent(s, q, round_up_steps(k)) for (s, q), k in sorted(steps.items())]
+    return [
+        DpEvent(e.noise_multiplier, e.sample_rate, round_up_steps(e.steps))
+        for e in merge_events(events)
+    ]
 
 
 def running_epsilon(
     events: Sequence[DpEvent], *, delta: float, accountant: str = "prv"
 ) -> EpsilonBound:
     """A sound upper bound on the ε of ``events`` at ``delta``, at most about 2% above
-    :func:`~common.accounting.compute_epsilon`'s, recomputed only when a step count crosses
+    :func:`~common.dp.accounting.compute_epsilon`'s, recomputed only when a step count crosses
     a grid point (see the module docstring). For figures reported every round, not for the
     released ε or a budget decision."""
     return compute_epsilon(dominating_history(events), delta=delta, accountant=accountant)
