@@ -1,6 +1,6 @@
 """The orchestrator's core, behind the gRPC servicers: sites, jobs, plans, ledger, models.
 
-No gRPC here. The servicers translate messages with ``common.serde`` and call these methods;
+No gRPC here. The servicers translate messages with ``common.rpc.serde`` and call these methods;
 errors are ``common.errors`` types that the transport maps to statuses.
 """
 
@@ -27,8 +27,6 @@ from common.domain import (
     TaskFailure,
     UpdateMeta,
 )
-from common.dp.events import DpEvent
-from common.dp.running import running_epsilon
 from common.errors import (
     InvalidSpecError,
     NotFoundError,
@@ -40,14 +38,14 @@ from orchestrator.admission import with_site_verdicts
 from orchestrator.broker import Broker
 from orchestrator.evaluation import evaluate_model
 from orchestrator.gmm_runner import GmmRunner, build_machine, declared_box
-from orchestrator.job_ledger import job_epsilon
+from orchestrator.jobs.accounting import Accounts
 from orchestrator.model_size import DEFAULT_MAX_PARAMETERS, check_model_size
 from orchestrator.planning import ACCOUNTANT, online_holders, plan_job, site_dataset
 from orchestrator.rounds import JobRunner
 from orchestrator.schemas import Agreement, agree, with_encoding
 from orchestrator.spool import Payload
 from orchestrator.store import JobRow, Store
-from orchestrator.views import charged_events, job_status, ledger_rows, site_status
+from orchestrator.views import job_status, site_status
 
 log = logging.getLogger("dpfed.orchestrator")
 
@@ -60,6 +58,7 @@ class Coordinator:
         self, state_dir: Path, *, db_url: str | None = None, offline_after_s: float = 30.0
     ) -> None:
         self.store = Store(state_dir, url=db_url)
+        self.accounts = Accounts(self.store)  # every job's charges, folded as they come
         self.broker = Broker(offline_after_s=offline_after_s)
         self.max_parameters = DEFAULT_MAX_PARAMETERS  # orchestrator serve --max-parameters
         self.spool_dir: Path | None = self.store.paths.spool
@@ -92,10 +91,12 @@ class Coordinator:
         self.store.close()
 
     def _start_runner(self, job_id: str) -> None:
-        is_gmm = json.loads(self.store.job(job_id).spec_json).get("kind") == "gmm"
+        row = self.store.job(job_id)
+        is_gmm = json.loads(row.spec_json).get("kind") == "gmm"
         runner_cls: type[JobRunner] | type[GmmRunner] = GmmRunner if is_gmm else JobRunner
         runner = runner_cls(
             job_id=job_id,
+            account=self.accounts.of(job_id, delta=row.delta),
             store=self.store,
             broker=self.broker,
             on_change=self._changed,
@@ -255,34 +256,21 @@ class Coordinator:
         online = {s.site_id for s in sites if s.state not in ("offline", "disabled")}
         return with_site_verdicts(plan, spec, self.broker, online=online)
 
-    def _per_site_epsilon(
-        self, job_id: str, delta: float, *, within_s: float = 0.3
-    ) -> dict[str, float]:
-        # On an RPC thread: the tight bounds known or computed within the budget, the RDP
-        # bounds for the rest (issue 17.2: a stored history must not make status hang).
-        charges = self.store.charges(job_id)
-        return job_epsilon(charges, delta=delta, within_s=within_s).site_epsilons()
-
-    def _running_site_epsilon(self, job_id: str, delta: float) -> dict[str, float]:
-        """A running job's ε so far, per site, as its rounds report it: the running bound
-        (common.dp.running; ≤ ~2% above exact, recomputed once per step bucket), so a
-        status watched every round does not compose every site's whole history (issue 19.1)."""
-        by_site: dict[str, list[DpEvent]] = {}
-        for c in self.store.charges(job_id):
-            by_site.setdefault(c.site_id, []).extend(e.event for e in charged_events(c.events))
-        return {
-            sid: running_epsilon(events, delta=delta, accountant=ACCOUNTANT).epsilon
-            for sid, events in sorted(by_site.items())
-        }
-
     def job(self, job_id: str) -> JobStatus:
+        """The job's status. Each site's ε: while the job runs, the running bound its rounds
+        report (``JobAccount.running``: cheap every round, ≤ ~2% above exact); otherwise the
+        tight bound, known or computed within 0.3 s, else the RDP bound (on an RPC thread: a
+        stored history must not make status hang)."""
         row = self.store.job(job_id)
-        if row.state == "running":
-            return job_status(row, self.store, self._running_site_epsilon(job_id, row.delta))
-        return job_status(row, self.store, self._per_site_epsilon(job_id, row.delta))
+        account = self.accounts.of(job_id, delta=row.delta)
+        eps = account.running() if row.state == "running" else account.exact(within_s=0.3)
+        return job_status(row, self.store, account.spends(eps.site_epsilons()))
 
     def jobs(self) -> list[JobStatus]:
-        return [job_status(r, self.store, {}) for r in self.store.jobs()]
+        return [
+            job_status(r, self.store, self.accounts.of(r.job_id, delta=r.delta).spends({}))
+            for r in self.store.jobs()
+        ]
 
     def watch(self, job_id: str, *, poll_s: float = 5.0) -> Iterator[JobStatus]:
         """Yield the job's status now and after every change, until it ends."""
@@ -301,11 +289,12 @@ class Coordinator:
                 yield status
 
     def ledger(self) -> tuple[list[LedgerRow], list[SiteStatus]]:
-        eps: dict[tuple[str, str], float] = {}
-        for row in self.store.jobs():
-            for sid, e in self._per_site_epsilon(row.job_id, row.delta, within_s=0.0).items():
-                eps[(row.job_id, sid)] = e
-        return ledger_rows(self.store.charges(), eps), self.sites()
+        rows: list[LedgerRow] = []
+        for job in self.store.jobs():
+            account = self.accounts.of(job.job_id, delta=job.delta)
+            rows += account.ledger_rows(account.exact(within_s=0.0).site_epsilons())
+        rows.sort(key=lambda r: (r.site_id, r.dataset, r.job_id))
+        return rows, self.sites()
 
     def cancel(self, job_id: str, *, by: str) -> JobStatus:
         row = self.store.job(job_id)

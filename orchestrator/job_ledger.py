@@ -16,42 +16,15 @@ evaluation.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from common.domain import ChargedEvent, UpdateMeta
-from common.dp.accounting import EpsilonBound, compute_epsilon
 from common.dp.events import DpEvent
-from common.errors import PrivacyAccountingError
+from orchestrator.jobs.accounting import ACCOUNTANT, JobAccount, JobEpsilon
 from orchestrator.store import ChargeRow, JobRow, Store
 from orchestrator.update_bounds import Assignment
-from orchestrator.views import charged_event_dict, charged_events
-
-ACCOUNTANT = "prv"
-"""The accountant asked for; :class:`JobEpsilon` says which one answered."""
-
-
-@dataclass(frozen=True)
-class JobEpsilon:
-    """A job's ε: each site's bound, the released ε (their maximum) and who computed them."""
-
-    per_site: dict[str, EpsilonBound]
-    delta: float
-
-    @property
-    def epsilon(self) -> float:
-        return max((b.epsilon for b in self.per_site.values()), default=0.0)
-
-    @property
-    def accountant(self) -> str:
-        """The accountant behind the bounds ("prv", "pld", or both joined by "+")."""
-        used = sorted({b.accountant for b in self.per_site.values()})
-        return "+".join(used) if used else ACCOUNTANT
-
-    def site_epsilons(self) -> dict[str, float]:
-        return {sid: b.epsilon for sid, b in self.per_site.items()}
+from orchestrator.views import charged_event_dict
 
 
 def job_epsilon(
@@ -61,18 +34,8 @@ def job_epsilon(
 
     ``within_s``: a time budget for the whole call (an RPC thread's): sites whose tight bound
     is not ready by then get their RDP bound (``common.dp.accounting.compute_epsilon``)."""
-    by_site: dict[str, list[DpEvent]] = {}
-    for c in charges:
-        by_site.setdefault(c.site_id, []).extend(e.event for e in charged_events(c.events))
-    per_site: dict[str, EpsilonBound] = {}
-    deadline = None if within_s is None else time.monotonic() + within_s
-    for sid, events in sorted(by_site.items()):
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        bound = compute_epsilon(events, delta=delta, accountant=ACCOUNTANT, within_s=left)
-        if not math.isfinite(bound.epsilon):
-            raise PrivacyAccountingError(f"no finite ε for site {sid}")
-        per_site[sid] = bound
-    return JobEpsilon(per_site=per_site, delta=delta)
+    account = JobAccount.of_rows(charges, job_id="", delta=delta)
+    return account.exact(within_s=within_s)
 
 
 def charge_row(

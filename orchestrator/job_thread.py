@@ -1,5 +1,6 @@
-"""What every job's thread shares: its handles on the store and broker, cancellation, job
-events, and failing the job visibly (never hanging it) on any error."""
+"""What every job's thread shares: its handles on the store and broker, its account of
+charges, cancellation, job events, and failing the job visibly (never hanging it) on any
+error."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 
 from common.errors import DpfedError, JobFailedError
 from orchestrator.broker import Broker
+from orchestrator.jobs.accounting import JobAccount
 from orchestrator.store import Store
 
 log = logging.getLogger("dpfed.orchestrator")
@@ -30,7 +32,10 @@ class JobThread(threading.Thread):
         on_change: Callable[[str], None],
         stopping: threading.Event,
         poll_s: float = 0.5,
+        account: JobAccount | None = None,
     ) -> None:
+        """``account``: the job's account that status views read too (the coordinator's);
+        a private one when not given."""
         super().__init__(name=f"job-{job_id}", daemon=True)
         self.job_id = job_id
         self.store = store
@@ -38,6 +43,7 @@ class JobThread(threading.Thread):
         self.on_change = on_change
         self.stopping = stopping
         self.poll_s = poll_s
+        self.account = account or JobAccount(job_id, delta=store.job(job_id).delta)
         self._cancelled_by: str | None = None
 
     def cancel(self, by: str) -> None:

@@ -6,11 +6,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from common.domain import SiteSpend
 from common.specs import JobSpec
 from orchestrator.metric_pooling import metrics_card
 from orchestrator.planning import quantile_event
-from orchestrator.store import ChargeRow, JobRow, RoundRow
-from orchestrator.views import charged_event_dict, site_spends
+from orchestrator.store import JobRow, RoundRow
+from orchestrator.views import charged_event_dict
 
 GUARANTEE = (
     "Sample-level (ε, δ)-differential privacy under add/remove of one record at any single "
@@ -80,14 +81,13 @@ def build_model_card(
     row: JobRow,
     spec: JobSpec,
     rounds: list[RoundRow],
-    charges: list[ChargeRow],
-    per_site_epsilon: dict[str, float],
+    sites: list[SiteSpend],
     epsilon: float,
     version: str,
     secure_noise: Mapping[str, bool],
 ) -> dict[str, Any]:
-    """``secure_noise``: each site's declared ``policy.secure_noise`` (missing means False)."""
-    sites = site_spends(charges, per_site_epsilon)
+    """``sites``: each site's spend with its exact ε (``JobAccount.spends``);
+    ``secure_noise``: each site's declared ``policy.secure_noise`` (missing means False)."""
     declared = {s.site_id: bool(secure_noise.get(s.site_id, False)) for s in sites}
     exact = any(r.metrics_exact for r in rounds)
     return {

@@ -28,8 +28,6 @@ import torch
 
 from common.domain import ChargedEvent, TaskAssignment, UpdateMeta
 from common.dp.accounting import compute_epsilon
-from common.dp.events import DpEvent
-from common.dp.running import running_epsilon
 from common.errors import InvalidUpdateError, JobFailedError
 from common.models import build_model, save_model
 from common.schedule import task_schedule
@@ -54,7 +52,6 @@ from orchestrator.aggregation import (
 )
 from orchestrator.auditing import run_audit
 from orchestrator.broker import FailureResult, Result, UpdateResult
-from orchestrator.job_ledger import job_epsilon
 from orchestrator.job_thread import JobStopped, JobThread
 from orchestrator.metric_pooling import pool_metrics, pooled_to_dict
 from orchestrator.planning import ACCOUNTANT, plan_site, site_dataset
@@ -70,7 +67,7 @@ from orchestrator.update_bounds import (
     match_report,
     norm_bound,
 )
-from orchestrator.views import charged_event_dict, charged_events, site_status
+from orchestrator.views import charged_event_dict, site_status
 
 log = logging.getLogger("dpfed.orchestrator")
 
@@ -584,27 +581,21 @@ class JobRunner(JobThread):
     # ------------------------------------------------------------------ accounting
 
     def _job_epsilon(self) -> tuple[float, dict[str, float]]:
-        """The job's ε and each site's, composed by ``orchestrator.job_ledger`` (which also
-        says which accountant produced them: ``self.accountant_used``)."""
-        je = job_epsilon(self.store.charges(self.job_id), delta=self.spec.dp.delta)
+        """The job's exact ε and each site's (``JobAccount.exact``); sets ``accountant_used``
+        to the accountant that produced them."""
+        je = self.account.sync(self.store).exact()
         self.accountant_used = je.accountant
         return je.epsilon, je.site_epsilons()
 
     def _round_epsilon(self) -> float:
         """The job's ε so far, for the round's history row: informational and growing every
-        round, so each site's bound is :func:`common.dp.running.running_epsilon`'s (a
-        dominating history's, at most ~2% above exact, recomputed once per step bucket);
-        the released ε (:meth:`_release`) is exact (issue 19.1). Sets ``accountant_used``."""
-        by_site: dict[str, list[DpEvent]] = {}
-        for c in self.store.charges(self.job_id):
-            by_site.setdefault(c.site_id, []).extend(e.event for e in charged_events(c.events))
-        bounds = [
-            running_epsilon(events, delta=self.spec.dp.delta, accountant=ACCOUNTANT)
-            for events in by_site.values()
-        ]
-        if bounds:
-            self.accountant_used = "+".join(sorted({b.accountant for b in bounds}))
-        return max((b.epsilon for b in bounds), default=0.0)
+        round, so each site's bound is the running one (``JobAccount.running``: at most ~2%
+        above exact, recomputed once per step bucket); the released ε (:meth:`_release`) is
+        exact. Sets ``accountant_used``."""
+        je = self.account.sync(self.store).running()
+        if je.per_site:
+            self.accountant_used = je.accountant
+        return je.epsilon
 
     # ------------------------------------------------------------------ release
 
@@ -617,8 +608,7 @@ class JobRunner(JobThread):
             row=row,
             spec=self.spec,
             rounds=self.store.rounds(self.job_id),
-            charges=self.store.charges(self.job_id),
-            per_site_epsilon=per_site,
+            sites=self.account.spends(per_site),
             epsilon=epsilon,
             version=__version__,
             secure_noise={
@@ -656,7 +646,7 @@ class JobRunner(JobThread):
             self._event("info", "running the privacy audit (canaries at each site)")
             card["audit"] = run_audit(
                 broker=self.broker,
-                site_ids=sorted({c.site_id for c in self.store.charges(self.job_id)}),
+                site_ids=self.account.site_ids(),
                 job_id=self.job_id,
                 spec=self.spec,
                 weights=state_to_bytes(state),

@@ -393,11 +393,15 @@ class Store:
             q = select(RoundRow).where(RoundRow.job_id == job_id).order_by(RoundRow.round)
             return list(s.scalars(q))
 
-    def charges(self, job_id: str | None = None) -> list[ChargeRow]:
+    def charges(self, job_id: str | None = None, *, after_id: int = 0) -> list[ChargeRow]:
+        """Charge rows in the order written; ``after_id``: only those written after that row
+        (what an incremental reader has not seen yet)."""
         with self.session() as s:
             q = select(ChargeRow).order_by(ChargeRow.id)
             if job_id is not None:
                 q = q.where(ChargeRow.job_id == job_id)
+            if after_id:
+                q = q.where(ChargeRow.id > after_id)
             return list(s.scalars(q))
 
 

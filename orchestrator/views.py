@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from common.domain import (
@@ -11,7 +12,6 @@ from common.domain import (
     DatasetInfo,
     JobEvent,
     JobStatus,
-    LedgerRow,
     PolicySummary,
     RoundSummary,
     SiteSpend,
@@ -20,7 +20,7 @@ from common.domain import (
 from common.dp.events import DpEvent
 from orchestrator.broker import Broker
 from orchestrator.metric_pooling import pooled_from_dict
-from orchestrator.store import ChargeRow, JobRow, SiteRow, Store
+from orchestrator.store import JobRow, SiteRow, Store
 
 
 def charged_event_dict(e: ChargedEvent) -> dict[str, Any]:
@@ -84,33 +84,13 @@ def site_status(row: SiteRow, broker: Broker) -> SiteStatus:
     )
 
 
-def site_spends(charges: list[ChargeRow], per_site_epsilon: dict[str, float]) -> list[SiteSpend]:
-    """Per site: the job's totals (steps summed, σ and q of its training events)."""
-    out: dict[str, SiteSpend] = {}
-    for c in charges:
-        evs = charged_events(c.events)
-        train = [e.event for e in evs if e.kind == "train"]
-        prev = out.get(c.site_id)
-        steps = sum(e.steps for e in train) + (prev.steps if prev else 0)
-        out[c.site_id] = SiteSpend(
-            site_id=c.site_id,
-            num_examples=c.num_examples,
-            noise_multiplier=train[-1].noise_multiplier if train else 0.0,
-            sample_rate=train[-1].sample_rate if train else 0.0,
-            steps=steps,
-            max_grad_norm=c.max_grad_norm,
-            epsilon=per_site_epsilon.get(c.site_id, 0.0),
-            dataset_epsilon=max(c.dataset_epsilon, prev.dataset_epsilon if prev else 0.0),
-            events=(prev.events if prev else ()) + evs,
-        )
-    return [out[k] for k in sorted(out)]
-
-
 def _nan(x: float | None) -> float:
     return math.nan if x is None else x
 
 
-def job_status(row: JobRow, store: Store, per_site_epsilon: dict[str, float]) -> JobStatus:
+def job_status(row: JobRow, store: Store, sites: Sequence[SiteSpend]) -> JobStatus:
+    """The job's row, its rounds and events from the store, with each site's spend as given
+    (``orchestrator.jobs.accounting.JobAccount.spends``)."""
     rounds = store.rounds(row.job_id)
     return JobStatus(
         job_id=row.job_id,
@@ -136,7 +116,7 @@ def job_status(row: JobRow, store: Store, per_site_epsilon: dict[str, float]) ->
             )
             for r in rounds
         ),
-        sites=tuple(site_spends(store.charges(row.job_id), per_site_epsilon)),
+        sites=tuple(sites),
         events=tuple(
             JobEvent(time=e.time, level=e.level, site_id=e.site_id, message=e.message)
             for e in store.events(row.job_id)
@@ -146,28 +126,3 @@ def job_status(row: JobRow, store: Store, per_site_epsilon: dict[str, float]) ->
         job_spec_json=row.spec_json,
         model_released=row.model_released,
     )
-
-
-def ledger_rows(
-    charges: list[ChargeRow], epsilon_of: dict[tuple[str, str], float]
-) -> list[LedgerRow]:
-    grouped: dict[tuple[str, str, str], list[ChargeRow]] = {}
-    for c in charges:
-        grouped.setdefault((c.site_id, c.dataset, c.job_id), []).append(c)
-    rows = []
-    for (site_id, dataset, job_id), cs in sorted(grouped.items()):
-        events: tuple[ChargedEvent, ...] = ()
-        for c in cs:
-            events += charged_events(c.events)
-        rows.append(
-            LedgerRow(
-                site_id=site_id,
-                dataset=dataset,
-                job_id=job_id,
-                epsilon=epsilon_of.get((job_id, site_id), math.nan),
-                delta=cs[0].delta,
-                rounds=len({c.round for c in cs}),
-                events=events,
-            )
-        )
-    return rows

@@ -12,6 +12,7 @@ from common.dp.accounting import EpsilonBound, compute_epsilon
 from common.dp.events import DpEvent
 from common.specs import parse_job_spec
 from orchestrator import job_ledger
+from orchestrator.jobs import accounting
 from orchestrator.store import Store
 from orchestrator.update_bounds import Assignment
 
@@ -43,7 +44,7 @@ def test_the_released_epsilon_is_the_max_over_sites_and_names_its_accountant(
     ) -> EpsilonBound:
         return EpsilonBound(epsilon=1.0, delta=delta, accountant="pld")
 
-    monkeypatch.setattr(job_ledger, "compute_epsilon", fell_back)
+    monkeypatch.setattr(accounting, "compute_epsilon", fell_back)
     assert job_ledger.job_epsilon(rows, delta=1e-5).accountant == "pld"  # type: ignore[arg-type]
 
 

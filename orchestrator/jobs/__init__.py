@@ -1,0 +1,1 @@
+"""What every job kind shares: its account of charges (``accounting``)."""

@@ -1,0 +1,225 @@
+"""A job's charges folded per site as they are recorded, and the job's ε from them.
+
+One :class:`JobAccount` per job serves every reader: the rounds' history, the status a
+client watches, the card and the ledger view. :meth:`JobAccount.sync` folds only the charge
+rows recorded since the last call (the store's row ids grow with every write, and a job's
+rows are written by its own thread, one transaction after another), so a read in round 200
+costs what it costs in round 2.
+
+Per site the account keeps the history merged by (σ, q), which is exact (self-composition
+is composition: :func:`common.dp.accounting.compute_epsilon` merges the same way):
+
+* :meth:`JobAccount.running` gives each site's running bound
+  (:func:`common.dp.running.running_epsilon`, a sound bound at most ~2% above exact,
+  recomputed once per step bucket), for figures reported while a job runs;
+* :meth:`JobAccount.exact` composes each history with the tight accountant (PRV, or what it
+  fell back to, named), for the released ε and anything that must be tight.
+
+The job's ε is the maximum over sites (sites hold disjoint records: parallel composition).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from common.domain import ChargedEvent, LedgerRow, SiteSpend
+from common.dp.accounting import EpsilonBound, compute_epsilon
+from common.dp.events import DpEvent
+from common.dp.running import running_epsilon
+from common.errors import PrivacyAccountingError
+from orchestrator.store import ChargeRow, Store
+from orchestrator.views import charged_events
+
+ACCOUNTANT = "prv"
+"""The accountant asked for; :class:`JobEpsilon` says which one answered."""
+
+
+@dataclass(frozen=True)
+class JobEpsilon:
+    """A job's ε: each site's bound, the job's ε (their maximum) and who computed them."""
+
+    per_site: dict[str, EpsilonBound]
+    delta: float
+
+    @property
+    def epsilon(self) -> float:
+        return max((b.epsilon for b in self.per_site.values()), default=0.0)
+
+    @property
+    def accountant(self) -> str:
+        """The accountant behind the bounds ("prv", "pld", "rdp", or several joined by "+")."""
+        used = sorted({b.accountant for b in self.per_site.values()})
+        return "+".join(used) if used else ACCOUNTANT
+
+    def site_epsilons(self) -> dict[str, float]:
+        return {sid: b.epsilon for sid, b in self.per_site.items()}
+
+
+@dataclass
+class _Ledger:
+    """One site's charges on one dataset for the job (a row of the ledger view)."""
+
+    delta: float
+    rounds: set[int] = field(default_factory=set)
+    events: list[ChargedEvent] = field(default_factory=list)
+
+
+@dataclass
+class _Site:
+    """One site's charges for the job, folded."""
+
+    history: dict[tuple[float, float], int] = field(default_factory=dict)  # (σ, q) → steps
+    events: list[ChargedEvent] = field(default_factory=list)
+    train_steps: int = 0
+    last_train: DpEvent | None = None  # the last charge's last training event
+    num_examples: int = 0
+    max_grad_norm: float = 0.0
+    dataset_epsilon: float = 0.0
+    ledgers: dict[str, _Ledger] = field(default_factory=dict)  # by dataset
+
+    def fold(self, c: ChargeRow) -> None:
+        evs = charged_events(c.events)
+        train = [e.event for e in evs if e.kind == "train"]
+        for e in evs:
+            key = (e.event.noise_multiplier, e.event.sample_rate)
+            self.history[key] = self.history.get(key, 0) + e.event.steps
+        self.events.extend(evs)
+        self.train_steps += sum(e.steps for e in train)
+        self.last_train = train[-1] if train else None
+        self.num_examples = c.num_examples
+        self.max_grad_norm = c.max_grad_norm
+        self.dataset_epsilon = max(self.dataset_epsilon, c.dataset_epsilon)
+        ledger = self.ledgers.setdefault(c.dataset, _Ledger(delta=c.delta))
+        ledger.rounds.add(c.round)
+        ledger.events.extend(evs)
+
+    def merged(self) -> list[DpEvent]:
+        return [DpEvent(s, q, n) for (s, q), n in sorted(self.history.items())]
+
+
+def _finite(sid: str, bound: EpsilonBound) -> EpsilonBound:
+    if not math.isfinite(bound.epsilon):
+        raise PrivacyAccountingError(f"no finite ε for site {sid}")
+    return bound
+
+
+class JobAccount:
+    """The charges of one job, per site (see the module docstring). Thread-safe: the job's
+    thread folds and reads while RPC threads read."""
+
+    def __init__(self, job_id: str, *, delta: float) -> None:
+        self.job_id = job_id
+        self.delta = delta
+        self._sites: dict[str, _Site] = {}
+        self._last_id = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of_rows(cls, rows: Iterable[ChargeRow], *, job_id: str, delta: float) -> JobAccount:
+        """An account of rows already in hand (e.g. a one-shot release's, before or without
+        the store)."""
+        account = cls(job_id, delta=delta)
+        for c in rows:
+            account._fold(c)
+        return account
+
+    def sync(self, store: Store) -> JobAccount:
+        """Fold the job's charge rows recorded since the last call; returns ``self``."""
+        with self._lock:
+            for c in store.charges(self.job_id, after_id=self._last_id):
+                self._fold(c)
+        return self
+
+    def _fold(self, c: ChargeRow) -> None:
+        self._sites.setdefault(c.site_id, _Site()).fold(c)
+        if c.id is not None:
+            self._last_id = max(self._last_id, c.id)
+
+    def site_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._sites)
+
+    def histories(self) -> dict[str, list[DpEvent]]:
+        """Each site's merged history (σ, q, total steps), in site order."""
+        with self._lock:
+            return {sid: s.merged() for sid, s in sorted(self._sites.items())}
+
+    def running(self) -> JobEpsilon:
+        """Each site's running bound: sound, at most ~2% above exact, cheap every round."""
+        return JobEpsilon(
+            per_site={
+                sid: running_epsilon(h, delta=self.delta, accountant=ACCOUNTANT)
+                for sid, h in self.histories().items()
+            },
+            delta=self.delta,
+        )
+
+    def exact(self, *, within_s: float | None = None) -> JobEpsilon:
+        """Each site's tight bound. ``within_s``: a time budget for the whole call (an RPC
+        thread's): sites whose tight bound is not ready by then get their RDP bound (sound,
+        looser; labelled "rdp")."""
+        deadline = None if within_s is None else time.monotonic() + within_s
+        per_site: dict[str, EpsilonBound] = {}
+        for sid, h in self.histories().items():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            bound = compute_epsilon(h, delta=self.delta, accountant=ACCOUNTANT, within_s=left)
+            per_site[sid] = _finite(sid, bound)
+        return JobEpsilon(per_site=per_site, delta=self.delta)
+
+    def spends(self, per_site_epsilon: dict[str, float]) -> list[SiteSpend]:
+        """Per site: the job's totals (training steps summed; σ and q of the last charge's
+        training event, 0 when it had none), with the given ε."""
+        with self._lock:
+            return [
+                SiteSpend(
+                    site_id=sid,
+                    num_examples=s.num_examples,
+                    noise_multiplier=s.last_train.noise_multiplier if s.last_train else 0.0,
+                    sample_rate=s.last_train.sample_rate if s.last_train else 0.0,
+                    steps=s.train_steps,
+                    max_grad_norm=s.max_grad_norm,
+                    epsilon=per_site_epsilon.get(sid, 0.0),
+                    dataset_epsilon=s.dataset_epsilon,
+                    events=tuple(s.events),
+                )
+                for sid, s in sorted(self._sites.items())
+            ]
+
+    def ledger_rows(self, per_site_epsilon: dict[str, float]) -> list[LedgerRow]:
+        """One row per (site, dataset) the job charged: its ε (NaN where unknown), the δ of
+        its first charge, the number of rounds and every event."""
+        with self._lock:
+            return [
+                LedgerRow(
+                    site_id=sid,
+                    dataset=dataset,
+                    job_id=self.job_id,
+                    epsilon=per_site_epsilon.get(sid, math.nan),
+                    delta=ledger.delta,
+                    rounds=len(ledger.rounds),
+                    events=tuple(ledger.events),
+                )
+                for sid, s in sorted(self._sites.items())
+                for dataset, ledger in sorted(s.ledgers.items())
+            ]
+
+
+class Accounts:
+    """Every job's account, created on first use from the store and kept in step with it."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._accounts: dict[str, JobAccount] = {}
+        self._lock = threading.Lock()
+
+    def of(self, job_id: str, *, delta: float) -> JobAccount:
+        """The job's account with every charge recorded so far."""
+        with self._lock:
+            account = self._accounts.get(job_id)
+            if account is None:
+                account = self._accounts[job_id] = JobAccount(job_id, delta=delta)
+        return account.sync(self._store)
