@@ -176,7 +176,7 @@ def _compute_merged(merged: tuple[DpEvent, ...], delta: float, accountant: str) 
             )
     compositions = sum(e.steps for e in merged if e.sample_rate < 1.0)
     if compositions > PLD_MAX_COMPOSITIONS or len(merged) > PLD_MAX_EVENTS:
-        # Bounded cost (docs/accounting.md, "Cost"): RDP is looser but analytic.
+        # Bounded cost (``docs/accounting.md``, "Cost"): RDP is looser but analytic.
         _log.info(
             "%d compositions of %d distinct events are beyond PLD's bounded cost; using RDP.",
             compositions,

@@ -3,7 +3,7 @@
 Koskela, Jälkö & Honkela 2020, "Computing Tight Differential Privacy Guarantees Using FFT",
 AISTATS; Doroshenko, Ghazi, Kamath, Kumar & Manurangsi 2022, "Connect the Dots: Tighter
 Discrete Approximations of Privacy Loss Distributions", PETS. The value discretisation interval
-is chosen as ``docs/accounting.md`` (PLD) derives.
+is chosen as ``docs/accounting.md``, "PLD" derives.
 """
 
 from __future__ import annotations

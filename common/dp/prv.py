@@ -7,7 +7,7 @@ cannot give a finite bound within :data:`PRV_MAX_DOMAIN_SIZE` / :data:`PRV_MAX_W
 below the grid's float64 resolution; the caller then falls back to PLD. The grid is sized for
 each event's steps rounded up to a power of two, so a history that grows round by round reuses
 its grid and its cached one-step discretisations, and a further round costs one FFT
-self-composition. Why each choice keeps the bound sound: ``docs/accounting.md`` (PRV).
+self-composition. Why each choice keeps the bound sound: ``docs/accounting.md``, "PRV".
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def _prv_domain(
 
 def _grid_history(merged: Sequence[DpEvent]) -> list[DpEvent]:
     """The history the PRV grid is sized for: each event's steps rounded up to a power of 2
-    (a grid for more steps is valid for fewer: ``docs/accounting.md``, PRV)."""
+    (a grid for more steps is valid for fewer: ``docs/accounting.md``, "PRV")."""
     return [
         DpEvent(e.noise_multiplier, e.sample_rate, 1 << (e.steps - 1).bit_length()) for e in merged
     ]

@@ -1,22 +1,11 @@
-"""Running ε figures: a tight accountant's bound that is recomputed once per step bucket.
+"""Running ε figures: a tight accountant's bound, recomputed once per step bucket.
 
-A job's ε after each round and a dataset's lifetime ε are informational figures that grow
-with every round. Composing them afresh every round with PRV costs in proportion to a grid
-that widens with the history (issue 19.1). :func:`running_epsilon` reports instead the
-bound of a history that *dominates* the actual one: each event's steps rounded up to the
-next point of a geometric grid with ratio 2^(1/32) (at most 2.2% more steps; ε grows more
-slowly than the steps, so the figure is at most about 2% above the exact bound).
-
-Soundness: composing more steps of the same mechanism can only add privacy loss (the
-actual history is a prefix of the dominating one, and an adversary's view of a prefix is a
-post-processing of the whole), so a sound upper bound for the dominating history is one for
-the actual history. Cost: the dominating history changes only when a step count crosses a
-grid point, so once histories pass a few dozen steps, most rounds are answered from
-:func:`common.dp.accounting.compute_epsilon`'s cache, and a round at step 200 costs what a
-round at step 12 does.
-
-What must be tight stays exact: the ε a model is released with, and budget checks, call
-:func:`~common.dp.accounting.compute_epsilon` on the actual history.
+:func:`running_epsilon` bounds the ε of a history that dominates the actual one (each merged
+event's steps rounded up to a geometric grid of ratio 2^(1/32)): a sound upper bound at most
+about 2% above the exact one, answered from :func:`~common.dp.accounting.compute_epsilon`'s
+cache until a step count crosses a grid point. For the figures reported every round (a job's
+running ε, a dataset's lifetime ε); the released ε and budget checks use the exact bound.
+Soundness and cost: ``docs/accounting.md``, "Running figures".
 """
 
 from __future__ import annotations
