@@ -411,7 +411,7 @@ def use_legacy_transfers() -> None:
     RESULTS.md, for side-by-side runs: 1 MiB chunks, and agents that push their update without
     waiting for the orchestrator's go. (The orchestrator side also needs
     ``LEGACY_SERVER_KWARGS``; ``blob_from_chunks`` keeps its new single-copy assembly.)"""
-    import common.serde as serde
+    import common.rpc.serde as serde
     import site_agent.agent as agent
 
     if getattr(serde.blob_to_chunks, "_bench_legacy", False):

@@ -5,7 +5,7 @@ The real path, end to end on 127.0.0.1 (plaintext): a child process runs the orc
 into its broker, as a round does; this process plays the site agent:
 
 * **download** — ``AgentService.FetchModel`` (the servicer cuts the blob with
-  ``common.serde.blob_to_chunks``), reassembled with ``serde.blob_from_chunks``, as
+  ``common.rpc.serde.blob_to_chunks``), reassembled with ``serde.blob_from_chunks``, as
   ``SiteAgent._fetch`` does;
 * **upload** — ``AgentService.PushUpdate`` (header, then ``blob_to_chunks`` chunks), which the
   servicer writes to a spool file (``orchestrator.spool``) and hands to the broker, as
@@ -51,7 +51,7 @@ SIZES = (1_000_000, 10_000_000, 50_000_000)
 
 
 def _chunk_size() -> int:
-    from common import serde
+    from common.rpc import serde
 
     return serde.CHUNK_SIZE
 
@@ -140,7 +140,7 @@ def serve(sizes: list[int], repeats: int, samples_out: Path) -> int:
 
 
 def _update_stream(meta: Any, blob: bytes) -> Iterator[Any]:
-    from common import serde
+    from common.rpc import serde
     from protos.dpfed.v1 import dpfed_pb2 as pb
 
     yield pb.UpdateChunk(header=serde.update_meta_to_proto(meta))
@@ -176,7 +176,7 @@ def _meta(task_id: str, blob: bytes) -> Any:
 def run(sizes: list[int], repeats: int) -> dict[str, Any]:
     import grpc
 
-    from common import serde
+    from common.rpc import serde
     from common.rpc.transport import CHANNEL_OPTIONS
     from protos.dpfed.v1 import dpfed_pb2 as pb
     from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc

@@ -1,6 +1,6 @@
 """Plain domain types exchanged between the orchestrator, the agents and the CLI.
 
-These are what the core works with. ``common.serde`` is the only place that turns them into
+These are what the core works with. ``common.rpc.serde`` is the only place that turns them into
 protobuf messages and back; nothing else imports the generated code except the transport.
 """
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from common.rpc.transport import SERVER_OPTIONS, require_loopback_for_plaintext
 from common.tls import (
     CRL_FILE,
     ROLE_MONITOR,
@@ -30,7 +31,6 @@ from common.tls import (
     server_credentials,
     server_hosts,
 )
-from common.rpc.transport import SERVER_OPTIONS, require_loopback_for_plaintext
 from orchestrator.auth import Authorizer
 from orchestrator.broker import MAX_DOWNLOADS, MAX_UPLOADS
 from orchestrator.call_limits import (

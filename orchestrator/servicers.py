@@ -1,4 +1,4 @@
-"""Thin gRPC servicers: translate with ``common.serde``, call the coordinator, map errors.
+"""Thin gRPC servicers: translate with ``common.rpc.serde``, call the coordinator, map errors.
 
 Every ``DpfedError`` becomes ``context.abort(status, message)`` through the table in
 ``common.errors``; anything else is an INTERNAL error whose details stay in the server log.
@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 
 import grpc
 
-from common import serde
 from common.domain import TaskFailure
 from common.errors import DpfedError, InvalidSpecError, TryLaterError
+from common.rpc import serde
 from common.rpc.transport import RETRY_AFTER_MS, TURNS, UPLOAD_GATE
 from orchestrator import spool
 from orchestrator.auth import OPERATOR_ONLY, READERS, SCIENTIST_OR_OPERATOR, Authorizer

@@ -39,7 +39,7 @@ def max_update_size(model_size: int) -> int:
     A training update holds the model's tensors, so it is the model's size; other tasks
     answer with no bytes. The margin (an eighth, at least 1 MiB) only spares an honest
     agent a header that serialises a little longer; without a bound, a site could fill the
-    orchestrator's disk (up to ``common.serde.MAX_BLOB_SIZE`` per upload place).
+    orchestrator's disk (up to ``common.rpc.serde.MAX_BLOB_SIZE`` per upload place).
     """
     return model_size + max(SPOOL_MIN_BYTES, model_size // 8)
 
@@ -136,7 +136,7 @@ class Payload:
 
 
 def receive(pieces: Iterable[bytes], *, size: int, spool_dir: Path | None) -> Payload:
-    """Take an upload's bytes (checked pieces, ``common.serde.chunk_data``) of announced
+    """Take an upload's bytes (checked pieces, ``common.rpc.serde.chunk_data``) of announced
     ``size``: in memory below :data:`SPOOL_MIN_BYTES` or without a ``spool_dir``, else in an
     anonymous file there. A stream that breaks leaves nothing behind (the file is closed).
 

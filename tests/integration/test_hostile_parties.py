@@ -28,6 +28,7 @@ import grpc
 import pytest
 import yaml
 
+from common.rpc.transport import RETRY_AFTER_MS
 from common.tls import (
     ROLE_DATA_SCIENTIST,
     ROLE_MONITOR,
@@ -41,7 +42,6 @@ from common.tls import (
     issued,
     server_credentials,
 )
-from common.rpc.transport import RETRY_AFTER_MS
 from orchestrator import cli as orch_cli
 from orchestrator.server import RunningServer, ensure_server_pki, start_server
 from protos.dpfed.v1 import dpfed_pb2 as pb

@@ -26,11 +26,11 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from common import serde
 from common.domain import ChargedEvent, DatasetInfo, DpReport, JobStatus, UpdateMeta
 from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 from common.models import build_model, count_spec_parameters, load_weights
+from common.rpc import serde
 from common.schedule import task_schedule
 from common.specs import parse_job_spec
 from common.tensors import state_from_bytes, state_to_bytes

@@ -40,9 +40,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 
-from common import serde
 from common.domain import ChargedEvent, DpReport, JobStatus, TaskAssignment, UpdateMeta
 from common.dp.events import DpEvent
+from common.rpc import serde
 from common.tensors import state_from_bytes, state_to_bytes
 from common.tls import (
     ROLE_DATA_SCIENTIST,

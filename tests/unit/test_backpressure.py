@@ -177,7 +177,7 @@ def test_fetch_model_streams_to_at_most_max_downloads_sites_at_once() -> None:
     """Through the servicer: a stream that has started sending holds a slot until it ends."""
     from types import SimpleNamespace
 
-    from common import serde
+    from common.rpc import serde
     from common.rpc.transport import UPLOAD_GATE
     from orchestrator.auth import Authorizer
     from orchestrator.servicers import AgentServicer
@@ -278,7 +278,7 @@ def test_a_gated_upload_sends_no_bytes_until_the_round_has_room(
     push (older agents) shows what the measurement would see otherwise."""
     import grpc
 
-    from common import serde
+    from common.rpc import serde
     from common.rpc.transport import CHANNEL_OPTIONS
     from orchestrator.server import start_server
     from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
@@ -563,7 +563,7 @@ def test_agents_that_take_turns_hold_no_orchestrator_thread_while_they_wait(
     transfer completes either way."""
     import grpc
 
-    from common import serde
+    from common.rpc import serde
     from common.rpc.transport import CHANNEL_OPTIONS
     from orchestrator.server import start_server
     from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc

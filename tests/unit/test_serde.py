@@ -1,4 +1,4 @@
-"""``common.serde``: every domain type survives the wire, and the wire cannot smuggle garbage in.
+"""``common.rpc.serde``: every domain type survives the wire, and the wire cannot smuggle garbage in.
 
 Round trips go domain → proto → *bytes* → proto → domain, so they also cover what the
 protobuf encoding itself does (int32/int64 ranges, doubles, repeated fields, unset messages).
@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 import pytest
 from google.protobuf.message import Message
 
-from common import serde
 from common.domain import (
     ChargedEvent,
     ColumnInfo,
@@ -41,6 +40,7 @@ from common.domain import (
 )
 from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
+from common.rpc import serde
 from protos.dpfed.v1.dpfed_pb2 import Chunk as ProtoChunk
 from protos.dpfed.v1.dpfed_pb2 import DatasetInfo as ProtoDatasetInfo
 from protos.dpfed.v1.dpfed_pb2 import DpEvent as ProtoDpEvent

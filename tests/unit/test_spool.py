@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common.errors import InvalidSpecError, InvalidUpdateError, NotFoundError, UnavailableError
-from common.serde import chunk_data
+from common.rpc.serde import chunk_data
 from common.tensors import FLAT_PART, SafetensorsPieces, check_update, state_to_bytes
 from orchestrator.aggregation import RunningWeightedMean
 from orchestrator.site_dp import SiteDPRound

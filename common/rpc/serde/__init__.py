@@ -1,0 +1,108 @@
+"""The one translation layer between domain types (``common.domain``) and protobuf (dpfed.v1).
+
+Pure functions named ``x_to_proto`` / ``x_from_proto`` (Flower's convention), one module per
+service (``agent_service``, ``control_service``) and one for byte streams (``chunks``); this
+package's namespace is the API the transport code uses (``from common.rpc import serde``).
+Values read from the wire are validated here, so that a malformed message becomes an
+``InvalidSpecError`` naming the field instead of a crash deeper in the core.
+"""
+
+from __future__ import annotations
+
+from common.rpc.serde.agent_service import (
+    MAX_HISTOGRAM,
+    column_info_from_proto,
+    column_info_to_proto,
+    dataset_info_from_proto,
+    dataset_info_to_proto,
+    dp_event_from_proto,
+    dp_event_to_proto,
+    dp_report_from_proto,
+    dp_report_to_proto,
+    estimate_from_proto,
+    estimate_to_proto,
+    failure_from_proto,
+    failure_to_proto,
+    metrics_from_proto,
+    metrics_to_proto,
+    policy_from_proto,
+    policy_to_proto,
+    pooled_metrics_from_proto,
+    pooled_metrics_to_proto,
+    registration_from_proto,
+    registration_to_proto,
+    task_from_proto,
+    task_to_proto,
+    update_meta_from_proto,
+    update_meta_to_proto,
+)
+from common.rpc.serde.chunks import (
+    CHUNK_SIZE,
+    MAX_BLOB_SIZE,
+    blob_from_chunks,
+    blob_to_chunks,
+    chunk_data,
+)
+from common.rpc.serde.control_service import (
+    evaluation_from_proto,
+    evaluation_to_proto,
+    job_status_from_proto,
+    job_status_to_proto,
+    ledger_row_from_proto,
+    ledger_row_to_proto,
+    plan_from_proto,
+    plan_to_proto,
+    round_from_proto,
+    round_to_proto,
+    site_spend_from_proto,
+    site_spend_to_proto,
+    site_status_from_proto,
+    site_status_to_proto,
+)
+
+__all__ = [
+    "CHUNK_SIZE",
+    "MAX_BLOB_SIZE",
+    "MAX_HISTOGRAM",
+    "blob_from_chunks",
+    "blob_to_chunks",
+    "chunk_data",
+    "column_info_from_proto",
+    "column_info_to_proto",
+    "dataset_info_from_proto",
+    "dataset_info_to_proto",
+    "dp_event_from_proto",
+    "dp_event_to_proto",
+    "dp_report_from_proto",
+    "dp_report_to_proto",
+    "estimate_from_proto",
+    "estimate_to_proto",
+    "evaluation_from_proto",
+    "evaluation_to_proto",
+    "failure_from_proto",
+    "failure_to_proto",
+    "job_status_from_proto",
+    "job_status_to_proto",
+    "ledger_row_from_proto",
+    "ledger_row_to_proto",
+    "metrics_from_proto",
+    "metrics_to_proto",
+    "plan_from_proto",
+    "plan_to_proto",
+    "policy_from_proto",
+    "policy_to_proto",
+    "pooled_metrics_from_proto",
+    "pooled_metrics_to_proto",
+    "registration_from_proto",
+    "registration_to_proto",
+    "round_from_proto",
+    "round_to_proto",
+    "site_spend_from_proto",
+    "site_spend_to_proto",
+    "site_status_from_proto",
+    "site_status_to_proto",
+    "task_from_proto",
+    "task_to_proto",
+    "update_meta_from_proto",
+    "update_meta_to_proto",
+]
