@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:
 
 from common.domain import JobStatus  # noqa: E402
 from common.specs import parse_job_spec  # noqa: E402
-from common.tls import ROLE_DATA_SCIENTIST, TlsFiles, init_pki  # noqa: E402
+from common.rpc.tls import ROLE_DATA_SCIENTIST, TlsFiles, init_pki  # noqa: E402
 from orchestrator.client import ControlClient  # noqa: E402
 from orchestrator.server import RunningServer, start_server  # noqa: E402
 

@@ -83,7 +83,7 @@ def prepare(
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from common.tls import ROLE_DATA_SCIENTIST, ROLE_OPERATOR, init_pki
+    from common.rpc.tls import ROLE_DATA_SCIENTIST, ROLE_OPERATOR, init_pki
 
     workdir.mkdir(parents=True, exist_ok=True)
     # Certificates generated on the fly: a CA, the orchestrator, each site, two CLI users.
@@ -239,7 +239,7 @@ class Cluster:
                 p.wait()
 
     def wait_for_sites(self, n: int, timeout_s: float = 120.0) -> None:
-        from common.tls import TlsFiles
+        from common.rpc.tls import TlsFiles
         from orchestrator.client import ControlClient
 
         deadline = time.time() + timeout_s

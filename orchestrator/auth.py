@@ -7,7 +7,7 @@
   evaluate; ``monitor`` (the orchestrator's own health probe) may only read job, site and
   ledger views; a job is cancelled by its submitter or an operator; only ``operator`` may
   enable or disable sites.
-- A revoked certificate (``common.tls.RevocationList``) is refused on every call, even on a
+- A revoked certificate (``common.rpc.tls.RevocationList``) is refused on every call, even on a
   connection opened before it was revoked.
 
 With ``--insecure`` (plaintext, loopback only, for development) there are no certificates:
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import grpc
 
 from common.errors import PermissionDeniedError
-from common.tls import (
+from common.rpc.tls import (
     ROLE_DATA_SCIENTIST,
     ROLE_MONITOR,
     ROLE_OPERATOR,

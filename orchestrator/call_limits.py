@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import grpc
 
 from common.errors import PermissionDeniedError, TryLaterError
-from common.tls import peer_identity
+from common.rpc.tls import peer_identity
 
 MAX_CALLS_PER_SITE = 8
 MAX_CALLS_PER_USER = 16

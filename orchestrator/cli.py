@@ -25,8 +25,8 @@ from rich.table import Table
 from common.cli_support import err_console, inert, run_app, setup_logging
 from common.domain import ColumnInfo, JobStatus, PooledMetrics
 from common.errors import DpfedError, InvalidSpecError, JobFailedError, PolicyRefusal
+from common.rpc.tls import DEFAULT_DAYS, ROLES, TlsFiles
 from common.specs import GmmJobSpec, load_any_job_spec, load_job_spec
-from common.tls import DEFAULT_DAYS, ROLES, TlsFiles
 from orchestrator.client import ControlClient
 from orchestrator.metric_pooling import (
     EVALUATE_LOSS_BOUND,
@@ -782,7 +782,7 @@ def certs_init(
     days: Annotated[int, typer.Option(min=1, help="validity of each certificate")] = DEFAULT_DAYS,
 ) -> None:
     """Create a CA, the orchestrator's certificate, one per site and one per CLI user."""
-    from common.tls import init_pki
+    from common.rpc.tls import init_pki
 
     users: list[tuple[str, str]] = []
     for u in user or ["operator:operator", "analyst:data-scientist"]:
@@ -818,7 +818,7 @@ def certs_issue(
 ) -> None:
     """Issue a certificate from an existing CA: a new site or user, or a rotation (the one it
     replaces stays valid until you revoke its serial)."""
-    from common.tls import issue, issued, revoked_serials
+    from common.rpc.tls import issue, issued, revoked_serials
 
     revoked = revoked_serials(pki_dir)
     before = [c for c in issued(pki_dir) if c.name == name and c.serial not in revoked]
@@ -846,7 +846,7 @@ def certs_revoke(
     pki_dir: Annotated[Path, typer.Option(help="folder holding ca.pem and ca.key")],
 ) -> None:
     """Revoke certificates: the orchestrator refuses them from its next call on (crl.pem)."""
-    from common.tls import CRL_FILE, revoke
+    from common.rpc.tls import CRL_FILE, revoke
 
     done = revoke(pki_dir, target)
     if not done:
@@ -860,7 +860,7 @@ def certs_list(
     pki_dir: Annotated[Path, typer.Option(help="folder holding ca.pem and issued.json")],
 ) -> None:
     """Every certificate the CA issued: name, role, serial, expiry, revoked or not."""
-    from common.tls import issued, revoked_serials
+    from common.rpc.tls import issued, revoked_serials
 
     revoked = revoked_serials(pki_dir)
     t = Table(title=f"certificates issued by the CA in {pki_dir}")

@@ -12,8 +12,8 @@ import grpc
 from common.domain import Evaluation, JobStatus, LedgerRow, Plan, SiteStatus
 from common.errors import DpfedError, UnavailableError, error_from_status
 from common.rpc import serde
+from common.rpc.tls import TlsFiles, channel_credentials, explain_tls_failure
 from common.rpc.transport import CHANNEL_OPTIONS, require_loopback_for_plaintext
-from common.tls import TlsFiles, channel_credentials, explain_tls_failure
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 

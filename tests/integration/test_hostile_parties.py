@@ -28,8 +28,7 @@ import grpc
 import pytest
 import yaml
 
-from common.rpc.transport import RETRY_AFTER_MS
-from common.tls import (
+from common.rpc.tls import (
     ROLE_DATA_SCIENTIST,
     ROLE_MONITOR,
     ROLE_OPERATOR,
@@ -42,6 +41,7 @@ from common.tls import (
     issued,
     server_credentials,
 )
+from common.rpc.transport import RETRY_AFTER_MS
 from orchestrator import cli as orch_cli
 from orchestrator.server import RunningServer, ensure_server_pki, start_server
 from protos.dpfed.v1 import dpfed_pb2 as pb
@@ -768,7 +768,7 @@ def test_orchestrator_and_site_state_are_private(
 def test_the_orchestrator_renews_its_own_certificates_before_they_expire(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from common.tls import expires_in, server_hosts
+    from common.rpc.tls import expires_in, server_hosts
     from orchestrator import healthcheck
 
     root = tmp_path / "pki"

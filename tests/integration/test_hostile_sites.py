@@ -31,10 +31,10 @@ from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 from common.models import build_model, count_spec_parameters, load_weights
 from common.rpc import serde
+from common.rpc.tls import ROLE_DATA_SCIENTIST, TlsFiles, channel_credentials, init_pki
 from common.schedule import task_schedule
 from common.specs import parse_job_spec
 from common.tensors import state_from_bytes, state_to_bytes
-from common.tls import ROLE_DATA_SCIENTIST, TlsFiles, channel_credentials, init_pki
 from orchestrator.client import ControlClient
 from orchestrator.server import RunningServer, start_server
 from orchestrator.store import ChargeRow, JobRow

@@ -43,8 +43,7 @@ from sklearn.datasets import load_digits
 from common.domain import ChargedEvent, DpReport, JobStatus, TaskAssignment, UpdateMeta
 from common.dp.events import DpEvent
 from common.rpc import serde
-from common.tensors import state_from_bytes, state_to_bytes
-from common.tls import (
+from common.rpc.tls import (
     ROLE_DATA_SCIENTIST,
     ROLE_OPERATOR,
     ROLE_SITE,
@@ -53,6 +52,7 @@ from common.tls import (
     files_in,
     init_pki,
 )
+from common.tensors import state_from_bytes, state_to_bytes
 from orchestrator.broker import FailureResult, Result, UpdateResult
 from orchestrator.client import ControlClient
 from orchestrator.server import RunningServer, start_server

@@ -24,7 +24,7 @@ import grpc
 import pytest
 import yaml
 
-from common.tls import server_credentials
+from common.rpc.tls import server_credentials
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 from site_agent.agent import SiteAgent

@@ -38,7 +38,7 @@ WIRE_PACKAGES = ("protos",)
 TRANSPORT_AND_CLI = ("grpc", "protos", "typer", "click", "rich")
 
 # The shared core is every module of common/ but these edges (transport, TLS, CLI helpers).
-EDGES = ("common/rpc", "common/tls.py", "common/cli_support.py")
+EDGES = ("common/rpc", "common/rpc/tls", "common/cli_support.py")
 # Core modules that load or save files (models, pipelines, job spec files, a pulled mixture,
 # the site's private files) or read OS entropy (noise); the rest of the core does no I/O.
 IO_EXEMPT = frozenset(

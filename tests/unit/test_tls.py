@@ -1,4 +1,4 @@
-"""``common.tls``: the PKI issues what the trust model says, and real gRPC mTLS enforces it.
+"""``common.rpc.tls``: the PKI issues what the trust model says, and real gRPC mTLS enforces it.
 
 The gRPC cases start a TLS server on 127.0.0.1:0 with the deployment's server certificate
 and check who gets in: a site with its certificate (and is seen as that site), but not a
@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common import tls
 from common.errors import InvalidSpecError, PermissionDeniedError
+from common.rpc import tls
 
 SITES = ("bank-a", "bank-b")
 WHOAMI = "/dpfed.test.Whoami/Get"
