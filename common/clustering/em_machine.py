@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Unpack
 
 import numpy as np
-import numpy.typing as npt
 
+from common.clustering.em_state import EmRun, EmSettings, check_setting_names
 from common.clustering.initialisation import (
     CandidateStats,
     candidate_sensitivity,
@@ -53,9 +52,7 @@ from common.clustering.wire import (
 from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, InvalidUpdateError
 
-__all__ = [
-    "STATE_VERSION",
-]
+__all__ = ["STATE_VERSION", "MixtureJob"]
 
 STATE_VERSION: Final = 1
 
@@ -65,52 +62,29 @@ _STOP_Z: Final = 2.0
 _Result = InitResult | EmResult | EvalResult | BootResult
 
 
-@dataclass
-class _Run:
-    """One K's EM run, in unit-box coordinates."""
-
-    K: int
-    params: GaussianMixtureParams | None = None  # θ_t, the model of the next EM request
-    history: list[float] = field(default_factory=list)
-    history_sd: list[float] = field(default_factory=list)
-    n_hat: list[float] = field(default_factory=list)
-    stats: list[SufficientStats] = field(default_factory=list)
-    count_sd: list[float] = field(default_factory=list)
-    model_sd: list[float] = field(default_factory=list)  # jitter of θ_t's log-likelihood
-    stop_reason: str | None = None
-    sent: dict[str, Any] | None = None  # data-unit params of the pending request
-    final_loglik: tuple[float, float] | None = None  # (value, noise sd) from the eval round
-
-    @property
-    def key(self) -> str:
-        return f"K={self.K}"
-
-    @property
-    def rounds(self) -> int:
-        return len(self.stats)
-
-
 class MixtureJob:
-    """Shared machinery: one init release, EM rounds over several K in parallel, eval."""
+    """Shared machinery: one init release, EM rounds over several K in parallel, eval.
+
+    Raises :class:`~common.errors.InvalidSpecError` on invalid settings and ``TypeError`` on
+    a missing or unknown one (:class:`~common.clustering.em_state.EmSettings`).
+    """
 
     def __init__(
-        self,
-        *,
-        ks: Sequence[int],
-        covariance_type: str,
-        bounds: npt.ArrayLike,
-        max_rounds: int,
-        tol: float,
-        noise_multiplier: float,
-        seed: int,
-        min_variance: float,
-        n_candidates: int | None,
-        init_noise_multiplier: float | None,
-        loglik_weight: float,
-        average_last: int | None,
-        min_rounds: int,
-        evaluate_final: bool,
+        self, *, ks: Sequence[int], evaluate_final: bool, **settings: Unpack[EmSettings]
     ) -> None:
+        check_setting_names(settings)
+        covariance_type = settings["covariance_type"]
+        bounds = settings["bounds"]
+        max_rounds = settings["max_rounds"]
+        tol = settings["tol"]
+        noise_multiplier = settings["noise_multiplier"]
+        seed = settings["seed"]
+        min_variance = settings.get("min_variance", 1e-5)
+        n_candidates = settings.get("n_candidates")
+        init_noise_multiplier = settings.get("init_noise_multiplier")
+        loglik_weight = settings.get("loglik_weight", 1.0)
+        average_last = settings.get("average_last")
+        min_rounds = settings.get("min_rounds", 3)
         if covariance_type not in ("full", "diag"):
             raise InvalidSpecError(
                 f"covariance_type must be 'full' or 'diag', got {covariance_type!r}."
@@ -163,7 +137,7 @@ class MixtureJob:
         self.seed = int(seed)
         self._rng = np.random.default_rng(seed)
         self._candidates = draw_candidates(M, self.box.n_features, rng=self._rng)
-        self._runs: dict[int, _Run] = {k: _Run(k) for k in k_sorted}
+        self._runs: dict[int, EmRun] = {k: EmRun(k) for k in k_sorted}
         self._round = 0
         self._phase = "init"  # init → em → (eval →) done
         self._pending: dict[str, Any] | None = None
@@ -285,7 +259,7 @@ class MixtureJob:
         self._events.append(DpEvent(self.init_noise_multiplier, 1.0, 1))
         self.n_sites_last_round = len(parsed)
 
-    def _sent_range(self, run: _Run) -> tuple[float, float]:
+    def _sent_range(self, run: EmRun) -> tuple[float, float]:
         # Exactly what every site computes from the request: data-unit params back to unit.
         assert run.sent is not None
         return loglik_clip_range(self.box.params_to_unit(GaussianMixtureParams.from_dict(run.sent)))
@@ -314,7 +288,7 @@ class MixtureJob:
         self.n_sites_last_round = S
 
     def _em_update(
-        self, run: _Run, total: SufficientStats, rng: tuple[float, float], n_sites: int
+        self, run: EmRun, total: SufficientStats, rng: tuple[float, float], n_sites: int
     ) -> None:
         delta = stats_sensitivity(
             self.box.n_features, run.K, self.covariance_type, 1.0, loglik_weight=self.loglik_weight
@@ -351,14 +325,14 @@ class MixtureJob:
         if run.stop_reason is None and run.rounds >= self.max_rounds:
             run.stop_reason = "max_rounds"
 
-    def _small_change(self, run: _Run, t: int) -> bool:
+    def _small_change(self, run: EmRun, t: int) -> bool:
         """Whether history[t] − history[t−1] is within tol·n̂ + 2·sd of the change."""
         change = abs(run.history[t] - run.history[t - 1])
         noise = math.hypot(run.history_sd[t], run.history_sd[t - 1])
         return change <= self.tol * max(run.n_hat[t], 1.0) + _STOP_Z * noise
 
     def _checked_stats(
-        self, i: int, run: _Run, raw: Mapping[str, Any], rng: tuple[float, float]
+        self, i: int, run: EmRun, raw: Mapping[str, Any], rng: tuple[float, float]
     ) -> SufficientStats:
         try:
             stats = SufficientStats.from_dict(raw)
@@ -404,7 +378,7 @@ class MixtureJob:
 
     # ------------------------------------------------------------------ estimates
 
-    def _tail(self, run: _Run) -> int:
+    def _tail(self, run: EmRun) -> int:
         """How many of the last rounds the final estimate averages.
 
         ``average_last`` if set; otherwise the trailing rounds that are stationary: walking
@@ -433,7 +407,7 @@ class MixtureJob:
             r += 1
         return r
 
-    def _final_unit(self, run: _Run) -> GaussianMixtureParams:
+    def _final_unit(self, run: EmRun) -> GaussianMixtureParams:
         if run.params is None:
             raise InvalidSpecError("No model yet: the init round has not been absorbed.")
         if not run.stats:
@@ -456,7 +430,7 @@ class MixtureJob:
             noise_sd=count_sd,
         )
 
-    def _model_noise_sd(self, run: _Run) -> float:
+    def _model_noise_sd(self, run: EmRun) -> float:
         """sd of the log-likelihood the final model loses to the noise of its statistics."""
         if not run.stats:
             return 0.0
@@ -464,7 +438,7 @@ class MixtureJob:
         noise = math.sqrt(sum(sd * sd for sd in run.count_sd[-r:])) / r
         return noise_loglik_loss(self._final_unit(run), n=self.mean_rows(), noise_sd=noise)[1]
 
-    def _loglik_estimate(self, run: _Run) -> tuple[float, float]:
+    def _loglik_estimate(self, run: EmRun) -> tuple[float, float]:
         """(log-likelihood, noise sd) of the final model: the eval round's value if there
         was one, else the mean noisy log-likelihood of the averaged rounds."""
         if run.final_loglik is not None:
@@ -546,44 +520,11 @@ class MixtureJob:
             "pending": self._pending,
             "events": [[e.noise_multiplier, e.sample_rate, e.steps] for e in self._events],
             "n_sites_last_round": self.n_sites_last_round,
-            "runs": [
-                {
-                    "K": run.K,
-                    "params": None if run.params is None else run.params.to_dict(),
-                    "history": list(run.history),
-                    "history_sd": list(run.history_sd),
-                    "n_hat": list(run.n_hat),
-                    "stats": [st.to_dict() for st in run.stats],
-                    "count_sd": list(run.count_sd),
-                    "model_sd": list(run.model_sd),
-                    "stop_reason": run.stop_reason,
-                    "sent": run.sent,
-                    "final_loglik": None if run.final_loglik is None else list(run.final_loglik),
-                }
-                for run in self._runs.values()
-            ],
+            "runs": [run.to_dict() for run in self._runs.values()],
         }
 
     def _load_state(self, state: Mapping[str, Any]) -> None:
-        runs: dict[int, _Run] = {}
-        for r in state["runs"]:
-            K = int(r["K"])
-            fl = r["final_loglik"]
-            runs[K] = _Run(
-                K,
-                params=None
-                if r["params"] is None
-                else GaussianMixtureParams.from_dict(r["params"]),
-                history=[float(v) for v in r["history"]],
-                history_sd=[float(v) for v in r["history_sd"]],
-                n_hat=[float(v) for v in r["n_hat"]],
-                stats=[SufficientStats.from_dict(st) for st in r["stats"]],
-                count_sd=[float(v) for v in r["count_sd"]],
-                model_sd=[float(v) for v in r["model_sd"]],
-                stop_reason=None if r["stop_reason"] is None else str(r["stop_reason"]),
-                sent=None if r["sent"] is None else dict(r["sent"]),
-                final_loglik=None if fl is None else (float(fl[0]), float(fl[1])),
-            )
+        runs = {run.K: run for run in (EmRun.from_dict(r) for r in state["runs"])}
         if sorted(runs) != sorted(self._runs):
             raise ValueError(f"runs for K={sorted(runs)}, expected {sorted(self._runs)}")
         candidates = np.asarray(state["candidates"], dtype=np.float64)

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
+from typing import Any, Unpack
 
 from common.clustering.em_machine import STATE_VERSION, MixtureJob
+from common.clustering.em_state import EmSettings, settings_from_config
 from common.clustering.model import GaussianMixtureParams
 from common.clustering.selection import select_k_by_bic
 from common.clustering.wire import parse_request, release_event
@@ -30,50 +28,13 @@ __all__ = [
 
 
 class FederatedEM(MixtureJob):
-    """Federated DP EM for one K (protocol and privacy: docs/clustering.md).
-
-    ``bounds`` ``(D, 2)`` are the declared feature bounds (data units). ``min_variance`` is
-    a numerical eigenvalue floor in unit-box coordinates (1e-5: a standard deviation of 0.3%
-    of a half-range); the noise-aware floor of :func:`common.clustering.statistics.m_step` is
-    what guards against noise. ``n_candidates`` defaults to ``max(64, 16K)``;
-    ``init_noise_multiplier`` to ``noise_multiplier``; ``average_last`` to the stationary tail
-    (docs/clustering.md).
-    """
+    """Federated DP EM for one K (protocol and privacy: docs/clustering.md). The settings are
+    :class:`~common.clustering.em_state.EmSettings`."""
 
     def __init__(
-        self,
-        *,
-        K: int,
-        covariance_type: str,
-        bounds: npt.ArrayLike,
-        max_rounds: int,
-        tol: float,
-        noise_multiplier: float,
-        seed: int,
-        min_variance: float = 1e-5,
-        n_candidates: int | None = None,
-        init_noise_multiplier: float | None = None,
-        loglik_weight: float = 1.0,
-        average_last: int | None = None,
-        min_rounds: int = 3,
-        evaluate_final: bool = False,
+        self, *, K: int, evaluate_final: bool = False, **settings: Unpack[EmSettings]
     ) -> None:
-        super().__init__(
-            ks=[K],
-            covariance_type=covariance_type,
-            bounds=bounds,
-            max_rounds=max_rounds,
-            tol=tol,
-            noise_multiplier=noise_multiplier,
-            seed=seed,
-            min_variance=min_variance,
-            n_candidates=n_candidates,
-            init_noise_multiplier=init_noise_multiplier,
-            loglik_weight=loglik_weight,
-            average_last=average_last,
-            min_rounds=min_rounds,
-            evaluate_final=evaluate_final,
-        )
+        super().__init__(ks=[K], evaluate_final=evaluate_final, **settings)
         self.K = K
 
     def _config(self) -> dict[str, Any]:
@@ -111,43 +72,14 @@ class FederatedBIC(MixtureJob):
     rows per round); a final ``gmm.eval`` round measures every K's final model. The BIC of
     K uses that noisy log-likelihood and :meth:`mean_rows`; K is chosen by
     :func:`common.clustering.selection.select_k_by_bic` with the public noise standard deviations
-    (one-standard-error rule with ``z``). Other arguments as :class:`FederatedEM`.
+    (one-standard-error rule with ``z``). The settings are
+    :class:`~common.clustering.em_state.EmSettings`.
     """
 
     def __init__(
-        self,
-        *,
-        k_values: Sequence[int],
-        covariance_type: str,
-        bounds: npt.ArrayLike,
-        max_rounds: int,
-        tol: float,
-        noise_multiplier: float,
-        seed: int,
-        min_variance: float = 1e-5,
-        n_candidates: int | None = None,
-        init_noise_multiplier: float | None = None,
-        loglik_weight: float = 1.0,
-        average_last: int | None = None,
-        min_rounds: int = 3,
-        z: float = 2.0,
+        self, *, k_values: Sequence[int], z: float = 2.0, **settings: Unpack[EmSettings]
     ) -> None:
-        super().__init__(
-            ks=k_values,
-            covariance_type=covariance_type,
-            bounds=bounds,
-            max_rounds=max_rounds,
-            tol=tol,
-            noise_multiplier=noise_multiplier,
-            seed=seed,
-            min_variance=min_variance,
-            n_candidates=n_candidates,
-            init_noise_multiplier=init_noise_multiplier,
-            loglik_weight=loglik_weight,
-            average_last=average_last,
-            min_rounds=min_rounds,
-            evaluate_final=True,
-        )
+        super().__init__(ks=k_values, evaluate_final=True, **settings)
         if not (math.isfinite(z) and z >= 0):
             raise InvalidSpecError(f"z must be non-negative and finite, got {z}.")
         self.z = float(z)
@@ -222,20 +154,7 @@ def machine_from_state(state: Mapping[str, Any]) -> FederatedEM | FederatedBIC:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported version {state.get('version')!r}")
         cfg = dict(state["config"])
-        common: dict[str, Any] = {
-            "covariance_type": str(cfg["covariance_type"]),
-            "bounds": np.asarray(cfg["bounds"], dtype=np.float64),
-            "max_rounds": int(cfg["max_rounds"]),
-            "tol": float(cfg["tol"]),
-            "noise_multiplier": float(cfg["noise_multiplier"]),
-            "seed": int(cfg["seed"]),
-            "min_variance": float(cfg["min_variance"]),
-            "n_candidates": int(cfg["n_candidates"]),
-            "init_noise_multiplier": float(cfg["init_noise_multiplier"]),
-            "loglik_weight": float(cfg["loglik_weight"]),
-            "average_last": None if cfg["average_last"] is None else int(cfg["average_last"]),
-            "min_rounds": int(cfg["min_rounds"]),
-        }
+        common = settings_from_config(cfg)
         machine: FederatedEM | FederatedBIC
         if state["class"] == "FederatedEM":
             machine = FederatedEM(
