@@ -39,7 +39,6 @@ import numpy as np
 import numpy.typing as npt
 
 from common.domain import Estimate, Metrics, PooledMetrics
-from common.dp.accounting import compute_epsilon
 from common.dp.events import DpEvent
 from common.specs import JobSpec
 
@@ -204,6 +203,10 @@ def metrics_plan_summary(spec: JobSpec) -> str:
     where = f"round {planned[0]}" if len(planned) == 1 else f"{len(planned)} rounds"
     if m.exact:
         return f"metrics: EXACT in {where}, outside the DP guarantee (sites must allow it)"
+    # Imported here: the accountants load Opacus and torch, which the CLI's start-up
+    # (this module is imported by every `orchestrator` command) does not need.
+    from common.dp.accounting import compute_epsilon
+
     alone = compute_epsilon(
         [DpEvent(m.noise_multiplier, 1.0, len(planned))], delta=spec.dp.delta
     ).epsilon
@@ -235,6 +238,8 @@ def metrics_card(spec: JobSpec, rounds: Sequence[_RoundRecord]) -> dict[str, Any
         ),
     }
     if m.enabled and not m.exact:
+        from common.dp.accounting import compute_epsilon
+
         # The same event the plan and every site charge, alone (it is part of the job's ε).
         alone = compute_epsilon(
             [DpEvent(m.noise_multiplier, 1.0, len(planned))], delta=spec.dp.delta
