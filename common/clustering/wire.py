@@ -58,18 +58,36 @@ class WireDpEvent(_Wire):
         )
 
 
-class InitRequest(_Wire):
+class _Request(_Wire):
+    """What every request carries: the protocol, the declared bounds (data units) and σ."""
+
+    protocol: Literal["dpfed.gmm/1"] = PROTOCOL
+    bounds: tuple[tuple[float, float], ...] = Field(min_length=1, max_length=MAX_FEATURES)
+    noise_multiplier: float = Field(gt=0)
+
+
+class _ModelsRequest(_Request):
+    """A request about models: their covariance type (and, per kind, which models)."""
+
+    covariance_type: Literal["full", "diag"]
+
+
+class _Result(_Wire):
+    """What every result carries: the protocol and the DP event the site charged for it."""
+
+    protocol: Literal["dpfed.gmm/1"] = PROTOCOL
+    dp_event: WireDpEvent
+
+
+class InitRequest(_Request):
     """Ask a site for noisy nearest-candidate counts and sums (the DP initialisation).
 
     ``candidates`` are in data units; the site maps them into its unit box.
     """
 
-    protocol: Literal["dpfed.gmm/1"] = PROTOCOL
     kind: Literal["gmm.init"] = "gmm.init"
     round: int = Field(default=0, ge=0)
-    bounds: tuple[tuple[float, float], ...] = Field(min_length=1, max_length=MAX_FEATURES)
     candidates: tuple[tuple[float, ...], ...] = Field(min_length=1, max_length=MAX_CANDIDATES)
-    noise_multiplier: float = Field(gt=0)
 
 
 class ModelRequest(_Wire):
@@ -79,86 +97,66 @@ class ModelRequest(_Wire):
     params: dict[str, Any]
 
 
-class EmRequest(_Wire):
+class EmRequest(_ModelsRequest):
     """Ask a site for noisy E-step statistics of one or more models (one EM round)."""
 
-    protocol: Literal["dpfed.gmm/1"] = PROTOCOL
     kind: Literal["gmm.em"] = "gmm.em"
     round: int = Field(ge=1)
-    bounds: tuple[tuple[float, float], ...] = Field(min_length=1, max_length=MAX_FEATURES)
-    covariance_type: Literal["full", "diag"]
-    noise_multiplier: float = Field(gt=0)
     loglik_weight: float = Field(default=1.0, gt=0, le=1000)
     models: tuple[ModelRequest, ...] = Field(min_length=1, max_length=MAX_MODELS_PER_REQUEST)
 
 
-class InitResult(_Wire):
-    """A site's answer to :class:`InitRequest`: noised :class:`CandidateStats` (unit box)."""
-
-    protocol: Literal["dpfed.gmm/1"] = PROTOCOL
-    kind: Literal["gmm.init.result"] = "gmm.init.result"
-    round: int = Field(ge=0)
-    stats: dict[str, Any]
-    dp_event: WireDpEvent
-
-
-class EmResult(_Wire):
-    """A site's answer to :class:`EmRequest`: noised :class:`SufficientStats` per model key."""
-
-    protocol: Literal["dpfed.gmm/1"] = PROTOCOL
-    kind: Literal["gmm.em.result"] = "gmm.em.result"
-    round: int = Field(ge=1)
-    stats: dict[str, dict[str, Any]]
-    dp_event: WireDpEvent
-
-
-class EvalRequest(_Wire):
+class EvalRequest(_ModelsRequest):
     """Ask a site for the noisy scaled log-likelihood sum of fixed models (model selection)."""
 
-    protocol: Literal["dpfed.gmm/1"] = PROTOCOL
     kind: Literal["gmm.eval"] = "gmm.eval"
     round: int = Field(ge=1)
-    bounds: tuple[tuple[float, float], ...] = Field(min_length=1, max_length=MAX_FEATURES)
-    covariance_type: Literal["full", "diag"]
-    noise_multiplier: float = Field(gt=0)
     models: tuple[ModelRequest, ...] = Field(min_length=1, max_length=MAX_MODELS_PER_REQUEST)
 
 
-class EvalResult(_Wire):
-    """A site's answer to :class:`EvalRequest`: noisy :func:`scaled_loglik_sum` per model."""
-
-    protocol: Literal["dpfed.gmm/1"] = PROTOCOL
-    kind: Literal["gmm.eval.result"] = "gmm.eval.result"
-    round: int = Field(ge=1)
-    logliks: dict[str, float]
-    dp_event: WireDpEvent
-
-
-class BootRequest(_Wire):
+class BootRequest(_ModelsRequest):
     """Ask a site for noisy Poisson-bootstrap replicates of the E-step statistics of the final
     model (the ``bootstrap:`` job option). The site derives the weight norm bound and the
     sensitivity from ``replicates``, ``weight_cap`` and the model's shape itself."""
 
-    protocol: Literal["dpfed.gmm/1"] = PROTOCOL
     kind: Literal["gmm.boot"] = "gmm.boot"
     round: int = Field(ge=1)
-    bounds: tuple[tuple[float, float], ...] = Field(min_length=1, max_length=MAX_FEATURES)
-    covariance_type: Literal["full", "diag"]
-    noise_multiplier: float = Field(gt=0)
     replicates: int = Field(ge=2, le=MAX_REPLICATES)
     weight_cap: int = Field(ge=1, le=100)
     model: ModelRequest
 
 
-class BootResult(_Wire):
+class InitResult(_Result):
+    """A site's answer to :class:`InitRequest`: noised :class:`CandidateStats` (unit box)."""
+
+    kind: Literal["gmm.init.result"] = "gmm.init.result"
+    round: int = Field(ge=0)
+    stats: dict[str, Any]
+
+
+class EmResult(_Result):
+    """A site's answer to :class:`EmRequest`: noised :class:`SufficientStats` per model key."""
+
+    kind: Literal["gmm.em.result"] = "gmm.em.result"
+    round: int = Field(ge=1)
+    stats: dict[str, dict[str, Any]]
+
+
+class EvalResult(_Result):
+    """A site's answer to :class:`EvalRequest`: noisy :func:`scaled_loglik_sum` per model."""
+
+    kind: Literal["gmm.eval.result"] = "gmm.eval.result"
+    round: int = Field(ge=1)
+    logliks: dict[str, float]
+
+
+class BootResult(_Result):
     """A site's answer to :class:`BootRequest`: noised :class:`ReplicateStats` (unit box)."""
 
-    protocol: Literal["dpfed.gmm/1"] = PROTOCOL
     kind: Literal["gmm.boot.result"] = "gmm.boot.result"
     round: int = Field(ge=1)
     key: str
     stats: dict[str, Any]
-    dp_event: WireDpEvent
 
 
 def _parse(obj: object, options: Mapping[str, type[_Wire]], what: str) -> _Wire:
