@@ -296,7 +296,7 @@ class EncodingSpec(_Frozen):
     @property
     def quantile_release(self) -> float | None:
         """The noise multiplier of the job's one release of noised histograms for quantile
-        bin edges (``site_agent.quantiles``), or None when it makes none: numeric encoding
+        bin edges (``site_agent.handlers.quantiles``), or None when it makes none: numeric encoding
         ``minmax``, or no numeric column to bin (every one constant)."""
         binned = not self.derived or any(f.type == "numeric" and f.edges for f in self.features)
         if self.numeric != "quantile" or not binned:
@@ -542,7 +542,9 @@ def job_spec_from_json(text: str) -> JobSpec:
         raise InvalidSpecError(format_validation_error(err, source="job spec")) from None
 
 
-def load_job_spec(path: str | Path) -> JobSpec:
+def _read_spec_file(path: str | Path) -> tuple[dict[str, Any], str]:
+    """(the YAML mapping in ``path``, how to name it in errors); InvalidSpecError if the file is
+    missing, not YAML or not a mapping."""
     p = Path(path)
     try:
         raw = yaml.safe_load(p.read_text())
@@ -552,18 +554,16 @@ def load_job_spec(path: str | Path) -> JobSpec:
         raise InvalidSpecError(f"job spec {p} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise InvalidSpecError(f"job spec {p} must be a YAML mapping, got {type(raw).__name__}")
-    return parse_job_spec(raw, source=f"job spec {p}")
+    return raw, f"job spec {p}"
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    """The training job spec in the YAML file ``path``; raises InvalidSpecError."""
+    raw, source = _read_spec_file(path)
+    return parse_job_spec(raw, source=source)
 
 
 def load_any_job_spec(path: str | Path) -> AnyJobSpec:
     """``load_job_spec`` for any kind of job (train or gmm)."""
-    p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise InvalidSpecError(f"job spec file not found: {p}") from None
-    except yaml.YAMLError as err:
-        raise InvalidSpecError(f"job spec {p} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise InvalidSpecError(f"job spec {p} must be a YAML mapping, got {type(raw).__name__}")
-    return parse_any_job_spec(raw, source=f"job spec {p}")
+    raw, source = _read_spec_file(path)
+    return parse_any_job_spec(raw, source=source)
