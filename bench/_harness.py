@@ -40,8 +40,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from common.domain import JobStatus  # noqa: E402
-from common.specs import parse_job_spec  # noqa: E402
 from common.rpc.tls import ROLE_DATA_SCIENTIST, TlsFiles, init_pki  # noqa: E402
+from common.specs import parse_job_spec  # noqa: E402
 from orchestrator.client import ControlClient  # noqa: E402
 from orchestrator.server import RunningServer, start_server  # noqa: E402
 
@@ -107,9 +107,10 @@ TIMELINE = Timeline()
 def install_site_timers(tl: Timeline | None = None) -> None:
     """Time the site agent's task path: handle > fetch, execute > train_local, accounting."""
     tl = tl or TIMELINE
-    import site_agent.executor as ex
+    import site_agent.boundary.pipeline as ex
+    import site_agent.handlers.train as tr
     from site_agent.agent import SiteAgent
-    from site_agent.ledger import Ledger
+    from site_agent.boundary.ledger import Ledger
 
     def site_of_agent(self: Any, *a: Any, **k: Any) -> str:
         return str(self.config.site_id)
@@ -120,7 +121,7 @@ def install_site_timers(tl: Timeline | None = None) -> None:
     def round_of_task(self: Any, stub: Any, task: Any, *a: Any, **k: Any) -> dict[str, Any]:
         return {"round": task.round, "job": task.job_id}
 
-    orig_execute = ex.TaskExecutor.execute
+    orig_execute = ex.SitePipeline.execute
 
     def execute(self: Any, task: Any, blob: bytes) -> Any:
         tl.local.site = self.config.site_id
@@ -130,17 +131,17 @@ def install_site_timers(tl: Timeline | None = None) -> None:
         finally:
             tl.add(self.config.site_id, "execute", t0, time.time(), round=task.round)
 
-    if not getattr(ex.TaskExecutor.execute, "_bench_wrapped", False):
+    if not getattr(ex.SitePipeline.execute, "_bench_wrapped", False):
         execute._bench_wrapped = True  # type: ignore[attr-defined]
-        ex.TaskExecutor.execute = execute  # type: ignore[method-assign]
+        ex.SitePipeline.execute = execute  # type: ignore[method-assign]
     tl.wrap(SiteAgent, "_handle", "handle", site_of_agent, round_of_task)
     tl.wrap(SiteAgent, "_fetch", "fetch", site_of_agent)
-    tl.wrap(ex, "train_local", "train_local", site_of_thread)
-    tl.wrap(ex, "check_task", "policy_check", site_of_thread)
+    tl.wrap(tr, "train_local", "train_local", site_of_thread)
+    tl.wrap(ex, "check_release", "policy_check", site_of_thread)
     # The DP report's PRV compositions run in a thread alongside training; what the round
     # pays is the wait for them after training, plus any composition on the task's thread.
-    tl.wrap(ex, "_wait_for_report", "accounting", site_of_thread)
-    tl.wrap(ex, "compute_epsilon", "accounting", site_of_thread)
+    tl.wrap(tr, "_wait_for_report", "accounting", site_of_thread)
+    tl.wrap(tr, "compute_epsilon", "accounting", site_of_thread)
     tl.wrap(Ledger, "spent", "accounting", site_of_thread)
     tl.wrap(Ledger, "charge", "ledger_charge", site_of_thread)
 
@@ -148,10 +149,11 @@ def install_site_timers(tl: Timeline | None = None) -> None:
 def install_orchestrator_timers(tl: Timeline | None = None) -> None:
     """Time the orchestrator's round: the whole _round and its bookkeeping steps."""
     tl = tl or TIMELINE
+    from orchestrator.store import Store
+
     import orchestrator.rounds as rounds
     from orchestrator.aggregation import RunningWeightedMean
     from orchestrator.coordinator import Coordinator
-    from orchestrator.store import Store
 
     def rnd(self: Any, r: int, *a: Any, **k: Any) -> dict[str, Any]:
         return {"round": r, "job": self.job_id}

@@ -1,6 +1,6 @@
 """Time to compute one dataset's ε from a ledger of 1,000 recorded jobs, per accountant.
 
-A site's ledger grows by a few entries per task; :meth:`site_agent.ledger.Ledger.spent`
+A site's ledger grows by a few entries per task; :meth:`site_agent.boundary.ledger.Ledger.spent`
 composes all of them every time the agent reports a dataset's spend. This script builds a
 ledger (in a temporary directory) holding 1,000 jobs on one dataset with a realistic mix:
 each job uses one of a few DP-SGD settings (σ, sample rate q, steps per round), runs 3-8
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.dp import rdp
 from common.dp.accounting import ACCOUNTANTS
 from common.dp.events import DpEvent
-from site_agent.ledger import Ledger
+from site_agent.boundary.ledger import Ledger
 
 DATASET = "claims"
 DELTA = 1e-6

@@ -2,7 +2,7 @@
 trained with Poisson sampling from the encoded, memory-mapped row cache, the agent's peak
 resident memory measured; steps/s against the in-memory path on a table that fits.
 
-Each measurement runs in a fresh child process doing what the agent does (``TaskExecutor``
+Each measurement runs in a fresh child process doing what the agent does (``SitePipeline``
 on a ``site.yaml``: the catalog's row counts, which stream the per-record train/validation
 sides; one real train task with validation metrics, whose first run builds the encoded
 cache); the child reports its phases' wall times, its DP-SGD steps/s measured on
@@ -103,9 +103,9 @@ def child(config: Path, steps: int, batch: int) -> dict[str, Any]:
     from common.schema.encoding import derive_encoding
     from common.specs import OptimizerSpec
     from common.tensors import state_to_bytes
+    from site_agent.boundary.ledger import Ledger
+    from site_agent.boundary.pipeline import SitePipeline
     from site_agent.config import load_site_config
-    from site_agent.executor import TaskExecutor
-    from site_agent.ledger import Ledger
     from site_agent.trainer import TrainParams, train_local
 
     torch.set_num_threads(1)
@@ -114,7 +114,7 @@ def child(config: Path, steps: int, batch: int) -> dict[str, Any]:
     ds = cfg.datasets[0]
     t0 = time.perf_counter()
     with Ledger(cfg.state_dir / "ledger.sqlite") as ledger:
-        ex = TaskExecutor(cfg, ledger)  # streams the sides (disk) or loads the table (memory)
+        ex = SitePipeline(cfg, ledger)  # streams the sides (disk) or loads the table (memory)
         out["open_s"] = time.perf_counter() - t0
         (info,) = ex.dataset_infos()
         out["train_rows"], out["validation_rows"] = info.num_rows, info.num_validation_rows

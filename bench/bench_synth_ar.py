@@ -159,7 +159,7 @@ def autoregressive(
 def mst(
     parts: list[pd.DataFrame], feats: list[ColumnInfo], lab: ColumnInfo, eps: float, rows: int
 ) -> pd.DataFrame:
-    """The sites' MST path (site_agent.synthesis) as functions, every column."""
+    """The sites' MST path (site_agent.handlers.synth) as functions, every column."""
     cols = []
     for c in [*feats, lab]:
         if c.type == "numeric":

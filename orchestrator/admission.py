@@ -1,7 +1,7 @@
 """Admission before any spend, on the orchestrator's side (issue 16.1): no site spends on a
 job that cannot be released.
 
-Before round 1 every selected site is sent an ``admit`` task (``site_agent.admission``): it
+Before round 1 every selected site is sent an ``admit`` task (``site_agent.handlers.admit``): it
 checks the whole job against its own policy and budget and reserves its cost in its ledger,
 or refuses with its reason. With fewer than ``min_sites`` admissions the job fails at once,
 before any site trained, and every site that did reserve is told to release. ``orchestrator

@@ -1,6 +1,6 @@
 """Run the empirical privacy audit of a job before its model is released.
 
-The sites score their secret canaries under the final model (``site_agent.canaries``) and
+The sites score their secret canaries under the final model (``site_agent.handlers.canaries``) and
 send the scores with the coins; the orchestrator pools them (all canaries, all sites: each
 record of the union is protected at the job's ε, the max over sites) and applies
 ``common.dp.audit.audit``. A lower bound above the claimed ε means the implementation leaks more

@@ -476,7 +476,7 @@ def sites(
 
 
 def _fmt_rows(dp_rows: float) -> str:
-    if dp_rows < 0:  # the site's σ floor or budget did not allow the count (site_agent.catalog)
+    if dp_rows < 0:  # the site's σ floor or budget did not allow the count (site_agent.data.catalog)
         return "withheld (budget)"
     return f"≈{dp_rows:,.0f}"
 

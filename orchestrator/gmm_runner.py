@@ -609,7 +609,7 @@ class GmmRunner(JobThread):
             }
         )
         t0 = time.time()
-        # The site charges the whole local run's worst case up front (site_agent.mixture).
+        # The site charges the whole local run's worst case up front (site_agent.handlers.clustering).
         res = self._send(
             prog.site_ids,
             1,

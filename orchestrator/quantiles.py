@@ -1,7 +1,7 @@
 """DP quantile bin edges for a job's piecewise-linear encoding (``encoding.numeric: quantile``).
 
 Before the first round, every participating site releases noised histograms of each binned
-numeric column over a fixed grid of its declared ``[min, max]`` (``site_agent.quantiles``:
+numeric column over a fixed grid of its declared ``[min, max]`` (``site_agent.handlers.quantiles``:
 one Gaussian mechanism, charged to the site's ledger before it is computed). Each answer is
 charged to the job as it is received (so it is in the job's ε and on the card), with the
 event the orchestrator assigned, never the one a site claims. The sums over sites give a
@@ -37,7 +37,7 @@ UNIFORM_WEIGHT = 0.02
 """Share of the uniform edges mixed into the quantile edges (keeps every bin open)."""
 
 KIND = "quantiles"
-"""The site task kind (``site_agent.quantiles``)."""
+"""The site task kind (``site_agent.handlers.quantiles``)."""
 
 
 def edges_from_histogram(

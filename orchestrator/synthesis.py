@@ -1,7 +1,7 @@
 """Federated DP synthetic data (``orchestrator synth DATASET --epsilon E --rows N``).
 
 Every online site holding the dataset measures noisy one- and two-way marginals of its own
-rows under its own budget (``site_agent.synthesis``); the orchestrator checks they used the
+rows under its own budget (``site_agent.handlers.synth``); the orchestrator checks they used the
 same declared schema, sums the counts (``orchestrator.synthesis_tree.combine``), fits a
 maximum spanning tree of two-way marginals and samples rows (``fit_and_sample``, MST-style,
 McKenna et al. 2021).

@@ -35,11 +35,11 @@ from common.rpc.transport import (
 from common.version import __version__
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
-from site_agent.budget import open_ledger
+from site_agent.boundary.budget import open_ledger
+from site_agent.boundary.ledger import Ledger
+from site_agent.boundary.pipeline import SitePipeline
+from site_agent.boundary.state_lock import StateDirLock
 from site_agent.config import SiteConfig
-from site_agent.executor import TaskExecutor
-from site_agent.ledger import Ledger
-from site_agent.state_lock import StateDirLock
 
 log = logging.getLogger("dpfed.site_agent")
 
@@ -75,11 +75,11 @@ class SiteAgent:
         private_dir(config.state_dir)
         private_sqlite_files(config.state_dir / "ledger.sqlite")
         # One agent owns a state directory (its ledger, catalog, canaries): a second one on
-        # the same directory refuses to start (site_agent.state_lock).
+        # the same directory refuses to start (site_agent.boundary.state_lock).
         self._state_lock = StateDirLock(config.state_dir)
         try:
             self.ledger = ledger or open_ledger(config)
-            self.executor = TaskExecutor(config, self.ledger)
+            self.pipeline = SitePipeline(config, self.ledger)
         except BaseException:
             self._state_lock.release()
             raise
@@ -154,8 +154,8 @@ class SiteAgent:
         return SiteRegistration(
             site_id=self.config.site_id,
             agent_version=__version__,
-            datasets=tuple(self.executor.dataset_infos()),
-            policy=self.executor.policy_summary(),
+            datasets=tuple(self.pipeline.dataset_infos()),
+            policy=self.pipeline.policy_summary(),
         )
 
     def _register(self, stub: pb_grpc.AgentServiceStub) -> str:
@@ -216,7 +216,7 @@ class SiteAgent:
                         state=self._state,
                         task_id=self._task_id,
                         datasets=[
-                            serde.dataset_info_to_proto(d) for d in self.executor.dataset_infos()
+                            serde.dataset_info_to_proto(d) for d in self.pipeline.dataset_infos()
                         ],
                     ),
                     timeout=_RPC_TIMEOUT_S,
@@ -245,7 +245,7 @@ class SiteAgent:
             try:
                 # Public inputs only (spec, schema, policy): refused before the model is
                 # downloaded or built (issue 17.4).
-                self.executor.precheck(task)
+                self.pipeline.precheck(task)
             except DpfedError as err:
                 self.tasks_refused += 1
                 log.warning("site=%s job=%s refused: %s", self.config.site_id, task.job_id, err)
@@ -271,7 +271,7 @@ class SiteAgent:
                 )
                 return
             try:
-                meta, delta = self.executor.execute(task, blob)
+                meta, delta = self.pipeline.execute(task, blob)
             except DpfedError as err:
                 self.tasks_refused += 1
                 log.warning("site=%s job=%s refused: %s", self.config.site_id, task.job_id, err)

@@ -16,7 +16,7 @@ from rich.table import Table
 from common.cli_support import err_console, inert, run_app, setup_logging
 from common.dp.accounting import compute_epsilon
 from common.errors import DpfedError
-from site_agent.budget import budget_limit, open_ledger
+from site_agent.boundary.budget import budget_limit, open_ledger
 from site_agent.config import load_site_config
 
 app = typer.Typer(

@@ -124,7 +124,7 @@ class DatasetConfig(_Frozen):
         default="memory",
         description="disk: never load the table; train from an encoded, memory-mapped row "
         "cache in the state dir, built once per data version (CSV or Parquet; "
-        "site_agent.row_store)",
+        "site_agent.data.row_store)",
     )
     engine: Literal["local", "dask"] = Field(
         default="local",

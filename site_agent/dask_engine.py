@@ -3,7 +3,7 @@
 A dataset declared ``engine: dask`` (with ``dask_scheduler`` in ``site.yaml``) has the
 *exact* statistics a site releases computed where its data lives: every Parquet row group
 (or file, for a folder of Parquet files) is one partition; a worker reads it, applies the
-declared schema exactly as the agent does (:func:`site_agent.data.typed_dataset`: clipping,
+declared schema exactly as the agent does (:func:`site_agent.data.loading.typed_dataset`: clipping,
 "other", missing, rows without a declared label dropped) and returns its partial sums; the
 agent folds the partials in partition order. Only those sums come back: no row, and no
 secret (the statistics are over all kept rows, so the split key stays in the agent). **The
@@ -14,7 +14,7 @@ same guarantee), as in :mod:`site_agent.gmm_stats`' map-reduce note.
 The fold is the agent's own streaming sum over the same chunks, in the same order, so the
 result equals the in-process path's bit for bit (:func:`local_partials` runs the same map
 in-process). Statistics: the row count (catalog), the quantile histograms of the feature
-encoding (:func:`site_agent.quantiles.histogram_counts`), the marginals of the synthetic-data
+encoding (:func:`site_agent.handlers.quantiles.histogram_counts`), the marginals of the synthetic-data
 release (counts over the ``common.synth`` schema's bins) and the mixture E-step sufficient
 statistics (:func:`site_agent.gmm_stats.compute_stats`).
 
@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from common.errors import InvalidSpecError
 from site_agent.config import DatasetConfig
-from site_agent.data import LocalDataset, typed_dataset
+from site_agent.data.loading import LocalDataset, typed_dataset
 
 Partial = Callable[[LocalDataset], Any]
 
@@ -130,13 +130,13 @@ def row_count(ds: LocalDataset) -> int:
 
 @dataclass(frozen=True)
 class QuantileCounts:
-    """Map for :func:`site_agent.quantiles.histogram_counts` of ``columns`` on ``grid``."""
+    """Map for :func:`site_agent.handlers.quantiles.histogram_counts` of ``columns`` on ``grid``."""
 
-    columns: tuple[Any, ...]  # site_agent.quantiles.QuantileColumn
+    columns: tuple[Any, ...]  # site_agent.handlers.quantiles.QuantileColumn
     grid: int
 
     def __call__(self, ds: LocalDataset) -> npt.NDArray[np.float64]:
-        from site_agent.quantiles import histogram_counts
+        from site_agent.handlers.quantiles import histogram_counts
 
         return histogram_counts(ds.table, self.columns, self.grid)
 
@@ -147,11 +147,11 @@ class MarginalCounts:
     of column names) over the site's ``common.synth`` schema: flat in C order over the
     columns' bins, as ``common.synth.measure_site`` releases them (before its noise)."""
 
-    schema: Any  # the site's synthetic-data Schema (site_agent.synthesis.site_schema)
+    schema: Any  # the site's synthetic-data Schema (site_agent.handlers.synth.site_schema)
     marginals: tuple[tuple[str, ...], ...]
 
     def __call__(self, ds: LocalDataset) -> list[npt.NDArray[np.int64]]:
-        from site_agent.synthesis import _frame
+        from site_agent.handlers.synth import _frame
 
         codes = np.asarray(self.schema.encode(_frame(ds, self.schema)), dtype=np.int64)
         index = {c.name: i for i, c in enumerate(self.schema.columns)}
@@ -185,7 +185,7 @@ class MixtureStats:
 
     def __call__(self, ds: LocalDataset) -> Any:
         from site_agent.gmm_stats import compute_stats
-        from site_agent.mixture import _rows
+        from site_agent.handlers.clustering import _rows
 
         rows = _rows(ds, self.columns)  # the rows run_gmm streams, treated the same way
         return compute_stats(
@@ -197,7 +197,7 @@ class MixtureStats:
 class MixtureRequestStats:
     """Map for an E-step request's exact statistics (``site_agent.gmm_stats``'
     ``_stream_stats``) of ``columns``: ``(rows used, one SufficientStats per model)``, the
-    partition's rows streamed in ``chunk_rows`` chunks as :func:`site_agent.mixture.run_gmm`
+    partition's rows streamed in ``chunk_rows`` chunks as :func:`site_agent.handlers.clustering.MixtureHandler`
     streams them."""
 
     columns: tuple[str, ...]
@@ -208,7 +208,7 @@ class MixtureRequestStats:
 
     def __call__(self, ds: LocalDataset) -> tuple[int, list[Any]]:
         from site_agent.gmm_stats import _stream_stats
-        from site_agent.mixture import _rows
+        from site_agent.handlers.clustering import _rows
 
         x = _rows(ds, self.columns)
         chunks = [x[i : i + self.chunk_rows] for i in range(0, len(x), self.chunk_rows)]

@@ -64,7 +64,7 @@ The statistics are sums over rows, so a cluster computes them as a map-reduce wi
 Row clipping and the unit map are per row, so they commute with partitioning; the driver
 must use a generator seeded from OS entropy for the noise.
 
-Data handling follows :mod:`site_agent.data`: no error message contains a data value.
+Data handling follows :mod:`site_agent.data.loading`: no error message contains a data value.
 """
 
 from __future__ import annotations

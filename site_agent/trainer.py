@@ -34,8 +34,7 @@ What the guarantee rests on, and how this module keeps it:
   exactly ``steps`` steps run: the accountant's count is the truth.
 * **Finite for any record.** Each example adds at most ``C`` to a finite clipped sum in every
   clipping mode, whatever its values: one with a NaN or ∞ in its features or gradient adds
-  zero (:mod:`site_agent.clipping`, :class:`_FiniteClipOptimizer`,
-  :class:`_FiniteGhostModule`); a non-finite update is never released (:func:`_check_finite`).
+  zero (:mod:`site_agent.clipping`, :mod:`site_agent.opacus_modes`); a non-finite update is never released (:func:`_check_finite`).
 * **No un-noised output.** The training loss is never computed into a number, logged or
   returned; validation metrics leave only through :func:`evaluate`'s Gaussian mechanism.
 
@@ -48,18 +47,15 @@ modes remain selectable (see :func:`choose_grad_sample_mode` for why, and
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
-from opacus.grad_sample import GradSampleModuleFastGradientClipping
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -69,10 +65,12 @@ from common.domain import Metrics
 from common.dp import noise
 from common.errors import InvalidSpecError
 from common.models import build_model, load_weights
+from common.schedule import task_schedule
 from common.specs import ModelSpec, OptimizerSpec, model_dims
 from site_agent.clipping import BookKeeper, supports
+from site_agent.data.row_store import EncodedRows
 from site_agent.generative import batch_loss, check_generative_mode
-from site_agent.row_store import EncodedRows
+from site_agent.opacus_modes import check_not_skipped, device_of, poisson_batches, run_opacus
 
 SUPPORTED_MODES = ("bk", "ghost", "hooks")
 """Per-example clipping modes :func:`train_local` runs: ``"bk"`` (one backward pass,
@@ -176,38 +174,6 @@ class EvalMetrics:
         )
 
 
-def plan_steps(
-    *, num_examples: int, batch_size: int, local_epochs: float | None, local_steps: int | None
-) -> tuple[float, int]:
-    """The sample rate and number of DP-SGD steps of a task: ``(q, steps)``.
-
-    ``q = min(1, batch_size / num_examples)`` is the Poisson sampling probability of each
-    row; ``steps = local_steps``, or ``ceil(local_epochs / q)`` (one epoch is ``1/q``
-    expected batches). The site's ledger charges exactly these numbers, and
-    :func:`train_local` runs exactly them.
-
-    Raises:
-        InvalidSpecError: non-positive sizes, or not exactly one of ``local_epochs`` and
-            ``local_steps``.
-    """
-    if num_examples < 1:
-        raise InvalidSpecError("Local training needs at least one example.")
-    if batch_size < 1:
-        raise InvalidSpecError(f"batch_size must be at least 1, got {batch_size}.")
-    if (local_epochs is None) == (local_steps is None):
-        raise InvalidSpecError("Set exactly one of local_epochs and local_steps.")
-    q = min(1.0, batch_size / num_examples)
-    if local_steps is not None:
-        if local_steps < 1:
-            raise InvalidSpecError(f"local_steps must be at least 1, got {local_steps}.")
-        return q, int(local_steps)
-    assert local_epochs is not None
-    if not (local_epochs > 0.0 and math.isfinite(local_epochs)):
-        raise InvalidSpecError(f"local_epochs must be positive, got {local_epochs}.")
-    # Round first so that 3.0000000000000004 expected batches is 3 steps, not 4.
-    return q, max(1, math.ceil(round(local_epochs / q, 9)))
-
-
 def choose_grad_sample_mode(spec: ModelSpec) -> str:
     """The fastest per-example clipping mode that supports the model: ``"bk"``.
 
@@ -238,10 +204,6 @@ def _mode_for(net: nn.Module) -> str:
 
 
 _private_generator = noise.private_torch_generator
-
-
-def _device_of(net: nn.Module) -> torch.device:
-    return next(net.parameters()).device
 
 
 class SiteNoiseOptimizer(DPOptimizerFastGradientClipping):  # type: ignore[misc]
@@ -342,8 +304,8 @@ def train_local(
 ) -> LocalResult:
     """Run DP-SGD from ``global_state`` on the site's rows; return the noised delta.
 
-    Runs exactly ``steps`` steps with Poisson sample rate ``q`` as :func:`plan_steps`
-    computes them; the caller charges the ledger with the same numbers *before* calling.
+    Runs exactly ``steps`` steps with Poisson sample rate ``q`` as
+    :func:`common.schedule.task_schedule` computes them; the caller charges the ledger with the same numbers *before* calling.
 
     The Poisson loader is built here, with the exact ``q`` (Opacus' ``poisson_sampling=True``
     would re-derive the rate as ``1 / ceil(N / batch_size)``, which differs from ``q``
@@ -354,7 +316,7 @@ def train_local(
         model_spec: the task's model.
         global_state: the current global weights (``build_model(spec).state_dict()`` keys).
         features: float array ``(N, input_dim)``, or memory-mapped
-            :class:`~site_agent.row_store.EncodedRows` (with their labels; ``labels`` None),
+            :class:`~site_agent.data.row_store.EncodedRows` (with their labels; ``labels`` None),
             read one Poisson batch at a time (issue 19.3).
         labels: integer class indices ``(N,)``.
         params: the task's DP and optimiser parameters.
@@ -380,7 +342,7 @@ def train_local(
         n = int(x.shape[0])
     if params.public_num_examples is not None:
         n = params.public_num_examples  # the disclosed size; the rows' own count stays here
-    q, steps = plan_steps(
+    q, steps = task_schedule(
         num_examples=n,
         batch_size=params.batch_size,
         local_epochs=params.local_epochs,
@@ -432,7 +394,7 @@ def train_local(
     if mode == "bk":
         _run_bookkeeping(net, optimizer, loader, params=params, steps=steps, expected=q * n)
     else:
-        _run_opacus(net, optimizer, loader, params=params, steps=steps, expected=q * n, mode=mode)
+        run_opacus(net, optimizer, loader, params=params, steps=steps, expected=q * n, mode=mode)
 
     # Both paths train ``net``'s parameters in place, and leave no hook or wrapper on it, so
     # its state dict has the spec's key names.
@@ -467,28 +429,6 @@ def _check_finite(delta: Mapping[str, Tensor]) -> None:
         )
 
 
-def _poisson_batches(
-    loader: DataLoader[Any], steps: int, device: torch.device | None = None
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Exactly ``steps`` Poisson batches: one "epoch" of ``1/q`` samples is not a limit.
-    Sampled on the CPU beside the rows; each batch then moves to ``device`` when given."""
-    batches = iter(loader)
-    for _ in range(steps):
-        try:
-            xb, yb = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            xb, yb = next(batches)
-        if device is not None and device.type != "cpu":
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-        yield xb, yb
-
-
-def _check_not_skipped(optimizer: Any) -> None:
-    if optimizer._is_last_step_skipped:  # pragma: no cover - would void accounting
-        raise RuntimeError("Opacus skipped a DP-SGD step; the accounting would be wrong.")
-
-
 def _run_bookkeeping(
     net: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -505,7 +445,7 @@ def _run_bookkeeping(
         max_grad_norm=params.max_grad_norm,
         expected_batch_size=1,  # set just below to the exact, non-integer q·N
         loss_reduction="mean",
-        generator=_private_generator(_device_of(net)),
+        generator=_private_generator(device_of(net)),
     )
     # Unbiased average over the public expected batch size q·N (a public constant, so the
     # division is post-processing of the noised sum).
@@ -515,7 +455,7 @@ def _run_bookkeeping(
     criterion = nn.CrossEntropyLoss(reduction="sum")
     keeper = BookKeeper(net)
     with keeper.attach():
-        for xb, yb in _poisson_batches(loader, steps, _device_of(net)):
+        for xb, yb in poisson_batches(loader, steps, device_of(net)):
             dp_optimizer.zero_grad(set_to_none=True)
             if xb.shape[0] == 0:
                 keeper.zero_batch()  # an empty sample still takes a noise-only step
@@ -523,120 +463,7 @@ def _run_bookkeeping(
                 # The loss is a tensor that only ever reaches backward(): never a number.
                 keeper.clipped_backward(batch_loss(net, criterion, xb, yb), params.max_grad_norm)
             dp_optimizer.step()
-            _check_not_skipped(dp_optimizer)
-
-
-def _zero_rows(x: Tensor, ok: Tensor) -> Tensor:
-    return torch.where(ok.view((-1,) + (1,) * (x.dim() - 1)), x, torch.zeros_like(x))
-
-
-class _FiniteClipOptimizer(DPOptimizer):  # type: ignore[misc]
-    """Opacus' ``DPOptimizer`` (hooks mode) whose clipping cannot produce a NaN.
-
-    Mirrors ``DPOptimizer.clip_and_accumulate`` (``c_i = min(1, C / (‖g_i‖ + 10⁻⁶))``,
-    ``summed_grad = Σ_i c_i g_i``), with the norms in float64, and an example whose
-    per-example gradient or norm is not finite gets ``c_i = 0`` and zeroed rows.
-    """
-
-    def clip_and_accumulate(self) -> None:
-        samples = [self._get_flat_grad_sample(p) for p in self.params]
-        batch = len(samples[0])
-        if batch == 0:  # an empty Poisson sample: Opacus' own handling (a zero sum)
-            super().clip_and_accumulate()
-            return
-        ok = torch.ones(batch, dtype=torch.bool, device=samples[0].device)
-        for g in samples:
-            ok = ok & torch.isfinite(g).flatten(1).all(1)
-        norms = torch.zeros(batch, dtype=torch.float64, device=ok.device)
-        for g in samples:
-            norms = norms + _zero_rows(g, ok).flatten(1).to(torch.float64).square().sum(1)
-        norms = norms.sqrt()
-        factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        factors = torch.where(ok & torch.isfinite(norms), factors, torch.zeros_like(factors))
-        for p, g in zip(self.params, samples, strict=True):
-            _check_processed_flag(p.grad_sample)
-            grad = torch.einsum("i,i...", factors.to(p.dtype), _zero_rows(g.to(p.dtype), ok))
-            if p.summed_grad is not None:
-                p.summed_grad += grad
-            else:
-                p.summed_grad = grad
-            _mark_as_processed(p.grad_sample)
-
-
-class _FiniteGhostModule(GradSampleModuleFastGradientClipping):  # type: ignore[misc]
-    """Opacus' ghost-clipping module whose clipping factor is zero where a norm is not finite
-    (Opacus' ``C / (norm + 10⁻⁶)`` would be NaN for a NaN norm, and NaN for the sum)."""
-
-    def get_clipping_coef(self) -> Tensor:
-        norms = self.get_norm_sample()
-        coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        return torch.where(torch.isfinite(norms), coef, torch.zeros_like(coef))
-
-
-def _run_opacus(
-    net: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: DataLoader[Any],
-    *,
-    params: TrainParams,
-    steps: int,
-    expected: float,
-    mode: str,
-) -> None:
-    """DP-SGD steps with Opacus' own per-example gradients (``ghost`` or ``hooks``).
-
-    Opacus computes per-example norms in the model's dtype, and float32 squares overflow
-    beyond ``1.8·10¹⁹``: one extreme feature would make a norm infinite and the clipped sum
-    ``0 · ∞ = NaN``. So these modes train in float64 (the delta is cast back to float32),
-    where no finite float32 input overflows a norm; rows with a non-finite feature are
-    taken out of the batch (they contribute zero, as in book-keeping); and the clipping
-    factor of any example whose norm or per-example gradient is still not finite is zero
-    (:class:`_FiniteClipOptimizer`, :class:`_FiniteGhostModule`).
-    """
-    net.double()  # in place: the optimiser keeps the same parameter objects
-    criterion = nn.CrossEntropyLoss()
-    with warnings.catch_warnings():
-        # "Secure RNG turned off": our generators are seeded from OS entropy (see module doc).
-        warnings.simplefilter("ignore", UserWarning)
-        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-        made: tuple[Any, ...] = engine.make_private(
-            module=net,
-            optimizer=optimizer,
-            criterion=criterion,
-            data_loader=loader,
-            noise_multiplier=params.noise_multiplier,
-            max_grad_norm=params.max_grad_norm,
-            poisson_sampling=False,  # the loader already samples, at the exact q
-            grad_sample_mode=mode,
-            noise_generator=_private_generator(_device_of(net)),
-        )
-    if mode == "ghost":
-        dp_model, dp_optimizer, dp_criterion, dp_loader = made
-        assert type(dp_model) is GradSampleModuleFastGradientClipping
-        dp_model.__class__ = _FiniteGhostModule
-    else:
-        dp_model, dp_optimizer, dp_loader = made
-        dp_criterion = criterion
-        assert type(dp_optimizer) is DPOptimizer
-        dp_optimizer.__class__ = _FiniteClipOptimizer
-    # Each Poisson batch is one step; accumulating several would break the accounting.
-    dp_model.forbid_grad_accumulation()
-    dp_optimizer.expected_batch_size = expected
-    with warnings.catch_warnings():
-        # PyTorch notes that the first layer's input needs no gradient; expected here.
-        warnings.filterwarnings(
-            "ignore", message="Full backward hook is firing", category=UserWarning
-        )
-        for xb, yb in _poisson_batches(dp_loader, steps, _device_of(net)):
-            dp_optimizer.zero_grad(set_to_none=True)
-            # Same operations whatever the values: no data-dependent branch.
-            keep = torch.isfinite(xb).all(1)
-            xb, yb = xb[keep].to(torch.float64), yb[keep]
-            # The loss is a tensor that only ever reaches backward(): never a number.
-            dp_criterion(dp_model(xb), yb).backward()
-            dp_optimizer.step()
-            _check_not_skipped(dp_optimizer)
-    dp_model.to_standard_module()  # removes Opacus' hooks from ``net``
+            check_not_skipped(dp_optimizer)
 
 
 def evaluate(

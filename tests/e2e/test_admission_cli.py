@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from examples.demo import bin_path, free_port, prepare, running_cluster
-from site_agent.budget import open_ledger
+from site_agent.boundary.budget import open_ledger
 from site_agent.config import load_site_config
 
 pytestmark = pytest.mark.e2e

@@ -45,7 +45,7 @@ from common.rpc.tls import TlsFiles
 from common.specs import load_job_spec
 from examples.demo import Cluster, DemoFiles, free_port, prepare
 from orchestrator.client import ControlClient
-from site_agent.ledger import Ledger, LedgerEntry
+from site_agent.boundary.ledger import Ledger, LedgerEntry
 
 pytestmark = pytest.mark.e2e
 

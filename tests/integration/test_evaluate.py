@@ -9,7 +9,7 @@ import pytest
 
 from common.errors import NotFoundError
 from orchestrator.client import ControlClient
-from site_agent.ledger import Ledger
+from site_agent.boundary.ledger import Ledger
 from tests.integration.test_grpc_job import _job, _start, _wait
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from orchestrator.store import Store
 from scipy.optimize import linear_sum_assignment
 
 from common.clustering.federated_em import (
@@ -28,11 +29,10 @@ from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 from orchestrator.client import ControlClient
 from orchestrator.server import RunningServer, start_server
-from orchestrator.store import Store
 from site_agent.agent import SiteAgent
+from site_agent.boundary.ledger import Ledger
 from site_agent.config import load_site_config
 from site_agent.gmm_stats import answer_request, request_cost
-from site_agent.ledger import Ledger
 
 MEANS = np.array([[-3.0, -3.0], [0.0, 3.0], [3.0, -2.0]])
 SD = 0.6

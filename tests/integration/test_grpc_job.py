@@ -24,8 +24,8 @@ from common.specs import parse_job_spec
 from orchestrator.client import ControlClient
 from orchestrator.server import RunningServer, start_server
 from site_agent.agent import SiteAgent
+from site_agent.boundary.ledger import Ledger
 from site_agent.config import load_site_config
-from site_agent.ledger import Ledger
 
 
 @dataclass

@@ -206,7 +206,7 @@ def test_malformed_tasks_are_refused_and_the_agent_keeps_serving(
     agent = SiteAgent(load_site_config(_site_yaml(tmp_path, pki, "bank-a", address)))
     # The rogue's specs are empty; the checks of a spec before the download have their own
     # tests (issue 17.4). Here every task must reach the download.
-    agent.executor.precheck = lambda task: None  # type: ignore[method-assign]
+    agent.pipeline.precheck = lambda task: None  # type: ignore[method-assign]
     worker = threading.Thread(target=agent.run, daemon=True)
     worker.start()
     try:

@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from orchestrator.store import ChargeRow, JobRow
 from sklearn.datasets import load_digits
 
 from common.domain import ChargedEvent, DatasetInfo, DpReport, JobStatus, UpdateMeta
@@ -37,7 +38,6 @@ from common.specs import parse_job_spec
 from common.tensors import state_from_bytes, state_to_bytes
 from orchestrator.client import ControlClient
 from orchestrator.server import RunningServer, start_server
-from orchestrator.store import ChargeRow, JobRow
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 from site_agent.agent import SiteAgent
@@ -325,7 +325,7 @@ def _job_with_rogue(
         with _client(pki, fed) as c:
             _wait_online(c, 3)
             if forge is not None:
-                dataset = fed.agents[0].executor.dataset_infos()[0]
+                dataset = fed.agents[0].pipeline.dataset_infos()[0]
                 rogue = RogueSite(fed.server.address, pki.site(ROGUE), dataset, forge)
                 _wait_online(c, 4)
             st, slowest = _run_job(c, _spec(**over))

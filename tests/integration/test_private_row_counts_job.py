@@ -11,7 +11,7 @@ from typing import Any
 
 from common.dp.events import DpEvent
 from orchestrator.client import ControlClient
-from site_agent.ledger import Ledger
+from site_agent.boundary.ledger import Ledger
 from tests.integration.test_grpc_job import _job, _wait, net_factory
 
 __all__ = ["net_factory"]  # the fixture, imported for pytest

@@ -38,6 +38,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from orchestrator.broker import FailureResult, Result, UpdateResult
 from sklearn.datasets import load_digits
 
 from common.domain import ChargedEvent, DpReport, JobStatus, TaskAssignment, UpdateMeta
@@ -53,7 +54,6 @@ from common.rpc.tls import (
     init_pki,
 )
 from common.tensors import state_from_bytes, state_to_bytes
-from orchestrator.broker import FailureResult, Result, UpdateResult
 from orchestrator.client import ControlClient
 from orchestrator.server import RunningServer, start_server
 from protos.dpfed.v1 import dpfed_pb2 as pb
@@ -999,7 +999,7 @@ def federation(
             )
             agent = SiteAgent(cfg)
             if site_id == "evil":
-                honest = agent.executor.execute
+                honest = agent.pipeline.execute
 
                 def malicious(task: TaskAssignment, blob: bytes, honest: Any = honest) -> Any:
                     meta, delta = honest(task, blob)
@@ -1007,7 +1007,7 @@ def federation(
                         return meta, delta
                     return tamper(task, meta, delta)
 
-                agent.executor.execute = malicious  # type: ignore[method-assign]
+                agent.pipeline.execute = malicious  # type: ignore[method-assign]
             t = threading.Thread(target=agent.run, daemon=True, name=f"agent-{site_id}")
             t.start()
             fed.agents[site_id], fed.threads[site_id] = agent, t

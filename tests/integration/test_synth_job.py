@@ -19,8 +19,8 @@ from common.dp.accounting import compute_epsilon
 from orchestrator.client import ControlClient
 from orchestrator.server import start_server
 from site_agent.agent import SiteAgent
+from site_agent.boundary.ledger import Ledger
 from site_agent.config import load_site_config
-from site_agent.ledger import Ledger
 
 COLS = ["mean radius", "mean texture", "mean smoothness", "worst area", "worst concavity"]
 

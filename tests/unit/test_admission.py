@@ -12,9 +12,9 @@ from common.dp.events import DpEvent
 from common.dp.rdp import rdp_epsilon
 from common.errors import PolicyRefusal
 from common.specs import parse_job_spec
-from site_agent.admission import RoundCharges, job_events, run_admit
+from site_agent.boundary.ledger import Ledger
 from site_agent.config import SiteConfig
-from site_agent.ledger import Ledger
+from site_agent.handlers.admit import RoundCharges, job_events, run_admit
 
 TRAIN = DpEvent(1.0, 0.05, 20)
 METRIC = DpEvent(20.0, 1.0, 1)

@@ -10,7 +10,8 @@ import pytest
 from common.dp.events import DpEvent
 from common.dp.rdp import rdp_epsilon
 from common.errors import PolicyRefusal
-from site_agent.budget import admit_and_charge, budget_limit, data_key, open_ledger
+from site_agent.boundary.admission import Release, admit_and_charge
+from site_agent.boundary.budget import budget_limit, data_key, open_ledger
 from site_agent.config import SiteConfig
 
 RELEASE = DpEvent(2.0, 1.0, 1)
@@ -31,15 +32,14 @@ def _config(tmp_path: Path, datasets: list[dict[str, object]], max_epsilon: floa
 
 def _release(cfg: SiteConfig, ledger: object, dataset: str, n: int) -> None:
     admit_and_charge(
-        config=cfg,
         ledger=ledger,  # type: ignore[arg-type]
+        policy=cfg.policy,
+        max_epsilon=budget_limit(cfg, dataset),
         dataset=dataset,
         job_id=f"eval-{n}",
+        round=0,
         task_id=f"t-{n}",
-        kind="metrics",
-        events=[RELEASE],
-        delta=1e-5,
-        what="an evaluation",
+        release=Release(what="an evaluation", events=(RELEASE,), delta=1e-5, kinds=("metrics",)),
     )
 
 

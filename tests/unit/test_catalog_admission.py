@@ -7,9 +7,9 @@ from pathlib import Path
 
 from common.dp.events import DpEvent
 from common.dp.rdp import rdp_epsilon
-from site_agent.catalog import WITHHELD, CatalogCounts
+from site_agent.boundary.ledger import Ledger
 from site_agent.config import Policy
-from site_agent.ledger import Ledger
+from site_agent.data.catalog import WITHHELD, CatalogCounts
 
 DATA = {"d": "file:/data/d.csv", "alias": "file:/data/d.csv"}
 

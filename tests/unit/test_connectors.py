@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from common.errors import InvalidSpecError
-from site_agent.catalog import CatalogCounts, schema_of
+from site_agent.boundary.ledger import Ledger
 from site_agent.config import DatasetConfig, Policy
-from site_agent.data import load_dataset
-from site_agent.ledger import Ledger
+from site_agent.data.catalog import CatalogCounts, schema_of
+from site_agent.data.loading import load_dataset
 
 FRAME = pd.DataFrame(
     {

@@ -14,8 +14,8 @@ import yaml
 
 from site_agent import dask_engine
 from site_agent.config import SiteConfig, load_site_config
-from site_agent.data import iter_typed_chunks, load_dataset
-from site_agent.quantiles import QuantileColumn, histogram_counts
+from site_agent.data.loading import iter_typed_chunks, load_dataset
+from site_agent.handlers.quantiles import QuantileColumn, histogram_counts
 
 COLUMNS: dict[str, Any] = {
     "amount": {"type": "numeric", "min": 0, "max": 1000},
@@ -71,7 +71,7 @@ QCOLS = (
 
 
 def _maps(cfg: SiteConfig) -> dict[str, Any]:
-    from site_agent.synthesis import site_schema
+    from site_agent.handlers.synth import site_schema
 
     ds = cfg.datasets[0]
     schema = site_schema(ds, (*FEATURES, "status"), 8)
@@ -97,8 +97,8 @@ def _in_process(cfg: SiteConfig, maps: dict[str, Any]) -> dict[str, Any]:
     """The agent's own path: the whole table, or its stream of chunks, in one process."""
     from common.synthesis.marginals import _counts
     from site_agent.gmm_stats import compute_stats
-    from site_agent.mixture import _rows
-    from site_agent.synthesis import _frame
+    from site_agent.handlers.clustering import _rows
+    from site_agent.handlers.synth import _frame
 
     ds = cfg.datasets[0]
     full = load_dataset(ds)

@@ -18,9 +18,9 @@ import yaml
 from common.domain import TaskAssignment
 from common.dp import noise
 from site_agent import dask_engine
+from site_agent.boundary.ledger import Ledger
+from site_agent.boundary.pipeline import SitePipeline
 from site_agent.config import load_site_config
-from site_agent.executor import TaskExecutor
-from site_agent.ledger import Ledger
 
 COLUMNS: dict[str, Any] = {
     "amount": {"type": "numeric", "min": 0, "max": 1000},
@@ -46,7 +46,7 @@ def _write_data(root: Path, rows: int = 600) -> None:
     frame.to_parquet(root / "loans.parquet", row_group_size=110)
 
 
-def _executor(root: Path, data: Path, engine: str, scheduler: str) -> TaskExecutor:
+def _executor(root: Path, data: Path, engine: str, scheduler: str) -> SitePipeline:
     root.mkdir(parents=True, exist_ok=True)
     cfg = {
         "site_id": "bank-a",
@@ -68,7 +68,7 @@ def _executor(root: Path, data: Path, engine: str, scheduler: str) -> TaskExecut
     }
     (root / "site.yaml").write_text(yaml.safe_dump(cfg))
     config = load_site_config(root / "site.yaml")
-    return TaskExecutor(config, Ledger(config.state_dir / "ledger.sqlite"))
+    return SitePipeline(config, Ledger(config.state_dir / "ledger.sqlite"))
 
 
 def _task(kind: str, request: dict[str, Any], task_id: str) -> TaskAssignment:
@@ -107,10 +107,10 @@ def _zero_noise(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(noise, "gaussian_np", zeros)
 
 
-def _released(ex: TaskExecutor) -> dict[str, Any]:
+def _released(ex: SitePipeline) -> dict[str, Any]:
     """The values the site releases (noise zeroed): catalog count, histograms, marginals."""
-    q_meta, _ = ex._execute_other(_task("quantiles", QUANTILES, "q"), b"")
-    s_meta, _ = ex._execute_other(_task("synth", SYNTH, "s"), b"")
+    q_meta, _ = ex.execute(_task("quantiles", QUANTILES, "q"), b"")
+    s_meta, _ = ex.execute(_task("synth", SYNTH, "s"), b"")
     synth = json.loads(s_meta.result_json)["measurement"]
     return {
         "count": ex.dataset_infos()[0].dp_num_rows,
@@ -167,9 +167,9 @@ def test_each_release_is_charged_before_the_engine_computes_it(
     ex_ledger = Ledger(root / "state" / "ledger.sqlite")
     ledgers.append(ex_ledger)
     ex = _executor(root, tmp_path / "data", "dask", "synchronous")
-    ex._execute_other(_task("quantiles", QUANTILES, "q"), b"")
-    ex._execute_other(_task("synth", SYNTH, "s"), b"")
-    ex._execute_other(_task("gmm", _GMM, "g"), b"")
+    ex.execute(_task("quantiles", QUANTILES, "q"), b"")
+    ex.execute(_task("synth", SYNTH, "s"), b"")
+    ex.execute(_task("gmm", _GMM, "g"), b"")
     assert [name for name, _ in seen] == [
         "row_count",
         "QuantileCounts",
@@ -194,7 +194,7 @@ def test_a_refused_release_never_runs_the_engine(
     ex = _executor(tmp_path / "dask", tmp_path / "data", "dask", "synchronous")
     undeclared = {**QUANTILES, "columns": [{"name": "amount", "min": 0.0, "max": 5.0}]}
     with pytest.raises(InvalidSpecError, match="not declared"):
-        ex._execute_other(_task("quantiles", undeclared, "q"), b"")
+        ex.execute(_task("quantiles", undeclared, "q"), b"")
     assert calls == ["row_count"]  # the catalog's count only
     assert [e.kind for e in ex.ledger.entries(dataset="loans")] == ["catalog"]
 
@@ -219,14 +219,14 @@ def test_a_local_cluster_of_worker_processes_releases_the_same_values(
         ex = _executor(tmp_path / "dask", tmp_path / "data", "dask", cluster.scheduler_address)
         try:
             on_cluster = _released(ex)
-            g_meta, _ = ex._execute_other(_task("gmm", _GMM, "g"), b"")
-            client = ex._dask_client
+            g_meta, _ = ex.execute(_task("gmm", _GMM, "g"), b"")
+            client = ex.datasets.dask_client
             assert client is not None and len(client.scheduler_info()["workers"]) == 3
         finally:
-            if ex._dask_client is not None:
-                ex._dask_client.close()
+            if ex.datasets.dask_client is not None:
+                ex.datasets.dask_client.close()
     assert on_cluster == local
-    l_meta, _ = local_ex._execute_other(_task("gmm", _GMM, "g"), b"")
+    l_meta, _ = local_ex.execute(_task("gmm", _GMM, "g"), b"")
     assert g_meta.num_examples == l_meta.num_examples
     got, want = (json.loads(m.result_json)["stats"] for m in (g_meta, l_meta))
     for key in want:
@@ -267,7 +267,7 @@ def test_mixture_statistics_on_the_engine_equal_the_in_process_path(
     out = {}
     for engine in ("local", "dask"):
         ex = _executor(tmp_path / engine, tmp_path / "data", engine, "synchronous")
-        meta, _ = ex._execute_other(_task("gmm", request, "g"), b"")
+        meta, _ = ex.execute(_task("gmm", request, "g"), b"")
         assert [e.kind for e in ex.ledger.entries(dataset="loans")] == ["catalog", "gmm"]
         out[engine] = (meta.num_examples, json.loads(meta.result_json)["stats"])
     assert calls == ["row_count", "MixtureRequestStats"]

@@ -14,12 +14,8 @@ from hypothesis import strategies as st
 
 from common.errors import InvalidSpecError
 from site_agent.config import DatasetConfig
-from site_agent.data import (
-    LocalDataset,
-    load_dataset,
-    split_key,
-    split_train_validation,
-)
+from site_agent.data.loading import LocalDataset, load_dataset
+from site_agent.data.split import split_key, split_train_validation
 
 SECRET = "SSN-078-05-1120"
 """A value that must never appear in an error message or its traceback."""

@@ -81,10 +81,10 @@ def test_private_generator_on_the_requested_device() -> None:
 def test_batches_move_to_the_training_device() -> None:
     x, y = torch.zeros(10, 3), torch.zeros(10, dtype=torch.int64)
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
-    batches = list(trainer._poisson_batches(loader, 3, torch.device("meta")))
+    batches = list(trainer.poisson_batches(loader, 3, torch.device("meta")))
     assert len(batches) == 3
     assert all(xb.device.type == "meta" and yb.device.type == "meta" for xb, yb in batches)
-    cpu = list(trainer._poisson_batches(loader, 1, torch.device("cpu")))
+    cpu = list(trainer.poisson_batches(loader, 1, torch.device("cpu")))
     assert cpu[0][0].device.type == "cpu"
 
 

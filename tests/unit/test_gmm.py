@@ -57,7 +57,7 @@ from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, InvalidUpdateError
 from common.specs import GmmJobSpec, parse_any_job_spec
 from site_agent.config import DatasetConfig
-from site_agent.data import iter_typed_chunks
+from site_agent.data.loading import iter_typed_chunks
 from site_agent.gmm_stats import (
     answer_request,
     compute_replicate_stats,

@@ -157,7 +157,7 @@ def test_every_listed_module_exists() -> None:
     ("path", "source", "expected"),
     [
         ("site_agent/x.py", "def f():\n    from orchestrator import store\n", "orchestrator"),
-        ("common/x.py", "import site_agent.ledger\n", "site_agent"),
+        ("common/x.py", "import site_agent.boundary.ledger\n", "site_agent"),
         ("orchestrator/x.py", "from protos.dpfed.v1 import dpfed_pb2\n", "wire types"),
         ("common/clustering/x.py", "import grpc\n", "grpc"),
         ("common/synthesis/x.py", "import typer\n", "typer"),

@@ -1,4 +1,4 @@
-"""Unit tests for site_agent.ledger: durability, atomicity, append-only, properties."""
+"""Unit tests for site_agent.boundary.ledger: durability, atomicity, append-only, properties."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from common.dp.accounting import compute_epsilon
 from common.dp.events import DpEvent
 from common.dp.rdp import rdp_epsilon
 from common.errors import PolicyRefusal, PrivacyAccountingError
+from site_agent.boundary.admission import Release, Training, check_release
+from site_agent.boundary.ledger import SCHEMA_VERSION, Ledger, LedgerEntry
 from site_agent.config import Policy
-from site_agent.ledger import SCHEMA_VERSION, Ledger, LedgerEntry
-from site_agent.policy import TaskCost, check_task
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DELTA = 1e-5
@@ -259,7 +259,7 @@ _CHILD = textwrap.dedent(
     import os, signal, sys
     from pathlib import Path
     from common.dp.events import DpEvent
-    from site_agent.ledger import Ledger
+    from site_agent.boundary.ledger import Ledger
 
     ledger = Ledger(Path(sys.argv[1]))
     mode = sys.argv[2]
@@ -367,12 +367,12 @@ POLICY = Policy(max_epsilon=8.0, delta=1e-5, min_noise_multiplier=0.5)
 
 def _run_task(ledger: Ledger, max_epsilon: float, i: int, events: list[DpEvent]) -> bool:
     """The agent's path for one task: check the policy, then charge before releasing."""
-    cost = TaskCost(events=tuple(events), delta=POLICY.delta)
-    try:
-        check_task(
-            policy=POLICY,
-            max_epsilon=max_epsilon,
-            dataset="digits",
+    release = Release(
+        what="the task",
+        events=tuple(events),
+        delta=POLICY.delta,
+        kinds=("train",) + ("metrics",) * (len(events) - 1),
+        training=Training(
             model_kind="mlp",
             num_parameters=1000,
             round=i,
@@ -380,9 +380,15 @@ def _run_task(ledger: Ledger, max_epsilon: float, i: int, events: list[DpEvent])
             noise_multiplier=events[0].noise_multiplier,
             task_delta=POLICY.delta,
             steps=events[0].steps,
-            cost=cost,
+        ),
+    )
+    try:
+        check_release(
+            policy=POLICY,
+            max_epsilon=max_epsilon,
+            dataset="digits",
+            release=release,
             history=ledger.events("digits"),
-            exact_metrics=False,
         )
     except PolicyRefusal:
         return False

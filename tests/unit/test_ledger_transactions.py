@@ -15,8 +15,8 @@ import yaml
 
 from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, PolicyRefusal
-from site_agent.ledger import Ledger
-from site_agent.state_lock import StateDirLock
+from site_agent.boundary.ledger import Ledger
+from site_agent.boundary.state_lock import StateDirLock
 
 DELTA = 1e-5
 SGD = DpEvent(1.0, 0.01, 100)
@@ -83,7 +83,7 @@ def test_two_processes_never_overspend(tmp_path: Path) -> None:
         import sys
         from common.dp.events import DpEvent
         from common.errors import PolicyRefusal
-        from site_agent.ledger import Ledger
+        from site_agent.boundary.ledger import Ledger
         def check(history):
             if len(history) >= 2:
                 raise PolicyRefusal("full")

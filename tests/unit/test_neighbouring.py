@@ -35,10 +35,11 @@ from common.schema.encoding import FeatureEncoding, derive_encoding
 from common.specs import OptimizerSpec
 from common.tensors import state_from_bytes, state_to_bytes
 from site_agent import trainer
+from site_agent.boundary.ledger import Ledger
+from site_agent.boundary.pipeline import SitePipeline
 from site_agent.config import SiteConfig, load_site_config
-from site_agent.data import SPLIT_KEY_FILE, load_dataset, split_train_validation
-from site_agent.executor import TaskExecutor
-from site_agent.ledger import Ledger
+from site_agent.data.loading import load_dataset
+from site_agent.data.split import SPLIT_KEY_FILE, split_train_validation
 from site_agent.trainer import TrainParams, train_local
 
 HEADER = ["amount", "age", "home", "status"]
@@ -247,7 +248,7 @@ class Transcript:
 def _run(cfg: SiteConfig) -> Transcript:
     decisions, outputs = [], []
     with Ledger(cfg.state_dir / "ledger.sqlite") as ledger:
-        ex = TaskExecutor(cfg, ledger)
+        ex = SitePipeline(cfg, ledger)
         catalog = [
             (i.name, i.columns, i.label, i.schema, i.label_schema, i.max_epsilon)
             for i in ex.dataset_infos()

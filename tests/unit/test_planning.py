@@ -284,7 +284,7 @@ def test_no_site_with_the_dataset() -> None:
 
 
 # ------------------------------------------------------------------ policy rules the site enforces
-# The site refuses these tasks (site_agent/policy.py check_task, rules 2, 4 and 5) and
+# The site refuses these tasks (site_agent/boundary/admission.py check_release, rules 2 and 3) and
 # PolicySummary publishes the limits so that jobs can be planned against them, but plan_job
 # does not look at them: it reports the site as willing and the job as feasible.
 

@@ -1,4 +1,5 @@
-"""Unit tests for site_agent.policy: every refusal reason, and the budget projection."""
+"""Unit tests for site_agent.boundary.admission: every refusal reason, and the budget
+projection, on training releases and on every other kind."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ import pytest
 from common.dp.events import DpEvent
 from common.dp.rdp import rdp_epsilon
 from common.errors import PolicyRefusal
+from site_agent.boundary.admission import (
+    Projection,
+    Release,
+    TaskCost,
+    Training,
+    check_release,
+    project,
+)
 from site_agent.config import Policy
-from site_agent.policy import Projection, TaskCost, check_task, project
 
 POLICY = Policy(
     max_epsilon=10.0,
@@ -24,6 +32,45 @@ POLICY = Policy(
 )
 SGD = DpEvent(1.0, 0.01, 200)
 METRIC = DpEvent(20.0, 1.0, 1)
+
+
+def check_task(
+    *,
+    policy: Policy,
+    max_epsilon: float,
+    dataset: str,
+    model_kind: str,
+    num_parameters: int,
+    round: int,
+    rounds: int,
+    noise_multiplier: float,
+    task_delta: float,
+    steps: int,
+    cost: TaskCost,
+    history: list[DpEvent],
+    exact_metrics: bool,
+) -> Projection:
+    """The one admission check on a train task's release (as the train handler states it)."""
+    release = Release(
+        what="the task",
+        events=cost.events,
+        delta=cost.delta,
+        kinds=("train",) + ("metrics",) * (len(cost.events) - 1),
+        scope=f"this task (round {round} of {rounds})",
+        training=Training(
+            model_kind=model_kind,
+            num_parameters=num_parameters,
+            round=round,
+            rounds=rounds,
+            noise_multiplier=noise_multiplier,
+            task_delta=task_delta,
+            steps=steps,
+        ),
+        exact_metrics=exact_metrics,
+    )
+    return check_release(
+        policy=policy, max_epsilon=max_epsilon, dataset=dataset, release=release, history=history
+    )
 
 
 def task(**overrides: Any) -> dict[str, Any]:
@@ -149,7 +196,7 @@ def test_refuses_already_exhausted_dataset() -> None:
 def test_refuses_unboundable_cost(monkeypatch: pytest.MonkeyPatch) -> None:
     # (σ small enough to overflow the accountant cannot be expressed as a DpEvent any more,
     # so make the accountant fail instead.)
-    import site_agent.policy as policy_mod
+    import site_agent.boundary.admission as policy_mod
     from common.errors import PrivacyAccountingError
 
     def broken(*_a: object, **_k: object) -> float:
@@ -193,3 +240,41 @@ def test_task_cost_validation() -> None:
     with pytest.raises(ValueError, match="DpEvent"):
         TaskCost(events=((1.0, 0.01, 1),), delta=1e-5)  # type: ignore[arg-type]
     assert TaskCost(events=[SGD], delta=1e-5).events == (SGD,)  # type: ignore[arg-type]
+
+
+def _other(events: tuple[DpEvent, ...], delta: float = 1e-5) -> Release:
+    return Release(what="the release", events=events, delta=delta, kinds=("evaluate",))
+
+
+def _other_refusal(release: Release, history: list[DpEvent] | None = None) -> str:
+    with pytest.raises(PolicyRefusal) as info:
+        check_release(
+            policy=POLICY, max_epsilon=8.0, dataset="digits", release=release, history=history or []
+        )
+    message = str(info.value)
+    assert message.startswith("This site refuses the release on dataset 'digits': ")
+    assert message.endswith(".")
+    return message
+
+
+def test_every_kind_gets_the_same_checks_and_messages() -> None:
+    """A release other than training: no DP event, the σ floor, δ and the budget."""
+    assert "no DP event" in _other_refusal(_other(()))
+    message = _other_refusal(_other((METRIC, DpEvent(0.5, 1.0, 1))))
+    assert "σ=0.5" in message and "0.8" in message
+    message = _other_refusal(_other((METRIC,), delta=1e-4))
+    assert "δ=0.0001" in message and "δ=1e-05" in message
+    history = [DpEvent(1.0, 0.01, 2000)]
+    before = rdp_epsilon(history, delta=POLICY.delta)
+    message = _other_refusal(_other((DpEvent(1.0, 1.0, 50),)), history)
+    assert f"{before:.4g}" in message and "budget of ε=8" in message
+    projection = check_release(
+        policy=POLICY, max_epsilon=8.0, dataset="digits", release=_other((METRIC,)), history=[]
+    )
+    assert projection.epsilon_after == rdp_epsilon([METRIC], delta=POLICY.delta)
+
+
+def test_a_release_names_a_kind_for_each_event() -> None:
+    assert _other((SGD, METRIC)).kinds == ("evaluate", "evaluate")
+    with pytest.raises(ValueError, match="kinds"):
+        Release(what="x", events=(SGD, METRIC, SGD), delta=1e-5, kinds=("a", "b"))

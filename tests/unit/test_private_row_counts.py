@@ -25,11 +25,12 @@ from opacus.data_loader import DPDataLoader
 from common.domain import DatasetInfo
 from common.dp import noise
 from common.errors import DpfedError
-from site_agent import catalog, trainer
-from site_agent.catalog import CatalogCounts
+from site_agent import trainer
+from site_agent.boundary.ledger import Ledger
+from site_agent.boundary.pipeline import SitePipeline
 from site_agent.config import Policy, SiteConfig, load_site_config
-from site_agent.executor import TaskExecutor
-from site_agent.ledger import Ledger
+from site_agent.data import catalog
+from site_agent.data.catalog import CatalogCounts
 from tests.unit.test_neighbouring import EXTREMES, _base_rows, _site, _task, _tasks
 
 QUANTILES = _task(
@@ -106,8 +107,8 @@ def _run(cfg: SiteConfig, monkeypatch: pytest.MonkeyPatch) -> Seen:
     with monkeypatch.context() as mp, Ledger(cfg.state_dir / "ledger.sqlite") as ledger:
         mp.setattr(trainer, "DPDataLoader", recording_loader)
         mp.setattr(trainer, "_run_bookkeeping", recording(trainer._run_bookkeeping))
-        mp.setattr(trainer, "_run_opacus", recording(trainer._run_opacus))
-        ex = TaskExecutor(cfg, ledger)
+        mp.setattr(trainer, "run_opacus", recording(trainer.run_opacus))
+        ex = SitePipeline(cfg, ledger)
         seen.registered.append(ex.dataset_infos())
         for what, task, blob in [*_tasks(cfg), ("quantiles", QUANTILES, b"")]:
             try:
@@ -176,8 +177,8 @@ def test_by_default_the_exact_count_is_registered(
     """The documented assumption the switch removes: the exact sizes leave by default."""
     rows = _base_rows()
     with Ledger(tmp_path / "l0.sqlite") as l0, Ledger(tmp_path / "l1.sqlite") as l1:
-        d = TaskExecutor(_site(tmp_path / "D", rows), l0).dataset_infos()[0]
-        d1 = TaskExecutor(_site(tmp_path / "D1", [*rows, rows[0]]), l1).dataset_infos()[0]
+        d = SitePipeline(_site(tmp_path / "D", rows), l0).dataset_infos()[0]
+        d1 = SitePipeline(_site(tmp_path / "D1", [*rows, rows[0]]), l1).dataset_infos()[0]
     assert d.dp_num_rows == d1.dp_num_rows == DP_COUNT
     assert (d.num_rows + d.num_validation_rows) + 1 == d1.num_rows + d1.num_validation_rows
 

@@ -22,11 +22,12 @@ from common.schema.encoding import derive_encoding, uniform_edges
 from common.schema.table import TypedTable
 from common.specs import parse_job_spec
 from orchestrator.quantiles import UNIFORM_WEIGHT, edges_from_histogram
-from site_agent.admission import run_admit
+from site_agent.boundary.ledger import Ledger
+from site_agent.boundary.pipeline import SitePipeline
 from site_agent.config import SiteConfig, load_site_config
-from site_agent.data import LocalDataset, load_dataset
-from site_agent.ledger import Ledger
-from site_agent.quantiles import QuantileColumn, histogram_counts, run_quantiles, sensitivity
+from site_agent.data.loading import LocalDataset, load_dataset
+from site_agent.handlers.admit import run_admit
+from site_agent.handlers.quantiles import QuantileColumn, histogram_counts, sensitivity
 
 COLUMNS = (
     QuantileColumn(name="income", min=0.0, max=1000.0),
@@ -174,11 +175,9 @@ REQUEST = {
 
 
 def test_the_site_charges_before_it_releases(tmp_path: Path) -> None:
-    config, data = _site(tmp_path, {"type": "numeric", "min": 0, "max": 1000})
+    config, _ = _site(tmp_path, {"type": "numeric", "min": 0, "max": 1000})
     with Ledger(tmp_path / "state" / "ledger.sqlite") as ledger:
-        meta, blob = run_quantiles(
-            config=config, ledger=ledger, task=_task(REQUEST), data=(data, None)
-        )
+        meta, blob = SitePipeline(config, ledger).execute(_task(REQUEST), b"")
         entries = ledger.entries(job_id="job-1")
     assert [(e.kind, e.event) for e in entries] == [("quantiles", DpEvent(1.0, 1.0, 1))]
     hist = json.loads(meta.result_json)["histograms"]["income"]
@@ -196,10 +195,10 @@ def test_the_site_charges_before_it_releases(tmp_path: Path) -> None:
 def test_a_column_not_declared_as_asked_is_refused_before_any_charge(
     tmp_path: Path, declared: dict[str, Any]
 ) -> None:
-    config, data = _site(tmp_path, declared)
+    config, _ = _site(tmp_path, declared)
     with Ledger(tmp_path / "state" / "ledger.sqlite") as ledger:
         with pytest.raises(InvalidSpecError, match="'income' is not declared"):
-            run_quantiles(config=config, ledger=ledger, task=_task(REQUEST), data=(data, None))
+            SitePipeline(config, ledger).execute(_task(REQUEST), b"")
         assert ledger.entries(job_id="job-1") == []
 
 

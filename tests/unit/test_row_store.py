@@ -23,12 +23,13 @@ from common.models import build_model, parse_model_spec
 from common.schema.encoding import FeatureEncoding, derive_encoding
 from common.specs import OptimizerSpec
 from common.tensors import state_to_bytes
-from site_agent import row_store
+from site_agent.boundary.ledger import Ledger
+from site_agent.boundary.pipeline import SitePipeline
 from site_agent.config import SiteConfig, load_site_config
-from site_agent.data import SPLIT_KEY_FILE, load_dataset, record_digests, split_train_validation
-from site_agent.executor import TaskExecutor
-from site_agent.ledger import Ledger
-from site_agent.row_store import DiskDataset, PoissonIndexSampler
+from site_agent.data import row_store
+from site_agent.data.loading import load_dataset
+from site_agent.data.row_store import DiskDataset, PoissonIndexSampler
+from site_agent.data.split import SPLIT_KEY_FILE, record_digests, split_train_validation
 from site_agent.trainer import TrainParams, train_local
 
 KEY = bytes(range(32))
@@ -208,7 +209,7 @@ def test_a_train_task_on_a_disk_dataset_runs_and_releases_metrics(tmp_path: Path
     )
     in_memory = split_train_validation(load_dataset(cfg.datasets[0]), 0.25, KEY)
     with Ledger(cfg.state_dir / "ledger.sqlite") as ledger:
-        ex = TaskExecutor(cfg, ledger)
+        ex = SitePipeline(cfg, ledger)
         (info,) = ex.dataset_infos()
         assert info.num_rows == len(in_memory[0])
         assert info.num_validation_rows == len(in_memory[1])
@@ -216,7 +217,7 @@ def test_a_train_task_on_a_disk_dataset_runs_and_releases_metrics(tmp_path: Path
         meta, _ = ex.execute(task, blob)
         assert meta.metrics is not None
         with pytest.raises(Exception, match="storage: disk"):
-            ex._split("loans")
+            ex.datasets.split("loans")
 
 
 @pytest.mark.parametrize("key", [KEY, bytes(range(100))])

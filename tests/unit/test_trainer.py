@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 from common.dp import noise
 from common.errors import InvalidSpecError
 from common.models import build_model
+from common.schedule import task_schedule
 from common.specs import (
     Conv1dSpec,
     Conv2dSpec,
@@ -29,7 +30,6 @@ from site_agent.trainer import (
     TrainParams,
     choose_grad_sample_mode,
     evaluate,
-    plan_steps,
     train_local,
 )
 
@@ -97,31 +97,32 @@ def _random_data(n: int, seed: int = 0, scale: float = 1.0) -> tuple[Any, Any]:
 # -- planning -------------------------------------------------------------------------------
 
 
-def test_plan_steps() -> None:
-    assert plan_steps(num_examples=1000, batch_size=100, local_epochs=2.0, local_steps=None) == (
+def test_task_schedule() -> None:
+    """The one (q, steps) function: the orchestrator's plan, the site's charge, the trainer."""
+    assert task_schedule(num_examples=1000, batch_size=100, local_epochs=2.0, local_steps=None) == (
         0.1,
         20,
     )
-    assert plan_steps(num_examples=1000, batch_size=100, local_epochs=None, local_steps=7) == (
+    assert task_schedule(num_examples=1000, batch_size=100, local_epochs=None, local_steps=7) == (
         0.1,
         7,
     )
-    assert plan_steps(num_examples=50, batch_size=64, local_epochs=3.0, local_steps=None) == (
+    assert task_schedule(num_examples=50, batch_size=64, local_epochs=3.0, local_steps=None) == (
         1.0,
         3,
     )
-    q, steps = plan_steps(num_examples=1617, batch_size=64, local_epochs=1.0, local_steps=None)
+    q, steps = task_schedule(num_examples=1617, batch_size=64, local_epochs=1.0, local_steps=None)
     assert q == 64 / 1617 and steps == math.ceil(1617 / 64)
-    assert plan_steps(num_examples=10, batch_size=1, local_epochs=0.3, local_steps=None) == (
+    assert task_schedule(num_examples=10, batch_size=1, local_epochs=0.3, local_steps=None) == (
         0.1,
         3,
     )
     with pytest.raises(InvalidSpecError, match="exactly one"):
-        plan_steps(num_examples=10, batch_size=1, local_epochs=1.0, local_steps=3)
+        task_schedule(num_examples=10, batch_size=1, local_epochs=1.0, local_steps=3)
     with pytest.raises(InvalidSpecError, match="exactly one"):
-        plan_steps(num_examples=10, batch_size=1, local_epochs=None, local_steps=None)
+        task_schedule(num_examples=10, batch_size=1, local_epochs=None, local_steps=None)
     with pytest.raises(InvalidSpecError, match="at least one example"):
-        plan_steps(num_examples=0, batch_size=1, local_epochs=1.0, local_steps=None)
+        task_schedule(num_examples=0, batch_size=1, local_epochs=1.0, local_steps=None)
 
 
 @pytest.mark.parametrize("kind", sorted(SPECS))

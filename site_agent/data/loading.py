@@ -1,4 +1,4 @@
-"""Dataset connector: a site's CSV, Parquet or SQL table under its declared schema.
+"""The one reader of a site's CSV, Parquet or SQL table, under its declared schema.
 
 This code runs inside the site's trust boundary and reads raw records. Two rules beyond
 correctness (issue 15; held by ``tests/unit/test_neighbouring.py``):
@@ -16,18 +16,14 @@ correctness (issue 15; held by ``tests/unit/test_neighbouring.py``):
   without a label, and bytes that are not UTF-8 are replaced, so that no single record can
   stop the site from loading its data.
 
-The train/validation side of each record is decided by that record alone
-(:func:`split_train_validation`, a keyed hash), so that adding or removing one record moves
-no other record between training and validation.
+Each record's train/validation side is decided by that record alone
+(:mod:`site_agent.data.split`).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
-import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +39,6 @@ from common.schema.table import TypedTable, apply_schema
 from site_agent.config import DatasetConfig
 
 log = logging.getLogger("dpfed.site_agent")
-
-SPLIT_KEY_FILE = "split.key"
-"""The site's secret key for the per-record train/validation hash (in the state dir, 0600)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,8 +97,8 @@ def load_dataset(cfg: DatasetConfig) -> LocalDataset:
     """
     frame, where = read_frame(cfg)
     header = [str(c) for c in frame.columns]
-    feature_names = _feature_names(cfg, header, where)
-    return typed_dataset(cfg, frame, feature_names)
+    names = feature_names(cfg, header, where)
+    return typed_dataset(cfg, frame, names)
 
 
 def typed_dataset(
@@ -149,7 +142,7 @@ def read_frame(cfg: DatasetConfig) -> tuple[pd.DataFrame, Path]:
     path = Path(cfg.path)
     header = _read_header(path)
     _check_label_in(cfg, header, path)
-    return _read_csv_frame(path, header), path
+    return next(_csv_frames(path, header, None)), path
 
 
 def iter_typed_chunks(cfg: DatasetConfig, columns: Sequence[str]) -> Iterator[LocalDataset]:
@@ -163,7 +156,7 @@ def iter_typed_chunks(cfg: DatasetConfig, columns: Sequence[str]) -> Iterator[Lo
         return
     if cfg.source_format() != "csv":
         frame, where = read_frame(cfg)
-        _feature_names(cfg, [str(c) for c in frame.columns], where, names)
+        feature_names(cfg, [str(c) for c in frame.columns], where, names)
         for start in range(0, max(len(frame), 1), cfg.chunk_rows):
             yield typed_dataset(cfg, frame.iloc[start : start + cfg.chunk_rows], names)
         return
@@ -171,8 +164,8 @@ def iter_typed_chunks(cfg: DatasetConfig, columns: Sequence[str]) -> Iterator[Lo
     path = Path(cfg.path)
     header = _read_header(path)
     _check_label_in(cfg, header, path)
-    _feature_names(cfg, header, path, names)
-    for chunk in _iter_csv_frames(path, header, cfg.chunk_rows):
+    feature_names(cfg, header, path, names)
+    for chunk in _csv_frames(path, header, cfg.chunk_rows):
         yield typed_dataset(cfg, chunk, names)
 
 
@@ -210,7 +203,7 @@ def _iter_parquet_chunks(cfg: DatasetConfig, names: tuple[str, ...]) -> Iterator
     assert cfg.path is not None
     path = Path(cfg.path)
     header = read_header_names(cfg)
-    _feature_names(cfg, header, path, names)
+    feature_names(cfg, header, path, names)
     wanted = [*names, cfg.label]
     source = _parquet_file(path)
     try:
@@ -243,7 +236,7 @@ def _check_label_in(cfg: DatasetConfig, header: Sequence[str], where: Path) -> N
         )
 
 
-def _feature_names(
+def feature_names(
     cfg: DatasetConfig,
     header: Sequence[str],
     where: Path,
@@ -378,111 +371,18 @@ the schema drops) and bytes that are not UTF-8 replaced, so that no record can m
 fail. pandas' own conversion errors, which quote values, cannot happen."""
 
 
-def _read_csv_frame(path: Path, header: list[str]) -> pd.DataFrame:
+def _csv_frames(path: Path, header: list[str], chunk_rows: int | None) -> Iterator[pd.DataFrame]:
+    """The one CSV reader: the file's rows under ``header``, every cell as text
+    (:data:`_CSV_OPTIONS`), whole (``chunk_rows`` None) or in chunks of ``chunk_rows``."""
     try:
-        return pd.read_csv(path, names=header, **_CSV_OPTIONS)
+        if chunk_rows is None:
+            yield pd.read_csv(path, names=header, **_CSV_OPTIONS)
+            return
+        with pd.read_csv(path, names=header, chunksize=chunk_rows, **_CSV_OPTIONS) as reader:
+            yield from reader
     except pd.errors.ParserError:
         # Reachable only for damage no row-level rule covers (the parser's message may quote
         # a line, so it is not passed on).
         raise InvalidSpecError(f"The dataset file {path} is not well-formed CSV.") from None
     except pd.errors.EmptyDataError:
         raise InvalidSpecError(f"The dataset file {path} is empty.") from None
-
-
-def _iter_csv_frames(path: Path, header: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
-    try:
-        with pd.read_csv(path, names=header, chunksize=chunk_rows, **_CSV_OPTIONS) as reader:
-            yield from reader
-    except pd.errors.ParserError:
-        raise InvalidSpecError(f"The dataset file {path} is not well-formed CSV.") from None
-    except pd.errors.EmptyDataError:
-        raise InvalidSpecError(f"The dataset file {path} is empty.") from None
-
-
-# ------------------------------------------------------------------ per-record split
-
-
-def split_key(state_dir: Path) -> bytes:
-    """The site's secret split key: created once (32 bytes from the OS, mode 0600) in
-    ``state_dir``, then read back, so every job sees the same split."""
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = state_dir / SPLIT_KEY_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        key = path.read_bytes()
-        if len(key) < 16:
-            raise InvalidSpecError(
-                f"The split key {path} is damaged; restore it from a backup (deleting it "
-                "moves records between training and validation)."
-            ) from None
-        return key
-    key = os.urandom(32)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-        f.flush()
-        os.fsync(f.fileno())
-    return key
-
-
-def record_digests(ds: LocalDataset, key: bytes) -> npt.NDArray[np.uint64]:
-    """HMAC-SHA256 (RFC 2104) of each record's canonical content, as a 64-bit number.
-
-    The content is the dataset's name, then each typed feature and the label in the
-    dataset's column order, as float64 (``-0.0`` as ``0.0``, every NaN the same bits): a
-    function of the record alone.
-    """
-    n = len(ds)
-    cols = [np.asarray(ds.table.columns[c], dtype=np.float64) for c in ds.feature_names]
-    cols.append(ds.labels.astype(np.float64))
-    matrix = np.stack(cols, axis=1) + 0.0  # -0.0 + 0.0 == 0.0
-    matrix[np.isnan(matrix)] = np.nan
-    prefix = f"{ds.name}\x1f{','.join(ds.feature_names)}\x1f{ds.label_name}\x1f".encode()
-    rows = np.ascontiguousarray(matrix.astype("<f8")).tobytes()
-    width = 8 * matrix.shape[1]
-    # HMAC = H((K ⊕ opad) ‖ H((K ⊕ ipad) ‖ m)) (RFC 2104 §2), the keyed states and the shared
-    # prefix hashed once and copied per record: the value of hmac.new(key, m, sha256), in
-    # about half the time.
-    block = hashlib.sha256(key).digest() if len(key) > 64 else key
-    block = block.ljust(64, b"\0")
-    inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
-    outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
-    inner.update(prefix)
-    heads = []
-    for i in range(n):
-        h = inner.copy()
-        h.update(rows[i * width : (i + 1) * width])
-        o = outer.copy()
-        o.update(h.digest())
-        heads.append(o.digest()[:8])
-    return np.frombuffer(b"".join(heads), dtype=">u8").astype(np.uint64)
-
-
-def split_threshold(fraction: float) -> np.uint64:
-    """The digest below which a record goes to validation (:func:`split_train_validation`).
-
-    Raises:
-        InvalidSpecError: ``fraction`` is outside ``[0, 1)``.
-    """
-    if not (0.0 <= fraction < 1.0) or math.isnan(fraction):
-        raise InvalidSpecError(f"The validation fraction must be in [0, 1), got {fraction}.")
-    return np.uint64(min(int(fraction * 2**64), 2**64 - 1))
-
-
-def split_train_validation(
-    ds: LocalDataset, fraction: float, key: bytes
-) -> tuple[LocalDataset, LocalDataset]:
-    """Split rows into (train, validation), each record's side decided by that record alone.
-
-    A record goes to validation when its keyed digest (:func:`record_digests`), read as a
-    number in ``[0, 1)``, is below ``fraction``: adding or removing one record changes no
-    other record's side (``split(D ∪ {x})`` restricted to ``D`` is ``split(D)``), as DP-SGD's
-    neighbouring-dataset assumption needs; a secret key keeps the side unpredictable to
-    anyone who knows the record. Every job on the dataset sees the same split, so DP-SGD never
-    trains on rows an earlier job's metrics were computed on. Row order is kept on each side.
-
-    Raises:
-        InvalidSpecError: ``fraction`` is outside ``[0, 1)``.
-    """
-    to_validation = record_digests(ds, key) < split_threshold(fraction)
-    return ds.take(np.flatnonzero(~to_validation)), ds.take(np.flatnonzero(to_validation))

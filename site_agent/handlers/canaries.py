@@ -1,4 +1,4 @@
-"""The site's side of the privacy audit: secret canaries for a job, and their scores.
+"""``audit``: the site's side of the privacy audit: secret canaries for a job, and their scores.
 
 Canaries are synthetic (uniform within the declared schema, encoded with the job's feature
 encoding, with uniform random labels), drawn from OS entropy when a
@@ -17,7 +17,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from common.domain import ColumnInfo
+from common.domain import ColumnInfo, TaskAssignment
 from common.dp import noise
 from common.dp.audit import make_canaries
 from common.errors import InvalidSpecError, NotFoundError
@@ -26,6 +26,8 @@ from common.schema.encoding import FeatureEncoding
 from common.schema.table import TypedTable
 from common.specs import JobSpec
 from common.tensors import state_from_bytes
+from site_agent.boundary.disclosure import ACCOUNTANT, SiteContext
+from site_agent.handlers.base import Plan, Reply, TaskHandler, reply
 
 Canaries = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.bool_]]
 
@@ -100,3 +102,26 @@ def score_canaries(state_dir: Path, job_id: str, request_json: str, blob: bytes)
             model(torch.from_numpy(x)), torch.from_numpy(y), reduction="none"
         )
     return json.dumps({"losses": losses.tolist(), "included": inc.astype(bool).tolist()})
+
+
+class AuditHandler(TaskHandler[Plan]):
+    """Scores the job's canaries under the released model; reads no row, charges nothing."""
+
+    kind = "audit"
+    counts_rows = False
+    in_memory = False
+
+    def plan(self, site: SiteContext, task: TaskAssignment) -> Plan:
+        return Plan(None)
+
+    def run(self, site: SiteContext, task: TaskAssignment, plan: Plan, blob: bytes) -> Reply:
+        result_json = score_canaries(site.config.state_dir, task.job_id, task.request_json, blob)
+        return reply(
+            site,
+            task,
+            events=(),
+            delta=site.config.policy.delta,
+            num_examples=len(json.loads(result_json)["losses"]),
+            result_json=result_json,
+            accountant=ACCOUNTANT,
+        )

@@ -29,7 +29,7 @@ Specification
   plus the unused part of every other job's live reservation, so a concurrent job's admission
   cannot take what an admitted job was promised.
 * **A budget belongs to the data.** The ledger is told which budget each dataset name draws
-  on (``budgets``: name → key of the data, see ``site_agent.budget.data_key``); every read
+  on (``budgets``: name → key of the data, see ``site_agent.boundary.budget.data_key``); every read
   that composes (events, spent, commitments) covers every charge recorded under that key or
   under any name sharing it, so two names on one file share one budget.
 * **Thread-safe.** One connection (``check_same_thread=False``) guarded by a lock, so the
@@ -42,8 +42,6 @@ refused rather than misread.
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 import sqlite3
 import threading
 import time
@@ -58,69 +56,15 @@ from typing import Any, Final
 from common.dp.accounting import EpsilonBound, compute_epsilon
 from common.dp.events import DpEvent
 from common.errors import PrivacyAccountingError
+from site_agent.boundary.ledger_schema import (
+    SCHEMA_VERSION,
+    check_delta,
+    check_text,
+    fsync_dir,
+    setup_schema,
+)
 
 __all__ = ["SCHEMA_VERSION", "Ledger", "LedgerEntry", "Reservation"]
-
-SCHEMA_VERSION: Final = 2
-_UPGRADABLE: Final = (1,)
-
-_SCHEMA: Final = (
-    """CREATE TABLE IF NOT EXISTS schema_version (
-        version INTEGER NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS charges (
-        id               INTEGER PRIMARY KEY AUTOINCREMENT,
-        dataset          TEXT    NOT NULL CHECK (length(dataset) > 0),
-        job_id           TEXT    NOT NULL CHECK (length(job_id) > 0),
-        round            INTEGER NOT NULL CHECK (round >= 0),
-        task_id          TEXT    NOT NULL CHECK (length(task_id) > 0),
-        kind             TEXT    NOT NULL CHECK (length(kind) > 0),
-        noise_multiplier REAL    NOT NULL CHECK (noise_multiplier > 0),
-        sample_rate      REAL    NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
-        steps            INTEGER NOT NULL CHECK (steps >= 1),
-        delta            REAL    NOT NULL CHECK (delta > 0 AND delta < 1),
-        created_at       REAL    NOT NULL,
-        budget           TEXT    NOT NULL DEFAULT ''
-    )""",
-    "CREATE INDEX IF NOT EXISTS charges_by_dataset ON charges (dataset, id)",
-    "CREATE INDEX IF NOT EXISTS charges_by_job ON charges (job_id, id)",
-    """CREATE TRIGGER IF NOT EXISTS charges_no_update BEFORE UPDATE ON charges
-    BEGIN
-        SELECT RAISE(ABORT, 'the privacy ledger is append-only: charges cannot be updated');
-    END""",
-    """CREATE TRIGGER IF NOT EXISTS charges_no_delete BEFORE DELETE ON charges
-    BEGIN
-        SELECT RAISE(ABORT, 'the privacy ledger is append-only: charges cannot be deleted');
-    END""",
-    """CREATE TABLE IF NOT EXISTS reservations (
-        id               INTEGER PRIMARY KEY AUTOINCREMENT,
-        grant_id         TEXT    NOT NULL CHECK (length(grant_id) > 0),
-        dataset          TEXT    NOT NULL CHECK (length(dataset) > 0),
-        budget           TEXT    NOT NULL CHECK (length(budget) > 0),
-        job_id           TEXT    NOT NULL CHECK (length(job_id) > 0),
-        kind             TEXT    NOT NULL CHECK (length(kind) > 0),
-        noise_multiplier REAL    NOT NULL CHECK (noise_multiplier > 0),
-        sample_rate      REAL    NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
-        steps            INTEGER NOT NULL CHECK (steps >= 1),
-        rounds           INTEGER NOT NULL CHECK (rounds >= 1),
-        delta            REAL    NOT NULL CHECK (delta > 0 AND delta < 1),
-        created_at       REAL    NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS reservation_ends (
-        grant_id   TEXT NOT NULL PRIMARY KEY,
-        reason     TEXT NOT NULL,
-        created_at REAL NOT NULL
-    )""",
-    "CREATE INDEX IF NOT EXISTS reservations_by_job ON reservations (job_id, id)",
-    *(
-        f"""CREATE TRIGGER IF NOT EXISTS {table}_no_{verb} BEFORE {verb.upper()} ON {table}
-    BEGIN
-        SELECT RAISE(ABORT, 'the privacy ledger is append-only');
-    END"""
-        for table in ("reservations", "reservation_ends")
-        for verb in ("update", "delete")
-    ),
-)
 
 _COLUMNS: Final = (
     "id, dataset, job_id, round, task_id, kind, noise_multiplier, sample_rate, steps, delta, "
@@ -195,23 +139,6 @@ def _entry(row: tuple[object, ...]) -> LedgerEntry:
     )
 
 
-def _check_text(name: str, value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"The ledger needs a non-empty string for {name}, got {value!r}.")
-    return value
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a newly created file's directory entry durable (POSIX; a no-op elsewhere)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Ledger:
     """A site's privacy ledger in one SQLite file (see the module docstring).
 
@@ -231,54 +158,12 @@ class Ledger:
             self.path, timeout=30.0, isolation_level=None, check_same_thread=False
         )
         try:
-            self._setup(self._conn)
+            setup_schema(self._conn, self.path)
         except BaseException:
             self._conn.close()
             self._conn = None
             raise
-        _fsync_dir(self.path.parent)
-
-    def _setup(self, conn: sqlite3.Connection) -> None:
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise PrivacyAccountingError(
-                f"The privacy ledger {self.path} could not be switched to WAL journaling "
-                f"(got {mode!r}); refusing to run without a durable ledger."
-            )
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            has_version = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-            ).fetchone()
-            rows = (
-                conn.execute("SELECT version FROM schema_version").fetchall() if has_version else []
-            )
-            found = [r[0] for r in rows]
-            if (
-                rows
-                and found != [SCHEMA_VERSION]
-                and not (len(found) == 1 and found[0] in _UPGRADABLE)
-            ):
-                listed = ", ".join(str(v) for v in found)
-                raise PrivacyAccountingError(
-                    f"The privacy ledger {self.path} has schema version {listed}, but this agent "
-                    f"understands only version {SCHEMA_VERSION}; refusing to read or write it."
-                )
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(charges)")}
-            if "budget" not in columns:  # a version-1 ledger: its charges match by name
-                conn.execute("ALTER TABLE charges ADD COLUMN budget TEXT NOT NULL DEFAULT ''")
-            if not rows:
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif found != [SCHEMA_VERSION]:
-                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+        fsync_dir(self.path.parent)
 
     # ------------------------------------------------------------------ budgets
 
@@ -318,12 +203,12 @@ class Ledger:
         Call this *before* the task's update leaves the site. When it returns, the charge is
         on disk; if it raises, nothing was recorded.
         """
-        _check_text("dataset", dataset)
-        _check_text("job_id", job_id)
-        _check_text("task_id", task_id)
+        check_text("dataset", dataset)
+        check_text("job_id", job_id)
+        check_text("task_id", task_id)
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
             raise ValueError(f"The round must be a non-negative integer, got {round!r}.")
-        _check_delta(delta)
+        check_delta(delta)
         events = list(events)
         if not events:
             raise ValueError("A charge must record at least one DP event.")
@@ -331,7 +216,7 @@ class Ledger:
         if len(kinds) != len(events):
             raise ValueError(f"{len(kinds)} kinds given for {len(events)} events.")
         for k in kinds:
-            _check_text("kind", k)
+            check_text("kind", k)
         for e in events:
             if not isinstance(e, DpEvent):
                 raise ValueError(f"Charges are DpEvent instances, got {type(e).__name__}.")
@@ -403,16 +288,16 @@ class Ledger:
         to refuse; it is called inside the transaction that records the reservation. A job
         reserving again (its admission was repeated) replaces its earlier reservation.
         """
-        _check_text("dataset", dataset)
-        _check_text("job_id", job_id)
-        _check_delta(delta)
+        check_text("dataset", dataset)
+        check_text("job_id", job_id)
+        check_delta(delta)
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
             raise ValueError(f"A reservation covers at least one round, got {rounds!r}.")
         per_round = tuple(per_round)
         if not per_round:
             raise ValueError("A reservation must hold at least one DP event per round.")
         for k, e in per_round:
-            _check_text("kind", k)
+            check_text("kind", k)
             if not isinstance(e, DpEvent):
                 raise ValueError(f"Reservations hold DpEvent instances, got {type(e).__name__}.")
         per_count = tuple(min(rounds, (counts or {}).get(k, rounds)) for k, _ in per_round)
@@ -459,7 +344,7 @@ class Ledger:
 
     def release(self, *, dataset: str, job_id: str, reason: str) -> bool:
         """End ``job_id``'s live reservation on ``dataset``'s budget; False if it had none."""
-        _check_text("reason", reason)
+        check_text("reason", reason)
         with self._transaction() as conn:
             return self._end(conn, job_id=job_id, dataset=dataset, reason=reason, now=time.time())
 
@@ -649,10 +534,3 @@ class Ledger:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _check_delta(delta: object) -> None:
-    if isinstance(delta, bool) or not isinstance(delta, int | float):
-        raise ValueError(f"δ must be a number, got {delta!r}.")
-    if not (math.isfinite(delta) and 0 < delta < 1):
-        raise ValueError(f"δ must be in (0, 1), got {delta}.")

@@ -12,7 +12,7 @@ it, the count is withheld (:data:`WITHHELD`, shown as such by ``orchestrator sit
 By default the training protocol also discloses exact row counts to the orchestrator, which
 uses them for sample rates and weighting (the README lists this); with the policy's
 ``disclose_row_counts: false`` the site registers sizes derived from this count instead
-(``site_agent.executor``), so no exact count leaves.
+(``site_agent.boundary.disclosure``), so no exact count leaves.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from typing import Final
 from common.domain import ColumnInfo
 from common.dp import noise
 from common.dp.events import DpEvent
-from common.errors import PolicyRefusal, PrivacyAccountingError
+from common.errors import PolicyRefusal
+from site_agent.boundary.admission import Release, admit_and_charge
+from site_agent.boundary.ledger import Ledger
 from site_agent.config import DatasetConfig, Policy
-from site_agent.ledger import Ledger
-from site_agent.policy import TaskCost, project
 
 CATALOG_JOB = "catalog"
 WITHHELD: Final = -1.0
@@ -73,43 +73,26 @@ class CatalogCounts:
             if hit is not None:
                 return float(hit["noisy"])
             sigma = self.policy.catalog_noise_multiplier
-            if sigma < self.policy.min_noise_multiplier:
-                log.info(
-                    "catalog count of %s withheld: its σ=%g is below the policy's minimum %g",
-                    dataset,
-                    sigma,
-                    self.policy.min_noise_multiplier,
-                )
-                return WITHHELD
-            event = DpEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)
-            limit = self._limit(dataset)
-
-            def fits(history: list[DpEvent]) -> None:
-                proj = project(
-                    history=history,
-                    cost=TaskCost(events=(event,), delta=self.policy.delta),
-                    policy_delta=self.policy.delta,
-                    max_epsilon=limit,
-                )
-                if not proj.within_budget:
-                    raise PolicyRefusal(
-                        f"the count would bring dataset {dataset!r} to ε≤"
-                        f"{proj.epsilon_after:.4g}, over its budget of ε={limit:g}"
-                    )
-
+            release = Release(
+                what="the catalog's row count",
+                events=(DpEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1),),
+                delta=self.policy.delta,
+                kinds=("catalog",),
+                scope="the count",
+            )
             try:
                 # Write-ahead, checked in the charge's transaction like any other release.
-                self.ledger.charge(
+                admit_and_charge(
+                    ledger=self.ledger,
+                    policy=self.policy,
+                    max_epsilon=self._limit(dataset),
                     dataset=dataset,
                     job_id=CATALOG_JOB,
                     round=0,
                     task_id=f"catalog-{uuid.uuid4().hex}",
-                    kind="catalog",
-                    events=[event],
-                    delta=self.policy.delta,
-                    check=fits,
+                    release=release,
                 )
-            except (PolicyRefusal, PrivacyAccountingError) as err:
+            except PolicyRefusal as err:
                 log.info("catalog count of %s withheld: %s", dataset, err)
                 return WITHHELD
             rows = exact() if callable(exact) else exact

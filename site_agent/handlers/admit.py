@@ -1,4 +1,4 @@
-"""Admission before any spend: a site checks a whole training job before its first round.
+"""``admit``: a site checks a whole training job before its first round, and reserves its cost.
 
 The orchestrator sends every selected site an ``admit`` task before round 1 (issue 16.1:
 no site spends on a job that cannot be released). The site derives one round's cost itself,
@@ -14,8 +14,8 @@ claims), multiplies it by the job's declared rounds, and
 * ``release``: ends the job's reservation (the job was cancelled, failed or refused
   elsewhere, or completed with rounds to spare).
 
-The budget check composes with RDP at the policy's δ, like every other check at the site
-(``site_agent.policy``): never by adding ε values.
+The whole job's cost is checked by the site's one admission check
+(``site_agent.boundary.admission``: RDP at the policy's δ, never by adding ε values).
 """
 
 from __future__ import annotations
@@ -29,17 +29,17 @@ from pydantic import BaseModel, ConfigDict
 
 from common.domain import DpReport, TaskAssignment, UpdateMeta
 from common.dp.events import DpEvent
-from common.errors import InvalidSpecError, PolicyRefusal, PrivacyAccountingError
+from common.errors import InvalidSpecError
 from common.specs import job_spec_from_json
-from site_agent.budget import budget_limit, parse_request
+from site_agent.boundary.admission import Projection, Release, check_release
+from site_agent.boundary.budget import budget_limit
+from site_agent.boundary.disclosure import SiteContext
+from site_agent.boundary.ledger import Ledger
 from site_agent.config import SiteConfig
-from site_agent.ledger import Ledger
-from site_agent.policy import Projection, TaskCost, project
+from site_agent.handlers.base import Plan, Reply, TaskHandler, parse_request
+from site_agent.handlers.train import RoundCharges, round_charges
 
-__all__ = ["AdmitRequest", "RoundCharges", "job_events", "run_admit"]
-
-RoundCharges = tuple[tuple[str, DpEvent], ...]
-"""One round's charges as (kind, event), in the order a train task charges them."""
+__all__ = ["AdmitHandler", "AdmitRequest", "RoundCharges", "job_events", "run_admit"]
 
 
 class AdmitRequest(BaseModel):
@@ -87,37 +87,30 @@ def run_admit(
     per_round = round_charges(task)
     rounds = spec.rounds
     releases = spec.metrics.release_count(rounds)
-    # The job's one histogram release for quantile bin edges (site_agent.quantiles) comes
+    # The job's one histogram release for quantile bin edges (handlers.quantiles) comes
     # after admission and before round 1: the whole job includes it.
     sigma_q = None if spec.encoding.edges_released else spec.encoding.quantile_release
     once = () if sigma_q is None else (DpEvent(sigma_q, 1.0, 1),)
-    cost = TaskCost(
+    release = Release(
+        what="the job",
         events=(*job_events(per_round, rounds, metrics_releases=releases), *once),
         delta=spec.dp.delta,
+        kinds=("reservation",),
+        scope=f"its {rounds} rounds",
     )
     limit = budget_limit(config, task.dataset)
-    where = f"dataset {task.dataset!r}"
     projections: list[Projection] = []
 
     def whole_job_fits(history: list[DpEvent]) -> None:
-        try:
-            proj = project(
-                history=history, cost=cost, policy_delta=config.policy.delta, max_epsilon=limit
+        projections.append(
+            check_release(
+                policy=config.policy,
+                max_epsilon=limit,
+                dataset=task.dataset,
+                release=release,
+                history=history,
             )
-        except PrivacyAccountingError as err:
-            raise PolicyRefusal(
-                f"This site refuses the job on {where}: its cost over {rounds} rounds cannot "
-                f"be bounded ({err})."
-            ) from err
-        if not proj.within_budget:
-            raise PolicyRefusal(
-                f"This site refuses the job on {where}: its {rounds} rounds would bring the "
-                f"dataset to ε≤{proj.epsilon_after:.4g} (RDP at the policy's "
-                f"δ={config.policy.delta:g}; spent or promised to admitted jobs "
-                f"ε≤{proj.epsilon_before:.4g}), over the site's budget of ε={limit:g}; "
-                "raise the noise multiplier, or lower the rounds, steps or sample rate."
-            )
-        projections.append(proj)
+        )
 
     if request.action == "check":
         whole_job_fits(ledger.commitments(task.dataset, excluding_job=task.job_id))
@@ -130,7 +123,7 @@ def run_admit(
             delta=spec.dp.delta,
             check=whole_job_fits,
             # Held exactly as checked: the metrics of the rounds that release them. The
-            # quantile release is charged beside it, checked with it (site_agent.ledger).
+            # quantile release is charged beside it, checked with it (site_agent.boundary.ledger).
             counts={"metrics": releases},
         )
     proj = projections[-1]
@@ -174,3 +167,24 @@ def _answer(
         result_json=json.dumps(result),
     )
     return meta, b""
+
+
+class AdmitHandler(TaskHandler[Plan]):
+    """Admission of a whole training job: a verdict, and a reservation; nothing is computed
+    from the data, so nothing is charged."""
+
+    kind = "admit"
+    counts_rows = False
+    in_memory = False
+
+    def plan(self, site: SiteContext, task: TaskAssignment) -> Plan:
+        parse_request(AdmitRequest, task, source="admission request")
+        return Plan(None)
+
+    def run(self, site: SiteContext, task: TaskAssignment, plan: Plan, blob: bytes) -> Reply:
+        return run_admit(
+            config=site.config,
+            ledger=site.ledger,
+            task=task,
+            round_charges=lambda t: round_charges(site, t),
+        )

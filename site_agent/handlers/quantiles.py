@@ -1,4 +1,4 @@
-"""The site's side of DP quantile bin edges (a job's ``encoding.numeric: quantile``).
+"""``quantiles``: the site's side of DP quantile bin edges (a job's ``encoding.numeric: quantile``).
 
 For each requested numeric column the site counts its rows in ``grid`` equal cells over the
 column's *declared* ``[min, max]`` (values are clipped to the bounds when the schema is
@@ -20,22 +20,22 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.domain import ColumnInfo, TaskAssignment, UpdateMeta
+from common.domain import ColumnInfo, TaskAssignment
 from common.dp import noise
 from common.dp.accounting import compute_epsilon
 from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 from common.schema.table import TypedTable
-from site_agent.budget import admit_and_charge, parse_request, release_update
-from site_agent.config import SiteConfig
+from site_agent.boundary.admission import Release
+from site_agent.boundary.disclosure import SiteContext
 from site_agent.dask_engine import QuantileCounts, StatsEngine
-from site_agent.data import LocalDataset
-from site_agent.ledger import Ledger
+from site_agent.handlers.base import Plan, Reply, TaskHandler, parse_request, reply
 
 ACCOUNTANT = "prv"
 
@@ -93,55 +93,63 @@ def _check_declared(req: QuantileRequest, declared: Sequence[ColumnInfo], datase
             )
 
 
-def run_quantiles(
-    *,
-    config: SiteConfig,
-    ledger: Ledger,
-    task: TaskAssignment,
-    data: tuple[LocalDataset, LocalDataset | None],
-    engine: StatsEngine | None = None,
-) -> tuple[UpdateMeta, bytes]:
+@dataclass(frozen=True)
+class QuantilePlan(Plan):
+    request: QuantileRequest
+    event: DpEvent
+    engine: StatsEngine | None
+
+
+class QuantilesHandler(TaskHandler[QuantilePlan]):
     """Admit, charge, then release the noised histograms of the requested columns; with an
-    ``engine`` (``engine: dask``) the exact counts are computed on the site's cluster after
-    the charge (the same counts: ``tests/unit/test_dask_wiring.py``)."""
-    req = parse_request(QuantileRequest, task, source="quantile request")
-    train, val = data
-    _check_declared(req, train.feature_schema, task.dataset)
-    event = DpEvent(noise_multiplier=req.noise_multiplier, sample_rate=1.0, steps=1)
-    admit_and_charge(
-        config=config,
-        ledger=ledger,
-        dataset=task.dataset,
-        job_id=task.job_id,
-        task_id=task.task_id,
-        kind="quantiles",
-        events=[event],
-        delta=req.delta,
-        what="noised histograms for quantile bin edges",
-    )
-    if engine is not None:
-        zero = np.zeros((len(req.columns), req.grid), dtype=np.float64)
-        counts = engine.fold(QuantileCounts(tuple(req.columns), req.grid), zero)
-        rows = len(train) + (0 if val is None else len(val))
-    else:
-        table = train.table if val is None else TypedTable.concat([train.table, val.table])
-        counts = histogram_counts(table, req.columns, req.grid)
-        rows = table.num_rows
-    std = req.noise_multiplier * sensitivity(len(req.columns))
-    noised = counts + noise.gaussian_np(noise.private_numpy_rng(), std, counts.shape)
-    result = {
-        "grid": req.grid,
-        "histograms": {c.name: noised[i].tolist() for i, c in enumerate(req.columns)},
-    }
-    eps = compute_epsilon([event], delta=req.delta, accountant=ACCOUNTANT)
-    return release_update(
-        config=config,
-        ledger=ledger,
-        task=task,
-        events=[event],
-        delta=req.delta,
-        num_examples=max(1, rows),
-        result_json=json.dumps(result),
-        task_epsilon=eps.epsilon,
-        accountant=eps.accountant,
-    )
+    engine (``engine: dask``) the exact counts are computed on the site's cluster after the
+    charge (the same counts: ``tests/unit/test_dask_wiring.py``)."""
+
+    kind = "quantiles"
+
+    def plan(self, site: SiteContext, task: TaskAssignment) -> QuantilePlan:
+        req = parse_request(QuantileRequest, task, source="quantile request")
+        cfg = site.datasets.config_of(task.dataset)
+        declared = cfg.feature_schema(site.datasets.shape(task.dataset).feature_names)
+        _check_declared(req, declared, task.dataset)
+        event = DpEvent(noise_multiplier=req.noise_multiplier, sample_rate=1.0, steps=1)
+        release = Release(
+            what="the noised histograms for quantile bin edges",
+            events=(event,),
+            delta=req.delta,
+            kinds=("quantiles",),
+        )
+        return QuantilePlan(release, req, event, site.datasets.engine(task.dataset))
+
+    def run(
+        self, site: SiteContext, task: TaskAssignment, plan: QuantilePlan, blob: bytes
+    ) -> Reply:
+        req = plan.request
+        if plan.engine is not None:
+            zero = np.zeros((len(req.columns), req.grid), dtype=np.float64)
+            counts = plan.engine.fold(QuantileCounts(tuple(req.columns), req.grid), zero)
+            shape = site.datasets.shape(task.dataset)
+            rows = shape.num_train + (shape.num_validation or 0)
+        else:
+            split = site.datasets.split(task.dataset)
+            train, val = split.train, split.validation
+            table = train.table if val is None else TypedTable.concat([train.table, val.table])
+            counts = histogram_counts(table, req.columns, req.grid)
+            rows = table.num_rows
+        std = req.noise_multiplier * sensitivity(len(req.columns))
+        noised = counts + noise.gaussian_np(noise.private_numpy_rng(), std, counts.shape)
+        result = {
+            "grid": req.grid,
+            "histograms": {c.name: noised[i].tolist() for i, c in enumerate(req.columns)},
+        }
+        eps = compute_epsilon([plan.event], delta=req.delta, accountant=ACCOUNTANT)
+        return reply(
+            site,
+            task,
+            events=[plan.event],
+            delta=req.delta,
+            num_examples=max(1, rows),
+            result_json=json.dumps(result),
+            task_epsilon=eps.epsilon,
+            accountant=eps.accountant,
+        )

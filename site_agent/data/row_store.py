@@ -1,11 +1,11 @@
 """Site data larger than memory: an encoded row cache on disk and Poisson batches read from it.
 
 A dataset declared ``storage: disk`` in ``site.yaml`` is never loaded whole (issue 19.3). The
-agent streams its source (Parquet row groups, CSV chunks; :func:`site_agent.data.
+agent streams its source (Parquet row groups, CSV chunks; :func:`site_agent.data.loading.
 iter_typed_chunks`) through the declared schema twice at most per data version:
 
 1. **Sides** (:class:`DiskDataset`): each record's train/validation side, from the same keyed
-   hash of the record as the in-memory path (:func:`site_agent.data.record_digests`), one byte
+   hash of the record as the in-memory path (:func:`site_agent.data.split.record_digests`), one byte
    per kept row in ``sides.u8``, with the row counts the catalog discloses;
 2. **Encoded rows** (:meth:`DiskDataset.encoded`), once per job encoding: ``float32`` rows and
    ``int64`` labels of each side, in source order, written to flat files.
@@ -50,12 +50,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from common.errors import InvalidSpecError
 from common.schema.encoding import FeatureEncoding
 from site_agent.config import DatasetConfig
-from site_agent.data import (
-    iter_typed_chunks,
-    read_header_names,
-    record_digests,
-    split_threshold,
-)
+from site_agent.data.loading import iter_typed_chunks, read_header_names
+from site_agent.data.split import record_digests, split_threshold
 
 CACHE_DIR = "rowcache"
 """Under the site's state dir: ``rowcache/<dataset>/<version>/``."""
