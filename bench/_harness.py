@@ -149,7 +149,7 @@ def install_site_timers(tl: Timeline | None = None) -> None:
 def install_orchestrator_timers(tl: Timeline | None = None) -> None:
     """Time the orchestrator's round: the whole _round and its bookkeeping steps."""
     tl = tl or TIMELINE
-    from orchestrator.store import Store
+    from orchestrator.core.store import Store
 
     import orchestrator.rounds as rounds
     from orchestrator.aggregation import RunningWeightedMean

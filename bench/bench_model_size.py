@@ -8,7 +8,7 @@ into its broker, as a round does; this process plays the site agent:
   ``common.rpc.serde.blob_to_chunks``), reassembled with ``serde.blob_from_chunks``, as
   ``SiteAgent._fetch`` does;
 * **upload** — ``AgentService.PushUpdate`` (header, then ``blob_to_chunks`` chunks), which the
-  servicer writes to a spool file (``orchestrator.spool``) and hands to the broker, as
+  servicer writes to a spool file (``orchestrator.core.spool``) and hands to the broker, as
   ``SiteAgent`` pushes an update;
 
 and compares their throughput with a plain in-memory copy of the same bytes
@@ -77,8 +77,8 @@ def _blob(params: int) -> bytes:
 def serve(sizes: list[int], repeats: int, samples_out: Path) -> int:
     from common.domain import TaskAssignment
     from common.tensors import iter_chunks
-    from orchestrator import spool
-    from orchestrator.broker import Result, UpdateResult
+    from orchestrator.core import spool
+    from orchestrator.core.broker import Result, UpdateResult
     from orchestrator.server import start_server
 
     state_dir = Path(tempfile.mkdtemp(prefix="dpfed-model-size-"))

@@ -29,7 +29,7 @@ Two measurements, each case in a fresh child process so that memory baselines ar
    on their own machine).
 2. **Aggregation path.** The orchestrator's per-update work in isolation: N updates of a
    model of P parameters, each taken as ``PushUpdate`` takes it (128 KiB chunks into a spool
-   file, ``orchestrator.spool.receive``), read piece by piece (``SafetensorsPieces``),
+   file, ``orchestrator.core.spool.receive``), read piece by piece (``SafetensorsPieces``),
    checked (``check_update``, which also gives the norm) and folded into
    ``RunningWeightedMean``, then ``mean`` + ``apply_delta``; peak RSS above the baseline (the
    reference state and one update's bytes already in memory), divided by the model's
@@ -254,7 +254,7 @@ def agg_case(params: int, n: int, method: str) -> dict[str, Any]:
         state_to_bytes,
     )
     from orchestrator.aggregation import RunningWeightedMean, apply_delta
-    from orchestrator.spool import receive
+    from orchestrator.core.spool import receive
 
     # Two tensors like a dense layer and its bias; params in total.
     cols = 1000

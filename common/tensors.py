@@ -7,7 +7,7 @@ non-finite values before an update is aggregated. A single NaN or inf from one s
 otherwise poison the average of every site.
 
 The orchestrator never holds a site's update whole: :class:`SafetensorsPieces` reads one from
-wherever its bytes lie (the orchestrator spools uploads to disk, ``orchestrator.spool``), checks
+wherever its bytes lie (the orchestrator spools uploads to disk, ``orchestrator.core.spool``), checks
 the header strictly against the format, and hands out the values in pieces of
 :data:`FLAT_PART` elements. :func:`check_update`, :func:`l2_norm` and the aggregation work on
 any :class:`Pieces`: a safetensors payload, or a state dict in memory (:class:`StatePieces`).

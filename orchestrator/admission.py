@@ -22,9 +22,9 @@ from dataclasses import dataclass, replace
 from common.domain import Plan, SitePlan, TaskFailure
 from common.errors import PolicyRefusal
 from common.specs import JobSpec
-from orchestrator.broker import Broker
-from orchestrator.fanout import fan_out
-from orchestrator.store import Store
+from orchestrator.core.broker import Broker
+from orchestrator.core.fanout import fan_out
+from orchestrator.core.store import Store
 
 log = logging.getLogger("dpfed.orchestrator")
 

@@ -18,8 +18,8 @@ import numpy as np
 from common.dp.audit import audit
 from common.errors import JobFailedError
 from common.specs import JobSpec
-from orchestrator.broker import Broker
-from orchestrator.fanout import fan_out
+from orchestrator.core.broker import Broker
+from orchestrator.core.fanout import fan_out
 
 log = logging.getLogger("dpfed.orchestrator")
 

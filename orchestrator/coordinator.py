@@ -35,7 +35,9 @@ from common.errors import (
 )
 from common.specs import GmmJobSpec, JobSpec, any_job_spec_from_json, job_spec_from_json
 from orchestrator.admission import with_site_verdicts
-from orchestrator.broker import Broker
+from orchestrator.core.broker import Broker
+from orchestrator.core.spool import Payload
+from orchestrator.core.store import JobRow, Store
 from orchestrator.evaluation import evaluate_model
 from orchestrator.gmm_runner import GmmRunner, build_machine, declared_box
 from orchestrator.jobs.accounting import Accounts
@@ -43,8 +45,6 @@ from orchestrator.model_size import DEFAULT_MAX_PARAMETERS, check_model_size
 from orchestrator.planning import ACCOUNTANT, online_holders, plan_job, site_dataset
 from orchestrator.rounds import JobRunner
 from orchestrator.schemas import Agreement, agree, with_encoding
-from orchestrator.spool import Payload
-from orchestrator.store import JobRow, Store
 from orchestrator.views import job_status, site_status
 
 log = logging.getLogger("dpfed.orchestrator")

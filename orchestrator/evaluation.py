@@ -19,13 +19,13 @@ import uuid
 from common.domain import Evaluation, SiteEvaluation, SiteStatus
 from common.errors import InvalidSpecError, NotFoundError
 from common.pipeline import card_encoding
-from orchestrator.broker import Broker
-from orchestrator.fanout import fan_out
+from orchestrator.core.broker import Broker
+from orchestrator.core.fanout import fan_out
+from orchestrator.core.store import Store
 from orchestrator.job_ledger import record_one_shot
 from orchestrator.metric_pooling import EVALUATE_LOSS_BOUND, pool_metrics, pooled_to_dict
 from orchestrator.planning import online_holders
 from orchestrator.schemas import disagreement
-from orchestrator.store import Store
 
 DELTA = 1e-5
 

@@ -2,7 +2,7 @@
 
 The maths, the request/response protocol and the transport-free EM state machines are in
 ``common.clustering``; each round here sends its request to every participating site (as
-``orchestrator.fanout`` does, but stopping at once on shutdown or cancellation), feeds the
+``orchestrator.core.fanout`` does, but stopping at once on shutdown or cancellation), feeds the
 noised statistics back, and records the round. The box the sites clip to is the union of
 the bounds the sites *declare* for the job's columns (never learned from data). Sites hold
 disjoint rows, so the released mixture's ε is the composition of one site's releases (every
@@ -16,7 +16,7 @@ too few sites answer it, the mixture is released without standard errors, and it
 counts the bootstrap release (a site may have been charged before it failed).
 
 Restarts. A mixture job survives an orchestrator restart (SIGTERM or SIGKILL) and resumes
-where it stopped. Its state lives in the store (``orchestrator.store.GmmStateRow``, JSON):
+where it stopped. Its state lives in the store (``orchestrator.core.store.GmmStateRow``, JSON):
 
 * the *checkpoint*, written in the same transaction as each round it follows: the method, the
   columns, the declared box, the participating sites, the last committed round, the phase
@@ -69,11 +69,11 @@ from common.errors import InvalidSpecError, InvalidUpdateError, JobFailedError
 from common.specs import GmmJobSpec
 from common.version import __version__
 from orchestrator import job_ledger
-from orchestrator.fanout import FanOutResult, fan_out
+from orchestrator.core.fanout import FanOutResult, fan_out
+from orchestrator.core.store import GmmStateRow, RoundRow, atomic_write
 from orchestrator.job_thread import JobStopped, JobThread
 from orchestrator.planning import ACCOUNTANT, online_holders, site_dataset
 from orchestrator.release import LIMITS, noise_limits
-from orchestrator.store import GmmStateRow, RoundRow, atomic_write
 from orchestrator.views import site_status
 
 log = logging.getLogger("dpfed.orchestrator")
@@ -421,7 +421,7 @@ class GmmRunner(JobThread):
     def _fan_out(
         self, site_ids: list[str], rnd: int, *, kind: str, request_json: str
     ) -> FanOutResult:
-        """``orchestrator.fanout.fan_out`` that also stops at cancellation or shutdown (the
+        """``orchestrator.core.fanout.fan_out`` that also stops at cancellation or shutdown (the
         round is then sent again after the restart)."""
 
         def abandon_if_stopped() -> None:

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Sequence
 
 from common.domain import ChargedEvent, UpdateMeta
 from common.dp.events import DpEvent
+from orchestrator.core.store import ChargeRow, JobRow, Store
 from orchestrator.jobs.accounting import ACCOUNTANT, JobAccount, JobEpsilon
-from orchestrator.store import ChargeRow, JobRow, Store
 from orchestrator.update_bounds import Assignment
 from orchestrator.views import charged_event_dict
 

@@ -9,9 +9,9 @@ import threading
 from collections.abc import Callable
 
 from common.errors import DpfedError, JobFailedError
-from orchestrator.broker import Broker
+from orchestrator.core.broker import Broker
+from orchestrator.core.store import Store
 from orchestrator.jobs.accounting import JobAccount
-from orchestrator.store import Store
 
 log = logging.getLogger("dpfed.orchestrator")
 

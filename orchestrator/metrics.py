@@ -14,7 +14,7 @@ from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from common.rpc.transport import split_address
-from orchestrator.store import Store
+from orchestrator.core.store import Store
 
 _CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

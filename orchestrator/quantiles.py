@@ -26,11 +26,11 @@ from common.domain import ChargedEvent
 from common.errors import InvalidSpecError, InvalidUpdateError, JobFailedError
 from common.schema.encoding import FeatureEncoding, derive_encoding, uniform_edges
 from common.specs import JobSpec, parse_job_spec
-from orchestrator.broker import Broker
-from orchestrator.fanout import fan_out
+from orchestrator.core.broker import Broker
+from orchestrator.core.fanout import fan_out
+from orchestrator.core.store import ChargeRow, Store
 from orchestrator.job_thread import JobStopped
 from orchestrator.planning import quantile_event
-from orchestrator.store import ChargeRow, Store
 from orchestrator.views import charged_event_dict
 
 UNIFORM_WEIGHT = 0.02

@@ -8,9 +8,9 @@ from typing import Any
 
 from common.domain import SiteSpend
 from common.specs import JobSpec
+from orchestrator.core.store import JobRow, RoundRow
 from orchestrator.metric_pooling import metrics_card
 from orchestrator.planning import quantile_event
-from orchestrator.store import JobRow, RoundRow
 from orchestrator.views import charged_event_dict
 
 GUARANTEE = (

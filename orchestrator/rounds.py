@@ -41,7 +41,7 @@ from common.tensors import (
     state_to_bytes,
 )
 from common.version import __version__
-from orchestrator import job_ledger, spool
+from orchestrator import job_ledger
 from orchestrator.admission import admit, release_at_end
 from orchestrator.aggregation import (
     RunningWeightedMean,
@@ -51,7 +51,9 @@ from orchestrator.aggregation import (
     share_denominator,
 )
 from orchestrator.auditing import run_audit
-from orchestrator.broker import FailureResult, Result, UpdateResult
+from orchestrator.core import spool
+from orchestrator.core.broker import FailureResult, Result, UpdateResult
+from orchestrator.core.store import ChargeRow, RoundRow, atomic_write
 from orchestrator.job_thread import JobStopped, JobThread
 from orchestrator.metric_pooling import pool_metrics, pooled_to_dict
 from orchestrator.planning import ACCOUNTANT, plan_site, site_dataset
@@ -59,7 +61,6 @@ from orchestrator.posterior import released_state
 from orchestrator.quantiles import release_quantile_edges
 from orchestrator.schemas import job_disagreement
 from orchestrator.site_dp import round_for, site_level_events, sum_noise_multiplier
-from orchestrator.store import ChargeRow, RoundRow, atomic_write
 from orchestrator.update_bounds import (
     MAX_STEPS_PER_TASK,
     Assignment,

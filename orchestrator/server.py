@@ -32,7 +32,6 @@ from common.rpc.tls import (
 )
 from common.rpc.transport import SERVER_OPTIONS, require_loopback_for_plaintext
 from orchestrator.auth import Authorizer
-from orchestrator.broker import MAX_DOWNLOADS, MAX_UPLOADS
 from orchestrator.call_limits import (
     MAX_CALLS_PER_SITE,
     MAX_CALLS_PER_USER,
@@ -40,6 +39,7 @@ from orchestrator.call_limits import (
     control_reserve,
 )
 from orchestrator.coordinator import Coordinator
+from orchestrator.core.broker import MAX_DOWNLOADS, MAX_UPLOADS
 from orchestrator.metrics import MetricsServer
 from orchestrator.model_size import DEFAULT_MAX_PARAMETERS
 from orchestrator.servicers import AgentServicer, ControlServicer
@@ -192,10 +192,10 @@ def start_server(
     must exceed the number of sites by a margin plus the threads kept for the control service
     (``call_limits.control_reserve``: an eighth, at least 8); threads are created on demand.
     ``max_downloads`` model downloads stream at once; the others wait their turn
-    (``orchestrator.turns``): a current agent on its side, told when to ask again; an older
+    (``orchestrator.core.turns``): a current agent on its side, told when to ask again; an older
     one in a worker thread. So the orchestrator's memory does not grow with the number of
     sites fetching the model together. ``max_uploads`` updates a round takes at once (being
-    read or waiting to be folded, in spool files: ``orchestrator.spool``); the other sites keep
+    read or waiting to be folded, in spool files: ``orchestrator.core.spool``); the other sites keep
     theirs until they get the go, and take turns the same way.
     ``bench/RESULTS.md`` §2 measures the resulting peak. ``malloc_mmap_threshold``: see
     :func:`return_large_buffers_to_os`; ``malloc_arena_max``: see :func:`share_malloc_arenas`

@@ -20,10 +20,10 @@ from common.domain import TaskFailure
 from common.errors import DpfedError, InvalidSpecError, TryLaterError
 from common.rpc import serde
 from common.rpc.transport import RETRY_AFTER_MS, TURNS, UPLOAD_GATE
-from orchestrator import spool
 from orchestrator.auth import OPERATOR_ONLY, READERS, SCIENTIST_OR_OPERATOR, Authorizer
 from orchestrator.call_limits import MAX_CALLS_PER_SITE, MAX_CALLS_PER_USER, CallLimiter
 from orchestrator.coordinator import Coordinator
+from orchestrator.core import spool
 from orchestrator.metrics import COUNTERS
 from orchestrator.synthesis import synthesize
 from protos.dpfed.v1 import dpfed_pb2 as pb

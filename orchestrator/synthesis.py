@@ -18,11 +18,11 @@ from common.domain import SiteStatus
 from common.dp import noise
 from common.errors import InvalidSpecError, NotFoundError
 from common.synthesis.discretisation import Schema
-from orchestrator.broker import Broker
-from orchestrator.fanout import fan_out
+from orchestrator.core.broker import Broker
+from orchestrator.core.fanout import fan_out
+from orchestrator.core.store import Store
 from orchestrator.job_ledger import record_one_shot
 from orchestrator.planning import online_holders
-from orchestrator.store import Store
 from orchestrator.synthesis_tree import combine, fit_and_sample
 
 MAX_ROWS = 1_000_000

@@ -18,9 +18,9 @@ from common.domain import (
     SiteStatus,
 )
 from common.dp.events import DpEvent
-from orchestrator.broker import Broker
+from orchestrator.core.broker import Broker
+from orchestrator.core.store import JobRow, SiteRow, Store
 from orchestrator.metric_pooling import pooled_from_dict
-from orchestrator.store import JobRow, SiteRow, Store
 
 
 def charged_event_dict(e: ChargedEvent) -> dict[str, Any]:

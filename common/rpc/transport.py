@@ -42,7 +42,7 @@ UPLOAD_GATE: tuple[str, str] = ("dpfed-upload-gate", "1")
 # A current agent sends TURNS in the invocation metadata of FetchModel and PushUpdate: "when
 # there is no room for this transfer yet, tell me when to come back instead of holding a server
 # thread while I wait". The orchestrator then answers RESOURCE_EXHAUSTED with RETRY_AFTER_MS
-# in the trailing metadata, keeps the transfer's place in line (``orchestrator.turns``), and
+# in the trailing metadata, keeps the transfer's place in line (``orchestrator.core.turns``), and
 # the agent asks again after that many milliseconds. A waiting call held one of the
 # orchestrator's worker threads (about 60 KiB each), which made its memory grow with the number
 # of sites; an older agent, which does not send TURNS, still waits in the server.

@@ -31,7 +31,7 @@ from common.dp.accounting import EpsilonBound, compute_epsilon
 from common.dp.events import DpEvent
 from common.dp.running import running_epsilon
 from common.errors import PrivacyAccountingError
-from orchestrator.store import ChargeRow, Store
+from orchestrator.core.store import ChargeRow, Store
 from orchestrator.views import charged_events
 
 ACCOUNTANT = "prv"

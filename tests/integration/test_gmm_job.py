@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from orchestrator.store import Store
 from scipy.optimize import linear_sum_assignment
 
 from common.clustering.federated_em import (
@@ -28,6 +27,7 @@ from common.dp.accounting import compute_epsilon
 from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 from orchestrator.client import ControlClient
+from orchestrator.core.store import Store
 from orchestrator.server import RunningServer, start_server
 from site_agent.agent import SiteAgent
 from site_agent.boundary.ledger import Ledger

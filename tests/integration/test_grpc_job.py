@@ -245,7 +245,7 @@ def test_site_that_disappears_is_named_and_job_continues(net_factory: Any) -> No
 
 
 def test_large_model_travels_in_chunks(net_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestrator import spool
+    from orchestrator.core import spool
 
     received: list[spool.Payload] = []
     original = spool.receive

@@ -729,7 +729,7 @@ def test_orchestrator_and_site_state_are_private(
     import os
     import sqlite3
 
-    from orchestrator.store import atomic_write
+    from orchestrator.core.store import atomic_write
 
     # State an earlier version left world-readable is narrowed at the next start.
     state = tmp_path / "orch"

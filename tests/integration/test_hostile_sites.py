@@ -24,7 +24,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from orchestrator.store import ChargeRow, JobRow
 from sklearn.datasets import load_digits
 
 from common.domain import ChargedEvent, DatasetInfo, DpReport, JobStatus, UpdateMeta
@@ -37,6 +36,7 @@ from common.schedule import task_schedule
 from common.specs import parse_job_spec
 from common.tensors import state_from_bytes, state_to_bytes
 from orchestrator.client import ControlClient
+from orchestrator.core.store import ChargeRow, JobRow
 from orchestrator.server import RunningServer, start_server
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc

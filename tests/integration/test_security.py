@@ -38,7 +38,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from orchestrator.broker import FailureResult, Result, UpdateResult
 from sklearn.datasets import load_digits
 
 from common.domain import ChargedEvent, DpReport, JobStatus, TaskAssignment, UpdateMeta
@@ -55,6 +54,7 @@ from common.rpc.tls import (
 )
 from common.tensors import state_from_bytes, state_to_bytes
 from orchestrator.client import ControlClient
+from orchestrator.core.broker import FailureResult, Result, UpdateResult
 from orchestrator.server import RunningServer, start_server
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from site_agent.agent import SiteAgent

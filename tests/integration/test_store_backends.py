@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.store import Base, ChargeRow, JobRow, RoundRow, Store
+from orchestrator.core.store import Base, ChargeRow, JobRow, RoundRow, Store
 
 PG_URL = os.environ.get("DPFED_TEST_PG_URL")
 

@@ -290,7 +290,7 @@ def test_coordinate_aggregates_match_flowers(seed: int, n: int, trim: float) -> 
 
 def test_coordinate_aggregates_read_spooled_updates_piece_by_piece() -> None:
     from common.tensors import FLAT_PART, SafetensorsPieces, state_to_bytes
-    from orchestrator.spool import Payload
+    from orchestrator.core.spool import Payload
 
     rng = np.random.default_rng(1)
     shapes = {"big": (FLAT_PART + 7,), "small": (3, 2)}

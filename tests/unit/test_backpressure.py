@@ -14,7 +14,7 @@ import pytest
 
 from common.domain import TaskAssignment, UpdateMeta
 from common.errors import NotFoundError
-from orchestrator.broker import Broker, Result
+from orchestrator.core.broker import Broker, Result
 
 
 def _task(i: int) -> TaskAssignment:

@@ -1,4 +1,4 @@
-"""``orchestrator.broker``: tasks reach only their site, and every task ends with one result.
+"""``orchestrator.core.broker``: tasks reach only their site, and every task ends with one result.
 
 Sleeps here only let a tiny ``offline_after_s`` or a long-poll run out; nothing asserts on how
 long anything took.
@@ -15,7 +15,7 @@ import pytest
 from common.domain import ChargedEvent, DpReport, TaskAssignment, TaskFailure, UpdateMeta
 from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, NotFoundError, PermissionDeniedError
-from orchestrator.broker import Broker, FailureResult, Result, UpdateResult
+from orchestrator.core.broker import Broker, FailureResult, Result, UpdateResult
 
 MODEL = b"safetensors-bytes-of-the-global-model"
 DELTA = b"safetensors-bytes-of-a-delta"

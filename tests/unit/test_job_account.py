@@ -12,8 +12,8 @@ from common.domain import ChargedEvent
 from common.dp.accounting import compute_epsilon
 from common.dp.events import DpEvent
 from orchestrator import job_ledger
+from orchestrator.core.store import ChargeRow, JobRow, Store
 from orchestrator.jobs.accounting import Accounts, JobAccount
-from orchestrator.store import ChargeRow, JobRow, Store
 
 DELTA = 1e-5
 

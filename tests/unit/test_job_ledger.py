@@ -12,8 +12,8 @@ from common.dp.accounting import EpsilonBound, compute_epsilon
 from common.dp.events import DpEvent
 from common.specs import parse_job_spec
 from orchestrator import job_ledger
+from orchestrator.core.store import Store
 from orchestrator.jobs import accounting
-from orchestrator.store import Store
 from orchestrator.update_bounds import Assignment
 
 

@@ -167,7 +167,7 @@ def test_every_listed_module_exists() -> None:
         ("common/dp/rdp.py", "import grpc\n", "grpc"),
         ("common/new_module.py", "import rich\n", "rich"),
         ("common/specs.py", "import click\n", "click"),
-        ("common/x.py", "from orchestrator.store import Store\n", "orchestrator"),
+        ("common/x.py", "from orchestrator.core.store import Store\n", "orchestrator"),
         ("common/dp/prv.py", "def f(p):\n    return p.open()\n", ".open()"),
         ("common/dp/calibrate.py", "import sqlite3\n", "sqlite3"),
         (

@@ -268,7 +268,7 @@ def test_which_rounds_release_metrics(every: int | None, rounds: int, expected: 
 def test_an_older_database_gains_the_rounds_metrics_column(tmp_path: Any) -> None:
     import sqlite3
 
-    from orchestrator.store import Store
+    from orchestrator.core.store import Store
 
     Store(tmp_path).close()
     db = tmp_path / "orchestrator.db"

@@ -14,8 +14,8 @@ from common.errors import InvalidSpecError, InvalidUpdateError, NotFoundError, U
 from common.rpc.serde import chunk_data
 from common.tensors import FLAT_PART, SafetensorsPieces, check_update, state_to_bytes
 from orchestrator.aggregation import RunningWeightedMean
+from orchestrator.core.spool import SPOOL_MIN_BYTES, Payload, receive
 from orchestrator.site_dp import SiteDPRound
-from orchestrator.spool import SPOOL_MIN_BYTES, Payload, receive
 from protos.dpfed.v1.dpfed_pb2 import Chunk
 
 

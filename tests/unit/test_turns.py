@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.turns import DEFAULT_GAP_S, TurnLine
+from orchestrator.core.turns import DEFAULT_GAP_S, TurnLine
 
 
 class Clock:

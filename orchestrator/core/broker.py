@@ -24,8 +24,8 @@ from common.errors import (
     TryLaterError,
     UnavailableError,
 )
-from orchestrator.spool import Payload
-from orchestrator.turns import TurnLine
+from orchestrator.core.spool import Payload
+from orchestrator.core.turns import TurnLine
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ MAX_DOWNLOADS = 8
 MAX_UPLOADS = 4
 """Default number of updates a round takes at once, being read or queued to be folded. The one
 update the round is folding has left its queue and is not counted: at most MAX_UPLOADS + 1
-updates per round are spooled (``orchestrator.spool``: on disk, one chunk of memory each)."""
+updates per round are spooled (``orchestrator.core.spool``: on disk, one chunk of memory each)."""
 
 
 @dataclass
@@ -251,7 +251,7 @@ class Broker:
         copy waiting for the socket), and its worker thread's malloc arena keeps what it
         freed; with every site fetching at once that grew with the number of sites. The model
         itself is one shared payload (a training round's lies in a spool file). Downloads take turns first come, first served
-        (``orchestrator.turns``). ``wait=False`` (the agent waits on its side) raises
+        (``orchestrator.core.turns``). ``wait=False`` (the agent waits on its side) raises
         TryLaterError with the time to ask again when there is no turn yet; ``wait=True`` waits
         here. Raises NotFoundError when the task's round ended, UnavailableError when
         ``alive()`` turns false (the caller went away) or after ``timeout_s``.
@@ -313,7 +313,7 @@ class Broker:
         may send ~4 MiB unread. The servicer therefore sends the agent its go
         (``common.rpc.transport.UPLOAD_GATE``) only after this returns.
 
-        Uploads take turns first come, first served (``orchestrator.turns``). ``wait=False``
+        Uploads take turns first come, first served (``orchestrator.core.turns``). ``wait=False``
         (the agent waits on its side) raises TryLaterError with the time to ask again when the
         round has no room yet. ``wait=True`` waits here, polling the round's queue (the round
         takes results off it without telling the broker), and takes a place anyway after

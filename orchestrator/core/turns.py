@@ -39,7 +39,7 @@ class _Place:
 class TurnLine:
     """First come, first served places at a resource with ``capacity`` concurrent holders.
 
-    Not thread-safe: the owner (``orchestrator.broker.Broker``) calls it under its lock.
+    Not thread-safe: the owner (``orchestrator.core.broker.Broker``) calls it under its lock.
     """
 
     def __init__(

@@ -155,7 +155,7 @@ class StorePaths:
 
     @property
     def spool(self) -> Path:
-        """Uploads waiting for their round's fold, in anonymous files (``orchestrator.spool``)."""
+        """Uploads waiting for their round's fold, in anonymous files (``orchestrator.core.spool``)."""
         return self.root / "spool"
 
     def checkpoint(self, job_id: str, round_: int) -> Path:

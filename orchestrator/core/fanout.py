@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from common.domain import TaskAssignment, TaskFailure
-from orchestrator.broker import Broker, FailureResult, Result, UpdateResult
+from orchestrator.core.broker import Broker, FailureResult, Result, UpdateResult
 
 
 @dataclass

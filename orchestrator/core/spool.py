@@ -2,11 +2,11 @@
 otherwise in an anonymous file on the orchestrator's disk.
 
 Why a file: a round reads up to ``max_uploads`` uploads at once and queues them for its fold
-(``orchestrator.broker``). Held in memory, each is a whole model, so the orchestrator's peak
+(``orchestrator.core.broker``). Held in memory, each is a whole model, so the orchestrator's peak
 memory would be about ten times the model (``bench/RESULTS.md`` §2) and grow with the number
 of uploads in flight. Spooled, an upload costs one chunk of Python memory while it arrives (and
 gRPC's receive buffers, at most one flow-control window, when this thread falls behind the
-network), and the round reads it back a piece at a time (``common.tensors.SafetensorsPieces``)
+network), and the round reads it back a piece at a time (``common.training.tensors.SafetensorsPieces``)
 to check it and fold it; the page cache, which the kernel can drop, holds the rest.
 
 The file is created with ``tempfile.TemporaryFile`` (``O_TMPFILE`` on Linux): it has no name,
@@ -45,7 +45,7 @@ def max_update_size(model_size: int) -> int:
 
 
 class Payload:
-    """An upload's bytes, read at any offset (``common.tensors.RandomAccess``), whether they lie
+    """An upload's bytes, read at any offset (``common.training.tensors.RandomAccess``), whether they lie
     in memory or in a spool file. Close it when done with it (the file's space comes back)."""
 
     def __init__(
