@@ -150,7 +150,11 @@ PATH_IN_TICKS = re.compile(r"`([\w.-]+(?:/[\w.-]+)*/(?:[\w.-]+\.(?:py|proto|md))
 def test_the_architecture_map_names_only_paths_that_exist() -> None:
     named = set(PATH_IN_TICKS.findall(ARCHITECTURE.read_text()))
     # the map shows where a round happens, where ε is computed and where the boundary is
-    for expected in ("orchestrator/rounds.py", "common/dp/accounting.py", "site_agent/boundary/pipeline.py"):
+    for expected in (
+        "orchestrator/rounds.py",
+        "common/dp/accounting.py",
+        "site_agent/boundary/pipeline.py",
+    ):
         assert expected in named, f"docs/architecture.md no longer names {expected}"
     missing = sorted(p for p in named if not (ROOT / p).exists())
     assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
