@@ -34,10 +34,10 @@ max-normalised per example, the scales in float64), and an example whose book-ke
 hold a NaN or an infinity gets factor 0 and zeroed rows, so it contributes nothing
 (``tests/unit/test_finite_clipping.py``).
 
-Noise and averaging are left to Opacus' ``DPOptimizerFastGradientClipping`` (as
-``site_agent.trainer.SiteNoiseOptimizer``, which draws the noise through
-:mod:`common.dp.noise`): it adds ``N(0, (σC)²)`` to ``p.grad`` and divides by the expected
-batch size.
+The gradients live in one buffer while the keeper is attached, so the rest of the step is
+two operations: :meth:`BookKeeper.add_noise` adds ``N(0, (σC)²)`` drawn at once for every
+parameter from the site's private generator (:mod:`common.dp.noise`), and divides by the
+public expected batch size, as Opacus' ``DPOptimizer.add_noise`` and ``scale_grad`` do.
 
 Supported layers: ``nn.Linear`` (any leading dimensions), ``nn.Conv1d`` and ``nn.Conv2d``
 (zero padding, one group), ``nn.GroupNorm`` (affine), and any module without parameters of
@@ -49,7 +49,9 @@ BatchNorm would break it and has no support here, as in Opacus).
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -59,6 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv1d_input, conv2d_input
+
+from common.dp import noise
 
 _CLIP_EPS = 1e-6
 """Opacus' guard in ``max_grad_norm / (norm + 1e-6)`` (``opacus.optimizers.optimizer``)."""
@@ -295,9 +299,8 @@ class _LayerGrad:
     layer: nn.Module
     sq_norm: Tensor
     """float64 ``(B,)``: the layer's share of each example's squared gradient norm."""
-    bad: Tensor | None
-    """bool ``(B,)``: examples whose book-kept tensors hold a NaN or an infinity; ``None``
-    when a non-finite tensor always shows as a non-finite ``sq_norm`` (dense layers)."""
+    bad: Tensor
+    """bool ``(B,)``: examples whose book-kept tensors hold a NaN or an infinity."""
     weight_scale: Tensor
     bias_scale: Tensor
     a: Tensor | None = None
@@ -305,9 +308,6 @@ class _LayerGrad:
     g: Tensor | None = None
     weight_per_example: Tensor | None = None
     bias_per_example: Tensor | None = None
-    dense: bool = False
-    """A dense layer on one vector per example: ``a (B, d)``, ``g (B, p)`` as book-kept, not
-    normalised (:func:`_prepare_dense`)."""
 
 
 def _trainable(layer: nn.Module, name: str) -> bool:
@@ -316,16 +316,9 @@ def _trainable(layer: nn.Module, name: str) -> bool:
 
 
 def _prepare(tape: _Tape) -> _LayerGrad:
+    """A layer other than :func:`_is_dense`'s: max-normalised tensors, norms and flags."""
     layer = tape.layer
-    if len(tape.saved) != 1:
-        # A layer applied twice has per-example gradient g¹ᵀa¹ + g²ᵀa²: the norm of the sum
-        # is not the sum of the norms. No model of the zoo shares a layer; refuse, loudly.
-        raise RuntimeError(
-            "Book-keeping clipping does not support a layer used twice (or not at all)."
-        )
     a_raw, g_raw = tape.saved[0]
-    if isinstance(layer, nn.Linear) and a_raw.numel() == a_raw.shape[0] * a_raw.shape[-1]:
-        return _prepare_dense(layer, a_raw, g_raw)
     a_raw, a_scale, a_ok = _normalise(a_raw)
     g_raw, g_scale, g_ok = _normalise(g_raw)
     ok = a_ok & g_ok
@@ -366,43 +359,71 @@ def _prepare(tape: _Tape) -> _LayerGrad:
     return item
 
 
-def _prepare_dense(layer: nn.Linear, a_raw: Tensor, g_raw: Tensor) -> _LayerGrad:
-    """A dense layer on one vector per example (the MLPs' case): ``‖g_i a_iᵀ‖ = ‖a_i‖·‖g_i‖``,
-    both norms computed in float64 from the tensors as they are (no normalised copies: every
-    term ``c_i g_ij a_ik`` of the clipped sum is at most ``c_i ‖g_i‖ ‖a_i‖ ≤ C``). An example
-    with a NaN or an infinity has a non-finite norm; :func:`_write_clipped_sum` zeroes it."""
-    a = a_raw.reshape(a_raw.shape[0], -1)
-    g = g_raw.reshape(g_raw.shape[0], -1)
-    norm_g = torch.linalg.vector_norm(g, dim=1, dtype=torch.float64)
-    sq = norm_g.square() if _trainable(layer, "bias") else None
-    if _trainable(layer, "weight"):
-        norm_a = torch.linalg.vector_norm(a, dim=1, dtype=torch.float64)
-        weight_sq = (norm_a * norm_g).square()
-        sq = weight_sq if sq is None else sq.add_(weight_sq)
-    assert sq is not None  # the layer has a trainable parameter (BookKeeper.attach)
-    # No separate flag: a NaN or ∞ in a or g makes this sum NaN or ∞ (∞·0 is NaN; the
-    # float64 norms of float32 rows cannot overflow), and clipped_backward gives every
-    # example with a non-finite norm factor 0.
-    return _LayerGrad(layer, sq, None, _UNUSED, _UNUSED, a=a, g=g, dense=True)
+def _is_dense(tape: _Tape) -> bool:
+    """A dense layer on one vector per example (the MLPs' layers) with a trainable weight."""
+    a = tape.saved[0][0]
+    return (
+        isinstance(tape.layer, nn.Linear)
+        and a.numel() == a.shape[0] * a.shape[-1]
+        and _trainable(tape.layer, "weight")
+    )
 
 
-_UNUSED = torch.ones(())
-"""The scales of a dense item, which its clipped sum does not read (:func:`_write_dense`)."""
+def _dense_sq_norms(tapes: list[_Tape]) -> Tensor:
+    """Each example's squared gradient norm summed over dense layers (float64 ``(B,)``).
+
+    For ``out = a·Wᵀ + b`` on vectors the per-example gradients are ``g_i a_iᵀ`` and ``g_i``,
+    so the layer's share is ``‖g_i‖²(‖a_i‖² + 1)`` (``‖g_i‖²‖a_i‖²`` without a trainable
+    bias). Both norms are taken in float64 from the tensors as they are: float64 norms of
+    float32 rows cannot overflow, and no normalised copy is needed (every term ``c_i g_ij
+    a_ik`` of the clipped sum is at most ``c_i ‖g_i‖ ‖a_i‖ ≤ C``). A NaN or an infinity in
+    ``a_i`` or ``g_i`` makes the example's sum NaN or ∞ (``∞·0`` is NaN), which
+    :meth:`BookKeeper.clipped_backward` turns into factor 0. All layers at once: the norms
+    are stacked ``(L, B)``, so the arithmetic is a handful of operations whatever the depth.
+    """
+    norm_a = torch.stack([_row_norms(t.saved[0][0]) for t in tapes])
+    norm_g = torch.stack([_row_norms(t.saved[0][1]) for t in tapes])
+    biased = [_trainable(t.layer, "bias") for t in tapes]
+    norm_a.square_()
+    if any(biased):
+        norm_a.add_(torch.tensor(biased, dtype=norm_a.dtype, device=norm_a.device).view(-1, 1))
+    return norm_a.mul_(norm_g.square_()).sum(0)
 
 
-def _write_dense(item: _LayerGrad, factors: Tensor) -> None:
-    layer = item.layer
-    assert isinstance(layer, nn.Linear) and item.a is not None and item.g is not None
+def _row_norms(x: Tensor) -> Tensor:
+    norms: Tensor = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=torch.float64)
+    return norms
+
+
+def _write_dense(layer: nn.Module, a: Tensor, g: Tensor, factors: Tensor, out: _Out) -> None:
+    """``(c ⊙ g)ᵀ a`` and ``Σ_i c_i g_i``, written straight into the gradients' storage;
+    ``factors`` in the parameters' dtype."""
+    assert isinstance(layer, nn.Linear)
+    a = a.reshape(a.shape[0], -1)
+    g = g.reshape(g.shape[0], -1)
     # c_i = 0 for a non-finite example: its NaN products and ∞ inputs are zeroed, the rest of
     # its row is multiplied by 0. Same operations for every batch.
-    scaled = item.g * factors.to(item.g.dtype).view(-1, 1)
+    scaled = g * factors.view(-1, 1)
     torch.nan_to_num_(scaled, nan=0.0, posinf=0.0, neginf=0.0)
-    if _trainable(layer, "weight"):
-        a = torch.nan_to_num(item.a, nan=0.0, posinf=0.0, neginf=0.0)
+    a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    dest = out.get(id(layer.weight))
+    if dest is None:
         _accumulate(layer.weight, scaled.t() @ a)
+    else:
+        torch.mm(scaled.t(), a, out=dest)
     if _trainable(layer, "bias"):
         assert layer.bias is not None
-        _accumulate(layer.bias, scaled.sum(0))
+        dest = out.get(id(layer.bias))
+        if dest is None:
+            _accumulate(layer.bias, scaled.sum(0))
+        else:
+            torch.sum(scaled, 0, out=dest)
+
+
+_Out = dict[int, Tensor]
+"""Where each parameter's clipped sum is written, by the parameter's ``id``: a view of the
+keeper's gradient buffer (:class:`BookKeeper`); a parameter not in it gets a new tensor,
+added to ``p.grad``."""
 
 
 def _multiplier(factors: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -410,10 +431,8 @@ def _multiplier(factors: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return (factors * scale).clamp(max=_MAX_FACTOR).to(dtype)
 
 
-def _write_clipped_sum(item: _LayerGrad, factors: Tensor) -> None:
-    if item.dense:
-        _write_dense(item, factors)
-        return
+def _write_clipped_sum(item: _LayerGrad, factors: Tensor, out: _Out) -> None:
+    """Write the layer's clipped sums (``factors`` float64)."""
     layer = item.layer
     if _trainable(layer, "weight"):
         weight = layer.weight
@@ -425,12 +444,20 @@ def _write_clipped_sum(item: _LayerGrad, factors: Tensor) -> None:
             assert item.a is not None and item.g is not None
             scaled = item.g * mult.view(-1, 1, 1)
             w_sum = scaled.flatten(0, 1).t() @ item.a.flatten(0, 1)
-        _accumulate(weight, w_sum.reshape(weight.shape))
+        _store(weight, w_sum.reshape(weight.shape), out)
     if item.bias_per_example is not None:
         bias = layer.bias
         assert isinstance(bias, Tensor)
         mult = _multiplier(factors, item.bias_scale, bias.dtype)
-        _accumulate(bias, (mult @ item.bias_per_example).reshape(bias.shape))
+        _store(bias, (mult @ item.bias_per_example).reshape(bias.shape), out)
+
+
+def _store(param: Tensor, value: Tensor, out: _Out) -> None:
+    dest = out.get(id(param))
+    if dest is None:
+        _accumulate(param, value)
+    else:
+        dest.copy_(value)
 
 
 def _accumulate(param: Tensor, value: Tensor) -> None:
@@ -443,8 +470,15 @@ def _accumulate(param: Tensor, value: Tensor) -> None:
 class BookKeeper:
     """Swaps a network's parametrised layers for book-keeping versions while active.
 
-    Use :meth:`attach` as a context manager around the training loop; call
-    :meth:`clipped_backward` instead of ``loss.backward()``.
+    Use :meth:`attach` as a context manager around the training loop. Each DP-SGD step:
+    clear the gradients (``optimizer.zero_grad(set_to_none=True)``), call
+    :meth:`clipped_backward` instead of ``loss.backward()`` (or :meth:`zero_batch` for an
+    empty Poisson sample), then :meth:`add_noise`, then ``optimizer.step()``.
+
+    While attached, the trainable parameters' gradients are views of one buffer the keeper
+    owns (when they share a dtype and device): the clipped sums are written into it, and the
+    noise is drawn once for all of them and added to it in place. The next step's
+    :meth:`clipped_backward` overwrites it (after the gradients were cleared).
     """
 
     def __init__(self, net: nn.Module) -> None:
@@ -452,6 +486,10 @@ class BookKeeper:
             raise ValueError("The network has a parametrised layer book-keeping cannot clip.")
         self.net = net
         self._tapes: list[_Tape] = []
+        self._params: list[Tensor] = []
+        self._flat: Tensor | None = None
+        self._views: _Out = {}
+        self._summed = False
 
     @contextmanager
     def attach(self) -> Iterator[BookKeeper]:
@@ -470,14 +508,30 @@ class BookKeeper:
                     module.forward = _groupnorm_forward(tape)
                 patched.append(module)
                 self._tapes.append(tape)
+            self._allocate()
             yield self
         finally:
             for module in patched:
                 del module.forward  # the instance attribute; the class method shows again
             self._tapes.clear()
+            self._params, self._flat, self._views, self._summed = [], None, {}, False
+
+    def _allocate(self) -> None:
+        """One gradient buffer for the trainable parameters, if they share dtype and device."""
+        self._params = [p for p in self.net.parameters() if p.requires_grad]
+        kinds = {(p.dtype, p.device) for p in self._params}
+        if len(kinds) != 1:
+            return
+        ((dtype, device),) = kinds
+        self._flat = torch.zeros(sum(p.numel() for p in self._params), dtype=dtype, device=device)
+        offset = 0
+        for p in self._params:
+            self._views[id(p)] = self._flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
 
     def clipped_backward(self, loss: Tensor, max_grad_norm: float) -> Tensor:
-        """Backward of ``loss`` (a **sum** over the batch), then ``p.grad = Σ_i c_i ∇ℓ_i``.
+        """Backward of ``loss`` (a **sum** over the batch), then ``p.grad = Σ_i c_i ∇ℓ_i``
+        (added to ``p.grad`` if a parameter's gradient was not cleared).
 
         An example whose book-kept tensors hold a NaN or an infinity (a non-finite feature, or
         one so large that the forward pass overflowed) contributes zero, silently: its factor
@@ -497,25 +551,98 @@ class BookKeeper:
         for tape in self._tapes:
             tape.saved.clear()
         loss.backward()  # type: ignore[no-untyped-call]
-        items = [_prepare(tape) for tape in self._tapes]
-        batch = torch.zeros((), dtype=torch.float64, device=loss.device)
-        sq_norms = sum((item.sq_norm for item in items), batch)
-        norms = sq_norms.sqrt()
-        bad = ~torch.isfinite(norms)
-        for item in items:
-            if item.bad is not None:
-                bad = bad | item.bad
-        factors = (max_grad_norm / (norms + _CLIP_EPS)).clamp(max=1.0)
-        factors = torch.where(bad, torch.zeros_like(factors), factors)
-        norms = torch.where(bad, torch.full_like(norms, math.inf), norms)
-        for item in items:
-            _write_clipped_sum(item, factors)
+        with torch.no_grad():  # the sums are gradients: nothing here is differentiated
+            norms = self._clip_and_sum(max_grad_norm, loss.device)
         for tape in self._tapes:
             tape.saved.clear()
+        self._summed = True
+        return norms
+
+    def _clip_and_sum(self, max_grad_norm: float, device: torch.device) -> Tensor:
+        for tape in self._tapes:
+            if len(tape.saved) != 1:
+                # A layer applied twice has per-example gradient g¹ᵀa¹ + g²ᵀa²: the norm of
+                # the sum is not the sum of the norms. No model of the zoo shares a layer.
+                raise RuntimeError(
+                    "Book-keeping clipping does not support a layer used twice (or not at all)."
+                )
+        dense = [t for t in self._tapes if _is_dense(t)]
+        items = [_prepare(t) for t in self._tapes if not _is_dense(t)]
+        sq_norms = (
+            _dense_sq_norms(dense) if dense else torch.zeros((), dtype=torch.float64, device=device)
+        )
+        for item in items:
+            sq_norms = sq_norms + item.sq_norm
+        norms = sq_norms.sqrt()
+        # Opacus' factor min(1, C / (‖∇ℓ_i‖ + 10⁻⁶)); C/∞ = 0, and a NaN norm gives NaN → 0.
+        factors = (max_grad_norm / (norms + _CLIP_EPS)).clamp_(max=1.0)
+        torch.nan_to_num_(factors, nan=0.0)
+        if items:  # a flagged example of a normalised layer may have a finite norm
+            bad = functools.reduce(operator.or_, [item.bad for item in items])
+            factors = torch.where(bad, torch.zeros_like(factors), factors)
+            norms = torch.where(bad, torch.full_like(norms, math.inf), norms)
+        norms = torch.nan_to_num(norms, nan=math.inf, posinf=math.inf)
+        # Into the buffer when every gradient was cleared; else new tensors, accumulated.
+        out = self._views if all(p.grad is None for p in self._params) else {}
+        if dense:
+            dense_factors = factors.to(dense[0].saved[0][1].dtype)
+            for tape in dense:
+                a, g = tape.saved[0]
+                _write_dense(tape.layer, a, g, dense_factors, out)
+        for item in items:
+            _write_clipped_sum(item, factors, out)
+        for p in self._params:
+            if id(p) in out:
+                p.grad = out[id(p)]
         return norms
 
     def zero_batch(self) -> None:
-        """An empty Poisson sample: the clipped sum is zero (the optimiser still adds noise)."""
+        """An empty Poisson sample: the clipped sum is zero (the noise is still added)."""
         for p in self.net.parameters():
             if p.requires_grad:
-                p.grad = torch.zeros_like(p)
+                view = self._views.get(id(p))
+                p.grad = torch.zeros_like(p) if view is None else view.zero_()
+        self._summed = True
+
+    def add_noise(
+        self, *, std: float, generator: torch.Generator | None, expected_batch_size: float
+    ) -> None:
+        """``p.grad ← (p.grad + N(0, std²·I)) / expected_batch_size`` for every trainable
+        parameter, once per clipped sum (Opacus' ``DPOptimizer.add_noise`` and
+        ``scale_grad``: ``std`` is ``σ·C``, the divisor the public expected batch size
+        ``q·N``, so the division is post-processing of the noised sum).
+
+        The noise comes from :func:`common.dp.noise.gaussian_torch`: the site's configured
+        source, ``generator`` being its private generator (:func:`common.dp.noise.
+        private_torch_generator`, on the parameters' device); one draw for the whole buffer,
+        added in place.
+
+        Raises:
+            RuntimeError: no clipped sum since the last call (the noise would be added twice).
+            ValueError: a non-positive batch size.
+        """
+        if not self._summed:
+            raise RuntimeError(
+                "BookKeeper.add_noise needs a clipped sum first (clipped_backward or "
+                "zero_batch), once per step."
+            )
+        if not (expected_batch_size > 0.0 and math.isfinite(expected_batch_size)):
+            raise ValueError(
+                f"expected_batch_size must be a finite number > 0, got {expected_batch_size}."
+            )
+        self._summed = False
+        flat = self._flat
+        if flat is not None and all(p.grad is self._views[id(p)] for p in self._params):
+            flat.add_(
+                noise.gaussian_torch(
+                    std, flat.shape, generator=generator, dtype=flat.dtype, device=flat.device
+                )
+            )
+            flat.div_(expected_batch_size)
+            return
+        for p in self._params:
+            assert p.grad is not None
+            drawn = noise.gaussian_torch(
+                std, p.shape, generator=generator, dtype=p.grad.dtype, device=p.grad.device
+            )
+            p.grad = drawn.add_(p.grad).div_(expected_batch_size)

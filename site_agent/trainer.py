@@ -28,7 +28,7 @@ What the guarantee rests on, and how this module keeps it:
   default, or, where the site's policy sets ``secure_noise``, a ChaCha20 CSPRNG with
   Opacus' secure-mode countermeasure to floating-point attacks (Opacus' own ``secure_mode``
   needs ``torchcsprng``, which is not a dependency). Secure noise needs the ``"bk"`` mode,
-  whose optimiser draws through :mod:`common.dp.noise`; the Poisson sampling keeps the
+  which draws through :mod:`common.dp.noise`; the Poisson sampling keeps the
   OS-seeded torch generator.
 * **Every step is a DP step.** An empty Poisson sample still takes a noise-only step, and
   exactly ``steps`` steps run: the accountant's count is the truth.
@@ -39,7 +39,7 @@ What the guarantee rests on, and how this module keeps it:
   returned; validation metrics leave only through :func:`evaluate`'s Gaussian mechanism.
 
 Per-example gradients are clipped by book-keeping (one backward pass,
-:mod:`site_agent.clipping`), with Opacus' optimiser adding the noise; Opacus' ghost and hooks
+:mod:`site_agent.clipping`, which also adds the noise); Opacus' ghost and hooks
 modes remain selectable (see :func:`choose_grad_sample_mode` for why, and
 ``bench/bench_dp_step.py`` for the numbers).
 """
@@ -54,11 +54,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizerFastGradientClipping
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from common import sgld
 from common.domain import Metrics
@@ -68,9 +65,9 @@ from common.models import build_model, load_weights
 from common.schedule import task_schedule
 from common.specs import ModelSpec, OptimizerSpec, model_dims
 from site_agent.clipping import BookKeeper, supports
-from site_agent.data.row_store import EncodedRows
+from site_agent.data.row_store import EncodedRows, tensor_poisson_loader
 from site_agent.generative import batch_loss, check_generative_mode
-from site_agent.opacus_modes import check_not_skipped, device_of, poisson_batches, run_opacus
+from site_agent.opacus_modes import device_of, poisson_batches, run_opacus
 
 SUPPORTED_MODES = ("bk", "ghost", "hooks")
 """Per-example clipping modes :func:`train_local` runs: ``"bk"`` (one backward pass,
@@ -206,40 +203,6 @@ def _mode_for(net: nn.Module) -> str:
 _private_generator = noise.private_torch_generator
 
 
-class SiteNoiseOptimizer(DPOptimizerFastGradientClipping):  # type: ignore[misc]
-    """Opacus' optimiser for pre-clipped sums, with the noise drawn by :mod:`common.dp.noise`
-    (the site's configured source: standard, or CSPRNG with Opacus' secure-mode sum).
-
-    Mirrors ``DPOptimizer.add_noise``: ``p.grad = p.summed_grad + N(0, (σC)²)`` once per
-    step, guarded by Opacus' processed flag against adding noise twice.
-    """
-
-    def accumulate(self) -> None:
-        """``p.summed_grad`` is this step's clipped sum: the gradient tensor itself, not the
-        deep copy Opacus makes (a full copy of the model's gradients every step). Safe
-        because :meth:`add_noise` then replaces ``p.grad`` with a new tensor, and
-        ``zero_grad`` clears both before the next backward pass."""
-        for p in self.params:
-            if p.summed_grad is not None:
-                p.summed_grad.add_(p.grad)
-            else:
-                p.summed_grad = p.grad.detach()
-
-    def add_noise(self) -> None:
-        std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
-            _check_processed_flag(p.summed_grad)
-            drawn = noise.gaussian_torch(
-                std,
-                p.summed_grad.shape,
-                generator=self.generator,
-                dtype=p.summed_grad.dtype,
-                device=p.summed_grad.device,
-            )
-            p.grad = drawn.add_(p.summed_grad).view_as(p)  # the noise's fresh tensor, in place
-            _mark_as_processed(p.summed_grad)
-
-
 def _check_arrays(
     spec: ModelSpec, features: npt.ArrayLike, labels: npt.ArrayLike
 ) -> tuple[Tensor, Tensor]:
@@ -310,7 +273,7 @@ def train_local(
     The Poisson loader is built here, with the exact ``q`` (Opacus' ``poisson_sampling=True``
     would re-derive the rate as ``1 / ceil(N / batch_size)``, which differs from ``q``
     unless ``batch_size`` divides ``N``: the accountant must be told the rate that ran), and
-    Opacus' averaging denominator is set to the same public ``q·N``.
+    the averaging denominator is the same public ``q·N``.
 
     Args:
         model_spec: the task's model.
@@ -370,7 +333,7 @@ def train_local(
     start = {k: v.detach().to(torch.float32).clone() for k, v in net.state_dict().items()}
 
     loader: DataLoader[Any] = (
-        DPDataLoader(TensorDataset(x, y), sample_rate=q, generator=_private_generator())
+        tensor_poisson_loader(x, y, q, _private_generator())
         if rows is None
         else rows.poisson_loader(q, _private_generator())
     )
@@ -438,32 +401,26 @@ def _run_bookkeeping(
     steps: int,
     expected: float,
 ) -> None:
-    """DP-SGD steps with book-keeping clipping; Opacus adds the noise and averages."""
-    dp_optimizer = SiteNoiseOptimizer(
-        optimizer,
-        noise_multiplier=params.noise_multiplier,
-        max_grad_norm=params.max_grad_norm,
-        expected_batch_size=1,  # set just below to the exact, non-integer q·N
-        loss_reduction="mean",
-        generator=_private_generator(device_of(net)),
-    )
-    # Unbiased average over the public expected batch size q·N (a public constant, so the
-    # division is post-processing of the noised sum).
-    dp_optimizer.expected_batch_size = expected
+    """DP-SGD steps with book-keeping clipping (:class:`site_agent.clipping.BookKeeper`): the
+    clipped sum, the noise ``N(0, (σC)²)`` from the site's private generator and the division
+    by the public expected batch size ``q·N`` (post-processing of the noised sum), then the
+    optimiser's own step."""
+    generator = _private_generator(device_of(net))
+    std = params.noise_multiplier * params.max_grad_norm
     # Per-example losses summed: each example's gradient is then its own ∇ℓ_i, which the
-    # keeper clips; the optimiser divides the noised sum by q·N.
+    # keeper clips.
     criterion = nn.CrossEntropyLoss(reduction="sum")
     keeper = BookKeeper(net)
     with keeper.attach():
         for xb, yb in poisson_batches(loader, steps, device_of(net)):
-            dp_optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             if xb.shape[0] == 0:
                 keeper.zero_batch()  # an empty sample still takes a noise-only step
             else:
                 # The loss is a tensor that only ever reaches backward(): never a number.
                 keeper.clipped_backward(batch_loss(net, criterion, xb, yb), params.max_grad_norm)
-            dp_optimizer.step()
-            check_not_skipped(dp_optimizer)
+            keeper.add_noise(std=std, generator=generator, expected_batch_size=expected)
+            optimizer.step()
 
 
 def evaluate(

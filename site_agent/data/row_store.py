@@ -208,6 +208,36 @@ class _RowsDataset(Dataset[tuple[Tensor, Tensor]]):
         return out
 
 
+def tensor_poisson_loader(
+    x: Tensor, y: Tensor, sample_rate: float, generator: torch.Generator
+) -> DataLoader[Any]:
+    """Poisson batches of rows held in memory (``x[i]``, ``y[i]``), drawn as for the row
+    cache by :class:`PoissonIndexSampler`: each batch is one indexing of the tensors, not
+    one Python call per row."""
+    sampler = PoissonIndexSampler(int(x.shape[0]), sample_rate, generator)
+    return DataLoader(
+        _TensorRows(x, y),
+        batch_sampler=cast("Sampler[list[Any]]", sampler),
+        collate_fn=cast("Callable[[list[Any]], Any]", _as_is),
+        num_workers=0,
+    )
+
+
+class _TensorRows(Dataset[tuple[Tensor, Tensor]]):
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, index: npt.NDArray[np.int64]) -> tuple[Tensor, Tensor]:
+        rows = torch.from_numpy(index)
+        return self.x[rows], self.y[rows]
+
+
 class PoissonIndexSampler(Sampler[npt.NDArray[np.int64]]):
     """Sorted row positions of Poisson samples: every row in each batch independently with
     probability ``q`` (module docstring)."""

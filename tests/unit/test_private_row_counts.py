@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 import yaml
-from opacus.data_loader import DPDataLoader
 
 from common.domain import DatasetInfo
 from common.dp import noise
@@ -29,7 +28,7 @@ from site_agent import trainer
 from site_agent.boundary.ledger import Ledger
 from site_agent.boundary.pipeline import SitePipeline
 from site_agent.config import Policy, SiteConfig, load_site_config
-from site_agent.data import catalog
+from site_agent.data import catalog, row_store
 from site_agent.data.catalog import CatalogCounts
 from tests.unit.test_neighbouring import EXTREMES, _base_rows, _site, _task, _tasks
 
@@ -90,11 +89,11 @@ def _private(root: Path, rows: list[list[str]], **policy: Any) -> SiteConfig:
 def _run(cfg: SiteConfig, monkeypatch: pytest.MonkeyPatch) -> Seen:
     sampled: list[float] = []
     normalisers: list[float] = []
-    loader = DPDataLoader
+    loader = row_store.tensor_poisson_loader
 
-    def recording_loader(dataset: Any, *, sample_rate: float, generator: Any) -> Any:
+    def recording_loader(x: Any, y: Any, sample_rate: float, generator: Any) -> Any:
         sampled.append(sample_rate)
-        return loader(dataset, sample_rate=sample_rate, generator=generator)
+        return loader(x, y, sample_rate, generator)
 
     def recording(run: Any) -> Any:
         def wrapped(*args: Any, expected: float, **kwargs: Any) -> Any:
@@ -105,7 +104,7 @@ def _run(cfg: SiteConfig, monkeypatch: pytest.MonkeyPatch) -> Seen:
 
     seen = Seen([], [], [], [], sampled, normalisers)
     with monkeypatch.context() as mp, Ledger(cfg.state_dir / "ledger.sqlite") as ledger:
-        mp.setattr(trainer, "DPDataLoader", recording_loader)
+        mp.setattr(trainer, "tensor_poisson_loader", recording_loader)
         mp.setattr(trainer, "_run_bookkeeping", recording(trainer._run_bookkeeping))
         mp.setattr(trainer, "run_opacus", recording(trainer.run_opacus))
         ex = SitePipeline(cfg, ledger)
