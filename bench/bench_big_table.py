@@ -99,10 +99,10 @@ def child(config: Path, steps: int, batch: int) -> dict[str, Any]:
     import torch
 
     from common.domain import TaskAssignment
-    from common.models import build_model, parse_model_spec
     from common.schema.encoding import derive_encoding
     from common.specs import OptimizerSpec
-    from common.tensors import state_to_bytes
+    from common.training.models import build_model, parse_model_spec
+    from common.training.tensors import state_to_bytes
     from site_agent.boundary.ledger import Ledger
     from site_agent.boundary.pipeline import SitePipeline
     from site_agent.config import load_site_config

@@ -14,7 +14,7 @@ data).
   schemas) and sets ``dp.target_epsilon`` ∈ {1, 3, 8} at δ = 1e-5, covering every release
   of the job (validation metrics off; the quantile encoding's DP edges, when chosen, are
   included). The released model is pulled and scored on the raw held-out rows through
-  ``common.models.load_pipeline``.
+  ``common.training.models.load_pipeline``.
 * **central, no DP** — scikit-learn on the pooled training rows of the same split: median
   imputation + standardisation + one-hot, then logistic regression, and a histogram gradient
   boosting classifier (native missing values and categories).
@@ -121,7 +121,7 @@ def federated_auc(
 ) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
-    from common.models import load_pipeline
+    from common.training.models import load_pipeline
 
     status = h.run_job(client, spec)
     card, weights = client.download(status.job_id)

@@ -54,7 +54,6 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.dp.noise import secure_noise
-from common.models import build_model, count_parameters
 from common.specs import (
     Conv2dSpec,
     ConvLayerSpec,
@@ -63,6 +62,7 @@ from common.specs import (
     OptimizerSpec,
     model_dims,
 )
+from common.training.models import build_model, count_parameters
 from site_agent.trainer import TrainParams, _run_bookkeeping, choose_grad_sample_mode
 
 MODES = ("hooks", "ew", "ghost", "bk", "bk+csprng")

@@ -59,7 +59,7 @@ def _chunk_size() -> int:
 def _blob(params: int) -> bytes:
     import torch
 
-    from common.tensors import state_to_bytes
+    from common.training.tensors import state_to_bytes
 
     cols = 1000
     rows = (params - cols) // cols
@@ -76,7 +76,7 @@ def _blob(params: int) -> bytes:
 
 def serve(sizes: list[int], repeats: int, samples_out: Path) -> int:
     from common.domain import TaskAssignment
-    from common.tensors import iter_chunks
+    from common.training.tensors import iter_chunks
     from orchestrator.core import spool
     from orchestrator.core.broker import Result, UpdateResult
     from orchestrator.server import start_server

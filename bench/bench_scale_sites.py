@@ -111,8 +111,8 @@ def live_case(
     trace_python: bool = False,
     max_uploads: int | None = None,
 ) -> dict[str, Any]:
-    from common.models import build_model, count_parameters
     from common.specs import parse_job_spec
+    from common.training.models import build_model, count_parameters
 
     server_kwargs: dict[str, Any] = {}
     env = dict(os.environ)
@@ -246,7 +246,7 @@ def live_case(
 def agg_case(params: int, n: int, method: str) -> dict[str, Any]:
     import torch
 
-    from common.tensors import (
+    from common.training.tensors import (
         SafetensorsPieces,
         check_update,
         iter_chunks,

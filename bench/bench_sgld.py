@@ -6,9 +6,9 @@ over three equal sites, averaged by FedAvg after every round (the orchestrator's
 mean, simulated here without the wire), with the same σ (calibrated to the target ε over all
 rounds with the PRV accountant, δ = 1e-5), the same learning rate and steps: the privacy
 accounting is identical. DP-SGD releases the last global model; DP-SGLD adds the Langevin
-top-up noise at the sites where the DP noise is below it (``common.sgld``) and releases the
+top-up noise at the sites where the DP noise is below it (``common.training.sgld``) and releases the
 ensemble of the global models of ``samples`` rounds after ``burn_in``
-(``common.sgld.sample_rounds``, ``PosteriorEnsemble``).
+(``common.training.sgld.sample_rounds``, ``PosteriorEnsemble``).
 
 Metrics on the held-out real rows (25%): accuracy, ROC AUC, negative log-likelihood (mean)
 and expected calibration error (15 equal-width bins of the top-class confidence). Datasets:
@@ -42,14 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.dp.accounting import compute_epsilon
 from common.dp.calibrate import calibrate_noise_multiplier
 from common.dp.events import DpEvent
-from common.models import build_model
-from common.sgld import (
+from common.specs import MLPSpec, OptimizerSpec
+from common.training.models import build_model
+from common.training.sgld import (
     PosteriorEnsemble,
     dp_variance,
     langevin_variance,
     sample_rounds,
 )
-from common.specs import MLPSpec, OptimizerSpec
 from site_agent.trainer import TrainParams, train_local
 
 DELTA = 1e-5

@@ -93,7 +93,7 @@ def model_spec(x: np.ndarray, y: np.ndarray, hidden: int) -> dict[str, Any]:
 def accuracy(spec: dict[str, Any], state: dict[str, Any], x: np.ndarray, y: np.ndarray) -> float:
     import torch
 
-    from common.models import build_model, load_weights, parse_model_spec
+    from common.training.models import build_model, load_weights, parse_model_spec
 
     net = build_model(parse_model_spec(spec))
     load_weights(net, state)
@@ -107,7 +107,7 @@ def central(spec: dict[str, Any], parts: Any, x_test: Any, y_test: Any, seed: in
     import torch
     from torch import nn
 
-    from common.models import build_model, parse_model_spec
+    from common.training.models import build_model, parse_model_spec
 
     x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
@@ -126,8 +126,8 @@ def central(spec: dict[str, Any], parts: Any, x_test: Any, y_test: Any, seed: in
 
 
 def federated_no_dp(spec: dict[str, Any], parts: Any, x_test: Any, y_test: Any, seed: int) -> float:
-    from common.models import build_model, parse_model_spec
     from common.specs import OptimizerSpec
+    from common.training.models import build_model, parse_model_spec
     from orchestrator.aggregation import RunningWeightedMean, apply_delta
     from site_agent.trainer import TrainParams, train_local
 
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                             t0 = time.time()
                             st = h.run_job(c, job(f"{ds}-s{s}", spec, eps, s))
                             card_json, weights = c.download(st.job_id)
-                            from common.tensors import state_from_bytes
+                            from common.training.tensors import state_from_bytes
 
                             acc = accuracy(spec, state_from_bytes(weights), x_test, y_test)
                             card = json.loads(card_json)

@@ -286,7 +286,7 @@ def wait_for_port(port: int, *, timeout_s: float) -> None:
 def evaluate_pulled(model_dir: Path, x: np.ndarray, y: np.ndarray) -> float:
     import torch
 
-    from common.models import load_model
+    from common.training.models import load_model
 
     model = load_model(model_dir)
     with torch.no_grad():
@@ -391,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print(
         f"model: {out_dir}/model.safetensors + model_card.json; "
-        f"load with common.models.load_model({str(out_dir)!r})"
+        f"load with common.training.models.load_model({str(out_dir)!r})"
     )
     return 0
 

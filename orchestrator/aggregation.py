@@ -4,7 +4,7 @@ cap on any one site's share of the weight; coordinate-wise trimmed mean and medi
 ``flwr.server.strategy.aggregate.aggregate`` computes the same weighted mean but needs every
 site's update in memory at once; here each update is added to a float64 running sum and
 dropped, so peak memory is a small multiple of the model size whatever the number of sites.
-An update is added piece by piece (``common.tensors.Pieces``): the round reads a spooled upload
+An update is added piece by piece (``common.training.tensors.Pieces``): the round reads a spooled upload
 from disk a piece at a time and never holds it whole.
 ``tests/unit/test_aggregation.py`` checks the result against Flower's function.
 
@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from common.errors import InvalidUpdateError
-from common.tensors import StateLike, as_pieces, flat_parts
+from common.training.tensors import StateLike, as_pieces, flat_parts
 
 
 class RunningWeightedMean:

@@ -621,7 +621,7 @@ def pull(
     err_console.print(
         f"wrote {out_dir}/model.safetensors and model_card.json "
         f"(ε = {c['epsilon']:.4g}, δ = {c['delta']:g}); load with "
-        f"common.models.load_model({str(out_dir)!r})"
+        f"common.training.models.load_model({str(out_dir)!r})"
     )
 
 

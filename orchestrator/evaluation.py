@@ -18,7 +18,7 @@ import uuid
 
 from common.domain import Evaluation, SiteEvaluation, SiteStatus
 from common.errors import InvalidSpecError, NotFoundError
-from common.pipeline import card_encoding
+from common.training.pipeline import card_encoding
 from orchestrator.core.broker import Broker
 from orchestrator.core.fanout import fan_out
 from orchestrator.core.store import Store

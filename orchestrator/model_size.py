@@ -2,7 +2,7 @@
 built (issue 17.3): building an oversized model to count it would allocate it (17 GiB for a
 32 × 65,536 MLP), even when every site is going to refuse it.
 
-The count comes from :func:`common.models.count_spec_parameters`, which allocates nothing. A
+The count comes from :func:`common.training.models.count_spec_parameters`, which allocates nothing. A
 spec whose input width or class count the orchestrator has yet to derive (from the sites'
 declared schemas) is counted with the smallest possible ones (1 and 2), a lower bound: its
 hidden layers alone can already be too many, and the exact count is checked again once the
@@ -12,8 +12,8 @@ dimensions are filled in.
 from __future__ import annotations
 
 from common.errors import InvalidSpecError
-from common.models import count_spec_parameters
 from common.specs import AnyJobSpec, JobSpec, ModelSpec
+from common.training.models import count_spec_parameters
 
 DEFAULT_MAX_PARAMETERS = 50_000_000
 """``orchestrator serve --max-parameters``'s default: 200 MB of float32 weights, well beyond

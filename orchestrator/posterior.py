@@ -1,8 +1,8 @@
-"""DP-SGLD at the orchestrator: the posterior samples a job releases (``common.sgld``).
+"""DP-SGLD at the orchestrator: the posterior samples a job releases (``common.training.sgld``).
 
 The global model of every round is already checkpointed (``orchestrator.rounds``); for an
 ``optimizer: {name: sgld}`` job the release packs the checkpoints of the sample rounds
-(:func:`common.sgld.sample_rounds`: ``samples`` rounds evenly spaced after ``burn_in``, the
+(:func:`common.training.sgld.sample_rounds`: ``samples`` rounds evenly spaced after ``burn_in``, the
 last among them) into one weights file and lists them on the card. Sampling reads only
 released global models, so it is post-processing: the job's ε is DP-SGD's for its steps.
 """
@@ -16,9 +16,9 @@ from typing import Any
 from torch import Tensor
 
 from common.errors import JobFailedError
-from common.sgld import pack_samples, sample_rounds
 from common.specs import JobSpec
-from common.tensors import state_from_bytes
+from common.training.sgld import pack_samples, sample_rounds
+from common.training.tensors import state_from_bytes
 
 
 def released_state(

@@ -29,10 +29,10 @@ import torch
 from common.domain import ChargedEvent, TaskAssignment, UpdateMeta
 from common.dp.accounting import compute_epsilon
 from common.errors import InvalidUpdateError, JobFailedError
-from common.models import build_model, save_model
 from common.schedule import task_schedule
 from common.specs import JobSpec, job_spec_from_json
-from common.tensors import (
+from common.training.models import build_model, save_model
+from common.training.tensors import (
     SafetensorsPieces,
     check_update,
     iter_chunks,

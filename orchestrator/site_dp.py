@@ -38,7 +38,7 @@ from common.dp import noise
 from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 from common.specs import SiteDPSpec
-from common.tensors import StateLike, as_pieces, flat_parts, l2_norm
+from common.training.tensors import StateLike, as_pieces, flat_parts, l2_norm
 
 
 def sum_noise_multiplier(z: float, count_sigma: float | None) -> float:

@@ -20,8 +20,6 @@ from typing import Any
 import pandas as pd
 
 from common.errors import InvalidSpecError, JobFailedError
-from common.models import CARD_FILE, WEIGHTS_FILE, load_model
-from common.pipeline import card_encoding
 from common.schema.encoding import FeatureEncoding, derive_encoding, uniform_edges
 from common.specs import JobSpec, parse_job_spec
 from common.synthesis.autoregressive import AutoregressiveNet, sample_table
@@ -30,6 +28,8 @@ from common.synthesis.autoregressive_spec import (
     columns_of,
     layout_disagreement,
 )
+from common.training.models import CARD_FILE, WEIGHTS_FILE, load_model
+from common.training.pipeline import card_encoding
 from orchestrator.client import ControlClient
 from orchestrator.schemas import agree
 

@@ -28,8 +28,8 @@ from common.domain import UpdateMeta
 from common.dp.events import DpEvent
 from common.errors import InvalidUpdateError
 from common.schedule import task_schedule
-from common.sgld import bound_noise_multiplier
 from common.specs import JobSpec, OptimizerSpec
+from common.training.sgld import bound_noise_multiplier
 
 MAX_STEPS_PER_TASK = 1_000_000
 """Most DP-SGD steps one task may be assigned (as ``local_steps`` allows): a site whose
@@ -217,7 +217,7 @@ def norm_bound(
     """
     if steps > MAX_STEPS_PER_TASK:
         raise ValueError(f"{steps} steps exceed the most a task may run ({MAX_STEPS_PER_TASK})")
-    # DP-SGLD's extra Langevin noise bounds like DP noise of a larger σ (common.sgld)
+    # DP-SGLD's extra Langevin noise bounds like DP noise of a larger σ (common.training.sgld)
     noise_multiplier = bound_noise_multiplier(
         name=optimizer.name,
         lr=optimizer.lr,

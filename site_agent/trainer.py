@@ -23,7 +23,7 @@ What the guarantee rests on, and how this module keeps it:
   seeds them from the job's ``seed``: a seed the orchestrator knows would let it subtract
   the noise. (Opacus' default, the process-wide torch RNG, would be as good only as long as
   no code in the process ever called ``torch.manual_seed``.) The job seed reaches
-  :func:`common.models.build_model` only, which leaves the global RNG untouched.
+  :func:`common.training.models.build_model` only, which leaves the global RNG untouched.
   The noise goes through :mod:`common.dp.noise`: PyTorch's Mersenne-Twister sampler by
   default, or, where the site's policy sets ``secure_noise``, a ChaCha20 CSPRNG with
   Opacus' secure-mode countermeasure to floating-point attacks (Opacus' own ``secure_mode``
@@ -57,13 +57,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from common import sgld
 from common.domain import Metrics
 from common.dp import noise
 from common.errors import InvalidSpecError
-from common.models import build_model, load_weights
 from common.schedule import task_schedule
 from common.specs import ModelSpec, OptimizerSpec, model_dims
+from common.training import sgld
+from common.training.models import build_model, load_weights
 from site_agent.clipping import BookKeeper, supports
 from site_agent.data.row_store import EncodedRows, tensor_poisson_loader
 from site_agent.generative import batch_loss, check_generative_mode
@@ -337,7 +337,7 @@ def train_local(
         if rows is None
         else rows.poisson_loader(q, _private_generator())
     )
-    if params.optimizer.name == "sgld":  # Langevin steps (common.sgld): plain SGD, topped-up noise
+    if params.optimizer.name == "sgld":  # Langevin (common.training.sgld): SGD, topped-up noise
         optimizer: torch.optim.Optimizer = sgld.LangevinSGD(
             list(net.parameters()),
             lr=params.optimizer.lr,

@@ -21,11 +21,11 @@ from common.domain import ColumnInfo, TaskAssignment
 from common.dp import noise
 from common.dp.audit import make_canaries
 from common.errors import InvalidSpecError, NotFoundError
-from common.models import build_model, load_weights, parse_model_spec
 from common.schema.encoding import FeatureEncoding
 from common.schema.table import TypedTable
 from common.specs import JobSpec
-from common.tensors import state_from_bytes
+from common.training.models import build_model, load_weights, parse_model_spec
+from common.training.tensors import state_from_bytes
 from site_agent.boundary.disclosure import ACCOUNTANT, SiteContext
 from site_agent.handlers.base import Plan, Reply, TaskHandler, reply
 

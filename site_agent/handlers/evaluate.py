@@ -18,11 +18,11 @@ from common.domain import TaskAssignment
 from common.dp.accounting import compute_epsilon
 from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
-from common.models import parse_model_spec
 from common.schema.encoding import FeatureEncoding
 from common.schema.table import TypedTable
 from common.specs import ModelSpec
-from common.tensors import state_from_bytes
+from common.training.models import parse_model_spec
+from common.training.tensors import state_from_bytes
 from site_agent.boundary.admission import Release
 from site_agent.boundary.disclosure import SiteContext
 from site_agent.boundary.encoding_check import checked_encoding

@@ -27,11 +27,11 @@ from common.dp.accounting import EpsilonBound, compute_epsilon
 from common.dp.events import DpEvent
 from common.dp.running import running_epsilon
 from common.errors import InvalidSpecError
-from common.models import build_model, count_spec_parameters
 from common.schedule import task_schedule
 from common.schema.encoding import FeatureEncoding
 from common.specs import JobSpec, ModelSpec, job_spec_from_json
-from common.tensors import check_update, state_from_bytes, state_to_bytes
+from common.training.models import build_model, count_spec_parameters
+from common.training.tensors import check_update, state_from_bytes, state_to_bytes
 from site_agent.boundary.admission import Release, Training, check_release
 from site_agent.boundary.disclosure import ACCOUNTANT, SiteContext
 from site_agent.boundary.encoding_check import checked_encoding

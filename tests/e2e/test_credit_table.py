@@ -4,7 +4,7 @@
 files; orchestrator and agents are real processes over mutual TLS, driven through the CLIs;
 the job declares no ``input_dim``/``num_classes`` (derived from the sites' schemas) and a
 ``dp.target_epsilon`` of 3 that covers every release of the job; the pulled model predicts
-raw held-out rows through ``common.models.load_pipeline``.
+raw held-out rows through ``common.training.models.load_pipeline``.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _prepare(root: Path, port: int) -> tuple[dict[str, Path], pd.DataFrame]:
 def test_raw_credit_table_to_released_pipeline(tmp_path: Path) -> None:
     from sklearn.metrics import roc_auc_score
 
-    from common.models import load_pipeline
+    from common.training.models import load_pipeline
 
     port = free_port()
     configs, test = _prepare(tmp_path, port)

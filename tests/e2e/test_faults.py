@@ -40,9 +40,9 @@ import yaml
 from common.domain import JobStatus
 from common.dp.accounting import compute_epsilon
 from common.errors import DpfedError
-from common.models import load_model
 from common.rpc.tls import TlsFiles
 from common.specs import load_job_spec
+from common.training.models import load_model
 from examples.demo import Cluster, DemoFiles, free_port, prepare
 from orchestrator.client import ControlClient
 from site_agent.boundary.ledger import Ledger, LedgerEntry

@@ -12,7 +12,7 @@ import torch
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from common.models import load_model
+from common.training.models import load_model
 from orchestrator.client import ControlClient
 from orchestrator.metric_pooling import auc_from_histograms
 from site_agent.trainer import score_bins

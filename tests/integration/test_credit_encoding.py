@@ -22,8 +22,8 @@ import yaml
 
 from common.dp.accounting import compute_epsilon
 from common.dp.events import DpEvent
-from common.models import load_pipeline
 from common.specs import parse_job_spec
+from common.training.models import load_pipeline
 from orchestrator.client import ControlClient
 from orchestrator.server import start_server
 from site_agent.agent import SiteAgent

@@ -19,8 +19,8 @@ from sklearn.datasets import load_digits
 from common.dp.accounting import compute_epsilon
 from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, NotFoundError
-from common.models import load_model
 from common.specs import parse_job_spec
+from common.training.models import load_model
 from orchestrator.client import ControlClient
 from orchestrator.server import RunningServer, start_server
 from site_agent.agent import SiteAgent

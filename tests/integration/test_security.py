@@ -52,7 +52,7 @@ from common.rpc.tls import (
     files_in,
     init_pki,
 )
-from common.tensors import state_from_bytes, state_to_bytes
+from common.training.tensors import state_from_bytes, state_to_bytes
 from orchestrator.client import ControlClient
 from orchestrator.core.broker import FailureResult, Result, UpdateResult
 from orchestrator.server import RunningServer, start_server

@@ -17,9 +17,9 @@ from sklearn.datasets import load_breast_cancer
 
 from common.dp.accounting import compute_epsilon
 from common.dp.events import DpEvent
-from common.models import load_model
-from common.sgld import PosteriorEnsemble
 from common.specs import parse_job_spec
+from common.training.models import load_model
+from common.training.sgld import PosteriorEnsemble
 from orchestrator.client import ControlClient
 from orchestrator.server import start_server
 from site_agent.agent import SiteAgent
@@ -137,7 +137,7 @@ def test_sgld_job_releases_the_ensemble_of_post_burn_in_rounds(tmp_path: Path) -
     ens = load_model(model_dir)
     assert isinstance(ens, PosteriorEnsemble) and len(ens.members) == 3
     # the samples are the checkpointed global models of rounds 2, 3 and 4, and differ
-    from common.tensors import state_from_bytes
+    from common.training.tensors import state_from_bytes
 
     ckpt = tmp_path / "orch" / "checkpoints" / job_id
     for member, r in zip(ens.members, (2, 3, 4), strict=True):
@@ -153,7 +153,7 @@ def test_sgld_job_releases_the_ensemble_of_post_burn_in_rounds(tmp_path: Path) -
     # load_pipeline (raw rows) gives the same average of the samples' probabilities
     import pandas as pd
 
-    from common.models import load_pipeline
+    from common.training.models import load_pipeline
 
     pipe = load_pipeline(model_dir)
     raw = pd.DataFrame(x, columns=[f"f{i}" for i in range(x.shape[1])])

@@ -191,9 +191,9 @@ def test_apply_delta_of_the_mean_is_fedavg() -> None:
 
 
 def test_piecewise_fold_matches_the_whole_tensor_computation() -> None:
-    """The fold works piece by piece (common.tensors.flat_parts): across piece boundaries,
+    """The fold works piece by piece (common.training.tensors.flat_parts): across piece boundaries,
     and for non-contiguous tensors, it equals the float64 computation on whole tensors."""
-    from common.tensors import FLAT_PART, l2_norm
+    from common.training.tensors import FLAT_PART, l2_norm
 
     g = torch.Generator().manual_seed(3)
     rows = FLAT_PART // 100 + 7  # more than one piece
@@ -289,7 +289,7 @@ def test_coordinate_aggregates_match_flowers(seed: int, n: int, trim: float) -> 
 
 
 def test_coordinate_aggregates_read_spooled_updates_piece_by_piece() -> None:
-    from common.tensors import FLAT_PART, SafetensorsPieces, state_to_bytes
+    from common.training.tensors import FLAT_PART, SafetensorsPieces, state_to_bytes
     from orchestrator.core.spool import Payload
 
     rng = np.random.default_rng(1)

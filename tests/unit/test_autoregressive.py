@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from common.domain import ColumnInfo
-from common.models import build_model, count_spec_parameters
 from common.schema.encoding import derive_encoding, uniform_edges
 from common.schema.table import apply_schema
 from common.specs import parse_job_spec
@@ -18,6 +17,7 @@ from common.synthesis.autoregressive_spec import (
     columns_of,
     layout_disagreement,
 )
+from common.training.models import build_model, count_spec_parameters
 
 FEATURES = (
     ColumnInfo("age", "numeric", min=18.0, max=90.0, nullable=False),

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from common.models import build_model
+from common.training.models import build_model
 from site_agent.clipping import BookKeeper, supports
 from tests.unit.test_trainer import SPECS
 

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.dp import noise
 from common.errors import InvalidSpecError
-from common.models import build_model
 from common.specs import MLPSpec, OptimizerSpec
+from common.training.models import build_model
 from site_agent import device as device_mod
 from site_agent import trainer
 from site_agent.config import load_site_config

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from common.errors import InvalidSpecError
-from common.models import build_model
 from common.specs import OptimizerSpec
+from common.training.models import build_model
 from site_agent.clipping import BookKeeper
 from site_agent.trainer import TrainParams, train_local
 from tests.unit.test_trainer import SPECS

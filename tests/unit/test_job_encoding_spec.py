@@ -8,9 +8,9 @@ import pytest
 
 from common.domain import ColumnInfo
 from common.errors import InvalidSpecError
-from common.models import build_model, count_spec_parameters
 from common.schema.encoding import derive_encoding, uniform_edges
 from common.specs import JobSpec, model_dims, parse_job_spec
+from common.training.models import build_model, count_spec_parameters
 
 FEATURES = [
     ColumnInfo("income", "numeric", min=0.0, max=1000.0, nullable=True),

@@ -45,8 +45,8 @@ IO_EXEMPT = frozenset(
     {
         "common/clustering/released.py",
         "common/dp/noise.py",
-        "common/models.py",
-        "common/pipeline.py",
+        "common/training/models.py",
+        "common/training/pipeline.py",
         "common/private_files.py",
         "common/specs.py",
     }

@@ -14,8 +14,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from common.domain import Estimate, Metrics
-from common.models import build_model
 from common.specs import LinearSpec, MetricsSpec, MLPSpec, ModelSpec
+from common.training.models import build_model
 from orchestrator.metric_pooling import (
     auc_estimate,
     auc_from_histograms,

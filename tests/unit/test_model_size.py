@@ -8,8 +8,8 @@ import tracemalloc
 import pytest
 
 from common.errors import InvalidSpecError
-from common.models import build_model, count_parameters
 from common.specs import GmmJobSpec, MLPSpec, parse_job_spec
+from common.training.models import build_model, count_parameters
 from orchestrator.model_size import DEFAULT_MAX_PARAMETERS, check_model_size, spec_parameters
 
 

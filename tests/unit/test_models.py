@@ -15,7 +15,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from common.errors import InvalidSpecError, NotFoundError
-from common.models import (
+from common.specs import Conv1dSpec, Conv2dSpec, ConvLayerSpec, LinearSpec, MLPSpec, ModelSpec
+from common.training.models import (
     CARD_FILE,
     SPEC_METADATA_KEY,
     WEIGHTS_FILE,
@@ -26,7 +27,6 @@ from common.models import (
     load_weights,
     save_model,
 )
-from common.specs import Conv1dSpec, Conv2dSpec, ConvLayerSpec, LinearSpec, MLPSpec, ModelSpec
 
 SPECS: dict[str, ModelSpec] = {
     "linear": LinearSpec(kind="linear", input_dim=12, num_classes=3),

@@ -30,10 +30,10 @@ from hypothesis import strategies as st
 from common.clustering.federated_em import FederatedEM
 from common.domain import TaskAssignment, UpdateMeta
 from common.errors import DpfedError
-from common.models import build_model, parse_model_spec
 from common.schema.encoding import FeatureEncoding, derive_encoding
 from common.specs import OptimizerSpec
-from common.tensors import state_from_bytes, state_to_bytes
+from common.training.models import build_model, parse_model_spec
+from common.training.tensors import state_from_bytes, state_to_bytes
 from site_agent import trainer
 from site_agent.boundary.ledger import Ledger
 from site_agent.boundary.pipeline import SitePipeline

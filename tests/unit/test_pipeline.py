@@ -13,9 +13,15 @@ import torch
 
 from common.domain import ColumnInfo
 from common.errors import InvalidSpecError
-from common.models import build_model, load_model, load_pipeline, parse_model_spec, save_model
 from common.schema.encoding import derive_encoding
 from common.schema.table import apply_schema
+from common.training.models import (
+    build_model,
+    load_model,
+    load_pipeline,
+    parse_model_spec,
+    save_model,
+)
 
 FEATURES = [
     ColumnInfo("income", "numeric", min=0.0, max=1000.0),

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from common import sgld
 from common.errors import InvalidSpecError
-from common.models import build_model, load_model, save_model
 from common.specs import MLPSpec, parse_job_spec
+from common.training import sgld
+from common.training.models import build_model, load_model, save_model
 from orchestrator.posterior import released_state
 from orchestrator.update_bounds import norm_bound
 
@@ -107,7 +107,7 @@ def test_ensemble_averages_the_samples_probabilities(tmp_path: Path) -> None:
         }
     )
     ckpt = {r: tmp_path / f"round-{r}.safetensors" for r in range(1, 6)}
-    from common.tensors import state_to_bytes
+    from common.training.tensors import state_to_bytes
 
     for r, m in zip((3, 4), members[:2], strict=True):
         ckpt[r].write_bytes(state_to_bytes(m.state_dict()))

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.errors import InvalidUpdateError
-from common.tensors import (
+from common.training.tensors import (
     DEFAULT_CHUNK_SIZE,
     FLAT_PART,
     SafetensorsPieces,

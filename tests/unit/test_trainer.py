@@ -14,7 +14,6 @@ from sklearn.datasets import load_digits
 
 from common.dp import noise
 from common.errors import InvalidSpecError
-from common.models import build_model
 from common.schedule import task_schedule
 from common.specs import (
     Conv1dSpec,
@@ -25,7 +24,8 @@ from common.specs import (
     ModelSpec,
     OptimizerSpec,
 )
-from common.tensors import l2_norm
+from common.training.models import build_model
+from common.training.tensors import l2_norm
 from site_agent.trainer import (
     TrainParams,
     choose_grad_sample_mode,

@@ -19,7 +19,7 @@ from common.domain import ChargedEvent, DpReport, Metrics, UpdateMeta
 from common.dp.events import DpEvent
 from common.errors import InvalidUpdateError
 from common.specs import JobSpec, LinearSpec, MLPSpec, ModelSpec, OptimizerSpec, parse_job_spec
-from common.tensors import l2_norm
+from common.training.tensors import l2_norm
 from orchestrator import update_bounds as ub
 from site_agent.trainer import TrainParams, train_local
 
@@ -40,7 +40,7 @@ def _honest_norm_and_bound(
     assert model.input_dim is not None and model.num_classes is not None
     x = (rng.normal(size=(n, model.input_dim)) * scale).astype(np.float32)
     y = rng.integers(0, model.num_classes, size=n).astype(np.int64)
-    from common.models import build_model
+    from common.training.models import build_model
 
     net = build_model(model, seed=seed)
     with torch.no_grad():  # start away from the origin: weight decay then pulls hard

@@ -5,7 +5,7 @@ A released model's card carries its feature encoding (``"encoding"``, the
 rebuilds it next to the module, so a data scientist predicts on rows as a bank stores them::
 
     import pandas as pd
-    from common.models import load_pipeline
+    from common.training.models import load_pipeline
 
     pipe = load_pipeline("models/credit-v1")
     rows = pd.read_csv("applications.csv")           # strings, empty cells, extra columns
@@ -93,7 +93,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         InvalidSpecError: the card or the weights are invalid, the card carries no encoding,
             or the encoding does not fit the model (width, classes).
     """
-    from common.models import CARD_FILE, load_model, parse_model_spec
+    from common.training.models import CARD_FILE, load_model, parse_model_spec
 
     module = load_model(path)  # checks the folder, the card's spec and the weights
     card_path = Path(path) / CARD_FILE

@@ -28,7 +28,7 @@ A released model is a folder with two files:
   release adds (ε, δ, accountant, each site's spend, the feature encoding).
 
 :func:`load_model` gives the module (encoded float32 rows in, logits out);
-:func:`load_pipeline` gives it with its encoding, for raw rows (:mod:`common.pipeline`).
+:func:`load_pipeline` gives it with its encoding, for raw rows (:mod:`common.training.pipeline`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ from pydantic import TypeAdapter, ValidationError
 from torch import Tensor, nn
 
 from common.errors import InvalidSpecError, NotFoundError
-from common.sgld import PosteriorEnsemble, unpack_samples
 from common.specs import (
     Activation,
     Conv1dSpec,
@@ -62,9 +61,10 @@ from common.specs import (
 from common.synthesis.autoregressive import AutoregressiveNet
 from common.synthesis.autoregressive import count_parameters as count_autoregressive
 from common.synthesis.autoregressive_spec import AutoregressiveSpec
+from common.training.sgld import PosteriorEnsemble, unpack_samples
 
 if TYPE_CHECKING:
-    from common.pipeline import Pipeline
+    from common.training.pipeline import Pipeline
 
 WEIGHTS_FILE = "model.safetensors"
 """Name of the weights file in a model folder."""
@@ -415,7 +415,7 @@ def load_model(path: str | Path) -> nn.Module:
     features, and returns logits ``(N, num_classes)``::
 
         import torch
-        from common.models import load_model
+        from common.training.models import load_model
 
         model = load_model("models/fraud-v3")
         with torch.no_grad():
@@ -468,7 +468,7 @@ def load_model(path: str | Path) -> nn.Module:
                 f"{weights_path} was saved for a different model spec than {card_path} describes."
             )
 
-    if "posterior_samples" in card:  # a DP-SGLD ensemble (common.sgld)
+    if "posterior_samples" in card:  # a DP-SGLD ensemble (common.training.sgld)
         return load_ensemble(spec, state, card["posterior_samples"], what=str(weights_path))
     module = build_model(spec)
     load_weights(module, state, what=f"the weights in {weights_path}")
@@ -479,7 +479,7 @@ def load_model(path: str | Path) -> nn.Module:
 def load_ensemble(
     spec: ModelSpec, state: Mapping[str, Tensor], samples: Any, *, what: str
 ) -> nn.Module:
-    """The :class:`~common.sgld.PosteriorEnsemble` of the posterior samples packed in
+    """The :class:`~common.training.sgld.PosteriorEnsemble` of the posterior samples packed in
     ``state`` (``samples``: the card's list of them, one entry per sample)."""
     if not isinstance(samples, list) or not samples:
         raise InvalidSpecError(f"the posterior_samples of {what}'s card must be a non-empty list.")
@@ -500,7 +500,7 @@ def load_ensemble(
 
 def load_pipeline(path: str | Path) -> Pipeline:
     """A released model with its feature encoding: ``classes``, ``predict_proba(frame)`` and
-    ``predict(frame)`` on a pandas DataFrame of raw rows (:mod:`common.pipeline`)."""
-    from common.pipeline import load_pipeline as load
+    ``predict(frame)`` on a pandas DataFrame of raw rows (:mod:`common.training.pipeline`)."""
+    from common.training.pipeline import load_pipeline as load
 
     return load(path)

@@ -1,0 +1,2 @@
+"""What a federated training job is made of: the model zoo and its released form (models,
+pipeline), the tensors a round carries (tensors), and DP-SGLD's posterior sampling (sgld)."""
