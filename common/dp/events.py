@@ -13,11 +13,12 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Final
+from typing import Final, TypedDict
 
 __all__ = [
     "MIN_NOISE_MULTIPLIER",
     "DpEvent",
+    "DpEventDict",
     "check_events",
     "event_from_dict",
     "event_to_dict",
@@ -89,7 +90,15 @@ def merge_events(events: Sequence[DpEvent]) -> list[DpEvent]:
     return [DpEvent(s, q, n) for (s, q), n in sorted(steps.items())]
 
 
-def event_to_dict(event: DpEvent) -> dict[str, float | int]:
+class DpEventDict(TypedDict):
+    """The dict form of a :class:`DpEvent` (:func:`event_to_dict`)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def event_to_dict(event: DpEvent) -> DpEventDict:
     """``{"noise_multiplier": σ, "sample_rate": q, "steps": steps}`` (JSON-ready)."""
     return {
         "noise_multiplier": event.noise_multiplier,

@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from common.dp.events import DpEventDict
 from common.errors import InvalidSpecError
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
     "ColumnDict",
     "ColumnKind",
     "ColumnSchema",
-    "DpEventDict",
     "MarginalDict",
     "MeasurementDict",
     "PlanDict",
@@ -105,12 +105,6 @@ class PlanDict(TypedDict):
     delta: float
     accountant: str
     epsilon: NotRequired[float]
-
-
-class DpEventDict(TypedDict):
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
 
 
 class MarginalDict(TypedDict):

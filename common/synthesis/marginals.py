@@ -20,7 +20,7 @@ import numpy as np
 from common.dp import noise
 from common.dp.accounting import ACCOUNTANTS, compute_epsilon
 from common.dp.calibrate import calibrate_noise_multiplier
-from common.dp.events import DpEvent
+from common.dp.events import DpEvent, event_to_dict
 from common.errors import InvalidSpecError, PrivacyAccountingError
 from common.synthesis.discretisation import (
     _MAX_SIGMA_INFLATIONS,
@@ -320,10 +320,7 @@ def measure_site(
         "schema_fingerprint": schema.fingerprint(),
         "sites": 1,
         "marginals": out,
-        "events": [
-            {"noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "steps": e.steps}
-            for e in plan.events
-        ],
+        "events": [event_to_dict(e) for e in plan.events],
         "epsilon": plan.epsilon,
         "delta": plan.delta,
         "accountant": plan.accountant,
