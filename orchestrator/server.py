@@ -31,18 +31,19 @@ from common.rpc.tls import (
     server_hosts,
 )
 from common.rpc.transport import SERVER_OPTIONS, require_loopback_for_plaintext
-from orchestrator.auth import Authorizer
-from orchestrator.call_limits import (
+from orchestrator.api.agent_service import AgentServicer
+from orchestrator.api.call_limits import (
     MAX_CALLS_PER_SITE,
     MAX_CALLS_PER_USER,
     CallLimiter,
     control_reserve,
 )
+from orchestrator.api.control_service import ControlServicer
+from orchestrator.auth import Authorizer
 from orchestrator.coordinator import Coordinator
 from orchestrator.core.broker import MAX_DOWNLOADS, MAX_UPLOADS
 from orchestrator.metrics import MetricsServer
 from orchestrator.model_size import DEFAULT_MAX_PARAMETERS
-from orchestrator.servicers import AgentServicer, ControlServicer
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 
 log = logging.getLogger("dpfed.orchestrator")
@@ -204,7 +205,7 @@ def start_server(
     ``max_calls_per_site`` / ``max_calls_per_user``: calls one certificate may have in progress
     on the agent / control service; all agent calls together leave
     ``call_limits.control_reserve(max_workers)`` threads to the control service
-    (``orchestrator.call_limits``). ``max_parameters``: the largest model a job may ask for
+    (``orchestrator.api.call_limits``). ``max_parameters``: the largest model a job may ask for
     (``orchestrator.model_size``), checked from the spec before anything is built.
     """
     if tls is None:

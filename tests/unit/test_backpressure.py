@@ -179,8 +179,8 @@ def test_fetch_model_streams_to_at_most_max_downloads_sites_at_once() -> None:
 
     from common.rpc import serde
     from common.rpc.transport import UPLOAD_GATE
+    from orchestrator.api.agent_service import AgentServicer
     from orchestrator.auth import Authorizer
-    from orchestrator.servicers import AgentServicer
     from protos.dpfed.v1 import dpfed_pb2 as pb
 
     broker = Broker()
@@ -226,8 +226,8 @@ def test_fetch_model_streams_to_at_most_max_downloads_sites_at_once() -> None:
 def test_an_abandoned_download_gives_its_slot_back() -> None:
     from types import SimpleNamespace
 
+    from orchestrator.api.agent_service import AgentServicer
     from orchestrator.auth import Authorizer
-    from orchestrator.servicers import AgentServicer
     from protos.dpfed.v1 import dpfed_pb2 as pb
 
     broker = Broker()

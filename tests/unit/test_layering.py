@@ -28,7 +28,8 @@ WIRE_MODULES = frozenset(
     {
         "orchestrator/client.py",
         "orchestrator/server.py",
-        "orchestrator/servicers.py",
+        "orchestrator/api/agent_service.py",
+        "orchestrator/api/control_service.py",
         "site_agent/agent.py",
     }
 )
