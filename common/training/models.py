@@ -2,33 +2,13 @@
 
 A job names its model by a declarative :data:`~common.specs.ModelSpec`; a site never runs
 model code it was sent. :func:`build_model` is the only place that turns a spec into a
-``torch.nn.Module``, and it uses only layers that DP-SGD can train with a per-example
-clipping bound (Abadi et al., "Deep Learning with Differential Privacy", CCS 2016) as
-implemented by Opacus (Yousefpour et al., "Opacus: User-Friendly Differential Privacy
-Library in PyTorch", 2021):
-
-* ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.GroupNorm`` have per-sample gradient
-  samplers in Opacus (``nn.Linear`` also has a ghost-clipping norm sampler);
-* activations, dropout, max-pooling, ``nn.Flatten`` and ``nn.Unflatten`` have no parameters;
-* there is no ``BatchNorm``: it mixes examples of a batch in the forward pass, so one
-  example's gradient depends on the others and per-example clipping no longer bounds its
-  influence. ``GroupNorm`` normalises each example on its own and is the DP-safe substitute.
-
-Every model takes a float32 tensor ``(N, input_dim)`` and returns logits ``(N,
-num_classes)``; conv nets reshape rows to ``spec.input_shape`` inside the module, so sites
-store every dataset as a plain table. The modules are ``nn.Sequential`` with named children,
-so ``state_dict`` keys (``fc0.weight``, ``conv1.bias``, ``logits.weight`` ...) depend only on
-the spec: the orchestrator and every site agree on them without exchanging code.
-
-A released model is a folder with two files:
-
-* ``model.safetensors`` — the weights (safetensors cannot carry code, unlike pickle), with
-  the model spec as JSON in its metadata under ``"dpfed.model_spec"``;
-* ``model_card.json`` — the model card: the spec under ``"model"``, plus whatever the
-  release adds (ε, δ, accountant, each site's spend, the feature encoding).
-
-:func:`load_model` gives the module (encoded float32 rows in, logits out);
-:func:`load_pipeline` gives it with its encoding, for raw rows (:mod:`common.training.pipeline`).
+``torch.nn.Module``, from layers DP-SGD can train with a per-example clipping bound (no
+``BatchNorm``); its ``state_dict`` keys depend only on the spec. Every model maps float32 rows
+``(N, input_dim)`` to logits ``(N, num_classes)``. A released model is a folder with
+``model.safetensors`` (weights, with the spec in the metadata) and ``model_card.json``;
+:func:`load_model` reads the module, :func:`load_pipeline` the module with its encoding
+(:mod:`common.training.pipeline`). Why these layers, and the files: ``docs/training.md``,
+"The model zoo" and "Released model files".
 """
 
 from __future__ import annotations

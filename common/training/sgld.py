@@ -1,30 +1,12 @@
 """DP-SGLD: the DP-SGD noise as Langevin noise, and the posterior ensemble it releases.
 
-Stochastic gradient Langevin dynamics (Welling & Teh, ICML 2011) samples the tempered
-posterior ``p(θ | D) ∝ exp(-U(θ) / T)``, ``U(θ) = Σ_i ℓ_i(θ) - log p(θ)``, by steps
-``θ ← θ - ε ∇Û(θ) + N(0, 2εT I)``. A site's DP-SGD step with plain SGD is
-``θ ← θ - (lr / E)(Σ_{i∈B} clip_C(∇ℓ_i) + N(0, σ²C² I))`` with ``E = qN`` the expected
-batch: its drift is ``ε ∇Û`` with ``ε = lr / N`` (``∇Û = (N / E) Σ_B``, weight decay the
-Gaussian prior) and it already carries Gaussian noise of variance ``v_dp = (lr σ C / E)²``
-per coordinate. Langevin needs ``v_L = 2 ε T = 2 lr T / N``. So (Wang, Fienberg & Smola,
-ICML 2015; Li, Chen, Wang & Carin, AISTATS 2019):
-
-* ``v_dp = v_L``, i.e. ``lr = 2 T E² / (N σ² C²)``: the DP noise *is* the Langevin noise;
-* ``v_dp < v_L`` (smaller lr): each step adds ``N(0, v_L - v_dp)`` from a private generator
-  (:func:`extra_std`); more noise is post-processing, so the guarantee is unchanged;
-* ``v_dp > v_L`` (larger lr): nothing can be taken away; the chain samples at temperature
-  ``T_eff = T v_dp / v_L > T`` (:func:`effective_temperature`).
-
-The clipped gradient equals the true one only for examples with ``‖∇ℓ_i‖ ≤ C``, so the
-target is the posterior of the clipped loss. The privacy accounting is exactly DP-SGD's for
-the same ``(q, σ, steps)``: the Langevin steps *are* those DP-SGD steps.
-
-Federated: with equal-sized sites and one local step per round, FedAvg of the sites' steps is
-one Langevin step on the pooled posterior (drift ``lr/N_total ∇U``, noise variance
-``v_L(N_s) / S = 2 lr T / N_total``); several local steps approximate it (federated averaging
-Langevin dynamics, Plassier, Moulines et al., 2021). The orchestrator keeps the global models
-of ``samples`` rounds after ``burn_in`` (:func:`sample_rounds`); the released model is
-their ensemble (:class:`PosteriorEnsemble`, probabilities averaged).
+A DP-SGD step with plain SGD already carries Gaussian noise; :func:`extra_std` is what a step
+must add (from a private generator, :class:`LangevinSGD`) to reach the Langevin variance of the
+tempered posterior, :func:`effective_temperature` the temperature sampled when it already has
+more. The privacy accounting is exactly DP-SGD's for the same ``(q, σ, steps)``: extra noise is
+post-processing. The orchestrator keeps the global models of :func:`sample_rounds` and
+releases their :class:`PosteriorEnsemble`. Derivation and sources: ``docs/training.md``,
+"DP-SGLD".
 """
 
 from __future__ import annotations
