@@ -1,27 +1,13 @@
 """Empirical privacy audit of a released model: an ε *lower* bound from one training run.
 
-Steinke, Nasr, Jagielski, "Privacy Auditing with One (1) Training Run", NeurIPS 2023.
-m canaries are each included in training independently with probability ½ (the sites draw
-the coins and keep them). After training, an auditor scores every canary (here: its loss
-under the released model, low = "was in"), guesses "in" for the k₊ lowest scores and "out"
-for the k₋ highest, and abstains on the rest. If training is (ε, δ)-DP, the number of correct
-guesses W among r = k₊ + k₋ satisfies (their Theorem 3.1 / the p-value of their reference
-code, with the δ term)::
-
-    P[W ≥ v] ≤ β + α·δ·2m,   β = P[Binomial(r, q) ≥ v],  q = e^ε / (1 + e^ε),
-    α = max_{i ≥ 1} P[v > Binomial(r, q) ≥ v − i] / i.
-
-The audit reports the largest ε whose p-value is below the significance level (Bonferroni-
-corrected over the few (k₊, k₋) it tries). That is a *lower* bound: if it exceeds the ε the
-accountant claims, the implementation leaks more than it says, which is a bug, and the release
-must fail loudly. A small lower bound proves nothing about the upper bound; it is a sanity
-check with real power only against gross failures (noise missing, clipping off).
-
-A membership-inference test with the same scores (loss threshold, Yeom et al. 2018) is
-reported as TPR at fixed low FPRs.
-
-Canaries are synthetic records; their scores are post-processing of the released model, so
-neither the audit nor its report costs privacy on the sites' real data.
+Steinke, Nasr & Jagielski, "Privacy Auditing with One (1) Training Run", NeurIPS 2023: m
+canaries, each included with probability ½; the auditor guesses membership from their scores
+(loss under the released model) and :func:`audit` reports the largest ε whose p-value
+(:func:`p_value`, their Theorem 3.1 with the δ term) is below :data:`SIGNIFICANCE`, with a
+loss-threshold membership-inference TPR at low FPRs. A lower bound above the accountant's ε is
+a bug and must fail the release; a small one proves nothing. Scores are post-processing of the
+released model: no privacy cost. The test and its reading: ``docs/accounting.md``,
+"Empirical audit".
 """
 
 from __future__ import annotations
