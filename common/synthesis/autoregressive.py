@@ -1,31 +1,12 @@
 """An autoregressive model of encoded rows: densities, log-likelihood and sampling.
 
-The row is the feature columns in the encoding's order (:mod:`common.schema.encoding`)
-followed by the label ``y``; the model factorises ``p(x, y) = Π_j p(x_j | x_<j) · p(y | x)``
-as in MADE / NADE (Germain et al., ICML 2015; Uria et al., JMLR 2016), with one small
-network per column on the encoded slots before it (plain ``nn.Linear`` layers, so the
-site's book-keeping clipping trains it with DP-SGD unchanged).
-
-Each conditional is a distribution on the column's declared domain:
-
-* **numeric** ("real distribution embedding"): the column's encoded position ``u ∈ [0, 1]``
-  (the min/max-scaled value, or for a quantile encoding with ``T`` bins ``Σ slots / T``, the
-  value's position on the DP quantile scale) has the density ``p(u) = B · π_b`` on bin
-  ``b = ⌊u B⌋`` of ``B`` equal bins, uniform within the bin: a histogram density with
-  ``∫₀¹ p = 1 - π_missing``, normalised within the declared bounds by construction (the
-  discretised-density family of van den Oord et al., "Pixel Recurrent Neural Networks",
-  2016, made continuous by the within-bin uniform). A nullable column adds a "missing"
-  outcome. The log-likelihood is ``log π_b + log B`` (``log π_missing`` for a missing cell).
-  On the original scale the density is ``p(u) / (max - min)`` (min/max) or piecewise
-  constant through the quantile edges;
-* **categorical**: a softmax over the column's slots (declared categories, "other",
-  "missing"); sampling renormalises over the declared categories and, when the column is
-  nullable, "missing" ("other" has no value to write in the declared schema).
-
-The training loss is the negative log-likelihood of each row (:meth:`AutoregressiveNet.
-log_prob`); sampling (:func:`sample_encoded`) draws ancestrally from a numpy generator, so
-a seed reproduces the draw, and :func:`decode` turns encoded samples into a table with the
-declared schema. Sampling is post-processing of the released weights.
+:class:`AutoregressiveNet` factorises ``p(x, y) = Π_j p(x_j | x_<j) · p(y | x)`` over the
+encoded feature columns then the label (MADE / NADE), each conditional a histogram density on a
+numeric column's declared range or a softmax over a categorical column's slots; its
+:meth:`~AutoregressiveNet.log_prob` is the DP-SGD training loss. :func:`sample_encoded` draws
+ancestrally from a seeded numpy generator and :func:`decode` writes the declared schema:
+post-processing of the released weights. The densities and their sources:
+``docs/synthesis.md``, "The autoregressive synthesizer".
 """
 
 from __future__ import annotations
