@@ -19,7 +19,7 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import safetensors
 import safetensors.torch
@@ -68,21 +68,22 @@ def parse_model_spec(data: Any, *, source: str = "model spec") -> ModelSpec:
         raise InvalidSpecError(format_validation_error(err, source=source)) from None
 
 
+# Never in-place: Opacus' hooks keep the activations a layer saw for the backward pass.
+_ACTIVATIONS: Final[dict[str, type[nn.Module]]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+    "elu": nn.ELU,
+    "leaky_relu": nn.LeakyReLU,
+}
+
+
 def _activation(name: Activation) -> nn.Module:
-    # Never in-place: Opacus' hooks keep the activations a layer saw for the backward pass.
-    if name == "relu":
-        return nn.ReLU()
-    if name == "tanh":
-        return nn.Tanh()
-    if name == "gelu":
-        return nn.GELU()
-    if name == "sigmoid":
-        return nn.Sigmoid()
-    if name == "elu":
-        return nn.ELU()
-    if name == "leaky_relu":
-        return nn.LeakyReLU()
-    raise InvalidSpecError(f"unknown activation {name!r}")
+    layer = _ACTIVATIONS.get(name)
+    if layer is None:
+        raise InvalidSpecError(f"unknown activation {name!r}")
+    return layer()
 
 
 def _conv_out(size: int, *, kernel: int, stride: int) -> int:

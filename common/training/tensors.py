@@ -7,8 +7,8 @@ non-finite values before an update is aggregated. A single NaN or inf from one s
 otherwise poison the average of every site.
 
 The orchestrator never holds a site's update whole: :class:`SafetensorsPieces` reads one from
-wherever its bytes lie (the orchestrator spools uploads to disk, ``orchestrator.core.spool``), checks
-the header strictly against the format, and hands out the values in pieces of
+wherever its bytes lie (the orchestrator spools uploads to disk, ``orchestrator.core.spool``),
+checks the header strictly against the format, and hands out the values in pieces of
 :data:`FLAT_PART` elements. :func:`check_update`, :func:`l2_norm` and the aggregation work on
 any :class:`Pieces`: a safetensors payload, or a state dict in memory (:class:`StatePieces`).
 
@@ -157,20 +157,13 @@ def check_update(update: StateLike, reference: Mapping[str, Tensor]) -> float:
     """
     upd = as_pieces(update)
     names = upd.names()
-    missing = sorted(set(reference) - set(names))
-    if missing:
-        raise InvalidUpdateError(
-            f"the update lacks tensor {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + "."
-        )
-    unexpected = sorted(set(names) - set(reference))
-    if unexpected:
-        raise InvalidUpdateError(
-            f"the update has unexpected tensor {unexpected[0]!r}"
-            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-            + "."
-        )
+    for what, odd in (
+        ("lacks tensor", sorted(set(reference) - set(names))),
+        ("has unexpected tensor", sorted(set(names) - set(reference))),
+    ):
+        if odd:
+            more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+            raise InvalidUpdateError(f"the update {what} {odd[0]!r}{more}.")
     for name, ref in reference.items():
         if isinstance(update, Mapping) and not isinstance(update[name], Tensor):
             raise InvalidUpdateError(f"update entry {name!r} is not a tensor.")
