@@ -15,6 +15,10 @@ a round may pass the job's ``aggregation.max_site_weight`` (:func:`capped_weight
 once: :func:`coordinate_aggregate` reads the held updates (spooled) a piece at a time, so
 memory is one piece per site, not one model per site.
 
+A round folds each accepted update into one :class:`RoundAggregation` (:class:`FedAvgRound`,
+:class:`CoordinateRound`, or site-level DP wrapping the sum: ``orchestrator.site_dp``) and
+asks it for the mean delta when the round ends.
+
 Averaging DP-noised deltas is post-processing: it costs no privacy (Dwork & Roth 2014, Prop. 2.1).
 """
 
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -154,3 +160,89 @@ def apply_delta(
     state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     return {k: (v.to(torch.float32) + delta[k].to(torch.float32)) for k, v in state.items()}
+
+
+@dataclass
+class Aggregated:
+    """A round's mean delta, what the job's events should say about it, and the job fields
+    it sets (e.g. the next round's site-level clip norm)."""
+
+    mean: dict[str, torch.Tensor]
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (level, message)
+    job_fields: dict[str, Any] = field(default_factory=dict)
+
+
+class RoundAggregation(Protocol):
+    """One round's aggregation: accepted updates are added as they arrive (already checked
+    against the model), then :meth:`finish` gives the mean delta."""
+
+    keeps_updates: bool
+    """Whether :meth:`add` keeps a reference to the update (its spooled payload must stay
+    open until :meth:`finish`)."""
+
+    def add(self, site_id: str, delta: StateLike, norm: float) -> None: ...
+
+    def finish(self, site_ids: Sequence[str]) -> Aggregated:
+        """The mean over the updates of ``site_ids`` (every site added, in order)."""
+        ...
+
+
+class FedAvgRound:
+    """Weighted FedAvg folded as updates arrive: ``weights`` are the capped weights of every
+    site the round was sent to (:func:`capped_weights`); a site that did not answer or whose
+    update was rejected adds nothing, and :func:`share_denominator` keeps every share among
+    the updates received at most ``max(max_share, 1/k)``."""
+
+    keeps_updates = False
+
+    def __init__(
+        self,
+        reference: Mapping[str, torch.Tensor],
+        weights: Mapping[str, float],
+        max_share: float,
+        *,
+        round: int,
+    ) -> None:
+        self._sum = RunningWeightedMean(reference)
+        self.weights = dict(weights)
+        self.max_share = max_share
+        self.round = round
+
+    def add(self, site_id: str, delta: StateLike, norm: float) -> None:
+        self._sum.add(delta, self.weights[site_id])
+
+    def finish(self, site_ids: Sequence[str]) -> Aggregated:
+        got = [self.weights[s] for s in site_ids]
+        denominator = share_denominator(got, self.max_share)
+        notes = []
+        if denominator > self._sum.total_weight * (1 + 1e-9):
+            notes.append(
+                (
+                    "warning",
+                    f"round {self.round}: {len(got)} of {len(self.weights)} site(s) answered; "
+                    f"the update is scaled by {self._sum.total_weight / denominator:.3g} so "
+                    f"that no site has more than {max(self.max_share, 1 / len(got)):.0%} of it",
+                )
+            )
+        return Aggregated(self._sum.mean(denominator), notes)
+
+
+class CoordinateRound:
+    """A coordinate-wise robust aggregate (:func:`coordinate_aggregate`) of the updates,
+    unweighted; the updates are kept (spooled) until the round ends."""
+
+    keeps_updates = True
+
+    def __init__(self, reference: Mapping[str, torch.Tensor], *, method: str, trim: float):
+        self.reference = reference
+        self.method = method
+        self.trim = trim
+        self._held: list[StateLike] = []
+
+    def add(self, site_id: str, delta: StateLike, norm: float) -> None:
+        self._held.append(delta)
+
+    def finish(self, site_ids: Sequence[str]) -> Aggregated:
+        mean = coordinate_aggregate(self._held, self.reference, method=self.method, trim=self.trim)
+        self._held.clear()
+        return Aggregated(mean)

@@ -6,7 +6,6 @@ errors are ``common.errors`` types that the transport maps to statuses.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -31,20 +30,17 @@ from common.errors import (
     InvalidSpecError,
     NotFoundError,
     PermissionDeniedError,
-    PrivacyAccountingError,
 )
-from common.specs import GmmJobSpec, JobSpec, any_job_spec_from_json, job_spec_from_json
-from orchestrator.admission import with_site_verdicts
+from common.specs import any_job_spec_from_json
 from orchestrator.core.broker import Broker
 from orchestrator.core.spool import Payload
 from orchestrator.core.store import JobRow, Store
 from orchestrator.evaluation import evaluate_model
-from orchestrator.gmm_runner import GmmRunner, build_machine, declared_box
 from orchestrator.jobs.accounting import Accounts
+from orchestrator.jobs.base import JobThread
+from orchestrator.jobs.kinds import kind_named, kind_of_spec
 from orchestrator.model_size import DEFAULT_MAX_PARAMETERS, check_model_size
-from orchestrator.planning import ACCOUNTANT, online_holders, plan_job, site_dataset
-from orchestrator.rounds import JobRunner
-from orchestrator.schemas import Agreement, agree, with_encoding
+from orchestrator.planning import ACCOUNTANT
 from orchestrator.views import job_status, site_status
 
 log = logging.getLogger("dpfed.orchestrator")
@@ -63,7 +59,7 @@ class Coordinator:
         self.max_parameters = DEFAULT_MAX_PARAMETERS  # orchestrator serve --max-parameters
         self.spool_dir: Path | None = self.store.paths.spool
         self._stopping = threading.Event()
-        self._runners: dict[str, JobRunner | GmmRunner] = {}
+        self._runners: dict[str, JobThread] = {}
         self._cv = threading.Condition()
         self._versions: dict[str, int] = {}
         self.heartbeat_s = max(1.0, offline_after_s / 4)
@@ -92,8 +88,9 @@ class Coordinator:
 
     def _start_runner(self, job_id: str) -> None:
         row = self.store.job(job_id)
-        is_gmm = json.loads(row.spec_json).get("kind") == "gmm"
-        runner_cls: type[JobRunner] | type[GmmRunner] = GmmRunner if is_gmm else JobRunner
+        runner_cls = kind_of_spec(row.spec_json).runner
+        if runner_cls is None:  # a one-shot release: recorded as ended, never resumed
+            return
         runner = runner_cls(
             job_id=job_id,
             account=self.accounts.of(job_id, delta=row.delta),
@@ -176,49 +173,14 @@ class Coordinator:
     def sites(self) -> list[SiteStatus]:
         return [site_status(r, self.broker) for r in self.store.sites()]
 
-    def _with_encoding(self, spec: JobSpec) -> tuple[JobSpec, Agreement]:
-        """``spec`` with the feature encoding derived from the declared schemas of the online,
-        enabled sites holding its dataset (those of enabled offline ones when none is online);
-        sites whose declaration disagrees with the majority's are excluded (``schemas``). The
-        model's size is checked again with the derived dimensions."""
-        sites = self.sites()
-        holders = [(s.site_id, d) for s, d in online_holders(sites, spec.dataset)]
-        if not holders:
-            holders = [
-                (s.site_id, d)
-                for s in sites
-                if s.state != "disabled" and (d := site_dataset(s, spec.dataset)) is not None
-            ]
-        if not holders:
-            raise NotFoundError(f"no registered site exposes dataset {spec.dataset!r}")
-        agreement = agree(spec.dataset, holders)
-        derived = with_encoding(spec, agreement)
-        check_model_size(derived, self.max_parameters)  # exact, now the dimensions are known
-        return derived, agreement
-
     def submit(self, spec_json: str, *, submitted_by: str = "") -> str:
         """Start a job; ``submitted_by`` (the caller's certificate name) may later cancel it."""
         spec = any_job_spec_from_json(spec_json)
         check_model_size(spec, self.max_parameters)  # from the spec, before anything is built
-        if isinstance(spec, GmmJobSpec):
-            online = [s for s in self.sites() if site_dataset(s, spec.dataset) is not None]
-            if not online:
-                raise NotFoundError(f"no registered site exposes dataset {spec.dataset!r}")
-            # Every column needs declared bounds at every site, and a target ε must be
-            # reachable: refuse now rather than fail the job when it starts.
-            _, bounds = declared_box(spec, online)
-            try:
-                build_machine(spec, bounds)
-            except PrivacyAccountingError as err:
-                raise InvalidSpecError(
-                    f"dp.target_epsilon={spec.dp.target_epsilon:g} cannot be met by this job: {err}"
-                ) from None
-            rounds = spec.max_rounds
-        else:
-            # Sites whose declaration disagrees are named in the job's events when its
-            # participants are chosen (JobRunner._participants).
-            spec, _ = self._with_encoding(spec)
-            rounds = spec.rounds
+        kind = kind_named(spec.kind)
+        if kind.prepare is None or kind.runner is None:
+            raise InvalidSpecError(f"a {kind.name} job is not submitted as a job spec")
+        spec, rounds = kind.prepare(spec, self.sites(), self.max_parameters)
         job_id = "job-" + uuid.uuid4().hex[:12]
         now = time.time()
         self.store.add_job(
@@ -244,17 +206,14 @@ class Coordinator:
         return job_id
 
     def plan(self, spec_json: str) -> Plan:
-        check_model_size(any_job_spec_from_json(spec_json), self.max_parameters)
-        if isinstance(any_job_spec_from_json(spec_json), GmmJobSpec):
+        spec = any_job_spec_from_json(spec_json)
+        check_model_size(spec, self.max_parameters)
+        kind = kind_named(spec.kind)
+        if kind.plan is None:
             raise InvalidSpecError(
-                "plan projects training jobs; a gmm job reports its cost at start"
+                f"plan projects training jobs; a {kind.name} job reports its cost at start"
             )
-        spec, agreement = self._with_encoding(job_spec_from_json(spec_json))
-        sites = self.sites()
-        plan = plan_job(spec, sites, excluded=agreement.excluded)
-        # Each online site's own verdict (admission's dry run) replaces the estimate.
-        online = {s.site_id for s in sites if s.state not in ("offline", "disabled")}
-        return with_site_verdicts(plan, spec, self.broker, online=online)
+        return kind.plan(spec, self.sites(), self.broker, self.max_parameters)
 
     def job(self, job_id: str) -> JobStatus:
         """The job's status. Each site's ε: while the job runs, the running bound its rounds
@@ -346,11 +305,11 @@ class Coordinator:
                 + (f"; {row.error}" if row.error else "")
                 + ")"
             )
+        released = kind_of_spec(row.spec_json).released_file
+        if released is None:
+            raise NotFoundError(f"job {job_id} is a one-shot release with no model")
         d = self.store.paths.model_dir(job_id)
-        weights = d / "model.safetensors"
-        if not weights.exists():
-            weights = d / "mixture.json"  # a gmm job's model
-        return (d / "model_card.json").read_text(), weights.read_bytes()
+        return (d / "model_card.json").read_text(), (d / released).read_bytes()
 
 
 def _digest(datasets: Sequence[DatasetInfo]) -> int | None:

@@ -22,12 +22,16 @@ from common.training.pipeline import card_encoding
 from orchestrator.core.broker import Broker
 from orchestrator.core.fanout import fan_out
 from orchestrator.core.store import Store
-from orchestrator.job_ledger import record_one_shot
+from orchestrator.jobs.accounting import record_one_shot
+from orchestrator.jobs.base import JobKind
 from orchestrator.metric_pooling import EVALUATE_LOSS_BOUND, pool_metrics, pooled_to_dict
 from orchestrator.planning import online_holders
 from orchestrator.schemas import disagreement
 
 DELTA = 1e-5
+
+EVALUATE = JobKind(name="evaluate")
+"""A one-shot release, answered on the caller's thread and recorded as a job of this kind."""
 
 
 def evaluate_model(
@@ -86,11 +90,11 @@ def evaluate_model(
         blob=weights,
         timeout_s=timeout_s,
     )
-    # What each site was charged, in the job ledger like any job's (orchestrator.job_ledger).
+    # What each site was charged, in the job ledger like any job's (orchestrator.jobs.accounting).
     record_one_shot(
         store,
         job_id=eval_id,
-        kind="evaluate",
+        kind=EVALUATE.name,
         dataset=dataset,
         delta=DELTA,
         request_json=request,

@@ -45,188 +45,35 @@ import json
 import logging
 import math
 import time
-import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from common.clustering.bootstrap import BOOTSTRAP_NOTE, MixtureStandardErrors
-from common.clustering.federated_bootstrap import FederatedBootstrap, check_bootstrap_size
+from common.clustering.federated_bootstrap import FederatedBootstrap
 from common.clustering.federated_em import (
     FederatedBIC,
     FederatedEM,
-    machine_from_state,
     request_events,
 )
 from common.clustering.merge import merge_mixtures
 from common.clustering.model import GaussianMixtureParams
 from common.domain import SiteStatus
 from common.dp.accounting import EpsilonBound, compute_epsilon
-from common.dp.calibrate import calibrate_noise_multiplier
-from common.dp.events import DpEvent
+from common.dp.events import DpEvent, event_from_dict, event_to_dict
 from common.errors import InvalidSpecError, InvalidUpdateError, JobFailedError
 from common.specs import GmmJobSpec
-from common.version import __version__
-from orchestrator import job_ledger
-from orchestrator.core.fanout import FanOutResult, fan_out
+from orchestrator.clustering.checkpoint import Charged, Progress, read_charged
+from orchestrator.clustering.setup import bootstrap_events, build_machine, declared_box
+from orchestrator.core.fanout import FanOutResult
 from orchestrator.core.store import GmmStateRow, RoundRow, atomic_write
-from orchestrator.job_thread import JobStopped, JobThread
-from orchestrator.planning import ACCOUNTANT, online_holders, site_dataset
-from orchestrator.release import LIMITS, noise_limits
+from orchestrator.jobs.accounting import charge_row, job_epsilon
+from orchestrator.jobs.base import JobThread
+from orchestrator.jobs.model_card import model_card
+from orchestrator.planning import ACCOUNTANT, online_holders
 from orchestrator.views import site_status
 
 log = logging.getLogger("dpfed.orchestrator")
-
-
-def declared_box(spec: GmmJobSpec, sites: list[SiteStatus]) -> tuple[list[str], np.ndarray]:
-    """The job's columns and the union of the sites' declared [min, max] for each."""
-    lows: dict[str, float] = {}
-    highs: dict[str, float] = {}
-    columns: list[str] | None = list(spec.columns) if spec.columns else None
-    for s in sites:
-        ds = site_dataset(s, spec.dataset)
-        assert ds is not None
-        declared = {c.name: c for c in ds.schema}
-        cols = columns or list(ds.columns)
-        columns = cols
-        for name in cols:
-            c = declared.get(name)
-            if c is None or c.type != "numeric" or c.min is None or c.max is None:
-                raise InvalidSpecError(
-                    f"column {name!r} of dataset {spec.dataset!r} has no declared numeric "
-                    f"bounds at site {s.site_id}; a mixture job clips to declared bounds"
-                )
-            lows[name] = min(lows.get(name, c.min), c.min)
-            highs[name] = max(highs.get(name, c.max), c.max)
-    assert columns is not None
-    if spec.bootstrap is not None:  # refuse before any budget is spent
-        check_bootstrap_size(
-            spec.bootstrap.replicates, max(spec.k_values), len(columns), spec.covariance_type
-        )
-    return columns, np.array([[lows[c], highs[c]] for c in columns], dtype=np.float64)
-
-
-_CHECKPOINT_VERSION = 1
-_PHASES = ("fit", "boot", "release")
-
-
-@dataclass
-class _Progress:
-    """Where a mixture job stands after its last committed round (the checkpoint)."""
-
-    method: str
-    columns: list[str]
-    bounds: np.ndarray
-    site_ids: list[str]
-    round: int  # the last committed round (0: none yet)
-    phase: str  # fit → (boot →) release
-    machine: FederatedEM | FederatedBIC
-    merged: GaussianMixtureParams | None = None  # one-shot's merged model
-    standard_errors: MixtureStandardErrors | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "version": _CHECKPOINT_VERSION,
-                "method": self.method,
-                "columns": self.columns,
-                "bounds": self.bounds.tolist(),
-                "site_ids": self.site_ids,
-                "round": self.round,
-                "phase": self.phase,
-                "machine": self.machine.state_dict(),
-                "merged": None if self.merged is None else self.merged.to_dict(),
-                "standard_errors": (
-                    None if self.standard_errors is None else self.standard_errors.to_dict()
-                ),
-            }
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> _Progress:
-        try:
-            d = json.loads(text)
-            if d["version"] != _CHECKPOINT_VERSION or d["phase"] not in _PHASES:
-                raise ValueError(f"version {d['version']!r}, phase {d['phase']!r}")
-            return cls(
-                method=str(d["method"]),
-                columns=[str(c) for c in d["columns"]],
-                bounds=np.asarray(d["bounds"], dtype=np.float64),
-                site_ids=[str(s) for s in d["site_ids"]],
-                round=int(d["round"]),
-                phase=str(d["phase"]),
-                machine=machine_from_state(d["machine"]),
-                merged=None
-                if d["merged"] is None
-                else GaussianMixtureParams.from_dict(d["merged"]),
-                standard_errors=(
-                    None
-                    if d["standard_errors"] is None
-                    else MixtureStandardErrors.from_dict(d["standard_errors"])
-                ),
-            )
-        except (KeyError, TypeError, ValueError, InvalidSpecError, RecursionError) as err:
-            raise JobFailedError(
-                f"the job's checkpoint is unreadable ({err}); cannot resume"
-            ) from None
-
-
-# One charged release: {"round", "release", "noise_multiplier", "sample_rate", "steps"}.
-_Charged = dict[str, list[dict[str, Any]]]
-
-
-def _charged_event(c: dict[str, Any]) -> DpEvent:
-    return DpEvent(float(c["noise_multiplier"]), float(c["sample_rate"]), int(c["steps"]))
-
-
-def _event_dict(e: DpEvent) -> dict[str, Any]:
-    return {"noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "steps": e.steps}
-
-
-def build_machine(spec: GmmJobSpec, bounds: np.ndarray) -> FederatedEM | FederatedBIC:
-    """The job's EM (fixed K) or BIC (K range) machine, with σ calibrated to
-    ``dp.target_epsilon`` when the spec asks for one.
-
-    Raises:
-        PrivacyAccountingError: no σ meets the target (e.g. a bootstrap σ that alone spends it).
-    """
-    # The seed is part of the checkpoint, so a resumed job continues the same run.
-    seed = spec.seed if spec.seed is not None else int(time.time())
-    common: dict[str, Any] = dict(
-        covariance_type=spec.covariance_type,
-        bounds=bounds,
-        max_rounds=spec.max_rounds,
-        tol=spec.tol,
-        seed=seed,
-    )
-
-    def build(sigma: float) -> FederatedEM | FederatedBIC:
-        if spec.k is not None:
-            return FederatedEM(K=spec.k, noise_multiplier=sigma, **common)
-        return FederatedBIC(k_values=spec.k_values, noise_multiplier=sigma, **common)
-
-    if spec.dp.noise_multiplier is not None:
-        return build(spec.dp.noise_multiplier)
-    assert spec.dp.target_epsilon is not None
-    # Every release of the job uses one σ and q = 1: calibrate on the worst-case count.
-    # A bootstrap release at the job's σ is one more; at its own σ it is a prior event.
-    steps = sum(e.steps for e in build(1.0).planned_events())
-    prior: list[DpEvent] = []
-    if spec.bootstrap is not None:
-        if spec.bootstrap.noise_multiplier is None:
-            steps += 1
-        else:
-            prior.append(DpEvent(spec.bootstrap.noise_multiplier, 1.0, 1))
-    sigma = calibrate_noise_multiplier(
-        target_epsilon=spec.dp.target_epsilon,
-        sample_rate=1.0,
-        steps=steps,
-        delta=spec.dp.delta,
-        prior_events=prior,
-        accountant=ACCOUNTANT,
-    )
-    return build(sigma)
 
 
 class GmmRunner(JobThread):
@@ -235,66 +82,61 @@ class GmmRunner(JobThread):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.spec = GmmJobSpec.model_validate_json(self.store.job(self.job_id).spec_json)
-        self._charged: _Charged = {}
+        self._charged: Charged = {}
 
     def _sites(self) -> list[SiteStatus]:
+        """The online sites holding the dataset, once there are min_sites of them."""
         spec = self.spec
-        deadline = time.time() + spec.start_timeout_s
-        while True:
+        sites: list[SiteStatus] = []
+
+        def ready() -> list[SiteStatus] | None:
+            nonlocal sites
             known = (site_status(r, self.broker) for r in self.store.each_site())
             sites = [s for s, _ in online_holders(known, spec.dataset)]
-            if len(sites) >= spec.min_sites:
-                return sites
-            self._check_cancelled()
-            if self.stopping.is_set():
-                raise JobStopped()  # shutting down: the job starts after the restart
-            if time.time() > deadline:
-                raise JobFailedError(
-                    f"only {len(sites)} online site(s) expose dataset {spec.dataset!r}; the job "
-                    f"needs min_sites={spec.min_sites}"
-                )
-            time.sleep(self.poll_s)
+            return sites if len(sites) >= spec.min_sites else None
+
+        def timed_out() -> list[SiteStatus]:
+            raise JobFailedError(
+                f"only {len(sites)} online site(s) expose dataset {spec.dataset!r}; the job "
+                f"needs min_sites={spec.min_sites}"
+            )
+
+        return self._wait(ready, timeout_s=spec.start_timeout_s, on_timeout=timed_out)
 
     def _wait_for(self, site_ids: list[str]) -> list[str]:
         """A resumed job's sites, once they are back online (they dial in again with backoff
         after a restart); those still away after ``start_timeout_s`` are left out."""
         spec = self.spec
-        deadline = time.time() + spec.start_timeout_s
-        while True:
-            online = [s for s in site_ids if self.broker.online(s)]
-            if len(online) == len(site_ids):
-                return online
-            self._check_cancelled()
-            if self.stopping.is_set():
-                raise JobStopped()
-            if time.time() > deadline:
-                if len(online) < spec.min_sites:
-                    raise JobFailedError(
-                        f"after the restart only {len(online)} of the job's site(s) came back "
-                        f"online ({', '.join(online) or 'none'}); min_sites={spec.min_sites}"
-                    )
-                gone = sorted(set(site_ids) - set(online))
-                self._event("warning", f"site(s) {', '.join(gone)} did not come back; left out")
-                return online
-            time.sleep(self.poll_s)
+
+        def online() -> list[str]:
+            return [s for s in site_ids if self.broker.online(s)]
+
+        def timed_out() -> list[str]:
+            back = online()
+            if len(back) < spec.min_sites:
+                raise JobFailedError(
+                    f"after the restart only {len(back)} of the job's site(s) came back "
+                    f"online ({', '.join(back) or 'none'}); min_sites={spec.min_sites}"
+                )
+            gone = sorted(set(site_ids) - set(back))
+            self._event("warning", f"site(s) {', '.join(gone)} did not come back; left out")
+            return back
+
+        return self._wait(
+            lambda: site_ids if len(online()) == len(site_ids) else None,
+            timeout_s=spec.start_timeout_s,
+            on_timeout=timed_out,
+        )
 
     def _machine(self, bounds: np.ndarray) -> FederatedEM | FederatedBIC:
         return build_machine(self.spec, bounds)
 
     def _bootstrap_events(self, machine: FederatedEM | FederatedBIC) -> list[DpEvent]:
-        """The bootstrap release's event (empty without the option)."""
-        b = self.spec.bootstrap
-        if b is None:
-            return []
-        sigma = machine.noise_multiplier if b.noise_multiplier is None else b.noise_multiplier
-        return [DpEvent(sigma, 1.0, 1)]
+        return bootstrap_events(self.spec, machine)
 
     # ------------------------------------------------------------------ the job
 
     def _run(self) -> None:
-        row = self.store.job(self.job_id)
-        if row.state in ("completed", "failed"):
-            return
         saved = self.store.gmm_state(self.job_id)
         prog = self._resume(saved) if saved is not None and saved.checkpoint else self._start()
         if prog.phase == "fit":
@@ -306,7 +148,7 @@ class GmmRunner(JobThread):
             self._bootstrap_round(prog)
         self._release(prog)
 
-    def _start(self) -> _Progress:
+    def _start(self) -> Progress:
         spec = self.spec
         sites = self._sites()
         columns, bounds = declared_box(spec, sites)
@@ -314,7 +156,7 @@ class GmmRunner(JobThread):
         site_ids = [s.site_id for s in sites]
         if spec.method != "one_shot":
             machine.initial_request()  # the first pending request, part of the checkpoint
-        prog = _Progress(
+        prog = Progress(
             method=spec.method,
             columns=columns,
             bounds=bounds,
@@ -347,18 +189,10 @@ class GmmRunner(JobThread):
             self.on_change(self.job_id)
         return prog
 
-    def _resume(self, saved: GmmStateRow) -> _Progress:
+    def _resume(self, saved: GmmStateRow) -> Progress:
         """The job's state after its last committed round, with every release sent so far."""
-        prog = _Progress.from_json(saved.checkpoint)
-        try:
-            self._charged = json.loads(saved.charged) if saved.charged else {}
-            for records in self._charged.values():
-                for c in records:
-                    _charged_event(c), int(c["round"]), str(c["release"])
-        except (ValueError, TypeError, KeyError, AttributeError) as err:
-            raise JobFailedError(
-                f"the job's charged releases are unreadable ({err}); cannot resume"
-            ) from None
+        prog = Progress.from_json(saved.checkpoint)
+        self._charged = read_charged(saved.charged)
         interrupted = sorted(
             {int(c["round"]) for recs in self._charged.values() for c in recs}
             - set(range(prog.round + 1))
@@ -380,7 +214,7 @@ class GmmRunner(JobThread):
 
     # ------------------------------------------------------------------ releases
 
-    def _send(
+    def _send_release(
         self,
         site_ids: list[str],
         rnd: int,
@@ -390,77 +224,46 @@ class GmmRunner(JobThread):
         events: list[DpEvent],
         release: str,
     ) -> FanOutResult:
-        """Record the release for every site (write-ahead), then send it: a restart anywhere
-        after this leaves it counted, whether or not a site answered (or was charged)."""
+        """Record the release for every site (write-ahead: the resumable record, then the job
+        ledger), then send it: a restart anywhere after this leaves it counted, whether or
+        not a site answered (or was charged)."""
         for sid in site_ids:
             self._charged.setdefault(sid, []).extend(
-                {"round": rnd, "release": release, **_event_dict(e)} for e in events
+                {"round": rnd, "release": release, **event_to_dict(e)} for e in events
             )
         self.store.save_gmm_state(
             self.job_id, charged=json.dumps(self._charged), epsilon=self._epsilon().epsilon
         )
-        # The job ledger that status and ledger read (orchestrator.job_ledger), like training's.
-        job_ledger.record(
-            self.store,
-            [
-                job_ledger.charge_row(
-                    job_id=self.job_id,
-                    round=rnd,
-                    site_id=sid,
-                    dataset=self.spec.dataset,
-                    task_id=uuid.uuid4().hex,
-                    # a noised statistic: the wire's kind for any release but a model update
-                    events=[("metrics", e) for e in events],
-                    delta=self.spec.dp.delta,
-                )
-                for sid in site_ids
-            ],
-        )
-        return self._fan_out(site_ids, rnd, kind=kind, request_json=request_json)
-
-    def _fan_out(
-        self, site_ids: list[str], rnd: int, *, kind: str, request_json: str
-    ) -> FanOutResult:
-        """``orchestrator.core.fanout.fan_out`` that also stops at cancellation or shutdown (the
-        round is then sent again after the restart)."""
-
-        def abandon_if_stopped() -> None:
-            self._check_cancelled()
-            if self.stopping.is_set():
-                raise JobStopped()
-
-        return fan_out(
-            self.broker,
-            site_ids=site_ids,
-            job_id=self.job_id,
+        return self._send(
+            site_ids,
+            rnd,
             kind=kind,
             dataset=self.spec.dataset,
+            delta=self.spec.dp.delta,
             request_json=request_json,
+            # a noised statistic: the wire's kind for any release but a model update
+            events=[("metrics", e) for e in events],
             timeout_s=self.spec.round_timeout_s,
-            poll_s=self.poll_s,
-            round_=rnd,
-            rounds=1,
-            check=abandon_if_stopped,
         )
 
     def _site_epsilons(self) -> dict[str, EpsilonBound]:
         """Each site's ε, composed from every release it was sent (the resumable record, which
         also holds what a job started before the job ledger had), by the one composition
-        every job kind uses (``orchestrator.job_ledger.job_epsilon``)."""
+        every job kind uses (``orchestrator.jobs.accounting``)."""
         rows = [
-            job_ledger.charge_row(
+            charge_row(
                 job_id=self.job_id,
                 round=int(c["round"]),
                 site_id=sid,
                 dataset=self.spec.dataset,
                 task_id=f"{sid}/{i}",
-                events=[(str(c["release"]), _charged_event(c))],
+                events=[(str(c["release"]), event_from_dict(c))],
                 delta=self.spec.dp.delta,
             )
             for sid, records in sorted(self._charged.items())
             for i, c in enumerate(records)
         ]
-        return job_ledger.job_epsilon(rows, delta=self.spec.dp.delta).per_site
+        return job_epsilon(rows, delta=self.spec.dp.delta).per_site
 
     def _epsilon(self) -> EpsilonBound:
         """The job's ε: the maximum over sites (disjoint rows)."""
@@ -469,7 +272,7 @@ class GmmRunner(JobThread):
             return compute_epsilon([], delta=self.spec.dp.delta, accountant=ACCOUNTANT)
         return max(eps.values(), key=lambda b: b.epsilon)
 
-    def _commit(self, prog: _Progress, row: RoundRow) -> None:
+    def _commit(self, prog: Progress, row: RoundRow) -> None:
         eps = self._epsilon().epsilon
         row.epsilon = eps
         self.store.commit_gmm_round(
@@ -479,7 +282,7 @@ class GmmRunner(JobThread):
 
     # ------------------------------------------------------------------ phases
 
-    def _fit(self, prog: _Progress) -> None:
+    def _fit(self, prog: Progress) -> None:
         """Federated EM from the checkpoint's pending request to the end."""
         spec = self.spec
         machine = prog.machine
@@ -487,13 +290,11 @@ class GmmRunner(JobThread):
         if request is None and not machine.finished:
             request = machine.initial_request()
         while request is not None:
-            self._check_cancelled()
-            if self.stopping.is_set():
-                raise JobStopped()
+            self._abandon_if_stopped()
             rnd = prog.round + 1
             t0 = time.time()
             body = json.dumps({"columns": prog.columns, "request": request})
-            res = self._send(
+            res = self._send_release(
                 prog.site_ids,
                 rnd,
                 kind="gmm",
@@ -528,14 +329,12 @@ class GmmRunner(JobThread):
                 ),
             )
 
-    def _bootstrap_round(self, prog: _Progress) -> None:
+    def _bootstrap_round(self, prog: Progress) -> None:
         """The bootstrap round: standard errors into ``prog`` (None if it failed); its release
         counts as soon as it is sent."""
         spec = self.spec
         assert spec.bootstrap is not None
-        self._check_cancelled()
-        if self.stopping.is_set():
-            raise JobStopped()
+        self._abandon_if_stopped()
         params = prog.merged if prog.merged is not None else prog.machine.result()
         boot_events = self._bootstrap_events(prog.machine)
         rnd = prog.round + 1
@@ -548,7 +347,7 @@ class GmmRunner(JobThread):
             round=rnd,
         )
         t0 = time.time()
-        res = self._send(
+        res = self._send_release(
             prog.site_ids,
             rnd,
             kind="gmm",
@@ -591,7 +390,7 @@ class GmmRunner(JobThread):
             ),
         )
 
-    def _one_shot(self, prog: _Progress) -> None:
+    def _one_shot(self, prog: Progress) -> None:
         """Each site fits its own DP mixture; merge them into K components (Runnalls 2007)."""
         spec = self.spec
         machine = prog.machine
@@ -610,7 +409,7 @@ class GmmRunner(JobThread):
         )
         t0 = time.time()
         # The site charges the whole local run's worst case up front (site_agent.handlers.clustering).
-        res = self._send(
+        res = self._send_release(
             prog.site_ids,
             1,
             kind="gmm_local",
@@ -646,7 +445,7 @@ class GmmRunner(JobThread):
             ),
         )
 
-    def _release(self, prog: _Progress) -> None:
+    def _release(self, prog: Progress) -> None:
         machine = prog.machine
         if prog.merged is not None:
             extra: dict[str, Any] = {
@@ -669,7 +468,7 @@ class GmmRunner(JobThread):
         self._write_release(params, prog, extra=extra)
 
     def _write_release(
-        self, params: GaussianMixtureParams, prog: _Progress, *, extra: dict[str, Any]
+        self, params: GaussianMixtureParams, prog: Progress, *, extra: dict[str, Any]
     ) -> None:
         spec = self.spec
         standard_errors = prog.standard_errors
@@ -679,25 +478,21 @@ class GmmRunner(JobThread):
         if standard_errors is not None:
             released["standard_errors"] = standard_errors.to_dict()
         policies = self.store.site_policies()
-        declared = {
-            sid: bool(policies.get(sid, {}).get("secure_noise", False)) for sid in self._charged
-        }
-        card: dict[str, Any] = {
-            "job_id": self.job_id,
-            "kind": "gmm",
-            "name": spec.name or "",
-            "dataset": spec.dataset,
-            "model": {
+        card = model_card(
+            kind="gmm",
+            job_id=self.job_id,
+            name=spec.name or "",
+            dataset=spec.dataset,
+            model={
                 "kind": "gaussian_mixture",
                 "covariance_type": spec.covariance_type,
                 "columns": prog.columns,
                 "K": len(params.weights),
             },
-            "epsilon": eps.epsilon,
-            "delta": spec.dp.delta,
-            "accountant": eps.accountant,
-            "privacy_unit": "record (sample-level DP at each site)",
-            "guarantee": (
+            epsilon=eps.epsilon,
+            delta=spec.dp.delta,
+            accountant=eps.accountant,
+            guarantee=(
                 "Sample-level (ε, δ)-DP for each record at its own site, for every statistic "
                 "the sites released (noised sufficient statistics, noised log-likelihoods"
                 + (", noised bootstrap replicates" if spec.bootstrap is not None else "")
@@ -706,21 +501,20 @@ class GmmRunner(JobThread):
                 + (" and its standard errors are" if spec.bootstrap is not None else " is")
                 + " post-processing."
             ),
-            "limits": LIMITS + noise_limits(declared),
-            "rounds": len(self.store.rounds(self.job_id)),
-            "sites": [
+            rounds=len(self.store.rounds(self.job_id)),
+            sites=[
                 {
                     "site_id": sid,
                     "epsilon": site_eps[sid].epsilon,
-                    "noise_source": "csprng" if declared[sid] else "standard",
-                    "events": [_event_dict(_charged_event(c)) for c in records],
+                    "events": [event_to_dict(event_from_dict(c)) for c in records],
                 }
                 for sid, records in sorted(self._charged.items())
             ],
-            "bounds": prog.bounds.tolist(),
-            "released_at": time.time(),
-            "dpfed_version": __version__,
-        }
+            secure_noise={
+                sid: bool(policies.get(sid, {}).get("secure_noise", False)) for sid in self._charged
+            },
+            bounds=prog.bounds.tolist(),
+        )
         card.update(extra)
         if spec.bootstrap is not None:
             card["uncertainty"] = self._uncertainty_card(standard_errors, prog)
@@ -735,9 +529,7 @@ class GmmRunner(JobThread):
             f"mixture released: K={len(params.weights)}, ε={eps.epsilon:.4g}, δ={spec.dp.delta:g}",
         )
 
-    def _uncertainty_card(
-        self, se: MixtureStandardErrors | None, prog: _Progress
-    ) -> dict[str, Any]:
+    def _uncertainty_card(self, se: MixtureStandardErrors | None, prog: Progress) -> dict[str, Any]:
         """The card's account of the bootstrap: what was released, at what cost, what the
         standard errors mean (and do not)."""
         spec = self.spec
@@ -746,7 +538,7 @@ class GmmRunner(JobThread):
         site_eps = self._site_epsilons()
         top = max(site_eps, key=lambda s: site_eps[s].epsilon) if site_eps else None
         records = self._charged.get(top, []) if top is not None else []
-        rest = [_charged_event(c) for c in records if c["release"] != "gmm.boot"]
+        rest = [event_from_dict(c) for c in records if c["release"] != "gmm.boot"]
         without = compute_epsilon(rest, delta=spec.dp.delta, accountant=ACCOUNTANT)
         boot_sigma = self._bootstrap_events(prog.machine)[0].noise_multiplier
         return {

@@ -29,9 +29,9 @@ from common.specs import JobSpec, parse_job_spec
 from orchestrator.core.broker import Broker
 from orchestrator.core.fanout import fan_out
 from orchestrator.core.store import ChargeRow, Store
-from orchestrator.job_thread import JobStopped
+from orchestrator.jobs.accounting import charged_event_dict
+from orchestrator.jobs.base import JobStopped
 from orchestrator.planning import quantile_event
-from orchestrator.views import charged_event_dict
 
 UNIFORM_WEIGHT = 0.02
 """Share of the uniform edges mixed into the quantile edges (keeps every bin open)."""

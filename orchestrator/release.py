@@ -1,17 +1,21 @@
-"""The model card: what a compliance officer reads about a released model's guarantee."""
+"""A trained model's card: the fields of every card (``orchestrator.jobs.model_card``) and what
+training adds (each site's DP-SGD totals, the encoding, every round's metrics, the training
+parameters, site-level DP)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from common.domain import SiteSpend
+from common.dp.accounting import compute_epsilon
 from common.specs import JobSpec
 from orchestrator.core.store import JobRow, RoundRow
+from orchestrator.jobs.accounting import ACCOUNTANT, charged_event_dict
+from orchestrator.jobs.model_card import model_card
 from orchestrator.metric_pooling import metrics_card
 from orchestrator.planning import quantile_event
-from orchestrator.views import charged_event_dict
+from orchestrator.site_dp import site_level_events
 
 GUARANTEE = (
     "Sample-level (ε, δ)-differential privacy under add/remove of one record at any single "
@@ -26,26 +30,11 @@ GUARANTEE = (
     "and metric release. Row counts and the sample rate of each site are treated as public."
 )
 
-LIMITS = (
-    "The guarantee is per record, not per person: a person with several records at one site, "
-    "or records at several sites, is protected with a correspondingly larger ε (group "
-    "privacy). It assumes the sites ran the dpfed agent unmodified."
+REJECTED_UPDATES = (
+    "counted: an update the orchestrator rejected is charged to its site's ε at the most its "
+    "assigned task could have cost, because it depended on the site's data and its rejection "
+    "is published (the job's events, the sites of each round)"
 )
-
-
-def noise_limits(secure_noise: Mapping[str, bool]) -> str:
-    """What the card says about where the sites' noise came from (as their policies declare)."""
-    standard = sorted(site for site, secure in secure_noise.items() if not secure)
-    if not standard:
-        return (
-            " Every site drew its noise from a ChaCha20 CSPRNG with Opacus' secure-mode "
-            "countermeasure to floating-point attacks (policy.secure_noise)."
-        )
-    return (
-        f" Noise at {', '.join(standard)} came from the standard (non-cryptographic) "
-        "generators seeded from OS entropy, without a countermeasure to floating-point attacks "
-        "on the Gaussian sampler; a site sets policy.secure_noise to change that."
-    )
 
 
 def encoding_card(spec: JobSpec) -> dict[str, Any]:
@@ -76,34 +65,32 @@ def encoding_card(spec: JobSpec) -> dict[str, Any]:
     }
 
 
-def build_model_card(
+def training_card(
     *,
     row: JobRow,
     spec: JobSpec,
     rounds: list[RoundRow],
     sites: list[SiteSpend],
     epsilon: float,
-    version: str,
+    accountant: str,
     secure_noise: Mapping[str, bool],
 ) -> dict[str, Any]:
-    """``sites``: each site's spend with its exact ε (``JobAccount.spends``);
-    ``secure_noise``: each site's declared ``policy.secure_noise`` (missing means False)."""
-    declared = {s.site_id: bool(secure_noise.get(s.site_id, False)) for s in sites}
+    """``sites``: each site's spend with its exact ε (``JobAccount.spends``); ``epsilon`` and
+    ``accountant``: the released ε and the accountant that bounded it; ``secure_noise``: each
+    site's declared ``policy.secure_noise``."""
     exact = any(r.metrics_exact for r in rounds)
-    return {
-        "job_id": row.job_id,
-        "name": row.name,
-        "dataset": spec.dataset,
-        "model": spec.model.model_dump(mode="json"),
-        "epsilon": epsilon,
-        "delta": spec.dp.delta,
-        "accountant": "prv",
-        "privacy_unit": "record (sample-level DP at each site)",
-        "guarantee": GUARANTEE,
-        "limits": LIMITS + noise_limits(declared),
-        "rounds": len(rounds),
-        "dp": spec.dp.model_dump(mode="json"),
-        "sites": [
+    card = model_card(
+        kind="train",
+        job_id=row.job_id,
+        name=row.name,
+        dataset=spec.dataset,
+        model=spec.model.model_dump(mode="json"),
+        epsilon=epsilon,
+        delta=spec.dp.delta,
+        accountant=accountant,
+        guarantee=GUARANTEE,
+        rounds=len(rounds),
+        sites=[
             {
                 "site_id": s.site_id,
                 "num_examples": s.num_examples,
@@ -113,12 +100,13 @@ def build_model_card(
                 "max_grad_norm": s.max_grad_norm,
                 "epsilon": s.epsilon,
                 "dataset_epsilon_lifetime": s.dataset_epsilon,
-                "noise_source": "csprng" if declared[s.site_id] else "standard",
                 "events": [charged_event_dict(e) for e in s.events],
             }
             for s in sites
         ],
-        "metrics": [
+        secure_noise=secure_noise,
+        dp=spec.dp.model_dump(mode="json"),
+        metrics=[
             {
                 "round": r.round,
                 "sites": list(r.site_ids),
@@ -133,7 +121,7 @@ def build_model_card(
             for r in rounds
         ],
         **metrics_card(spec, rounds),
-        "metrics_privacy": (
+        metrics_privacy=(
             "EXACT metrics from at least one site: they are OUTSIDE the DP guarantee"
             if exact
             else (
@@ -143,7 +131,7 @@ def build_model_card(
                 else "no metrics were released"
             )
         ),
-        "training": {
+        training={
             "rounds": spec.rounds,
             "local_epochs": spec.local_epochs,
             "local_steps": spec.local_steps,
@@ -152,6 +140,32 @@ def build_model_card(
             "min_sites": spec.min_sites,
         },
         **encoding_card(spec),
-        "released_at": time.time(),
-        "dpfed_version": version,
+        rejected_updates=REJECTED_UPDATES,
+    )
+    if spec.site_dp is not None:
+        card["site_level_dp"] = site_level_card(spec, row, len(rounds))
+    return card
+
+
+def site_level_card(spec: JobSpec, row: JobRow, rounds: int) -> dict[str, Any]:
+    """What the card says about site-level DP (``orchestrator.site_dp``)."""
+    sdp = spec.site_dp
+    assert sdp is not None
+    bound = compute_epsilon(
+        site_level_events(sdp, rounds), delta=spec.dp.delta, accountant=ACCOUNTANT
+    )
+    return {
+        "epsilon": bound.epsilon,
+        "delta": spec.dp.delta,
+        "accountant": bound.accountant,
+        "mechanism": "DP-FedAvg (McMahan et al. 2018): server-side clipping + Gaussian noise"
+        + (", adaptive clipping (Andrew et al. 2021)" if sdp.adaptive else ""),
+        "noise_multiplier": sdp.noise_multiplier,
+        "initial_clip_norm": sdp.clip_norm,
+        "final_clip_norm": row.site_clip_norm or sdp.clip_norm,
+        "protects": (
+            "whether any one whole site (all of its records) took part, against anyone who "
+            "sees the released model; it relies on the orchestrator adding this noise "
+            "honestly. The sample-level guarantee above holds independently."
+        ),
     }

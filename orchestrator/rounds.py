@@ -26,49 +26,48 @@ from typing import Any
 
 import torch
 
-from common.domain import ChargedEvent, TaskAssignment, UpdateMeta
-from common.dp.accounting import compute_epsilon
+from common.domain import SiteStatus, TaskAssignment, UpdateMeta
 from common.errors import InvalidUpdateError, JobFailedError
 from common.schedule import task_schedule
 from common.specs import JobSpec, job_spec_from_json
 from common.training.models import build_model, save_model
 from common.training.tensors import (
     SafetensorsPieces,
-    check_update,
     iter_chunks,
     l2_norm,
     state_from_bytes,
     state_to_bytes,
 )
-from common.version import __version__
-from orchestrator import job_ledger
 from orchestrator.admission import admit, release_at_end
 from orchestrator.aggregation import (
-    RunningWeightedMean,
+    CoordinateRound,
+    FedAvgRound,
+    RoundAggregation,
     apply_delta,
     capped_weights,
-    coordinate_aggregate,
-    share_denominator,
 )
 from orchestrator.auditing import run_audit
 from orchestrator.core import spool
 from orchestrator.core.broker import FailureResult, Result, UpdateResult
-from orchestrator.core.store import ChargeRow, RoundRow, atomic_write
-from orchestrator.job_thread import JobStopped, JobThread
+from orchestrator.core.store import RoundRow, atomic_write
+from orchestrator.jobs.accounting import charge_row
+from orchestrator.jobs.base import JobStopped, JobThread
 from orchestrator.metric_pooling import pool_metrics, pooled_to_dict
 from orchestrator.planning import ACCOUNTANT, plan_site, site_dataset
 from orchestrator.posterior import released_state
 from orchestrator.quantiles import release_quantile_edges
+from orchestrator.release import training_card
 from orchestrator.schemas import job_disagreement
-from orchestrator.site_dp import round_for, site_level_events, sum_noise_multiplier
+from orchestrator.site_dp import SiteDPAggregation, sum_noise_multiplier
 from orchestrator.update_bounds import (
     MAX_STEPS_PER_TASK,
     Assignment,
     Matched,
+    assigned_worst_case,
+    check_received,
     match_report,
-    norm_bound,
 )
-from orchestrator.views import charged_event_dict, site_status
+from orchestrator.views import site_status
 
 log = logging.getLogger("dpfed.orchestrator")
 
@@ -78,13 +77,6 @@ class Participant:
     site_id: str
     noise_multiplier: float
     num_examples: int
-
-
-REJECTED_UPDATES = (
-    "counted: an update the orchestrator rejected is charged to its site's ε at the most its "
-    "assigned task could have cost, because it depended on the site's data and its rejection "
-    "is published (the job's events, the sites of each round)"
-)
 
 
 class JobRunner(JobThread):
@@ -111,8 +103,6 @@ class JobRunner(JobThread):
 
     def _run(self) -> None:
         row = self.store.job(self.job_id)
-        if row.state in ("completed", "failed"):
-            return
         participants = self._participants(row.participants)
         # Quantile bin edges (encoding.numeric: quantile) are released once, before round 1.
         self.spec = release_quantile_edges(
@@ -140,81 +130,43 @@ class JobRunner(JobThread):
     # ------------------------------------------------------------------ participants
 
     def _participants(self, fixed: dict[str, float]) -> list[Participant]:
-        """Sites with the dataset, online, at least min_sites of them (waits up to start_timeout)."""
+        """Sites with the dataset, online, at least min_sites of them (waits up to
+        start_timeout_s); a resumed job's (``fixed``) once they are back online."""
         spec = self.spec
         left_out: set[str] = set()  # sites whose registered size the job cannot take
-        deadline = time.time() + spec.start_timeout_s
-        announced = False
         excluded: dict[str, str] = {}
-        while True:
-            chosen: list[Participant] = []
-            # Row by row (in site id order): only the job's dataset of each site is kept.
-            for site in (site_status(r, self.broker) for r in self.store.each_site()):
-                sid = site.site_id
-                ds = site_dataset(site, spec.dataset)
-                if ds is None or site.state == "disabled":
-                    continue
-                why = None if sid in fixed else job_disagreement(spec, ds)
-                if why is not None:  # its declared schema is not the job's (orchestrator.schemas)
-                    if excluded.get(sid) != why:
-                        excluded[sid] = why
-                        self._event("warning", f"site {sid} is excluded from the job: {why}", sid)
-                    continue
-                if site.state == "offline" and sid not in fixed:
-                    continue
-                if fixed and sid not in fixed:
-                    continue
-                if sid in fixed:
-                    chosen.append(Participant(sid, fixed[sid], ds.num_rows))
-                    continue
-                if ds.num_rows < 1:
-                    continue
-                _, steps = task_schedule(
-                    num_examples=ds.num_rows,
-                    batch_size=spec.batch_size,
-                    local_epochs=spec.local_epochs,
-                    local_steps=spec.local_steps,
-                )
-                if steps > MAX_STEPS_PER_TASK:
-                    # Its registered size would make each task (and the job's accounting) run
-                    # unboundedly many steps: a claimed size must not buy that.
-                    if sid not in left_out:
-                        left_out.add(sid)
-                        self._event(
-                            "warning",
-                            f"site {sid} is left out of the job: its {ds.num_rows} registered "
-                            f"rows give {steps} steps per round, above the orchestrator's "
-                            f"limit of {MAX_STEPS_PER_TASK} (set local_steps)",
-                            sid,
-                        )
-                    continue
-                plan = plan_site(spec, sid, ds)
-                chosen.append(Participant(sid, plan.noise_multiplier, ds.num_rows))
-            # A resumed job (its participants are fixed) must also wait for its sites: after
-            # an orchestrator restart they dial back in with backoff, and a task dispatched
-            # to a site with no session yet fails at once, so the first resumed round would
-            # fail with no update at all (seen with SIGKILL and SIGTERM of the orchestrator).
+        online: list[Participant] = []
+
+        def ready() -> list[Participant] | None:
+            nonlocal online
+            chosen = [
+                p
+                for r in self.store.each_site()  # row by row, in site id order
+                if (p := self._candidate(site_status(r, self.broker), fixed, excluded, left_out))
+            ]
+            # A resumed job must also wait for its sites: after an orchestrator restart they
+            # dial back in with backoff, and a task dispatched to a site with no session yet
+            # fails at once, so the first resumed round would fail with no update at all.
             online = [p for p in chosen if not fixed or self.broker.online(p.site_id)]
             need = min(spec.min_sites, len(chosen)) if fixed else spec.min_sites
-            if len(online) >= need:
-                break
-            if not announced:
-                self._event(
-                    "info",
-                    f"waiting for {spec.min_sites} online site(s) with dataset "
-                    f"{spec.dataset!r}; {len(online)} now",
-                )
-                announced = True
-            self._check_cancelled()
-            if self.stopping.is_set():
-                raise JobStopped()  # shutting down: not the job's fault, resume after restart
-            if time.time() > deadline:
-                raise JobFailedError(
-                    f"only {len(online)} online site(s) expose dataset {spec.dataset!r} "
-                    f"({', '.join(p.site_id for p in online) or 'none'}); the job needs "
-                    f"min_sites={spec.min_sites} (waited {spec.start_timeout_s:g} s)"
-                )
-            time.sleep(self.poll_s)
+            return chosen if len(online) >= need else None
+
+        def timed_out() -> list[Participant]:
+            raise JobFailedError(
+                f"only {len(online)} online site(s) expose dataset {spec.dataset!r} "
+                f"({', '.join(p.site_id for p in online) or 'none'}); the job needs "
+                f"min_sites={spec.min_sites} (waited {spec.start_timeout_s:g} s)"
+            )
+
+        chosen = self._wait(
+            ready,
+            timeout_s=spec.start_timeout_s,
+            on_timeout=timed_out,
+            waiting=lambda: (
+                f"waiting for {spec.min_sites} online site(s) with dataset "
+                f"{spec.dataset!r}; {len(online)} now"
+            ),
+        )
         if spec.site_dp is not None and spec.site_dp.adaptive:
             # Fails the job early with a clear reason when 2·σ_b <= z.
             sum_noise_multiplier(
@@ -242,6 +194,51 @@ class JobRunner(JobThread):
                 "sites: " + ", ".join(f"{p.site_id} (σ={p.noise_multiplier:.3g})" for p in chosen),
             )
         return chosen
+
+    def _candidate(
+        self,
+        site: SiteStatus,
+        fixed: dict[str, float],
+        excluded: dict[str, str],
+        left_out: set[str],
+    ) -> Participant | None:
+        """``site`` as a participant, or None: without the job's dataset, disabled, offline (a
+        new job), not among a resumed job's sites, its declared schema not the job's
+        (``orchestrator.schemas``), or a registered size that would give more steps per task
+        than the orchestrator allows. Warns once per site and reason."""
+        spec, sid = self.spec, site.site_id
+        ds = site_dataset(site, spec.dataset)
+        if ds is None or site.state == "disabled":
+            return None
+        why = None if sid in fixed else job_disagreement(spec, ds)
+        if why is not None:
+            if excluded.get(sid) != why:
+                excluded[sid] = why
+                self._event("warning", f"site {sid} is excluded from the job: {why}", sid)
+            return None
+        if sid in fixed:
+            return Participant(sid, fixed[sid], ds.num_rows)
+        if site.state == "offline" or fixed or ds.num_rows < 1:
+            return None
+        _, steps = task_schedule(
+            num_examples=ds.num_rows,
+            batch_size=spec.batch_size,
+            local_epochs=spec.local_epochs,
+            local_steps=spec.local_steps,
+        )
+        if steps > MAX_STEPS_PER_TASK:
+            # A claimed size must not buy unboundedly many steps per round (and accounting).
+            if sid not in left_out:
+                left_out.add(sid)
+                self._event(
+                    "warning",
+                    f"site {sid} is left out of the job: its {ds.num_rows} registered rows "
+                    f"give {steps} steps per round, above the orchestrator's limit of "
+                    f"{MAX_STEPS_PER_TASK} (set local_steps)",
+                    sid,
+                )
+            return None
+        return Participant(sid, plan_site(spec, sid, ds).noise_multiplier, ds.num_rows)
 
     # ------------------------------------------------------------------ model state
 
@@ -304,31 +301,8 @@ class JobRunner(JobThread):
             outstanding[task.task_id] = p
             self.broker.dispatch_into(p.site_id, task, model, results)
 
-        agg = RunningWeightedMean(state)
-        sdp = None
-        if spec.site_dp is not None:
-            clip = self.store.job(self.job_id).site_clip_norm or spec.site_dp.clip_norm
-            sdp = round_for(spec.site_dp, clip_norm=clip, num_sites=len(participants))
-        how = spec.aggregation
-        # FedAvg weights: the rows each site registered, no one share above the job's cap.
-        weights = capped_weights(
-            {p.site_id: float(p.num_examples) for p in participants}, how.max_site_weight
-        )
-        if sdp is None and how.method == "fedavg":
-            for p in participants:
-                if weights[p.site_id] < p.num_examples:
-                    # Honest sites of unequal size are capped too (two sites: equal weights);
-                    # a claimed size far beyond the others' is worth a warning.
-                    level = "warning" if p.num_examples > 10 * weights[p.site_id] else "info"
-                    self._event(
-                        level,
-                        f"round {rnd}: the FedAvg weight of site {p.site_id} is capped at "
-                        f"{how.max_site_weight:.0%} of the round's (it registered "
-                        f"{p.num_examples} rows)",
-                        p.site_id,
-                    )
+        agg = self._aggregation(rnd, state, participants)
         start_norm = l2_norm(state)
-        held: list[SafetensorsPieces] = []  # robust methods: updates kept (spooled) to the end
         accepted: list[UpdateMeta] = []
         refused: set[str] = set()
         problems: list[str] = []
@@ -358,7 +332,6 @@ class JobRunner(JobThread):
             if res.meta.task_id not in outstanding:
                 continue
             p = outstanding.pop(res.meta.task_id)
-            keep = sdp is None and how.method != "fedavg"
             try:  # read piece by piece from its spool file, then let go of it (or keep it)
                 try:
                     delta, norm, matched = self._check(res, state, p, start_norm, rnd)
@@ -373,13 +346,9 @@ class JobRunner(JobThread):
                     self._event("warning", msg, p.site_id)
                     continue
                 self._record_received(rnd, p, res, matched)
-                if sdp is not None:
-                    sdp.add(delta, norm)
-                elif keep:
-                    held.append(delta)
+                agg.add(p.site_id, delta, norm)
+                if agg.keeps_updates:
                     self._held.append(res.payload)
-                else:
-                    agg.add(delta, weights[p.site_id])
             finally:
                 if not (self._held and self._held[-1] is res.payload):
                     res.payload.close()
@@ -422,31 +391,13 @@ class JobRunner(JobThread):
                 f"min_sites={spec.min_sites}. " + " | ".join(problems)
             )
 
-        job_fields: dict[str, Any] = {}
-        if sdp is not None and spec.site_dp is not None:
-            mean, next_clip = sdp.finish(spec.site_dp)
-            job_fields["site_clip_norm"] = next_clip
-            if spec.site_dp.adaptive:
-                self._event(
-                    "info",
-                    f"round {rnd}: site-level clip norm {sdp.clip_norm:.4g} → {next_clip:.4g}",
-                )
-        elif how.method == "fedavg":
-            got = [weights[m.site_id] for m in accepted]
-            denominator = share_denominator(got, how.max_site_weight)
-            if denominator > agg.total_weight * (1 + 1e-9):
-                self._event(
-                    "warning",
-                    f"round {rnd}: {len(accepted)} of {len(participants)} site(s) answered; "
-                    f"the update is scaled by {agg.total_weight / denominator:.3g} so that no "
-                    f"site has more than {max(how.max_site_weight, 1 / len(got)):.0%} of it",
-                )
-            mean = agg.mean(denominator)
-        else:
-            mean = coordinate_aggregate(held, state, method=how.method, trim=how.trim)
-        del agg, sdp  # the float64 sum (twice the model) goes before the new state is built
-        new_state = apply_delta(state, mean)
-        del mean
+        aggregated = agg.finish([m.site_id for m in accepted])
+        aggregated_fields = aggregated.job_fields
+        for level, note in aggregated.notes:
+            self._event(level, note)
+        del agg  # the float64 sum (twice the model) goes before the new state is built
+        new_state = apply_delta(state, aggregated.mean)
+        del aggregated
         atomic_write(self.store.paths.checkpoint(self.job_id, rnd), state_to_bytes(new_state))
         # Pooled over sites from their noised sums, with standard errors (issue 15.7).
         pooled = pool_metrics(
@@ -474,7 +425,7 @@ class JobRunner(JobThread):
             round=rnd,
             epsilon=epsilon,
             accountant=self.accountant_used,
-            **job_fields,
+            **aggregated_fields,
         )
         self.on_change(self.job_id)
         remaining = [p for p in participants if p.site_id not in refused]
@@ -484,6 +435,38 @@ class JobRunner(JobThread):
                 f"dropped site(s) {', '.join(sorted(refused))} from the job after refusal",
             )
         return new_state, remaining
+
+    def _aggregation(
+        self, rnd: int, state: dict[str, torch.Tensor], participants: list[Participant]
+    ) -> RoundAggregation:
+        """The round's aggregation: the job's method, wrapped in site-level DP when it has
+        ``site_dp``. FedAvg weighs by the rows each site registered, no share above the
+        job's ``aggregation.max_site_weight``."""
+        spec = self.spec
+        if spec.site_dp is not None:
+            clip = self.store.job(self.job_id).site_clip_norm or spec.site_dp.clip_norm
+            return SiteDPAggregation(
+                spec.site_dp, clip_norm=clip, num_sites=len(participants), round=rnd
+            )
+        how = spec.aggregation
+        if how.method != "fedavg":
+            return CoordinateRound(state, method=how.method, trim=how.trim)
+        weights = capped_weights(
+            {p.site_id: float(p.num_examples) for p in participants}, how.max_site_weight
+        )
+        for p in participants:
+            if weights[p.site_id] < p.num_examples:
+                # Honest sites of unequal size are capped too (two sites: equal weights); a
+                # claimed size far beyond the others' is worth a warning.
+                level = "warning" if p.num_examples > 10 * weights[p.site_id] else "info"
+                self._event(
+                    level,
+                    f"round {rnd}: the FedAvg weight of site {p.site_id} is capped at "
+                    f"{how.max_site_weight:.0%} of the round's (it registered "
+                    f"{p.num_examples} rows)",
+                    p.site_id,
+                )
+        return FedAvgRound(state, weights, how.max_site_weight, round=rnd)
 
     def _record_received(
         self, rnd: int, p: Participant, res: UpdateResult, matched: Matched
@@ -495,44 +478,42 @@ class JobRunner(JobThread):
         again, and what the lost attempt received was seen all the same: recording at commit
         time only would drop those charges (the card would under-state what left the sites).
         """
-        self.store.add_charges([self._charge_row(rnd, p, res.meta, matched)])
-
-    def _charge_row(
-        self, rnd: int, p: Participant, meta: UpdateMeta, matched: Matched
-    ) -> ChargeRow:
-        r = meta.dp_report
-        return ChargeRow(
-            job_id=self.job_id,
-            round=rnd,
-            site_id=p.site_id,
-            dataset=self.spec.dataset,
-            task_id=meta.task_id,
-            num_examples=matched.num_examples,
-            max_grad_norm=self.spec.dp.max_grad_norm,
-            delta=self.spec.dp.delta,
-            dataset_epsilon=r.dataset_epsilon,
-            policy_delta=r.policy_delta,
-            events=[charged_event_dict(ChargedEvent(k, e)) for k, e in matched.events()],
-            grad_sample_mode=r.grad_sample_mode,
+        r = res.meta.dp_report
+        self._record(
+            [
+                charge_row(
+                    job_id=self.job_id,
+                    round=rnd,
+                    site_id=p.site_id,
+                    dataset=self.spec.dataset,
+                    task_id=res.meta.task_id,
+                    events=matched.events(),
+                    delta=self.spec.dp.delta,
+                    num_examples=matched.num_examples,
+                    max_grad_norm=self.spec.dp.max_grad_norm,
+                    dataset_epsilon=r.dataset_epsilon,
+                    policy_delta=r.policy_delta,
+                    grad_sample_mode=r.grad_sample_mode,
+                )
+            ]
         )
 
     def _record_rejected(self, rnd: int, p: Participant, task_id: str) -> None:
         """Charge the job for a rejected update: its assigned task's worst case."""
-        job_ledger.record(
-            self.store,
+        self._record(
             [
-                job_ledger.charge_row(
+                charge_row(
                     job_id=self.job_id,
                     round=rnd,
                     site_id=p.site_id,
                     dataset=self.spec.dataset,
                     task_id=task_id,
-                    events=job_ledger.assigned_worst_case(self._assignment(p, rnd)),
+                    events=assigned_worst_case(self._assignment(p, rnd)),
                     delta=self.spec.dp.delta,
                     num_examples=p.num_examples,
                     max_grad_norm=self.spec.dp.max_grad_norm,
                 )
-            ],
+            ]
         )
 
     def _assignment(self, p: Participant, rnd: int) -> Assignment:
@@ -549,35 +530,11 @@ class JobRunner(JobThread):
         start_norm: float,
         rnd: int,
     ) -> tuple[SafetensorsPieces, float, Matched]:
-        """Reject an update whose report disagrees with its task or whose values could not come
-        from it (``orchestrator.update_bounds``); return it, to be read piece by piece, its L2
-        norm and the assigned events it is charged."""
-        spec = self.spec
-        meta = res.meta
-        if res.payload.sha256 != meta.sha256:
-            raise InvalidUpdateError("its bytes do not match the announced sha256")
-        matched = match_report(self._assignment(p, rnd), meta)
-        try:
-            delta = SafetensorsPieces(res.payload)  # checks the header; reads no value yet
-        except InvalidUpdateError as err:
-            raise InvalidUpdateError(f"its tensors cannot be decoded: {err}") from None
-        norm = check_update(delta, state)
-        bound = norm_bound(
-            optimizer=spec.optimizer,
-            max_grad_norm=spec.dp.max_grad_norm,
-            noise_multiplier=p.noise_multiplier,
-            sample_rate=matched.train.sample_rate,
-            steps=matched.train.steps,
-            num_examples=matched.num_examples,
-            num_params=sum(v.numel() for v in state.values()),
-            start_norm=start_norm,
+        """``orchestrator.update_bounds.check_received`` against the site's assignment."""
+        a = self._assignment(p, rnd)
+        return check_received(
+            res.meta, res.payload, res.payload.sha256, state, a, start_norm=start_norm
         )
-        if norm > bound:
-            raise InvalidUpdateError(
-                f"its norm {norm:.3g} is more than its task allows (bound {bound:.3g}, "
-                "docs/update-bounds.md)"
-            )
-        return delta, norm, matched
 
     # ------------------------------------------------------------------ accounting
 
@@ -601,46 +558,19 @@ class JobRunner(JobThread):
     # ------------------------------------------------------------------ release
 
     def _release(self, state: dict[str, torch.Tensor]) -> None:
-        from orchestrator.release import build_model_card
-
         epsilon, per_site = self._job_epsilon()
-        row = self.store.job(self.job_id)
-        card = build_model_card(
-            row=row,
+        card = training_card(
+            row=self.store.job(self.job_id),
             spec=self.spec,
             rounds=self.store.rounds(self.job_id),
             sites=self.account.spends(per_site),
             epsilon=epsilon,
-            version=__version__,
+            accountant=self.accountant_used,
             secure_noise={
                 sid: bool(policy.get("secure_noise", False))
                 for sid, policy in self.store.site_policies().items()
             },
         )
-        card["accountant"] = self.accountant_used  # the one that produced the bound
-        card["rejected_updates"] = REJECTED_UPDATES
-        if self.spec.site_dp is not None:
-            sdp = self.spec.site_dp
-            site_bound = compute_epsilon(
-                site_level_events(sdp, len(card["metrics"])),
-                delta=self.spec.dp.delta,
-                accountant=ACCOUNTANT,
-            )
-            card["site_level_dp"] = {
-                "epsilon": site_bound.epsilon,
-                "delta": self.spec.dp.delta,
-                "accountant": site_bound.accountant,
-                "mechanism": "DP-FedAvg (McMahan et al. 2018): server-side clipping + Gaussian noise"
-                + (", adaptive clipping (Andrew et al. 2021)" if sdp.adaptive else ""),
-                "noise_multiplier": sdp.noise_multiplier,
-                "initial_clip_norm": sdp.clip_norm,
-                "final_clip_norm": row.site_clip_norm or sdp.clip_norm,
-                "protects": (
-                    "whether any one whole site (all of its records) took part, against anyone "
-                    "who sees the released model; it relies on the orchestrator adding this "
-                    "noise honestly. The sample-level guarantee above holds independently."
-                ),
-            }
         if self.spec.audit is not None:
             # Before anything is released: a failed audit raises JobFailedError (job failed,
             # model withheld, the reason in the job's events).

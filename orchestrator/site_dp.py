@@ -23,6 +23,9 @@ Noise comes from a private generator (``common.dp.noise.private_torch_generator`
 OS entropy) unless a test passes its own: never from torch's global generator, which other
 job threads seed with a public seed when they build a model.
 
+:class:`SiteDPAggregation` is a round's aggregation (``orchestrator.aggregation``) with this
+mechanism around its sum: each update clipped on the way in, noise added on the way out.
+
 This guarantee is *in addition to* the sample-level guarantee of each site's DP-SGD, and it
 relies on the orchestrator applying it honestly (it is the orchestrator's noise).
 """
@@ -30,6 +33,7 @@ relies on the orchestrator applying it honestly (it is the orchestrator's noise)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +43,7 @@ from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 from common.specs import SiteDPSpec
 from common.training.tensors import StateLike, as_pieces, flat_parts, l2_norm
+from orchestrator.aggregation import Aggregated
 
 
 def sum_noise_multiplier(z: float, count_sigma: float | None) -> float:
@@ -146,3 +151,31 @@ def site_level_events(spec: SiteDPSpec, rounds: int) -> list[DpEvent]:
         if rounds
         else []
     )
+
+
+class SiteDPAggregation:
+    """One round of DP-FedAvg as a round's aggregation (``RoundAggregation``): the clipped,
+    uniformly weighted sum plus noise; sets the next round's clip norm (``site_clip_norm``)."""
+
+    keeps_updates = False
+
+    def __init__(self, spec: SiteDPSpec, *, clip_norm: float, num_sites: int, round: int):
+        self.spec = spec
+        self.round = round
+        self.dp_round = round_for(spec, clip_norm=clip_norm, num_sites=num_sites)
+
+    def add(self, site_id: str, delta: StateLike, norm: float) -> None:
+        self.dp_round.add(delta, norm)
+
+    def finish(self, site_ids: Sequence[str]) -> Aggregated:
+        mean, next_clip = self.dp_round.finish(self.spec)
+        notes = []
+        if self.spec.adaptive:
+            notes.append(
+                (
+                    "info",
+                    f"round {self.round}: site-level clip norm {self.dp_round.clip_norm:.4g} "
+                    f"→ {next_clip:.4g}",
+                )
+            )
+        return Aggregated(mean, notes, {"site_clip_norm": next_clip})

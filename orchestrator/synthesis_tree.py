@@ -17,7 +17,7 @@ from typing import Any, Final
 import numpy as np
 import pandas as pd
 
-from common.dp.events import DpEvent
+from common.dp.events import DpEvent, event_from_dict
 from common.errors import InvalidSpecError, InvalidUpdateError
 from common.synthesis.discretisation import (
     _INDEPENDENCE_BLEND,
@@ -113,7 +113,7 @@ def measurement_events(measurement: Mapping[str, Any]) -> tuple[DpEvent, ...]:
     for e in raw:
         try:
             d = _mapping(e, "A DP event", {"noise_multiplier", "sample_rate", "steps"}, set())
-            events.append(DpEvent(d["noise_multiplier"], d["sample_rate"], d["steps"]))
+            events.append(event_from_dict(d))
         except (InvalidSpecError, ValueError) as err:
             raise InvalidUpdateError(f"Malformed DP event in a measurement: {err}") from None
     return tuple(events)

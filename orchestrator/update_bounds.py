@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from common.domain import UpdateMeta
 from common.dp.events import DpEvent
@@ -30,6 +32,7 @@ from common.errors import InvalidUpdateError
 from common.schedule import task_schedule
 from common.specs import JobSpec, OptimizerSpec
 from common.training.sgld import bound_noise_multiplier
+from common.training.tensors import RandomAccess, SafetensorsPieces, check_update
 
 MAX_STEPS_PER_TASK = 1_000_000
 """Most DP-SGD steps one task may be assigned (as ``local_steps`` allows): a site whose
@@ -82,6 +85,20 @@ class Assignment:
         if self.round is not None and not m.releases_at(self.round, self.spec.rounds):
             return None
         return DpEvent(noise_multiplier=m.noise_multiplier, sample_rate=1.0, steps=1)
+
+
+def assigned_worst_case(a: Assignment) -> list[tuple[str, DpEvent]]:
+    """What a rejected update is charged: the most a task assigned as ``a`` can have cost,
+    from public inputs only (its rejection is published, and the update depended on the
+    site's data): the largest sample rate (the registered rows, no canary) with the most
+    steps (every canary included), and the metrics release when the job has one."""
+    q, _ = a.schedule(a.num_rows)
+    _, steps = a.schedule(a.num_rows + a.extra_rows)
+    out = [("train", DpEvent(noise_multiplier=a.noise_multiplier, sample_rate=q, steps=steps))]
+    metric = a.metrics_event()
+    if metric is not None:
+        out.append(("metrics", metric))
+    return out
 
 
 @dataclass(frozen=True)
@@ -294,3 +311,45 @@ def _sgd_response(
         gain = float(np.abs(powers).sum(axis=2).max())
         k_abs = np.abs(k)
         return alpha, float(k_abs.sum()), float((k * k).sum()), float(k_abs.max()), gain
+
+
+def check_received(
+    meta: UpdateMeta,
+    payload: RandomAccess,
+    payload_sha256: str,
+    state: Mapping[str, torch.Tensor],
+    a: Assignment,
+    *,
+    start_norm: float,
+) -> tuple[SafetensorsPieces, float, Matched]:
+    """Reject an update whose report disagrees with its task (:func:`match_report`) or whose
+    values could not come from it (:func:`norm_bound`); return it, to be read piece by piece
+    from ``payload``, its L2 norm and the assigned events it is charged.
+
+    Raises:
+        InvalidUpdateError: with the reason, for the job's events.
+    """
+    if payload_sha256 != meta.sha256:
+        raise InvalidUpdateError("its bytes do not match the announced sha256")
+    matched = match_report(a, meta)
+    try:
+        delta = SafetensorsPieces(payload)  # checks the header; reads no value yet
+    except InvalidUpdateError as err:
+        raise InvalidUpdateError(f"its tensors cannot be decoded: {err}") from None
+    norm = check_update(delta, state)
+    bound = norm_bound(
+        optimizer=a.spec.optimizer,
+        max_grad_norm=a.spec.dp.max_grad_norm,
+        noise_multiplier=a.noise_multiplier,
+        sample_rate=matched.train.sample_rate,
+        steps=matched.train.steps,
+        num_examples=matched.num_examples,
+        num_params=sum(v.numel() for v in state.values()),
+        start_norm=start_norm,
+    )
+    if norm > bound:
+        raise InvalidUpdateError(
+            f"its norm {norm:.3g} is more than its task allows (bound {bound:.3g}, "
+            "docs/update-bounds.md)"
+        )
+    return delta, norm, matched

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from common.domain import (
-    ChargedEvent,
     ColumnInfo,
     DatasetInfo,
     JobEvent,
@@ -17,31 +16,9 @@ from common.domain import (
     SiteSpend,
     SiteStatus,
 )
-from common.dp.events import DpEvent
 from orchestrator.core.broker import Broker
 from orchestrator.core.store import JobRow, SiteRow, Store
 from orchestrator.metric_pooling import pooled_from_dict
-
-
-def charged_event_dict(e: ChargedEvent) -> dict[str, Any]:
-    """A charged DP event as stored in the job ledger and shown on the model card."""
-    return {
-        "kind": e.kind,
-        "noise_multiplier": e.event.noise_multiplier,
-        "sample_rate": e.event.sample_rate,
-        "steps": e.event.steps,
-    }
-
-
-def charged_events(raw: list[dict[str, Any]]) -> tuple[ChargedEvent, ...]:
-    """The inverse of :func:`charged_event_dict`."""
-    return tuple(
-        ChargedEvent(
-            kind=str(e["kind"]),
-            event=DpEvent(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])),
-        )
-        for e in raw
-    )
 
 
 def dataset_from_dict(d: dict[str, Any]) -> DatasetInfo:

@@ -16,26 +16,43 @@ is composition: :func:`common.dp.accounting.compute_epsilon` merges the same way
   fell back to, named), for the released ε and anything that must be tight.
 
 The job's ε is the maximum over sites (sites hold disjoint records: parallel composition).
+Each bound names the accountant that produced it (PRV, or PLD/RDP where PRV fell back).
+
+A charge row (:func:`charge_row`) is one site's charges for one task, for every job kind;
+its events are stored as :func:`charged_event_dict` gives them (``common.dp.events``' dict
+form plus the release's kind). A one-shot release (synthetic data, evaluation) gets a job row
+of its own kind (:func:`record_one_shot`), so it is listed like any job.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from common.domain import ChargedEvent, LedgerRow, SiteSpend
+from common.domain import ChargedEvent, LedgerRow, SiteSpend, UpdateMeta
 from common.dp.accounting import EpsilonBound, compute_epsilon
-from common.dp.events import DpEvent
+from common.dp.events import DpEvent, event_from_dict, event_to_dict
 from common.dp.running import running_epsilon
 from common.errors import PrivacyAccountingError
-from orchestrator.core.store import ChargeRow, Store
-from orchestrator.views import charged_events
+from orchestrator.core.store import ChargeRow, JobRow, Store
 
 ACCOUNTANT = "prv"
 """The accountant asked for; :class:`JobEpsilon` says which one answered."""
+
+
+def charged_event_dict(e: ChargedEvent) -> dict[str, Any]:
+    """A charged DP event as the job ledger stores it and the model card shows it."""
+    return {"kind": e.kind, **event_to_dict(e.event)}
+
+
+def charged_events(raw: Sequence[Mapping[str, Any]]) -> tuple[ChargedEvent, ...]:
+    """The inverse of :func:`charged_event_dict`."""
+    return tuple(ChargedEvent(kind=str(e["kind"]), event=event_from_dict(e)) for e in raw)
 
 
 @dataclass(frozen=True)
@@ -223,3 +240,96 @@ class Accounts:
             if account is None:
                 account = self._accounts[job_id] = JobAccount(job_id, delta=delta)
         return account.sync(self._store)
+
+
+def job_epsilon(
+    charges: Iterable[ChargeRow], *, delta: float, within_s: float | None = None
+) -> JobEpsilon:
+    """The exact ε of charge rows in hand (:meth:`JobAccount.exact`)."""
+    return JobAccount.of_rows(charges, job_id="", delta=delta).exact(within_s=within_s)
+
+
+def charge_row(
+    *,
+    job_id: str,
+    round: int,
+    site_id: str,
+    dataset: str,
+    task_id: str,
+    events: Sequence[tuple[str, DpEvent]],
+    delta: float,
+    num_examples: int = 0,
+    max_grad_norm: float = 0.0,
+    dataset_epsilon: float = 0.0,
+    policy_delta: float = 0.0,
+    grad_sample_mode: str = "",
+) -> ChargeRow:
+    """One site's charges for one task, as the job ledger keeps them: ``events`` are
+    (release kind, event) pairs."""
+    return ChargeRow(
+        job_id=job_id,
+        round=round,
+        site_id=site_id,
+        dataset=dataset,
+        task_id=task_id,
+        num_examples=num_examples,
+        max_grad_norm=max_grad_norm,
+        delta=delta,
+        dataset_epsilon=dataset_epsilon,
+        policy_delta=policy_delta,
+        events=[charged_event_dict(ChargedEvent(k, e)) for k, e in events],
+        grad_sample_mode=grad_sample_mode,
+    )
+
+
+def record_one_shot(
+    store: Store,
+    *,
+    job_id: str,
+    kind: str,
+    dataset: str,
+    delta: float,
+    request_json: str,
+    answers: Mapping[str, UpdateMeta],
+) -> None:
+    """A one-shot release (``synth``, ``evaluate``): a completed job row of that kind and each
+    answering site's charges as its DP report lists them, so ``status`` and ``ledger`` show
+    them like a training job's."""
+    now = time.time()
+    store.add_job(
+        JobRow(
+            job_id=job_id,
+            name=kind,
+            dataset=dataset,
+            spec_json=json.dumps({"kind": kind, "request": json.loads(request_json or "{}")}),
+            state="completed",
+            round=1,
+            rounds=1,
+            epsilon=0.0,
+            delta=delta,
+            accountant=ACCOUNTANT,
+            created_at=now,
+            updated_at=now,
+            participants={sid: 0.0 for sid in answers},
+        )
+    )
+    rows = [
+        charge_row(
+            job_id=job_id,
+            round=1,
+            site_id=sid,
+            dataset=dataset,
+            task_id=meta.task_id,
+            events=[(e.kind, e.event) for e in meta.dp_report.events],
+            delta=meta.dp_report.delta or delta,
+            num_examples=meta.num_examples,
+            dataset_epsilon=meta.dp_report.dataset_epsilon,
+            policy_delta=meta.dp_report.policy_delta,
+        )
+        for sid, meta in sorted(answers.items())
+        if meta.dp_report.events
+    ]
+    if rows:
+        store.add_charges(rows)
+        eps = job_epsilon(rows, delta=delta)
+        store.update_job(job_id, epsilon=eps.epsilon, accountant=eps.accountant)

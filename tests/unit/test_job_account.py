@@ -11,8 +11,8 @@ import pytest
 from common.domain import ChargedEvent
 from common.dp.accounting import compute_epsilon
 from common.dp.events import DpEvent
-from orchestrator import job_ledger
 from orchestrator.core.store import ChargeRow, JobRow, Store
+from orchestrator.jobs import accounting
 from orchestrator.jobs.accounting import Accounts, JobAccount
 
 DELTA = 1e-5
@@ -41,7 +41,7 @@ def _job(store: Store, job_id: str = "job-1") -> None:
 def _charge(
     rnd: int, site: str, events: list[tuple[str, DpEvent]], *, dataset: str = "d", n: int = 100
 ) -> ChargeRow:
-    return job_ledger.charge_row(
+    return accounting.charge_row(
         job_id="job-1",
         round=rnd,
         site_id=site,
@@ -73,8 +73,8 @@ def test_folded_rows_give_the_exact_epsilon_of_every_event(tmp_path: Path) -> No
     assert exact.per_site["b"] == compute_epsilon([B] * 3, delta=DELTA)
     assert exact.epsilon == max(exact.per_site["a"].epsilon, exact.per_site["b"].epsilon)
     assert exact.accountant == "prv"
-    # The same as composing the rows afresh (job_ledger.job_epsilon, for rows in hand).
-    fresh = job_ledger.job_epsilon(store.charges("job-1"), delta=DELTA)
+    # The same as composing the rows afresh (accounting.job_epsilon, for rows in hand).
+    fresh = accounting.job_epsilon(store.charges("job-1"), delta=DELTA)
     assert fresh.site_epsilons() == exact.site_epsilons()
     # The running bound is sound and within its documented ~2% of exact.
     running = account.running()

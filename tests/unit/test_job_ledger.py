@@ -11,14 +11,13 @@ from common.domain import ChargedEvent, DpReport, UpdateMeta
 from common.dp.accounting import EpsilonBound, compute_epsilon
 from common.dp.events import DpEvent
 from common.specs import parse_job_spec
-from orchestrator import job_ledger
 from orchestrator.core.store import Store
 from orchestrator.jobs import accounting
-from orchestrator.update_bounds import Assignment
+from orchestrator.update_bounds import Assignment, assigned_worst_case
 
 
 def _row(site: str, task: str, event: DpEvent) -> object:
-    return job_ledger.charge_row(
+    return accounting.charge_row(
         job_id="job-1",
         round=1,
         site_id=site,
@@ -34,7 +33,7 @@ def test_the_released_epsilon_is_the_max_over_sites_and_names_its_accountant(
 ) -> None:
     a, b = DpEvent(1.0, 0.01, 100), DpEvent(0.8, 0.02, 100)
     rows = [_row("a", "t1", a), _row("a", "t2", a), _row("b", "t3", b)]
-    je = job_ledger.job_epsilon(rows, delta=1e-5)  # type: ignore[arg-type]
+    je = accounting.job_epsilon(rows, delta=1e-5)  # type: ignore[arg-type]
     assert je.per_site["a"].epsilon == compute_epsilon([a, a], delta=1e-5).epsilon
     assert je.epsilon == max(b.epsilon for b in je.per_site.values())
     assert je.accountant == "prv"
@@ -45,7 +44,7 @@ def test_the_released_epsilon_is_the_max_over_sites_and_names_its_accountant(
         return EpsilonBound(epsilon=1.0, delta=delta, accountant="pld")
 
     monkeypatch.setattr(accounting, "compute_epsilon", fell_back)
-    assert job_ledger.job_epsilon(rows, delta=1e-5).accountant == "pld"  # type: ignore[arg-type]
+    assert accounting.job_epsilon(rows, delta=1e-5).accountant == "pld"  # type: ignore[arg-type]
 
 
 def test_a_rejected_update_is_charged_the_most_its_task_could_cost() -> None:
@@ -61,7 +60,7 @@ def test_a_rejected_update_is_charged_the_most_its_task_could_cost() -> None:
         }
     )
     a = Assignment("s", 1.0, 100, 20, spec)
-    worst = dict(job_ledger.assigned_worst_case(a))
+    worst = dict(assigned_worst_case(a))
     for n in range(100, 121):  # every size the site may have trained on
         q, steps = a.schedule(n)
         honest = compute_epsilon([DpEvent(1.0, q, steps)], delta=1e-5).epsilon
@@ -81,7 +80,7 @@ def test_one_shot_releases_are_jobs_with_charges(tmp_path: Path) -> None:
         accountant="prv",
     )
     meta = UpdateMeta("a", "task-1", 7, report, None, 0, "", "")
-    job_ledger.record_one_shot(
+    accounting.record_one_shot(
         store,
         job_id="synth-1",
         kind="synth",

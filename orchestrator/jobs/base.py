@@ -1,0 +1,221 @@
+"""The skeleton every job kind's thread shares (``orchestrator.jobs.kinds`` lists the kinds).
+
+* the job's handles on the store and the broker, and its :class:`JobAccount` (the charges
+  that status views read too);
+* :meth:`JobThread._wait`: waiting for sites, polling until ready, a deadline, cancellation
+  and shutdown;
+* :meth:`JobThread._send`: one task to each of several sites with each site's charge written
+  to the job ledger *before* it is dispatched (write-ahead: a restart after this leaves the
+  release counted, whether or not the site answered), then the answers collected
+  (``orchestrator.core.fanout``), abandoned at cancellation or shutdown;
+* :meth:`JobThread._record`: charges for what was received, as it is received;
+* cancellation (:meth:`JobThread.cancel`), shutdown (:class:`JobStopped`: the job resumes
+  from its checkpoint when the orchestrator starts again; a job that has ended is never run
+  again), job events, and failing the job visibly, never hanging it, on any error.
+
+A kind supplies ``_run`` (its rounds and its release) and its own checkpoint, and describes
+itself with a :class:`JobKind` (registered in ``orchestrator.jobs.kinds``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from common.domain import Plan, SiteStatus
+from common.dp.events import DpEvent
+from common.errors import DpfedError, JobFailedError
+from orchestrator.core.broker import Broker
+from orchestrator.core.fanout import FanOutResult, fan_out
+from orchestrator.core.store import ChargeRow, Store
+from orchestrator.jobs.accounting import JobAccount, charge_row
+
+log = logging.getLogger("dpfed.orchestrator")
+
+_T = TypeVar("_T")
+
+
+def _no_summary(card: Mapping[str, Any]) -> str:
+    return ""
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """What the coordinator, the CLI and the status views need to know about one kind of job.
+
+    ``runner``: the thread class that runs a submitted job of this kind; None for a one-shot
+    release answered on the caller's thread (it is still recorded as a job of its kind).
+    ``prepare(spec, sites, max_parameters)``: the spec as the job will run it (e.g. its
+    feature encoding derived from the sites' declared schemas) and its number of rounds, or a
+    clear error before anything starts. ``plan(spec, sites, broker, max_parameters)``: each
+    site's projected cost; None when the kind cannot be planned ahead. ``released_file``:
+    the artefact written next to ``model_card.json``; ``load_hint``: how to load it (with
+    ``{path}``); ``summary(card)``: what the CLI adds about a release (e.g. "K = 3, ").
+    """
+
+    name: str
+    runner: type[JobThread] | None = None
+    prepare: Callable[[Any, Sequence[SiteStatus], int], tuple[Any, int]] | None = None
+    plan: Callable[[Any, Sequence[SiteStatus], Broker, int], Plan] | None = None
+    released_file: str | None = None
+    load_hint: str = ""
+    summary: Callable[[Mapping[str, Any]], str] = _no_summary
+
+
+class JobStopped(DpfedError):
+    """The orchestrator is shutting down mid-job: not the job's fault; it resumes later."""
+
+
+class JobThread(threading.Thread):
+    """Runs ``_run`` for one job; subclasses hold the job's spec and its loop."""
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        store: Store,
+        broker: Broker,
+        on_change: Callable[[str], None],
+        stopping: threading.Event,
+        poll_s: float = 0.5,
+        account: JobAccount | None = None,
+    ) -> None:
+        """``account``: the job's account that status views read too (the coordinator's);
+        a private one when not given."""
+        super().__init__(name=f"job-{job_id}", daemon=True)
+        self.job_id = job_id
+        self.store = store
+        self.broker = broker
+        self.on_change = on_change
+        self.stopping = stopping
+        self.poll_s = poll_s
+        self.account = account or JobAccount(job_id, delta=store.job(job_id).delta)
+        self._cancelled_by: str | None = None
+
+    # ------------------------------------------------------------------ control
+
+    def cancel(self, by: str) -> None:
+        self._cancelled_by = by
+
+    def _check_cancelled(self) -> None:
+        if self._cancelled_by is not None:
+            raise JobFailedError(f"cancelled by {self._cancelled_by}")
+
+    def _abandon_if_stopped(self) -> None:
+        """Raise at cancellation (the job fails) or shutdown (:class:`JobStopped`)."""
+        self._check_cancelled()
+        if self.stopping.is_set():
+            raise JobStopped()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        try:
+            if self.store.job(self.job_id).state in ("completed", "failed"):
+                return  # an ended job is never run again
+            self._run()
+        except JobStopped:
+            return
+        except DpfedError as err:
+            self._fail(str(err))
+        except Exception as err:  # a bug must fail the job visibly, not hang it
+            log.exception("job %s crashed", self.job_id)
+            self._fail(f"internal error: {type(err).__name__}: {err}")
+
+    def _wait(
+        self,
+        ready: Callable[[], _T | None],
+        *,
+        timeout_s: float,
+        on_timeout: Callable[[], _T],
+        waiting: Callable[[], str] | None = None,
+    ) -> _T:
+        """``ready()``'s first value that is not None, polled every ``poll_s``; after
+        ``timeout_s``, ``on_timeout()`` (which returns a value or raises). ``waiting()``: a
+        message for the job's events when the first poll finds it not ready. Raises at
+        cancellation or shutdown (:meth:`_abandon_if_stopped`)."""
+        deadline = time.time() + timeout_s
+        announced = False
+        while True:
+            value = ready()
+            if value is not None:
+                return value
+            if waiting is not None and not announced:
+                self._event("info", waiting())
+                announced = True
+            self._abandon_if_stopped()
+            if time.time() > deadline:
+                return on_timeout()
+            time.sleep(self.poll_s)
+
+    # ------------------------------------------------------------------ charges and tasks
+
+    def _record(self, rows: Sequence[ChargeRow]) -> None:
+        """Write charges to the job ledger (one transaction) and fold them into the account."""
+        if rows:
+            self.store.add_charges(list(rows))
+            self.account.sync(self.store)
+
+    def _send(
+        self,
+        site_ids: list[str],
+        rnd: int,
+        *,
+        kind: str,
+        dataset: str,
+        delta: float,
+        request_json: str,
+        events: Sequence[tuple[str, DpEvent]],
+        timeout_s: float,
+    ) -> FanOutResult:
+        """Charge every site ``events`` (write-ahead), then send each the request and collect
+        the answers until all answered or ``timeout_s`` passed; stops at cancellation or
+        shutdown (the unanswered tasks are withdrawn)."""
+        self._record(
+            [
+                charge_row(
+                    job_id=self.job_id,
+                    round=rnd,
+                    site_id=sid,
+                    dataset=dataset,
+                    task_id=uuid.uuid4().hex,
+                    events=events,
+                    delta=delta,
+                )
+                for sid in site_ids
+            ]
+        )
+        return fan_out(
+            self.broker,
+            site_ids=site_ids,
+            job_id=self.job_id,
+            kind=kind,
+            dataset=dataset,
+            request_json=request_json,
+            timeout_s=timeout_s,
+            poll_s=self.poll_s,
+            round_=rnd,
+            rounds=1,
+            check=self._abandon_if_stopped,
+        )
+
+    # ------------------------------------------------------------------ events
+
+    def _event(self, level: str, message: str, site_id: str = "") -> None:
+        self.store.add_event(self.job_id, level, message, site_id=site_id)
+        getattr(log, "warning" if level != "info" else "info")(
+            "job=%s site=%s %s", self.job_id, site_id or "-", message
+        )
+        self.on_change(self.job_id)
+
+    def _fail(self, reason: str) -> None:
+        self.store.add_event(self.job_id, "error", reason)
+        self.store.update_job(self.job_id, state="failed", error=reason)
+        log.error("job=%s failed: %s", self.job_id, reason)
+        self.on_change(self.job_id)

@@ -1,0 +1,1 @@
+"""Training jobs (``kind: train``): federated DP-SGD rounds, their aggregation and card."""
