@@ -67,7 +67,7 @@ def private_torch_generator(device: torch.device | str = "cpu") -> torch.Generat
     """A torch generator on ``device`` seeded from the OS entropy pool, known to no one else.
 
     On a CUDA device it is that device's own Philox generator: the noise is drawn where the
-    gradients are, never copied from the host (issue 19.2)."""
+    gradients are, never copied from the host."""
     return torch.Generator(device=device).manual_seed(secrets.randbits(64))
 
 
