@@ -1,10 +1,9 @@
 """The smallest noise multiplier σ that keeps a history within a target ε.
 
-:func:`calibrate_noise_multiplier` returns a σ at which :func:`~common.dp.accounting.
-compute_epsilon` was *evaluated* and found within the target (it errs towards more noise), or
-raises :class:`~common.errors.PrivacyAccountingError` when even σ = 1000 is too little. The
-search starts from the RDP answer (RDP bounds the tight accountants from above) and refines by
-the Illinois variant of regula falsi on (log σ, log ε).
+:func:`calibrate_noise_multiplier` returns a σ at which
+:func:`~common.dp.accounting.compute_epsilon` was *evaluated* and found within the target (it
+errs towards more noise), or raises :class:`~common.errors.PrivacyAccountingError` when even
+σ = 1000 is too little. The search: ``docs/accounting.md``, "Calibration".
 """
 
 from __future__ import annotations
