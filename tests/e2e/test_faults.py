@@ -19,7 +19,9 @@ hold it to:
   crash or a shutdown is run again with fresh tasks.
 
 Rounds are made a few seconds long (a wider MLP, several local epochs) so that "mid-round" is
-something a test can hit by watching the site ledgers rather than by sleeping.
+something a test can hit by watching the site ledgers rather than by sleeping. The processes
+are the session's federation (``tests/e2e/conftest.py``); a test that kills one starts it
+again, and reads only its own job's records.
 """
 
 from __future__ import annotations
@@ -28,14 +30,11 @@ import json
 import signal
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import pytest
-import yaml
 
 from common.domain import JobStatus
 from common.dp.accounting import compute_epsilon
@@ -43,13 +42,14 @@ from common.errors import DpfedError
 from common.rpc.tls import TlsFiles
 from common.specs import load_job_spec
 from common.training.models import load_model
-from examples.demo import Cluster, DemoFiles, free_port, prepare
+from examples.demo import Cluster, DemoFiles
 from orchestrator.client import ControlClient
 from site_agent.boundary.ledger import Ledger, LedgerEntry
+from tests.e2e.conftest import SITE_IDS, Federation
 
 pytestmark = pytest.mark.e2e
 
-SITES = ("bank-a", "bank-b", "bank-c")
+SITES = SITE_IDS
 DELTA = 1e-5
 T = TypeVar("T")
 
@@ -57,33 +57,18 @@ T = TypeVar("T")
 # ---------------------------------------------------------------------------- harness
 
 
-def _prepare(tmp_path: Path, *, rounds: int) -> tuple[DemoFiles, int]:
-    port = free_port()
-    files = prepare(
-        tmp_path,
-        port=port,
+def _job_file(fed: Federation, tmp_path: Path, *, rounds: int) -> Path:
+    """A digits job whose rounds take a few seconds; σ=2 (the sites' budget of ε=100 leaves
+    room for the over-counted, re-run tasks)."""
+    return fed.write_job(
+        tmp_path / "job.yaml",
         rounds=rounds,
-        hidden=(256, 256),
+        model={"hidden": [256, 256]},
         local_epochs=6.0,
-        # σ=2 and a roomy site budget: the over-counted (re-run) tasks must not exhaust it.
-        noise_multiplier=2.0,
-        max_epsilon=100.0,
-        extra_job={"min_sites": 2, "round_timeout_s": 30},
+        dp={"noise_multiplier": 2.0},
+        min_sites=2,
+        round_timeout_s=30,
     )
-    return files, port
-
-
-@contextmanager
-def _cluster(files: DemoFiles, port: int) -> Iterator[Cluster]:
-    cluster = Cluster(files.workdir, port, files.site_configs)
-    try:
-        cluster.start_orchestrator()
-        for site in SITES:
-            cluster.start_agent(site)
-        cluster.wait_for_sites(len(SITES))
-        yield cluster
-    finally:
-        cluster.stop_all()
 
 
 def _client(files: DemoFiles, cluster: Cluster) -> ControlClient:
@@ -115,8 +100,8 @@ def _wait(what: str, probe: Callable[[], T | None], files: DemoFiles, timeout_s:
     raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}\n{_logs(files)}")
 
 
-def _submit(files: DemoFiles, client: ControlClient) -> str:
-    return client.submit(load_job_spec(files.job_file).model_dump_json())
+def _submit(job_file: Path, client: ControlClient) -> str:
+    return client.submit(load_job_spec(job_file).model_dump_json())
 
 
 def _status(client: ControlClient, job_id: str) -> JobStatus:
@@ -190,8 +175,8 @@ def _committed_round(files: DemoFiles, job_id: str) -> int:
 
 
 def _pull_model(files: DemoFiles, cluster: Cluster, job_id: str) -> dict[str, Any]:
-    out = files.workdir / "pulled"
-    out.mkdir(exist_ok=True)
+    out = files.workdir / f"pulled-{job_id}"
+    out.mkdir()
     with _client(files, cluster) as c:
         card_json, weights = c.download(job_id)
     (out / "model_card.json").write_text(card_json)
@@ -273,38 +258,40 @@ def _update_sent(files: DemoFiles, site: str, job_id: str, rnd: int) -> bool:
     return f"job={job_id} round={rnd} update sent" in log
 
 
-def _kill_orchestrator_mid_round_and_resume(tmp_path: Path, sig: signal.Signals) -> None:
+def _kill_orchestrator_mid_round_and_resume(
+    fed: Federation, tmp_path: Path, sig: signal.Signals
+) -> None:
     rounds = 3
-    files, port = _prepare(tmp_path, rounds=rounds)
-    with _cluster(files, port) as cluster:
-        with _client(files, cluster) as c:
-            job_id = _submit(files, c)
-            _wait("round 1 to commit", lambda: _status(c, job_id).round >= 1 or None, files, 90)
-            k = _status(c, job_id).round
-        assert k < rounds, "the job ended before the fault could be injected; lengthen rounds"
-        # Every site has charged round k+1 (write-ahead): they are training it now.
-        in_flight = {s: _wait_for_charge(files, s, job_id, k + 1) for s in SITES}
-        sent_first: set[str] = set()
-        if sig == signal.SIGTERM:
-            # Stop it once the smallest site has delivered its round-(k+1) update and the
-            # largest (2.5x the rows) is still training: the orchestrator received part of a
-            # round that it will not commit.
-            _wait(
-                "bank-c's update",
-                lambda: _update_sent(files, "bank-c", job_id, k + 1) or None,
-                files,
-                60,
-            )
-            sent_first = {s for s in SITES if _update_sent(files, s, job_id, k + 1)}
-        cluster.kill("orchestrator", sig)
-        if sig == signal.SIGTERM:
-            assert cluster.procs["orchestrator"].returncode == 0, "no graceful exit on SIGTERM"
-        at_kill = _committed_round(files, job_id)
-        # Round k+1 cannot have committed: a site was still training it (precondition).
-        assert at_kill == k, f"round {k + 1} committed before the fault; lengthen the rounds"
-        cluster.start_orchestrator()  # same port, same state dir
-        st = _wait_until_ended(files, cluster, job_id, timeout_s=150)
-        card = _pull_model(files, cluster, job_id)
+    files, cluster = fed.files, fed.cluster
+    job_file = _job_file(fed, tmp_path, rounds=rounds)
+    with _client(files, cluster) as c:
+        job_id = _submit(job_file, c)
+        _wait("round 1 to commit", lambda: _status(c, job_id).round >= 1 or None, files, 90)
+        k = _status(c, job_id).round
+    assert k < rounds, "the job ended before the fault could be injected; lengthen rounds"
+    # Every site has charged round k+1 (write-ahead): they are training it now.
+    in_flight = {s: _wait_for_charge(files, s, job_id, k + 1) for s in SITES}
+    sent_first: set[str] = set()
+    if sig == signal.SIGTERM:
+        # Stop it once the smallest site has delivered its round-(k+1) update and the
+        # largest (2.5x the rows) is still training: the orchestrator received part of a
+        # round that it will not commit.
+        _wait(
+            "bank-c's update",
+            lambda: _update_sent(files, "bank-c", job_id, k + 1) or None,
+            files,
+            60,
+        )
+        sent_first = {s for s in SITES if _update_sent(files, s, job_id, k + 1)}
+    cluster.kill("orchestrator", sig)
+    if sig == signal.SIGTERM:
+        assert cluster.procs["orchestrator"].returncode == 0, "no graceful exit on SIGTERM"
+    at_kill = _committed_round(files, job_id)
+    # Round k+1 cannot have committed: a site was still training it (precondition).
+    assert at_kill == k, f"round {k + 1} committed before the fault; lengthen the rounds"
+    cluster.start_orchestrator()  # same port, same state dir
+    st = _wait_until_ended(files, cluster, job_id, timeout_s=150)
+    card = _pull_model(files, cluster, job_id)
 
     _check_history(st, rounds)
     assert card["rounds"] == rounds
@@ -335,12 +322,15 @@ def _kill_orchestrator_mid_round_and_resume(tmp_path: Path, sig: signal.Signals)
         assert "bank-c" in sent_first, sent_first
 
 
-def test_orchestrator_sigkill_mid_round_resumes_from_checkpoint(tmp_path: Path) -> None:
-    _kill_orchestrator_mid_round_and_resume(tmp_path, signal.SIGKILL)
+def test_orchestrator_sigkill_mid_round_resumes_from_checkpoint(
+    federation: Federation, tmp_path: Path
+) -> None:
+    _kill_orchestrator_mid_round_and_resume(federation, tmp_path, signal.SIGKILL)
 
 
-def test_orchestrator_sigterm_mid_round_resumes(tmp_path: Path) -> None:
-    _kill_orchestrator_mid_round_and_resume(tmp_path, signal.SIGTERM)
+@pytest.mark.slow  # the SIGKILL case above runs the same resume; this adds the graceful exit
+def test_orchestrator_sigterm_mid_round_resumes(federation: Federation, tmp_path: Path) -> None:
+    _kill_orchestrator_mid_round_and_resume(federation, tmp_path, signal.SIGTERM)
 
 
 def _registrations(files: DemoFiles, site: str) -> int:
@@ -354,7 +344,7 @@ def _wait_back_online(
 
     Every round after the next one is dispatched while the site is online, so it must take
     part in them: that is "catching up". ``registrations``: also wait until the agent's log
-    shows that many (a restarted agent; its dead predecessor may still look online).
+    shows that many in all (a restarted agent; its dead predecessor may still look online).
     """
     _wait(
         f"{site} to register {registrations} time(s)",
@@ -378,23 +368,29 @@ def _check_caught_up(st: JobStatus, site: str, back_at: int) -> None:
         assert site in h.site_ids, (site, [(h.round, h.site_ids) for h in st.history])
 
 
-def test_agent_sigkill_while_training_keeps_its_charge(tmp_path: Path) -> None:
+# The charge's durability under SIGKILL: tests/unit/test_ledger.py; a site lost mid-job:
+# tests/integration/test_grpc_job.py (in-process, seconds).
+@pytest.mark.slow  # a second federation job of 7 rounds; the cheaper tests above cover its parts
+def test_agent_sigkill_while_training_keeps_its_charge(
+    federation: Federation, tmp_path: Path
+) -> None:
     rounds = 7
     victim = "bank-b"
-    files, port = _prepare(tmp_path, rounds=rounds)
-    with _cluster(files, port) as cluster:
-        with _client(files, cluster) as c:
-            job_id = _submit(files, c)
-            # Kill the agent once it has charged round 2: it is training (write-ahead charge).
-            killed_task = _wait_for_charge(files, victim, job_id, 2)
-            cluster.kill(victim, signal.SIGKILL)
-            assert not _update_sent(files, victim, job_id, 2)
-            # Either the round finishes without it (offline after 10 s) or its task fails when
-            # the restarted agent registers again; both ways the job goes on.
-            cluster.start_agent(victim)
-            back_at = _wait_back_online(files, c, victim, job_id, registrations=2)
-        st = _wait_until_ended(files, cluster, job_id, timeout_s=150)
-        card = _pull_model(files, cluster, job_id)
+    files, cluster = federation.files, federation.cluster
+    job_file = _job_file(federation, tmp_path, rounds=rounds)
+    with _client(files, cluster) as c:
+        job_id = _submit(job_file, c)
+        # Kill the agent once it has charged round 2: it is training (write-ahead charge).
+        killed_task = _wait_for_charge(files, victim, job_id, 2)
+        registered = _registrations(files, victim)
+        cluster.kill(victim, signal.SIGKILL)
+        assert not _update_sent(files, victim, job_id, 2)
+        # Either the round finishes without it (offline after 10 s) or its task fails when
+        # the restarted agent registers again; both ways the job goes on.
+        cluster.start_agent(victim)
+        back_at = _wait_back_online(files, c, victim, job_id, registrations=registered + 1)
+    st = _wait_until_ended(files, cluster, job_id, timeout_s=150)
+    card = _pull_model(files, cluster, job_id)
 
     _check_history(st, rounds)
     assert victim not in st.history[1].site_ids, "round 2 used the update of a killed agent"
@@ -408,30 +404,33 @@ def test_agent_sigkill_while_training_keeps_its_charge(tmp_path: Path) -> None:
             assert not missing[site], (site, missing[site])
 
 
-def test_site_cut_off_then_back_catches_up(tmp_path: Path) -> None:
+# Late updates refused: tests/unit/test_broker.py; a site offline then back, in-process:
+# tests/integration/test_grpc_job.py.
+@pytest.mark.slow  # waits out offline-after (10 s) on a 5-round job; parts covered more cheaply
+def test_site_cut_off_then_back_catches_up(federation: Federation, tmp_path: Path) -> None:
     rounds = 5
     victim = "bank-c"
-    files, port = _prepare(tmp_path, rounds=rounds)
-    with _cluster(files, port) as cluster:
-        with _client(files, cluster) as c:
-            job_id = _submit(files, c)
-            frozen_task = _wait_for_charge(files, victim, job_id, 2)
-            cluster.procs[victim].send_signal(signal.SIGSTOP)
-            t_stop = time.time()
-            try:
-                # Round 2 completes with the two others once the site is offline (10 s).
-                _wait(
-                    "round 2 to commit without the frozen site",
-                    lambda: _status(c, job_id).round >= 2 or None,
-                    files,
-                    60,
-                )
-            finally:
-                cut_off = time.time() - t_stop
-                cluster.procs[victim].send_signal(signal.SIGCONT)
-            back_at = _wait_back_online(files, c, victim, job_id)
-        st = _wait_until_ended(files, cluster, job_id, timeout_s=150)
-        card = _pull_model(files, cluster, job_id)
+    files, cluster = federation.files, federation.cluster
+    job_file = _job_file(federation, tmp_path, rounds=rounds)
+    with _client(files, cluster) as c:
+        job_id = _submit(job_file, c)
+        frozen_task = _wait_for_charge(files, victim, job_id, 2)
+        cluster.procs[victim].send_signal(signal.SIGSTOP)
+        t_stop = time.time()
+        try:
+            # Round 2 completes with the two others once the site is offline (10 s).
+            _wait(
+                "round 2 to commit without the frozen site",
+                lambda: _status(c, job_id).round >= 2 or None,
+                files,
+                60,
+            )
+        finally:
+            cut_off = time.time() - t_stop
+            cluster.procs[victim].send_signal(signal.SIGCONT)
+        back_at = _wait_back_online(files, c, victim, job_id)
+    st = _wait_until_ended(files, cluster, job_id, timeout_s=150)
+    card = _pull_model(files, cluster, job_id)
 
     assert cut_off > 10.0, f"the site was cut off {cut_off:.1f} s only, not past offline-after"
     _check_history(st, rounds)
@@ -450,61 +449,31 @@ def test_site_cut_off_then_back_catches_up(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- mixture jobs
 
 
-def _add_mixture_dataset(files: DemoFiles, rows_per_site: int = 20000) -> None:
-    """Give every site a 2-D CSV of three clusters with declared bounds (a gmm job needs them)."""
-    means = np.array([[-3.0, -3.0], [0.0, 3.0], [3.0, -2.0]])
-    for i, (site, cfg_path) in enumerate(sorted(files.site_configs.items())):
-        rng = np.random.default_rng(i)
-        comp = rng.choice(3, size=rows_per_site)
-        x = np.clip(means[comp] + rng.normal(0, 0.6, size=(rows_per_site, 2)), -6, 6)
-        rows = np.column_stack([x, np.zeros(rows_per_site)])
-        np.savetxt(
-            cfg_path.parent / "pts.csv",
-            rows,
-            delimiter=",",
-            header="x1,x2,y",
-            comments="",
-            fmt="%.5f",
-        )
-        cfg = yaml.safe_load(cfg_path.read_text())
-        cfg["datasets"].append(
-            {
-                "name": "pts",
-                "path": "pts.csv",
-                "label": "y",
-                "chunk_rows": 2000,
-                "columns": {"x1": {"min": -6, "max": 6}, "x2": {"min": -6, "max": 6}},
-            }
-        )
-        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        assert site in SITES
-
-
-def test_orchestrator_sigkill_mid_gmm_job_resumes(tmp_path: Path) -> None:
+# In-process, seconds: tests/integration/test_gmm_job.py (resumes after an orchestrator restart).
+@pytest.mark.slow  # the same resume as the training job's SIGKILL case, for the mixture kind
+def test_orchestrator_sigkill_mid_gmm_job_resumes(federation: Federation) -> None:
     """A mixture job survives a SIGKILL of the orchestrator: it resumes from its last
     committed round (not from round 1), completes, and its card's ε covers every charge in
     every site's ledger, the interrupted round's included (over-count, never under)."""
-    files, port = _prepare(tmp_path, rounds=1)
-    _add_mixture_dataset(files)
+    files, cluster = federation.files, federation.cluster
     spec = {
         "kind": "gmm",
-        "dataset": "pts",
+        "dataset": "pts",  # 2-D points of three clusters at every site (conftest.py)
         "k_range": [2, 3],
         "max_rounds": 8,
         "dp": {"target_epsilon": 3.0, "delta": DELTA},
         "min_sites": 3,
         "round_timeout_s": 60,
     }
-    with _cluster(files, port) as cluster:
-        with _client(files, cluster) as c:
-            job_id = c.submit(json.dumps(spec))
-            _wait("round 2 to commit", lambda: _status(c, job_id).round >= 2 or None, files, 90)
-        cluster.kill("orchestrator", signal.SIGKILL)
-        at_kill = _committed_round(files, job_id)
-        cluster.start_orchestrator()  # same port, same state dir
-        st = _wait_until_ended(files, cluster, job_id, timeout_s=120)
-        with _client(files, cluster) as c:
-            card = json.loads(c.download(job_id)[0])
+    with _client(files, cluster) as c:
+        job_id = c.submit(json.dumps(spec))
+        _wait("round 2 to commit", lambda: _status(c, job_id).round >= 2 or None, files, 90)
+    cluster.kill("orchestrator", signal.SIGKILL)
+    at_kill = _committed_round(files, job_id)
+    cluster.start_orchestrator()  # same port, same state dir
+    st = _wait_until_ended(files, cluster, job_id, timeout_s=120)
+    with _client(files, cluster) as c:
+        card = json.loads(c.download(job_id)[0])
 
     resumed = [e.message for e in st.events if "resuming after round" in e.message]
     assert len(resumed) == 1 and resumed[0].startswith(f"resuming after round {at_kill} ")
