@@ -112,6 +112,8 @@ class Release:
     """What adds the cost, for the budget message: "this task (round 2 of 5)", "its 5 rounds"."""
     training: Training | None = None
     exact_metrics: bool = False
+    round: int = 0
+    """The round the ledger records the charge under (a train task's round; else 0)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "events", tuple(self.events))
@@ -270,7 +272,6 @@ def admit_and_charge(
     max_epsilon: float,
     dataset: str,
     job_id: str,
-    round: int,
     task_id: str,
     release: Release,
 ) -> Projection:
@@ -295,7 +296,7 @@ def admit_and_charge(
     ledger.charge(
         dataset=dataset,
         job_id=job_id,
-        round=round,
+        round=release.round,
         task_id=task_id,
         kind=list(release.kinds),
         events=list(release.events),

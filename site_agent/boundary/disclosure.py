@@ -10,10 +10,9 @@ from it (post-processing), and a dataset whose DP count was withheld serves no t
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 
-from common.domain import DatasetInfo, PolicySummary, UpdateMeta
+from common.domain import DatasetInfo, PolicySummary
 from common.dp import noise
 from common.dp.running import running_epsilon
 from common.errors import PolicyRefusal
@@ -71,25 +70,6 @@ def public_shape(shape: Shape, dp_rows: float, cfg: DatasetConfig) -> Shape:
     n_val = None if shape.num_validation is None else round(dp_rows * cfg.validation_fraction)
     n_train = max(1, round(dp_rows) - (n_val or 0))
     return dataclasses.replace(shape, num_train=n_train, num_validation=n_val)
-
-
-def with_public_count(
-    kind: str, answer: tuple[UpdateMeta, bytes], shape: Shape
-) -> tuple[UpdateMeta, bytes]:
-    """An answer with every example count it carries replaced by the disclosed size: the
-    meta's ``num_examples`` (kept at 0 when the handler sends none, as noised metrics do)
-    and a local mixture fit's ``rows`` weight. The DP results themselves are unchanged."""
-    meta, blob = answer
-    total = shape.num_train + (shape.num_validation or 0)
-    result_json = meta.result_json
-    if kind == "gmm_local":  # its fit is weighted by its rows (the orchestrator's pooling)
-        result_json = json.dumps({**json.loads(result_json), "rows": total})
-    return (
-        dataclasses.replace(
-            meta, num_examples=meta.num_examples and total, result_json=result_json
-        ),
-        blob,
-    )
 
 
 def dataset_infos(site: SiteContext) -> list[DatasetInfo]:

@@ -34,7 +34,7 @@ from site_agent.boundary.admission import (
     commitments_for,
 )
 from site_agent.boundary.budget import budget_limit
-from site_agent.boundary.disclosure import SiteContext, with_public_count
+from site_agent.boundary.disclosure import SiteContext
 from site_agent.boundary.ledger import Ledger
 from site_agent.config import SiteConfig
 from site_agent.data.catalog import CatalogCounts
@@ -138,11 +138,12 @@ class SitePipeline:
                 max_epsilon=self.site.budget(task.dataset),
                 dataset=task.dataset,
                 job_id=task.job_id,
-                round=task.round if task.kind == "train" else 0,
                 task_id=task.task_id,
                 release=plan.release,
             )
         answer = handler.run(self.site, task, plan, blob)
         if plan.release is not None:
             self._infos = disclosure.dataset_infos(self.site)  # the spend moved
-        return answer if public is None else with_public_count(task.kind, answer, public)
+        if public is None:
+            return answer
+        return handler.with_public_count(answer, public.num_train + (public.num_validation or 0))

@@ -88,7 +88,6 @@ class CatalogCounts:
                     max_epsilon=self._limit(dataset),
                     dataset=dataset,
                     job_id=CATALOG_JOB,
-                    round=0,
                     task_id=f"catalog-{uuid.uuid4().hex}",
                     release=release,
                 )

@@ -15,6 +15,7 @@ called by :class:`site_agent.boundary.pipeline.SitePipeline` in this order:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -68,6 +69,14 @@ class TaskHandler(ABC, Generic[PlanT]):
     @abstractmethod
     def run(self, site: SiteContext, task: TaskAssignment, plan: PlanT, blob: bytes) -> Reply:
         """Compute and answer, after the plan's release was charged."""
+
+    def with_public_count(self, answer: Reply, total: int) -> Reply:
+        """``answer`` with every example count it carries replaced by the disclosed size
+        ``total`` (``policy.disclose_row_counts: false``): the meta's ``num_examples``, kept
+        at 0 when the handler sends none (as noised metrics do). The DP results are
+        unchanged (post-processing of public values)."""
+        meta, blob = answer
+        return dataclasses.replace(meta, num_examples=meta.num_examples and total), blob
 
 
 def parse_request(model: type[RequestT], task: TaskAssignment, *, source: str) -> RequestT:

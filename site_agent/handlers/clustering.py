@@ -12,6 +12,7 @@ left out, each by a rule on that record alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -174,6 +175,13 @@ class LocalFitHandler(TaskHandler[LocalFitPlan]):
     planned release) up front."""
 
     kind = "gmm_local"
+
+    def with_public_count(self, answer: Reply, total: int) -> Reply:
+        """The fit's ``rows`` weight (the orchestrator pools fits by it) is the disclosed
+        size too."""
+        meta, blob = super().with_public_count(answer, total)
+        result = {**json.loads(meta.result_json), "rows": total}
+        return dataclasses.replace(meta, result_json=json.dumps(result)), blob
 
     def plan(self, site: SiteContext, task: TaskAssignment) -> LocalFitPlan:
         body = parse_request(LocalFitTask, task, source="gmm local fit")

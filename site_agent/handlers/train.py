@@ -122,6 +122,7 @@ class TrainHandler(TaskHandler[TrainPlan]):
                 steps=steps,
             ),
             exact_metrics=exact and want_metrics,
+            round=task.round,
         )
         return TrainPlan(
             release=release,

@@ -37,7 +37,6 @@ def _release(cfg: SiteConfig, ledger: object, dataset: str, n: int) -> None:
         max_epsilon=budget_limit(cfg, dataset),
         dataset=dataset,
         job_id=f"eval-{n}",
-        round=0,
         task_id=f"t-{n}",
         release=Release(what="an evaluation", events=(RELEASE,), delta=1e-5, kinds=("metrics",)),
     )
