@@ -88,10 +88,10 @@ class Coordinator:
 
     def _start_runner(self, job_id: str) -> None:
         row = self.store.job(job_id)
-        runner_cls = kind_of_spec(row.spec_json).runner
-        if runner_cls is None:  # a one-shot release: recorded as ended, never resumed
+        kind = kind_of_spec(row.spec_json)
+        if kind.runner is None:  # a one-shot release: recorded as ended, never resumed
             return
-        runner = runner_cls(
+        runner = kind.runner()(
             job_id=job_id,
             account=self.accounts.of(job_id, delta=row.delta),
             store=self.store,

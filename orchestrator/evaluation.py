@@ -23,15 +23,12 @@ from orchestrator.core.broker import Broker
 from orchestrator.core.fanout import fan_out
 from orchestrator.core.store import Store
 from orchestrator.jobs.accounting import record_one_shot
-from orchestrator.jobs.base import JobKind
+from orchestrator.jobs.kinds import EVALUATE
 from orchestrator.metric_pooling import EVALUATE_LOSS_BOUND, pool_metrics, pooled_to_dict
 from orchestrator.planning import online_holders
 from orchestrator.schemas import disagreement
 
 DELTA = 1e-5
-
-EVALUATE = JobKind(name="evaluate")
-"""A one-shot release, answered on the caller's thread and recorded as a job of this kind."""
 
 
 def evaluate_model(

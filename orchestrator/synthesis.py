@@ -22,14 +22,11 @@ from orchestrator.core.broker import Broker
 from orchestrator.core.fanout import fan_out
 from orchestrator.core.store import Store
 from orchestrator.jobs.accounting import record_one_shot
-from orchestrator.jobs.base import JobKind
+from orchestrator.jobs.kinds import SYNTH
 from orchestrator.planning import online_holders
 from orchestrator.synthesis_tree import combine, fit_and_sample
 
 MAX_ROWS = 1_000_000
-
-SYNTH = JobKind(name="synth")
-"""A one-shot release, answered on the caller's thread and recorded as a job of this kind."""
 
 
 def synthesize(

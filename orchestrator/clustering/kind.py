@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from common.domain import SiteStatus
 from common.errors import InvalidSpecError, NotFoundError, PrivacyAccountingError
 from common.specs import GmmJobSpec
 from orchestrator.clustering.setup import build_machine, declared_box
-from orchestrator.gmm_runner import GmmRunner
-from orchestrator.jobs.base import JobKind
 from orchestrator.planning import site_dataset
 
 
@@ -30,17 +27,3 @@ def prepare(
             f"dp.target_epsilon={spec.dp.target_epsilon:g} cannot be met by this job: {err}"
         ) from None
     return spec, spec.max_rounds
-
-
-def summary(card: Mapping[str, Any]) -> str:
-    return f"K = {card['model']['K']}, "
-
-
-GMM = JobKind(
-    name="gmm",
-    runner=GmmRunner,
-    prepare=prepare,
-    released_file="mixture.json",
-    load_hint="common.clustering.released.load_mixture({path!r}).predict(X)",
-    summary=summary,
-)

@@ -13,8 +13,8 @@
   from its checkpoint when the orchestrator starts again; a job that has ended is never run
   again), job events, and failing the job visibly, never hanging it, on any error.
 
-A kind supplies ``_run`` (its rounds and its release) and its own checkpoint, and describes
-itself with a :class:`JobKind` (registered in ``orchestrator.jobs.kinds``).
+A kind supplies ``_run`` (its rounds and its release) and its own checkpoint; it is
+registered in ``orchestrator.jobs.kinds``.
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
-from common.domain import Plan, SiteStatus
 from common.dp.events import DpEvent
 from common.errors import DpfedError, JobFailedError
 from orchestrator.core.broker import Broker
@@ -38,33 +36,6 @@ from orchestrator.jobs.accounting import JobAccount, charge_row
 log = logging.getLogger("dpfed.orchestrator")
 
 _T = TypeVar("_T")
-
-
-def _no_summary(card: Mapping[str, Any]) -> str:
-    return ""
-
-
-@dataclass(frozen=True)
-class JobKind:
-    """What the coordinator, the CLI and the status views need to know about one kind of job.
-
-    ``runner``: the thread class that runs a submitted job of this kind; None for a one-shot
-    release answered on the caller's thread (it is still recorded as a job of its kind).
-    ``prepare(spec, sites, max_parameters)``: the spec as the job will run it (e.g. its
-    feature encoding derived from the sites' declared schemas) and its number of rounds, or a
-    clear error before anything starts. ``plan(spec, sites, broker, max_parameters)``: each
-    site's projected cost; None when the kind cannot be planned ahead. ``released_file``:
-    the artefact written next to ``model_card.json``; ``load_hint``: how to load it (with
-    ``{path}``); ``summary(card)``: what the CLI adds about a release (e.g. "K = 3, ").
-    """
-
-    name: str
-    runner: type[JobThread] | None = None
-    prepare: Callable[[Any, Sequence[SiteStatus], int], tuple[Any, int]] | None = None
-    plan: Callable[[Any, Sequence[SiteStatus], Broker, int], Plan] | None = None
-    released_file: str | None = None
-    load_hint: str = ""
-    summary: Callable[[Mapping[str, Any]], str] = _no_summary
 
 
 class JobStopped(DpfedError):

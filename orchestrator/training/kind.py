@@ -9,10 +9,8 @@ from common.errors import NotFoundError
 from common.specs import JobSpec
 from orchestrator.admission import with_site_verdicts
 from orchestrator.core.broker import Broker
-from orchestrator.jobs.base import JobKind
 from orchestrator.model_size import check_model_size
 from orchestrator.planning import online_holders, plan_job, site_dataset
-from orchestrator.rounds import JobRunner
 from orchestrator.schemas import Agreement, agree, with_encoding
 
 
@@ -53,13 +51,3 @@ def plan(spec: JobSpec, sites: Sequence[SiteStatus], broker: Broker, max_paramet
     projected = plan_job(derived, list(sites), excluded=agreement.excluded)
     online = {s.site_id for s in sites if s.state not in ("offline", "disabled")}
     return with_site_verdicts(projected, derived, broker, online=online)
-
-
-TRAIN = JobKind(
-    name="train",
-    runner=JobRunner,
-    prepare=prepare,
-    plan=plan,
-    released_file="model.safetensors",
-    load_hint="common.training.models.load_model({path!r})",
-)

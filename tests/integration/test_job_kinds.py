@@ -135,7 +135,7 @@ def test_a_job_of_every_kind_is_charged_finite_and_never_run_again(
     # Never run again: an ended job's runner returns at once and records nothing; a
     # one-shot release has no runner at all.
     if kind.runner is not None:
-        runner = kind.runner(
+        runner = kind.runner()(
             job_id=job_id,
             store=coord.store,
             broker=coord.broker,
