@@ -12,9 +12,9 @@ from orchestrator.client import ControlClient
 from site_agent.boundary.budget import open_ledger
 from site_agent.boundary.ledger import Ledger
 from site_agent.config import load_site_config
-from tests.integration.test_grpc_job import _job, _wait, digits, net_factory
+from tests.integration.test_grpc_job import _job, _wait, net_factory
 
-__all__ = ["digits", "net_factory"]  # fixtures used here
+__all__ = ["net_factory"]  # fixtures used here
 
 
 def _ledger(tmp_path: Path, site_id: str) -> Ledger:

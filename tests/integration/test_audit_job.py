@@ -17,10 +17,7 @@ from tests.integration.test_grpc_job import _job, _start, _wait
 
 
 def _stop(net: Any) -> None:
-    for sid, a in net.agents.items():
-        a.stop()
-        net.threads[sid].join(timeout=30)
-    net.server.stop(0.5)
+    net.stop()
 
 
 def test_audited_job_records_the_audit_and_canaries_stay_at_the_sites(

@@ -7,35 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
-import yaml
 from sklearn.metrics import roc_auc_score
 
 from common.training.models import load_model
 from orchestrator.client import ControlClient
 from orchestrator.metric_pooling import auc_from_histograms
 from site_agent.trainer import score_bins
-from tests.integration import test_grpc_job
 from tests.integration.test_grpc_job import _job, _start, _wait
 
 
-def test_rounds_and_evaluate_report_a_dp_auc_for_binary_labels(
-    tmp_path: Path, digits: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_rounds_and_evaluate_report_a_dp_auc_for_binary_labels(tmp_path: Path, digits: Any) -> None:
     x, y = digits
     binary = (y >= 5).astype(np.int64)
-    write = test_grpc_job._write_site
-
-    def two_classes(*args: Any, **kw: Any) -> Path:
-        path = write(*args, **kw)
-        cfg = yaml.safe_load(path.read_text())
-        cfg["datasets"][0]["num_classes"] = 2
-        path.write_text(yaml.safe_dump(cfg))
-        return path
-
-    monkeypatch.setattr(test_grpc_job, "_write_site", two_classes)
-    net = _start(tmp_path, (x, binary), {"a": {}, "b": {}})
+    net = _start(tmp_path, (x, binary), {"a": {}, "b": {}}, num_classes=2)
     model = {"kind": "mlp", "input_dim": 64, "num_classes": 2, "hidden": [16]}
     try:
         with ControlClient(net.address) as c:
@@ -47,11 +32,7 @@ def test_rounds_and_evaluate_report_a_dp_auc_for_binary_labels(
             ev = c.evaluate(st.job_id, dataset="digits", noise_multiplier=2.0, timeout_s=60)
             card_json, weights = c.download(st.job_id)
     finally:
-        for a in net.agents.values():
-            a.stop()
-        for t in net.threads.values():
-            t.join(timeout=30)
-        net.server.stop(0.5)
+        net.stop()
     last = st.history[-1].metrics
     assert last is not None and last.auc is not None and 0 < last.auc.se < 1
     assert st.history[0].metrics is None  # only the last round releases metrics by default

@@ -23,10 +23,7 @@ def test_evaluate_pools_noised_metrics_and_charges_each_site(tmp_path: Path, dig
                 c.evaluate(st.job_id, dataset="nope", noise_multiplier=5.0)
             ev = c.evaluate(st.job_id, dataset="digits", noise_multiplier=5.0, timeout_s=60)
     finally:
-        for sid, a in net.agents.items():
-            a.stop()
-            net.threads[sid].join(timeout=30)
-        net.server.stop(0.5)
+        net.stop()
     by_site = {s.site_id: s for s in ev.sites}
     # c's policy wants σ ≥ 50: it refuses, says why, and is left out of the pool
     assert by_site["c"].metrics is None and "minimum" in by_site["c"].error

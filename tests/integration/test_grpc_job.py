@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
-from sklearn.datasets import load_digits
 
 from common.dp.accounting import compute_epsilon
 from common.dp.events import DpEvent
@@ -25,7 +22,15 @@ from orchestrator.client import ControlClient
 from orchestrator.server import RunningServer, start_server
 from site_agent.agent import SiteAgent
 from site_agent.boundary.ledger import Ledger
-from site_agent.config import load_site_config
+from tests.integration.sites import (
+    POLICY,
+    features_dataset,
+    start_agents,
+    stop_agents,
+    wait_online,
+    write_features_csv,
+    write_site,
+)
 
 
 @dataclass
@@ -40,72 +45,55 @@ class Net:
         return self.server.address
 
     def stop_agent(self, site_id: str) -> None:
-        self.agents[site_id].stop()
-        self.threads[site_id].join(timeout=30)
-        self.agents[site_id].close()
+        stop_agents([self.agents[site_id]], [self.threads[site_id]])
+
+    def stop(self) -> None:
+        """Every agent, then the orchestrator."""
+        stop_agents(self.agents, self.threads)
+        self.server.stop(0.5)
 
 
 def _write_site(
-    root: Path, site_id: str, x: np.ndarray, y: np.ndarray, port: int, **policy: Any
+    root: Path,
+    site_id: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    port: int,
+    *,
+    num_classes: int = 10,
+    **policy: Any,
 ) -> Path:
-    d = root / site_id
-    d.mkdir(parents=True)
-    cols = [f"f{i}" for i in range(x.shape[1])]
-    np.savetxt(
-        d / "data.csv",
-        np.column_stack([x, y]),
-        delimiter=",",
-        header=",".join([*cols, "label"]),
-        comments="",
-        fmt=["%.5f"] * len(cols) + ["%d"],
+    write_features_csv(root / site_id / "data.csv", x, y)
+    return write_site(
+        root,
+        site_id,
+        orchestrator=f"127.0.0.1:{port}",
+        datasets=[features_dataset("digits", num_classes=num_classes)],
+        policy={**POLICY, **policy},
     )
-    cfg = {
-        "site_id": site_id,
-        "orchestrator": f"127.0.0.1:{port}",
-        "state_dir": "state",
-        "datasets": [
-            {
-                "name": "digits",
-                "path": "data.csv",
-                "label": "label",
-                "feature_bounds": [0, 1],
-                "num_classes": 10,
-            }
-        ],
-        "policy": {"max_epsilon": 50.0, "delta": 1e-5, "min_noise_multiplier": 0.5, **policy},
-        "poll_seconds": 1.0,
-        "heartbeat_seconds": 0.5,
-        "insecure": True,
-    }
-    (d / "site.yaml").write_text(yaml.safe_dump(cfg))
-    return d / "site.yaml"
-
-
-@pytest.fixture
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    x, y = load_digits(return_X_y=True)
-    return (x / 16.0).astype(np.float32), y.astype(np.int64)
 
 
 def _start(
-    tmp_path: Path, digits: tuple[np.ndarray, np.ndarray], policies: dict[str, dict[str, Any]]
+    tmp_path: Path,
+    digits: tuple[np.ndarray, np.ndarray],
+    policies: dict[str, dict[str, Any]],
+    *,
+    num_classes: int = 10,
 ) -> Net:
+    """An orchestrator and one agent per ``site_id → policy overrides``, the first 900 digits
+    rows split evenly among them; ``num_classes`` declared by every site."""
     server = start_server(listen="127.0.0.1:0", state_dir=tmp_path / "orch", offline_after_s=3.0)
     x, y = digits
     parts = np.array_split(np.random.default_rng(0).permutation(len(y))[:900], len(policies))
-    agents, threads = {}, {}
-    for (site_id, pol), idx in zip(policies.items(), parts, strict=True):
-        cfg = load_site_config(_write_site(tmp_path, site_id, x[idx], y[idx], server.port, **pol))
-        agent = SiteAgent(cfg)
-        t = threading.Thread(target=agent.run, daemon=True)
-        t.start()
-        agents[site_id], threads[site_id] = agent, t
-    net = Net(server, agents, threads, tmp_path)
-    deadline = time.time() + 30
+    configs = {
+        site_id: _write_site(
+            tmp_path, site_id, x[idx], y[idx], server.port, num_classes=num_classes, **pol
+        )
+        for (site_id, pol), idx in zip(policies.items(), parts, strict=True)
+    }
+    net = Net(server, *start_agents(configs), tmp_path)
     with ControlClient(net.address) as c:
-        while len([s for s in c.sites() if s.state != "offline"]) < len(policies):
-            assert time.time() < deadline, "agents did not register"
-            time.sleep(0.1)
+        wait_online(c, len(policies))
     return net
 
 
@@ -119,10 +107,7 @@ def net_factory(tmp_path: Path, digits: tuple[np.ndarray, np.ndarray]) -> Iterat
 
     yield make
     for n in nets:
-        for sid, a in n.agents.items():
-            a.stop()
-            n.threads[sid].join(timeout=30)
-        n.server.stop(0.5)
+        n.stop()
 
 
 def _job(**over: Any) -> str:

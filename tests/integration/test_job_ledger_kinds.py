@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.client import ControlClient
 from tests.integration.test_gmm_job import ONE_SHOT_SPEC, _federation, _run_job
-from tests.integration.test_grpc_job import _job, _start, _wait, digits
+from tests.integration.test_grpc_job import _job, _start, _wait
 from tests.integration.test_security import (
     Federation,
     Pki,
@@ -25,7 +25,7 @@ from tests.integration.test_security import (
     pki,
 )
 
-__all__ = ["digits", "federation", "pki"]  # fixtures used here
+__all__ = ["federation", "pki"]  # fixtures used here
 
 
 @pytest.mark.parametrize("tamper", [_huge_norm, _claimed_sigma(lambda s: s / 2)])
@@ -59,10 +59,7 @@ def test_evaluation_and_mixture_charges_are_in_the_job_ledger(tmp_path: Path, di
             ev = c.job(evals[0].job_id)
             assert {s.site_id for s in ev.sites} == {"a", "b"} and ev.epsilon > 0
     finally:
-        for sid, a in net.agents.items():
-            a.stop()
-            net.threads[sid].join(timeout=30)
-        net.server.stop(0.5)
+        net.stop()
     assert {(r.site_id, r.job_id) for r in rows} >= {("a", ev.job_id), ("b", ev.job_id)}
 
     with _federation(tmp_path / "gmm", {"max_epsilon": 20.0, "delta": 1e-5}) as c:

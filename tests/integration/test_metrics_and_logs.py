@@ -35,10 +35,7 @@ def test_metrics_endpoint_reports_rounds_bytes_and_epsilon(
         url = f"http://127.0.0.1:{net.server.metrics.port}/metrics"
         text = urllib.request.urlopen(url, timeout=10).read().decode()
     finally:
-        for sid, a in net.agents.items():
-            a.stop()
-            net.threads[sid].join(timeout=30)
-        net.server.stop(0.5)
+        net.stop()
     samples = {
         line.split(" ")[0]: float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()

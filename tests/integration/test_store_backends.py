@@ -186,7 +186,4 @@ def test_a_whole_job_on_each_backend(backend: str, tmp_path: Path, digits: Any) 
             assert [h.round for h in st.history] == [1, 2]
             assert len(c.download(st.job_id)[1]) > 0
     finally:
-        for sid, a in net.agents.items():
-            a.stop()
-            net.threads[sid].join(timeout=30)
-        net.server.stop(0.5)
+        net.stop()
