@@ -20,9 +20,9 @@ from common.dp.accounting import compute_epsilon
 from common.dp.calibrate import calibrate_noise_multiplier
 from common.dp.events import DpEvent
 from common.errors import PrivacyAccountingError
-from common.schedule import task_schedule
 from common.specs import JobSpec
 from common.training.models import count_spec_parameters
+from common.training.schedule import task_schedule
 from orchestrator.update_bounds import MAX_STEPS_PER_TASK
 
 ACCOUNTANT = "prv"

@@ -28,9 +28,9 @@ import torch
 
 from common.domain import SiteStatus, TaskAssignment, UpdateMeta
 from common.errors import InvalidUpdateError, JobFailedError
-from common.schedule import task_schedule
 from common.specs import JobSpec, job_spec_from_json
 from common.training.models import build_model, save_model
+from common.training.schedule import task_schedule
 from common.training.tensors import (
     SafetensorsPieces,
     iter_chunks,

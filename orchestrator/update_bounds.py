@@ -29,8 +29,8 @@ import torch
 from common.domain import UpdateMeta
 from common.dp.events import DpEvent
 from common.errors import InvalidUpdateError
-from common.schedule import task_schedule
 from common.specs import JobSpec, OptimizerSpec
+from common.training.schedule import task_schedule
 from common.training.sgld import bound_noise_multiplier
 from common.training.tensors import RandomAccess, SafetensorsPieces, check_update
 

@@ -60,10 +60,10 @@ from torch.utils.data import DataLoader
 from common.domain import Metrics
 from common.dp import noise
 from common.errors import InvalidSpecError
-from common.schedule import task_schedule
 from common.specs import ModelSpec, OptimizerSpec, model_dims
 from common.training import sgld
 from common.training.models import build_model, load_weights
+from common.training.schedule import task_schedule
 from site_agent.clipping import BookKeeper, supports
 from site_agent.data.row_store import EncodedRows, tensor_poisson_loader
 from site_agent.generative import batch_loss, check_generative_mode
@@ -268,7 +268,7 @@ def train_local(
     """Run DP-SGD from ``global_state`` on the site's rows; return the noised delta.
 
     Runs exactly ``steps`` steps with Poisson sample rate ``q`` as
-    :func:`common.schedule.task_schedule` computes them; the caller charges the ledger with the same numbers *before* calling.
+    :func:`common.training.schedule.task_schedule` computes them; the caller charges the ledger with the same numbers *before* calling.
 
     The Poisson loader is built here, with the exact ``q`` (Opacus' ``poisson_sampling=True``
     would re-derive the rate as ``1 / ceil(N / batch_size)``, which differs from ``q``

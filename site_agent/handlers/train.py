@@ -3,7 +3,7 @@
 Before the charge, from public inputs only: the spec (validated again), the job's feature
 encoding against the site's declared schema (``site_agent.boundary.encoding_check``), the
 model's size counted from the spec (nothing is built before the policy admits it), the
-schedule ``(q, steps)`` from the disclosed row count (:func:`common.schedule.task_schedule`,
+schedule ``(q, steps)`` from the disclosed row count (:func:`common.training.schedule.task_schedule`,
 the one schedule function), the DP events, then the global model's bytes against the spec.
 After the charge: the rows are encoded, DP-SGD runs exactly the charged ``(q, steps)``
 (``site_agent.trainer``), the metrics leave through the Gaussian mechanism, and only the
@@ -27,10 +27,10 @@ from common.dp.accounting import EpsilonBound, compute_epsilon
 from common.dp.events import DpEvent
 from common.dp.running import running_epsilon
 from common.errors import InvalidSpecError
-from common.schedule import task_schedule
 from common.schema.encoding import FeatureEncoding
 from common.specs import JobSpec, ModelSpec, job_spec_from_json
 from common.training.models import build_model, count_spec_parameters
+from common.training.schedule import task_schedule
 from common.training.tensors import check_update, state_from_bytes, state_to_bytes
 from site_agent.boundary.admission import Release, Training, check_release
 from site_agent.boundary.disclosure import ACCOUNTANT, SiteContext

@@ -31,9 +31,9 @@ from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 from common.rpc import serde
 from common.rpc.tls import ROLE_DATA_SCIENTIST, TlsFiles, channel_credentials, init_pki
-from common.schedule import task_schedule
 from common.specs import parse_job_spec
 from common.training.models import build_model, count_spec_parameters, load_weights
+from common.training.schedule import task_schedule
 from common.training.tensors import state_from_bytes, state_to_bytes
 from orchestrator.client import ControlClient
 from orchestrator.core.store import ChargeRow, JobRow

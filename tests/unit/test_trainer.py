@@ -14,7 +14,6 @@ from sklearn.datasets import load_digits
 
 from common.dp import noise
 from common.errors import InvalidSpecError
-from common.schedule import task_schedule
 from common.specs import (
     Conv1dSpec,
     Conv2dSpec,
@@ -25,6 +24,7 @@ from common.specs import (
     OptimizerSpec,
 )
 from common.training.models import build_model
+from common.training.schedule import task_schedule
 from common.training.tensors import l2_norm
 from site_agent.trainer import (
     TrainParams,
