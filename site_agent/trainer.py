@@ -34,7 +34,8 @@ What the guarantee rests on, and how this module keeps it:
   exactly ``steps`` steps run: the accountant's count is the truth.
 * **Finite for any record.** Each example adds at most ``C`` to a finite clipped sum in every
   clipping mode, whatever its values: one with a NaN or ∞ in its features or gradient adds
-  zero (:mod:`site_agent.clipping`, :mod:`site_agent.opacus_modes`); a non-finite update is never released (:func:`_check_finite`).
+  zero (:mod:`site_agent.clipping`, :mod:`site_agent.opacus_modes`); a non-finite update is
+  never released (:func:`_check_finite`).
 * **No un-noised output.** The training loss is never computed into a number, logged or
   returned; validation metrics leave only through :func:`evaluate`'s Gaussian mechanism.
 
@@ -268,7 +269,8 @@ def train_local(
     """Run DP-SGD from ``global_state`` on the site's rows; return the noised delta.
 
     Runs exactly ``steps`` steps with Poisson sample rate ``q`` as
-    :func:`common.training.schedule.task_schedule` computes them; the caller charges the ledger with the same numbers *before* calling.
+    :func:`common.training.schedule.task_schedule` computes them; the caller charges the
+    ledger with the same numbers *before* calling.
 
     The Poisson loader is built here, with the exact ``q`` (Opacus' ``poisson_sampling=True``
     would re-derive the rate as ``1 / ceil(N / batch_size)``, which differs from ``q``

@@ -88,7 +88,8 @@ class Training:
 
     model_kind: str
     num_parameters: int
-    """Counted from the spec (``common.training.models.count_spec_parameters``): nothing is built first."""
+    """Counted from the spec (``common.training.models.count_spec_parameters``): nothing is
+    built first."""
     round: int
     rounds: int
     noise_multiplier: float

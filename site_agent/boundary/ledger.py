@@ -29,9 +29,9 @@ Specification
   plus the unused part of every other job's live reservation, so a concurrent job's admission
   cannot take what an admitted job was promised.
 * **A budget belongs to the data.** The ledger is told which budget each dataset name draws
-  on (``budgets``: name → key of the data, see ``site_agent.boundary.budget.data_key``); every read
-  that composes (events, spent, commitments) covers every charge recorded under that key or
-  under any name sharing it, so two names on one file share one budget.
+  on (``budgets``: name → key of the data, see ``site_agent.boundary.budget.data_key``);
+  every read that composes (events, spent, commitments) covers every charge recorded under
+  that key or under any name sharing it, so two names on one file share one budget.
 * **Thread-safe.** One connection (``check_same_thread=False``) guarded by a lock, so the
   agent's task loop and its status/heartbeat thread may share a ledger.
 

@@ -3,9 +3,9 @@
 Before the charge, from public inputs only: the spec (validated again), the job's feature
 encoding against the site's declared schema (``site_agent.boundary.encoding_check``), the
 model's size counted from the spec (nothing is built before the policy admits it), the
-schedule ``(q, steps)`` from the disclosed row count (:func:`common.training.schedule.task_schedule`,
-the one schedule function), the DP events, then the global model's bytes against the spec.
-After the charge: the rows are encoded, DP-SGD runs exactly the charged ``(q, steps)``
+schedule ``(q, steps)`` from the disclosed row count (the one schedule function,
+:func:`common.training.schedule.task_schedule`), the DP events, then the global model's
+bytes against the spec. After the charge: the rows are encoded, DP-SGD runs exactly the charged ``(q, steps)``
 (``site_agent.trainer``), the metrics leave through the Gaussian mechanism, and only the
 noised delta, the example count and the DP report are returned.
 """
