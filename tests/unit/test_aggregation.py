@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from common.errors import InvalidUpdateError
 from orchestrator.aggregation import (
+    FedAvgRound,
     RunningWeightedMean,
     apply_delta,
     capped_weights,
@@ -82,7 +83,7 @@ def test_matches_flower_with_dataset_sizes_as_weights(seed: int) -> None:
     """The weights the rounds use: each site's number of training examples."""
     rng = np.random.default_rng(seed)
     shapes = {"fc1.weight": (64, 30), "fc1.bias": (64,), "fc2.weight": (2, 64), "fc2.bias": (2,)}
-    sizes = [int(n) for n in rng.integers(50, 50_000, size=int(rng.integers(2, 7)))]
+    sizes: list[float] = [int(n) for n in rng.integers(50, 50_000, size=int(rng.integers(2, 7)))]
     deltas = [random_state(rng, shapes) for _ in sizes]
 
     ours = running_mean(deltas, sizes)
@@ -332,3 +333,30 @@ def test_the_aggregation_block_of_a_job_spec() -> None:
     site_dp = {"noise_multiplier": 1.0, "clip_norm": 1.0}
     with pytest.raises(InvalidSpecError, match="cannot be combined with site_dp"):
         parse_job_spec({**base, "site_dp": site_dp, "aggregation": {"method": "median"}})
+
+
+def _round_of(values: dict[str, float], weights: dict[str, float]) -> FedAvgRound:
+    r = FedAvgRound({"w": torch.zeros(2)}, weights, 0.5, round=1)
+    for sid, v in values.items():
+        r.add(sid, {"w": torch.full((2,), v)}, 0.0)
+    return r
+
+
+def test_a_rejected_sites_share_is_spread_over_the_accepted_updates() -> None:
+    """A rogue claiming a huge size is capped at dispatch; when its update is rejected the
+    round is the weighted mean of the accepted ones (no share left to the current model)."""
+    weights = capped_weights({"a": 100.0, "b": 100.0, "c": 100.0, "rogue": 1e9}, 0.5)
+    assert weights["rogue"] == pytest.approx(300.0)
+    out = _round_of({"a": 1.0, "b": 2.0, "c": 6.0}, weights).finish(["a", "b", "c"])
+    assert torch.allclose(out.mean["w"], torch.full((2,), 3.0)) and not out.notes
+
+
+def test_the_current_model_keeps_a_share_only_when_one_site_would_pass_the_cap() -> None:
+    """c did not answer: a (capped at dispatch to half the round) would be 2/3 of what was
+    received, so the denominator keeps it at 1/2 and the rest stays with the current model."""
+    weights = capped_weights({"a": 300.0, "b": 100.0, "c": 100.0}, 0.5)
+    assert weights == {"a": 200.0, "b": 100.0, "c": 100.0}
+    out = _round_of({"a": 4.0, "b": 4.0}, weights).finish(["a", "b"])
+    assert torch.allclose(out.mean["w"], torch.full((2,), 4.0 * 300.0 / 400.0))
+    ((level, note),) = out.notes
+    assert level == "warning" and "scaled by 0.75" in note
