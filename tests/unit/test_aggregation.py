@@ -210,9 +210,9 @@ def test_piecewise_fold_matches_the_whole_tensor_computation() -> None:
         agg.add(d, w)
     mean = agg.mean()
     for k in reference:
-        expected = sum(d[k].double() * w for d, w in zip(deltas, weights, strict=True)) / sum(
-            weights
-        )
+        expected = torch.stack(
+            [d[k].double() * w for d, w in zip(deltas, weights, strict=True)]
+        ).sum(0) / sum(weights)
         assert mean[k].dtype == torch.float32 and mean[k].shape == reference[k].shape
         assert torch.allclose(mean[k].double(), expected, rtol=0, atol=1e-6)
     whole = sum(float(v.double().pow(2).sum()) for v in deltas[0].values()) ** 0.5
