@@ -11,14 +11,19 @@ noise and the charge stay in the agent**: the caller admits and charges the rele
 adds the noise to the folded total once (per-partition noise would add more noise for the
 same guarantee), as in :mod:`site_agent.gmm_stats`' map-reduce note.
 
-The fold is the agent's own streaming sum over the same chunks, in the same order, so the
-result equals the in-process path's bit for bit (:func:`local_partials` runs the same map
-in-process). Statistics: the row count (catalog), the quantile histograms of the feature
-encoding (:func:`site_agent.handlers.quantiles.histogram_counts`), the marginals of the synthetic-data
-release (counts over the ``common.synth`` schema's bins) and the mixture E-step sufficient
-statistics (:func:`site_agent.gmm_stats.compute_stats`).
+Both paths cut the rows into the same blocks, each row group into ``chunk_rows`` chunks,
+and sum the blocks' statistics in the same order, so the result equals the in-process
+path's bit for bit (:func:`local_partials` runs the same map in the agent's process: the
+mixture statistics of a Parquet dataset with ``engine: local`` are computed so). Statistics: the row
+count (catalog), the quantile histograms of the feature encoding
+(:func:`site_agent.handlers.quantiles.histogram_counts`), the marginals of the
+synthetic-data release (counts over the ``common.synth`` schema's bins) and the mixture
+requests' statistics (:func:`site_agent.gmm_stats.exact_partials`: ``gmm`` and
+``gmm_local``'s init, E-step and evaluation requests; the bootstrap's row weights are drawn
+in the agent). Counts are sums of integers, exact in any order; the mixture sums are floats,
+hence the fixed blocks and order.
 
-The same map-reduce runs on Spark where a site already has it (``docs/site-operator-guide.md``).
+The same map-reduce on Spark: ``docs/distributed-statistics.md``.
 """
 
 from __future__ import annotations
@@ -195,28 +200,28 @@ class MixtureStats:
 
 @dataclass(frozen=True)
 class MixtureRequestStats:
-    """Map for an E-step request's exact statistics (``site_agent.gmm_stats``'
-    ``_stream_stats``) of ``columns``: ``(rows used, one SufficientStats per model)``, the
-    partition's rows streamed in ``chunk_rows`` chunks as :func:`site_agent.handlers.clustering.MixtureHandler`
-    streams them."""
+    """Map for a mixture request's exact statistics (``gmm.init``, ``gmm.em``, ``gmm.eval``)
+    of ``columns``: ``(rows used, one partial per chunk)``, the partition's rows cut into
+    ``chunk_rows`` chunks and each chunk's statistics computed by
+    :func:`site_agent.gmm_stats.exact_partials`. :func:`add_mixture` keeps the partials in
+    partition order; the agent sums them in that order (``answer_request(partials=...)``)."""
 
     columns: tuple[str, ...]
     chunk_rows: int
-    models: tuple[Any, ...]  # common.clustering GaussianMixtureParams
-    box: Any  # common.clustering.model.FeatureBox
-    covariance_types: tuple[str, ...]
+    request: dict[str, Any]
 
     def __call__(self, ds: LocalDataset) -> tuple[int, list[Any]]:
-        from site_agent.gmm_stats import _stream_stats
+        from site_agent.gmm_stats import exact_partials
         from site_agent.handlers.clustering import _rows
 
         x = _rows(ds, self.columns)
         chunks = [x[i : i + self.chunk_rows] for i in range(0, len(x), self.chunk_rows)]
-        return len(x), _stream_stats(chunks, self.models, self.box, self.covariance_types)
+        return len(x), list(exact_partials(self.request, chunks))
 
 
 def add_mixture(a: tuple[int, list[Any]], b: tuple[int, list[Any]]) -> tuple[int, list[Any]]:
-    return a[0] + b[0], [x + y for x, y in zip(a[1], b[1], strict=True)]
+    """Rows added, partials concatenated (partition order)."""
+    return a[0] + b[0], a[1] + b[1]
 
 
 def connect(address: str) -> Any:

@@ -48,29 +48,22 @@ sensitivity is computed here from the request's shape, never read from it.
 
 Distributed computation on a Spark or Dask cluster
 --------------------------------------------------
-The statistics are sums over rows, so a cluster computes them as a map-reduce with the
-*same* functions and adds noise exactly once, at the end:
-
-* map: per partition, ``expected_stats(box.to_unit(rows), box.params_to_unit(params),
-  loglik_range=loglik_clip_range(unit_params))`` (``common.clustering.statistics``), e.g.
-  with Spark's ``rdd.mapPartitions`` or Dask's ``ddf.map_partitions`` / ``dask.delayed`` per
-  partition, returning ``SufficientStats`` objects (or their ``to_dict()``);
-* reduce: ``functools.reduce(operator.add, parts)`` (Spark ``treeReduce``, Dask
-  ``dask.bag.fold``): exact, order-independent up to floating-point rounding;
-* noise: one call to ``noise_stats(total, noise_multiplier=σ, sensitivity=Δ, rng=...)`` on
-  the driver, never per partition (per-partition noise would add more noise for the same
-  guarantee, and the sensitivity argument is about the total).
-
-Row clipping and the unit map are per row, so they commute with partitioning; the driver
-must use a generator seeded from OS entropy for the noise.
+The statistics are sums over rows, so a cluster computes them as a map-reduce and the agent
+adds noise exactly once, at the end (per-partition noise would add more noise for the same
+guarantee, and the sensitivity argument is about the total). :func:`exact_partials` is the
+map: each chunk's exact statistics, chunk by chunk. :func:`answer_request` sums them in
+chunk order whether it computed them itself or received them (``partials``), so a cluster
+that cuts each partition into the same chunks and returns the partials in partition order
+(``site_agent.dask_engine``) gives the same bits as the agent's own pass. Spark and Dask
+recipes: ``docs/distributed-statistics.md``.
 
 Data handling follows :mod:`site_agent.data.loading`: no error message contains a data value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -148,43 +141,93 @@ def _stream_stats(
 ) -> list[SufficientStats]:
     """One pass over the chunks accumulating every model's statistics."""
     unit = _unit_models(models, box)
-    totals: list[SufficientStats | None] = [None] * len(unit)
-    for chunk in chunks:
-        z = box.to_unit(chunk)
-        if z.shape[0] == 0:
-            continue
-        for i, ((params, rng), ctype) in enumerate(zip(unit, covariance_types, strict=True)):
-            part = expected_stats(z, params, covariance_type=ctype, loglik_range=rng)
-            prev = totals[i]
-            totals[i] = part if prev is None else prev + part
-    out = []
-    for (params, rng), ctype, total in zip(unit, covariance_types, totals, strict=True):
-        if total is None:  # no rows at all: the exact statistics are zero
-            K, D = params.n_components, params.n_features
-            s2 = np.zeros((K, D, D) if ctype == "full" else (K, D))
-            total = SufficientStats(np.zeros(K), np.zeros((K, D)), s2, 0.0, rng)
-        out.append(total)
-    return out
+    total = _fold_lists(_em_partials(chunks, unit, covariance_types, box))
+    return _em_totals(total, unit, covariance_types)
 
 
-ExactStats = Callable[
-    [Sequence[GaussianMixtureParams], FeatureBox, Sequence[str]], list[SufficientStats]
-]
-"""Computes :func:`_stream_stats`' result for the site's rows (models, box, covariance types)."""
-
-
-def _stream_loglik(
-    chunks: Iterable[npt.ArrayLike], models: Sequence[GaussianMixtureParams], box: FeatureBox
-) -> list[float]:
-    """One pass accumulating every model's :func:`~common.clustering.release.scaled_loglik_sum`."""
-    unit = _unit_models(models, box)
-    totals = [0.0] * len(unit)
+def _em_partials(
+    chunks: Iterable[npt.ArrayLike],
+    unit: Sequence[tuple[GaussianMixtureParams, tuple[float, float]]],
+    covariance_types: Sequence[str],
+    box: FeatureBox,
+) -> Iterator[list[SufficientStats]]:
     for chunk in chunks:
         z = box.to_unit(chunk)
         if z.shape[0]:
-            for i, (params, rng) in enumerate(unit):
-                totals[i] += scaled_loglik_sum(z, params, loglik_range=rng)
-    return totals
+            yield [
+                expected_stats(z, params, covariance_type=ctype, loglik_range=rng)
+                for (params, rng), ctype in zip(unit, covariance_types, strict=True)
+            ]
+
+
+def _em_totals(
+    total: list[SufficientStats] | None,
+    unit: Sequence[tuple[GaussianMixtureParams, tuple[float, float]]],
+    covariance_types: Sequence[str],
+) -> list[SufficientStats]:
+    if total is not None:
+        return total
+    out = []  # no rows at all: the exact statistics are zero
+    for (params, rng), ctype in zip(unit, covariance_types, strict=True):
+        K, D = params.n_components, params.n_features
+        s2 = np.zeros((K, D, D) if ctype == "full" else (K, D))
+        out.append(SufficientStats(np.zeros(K), np.zeros((K, D)), s2, 0.0, rng))
+    return out
+
+
+T = TypeVar("T", SufficientStats, float)
+
+
+def _fold_lists(partials: Iterable[list[T]]) -> list[T] | None:
+    """Each chunk's list of per-model values summed element-wise, chunk after chunk (None
+    without chunks): the one order of summation every path uses."""
+    total: list[T] | None = None
+    for part in partials:
+        total = list(part) if total is None else [a + b for a, b in zip(total, part, strict=True)]
+    return total
+
+
+def _fold_candidates(partials: Iterable[CandidateStats], zero: CandidateStats) -> CandidateStats:
+    total: CandidateStats | None = None
+    for part in partials:
+        total = part if total is None else total + part
+    return zero if total is None else total
+
+
+def exact_partials(request: Mapping[str, Any], chunks: Iterable[npt.ArrayLike]) -> Iterator[Any]:
+    """The exact statistics of each non-empty chunk of rows (data units, the job's columns)
+    for a ``gmm.init``, ``gmm.em`` or ``gmm.eval`` request, in chunk order: a
+    :class:`~common.clustering.initialisation.CandidateStats`, a list of ``SufficientStats``
+    (one per model) or a list of scaled log-likelihood sums (one per model).
+
+    :func:`answer_request` sums them chunk after chunk. A cluster computes them partition by
+    partition over the same chunks (``site_agent.dask_engine.MixtureRequestStats``) and the
+    agent passes them, in partition order, as ``partials``: the same values summed in the same
+    order, so the released statistics are the same bits before the noise.
+
+    Raises:
+        InvalidSpecError: a malformed request, or a bootstrap request (its weights are drawn
+            in the agent, row by row).
+    """
+    req = parse_request(request)
+    box = _box_of(req)
+    if isinstance(req, BootRequest):
+        raise InvalidSpecError("GMM bootstrap statistics are computed in the agent only.")
+    if isinstance(req, InitRequest):
+        unit_cand = _unit_candidates(req.candidates, box)
+        for chunk in chunks:
+            z = box.to_unit(chunk)
+            if z.shape[0]:
+                yield candidate_stats(z, unit_cand)
+        return
+    unit = _unit_models(_models_of(req), box)
+    if isinstance(req, EmRequest):
+        yield from _em_partials(chunks, unit, [req.covariance_type] * len(unit), box)
+        return
+    for chunk in chunks:
+        z = box.to_unit(chunk)
+        if z.shape[0]:
+            yield [scaled_loglik_sum(z, params, loglik_range=rng) for params, rng in unit]
 
 
 def compute_stats(
@@ -246,16 +289,21 @@ def compute_candidate_stats(
     clipped: a candidate outside the box just attracts no rows it would not otherwise).
     """
     box = FeatureBox(np.asarray(bounds, dtype=np.float64))
+    unit_cand = _unit_candidates(candidates, box)
+    parts = (candidate_stats(z, unit_cand) for z in map(box.to_unit, chunks) if z.shape[0])
+    return _fold_candidates(parts, _zero_candidates(unit_cand))
+
+
+def _unit_candidates(candidates: npt.ArrayLike, box: FeatureBox) -> FloatArray:
     cand = np.asarray(candidates, dtype=np.float64)
     if cand.ndim != 2 or cand.shape[1] != box.n_features or not np.all(np.isfinite(cand)):
         raise ValueError(f"candidates must be finite with shape (M, {box.n_features}).")
-    unit_cand = (cand - box.center) / box.half_width
-    total = CandidateStats(np.zeros(cand.shape[0]), np.zeros(cand.shape))
-    for chunk in chunks:
-        z = box.to_unit(chunk)
-        if z.shape[0]:
-            total = total + candidate_stats(z, unit_cand)
-    return total
+    unit: FloatArray = (cand - box.center) / box.half_width
+    return unit
+
+
+def _zero_candidates(unit_cand: FloatArray) -> CandidateStats:
+    return CandidateStats(np.zeros(unit_cand.shape[0]), np.zeros(unit_cand.shape))
 
 
 def noisy_candidate_stats(
@@ -268,6 +316,12 @@ def noisy_candidate_stats(
 ) -> tuple[CandidateStats, DpEvent]:
     """:func:`compute_candidate_stats` with Gaussian noise ``σ·√(1 + D)``; ``DpEvent(σ, 1, 1)``."""
     stats = compute_candidate_stats(chunks, candidates, bounds=bounds)
+    return _noisy_candidates(stats, noise_multiplier=noise_multiplier, rng=rng)
+
+
+def _noisy_candidates(
+    stats: CandidateStats, *, noise_multiplier: float, rng: np.random.Generator
+) -> tuple[CandidateStats, DpEvent]:
     delta = candidate_sensitivity(stats.sums.shape[1], 1.0)
     noisy = noise_candidate_stats(
         stats, noise_multiplier=noise_multiplier, sensitivity=delta, rng=rng
@@ -436,7 +490,7 @@ def answer_request(
     *,
     rng: np.random.Generator,
     weight_rng: np.random.Generator | None = None,
-    exact_stats: ExactStats | None = None,
+    partials: Iterable[Any] | None = None,
 ) -> tuple[dict[str, Any], DpEvent]:
     """Answer a wire request with noised statistics: ``(result dict, event to charge)``.
 
@@ -445,9 +499,9 @@ def answer_request(
     The caller checks :func:`request_cost` against its policy first and charges the returned
     event to its ledger *before* sending the result. ``weight_rng`` draws the bootstrap
     weights of a ``gmm.boot`` request; leave it None in production (OS entropy).
-    ``exact_stats`` computes an E-step request's exact statistics elsewhere (``engine:
-    dask``: ``site_agent.dask_engine``) in place of the pass over ``chunks``; the other
-    requests read ``chunks``.
+    ``partials``: the :func:`exact_partials` of the rows, computed elsewhere (``engine:
+    dask``: ``site_agent.dask_engine``), in place of the pass over ``chunks`` (init, EM and
+    evaluation requests; a bootstrap request reads ``chunks``).
     """
     event = request_cost(request)
     req = parse_request(request)
@@ -469,13 +523,11 @@ def answer_request(
             round=req.round, key=req.model.key, stats=reps.to_dict(), dp_event=WireDpEvent.of(event)
         )
         return boot.model_dump(mode="json"), event
+    parts = exact_partials(request, chunks) if partials is None else partials
     if isinstance(req, InitRequest):
-        cand_stats, _ = noisy_candidate_stats(
-            chunks,
-            np.asarray(req.candidates, dtype=np.float64),
-            bounds=box.bounds,
-            noise_multiplier=req.noise_multiplier,
-            rng=rng,
+        zero = _zero_candidates(_unit_candidates(req.candidates, box))
+        cand_stats, _ = _noisy_candidates(
+            _fold_candidates(parts, zero), noise_multiplier=req.noise_multiplier, rng=rng
         )
         init = InitResult(
             round=req.round, stats=cand_stats.to_dict(), dp_event=WireDpEvent.of(event)
@@ -483,7 +535,7 @@ def answer_request(
         return init.model_dump(mode="json"), event
     models = _models_of(req)
     if isinstance(req, EvalRequest):
-        sums = _stream_loglik(chunks, models, box)
+        sums = _fold_lists(parts) or [0.0] * len(models)
         noisy_ll = {
             m.key: v + float(noise.gaussian_np(rng, req.noise_multiplier * LOGLIK_SENSITIVITY))
             for m, v in zip(req.models, sums, strict=True)
@@ -491,11 +543,7 @@ def answer_request(
         ev = EvalResult(round=req.round, logliks=noisy_ll, dp_event=WireDpEvent.of(event))
         return ev.model_dump(mode="json"), event
     covs = [req.covariance_type] * len(models)
-    exact = (
-        _stream_stats(chunks, models, box, covs)
-        if exact_stats is None
-        else exact_stats(models, box, covs)
-    )
+    exact = _em_totals(_fold_lists(parts), _unit_models(models, box), covs)
     noised: dict[str, dict[str, Any]] = {}
     for m, params, stats in zip(req.models, models, exact, strict=True):
         delta = stats_sensitivity(

@@ -3,18 +3,22 @@
 Every request is priced first (``site_agent.gmm_stats.request_cost``: the sensitivities are
 computed here from the request's shape, never read from it), admitted against the site's
 policy and budget and charged to the ledger, and only then answered with noised statistics.
-CSV datasets are streamed from the file in ``chunk_rows`` chunks, so memory holds one chunk;
-Parquet and SQL datasets are chunked from the table, loaded after the charge. Either way
-every row is typed by the declared schema (``site_agent.data.loading``): values clipped to the
-declared bounds, rows without a declared label or with a missing value in a requested column
-left out, each by a rule on that record alone.
+CSV datasets are streamed from the file in ``chunk_rows`` chunks, so memory holds one chunk.
+Parquet datasets are read row group by row group, each cut into ``chunk_rows`` chunks, by the
+statistics engine's map (``site_agent.dask_engine``): in the agent's process for ``engine:
+local``, on the site's cluster for ``engine: dask``; both sum the same chunks' statistics in
+the same order, so they release the same values (bootstrap requests read the table, loaded
+after the charge). SQL datasets are chunked from the table, loaded after the charge. Either
+way every row is typed by the declared schema (``site_agent.data.loading``): values clipped to
+the declared bounds, rows without a declared label or with a missing value in a requested
+column left out, each by a rule on that record alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +27,6 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.clustering.federated_em import FederatedEM
-from common.clustering.model import FeatureBox, GaussianMixtureParams
-from common.clustering.statistics import SufficientStats
 from common.domain import TaskAssignment
 from common.dp import noise
 from common.dp.events import DpEvent
@@ -33,7 +35,7 @@ from site_agent.boundary.admission import Release
 from site_agent.boundary.disclosure import SiteContext
 from site_agent.dask_engine import MixtureRequestStats, StatsEngine, add_mixture
 from site_agent.data.loading import LocalDataset, iter_typed_chunks
-from site_agent.gmm_stats import ExactStats, _stream_stats, answer_request, request_cost
+from site_agent.gmm_stats import answer_request, request_cost
 from site_agent.handlers.base import Plan, Reply, TaskHandler, parse_request, reply
 
 
@@ -93,47 +95,9 @@ class MixtureHandler(TaskHandler[MixturePlan]):
         return MixturePlan(release, body, event, site.datasets.engine(task.dataset))
 
     def run(self, site: SiteContext, task: TaskAssignment, plan: MixturePlan, blob: bytes) -> Reply:
-        body, engine = plan.body, plan.engine
-        cfg = site.datasets.config_of(task.dataset)
-        n_rows = 0
-
-        def in_memory() -> Iterator[LocalDataset]:
-            split = site.datasets.split(task.dataset)
-            for part in (split.train, split.validation):
-                if part is not None:
-                    yield part
-
-        def chunks() -> Iterator[npt.NDArray[np.float64]]:
-            nonlocal n_rows
-            parts = (
-                iter_typed_chunks(cfg, body.columns)
-                if cfg.source_format() == "csv"
-                else in_memory()
-            )
-            for part in parts:
-                x = _rows(part, body.columns)
-                for start in range(0, len(x), cfg.chunk_rows):
-                    n_rows += len(x[start : start + cfg.chunk_rows])
-                    yield x[start : start + cfg.chunk_rows]
-
-        exact_stats: ExactStats | None = None
-        if engine is not None:
-
-            def exact_stats(
-                models: Sequence[GaussianMixtureParams], box: FeatureBox, covs: Sequence[str]
-            ) -> list[SufficientStats]:
-                nonlocal n_rows
-                stats_map = MixtureRequestStats(
-                    body.columns, cfg.chunk_rows, tuple(models), box, tuple(covs)
-                )
-                rows, stats = engine.fold(stats_map, (0, None), add_mixture)
-                if stats is None:  # no partition holds a row: the stream's zeros
-                    return _stream_stats([], models, box, covs)
-                n_rows = rows
-                return list(stats)
-
-        result, charged = answer_request(
-            body.request, chunks(), rng=noise.private_numpy_rng(), exact_stats=exact_stats
+        body = plan.body
+        result, charged, n_rows = _answer(
+            site, task.dataset, body.columns, body.request, plan.engine
         )
         if charged != plan.event:
             raise InvalidSpecError("internal: the answered release differs from the one charged")
@@ -145,6 +109,47 @@ class MixtureHandler(TaskHandler[MixturePlan]):
             num_examples=max(1, n_rows),
             result_json=json.dumps(result),
         )
+
+
+def _answer(
+    site: SiteContext,
+    dataset: str,
+    columns: tuple[str, ...],
+    request: dict[str, Any],
+    engine: StatsEngine | None,
+) -> tuple[dict[str, Any], DpEvent, int]:
+    """One request answered over the dataset's rows: ``(result, event, rows used)``. Init,
+    EM and evaluation requests on Parquet go through the engine's map (``engine`` or, for
+    ``engine: local``, the same map in this process); the others stream the rows here."""
+    cfg = site.datasets.config_of(dataset)
+    if engine is None and cfg.source_format() == "parquet":
+        engine = StatsEngine(cfg, site.datasets.shape(dataset).feature_names, None)
+    if engine is not None and request.get("kind") != "gmm.boot":
+        stats_map = MixtureRequestStats(columns, cfg.chunk_rows, request)
+        rows, partials = engine.fold(stats_map, (0, []), add_mixture)
+        result, event = answer_request(
+            request, [], rng=noise.private_numpy_rng(), partials=partials
+        )
+        return result, event, rows
+    n_rows = 0
+
+    def in_memory() -> Iterator[LocalDataset]:
+        split = site.datasets.split(dataset)
+        for part in (split.train, split.validation):
+            if part is not None:
+                yield part
+
+    def chunks() -> Iterator[npt.NDArray[np.float64]]:
+        nonlocal n_rows
+        parts = iter_typed_chunks(cfg, columns) if cfg.source_format() == "csv" else in_memory()
+        for part in parts:
+            x = _rows(part, columns)
+            for start in range(0, len(x), cfg.chunk_rows):
+                n_rows += len(x[start : start + cfg.chunk_rows])
+                yield x[start : start + cfg.chunk_rows]
+
+    result, event = answer_request(request, chunks(), rng=noise.private_numpy_rng())
+    return result, event, n_rows
 
 
 class LocalFitTask(BaseModel):
@@ -166,6 +171,7 @@ class LocalFitPlan(Plan):
     body: LocalFitTask
     em: FederatedEM
     planned: tuple[DpEvent, ...]
+    engine: StatsEngine | None
 
 
 class LocalFitHandler(TaskHandler[LocalFitPlan]):
@@ -202,21 +208,16 @@ class LocalFitHandler(TaskHandler[LocalFitPlan]):
             delta=site.config.policy.delta,
             kinds=("gmm",),
         )
-        return LocalFitPlan(release, body, em, planned)
+        return LocalFitPlan(release, body, em, planned, site.datasets.engine(task.dataset))
 
     def run(
         self, site: SiteContext, task: TaskAssignment, plan: LocalFitPlan, blob: bytes
     ) -> Reply:
-        split = site.datasets.split(task.dataset)
-        parts = [
-            _rows(p, plan.body.columns) for p in (split.train, split.validation) if p is not None
-        ]
-        rows = np.concatenate(parts)
-        rng = noise.private_numpy_rng()
         em = plan.em
+        n_rows = 0
         request: dict[str, Any] | None = em.initial_request()
         while request is not None:
-            result, _ = answer_request(request, [rows], rng=rng)
+            result, _, n_rows = _answer(site, task.dataset, plan.body.columns, request, plan.engine)
             request = em.absorb([result])
         params = em.result()
         return reply(
@@ -224,6 +225,6 @@ class LocalFitHandler(TaskHandler[LocalFitPlan]):
             task,
             events=plan.planned,
             delta=site.config.policy.delta,
-            num_examples=max(1, len(rows)),
-            result_json=json.dumps({"mixture": params.to_dict(), "rows": len(rows)}),
+            num_examples=max(1, n_rows),
+            result_json=json.dumps({"mixture": params.to_dict(), "rows": n_rows}),
         )

@@ -1,8 +1,8 @@
 """``engine: dask`` wired into the site's handlers (issue 19.4): the catalog's DP row count,
 the quantile histograms, the synthetic-data marginals and the mixture E-step statistics a
 site releases are computed by ``site_agent.dask_engine`` after the release is charged, and
-equal the in-process path's (the counts exactly, the mixture sums up to summation order; the
-noise is zeroed to compare the values it is added to)."""
+equal the in-process path's exactly (the same chunks' statistics summed in the same order;
+the noise is zeroed to compare the values it is added to)."""
 
 from __future__ import annotations
 
@@ -219,19 +219,18 @@ def test_a_local_cluster_of_worker_processes_releases_the_same_values(
         ex = _executor(tmp_path / "dask", tmp_path / "data", "dask", cluster.scheduler_address)
         try:
             on_cluster = _released(ex)
-            g_meta, _ = ex.execute(_task("gmm", _GMM, "g"), b"")
+            g_meta = {k: ex.execute(_task("gmm", r, f"g{k}"), b"")[0] for k, r in _REQUESTS.items()}
             client = ex.datasets.dask_client
             assert client is not None and len(client.scheduler_info()["workers"]) == 3
         finally:
             if ex.datasets.dask_client is not None:
                 ex.datasets.dask_client.close()
     assert on_cluster == local
-    l_meta, _ = local_ex.execute(_task("gmm", _GMM, "g"), b"")
-    assert g_meta.num_examples == l_meta.num_examples
-    got, want = (json.loads(m.result_json)["stats"] for m in (g_meta, l_meta))
-    for key in want:
-        for field in ("nk", "s1", "s2", "loglik"):
-            np.testing.assert_allclose(got[key][field], want[key][field], rtol=1e-12, atol=1e-9)
+    for kind, request in _REQUESTS.items():
+        l_meta, _ = local_ex.execute(_task("gmm", request, f"l{kind}"), b"")
+        assert g_meta[kind].num_examples == l_meta.num_examples > 0
+        got, want = (json.loads(m.result_json) for m in (g_meta[kind], l_meta))
+        assert _values(got) == _values(want), kind  # every released number, bit for bit
 
 
 def _em_request() -> dict[str, Any]:
@@ -255,28 +254,101 @@ def _em_request() -> dict[str, Any]:
     return nxt
 
 
+def _values(result: dict[str, Any]) -> dict[str, Any]:
+    """A mixture answer without its bookkeeping fields: the released numbers."""
+    return {k: v for k, v in result.items() if k in ("stats", "logliks")}
+
+
+def _agent_stream(data: Path, request: dict[str, Any]) -> dict[str, Any]:
+    """The answer computed without the engine: the agent's own stream over the file's row
+    groups, each cut into chunk_rows chunks (the default, 10,000: one chunk per group)."""
+    from site_agent.gmm_stats import answer_request
+    from site_agent.handlers.clustering import _rows
+
+    cfg = _executor(data.parent / "stream", data, "dask", "synchronous").config.datasets[0]
+    names = ("amount", "age", "home")
+    parts = dask_engine.partitions(cfg)
+    chunks = [
+        _rows(dask_engine.load_partition(cfg, names, part), ("amount", "age")) for part in parts
+    ]
+    assert len(chunks) == 6 and all(len(c) <= cfg.chunk_rows for c in chunks)
+    return answer_request(request, chunks, rng=np.random.default_rng(0))[0]
+
+
 def test_mixture_statistics_on_the_engine_equal_the_in_process_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The E-step sums equal the agent's up to the order of summation (the agent streams its
-    in-memory table, the engine each row group), the rows exactly; charged before."""
+    """Init, E-step and evaluation answers: engine: local (the engine's map in the agent's
+    process), engine: dask and the agent's plain stream over the same chunks release the
+    same numbers bit for bit, the rows too; each charged before."""
     _zero_noise(monkeypatch)
     calls = _engine_calls(monkeypatch)
     _write_data(tmp_path / "data")
-    request = _GMM
+    for kind, request in _REQUESTS.items():
+        out = {}
+        for engine in ("local", "dask"):
+            ex = _executor(tmp_path / kind / engine, tmp_path / "data", engine, "synchronous")
+            meta, _ = ex.execute(_task("gmm", request, "g"), b"")
+            assert [e.kind for e in ex.ledger.entries(dataset="loans")] == ["catalog", "gmm"]
+            out[engine] = (meta.num_examples, _values(json.loads(meta.result_json)))
+        assert out["dask"][0] == out["local"][0] > 0
+        assert out["dask"][1] == out["local"][1], kind
+        assert _values(_agent_stream(tmp_path / "data", request["request"])) == out["dask"][1]
+    # Both engines computed every answer through the map (the catalog's counts aside).
+    assert [c for c in calls if c != "row_count"] == ["MixtureRequestStats"] * 6
+
+
+def test_a_local_fit_on_the_engine_equals_the_in_process_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _zero_noise(monkeypatch)
+    calls = _engine_calls(monkeypatch)
+    _write_data(tmp_path / "data")
+    fit = {
+        "columns": ["amount", "age"],
+        "K": 2,
+        "covariance_type": "diag",
+        "bounds": [[0, 1000], [18, 100]],
+        "max_rounds": 3,
+        "tol": 1e-3,
+        "noise_multiplier": 5.0,
+        "seed": 0,
+    }
     out = {}
     for engine in ("local", "dask"):
         ex = _executor(tmp_path / engine, tmp_path / "data", engine, "synchronous")
-        meta, _ = ex.execute(_task("gmm", request, "g"), b"")
-        assert [e.kind for e in ex.ledger.entries(dataset="loans")] == ["catalog", "gmm"]
-        out[engine] = (meta.num_examples, json.loads(meta.result_json)["stats"])
-    assert calls == ["row_count", "MixtureRequestStats"]
-    assert out["dask"][0] == out["local"][0] > 0
-    (key,) = out["local"][1]
-    for field in ("nk", "s1", "s2", "loglik"):
-        np.testing.assert_allclose(
-            out["dask"][1][key][field], out["local"][1][key][field], rtol=1e-12, atol=1e-9
-        )
+        meta, _ = ex.execute(_task("gmm_local", fit, "f"), b"")
+        out[engine] = json.loads(meta.result_json)
+    assert out["dask"] == out["local"] and out["local"]["rows"] > 0
+    assert "MixtureRequestStats" in calls
 
 
-_GMM = {"columns": ["amount", "age"], "request": _em_request()}
+def _init_request() -> dict[str, Any]:
+    from common.clustering.federated_em import FederatedEM
+
+    em = FederatedEM(
+        K=2,
+        covariance_type="diag",
+        bounds=[[0, 1000], [18, 100]],
+        max_rounds=2,
+        tol=1e-3,
+        noise_multiplier=5.0,
+        seed=0,
+    )
+    return em.initial_request()
+
+
+def _eval_request() -> dict[str, Any]:
+    em = _em_request()
+    return {
+        "kind": "gmm.eval",
+        **{k: v for k, v in em.items() if k not in ("kind", "loglik_weight")},
+    }
+
+
+_GMM: dict[str, Any] = {"columns": ["amount", "age"], "request": _em_request()}
+_REQUESTS: dict[str, dict[str, Any]] = {
+    "init": {"columns": ["amount", "age"], "request": _init_request()},
+    "em": _GMM,
+    "eval": {"columns": ["amount", "age"], "request": _eval_request()},
+}

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from common.clustering.model import GaussianMixtureParams
 from common.errors import InvalidSpecError
 from site_agent.boundary.ledger import Ledger
 from site_agent.boundary.pipeline import SitePipeline
@@ -30,6 +32,31 @@ LOCAL_FIT = {
 }
 
 
+# A bootstrap request: its weights are drawn row by row in the agent, so it reads the table
+# there (init, EM and evaluation requests of gmm and gmm_local go through the engine's map).
+BOOT = {
+    "columns": ["amount", "age"],
+    "request": {
+        "kind": "gmm.boot",
+        "round": 1,
+        "bounds": [[0, 1000], [18, 100]],
+        "noise_multiplier": 5.0,
+        "covariance_type": "diag",
+        "replicates": 4,
+        "weight_cap": 4,
+        "model": {
+            "key": "k2",
+            "params": GaussianMixtureParams(
+                np.array([0.5, 0.5]),
+                np.array([[200.0, 30.0], [700.0, 70.0]]),
+                np.array([[1e4, 50.0], [2e4, 80.0]]),
+                "diag",
+            ).to_dict(),
+        },
+    },
+}
+
+
 def _close(ex: SitePipeline) -> None:
     ex.ledger.close()
 
@@ -43,10 +70,12 @@ def test_a_dask_dataset_is_counted_not_loaded_at_start_up(tmp_path: Path) -> Non
         assert counted.num_validation is not None and counted.num_validation > 0
         ex.execute(_task("quantiles", QUANTILES, "q"), b"")  # on the engine
         assert ex.datasets.loads == 0
-        ex.execute(_task("gmm_local", LOCAL_FIT, "g"), b"")  # rows in the agent
+        ex.execute(_task("gmm_local", LOCAL_FIT, "f"), b"")  # on the engine
+        assert ex.datasets.loads == 0
+        ex.execute(_task("gmm", BOOT, "g"), b"")  # rows in the agent
         assert ex.datasets.loads == 1
         assert _shape_of(ex.datasets.split("loans")) == counted
-        ex.execute(_task("gmm_local", LOCAL_FIT, "g2"), b"")
+        ex.execute(_task("gmm", BOOT, "g2"), b"")
         assert ex.datasets.loads == 1  # kept
     finally:
         _close(ex)
@@ -70,7 +99,7 @@ def test_a_table_that_changed_since_start_up_is_refused(tmp_path: Path) -> None:
     try:
         _write_data(tmp_path / "data", rows=400)
         with pytest.raises(InvalidSpecError, match="changed since the site agent started"):
-            ex.execute(_task("gmm_local", LOCAL_FIT, "g"), b"")
+            ex.execute(_task("gmm", BOOT, "g"), b"")
         # Refused after its charge: the ledger over-counts, never under-counts.
         assert {e.task_id for e in ex.ledger.entries() if e.kind == "gmm"} == {"g"}
     finally:
