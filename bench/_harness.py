@@ -149,11 +149,11 @@ def install_site_timers(tl: Timeline | None = None) -> None:
 def install_orchestrator_timers(tl: Timeline | None = None) -> None:
     """Time the orchestrator's round: the whole _round and its bookkeeping steps."""
     tl = tl or TIMELINE
-    from orchestrator.core.store import Store
-
     import orchestrator.rounds as rounds
     from orchestrator.aggregation import RunningWeightedMean
+
     from orchestrator.coordinator import Coordinator
+    from orchestrator.core.store import Store
 
     def rnd(self: Any, r: int, *a: Any, **k: Any) -> dict[str, Any]:
         return {"round": r, "job": self.job_id}
