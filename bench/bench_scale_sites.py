@@ -38,9 +38,9 @@ Two measurements, each case in a fresh child process so that memory baselines ar
    memory, on the 1M model.
 
 ``--legacy`` also runs the live cases with transfers as dpfed made them before the memory
-fixes (1 MiB chunks, every ``FetchModel`` streaming at once, agents pushing without waiting for
-the orchestrator's go, glibc's adaptive mmap threshold; ``_harness.use_legacy_transfers``),
-in the same run, for a side-by-side comparison.
+fixes (1 MiB chunks, every ``FetchModel`` streaming at once, glibc's adaptive mmap threshold;
+``_harness.use_legacy_transfers``), in the same run, for a side-by-side comparison. Uploads
+wait for the orchestrator's go in both (the protocol has no other way).
 
 Writes ``bench/results/scale_sites.json`` and ``scale_sites.png``.
 Run: ``.venv/bin/python bench/bench_scale_sites.py`` (about 2-3 minutes on 2 cores;
@@ -253,8 +253,8 @@ def agg_case(params: int, n: int, method: str) -> dict[str, Any]:
         state_from_bytes,
         state_to_bytes,
     )
-    from orchestrator.aggregation import RunningWeightedMean, apply_delta
     from orchestrator.core.spool import receive
+    from orchestrator.training.aggregation import RunningWeightedMean, apply_delta
 
     # Two tensors like a dense layer and its bias; params in total.
     cols = 1000

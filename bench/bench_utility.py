@@ -128,7 +128,7 @@ def central(spec: dict[str, Any], parts: Any, x_test: Any, y_test: Any, seed: in
 def federated_no_dp(spec: dict[str, Any], parts: Any, x_test: Any, y_test: Any, seed: int) -> float:
     from common.specs import OptimizerSpec
     from common.training.models import build_model, parse_model_spec
-    from orchestrator.aggregation import RunningWeightedMean, apply_delta
+    from orchestrator.training.aggregation import RunningWeightedMean, apply_delta
     from site_agent.trainer import TrainParams, train_local
 
     ms = parse_model_spec(spec)

@@ -124,7 +124,7 @@ def model_dims(spec: ModelSpec) -> tuple[int, int]:
 
 
 class OptimizerSpec(_Frozen):
-    """``sgld``: DP-SGLD (``common.training.sgld``, ``orchestrator.posterior``): plain SGD steps
+    """``sgld``: DP-SGLD (``common.training.sgld``, ``orchestrator.training.posterior``): plain SGD steps
     whose DP noise is the Langevin noise (topped up to ``temperature`` when too small); the
     global models of ``samples`` rounds after ``burn_in`` are kept and released as an
     ensemble."""

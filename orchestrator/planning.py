@@ -23,7 +23,7 @@ from common.errors import PrivacyAccountingError
 from common.specs import JobSpec
 from common.training.models import count_spec_parameters
 from common.training.schedule import task_schedule
-from orchestrator.update_bounds import MAX_STEPS_PER_TASK
+from orchestrator.training.update_bounds import MAX_STEPS_PER_TASK
 
 ACCOUNTANT = "prv"
 
@@ -46,7 +46,7 @@ def metrics_event(spec: JobSpec) -> DpEvent | None:
 
 def quantile_event(spec: JobSpec) -> DpEvent | None:
     """The one Gaussian release of noised histograms the quantile bin edges come from
-    (``orchestrator.quantiles``; None unless ``encoding.numeric`` is ``quantile`` and a numeric
+    (``orchestrator.training.quantiles``; None unless ``encoding.numeric`` is ``quantile`` and a numeric
     column is binned)."""
     sigma = spec.encoding.quantile_release
     return None if sigma is None else DpEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)

@@ -11,7 +11,7 @@ rows, column by column, in the declared order:
   Embeddings for Numerical Features in Tabular Deep Learning" (NeurIPS 2022), eq. (1): for
   bin edges ``b_0 = min < b_1 < ... < b_T = max`` slot ``t`` is 1 when ``x >= b_t``, 0 when
   ``x < b_{t-1}`` and ``(x - b_{t-1}) / (b_t - b_{t-1})`` in between (``T`` slots). The edges
-  come from DP quantiles across sites (``orchestrator.quantiles``);
+  come from DP quantiles across sites (``orchestrator.training.quantiles``);
 - a nullable numeric column adds a missing indicator (1 when missing; the value slots are 0);
   a missing value of a column declared not nullable encodes as the minimum, with no indicator;
 - categorical: one-hot over the declared categories plus an "other" and a "missing" slot.
@@ -338,7 +338,7 @@ def derive_encoding(
     """The encoding of an agreed declared schema (``features`` in order, and the label).
 
     With ``numeric="quantile"`` every numeric column needs its bin edges in ``edges`` (from
-    ``orchestrator.quantiles``; :func:`uniform_edges` is the placeholder of the right width
+    ``orchestrator.training.quantiles``; :func:`uniform_edges` is the placeholder of the right width
     before they are computed), except a constant one (``min == max``), scaled as min/max.
 
     Raises:

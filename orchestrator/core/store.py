@@ -126,7 +126,7 @@ class ChargeRow(Base):
 
 
 class GmmStateRow(Base):
-    """A mixture job's resumable state (``orchestrator.gmm_runner``), as JSON text.
+    """A mixture job's resumable state (``orchestrator.clustering.runner``), as JSON text.
 
     ``checkpoint``: everything needed to continue after the last committed round (written with
     that round). ``charged``: every release each site was *sent* (written before each

@@ -56,7 +56,7 @@ class JobKind:
 
 
 def _train_runner() -> type[JobThread]:
-    from orchestrator.rounds import JobRunner
+    from orchestrator.training.rounds import JobRunner
 
     return JobRunner
 
@@ -88,7 +88,7 @@ TRAIN = JobKind(
 
 
 def _gmm_runner() -> type[JobThread]:
-    from orchestrator.gmm_runner import GmmRunner
+    from orchestrator.clustering.runner import GmmRunner
 
     return GmmRunner
 

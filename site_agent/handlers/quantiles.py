@@ -9,7 +9,7 @@ deviation ``σ·√d``: the Gaussian mechanism with noise multiplier ``σ`` (Dwo
 Algorithmic Foundations of Differential Privacy", 2014, §3.5.1 and Theorem A.1), one
 ``DpEvent(σ, q=1, steps=1)``. It is admitted and charged to the ledger before any count is
 computed. The orchestrator sums the sites' counts and turns the noisy CDF into bin edges
-(``orchestrator.quantiles``: post-processing).
+(``orchestrator.training.quantiles``: post-processing).
 
 The request names the columns with their bounds; the site refuses one that is not declared
 here as numeric with exactly those bounds (a check of public inputs only).

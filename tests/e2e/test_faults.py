@@ -5,7 +5,7 @@ hold it to:
 
 * Every site charges its durable ledger *before* it trains (write-ahead), so a crash anywhere
   can make the site's ledger over-count, never under-count.
-* The orchestrator records, per job, every update it *received* (see ``orchestrator.rounds``).
+* The orchestrator records, per job, every update it *received* (see ``orchestrator.training.rounds``).
   The model card's per-site ε is composed from exactly those charges. So, for every site:
 
       card events  ==  site ledger events of the tasks whose update reached the orchestrator

@@ -57,7 +57,7 @@ def test_an_audit_above_the_claimed_epsilon_withholds_the_model(
             auc=1.0,
         )
 
-    monkeypatch.setattr("orchestrator.auditing.audit", broken)
+    monkeypatch.setattr("orchestrator.training.auditing.audit", broken)
     net = _start(tmp_path, digits, {"a": {}})
     try:
         with ControlClient(net.address) as c:

@@ -1,4 +1,4 @@
-"""``orchestrator.aggregation``: the streaming FedAvg is Flower's weighted mean, one update at a time."""
+"""``orchestrator.training.aggregation``: the streaming FedAvg is Flower's weighted mean, one update at a time."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.errors import InvalidUpdateError
-from orchestrator.aggregation import (
+from orchestrator.training.aggregation import (
     FedAvgRound,
     RunningWeightedMean,
     apply_delta,

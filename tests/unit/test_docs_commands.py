@@ -151,7 +151,7 @@ def test_the_architecture_map_names_only_paths_that_exist() -> None:
     named = set(PATH_IN_TICKS.findall(ARCHITECTURE.read_text()))
     # the map shows where a round happens, where ε is computed and where the boundary is
     for expected in (
-        "orchestrator/rounds.py",
+        "orchestrator/training/rounds.py",
         "common/dp/accounting.py",
         "site_agent/boundary/pipeline.py",
     ):

@@ -903,7 +903,7 @@ def test_bootstrap_spec_defaults_and_validation() -> None:
 def test_bootstrap_release_is_in_the_planned_epsilon_and_the_calibration() -> None:
     """With a target ε the job's σ is calibrated with the bootstrap release counted (at the
     job's σ, or as a prior event at its own σ); with a fixed σ the planned ε grows."""
-    from orchestrator.gmm_runner import GmmRunner
+    from orchestrator.clustering.runner import GmmRunner
 
     def plan(extra: dict[str, Any]) -> tuple[float, float, list[DpEvent]]:
         runner = GmmRunner.__new__(GmmRunner)  # only the spec is needed to plan

@@ -13,7 +13,7 @@ from common.dp.events import DpEvent
 from common.specs import parse_job_spec
 from orchestrator.core.store import Store
 from orchestrator.jobs import accounting
-from orchestrator.update_bounds import Assignment, assigned_worst_case
+from orchestrator.training.update_bounds import Assignment, assigned_worst_case
 
 
 def _row(site: str, task: str, event: DpEvent) -> object:

@@ -318,7 +318,7 @@ def test_a_sites_noised_binary_release_has_the_standard_errors_the_pool_states()
 def test_an_assignment_that_knows_its_round_expects_metrics_only_when_released() -> None:
     from common.dp.events import DpEvent
     from common.specs import parse_job_spec
-    from orchestrator.update_bounds import Assignment
+    from orchestrator.training.update_bounds import Assignment
 
     spec = parse_job_spec(
         {

@@ -21,7 +21,7 @@ from common.errors import InvalidSpecError, PolicyRefusal
 from common.schema.encoding import derive_encoding, uniform_edges
 from common.schema.table import TypedTable
 from common.specs import parse_job_spec
-from orchestrator.quantiles import UNIFORM_WEIGHT, edges_from_histogram
+from orchestrator.training.quantiles import UNIFORM_WEIGHT, edges_from_histogram
 from site_agent.boundary.ledger import Ledger
 from site_agent.boundary.pipeline import SitePipeline
 from site_agent.config import SiteConfig, load_site_config

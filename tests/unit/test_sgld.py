@@ -13,8 +13,8 @@ from common.errors import InvalidSpecError
 from common.specs import MLPSpec, parse_job_spec
 from common.training import sgld
 from common.training.models import build_model, load_model, save_model
-from orchestrator.posterior import released_state
-from orchestrator.update_bounds import norm_bound
+from orchestrator.training.posterior import released_state
+from orchestrator.training.update_bounds import norm_bound
 
 LR, SIGMA, C, N, Q = 0.5, 1.2, 1.0, 1000, 0.1
 E = Q * N

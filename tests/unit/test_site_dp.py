@@ -9,7 +9,7 @@ import torch
 
 from common.errors import InvalidSpecError
 from common.specs import SiteDPSpec
-from orchestrator.site_dp import round_for, site_level_events, sum_noise_multiplier
+from orchestrator.training.site_dp import round_for, site_level_events, sum_noise_multiplier
 
 
 def test_sum_noise_multiplier_follows_andrew_et_al_theorem_1() -> None:

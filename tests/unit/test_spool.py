@@ -13,9 +13,9 @@ import torch
 from common.errors import InvalidSpecError, InvalidUpdateError, NotFoundError, UnavailableError
 from common.rpc.serde import chunk_data
 from common.training.tensors import FLAT_PART, SafetensorsPieces, check_update, state_to_bytes
-from orchestrator.aggregation import RunningWeightedMean
 from orchestrator.core.spool import SPOOL_MIN_BYTES, Payload, receive
-from orchestrator.site_dp import SiteDPRound
+from orchestrator.training.aggregation import RunningWeightedMean
+from orchestrator.training.site_dp import SiteDPRound
 from protos.dpfed.v1.dpfed_pb2 import Chunk
 
 

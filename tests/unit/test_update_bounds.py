@@ -1,4 +1,4 @@
-"""orchestrator.update_bounds: honest updates always fit the bound; reports must match the task.
+"""orchestrator.training.update_bounds: honest updates always fit the bound; reports must match the task.
 
 The bound is checked against real honest training (``site_agent.trainer.train_local``) at
 extreme settings, and its two ingredients against independent computations: the SGD
@@ -20,7 +20,7 @@ from common.dp.events import DpEvent
 from common.errors import InvalidUpdateError
 from common.specs import JobSpec, LinearSpec, MLPSpec, ModelSpec, OptimizerSpec, parse_job_spec
 from common.training.tensors import l2_norm
-from orchestrator import update_bounds as ub
+from orchestrator.training import update_bounds as ub
 from site_agent.trainer import TrainParams, train_local
 
 

@@ -15,7 +15,7 @@ from orchestrator.jobs.accounting import ACCOUNTANT, charged_event_dict
 from orchestrator.jobs.model_card import model_card
 from orchestrator.metric_pooling import metrics_card
 from orchestrator.planning import quantile_event
-from orchestrator.site_dp import site_level_events
+from orchestrator.training.site_dp import site_level_events
 
 GUARANTEE = (
     "Sample-level (ε, δ)-differential privacy under add/remove of one record at any single "
@@ -148,7 +148,7 @@ def training_card(
 
 
 def site_level_card(spec: JobSpec, row: JobRow, rounds: int) -> dict[str, Any]:
-    """What the card says about site-level DP (``orchestrator.site_dp``)."""
+    """What the card says about site-level DP (``orchestrator.training.site_dp``)."""
     sdp = spec.site_dp
     assert sdp is not None
     bound = compute_epsilon(

@@ -16,7 +16,7 @@ once: :func:`coordinate_aggregate` reads the held updates (spooled) a piece at a
 memory is one piece per site, not one model per site.
 
 A round folds each accepted update into one :class:`RoundAggregation` (:class:`FedAvgRound`,
-:class:`CoordinateRound`, or site-level DP wrapping the sum: ``orchestrator.site_dp``) and
+:class:`CoordinateRound`, or site-level DP wrapping the sum: ``orchestrator.training.site_dp``) and
 asks it for the mean delta when the round ends.
 
 Averaging DP-noised deltas is post-processing: it costs no privacy (Dwork & Roth 2014, Prop. 2.1).

@@ -1,6 +1,6 @@
 """DP-SGLD at the orchestrator: the posterior samples a job releases (``common.training.sgld``).
 
-The global model of every round is already checkpointed (``orchestrator.rounds``); for an
+The global model of every round is already checkpointed (``orchestrator.training.rounds``); for an
 ``optimizer: {name: sgld}`` job the release packs the checkpoints of the sample rounds
 (:func:`common.training.sgld.sample_rounds`: ``samples`` rounds evenly spaced after ``burn_in``, the
 last among them) into one weights file and lists them on the card. Sampling reads only

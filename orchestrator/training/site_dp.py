@@ -23,7 +23,7 @@ Noise comes from a private generator (``common.dp.noise.private_torch_generator`
 OS entropy) unless a test passes its own: never from torch's global generator, which other
 job threads seed with a public seed when they build a model.
 
-:class:`SiteDPAggregation` is a round's aggregation (``orchestrator.aggregation``) with this
+:class:`SiteDPAggregation` is a round's aggregation (``orchestrator.training.aggregation``) with this
 mechanism around its sum: each update clipped on the way in, noise added on the way out.
 
 This guarantee is *in addition to* the sample-level guarantee of each site's DP-SGD, and it
@@ -43,7 +43,7 @@ from common.dp.events import DpEvent
 from common.errors import InvalidSpecError
 from common.specs import SiteDPSpec
 from common.training.tensors import StateLike, as_pieces, flat_parts, l2_norm
-from orchestrator.aggregation import Aggregated
+from orchestrator.training.aggregation import Aggregated
 
 
 def sum_noise_multiplier(z: float, count_sigma: float | None) -> float:

@@ -1,7 +1,7 @@
 """The round loop of one training job (no gRPC here: the broker stands between).
 
 Each round: send the global model to every participating site, check each update as it
-arrives against what its task allows (``orchestrator.update_bounds``: the report must match
+arrives against what its task allows (``orchestrator.training.update_bounds``: the report must match
 the task, the norm must fit the task's bound), fold it into a running weighted mean (FedAvg,
 no site's share above ``aggregation.max_site_weight``) or keep it for a coordinate-wise robust
 aggregate, stop when every site answered or the deadline passed, require ``min_sites``
@@ -39,14 +39,6 @@ from common.training.tensors import (
     state_to_bytes,
 )
 from orchestrator.admission import admit, release_at_end
-from orchestrator.aggregation import (
-    CoordinateRound,
-    FedAvgRound,
-    RoundAggregation,
-    apply_delta,
-    capped_weights,
-)
-from orchestrator.auditing import run_audit
 from orchestrator.core import spool
 from orchestrator.core.broker import FailureResult, Result, UpdateResult
 from orchestrator.core.store import RoundRow, atomic_write
@@ -54,12 +46,20 @@ from orchestrator.jobs.accounting import charge_row
 from orchestrator.jobs.base import JobStopped, JobThread
 from orchestrator.metric_pooling import pool_metrics, pooled_to_dict
 from orchestrator.planning import ACCOUNTANT, plan_site, site_dataset
-from orchestrator.posterior import released_state
-from orchestrator.quantiles import release_quantile_edges
-from orchestrator.release import training_card
 from orchestrator.schemas import job_disagreement
-from orchestrator.site_dp import SiteDPAggregation, sum_noise_multiplier
-from orchestrator.update_bounds import (
+from orchestrator.training.aggregation import (
+    CoordinateRound,
+    FedAvgRound,
+    RoundAggregation,
+    apply_delta,
+    capped_weights,
+)
+from orchestrator.training.auditing import run_audit
+from orchestrator.training.card import training_card
+from orchestrator.training.posterior import released_state
+from orchestrator.training.quantiles import release_quantile_edges
+from orchestrator.training.site_dp import SiteDPAggregation, sum_noise_multiplier
+from orchestrator.training.update_bounds import (
     MAX_STEPS_PER_TASK,
     Assignment,
     Matched,
@@ -530,7 +530,7 @@ class JobRunner(JobThread):
         start_norm: float,
         rnd: int,
     ) -> tuple[SafetensorsPieces, float, Matched]:
-        """``orchestrator.update_bounds.check_received`` against the site's assignment."""
+        """``orchestrator.training.update_bounds.check_received`` against the site's assignment."""
         a = self._assignment(p, rnd)
         return check_received(
             res.meta, res.payload, res.payload.sha256, state, a, start_norm=start_norm
@@ -593,7 +593,7 @@ class JobRunner(JobThread):
             )
         model = build_model(self.spec.model)
         model.load_state_dict(state)
-        # DP-SGLD releases its posterior samples (orchestrator.posterior); others, ``state``
+        # DP-SGLD releases its posterior samples (orchestrator.training.posterior); others, ``state``
         released = released_state(
             self.spec, state, lambda r: self.store.paths.checkpoint(self.job_id, r), card
         )
