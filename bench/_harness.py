@@ -149,8 +149,8 @@ def install_site_timers(tl: Timeline | None = None) -> None:
 def install_orchestrator_timers(tl: Timeline | None = None) -> None:
     """Time the orchestrator's round: the whole _round and its bookkeeping steps."""
     tl = tl or TIMELINE
-    import orchestrator.training.rounds as rounds
-    from orchestrator.training.aggregation import RunningWeightedMean
+    import orchestrator.rounds as rounds
+    from orchestrator.aggregation import RunningWeightedMean
 
     from orchestrator.coordinator import Coordinator
     from orchestrator.core.store import Store
@@ -409,25 +409,17 @@ LEGACY_SERVER_KWARGS: dict[str, Any] = {
 
 
 def use_legacy_transfers() -> None:
-    """In this process, move models as dpfed did before the memory fixes of §2 in
-    RESULTS.md, for side-by-side runs: 1 MiB chunks, and agents that push their update without
-    waiting for the orchestrator's go. (The orchestrator side also needs
-    ``LEGACY_SERVER_KWARGS``; ``blob_from_chunks`` keeps its new single-copy assembly.)"""
+    """In this process, move models in 1 MiB chunks, as dpfed did before the memory fixes of
+    §2 in RESULTS.md, for side-by-side runs. (The orchestrator side also needs
+    ``LEGACY_SERVER_KWARGS``; ``blob_from_chunks`` keeps its single-copy assembly, and agents
+    wait for the orchestrator's go before an upload's bytes, as the protocol requires.)"""
     import common.rpc.serde as serde
-    import site_agent.agent as agent
 
     if getattr(serde.blob_to_chunks, "_bench_legacy", False):
         return
     chunks = functools.partial(serde.blob_to_chunks, chunk_size=1 << 20)
     chunks._bench_legacy = True  # type: ignore[attr-defined]
     serde.blob_to_chunks = chunks  # type: ignore[assignment]
-    push = agent.push_update
-
-    def ungated(*a: Any, **k: Any) -> Any:
-        k["gated"] = False
-        return push(*a, **k)
-
-    agent.push_update = ungated  # type: ignore[assignment]
 
 
 # ------------------------------------------------------------------ misc

@@ -192,12 +192,12 @@ def start_server(
     Every dialled-in agent holds one worker thread during its long-poll, so ``max_workers``
     must exceed the number of sites by a margin plus the threads kept for the control service
     (``call_limits.control_reserve``: an eighth, at least 8); threads are created on demand.
-    ``max_downloads`` model downloads stream at once; the others wait their turn
-    (``orchestrator.core.turns``): a current agent on its side, told when to ask again; an older
-    one in a worker thread. So the orchestrator's memory does not grow with the number of
-    sites fetching the model together. ``max_uploads`` updates a round takes at once (being
-    read or waiting to be folded, in spool files: ``orchestrator.core.spool``); the other sites keep
-    theirs until they get the go, and take turns the same way.
+    ``max_downloads`` model downloads stream at once; the other sites wait their turn on their
+    side, told when to ask again (``orchestrator.core.turns``), so the orchestrator's memory
+    does not grow with the number of sites fetching the model together. ``max_uploads``
+    updates a round takes at once (being read or waiting to be folded, in spool files:
+    ``orchestrator.core.spool``); the other sites keep theirs until they get the go, and take
+    turns the same way.
     ``bench/RESULTS.md`` §2 measures the resulting peak. ``malloc_mmap_threshold``: see
     :func:`return_large_buffers_to_os`; ``malloc_arena_max``: see :func:`share_malloc_arenas`
     (None leaves the allocator alone). ``crl``: the revocation list checked on every call

@@ -27,7 +27,6 @@ from common.rpc import serde
 from common.rpc.tls import TlsFiles, channel_credentials, explain_tls_failure
 from common.rpc.transport import (
     CHANNEL_OPTIONS,
-    TURNS,
     UPLOAD_GATE,
     require_loopback_for_plaintext,
     retry_after_s,
@@ -87,7 +86,6 @@ class SiteAgent:
         self.tasks_done = 0
         self._state = "idle"
         self._task_id = ""
-        self._upload_gate = False  # the orchestrator sends a go before an upload's bytes
         self.tasks_refused = 0
         self.fatal: BaseException | None = None  # why run() ended, when not asked to stop
 
@@ -229,8 +227,7 @@ class SiteAgent:
     # ------------------------------------------------------------ one task
 
     def _fetch(self, stub: pb_grpc.AgentServiceStub, task: TaskAssignment) -> bytes:
-        blob, self._upload_gate = fetch_model(stub, self.config.site_id, task)
-        return blob
+        return fetch_model(stub, self.config.site_id, task)
 
     def _handle(self, stub: pb_grpc.AgentServiceStub, task: TaskAssignment) -> None:
         log.info(
@@ -283,7 +280,7 @@ class SiteAgent:
                 log.exception("site=%s job=%s task crashed", self.config.site_id, task.job_id)
                 self._report(stub, task, "INTERNAL", f"the site agent failed: {type(err).__name__}")
                 return
-            push_update(stub, meta, delta, gated=self._upload_gate)
+            push_update(stub, meta, delta)
             self.tasks_done += 1
             log.info(
                 "site=%s job=%s round=%d update sent (task ε=%.3f, dataset ε=%.3f)",
@@ -344,48 +341,34 @@ def _task_gone(err: grpc.RpcError) -> bool:
     )
 
 
-def fetch_model(
-    stub: pb_grpc.AgentServiceStub, site_id: str, task: TaskAssignment
-) -> tuple[bytes, bool]:
-    """Download a task's model; also says whether the orchestrator gates uploads
-    (``common.rpc.transport.UPLOAD_GATE`` in the stream's initial metadata).
+def fetch_model(stub: pb_grpc.AgentServiceStub, site_id: str, task: TaskAssignment) -> bytes:
+    """Download a task's model. Takes turns: when every download place is taken, the
+    orchestrator says when to ask again (``common.rpc.transport.RETRY_AFTER_MS``) and the agent
+    waits here, not in the orchestrator."""
 
-    Takes turns (``common.rpc.transport.TURNS``): when every download place is taken, the
-    orchestrator says when to ask again and the agent waits here, not in the orchestrator.
-    """
-
-    def attempt() -> tuple[bytes, bool]:
+    def attempt() -> bytes:
         call = stub.FetchModel(
             pb.FetchModelRequest(site_id=site_id, task_id=task.task_id),
             timeout=_TRANSFER_TIMEOUT_S,
-            metadata=(TURNS,),
         )
-        blob = serde.blob_from_chunks(call, expected_size=task.model_size)
-        return blob, UPLOAD_GATE in tuple(call.initial_metadata() or ())
+        return serde.blob_from_chunks(call, expected_size=task.model_size)
 
     return _in_turn(attempt)
 
 
 def push_update(
-    stub: pb_grpc.AgentServiceStub, meta: UpdateMeta, delta: bytes, *, gated: bool
+    stub: pb_grpc.AgentServiceStub, meta: UpdateMeta, delta: bytes
 ) -> pb.PushUpdateResponse:
-    """Upload an update. ``gated``: send the header, then hold the chunks until the
-    orchestrator's go (its initial metadata, sent once the round has room for this upload),
-    so that a site waiting its turn does not park its update in the orchestrator's memory.
-    A gated upload also takes turns (``common.rpc.transport.TURNS``): when the round has no room
-    yet, the orchestrator ends the call with the time to ask again, and the agent waits here."""
-    if not gated:
-        resp: pb.PushUpdateResponse = stub.PushUpdate(
-            _update_stream(meta, delta), timeout=_TRANSFER_TIMEOUT_S
-        )
-        return resp
+    """Upload an update: send the header, then hold the chunks until the orchestrator's go
+    (``common.rpc.transport.UPLOAD_GATE`` in its initial metadata, sent once the round has room
+    for this upload), so that a site waiting its turn does not park its update in the
+    orchestrator's memory. When the round has no room yet, the orchestrator ends the call with
+    the time to ask again, and the agent waits here."""
 
     def attempt() -> pb.PushUpdateResponse:
         go, abandoned = threading.Event(), threading.Event()
         call = stub.PushUpdate.future(
-            _update_stream(meta, delta, go, abandoned),
-            timeout=_TRANSFER_TIMEOUT_S,
-            metadata=(TURNS,),
+            _update_stream(meta, delta, go, abandoned), timeout=_TRANSFER_TIMEOUT_S
         )
         try:
             # Returns at the go (UPLOAD_GATE), or with nothing when the call ends (try later, an
@@ -414,15 +397,12 @@ def _in_turn(attempt: Callable[[], T], *, give_up_after_s: float = _TRANSFER_TIM
 
 
 def _update_stream(
-    meta: UpdateMeta,
-    delta: bytes,
-    go: threading.Event | None = None,
-    abandoned: threading.Event | None = None,
+    meta: UpdateMeta, delta: bytes, go: threading.Event, abandoned: threading.Event
 ) -> Iterator[pb.UpdateChunk]:
+    """The header, then (at the go, unless the call was abandoned) the update's chunks."""
     yield pb.UpdateChunk(header=serde.update_meta_to_proto(meta))
-    if go is not None:
-        go.wait(_TRANSFER_TIMEOUT_S)
-    if abandoned is not None and abandoned.is_set():
+    go.wait(_TRANSFER_TIMEOUT_S)
+    if abandoned.is_set():
         return
     for ch in serde.blob_to_chunks(delta):
         yield pb.UpdateChunk(chunk=ch)

@@ -7,8 +7,8 @@ import math
 
 from common.errors import InvalidSpecError
 
-# Chunks are 128 KiB (older agents send 1 MiB); anything much larger than that on the wire is
-# malformed or hostile.
+# Chunks are 128 KiB (``common.rpc.serde.CHUNK_SIZE``); anything much larger than that on the
+# wire is malformed or hostile.
 MAX_MESSAGE_BYTES = 8 << 20
 
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
@@ -29,24 +29,20 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-# Uploads wait for the orchestrator's go before sending their bytes. ``FetchModel`` carries
-# UPLOAD_GATE in its initial metadata to say "this orchestrator sends a go": it then sends
-# UPLOAD_GATE again as ``PushUpdate``'s initial metadata once the upload has a place in its round
-# (``Broker.wait_for_capacity``). An agent that saw it sends the update's header, waits for that
-# metadata, then streams the chunks; until then the update's bytes stay at the site instead of
+# An upload waits for the orchestrator's go before sending its bytes: the agent sends the
+# update's header, then holds its chunks until ``PushUpdate``'s initial metadata carries
+# UPLOAD_GATE, which the orchestrator sends once the upload has a place in its round
+# (``Broker.wait_for_capacity``). Until then the update's bytes stay at the site instead of
 # filling the orchestrator's HTTP/2 receive windows (up to ~4 MiB per stream once gRPC's
 # bandwidth-delay probing has grown them, i.e. about one whole 1M-parameter model per waiting
-# site). Older agents (no wait) and older orchestrators (no metadata) still work together.
+# site).
 UPLOAD_GATE: tuple[str, str] = ("dpfed-upload-gate", "1")
 
-# A current agent sends TURNS in the invocation metadata of FetchModel and PushUpdate: "when
-# there is no room for this transfer yet, tell me when to come back instead of holding a server
-# thread while I wait". The orchestrator then answers RESOURCE_EXHAUSTED with RETRY_AFTER_MS
-# in the trailing metadata, keeps the transfer's place in line (``orchestrator.core.turns``), and
-# the agent asks again after that many milliseconds. A waiting call held one of the
-# orchestrator's worker threads (about 60 KiB each), which made its memory grow with the number
-# of sites; an older agent, which does not send TURNS, still waits in the server.
-TURNS: tuple[str, str] = ("dpfed-turns", "1")
+# Transfers take turns at the agent, not in the orchestrator: when there is no room for a
+# download or an upload yet, the orchestrator answers RESOURCE_EXHAUSTED with RETRY_AFTER_MS
+# (milliseconds) in the trailing metadata and keeps the transfer's place in line
+# (``orchestrator.core.turns``); the agent asks again after that long. No server thread is
+# held by a waiting site.
 RETRY_AFTER_MS = "dpfed-retry-after-ms"
 
 

@@ -11,7 +11,7 @@ import grpc
 from common.domain import TaskFailure
 from common.errors import DpfedError, InvalidSpecError
 from common.rpc import serde
-from common.rpc.transport import TURNS, UPLOAD_GATE
+from common.rpc.transport import UPLOAD_GATE
 from orchestrator.api.call_limits import MAX_CALLS_PER_SITE, CallLimiter
 from orchestrator.api.errors import abort_on_error, abort_on_error_stream
 from orchestrator.auth import Authorizer
@@ -20,11 +20,6 @@ from orchestrator.core import spool
 from orchestrator.metrics import COUNTERS
 from protos.dpfed.v1 import dpfed_pb2 as pb
 from protos.dpfed.v1 import dpfed_pb2_grpc as pb_grpc
-
-
-def _takes_turns(context: grpc.ServicerContext) -> bool:
-    """The agent waits for a transfer's turn on its side (``common.rpc.transport.TURNS``)."""
-    return TURNS in tuple(context.invocation_metadata() or ())
 
 
 class AgentServicer(pb_grpc.AgentServiceServicer):
@@ -61,13 +56,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self, request: pb.FetchModelRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Chunk]:
         site_id = self.auth.site(context, request.site_id)
-        # At most Broker.max_downloads streams at once: each holds a few chunks in gRPC's send
-        # path, so with every site fetching at once memory grew with the number of sites. An
-        # agent that takes turns (TURNS) waits for its turn on its own side.
-        with self.c.broker.download_slot(
-            site_id, request.task_id, alive=context.is_active, wait=not _takes_turns(context)
-        ) as model:
-            context.send_initial_metadata((UPLOAD_GATE,))  # "this orchestrator sends a go"
+        # At most Broker.max_downloads streams at once (each holds a few chunks in gRPC's send
+        # path); without a place, the agent is told when to ask again (TryLaterError).
+        with self.c.broker.download_slot(site_id, request.task_id) as model:
             COUNTERS.inc("dpfed_bytes_sent_total", model.size, kind="global_model")
             yield from serde.blob_to_chunks(model.read, model.size)
 
@@ -93,16 +84,15 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                     )
                 )
             raise
-        # Ownership and size are checked before the bytes are read; then wait for room.
+        # Ownership and size are checked before the bytes are read; then a place in the round
+        # (or TryLaterError: the agent asks again when told).
         model_size = self.c.model(meta.site_id, meta.task_id).size
         if meta.total_size > spool.max_update_size(model_size):
             raise InvalidSpecError(
                 f"the update announces {meta.total_size} bytes; a task whose model has "
                 f"{model_size} bytes takes at most {spool.max_update_size(model_size)}"
             )
-        token = self.c.broker.wait_for_capacity(
-            meta.site_id, meta.task_id, wait=not _takes_turns(context)
-        )
+        token = self.c.broker.wait_for_capacity(meta.site_id, meta.task_id)
 
         def chunks() -> Iterator[pb.Chunk]:
             for msg in request_iterator:
@@ -111,7 +101,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 yield msg.chunk
 
         try:
-            # The go: an agent that saw UPLOAD_GATE in FetchModel holds its chunks until now.
+            # The go: the agent holds its chunks until now (common.rpc.transport.UPLOAD_GATE).
             context.send_initial_metadata((UPLOAD_GATE,))
             payload = spool.receive(
                 serde.chunk_data(chunks(), expected_size=meta.total_size),

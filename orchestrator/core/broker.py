@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from common.domain import TaskAssignment, TaskFailure, UpdateMeta
@@ -76,14 +76,12 @@ class Broker:
         self._presence: dict[str, _Presence] = {}
         self._admitted: dict[int, int] = {}  # uploads being read, per round queue
         self._upload_lines: dict[int, TurnLine] = {}  # uploads waiting, per round queue
-        # Uploads waiting in the server (older agents) wait on their own condition, and so do
-        # downloads: waking the long-polls on _cv each time a transfer ends would cost one
-        # wake-up per site. Lock order: _lock, then _downloads_cv.
-        self._uploads_cv = threading.Condition(self._lock)
         self.max_downloads = MAX_DOWNLOADS
         self.max_uploads = MAX_UPLOADS
         self._downloads = 0
-        self._downloads_cv = threading.Condition()
+        # Downloads have a lock of their own, so a download that ends does not contend with
+        # the long-polls. Lock order: _lock, then _downloads_lock.
+        self._downloads_lock = threading.Lock()
         self._download_line = TurnLine()
         self.offline_after_s = offline_after_s
         # A site that has not dialled in since this broker started is given offline_after_s
@@ -234,72 +232,37 @@ class Broker:
             return self._owned(site_id, task_id).model
 
     @contextlib.contextmanager
-    def download_slot(
-        self,
-        site_id: str,
-        task_id: str,
-        *,
-        timeout_s: float = 600.0,
-        alive: Callable[[], bool] | None = None,
-        wait: bool = True,
-    ) -> Iterator[Payload]:
+    def download_slot(self, site_id: str, task_id: str) -> Iterator[Payload]:
         """Backpressure for downloads: hold one of ``max_downloads`` places while a task's
         model is streamed to its site; yields the model.
 
         Each download in flight holds a chunk at every stage of gRPC's send path
         (``blob_to_chunks``'s slice, the protobuf message, its serialization, the C-core's
         copy waiting for the socket), and its worker thread's malloc arena keeps what it
-        freed; with every site fetching at once that grew with the number of sites. The model
-        itself is one shared payload (a training round's lies in a spool file). Downloads take turns first come, first served
-        (``orchestrator.core.turns``). ``wait=False`` (the agent waits on its side) raises
-        TryLaterError with the time to ask again when there is no turn yet; ``wait=True`` waits
-        here. Raises NotFoundError when the task's round ended, UnavailableError when
-        ``alive()`` turns false (the caller went away) or after ``timeout_s``.
+        freed; unbounded, that grows with the number of sites fetching at once. The model
+        itself is one shared payload (a training round's lies in a spool file). Downloads
+        take turns first come, first served (``orchestrator.core.turns``): without a place,
+        raises TryLaterError with the time to ask again, and the task keeps its place in line.
+        Raises NotFoundError when the task's round ended, PermissionDeniedError when the task
+        is another site's.
         """
-        deadline = time.time() + timeout_s
-        self.model(site_id, task_id)  # unknown or foreign tasks fail before waiting
-        line = self._download_line
-        with self._downloads_cv:
-            while True:
-                retry = line.ask(
-                    task_id, max(1, self.max_downloads) - self._downloads, present=wait
-                )
-                if retry is None:
-                    break
-                if not wait:
-                    raise TryLaterError(
-                        "every download place is taken; ask again", retry_after_s=retry
-                    )
-                gone = alive is not None and not alive()
-                if gone or time.time() >= deadline:
-                    line.leave(task_id)
-                    raise UnavailableError(
-                        "the download was abandoned while waiting"
-                        if gone
-                        else "too many model downloads in progress; retry later"
-                    )
-                self._downloads_cv.wait(timeout=min(deadline - time.time(), retry, 0.5))
+        self.model(site_id, task_id)  # unknown or foreign tasks fail before taking a place
+        with self._downloads_lock:
+            retry = self._download_line.ask(task_id, max(1, self.max_downloads) - self._downloads)
+            if retry is not None:
+                raise TryLaterError("every download place is taken; ask again", retry_after_s=retry)
             self._downloads += 1
         try:
             yield self.model(site_id, task_id)
         finally:
-            with self._downloads_cv:
+            with self._downloads_lock:
                 self._downloads -= 1
-                self._downloads_cv.notify_all()
 
     def downloads_in_progress(self) -> int:
-        with self._downloads_cv:
+        with self._downloads_lock:
             return self._downloads
 
-    def wait_for_capacity(
-        self,
-        site_id: str,
-        task_id: str,
-        *,
-        limit: int | None = None,
-        timeout_s: float = 600.0,
-        wait: bool = True,
-    ) -> int:
+    def wait_for_capacity(self, site_id: str, task_id: str, *, limit: int | None = None) -> int:
         """Backpressure for uploads: reserve one of ``limit`` (default :attr:`max_uploads`)
         places in the task's round (updates queued for the round's fold, plus uploads being
         read; the one the round is folding has left the queue and is not counted) before
@@ -308,46 +271,37 @@ class Broker:
         The round folds updates into its running sum one at a time; without this, many sites
         pushing at once would park one full model per site in the spool (and, as gRPC
         buffers, in memory), so the orchestrator's resources would grow with the number of
-        sites. gRPC flow control alone does not hold a
-        waiting upload back: once its bandwidth-delay probing has grown the windows, a stream
-        may send ~4 MiB unread. The servicer therefore sends the agent its go
-        (``common.rpc.transport.UPLOAD_GATE``) only after this returns.
+        sites. gRPC flow control alone does not hold a waiting upload back: once its
+        bandwidth-delay probing has grown the windows, a stream may send ~4 MiB unread. The
+        servicer therefore sends the agent its go (``common.rpc.transport.UPLOAD_GATE``) only
+        after this returns.
 
-        Uploads take turns first come, first served (``orchestrator.core.turns``). ``wait=False``
-        (the agent waits on its side) raises TryLaterError with the time to ask again when the
-        round has no room yet. ``wait=True`` waits here, polling the round's queue (the round
-        takes results off it without telling the broker), and takes a place anyway after
-        ``timeout_s``. Raises NotFoundError when the round ended meanwhile.
+        Uploads take turns first come, first served (``orchestrator.core.turns``): when the
+        round has no room yet, raises TryLaterError with the time to ask again, and the task
+        keeps its place in line. Raises NotFoundError when the round ended.
         """
         limit = self.max_uploads if limit is None else limit
-        deadline = time.time() + timeout_s
         with self._lock:
-            while True:
-                # NotFoundError once the round is over; cancel() took the task out of the line.
-                p = self._owned(site_id, task_id)
-                key = id(p.results)
-                line = self._upload_lines.setdefault(key, TurnLine())
-                busy = p.results.qsize() + self._admitted.get(key, 0)
-                retry = line.ask(task_id, limit - busy, present=wait)
-                if retry is not None and wait and time.time() >= deadline:
-                    retry = None  # waited long enough: take a place anyway
-                if retry is None:
-                    self._leave_upload_line(task_id, key)
-                    self._admitted[key] = self._admitted.get(key, 0) + 1
-                    return key
-                if not wait:
-                    raise TryLaterError(
-                        "the round holds as many updates as it may; ask again",
-                        retry_after_s=retry,
-                    )
-                self._uploads_cv.wait(timeout=min(retry, 0.05))
+            # NotFoundError once the round is over; cancel() took the task out of the line.
+            p = self._owned(site_id, task_id)
+            key = id(p.results)
+            line = self._upload_lines.setdefault(key, TurnLine())
+            busy = p.results.qsize() + self._admitted.get(key, 0)
+            retry = line.ask(task_id, limit - busy)
+            if retry is not None:
+                raise TryLaterError(
+                    "the round holds as many updates as it may; ask again", retry_after_s=retry
+                )
+            self._leave_upload_line(task_id, key)
+            self._admitted[key] = self._admitted.get(key, 0) + 1
+            return key
 
     def uploads_waiting(self) -> int:
         with self._lock:
             return sum(len(line) for line in self._upload_lines.values())
 
     def downloads_waiting(self) -> int:
-        with self._downloads_cv:
+        with self._downloads_lock:
             return len(self._download_line)
 
     def release_capacity(self, token: int) -> None:
@@ -358,7 +312,6 @@ class Broker:
                 self._admitted[token] = left
             else:
                 self._admitted.pop(token, None)
-            self._uploads_cv.notify_all()
 
     def push_update(self, meta: UpdateMeta, payload: Payload | bytes) -> None:
         if isinstance(payload, bytes):
@@ -402,7 +355,7 @@ class Broker:
     def _leave_lines_locked(self, task_id: str, p: _Pending) -> None:
         """A task that is over gives up its places in the transfer lines."""
         self._leave_upload_line(task_id, id(p.results))
-        with self._downloads_cv:
+        with self._downloads_lock:
             self._download_line.leave(task_id)
 
     def _leave_upload_line(self, task_id: str, key: int) -> None:

@@ -1,22 +1,20 @@
 """Turns at a limited resource (model downloads, a round's upload places) without a thread per waiter.
 
 A synchronous gRPC server spends one worker thread on each call it is serving, and a thread
-blocked in a handler costs the process about 60 KiB (stack pages, interpreter state, gRPC's
-call objects; measured in ``bench/RESULTS.md`` §2). If every site waited for its download and
-its upload inside the orchestrator, those threads would be the whole of the orchestrator's
-memory growth with the number of sites. A caller that can wait on its own side (a current agent:
-``common.rpc.transport.TURNS``) is instead told when to ask again, and its place in the line is
-kept meanwhile; the line is a few bytes per waiting key.
+blocked in a handler costs the process about 60 KiB (``bench/RESULTS.md`` §2): sites waiting
+inside the orchestrator would make its memory grow with their number. So a caller without a
+place is told when to ask again (``common.rpc.transport.RETRY_AFTER_MS``), and its place in the
+line is kept meanwhile; the line is a few bytes per waiting key.
 
 The line is first come, first served. A key is admitted when the resource has room for it and
-for every key ahead of it that is *due*: present now (a caller waiting in the server) or told to
-come back by now. A key that is not due yet does not hold a free place back, so the resource
-does not sit idle while a waiter sleeps; when it comes back it is still near the front and gets
-a short wait. A key that does not come back within ``grace`` of its time loses its place (its
-caller went away). The time to come back is the key's distance from the front times the mean
-interval between admissions while the line was busy (an exponentially weighted mean), within
-``[min_retry_s, max_retry_s]``; that interval covers whatever frees a place (a download ending,
-the round folding an update), so the line needs no model of it.
+for every key ahead of it that is *due* (told to come back by now). A key that is not due yet
+does not hold a free place back, so the resource does not sit idle while a waiter sleeps; when
+it comes back it is still near the front and gets a short wait. A key that does not come back
+within ``grace`` of its time loses its place (its caller went away). The time to come back is
+the key's distance from the front times the mean interval between admissions while the line
+was busy (an exponentially weighted mean), within ``[min_retry_s, max_retry_s]``; that interval
+covers whatever frees a place (a download ending, the round folding an update), so the line
+needs no model of it.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ DEFAULT_GAP_S = 0.05
 
 @dataclass
 class _Place:
-    due: float  # when the key was told to come back (now, for a caller waiting in the server)
+    due: float  # when the key was told to come back
     expires: float  # after this the place is given up
 
 
@@ -68,13 +66,9 @@ class TurnLine:
         """Mean interval between admissions while keys were waiting."""
         return self._gap_s
 
-    def ask(self, key: str, free: int, *, present: bool = False) -> float | None:
+    def ask(self, key: str, free: int) -> float | None:
         """Admit ``key`` (None) if ``free`` places cover it and every due key ahead of it; else
-        keep (or take) its place and return the seconds after which to ask again.
-
-        ``present``: the caller waits in the server and asks again by itself, so its place
-        holds back free places for it (a remote caller's only from the time it was given).
-        """
+        keep (or take) its place and return the seconds after which to ask again."""
         now = self._clock()
         self._drop_expired(now)
         ahead_due = 0
@@ -95,7 +89,7 @@ class TurnLine:
             return None
         wait = (ahead - free + 1) * self._gap_s
         wait = min(self.max_retry_s, max(self.min_retry_s, wait))
-        due = now if present else now + wait
+        due = now + wait
         self._places[key] = _Place(due=due, expires=due + max(self.grace_s, wait))
         return wait
 

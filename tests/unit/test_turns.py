@@ -62,15 +62,6 @@ def test_a_waiter_not_yet_due_does_not_hold_a_free_place_back() -> None:
     assert wait_a is not None and wait_a <= DEFAULT_GAP_S
 
 
-def test_a_present_waiter_holds_a_free_place_for_itself() -> None:
-    clock = Clock()
-    line = TurnLine(clock=clock)
-    assert line.ask("a", free=0, present=True) is not None
-    # A newcomer does not overtake a waiter that waits in the server.
-    assert line.ask("b", free=1) is not None
-    assert line.ask("a", free=1, present=True) is None
-
-
 def test_a_waiter_that_does_not_come_back_loses_its_place() -> None:
     clock = Clock()
     line = TurnLine(clock=clock, grace_s=1.0)
