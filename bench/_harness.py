@@ -149,8 +149,8 @@ def install_site_timers(tl: Timeline | None = None) -> None:
 def install_orchestrator_timers(tl: Timeline | None = None) -> None:
     """Time the orchestrator's round: the whole _round and its bookkeeping steps."""
     tl = tl or TIMELINE
-    import orchestrator.rounds as rounds
-    from orchestrator.aggregation import RunningWeightedMean
+    import orchestrator.training.rounds as rounds
+    from orchestrator.training.aggregation import RunningWeightedMean
 
     from orchestrator.coordinator import Coordinator
     from orchestrator.core.store import Store
