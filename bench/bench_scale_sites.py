@@ -253,8 +253,8 @@ def agg_case(params: int, n: int, method: str) -> dict[str, Any]:
         state_from_bytes,
         state_to_bytes,
     )
-    from orchestrator.aggregation import RunningWeightedMean, apply_delta
     from orchestrator.core.spool import receive
+    from orchestrator.training.aggregation import RunningWeightedMean, apply_delta
 
     # Two tensors like a dense layer and its bias; params in total.
     cols = 1000
