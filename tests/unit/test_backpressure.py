@@ -303,7 +303,7 @@ def test_large_buffers_go_back_to_the_os_whatever_thread_allocated_them() -> Non
 
     script = r"""
 import os, queue, sys, threading
-from orchestrator.server import return_large_buffers_to_os
+from orchestrator.allocator import return_large_buffers_to_os
 if not return_large_buffers_to_os():
     print("skip"); sys.exit(0)
 def rss():
@@ -357,7 +357,7 @@ def test_worker_threads_share_two_malloc_arenas(shared: bool) -> None:
 
     script = r"""
 import ctypes, os, sys, tempfile, threading
-from orchestrator.server import share_malloc_arenas
+from orchestrator.allocator import share_malloc_arenas
 if sys.argv[1] == "1" and not share_malloc_arenas():
     print("skip"); sys.exit(0)
 hold = threading.Barrier(24)
