@@ -29,26 +29,22 @@ def pull(
     *,
     conn: Connection,
 ) -> None:
-    """Download a released model: OUT/model.safetensors and OUT/model_card.json."""
+    """Download a released model into OUT: model_card.json and the model (model.safetensors;
+    mixture.json for a mixture)."""
     with conn.client() as client:
         card, weights = client.download(job_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     c = json.loads(card)
-    if c.get("kind") == "gmm":
-        (out_dir / "mixture.json").write_bytes(weights)
-        (out_dir / "model_card.json").write_text(card)
-        err_console.print(
-            f"wrote {out_dir}/mixture.json and model_card.json (K = {inert(c['model']['K'])}, "
-            f"ε = {c['epsilon']:.4g}, δ = {c['delta']:g}); load with "
-            f"common.clustering.released.load_mixture({str(out_dir)!r}).predict(X)"
-        )
-        return
-    (out_dir / "model.safetensors").write_bytes(weights)
+    # The kind's registry entry names the file and how to load it (lazily: the registry
+    # imports the job machinery, which the other commands do not need).
+    from orchestrator.jobs.kinds import released_files
+
+    name, summary, load_hint = released_files(c)
+    (out_dir / name).write_bytes(weights)
     (out_dir / "model_card.json").write_text(card)
     err_console.print(
-        f"wrote {out_dir}/model.safetensors and model_card.json "
-        f"(ε = {c['epsilon']:.4g}, δ = {c['delta']:g}); load with "
-        f"common.training.models.load_model({str(out_dir)!r})"
+        f"wrote {out_dir}/{name} and model_card.json ({inert(summary)}ε = {c['epsilon']:.4g}, "
+        f"δ = {c['delta']:g}); load with {load_hint.format(path=str(out_dir))}"
     )
 
 
