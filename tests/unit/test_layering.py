@@ -71,13 +71,12 @@ IO_CALLS = frozenset(
     }
 )
 # File I/O through a library's own readers and writers (np.save, torch.load, pickle.dump, ...).
+_NUMPY_IO = frozenset(
+    {"load", "save", "savez", "savez_compressed", "loadtxt", "savetxt", "fromfile"}
+)
 IO_MODULE_CALLS = {
-    "np": frozenset(
-        {"load", "save", "savez", "savez_compressed", "loadtxt", "savetxt", "fromfile"}
-    ),
-    "numpy": frozenset(
-        {"load", "save", "savez", "savez_compressed", "loadtxt", "savetxt", "fromfile"}
-    ),
+    "np": _NUMPY_IO,
+    "numpy": _NUMPY_IO,
     "torch": frozenset({"load", "save"}),
     "pickle": frozenset({"load", "dump"}),
     "joblib": frozenset({"load", "dump"}),
