@@ -51,9 +51,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from common.dp.accounting import EpsilonBound, compute_epsilon
 from common.dp.events import DpEvent
 from common.errors import PrivacyAccountingError
 from site_agent.boundary.ledger_schema import (
@@ -63,6 +62,9 @@ from site_agent.boundary.ledger_schema import (
     fsync_dir,
     setup_schema,
 )
+
+if TYPE_CHECKING:
+    from common.dp.accounting import EpsilonBound
 
 __all__ = ["SCHEMA_VERSION", "Ledger", "LedgerEntry", "Reservation"]
 
@@ -500,6 +502,10 @@ class Ledger:
         when the history grows, so it can come out a hair lower after a cheap charge. The
         ledger is append-only, so an earlier history is a subset of today's and its bound
         stays an upper bound of today's ε: reporting the larger of the two is sound."""
+        # Imported here: the accountants load Opacus and torch, which recording a charge (a
+        # process that only writes the ledger) does not need.
+        from common.dp.accounting import compute_epsilon
+
         events = self.events(dataset)
         bound = compute_epsilon(events, delta=delta, accountant=accountant)
         key = (dataset, delta, accountant)
