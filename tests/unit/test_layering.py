@@ -8,8 +8,12 @@
   only the modules in :data:`IO_EXEMPT` (they load or save models, spec files, a pulled
   mixture, or read OS entropy) do file I/O. A new module in ``common`` is held to this by
   default.
-* The generated protobuf code is imported only by the serde layer and the transport modules
-  (the gRPC client and servicers); everything else speaks the domain types.
+* The generated protobuf code (``protos``, the ``dpfed.v1`` wire types) is imported only by
+  the serde layer (``common/rpc/serde``), the servers (``orchestrator/server.py``,
+  ``orchestrator/api/``) and the two gRPC clients (:data:`WIRE_CLIENTS`); everything else
+  speaks the domain types. gRPC itself is imported only by those and the other transport
+  modules (:data:`GRPC_MODULES`): the orchestrator's core, its job kinds and the site's
+  pipeline run without it.
 """
 
 from __future__ import annotations
@@ -23,19 +27,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = ("common", "site_agent", "orchestrator")
 
-# Where the generated wire types may be imported (the translation layer and the transport).
-WIRE_MODULES = frozenset(
-    {
-        "orchestrator/client.py",
-        "orchestrator/server.py",
-        "orchestrator/api/agent_service.py",
-        "orchestrator/api/control_service.py",
-        "site_agent/agent.py",
-    }
-)
-# ... and every module of these packages.
-WIRE_LAYER = ("common/rpc/serde",)
+# Where the generated wire types may be imported: the serde layer and the servers ...
+WIRE_LAYER = ("common/rpc/serde", "orchestrator/api", "orchestrator/server.py")
+# ... and the gRPC clients, which build their requests and call the stubs.
+WIRE_CLIENTS = ("orchestrator/client.py", "site_agent/agent.py")
 WIRE_PACKAGES = ("protos",)
+# Where grpc may be imported: the wire's own modules, the mTLS identities and the call limits
+# read from a call's context (orchestrator/auth.py, orchestrator/api/), the health probe.
+GRPC_MODULES = (
+    *WIRE_LAYER,
+    *WIRE_CLIENTS,
+    "common/rpc",
+    "orchestrator/auth.py",
+    "orchestrator/healthcheck.py",
+)
+GRPC_PACKAGES = ("grpc", "grpc_health")
 TRANSPORT_AND_CLI = ("grpc", "protos", "typer", "click", "rich")
 
 # The shared core is every module of common/ but these edges (transport, TLS, CLI helpers).
@@ -147,10 +153,12 @@ def _violations(path: str, source: str) -> list[str]:
     if path.startswith("common/"):
         sides = ("orchestrator", "site_agent")
         found += [f"{path}:{n} imports {m}" for n, m in imports if _under(m, sides)]
-    if path not in WIRE_MODULES and not any(path.startswith(p + "/") for p in WIRE_LAYER):
+    if not _within(path, (*WIRE_LAYER, *WIRE_CLIENTS)):
         found += [
             f"{path}:{n} imports the wire types {m}" for n, m in imports if _under(m, WIRE_PACKAGES)
         ]
+    if not path.startswith("common/") and not _within(path, GRPC_MODULES):
+        found += [f"{path}:{n} imports {m}" for n, m in imports if _under(m, GRPC_PACKAGES)]
     if path.startswith("common/") and not _within(path, EDGES):
         found += [f"{path}:{n} imports {m}" for n, m in imports if _under(m, TRANSPORT_AND_CLI)]
         if path not in IO_EXEMPT:
@@ -166,7 +174,7 @@ def test_the_layers_hold() -> None:
 
 
 def test_every_listed_module_exists() -> None:
-    listed = [*WIRE_MODULES, *EDGES, *WIRE_LAYER, *IO_EXEMPT]
+    listed = [*WIRE_LAYER, *WIRE_CLIENTS, *GRPC_MODULES, *EDGES, *IO_EXEMPT]
     missing = [p for p in listed if not (ROOT / p).exists()]
     assert not missing, f"The layering test names modules that do not exist: {missing}"
 
@@ -177,6 +185,12 @@ def test_every_listed_module_exists() -> None:
         ("site_agent/x.py", "def f():\n    from orchestrator import store\n", "orchestrator"),
         ("common/x.py", "import site_agent.boundary.ledger\n", "site_agent"),
         ("orchestrator/x.py", "from protos.dpfed.v1 import dpfed_pb2\n", "wire types"),
+        ("orchestrator/jobs/base.py", "from protos.dpfed.v1 import dpfed_pb2\n", "wire types"),
+        ("site_agent/boundary/pipeline.py", "import protos.dpfed.v1.dpfed_pb2\n", "wire types"),
+        ("common/rpc/tls/files.py", "from protos.dpfed.v1 import dpfed_pb2\n", "wire types"),
+        ("orchestrator/core/broker.py", "import grpc\n", "grpc"),
+        ("orchestrator/coordinator.py", "from grpc_health.v1 import health\n", "grpc_health"),
+        ("site_agent/handlers/train.py", "def f():\n    import grpc\n", "grpc"),
         ("common/clustering/x.py", "import grpc\n", "grpc"),
         ("common/synthesis/x.py", "import typer\n", "typer"),
         ("common/schema/x.py", "from pathlib import Path\n", "pathlib"),
@@ -207,7 +221,11 @@ def test_the_checker_allows_the_layers() -> None:
     assert (
         _violations("common/rpc/serde/chunks.py", "from protos.dpfed.v1 import dpfed_pb2\n") == []
     )
-    assert _violations("orchestrator/x.py", "import grpc\nimport site_agent\n") == []
+    assert _violations("orchestrator/x.py", "import site_agent\n") == []
+    wire = "import grpc\nfrom protos.dpfed.v1 import dpfed_pb2, dpfed_pb2_grpc\n"
+    for endpoint in ("orchestrator/api/agent_service.py", "orchestrator/server.py", *WIRE_CLIENTS):
+        assert _violations(endpoint, wire) == [], endpoint
+    assert _violations("orchestrator/auth.py", "import grpc\n") == []
     assert _violations("common/clustering/released.py", "from pathlib import Path\n") == []
     assert _violations("common/rpc/transport.py", "import grpc\n") == []
     # Serialising to bytes in memory is not file I/O.
