@@ -1,9 +1,9 @@
 """Bounds on concurrent calls, so that one caller cannot take every gRPC worker thread.
 
 gRPC's Python server runs each call on a thread of one pool (``max_workers``); a call that
-waits (a parked ``PullTask`` long-poll, a slow upload) holds its thread. One site certificate
-that parked more long-polls than the pool has threads starved every other caller, analysts
-included (issue 17.6). So:
+waits (a parked ``PullTask`` long-poll, a slow upload) holds its thread. Unbounded, one site
+certificate that parks more long-polls than the pool has threads would starve every other
+caller, analysts included. So:
 
 - each caller (its certificate's role and name) has at most ``per_caller`` calls in progress
   on a service. Without mTLS (loopback development) there is no identity to bound: a caller

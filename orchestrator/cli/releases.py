@@ -118,7 +118,7 @@ def synth(
     ] = None,
 ) -> None:
     """DP synthetic rows with the dataset's schema, for prototyping (charged to each site)."""
-    if method == "autoregressive":  # orchestrator.synth_autoregressive (issue 20)
+    if method == "autoregressive":  # orchestrator.synth_autoregressive
         from orchestrator import synth_autoregressive as ar
 
         opts = ar.SynthOptions(epsilon=epsilon, rounds=rounds, quantile_bins=bins)

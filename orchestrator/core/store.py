@@ -29,9 +29,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
-    inspect,
     select,
-    text,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -77,7 +75,7 @@ class JobRow(Base):
     participants: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
     # site-level DP (DP-FedAvg): the clip norm for the next round (adaptive clipping moves it)
     site_clip_norm: Mapped[float | None] = mapped_column(Float, nullable=True)
-    # the certificate name that submitted the job ("" before this was recorded): it may cancel
+    # the certificate name that submitted the job: it may cancel it
     submitted_by: Mapped[str] = mapped_column(String(128), default="", server_default="")
 
 
@@ -194,7 +192,6 @@ class Store:
         if self.url.startswith("sqlite"):
             _sqlite_pragmas(self.engine)
         Base.metadata.create_all(self.engine)
-        self._add_missing_columns()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock = threading.RLock()
 
@@ -205,20 +202,6 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
-
-    def _add_missing_columns(self) -> None:
-        """Columns added after a database was created (create_all only makes new tables)."""
-        have = {c["name"] for c in inspect(self.engine).get_columns("jobs")}
-        if "submitted_by" not in have:
-            with self.engine.begin() as conn:
-                conn.execute(
-                    text(
-                        "ALTER TABLE jobs ADD COLUMN submitted_by VARCHAR(128) NOT NULL DEFAULT ''"
-                    )
-                )
-        if "metrics" not in {c["name"] for c in inspect(self.engine).get_columns("rounds")}:
-            with self.engine.begin() as conn:
-                conn.execute(text("ALTER TABLE rounds ADD COLUMN metrics JSON"))
 
     # ---------------------------------------------------------------- sites
 

@@ -265,21 +265,6 @@ def test_which_rounds_release_metrics(every: int | None, rounds: int, expected: 
     assert MetricsSpec(enabled=False, every=every).release_count(rounds) == 0
 
 
-def test_an_older_database_gains_the_rounds_metrics_column(tmp_path: Any) -> None:
-    import sqlite3
-
-    from orchestrator.core.store import Store
-
-    Store(tmp_path).close()
-    db = tmp_path / "orchestrator.db"
-    with sqlite3.connect(db) as con:
-        con.execute("ALTER TABLE rounds DROP COLUMN metrics")
-    Store(tmp_path).close()
-    with sqlite3.connect(db) as con:
-        columns = {row[1] for row in con.execute("PRAGMA table_info(rounds)")}
-    assert "metrics" in columns
-
-
 def test_a_sites_noised_binary_release_has_the_standard_errors_the_pool_states() -> None:
     # The site's own noise (σ·2 on every coordinate, histogram included) against the SEs
     # metric_pooling derives: the pooled AUC and accuracy scatter as stated around the
