@@ -108,18 +108,16 @@ def ensure_server_pki(pki_dir: Path, *, hosts: tuple[str, ...] = DEFAULT_HOSTS) 
 
 
 def _ensure_healthcheck_identity(pki_dir: Path) -> None:
-    """A read-only (``monitor``) client certificate for `python -m orchestrator.healthcheck`.
-
-    One issued by an earlier version with the data-scientist role (it could submit, cancel
-    and download) is replaced and revoked, and so is one close to expiry."""
+    """A read-only (``monitor``) client certificate for `python -m orchestrator.healthcheck`;
+    one close to expiry (:data:`RENEW_BEFORE`) is re-issued and the old one revoked."""
     hc = files_in(pki_dir, name="healthcheck", role=ROLE_MONITOR)
     if not (pki_dir / "ca.key").exists():
         return
     if not hc.cert.exists():
         issue(pki_dir, name="healthcheck", role=ROLE_MONITOR)
         return
-    old = identity_from_pem(hc.cert.read_bytes())
-    if old.role != ROLE_MONITOR or expires_in(hc.cert.read_bytes()) < RENEW_BEFORE:
+    if expires_in(hc.cert.read_bytes()) < RENEW_BEFORE:
+        old = identity_from_pem(hc.cert.read_bytes())
         issue(pki_dir, name="healthcheck", role=ROLE_MONITOR)
         revoke(pki_dir, f"{old.serial:X}")
         log.info("re-issued the healthcheck certificate (role monitor, read-only)")

@@ -372,19 +372,10 @@ def test_certificates_are_valid_for_a_year_by_default(pki: Pki) -> None:
 # ------------------------------------------------------------- minor: roles and cancelling
 
 
-def test_the_healthcheck_certificate_only_reads_and_an_old_one_is_replaced(
-    pki: Pki, server: RunningServer, dial: Any
-) -> None:
-    # An earlier version issued it as a data scientist; the next start replaces and revokes it.
-    old = issue(pki.root, name="healthcheck", role=ROLE_DATA_SCIENTIST)
-    stale = TlsFiles(ca=old.ca, cert=pki.root / "stale.pem", key=pki.root / "stale.key")
-    stale.cert.write_bytes(old.cert.read_bytes())
-    stale.key.write_bytes(old.key.read_bytes())
+def test_the_healthcheck_certificate_only_reads(pki: Pki, server: RunningServer, dial: Any) -> None:
     ensure_server_pki(pki.root)
     hc_files = files_in(pki.root, name="healthcheck", role=ROLE_MONITOR)
     assert identity_from_pem(hc_files.cert.read_bytes()).role == ROLE_MONITOR
-    code, details, _ = rpc(dial(stale), "ControlService", "ListJobs", pb.ListJobsRequest())
-    assert code == CODE.PERMISSION_DENIED and "revoked" in details
     hc = dial(hc_files)
     assert health_check(hc) == CODE.OK
     reads: list[tuple[str, Any]] = [
