@@ -64,8 +64,9 @@ def format_serial(serial: int) -> str:
 
 
 def issued(pki_dir: Path) -> list[IssuedCert]:
-    """Every certificate recorded in ``issued.json`` plus the ones on disk (a PKI made before
-    the record existed), oldest record first."""
+    """Every certificate recorded in ``issued.json``, oldest record first, then any certificate
+    under ``pki_dir`` the record lacks (:func:`issue` writes the certificate before recording
+    it, so a crash in between leaves one that must still be listed and revocable by name)."""
     out: dict[int, IssuedCert] = {}
     path = pki_dir / ISSUED_FILE
     if path.exists():
