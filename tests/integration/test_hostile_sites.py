@@ -376,7 +376,7 @@ def test_a_rogue_site_claiming_a_billion_rows_and_no_privacy_cost_changes_nothin
     assert charged == {*HONEST, ROGUE} and 0 < st.epsilon < 50
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # a third 4-round job with a rogue; the median itself: test_aggregation.py
 def test_a_rogue_inside_its_bound_is_outvoted_by_the_median(
     pki: Pki, tmp_path: Path, digits: tuple[np.ndarray, ...], baseline: float
 ) -> None:

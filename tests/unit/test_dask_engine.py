@@ -161,7 +161,7 @@ def test_engine_dask_needs_a_scheduler_and_parquet(tmp_path: Path) -> None:
     assert cfg.datasets[0].engine == "dask"
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # 3 worker processes; the same sums in-process: test_in_process_map_reduce_...
 def test_local_dask_cluster_equals_the_in_process_path_exactly(tmp_path: Path) -> None:
     distributed = pytest.importorskip("distributed")
     cfg = _site(tmp_path)

@@ -199,7 +199,7 @@ def test_a_refused_release_never_runs_the_engine(
     assert [e.kind for e in ex.ledger.entries(dataset="loans")] == ["catalog"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # 3 worker processes; test_engine_dask_releases_what_the_in_process_path_does
 def test_a_local_cluster_of_worker_processes_releases_the_same_values(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -73,7 +73,6 @@ def test_a_refusing_check_records_nothing(tmp_path: Path) -> None:
         assert ledger.entries() == []
 
 
-@pytest.mark.slow
 def test_two_processes_never_overspend(tmp_path: Path) -> None:
     """Four processes race to charge a budget that holds two charges: exactly two win."""
     path = tmp_path / "ledger.sqlite"
