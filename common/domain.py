@@ -126,9 +126,9 @@ class Metrics:
     loss_sum: float
     num_examples: int
     noise_multiplier: float | None
+    count_sum: float
+    """Number of rows evaluated: noised, or exact when ``exact``."""
     exact: bool = False
-    count_sum: float | None = None
-    """Noised number of rows evaluated; ``None`` from a site that predates it."""
     score_histogram: tuple[float, ...] = ()
     """Binary labels only: noised counts of the model's P(class 1) in ``H`` equal bins of
     [0, 1], first the ``H`` bins of the rows labelled 0, then those of the rows labelled 1."""

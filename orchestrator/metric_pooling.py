@@ -108,8 +108,8 @@ def pool_metrics(
         has_hist = hist_len > 0 and len(m.score_histogram) == hist_len
         sigma = 0.0 if m.exact else max(noise_multiplier, m.noise_multiplier or 0.0)
         var = (sigma * sensitivity(histogram=bool(m.score_histogram))) ** 2
-        count += m.count_sum if m.count_sum is not None else float(m.num_examples)
-        var_count += var if m.count_sum is not None else 0.0
+        count += m.count_sum
+        var_count += var
         correct += m.correct_sum
         loss += m.loss_sum
         var_correct += var

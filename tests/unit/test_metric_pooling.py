@@ -154,13 +154,6 @@ def test_exact_metrics_pool_without_error() -> None:
     assert p.num_examples == Estimate(10.0, 0.0) and p.auc is None
 
 
-def test_an_older_site_without_a_noised_count_pools_with_its_exact_count() -> None:
-    old = Metrics(0.0, 0.0, 80.0, 40.0, 100, 10.0)
-    p = pool_metrics([old], noise_multiplier=10.0, loss_bound=5.0)
-    assert p is not None and p.accuracy.value == pytest.approx(0.8)
-    assert p.accuracy.se == pytest.approx(10 * math.sqrt(3) / 100)
-
-
 def test_nothing_is_clamped_and_a_count_below_one_is_undefined() -> None:
     over = _site(10.0, 14.0, -3.0, np.zeros(0), 20.0)
     p = pool_metrics([over], noise_multiplier=20.0, loss_bound=5.0)

@@ -284,7 +284,7 @@ def test_the_honest_report_matches_and_is_charged_as_assigned() -> None:
         _meta(
             [("train", DpEvent(1.2, 0.1, 20)), ("metrics", DpEvent(20.0, 1.0, 1))],
             n=100,
-            metrics=Metrics(0.5, 0.5, 50.0, 50.0, 100, 20.0),
+            metrics=Metrics(0.5, 0.5, 50.0, 50.0, 100, 20.0, count_sum=100.0),
         ),
     )
     assert m.train == DpEvent(1.2, 0.1, 20) and m.metrics == DpEvent(20.0, 1.0, 1)

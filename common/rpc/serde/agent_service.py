@@ -242,7 +242,7 @@ MAX_HISTOGRAM = 2 * 1000
 
 
 def metrics_to_proto(m: Metrics) -> ProtoMetrics:
-    msg = ProtoMetrics(
+    return ProtoMetrics(
         loss=m.loss,
         accuracy=m.accuracy,
         correct_sum=m.correct_sum,
@@ -250,11 +250,9 @@ def metrics_to_proto(m: Metrics) -> ProtoMetrics:
         num_examples=m.num_examples,
         noise_multiplier=m.noise_multiplier or 0.0,
         exact=m.exact,
+        count_sum=m.count_sum,
         score_histogram=list(m.score_histogram),
     )
-    if m.count_sum is not None:
-        msg.count_sum = m.count_sum
-    return msg
 
 
 def metrics_from_proto(msg: ProtoMetrics) -> Metrics:
@@ -272,9 +270,7 @@ def metrics_from_proto(msg: ProtoMetrics) -> Metrics:
             else None
         ),
         exact=msg.exact,
-        count_sum=(
-            finite("metrics.count_sum", msg.count_sum) if msg.HasField("count_sum") else None
-        ),
+        count_sum=finite("metrics.count_sum", msg.count_sum),
         score_histogram=tuple(finite("metrics.score_histogram", v) for v in msg.score_histogram),
     )
 

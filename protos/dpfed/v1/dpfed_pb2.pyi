@@ -313,7 +313,7 @@ class Metrics(_message.Message):
     """0 when exact"""
     exact: _builtins.bool
     count_sum: _builtins.float
-    """noised row count (absent: an older site)"""
+    """rows evaluated: noised, or exact when exact is set"""
     @_builtins.property
     def score_histogram(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """binary labels: H bins of P(class 1) for label 0, then 1"""
@@ -328,16 +328,14 @@ class Metrics(_message.Message):
         num_examples: _builtins.int = ...,
         noise_multiplier: _builtins.float = ...,
         exact: _builtins.bool = ...,
-        count_sum: _builtins.float | None = ...,
+        count_sum: _builtins.float = ...,
         score_histogram: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_count_sum", b"_count_sum", "count_sum", b"count_sum"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_count_sum", b"_count_sum", "accuracy", b"accuracy", "correct_sum", b"correct_sum", "count_sum", b"count_sum", "exact", b"exact", "loss", b"loss", "loss_sum", b"loss_sum", "noise_multiplier", b"noise_multiplier", "num_examples", b"num_examples", "score_histogram", b"score_histogram"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy", b"accuracy", "correct_sum", b"correct_sum", "count_sum", b"count_sum", "exact", b"exact", "loss", b"loss", "loss_sum", b"loss_sum", "noise_multiplier", b"noise_multiplier", "num_examples", b"num_examples", "score_histogram", b"score_histogram"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__count_sum: _TypeAlias = _typing.Literal["count_sum"]  # noqa: Y015
-    _WhichOneofArgType__count_sum: _TypeAlias = _typing.Literal["_count_sum", b"_count_sum"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__count_sum) -> _WhichOneofReturnType__count_sum | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Metrics: _TypeAlias = Metrics  # noqa: Y015
 
