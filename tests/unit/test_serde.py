@@ -708,8 +708,9 @@ def test_chunks_read_from_elsewhere_equal_chunks_of_the_bytes() -> None:
         list(serde.blob_to_chunks(read))
 
 
-def test_schema_fields_absent_from_an_old_peer_decode_to_their_defaults() -> None:
-    """A peer that predates ``nullable``/``label_schema``: columns nullable, no label schema."""
+def test_absent_schema_fields_decode_to_the_protocols_defaults() -> None:
+    """dpfed.proto: an absent ``nullable`` means nullable, an absent ``label_schema`` means the
+    site declared no label classes."""
     msg = ProtoDatasetInfo(name="credit", num_rows=10, label="y")
     msg.schema.add(name="x", type="numeric", has_bounds=True, min=0.0, max=1.0)
     info = serde.dataset_info_from_proto(msg)
