@@ -1,48 +1,14 @@
 """Local DP-SGD at a site, and differentially private validation metrics.
 
-Pure functions over arrays: no gRPC, no ledger, no files. The agent loop checks the task
-against the site's policy, charges the ledger (write-ahead) and only then calls
-:func:`train_local`; what leaves the site is :attr:`LocalResult.delta` and the public
-parameters that the accountant needs.
-
-DP-SGD (Abadi et al., "Deep Learning with Differential Privacy", CCS 2016) as implemented
-by Opacus (Yousefpour et al., "Opacus: User-Friendly Differential Privacy Library in
-PyTorch", 2021): each step draws a Poisson sample of the rows (each row independently with
-probability ``q``), clips every example's gradient to L2 norm ``max_grad_norm`` (C), sums
-them, adds Gaussian noise ``N(0, (σ·C)²)`` per coordinate and takes an optimiser step on
-that sum divided by the public expected batch size ``q·N``. The released delta is
-post-processing of the noised gradients, so it carries the guarantee the site's
-accountant computes from ``(q, σ, steps)`` (sampled Gaussian mechanism; Mironov et al.,
-"Rényi Differential Privacy of the Sampled Gaussian Mechanism", 2019).
-
-What the guarantee rests on, and how this module keeps it:
-
-* **Secret randomness.** The Poisson sample and the noise must be unpredictable to anyone
-  who sees the delta. Both come from generators seeded from the operating system's entropy
-  pool (``secrets.randbits``), created for each call and never exposed. Nothing here
-  seeds them from the job's ``seed``: a seed the orchestrator knows would let it subtract
-  the noise. (Opacus' default, the process-wide torch RNG, would be as good only as long as
-  no code in the process ever called ``torch.manual_seed``.) The job seed reaches
-  :func:`common.training.models.build_model` only, which leaves the global RNG untouched.
-  The noise goes through :mod:`common.dp.noise`: PyTorch's Mersenne-Twister sampler by
-  default, or, where the site's policy sets ``secure_noise``, a ChaCha20 CSPRNG with
-  Opacus' secure-mode countermeasure to floating-point attacks (Opacus' own ``secure_mode``
-  needs ``torchcsprng``, which is not a dependency). Secure noise needs the ``"bk"`` mode,
-  which draws through :mod:`common.dp.noise`; the Poisson sampling keeps the
-  OS-seeded torch generator.
-* **Every step is a DP step.** An empty Poisson sample still takes a noise-only step, and
-  exactly ``steps`` steps run: the accountant's count is the truth.
-* **Finite for any record.** Each example adds at most ``C`` to a finite clipped sum in every
-  clipping mode, whatever its values: one with a NaN or ∞ in its features or gradient adds
-  zero (:mod:`site_agent.clipping`, :mod:`site_agent.opacus_modes`); a non-finite update is
-  never released (:func:`_check_finite`).
-* **No un-noised output.** The training loss is never computed into a number, logged or
-  returned; validation metrics leave only through :func:`evaluate`'s Gaussian mechanism.
-
-Per-example gradients are clipped by book-keeping (one backward pass,
-:mod:`site_agent.clipping`, which also adds the noise); Opacus' ghost and hooks
-modes remain selectable (see :func:`choose_grad_sample_mode` for why, and
-``bench/bench_dp_step.py`` for the numbers).
+Pure functions over arrays: no gRPC, no ledger, no files. The site pipeline charges the ledger
+before :func:`train_local` runs; what leaves is :attr:`LocalResult.delta` with the public
+``(q, σ, steps)`` the accountant needs. DP-SGD (Abadi et al., CCS 2016) as in Opacus
+(Yousefpour et al., 2021): each step a Poisson sample at rate ``q``, every example's gradient
+clipped to ``C`` (book-keeping, :mod:`site_agent.clipping`; Opacus' ghost and hooks modes,
+:mod:`site_agent.opacus_modes`), Gaussian noise ``N(0, (σ·C)²)`` from a private generator
+(:mod:`common.dp.noise`), a step on the sum over the public ``q·N``. Exactly ``steps`` steps
+run, the sampling and noise are secret, every output is finite for any record, and no
+un-noised loss leaves: why each holds, ``docs/site-pipeline.md, "Local DP-SGD"``.
 """
 
 from __future__ import annotations
