@@ -150,10 +150,9 @@ def install_orchestrator_timers(tl: Timeline | None = None) -> None:
     """Time the orchestrator's round: the whole _round and its bookkeeping steps."""
     tl = tl or TIMELINE
     import orchestrator.training.rounds as rounds
-    from orchestrator.training.aggregation import RunningWeightedMean
-
     from orchestrator.coordinator import Coordinator
     from orchestrator.core.store import Store
+    from orchestrator.training.aggregation import RunningWeightedMean
 
     def rnd(self: Any, r: int, *a: Any, **k: Any) -> dict[str, Any]:
         return {"round": r, "job": self.job_id}
