@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint typecheck protos check-protos bench clean
+.PHONY: venv demo test test-slow lint typecheck protos check-protos bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -21,11 +21,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m examples.demo
 
+# The fast suite (pytest's addopts deselect `slow`; about 6 minutes on 2 cores); the 15
+# slowest tests are listed at the end so that a test growing heavier shows up.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
+# The heavier cases (`@pytest.mark.slow`, each with its reason), which make test leaves out.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
