@@ -165,37 +165,42 @@ class MixtureJob:
     def _wire_bounds(self) -> tuple[tuple[float, float], ...]:
         return tuple((float(lo), float(hi)) for lo, hi in self.box.bounds)
 
+    def _send(
+        self, models: Sequence[tuple[EmRun, GaussianMixtureParams]]
+    ) -> tuple[ModelRequest, ...]:
+        """Each run's model (unit box) as a request entry in data units, kept as ``run.sent``."""
+        out = []
+        for run, unit in models:
+            run.sent = self.box.params_from_unit(unit).to_dict()
+            out.append(ModelRequest(key=run.key, params=run.sent))
+        return tuple(out)
+
     def _next_request(self) -> dict[str, Any] | None:
         active = [r for r in self._runs.values() if r.stop_reason is None]
         if active:
             self._round += 1
-            models = []
+            sent = []
             for run in active:
                 assert run.params is not None
-                run.sent = self.box.params_from_unit(run.params).to_dict()
-                models.append(ModelRequest(key=run.key, params=run.sent))
+                sent.append((run, run.params))
             em = EmRequest(
                 round=self._round,
                 bounds=self._wire_bounds(),
                 covariance_type="full" if self.covariance_type == "full" else "diag",
                 noise_multiplier=self.noise_multiplier,
                 loglik_weight=self.loglik_weight,
-                models=tuple(models),
+                models=self._send(sent),
             )
             self._phase = "em"
             self._pending = em.model_dump(mode="json")
         elif self.evaluate_final and self._phase == "em":
             self._round += 1
-            models = []
-            for run in self._runs.values():
-                run.sent = self.box.params_from_unit(self._final_unit(run)).to_dict()
-                models.append(ModelRequest(key=run.key, params=run.sent))
             ev = EvalRequest(
                 round=self._round,
                 bounds=self._wire_bounds(),
                 covariance_type="full" if self.covariance_type == "full" else "diag",
                 noise_multiplier=self.noise_multiplier,
-                models=tuple(models),
+                models=self._send([(run, self._final_unit(run)) for run in self._runs.values()]),
             )
             self._phase = "eval"
             self._pending = ev.model_dump(mode="json")
