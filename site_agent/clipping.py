@@ -75,6 +75,9 @@ class _Tape:
     layer: nn.Module
     saved: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
+    def clear(self) -> None:
+        self.saved.clear()
+
 
 class _BookKeptFn(torch.autograd.Function):
     """A layer's forward whose backward keeps ``(a, g)`` (its input and output gradient) on
@@ -385,22 +388,30 @@ def _dense_sq_norms(tapes: list[_Tape]) -> Tensor:
     norm_g = torch.stack([_row_norms(t.saved[0][1]) for t in tapes])
     biased = [_trainable(t.layer, "bias") for t in tapes]
     norm_a.square_()
-    if any(biased):
-        norm_a.add_(torch.tensor(biased, dtype=norm_a.dtype, device=norm_a.device).view(-1, 1))
+    if all(biased):
+        norm_a.add_(1.0)
+    else:
+        for row, bias in zip(norm_a, biased, strict=True):
+            if bias:
+                row.add_(1.0)
     return norm_a.mul_(norm_g.square_()).sum(0)
 
 
 def _row_norms(x: Tensor) -> Tensor:
-    norms: Tensor = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=torch.float64)
+    norms: Tensor = torch.linalg.vector_norm(_rows(x), dim=1, dtype=torch.float64)
     return norms
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``(B, …)`` → ``(B, n)``; a dense layer's ``a`` and ``g`` are ``(B, d)`` already."""
+    return x if x.dim() == 2 else x.reshape(x.shape[0], -1)
 
 
 def _write_dense(layer: nn.Module, a: Tensor, g: Tensor, factors: Tensor, out: _Out) -> None:
     """``(c ⊙ g)ᵀ a`` and ``Σ_i c_i g_i``, written straight into the gradients' storage;
     ``factors`` in the parameters' dtype."""
     assert isinstance(layer, nn.Linear)
-    a = a.reshape(a.shape[0], -1)
-    g = g.reshape(g.shape[0], -1)
+    a, g = _rows(a), _rows(g)
     # c_i = 0 for a non-finite example: its NaN products and ∞ inputs are zeroed, the rest of
     # its row is multiplied by 0. Same operations for every batch.
     scaled = g * factors.view(-1, 1)
@@ -549,12 +560,12 @@ class BookKeeper:
         if not self._tapes:
             raise RuntimeError("BookKeeper.clipped_backward needs attach() to be active.")
         for tape in self._tapes:
-            tape.saved.clear()
+            tape.clear()
         loss.backward()  # type: ignore[no-untyped-call]
         with torch.no_grad():  # the sums are gradients: nothing here is differentiated
             norms = self._clip_and_sum(max_grad_norm, loss.device)
         for tape in self._tapes:
-            tape.saved.clear()
+            tape.clear()
         self._summed = True
         return norms
 
@@ -566,8 +577,11 @@ class BookKeeper:
                 raise RuntimeError(
                     "Book-keeping clipping does not support a layer used twice (or not at all)."
                 )
-        dense = [t for t in self._tapes if _is_dense(t)]
-        items = [_prepare(t) for t in self._tapes if not _is_dense(t)]
+        dense: list[_Tape] = []
+        others: list[_Tape] = []
+        for tape in self._tapes:
+            (dense if _is_dense(tape) else others).append(tape)
+        items = [_prepare(t) for t in others]
         sq_norms = (
             _dense_sq_norms(dense) if dense else torch.zeros((), dtype=torch.float64, device=device)
         )

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from common.dp import noise
 from common.training.models import build_model
 from site_agent.clipping import BookKeeper, supports
 from tests.unit.test_trainer import SPECS
@@ -127,3 +128,77 @@ def test_clipped_backward_outside_attach_is_an_error() -> None:
     net = nn.Sequential(nn.Linear(4, 2))
     with pytest.raises(RuntimeError, match="attach"):
         BookKeeper(net).clipped_backward(net(torch.randn(2, 4)).sum(), 1.0)
+
+
+def _clipped_and_noised(
+    net: nn.Module, x: Tensor, y: Tensor, *, std: float, seed: int, expected: float
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The clipped sums, then the gradients after add_noise (copies)."""
+    with BookKeeper(net).attach() as keeper:
+        keeper.clipped_backward(nn.functional.cross_entropy(net(x), y, reduction="sum"), 0.5)
+        summed = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+        gen = torch.Generator().manual_seed(seed)
+        keeper.add_noise(std=std, generator=gen, expected_batch_size=expected)
+        return summed, [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+
+def test_add_noise_draws_once_for_every_parameter_and_divides_by_the_batch_size() -> None:
+    net = build_model(SPECS["mlp"], seed=1)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(7, 64, generator=g), torch.randint(0, 10, (7,), generator=g)
+    summed, noised = _clipped_and_noised(net, x, y, std=0.0, seed=0, expected=3.5)
+    for s, n in zip(summed, noised, strict=True):
+        torch.testing.assert_close(n, s / 3.5, rtol=0, atol=0)
+    for p in net.parameters():
+        p.grad = None
+    summed, noised = _clipped_and_noised(net, x, y, std=2.0, seed=5, expected=3.5)
+    # One draw of N(0, std²) for all parameters, in parameter order, from the generator given.
+    drawn = noise.gaussian_torch(
+        2.0, (sum(p.numel() for p in net.parameters()),), generator=torch.Generator().manual_seed(5)
+    )
+    got = torch.cat([(n * 3.5 - s).flatten() for s, n in zip(summed, noised, strict=True)])
+    torch.testing.assert_close(got, drawn, rtol=1e-5, atol=1e-5)
+
+
+def test_add_noise_needs_one_clipped_sum_per_call() -> None:
+    net = build_model(SPECS["linear"], seed=0)
+    x, y = torch.randn(3, 64), torch.arange(3)
+    with BookKeeper(net).attach() as keeper:
+        with pytest.raises(RuntimeError, match="clipped sum first"):
+            keeper.add_noise(std=1.0, generator=torch.Generator(), expected_batch_size=3.0)
+        keeper.clipped_backward(nn.functional.cross_entropy(net(x), y, reduction="sum"), 1.0)
+        with pytest.raises(ValueError, match="expected_batch_size"):
+            keeper.add_noise(std=1.0, generator=torch.Generator(), expected_batch_size=0.0)
+        keeper.add_noise(std=1.0, generator=torch.Generator(), expected_batch_size=3.0)
+        with pytest.raises(RuntimeError, match="clipped sum first"):
+            keeper.add_noise(std=1.0, generator=torch.Generator(), expected_batch_size=3.0)
+        for p in net.parameters():
+            p.grad = None
+        keeper.zero_batch()  # an empty Poisson sample: noise only
+        keeper.add_noise(std=0.0, generator=torch.Generator(), expected_batch_size=3.0)
+        assert all(not bool(p.grad.any()) for p in net.parameters() if p.grad is not None)
+
+
+def test_gradients_not_cleared_accumulate() -> None:
+    net = build_model(SPECS["mlp"], seed=2)
+    x, y = torch.randn(5, 64) * 3, torch.randint(0, 10, (5,))
+    with BookKeeper(net).attach() as keeper:
+        loss = nn.functional.cross_entropy
+        keeper.clipped_backward(loss(net(x), y, reduction="sum"), 0.5)
+        once = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+        keeper.clipped_backward(loss(net(x), y, reduction="sum"), 0.5)  # no zero_grad
+        twice = [p.grad for p in net.parameters() if p.grad is not None]
+    for a, b in zip(once, twice, strict=True):
+        torch.testing.assert_close(b, 2 * a)
+
+
+def test_parameters_of_different_dtypes_are_noised_one_by_one() -> None:
+    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2).double())
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    with BookKeeper(net).attach() as keeper:
+        out = net[2](net[1](net[0](x)).double())
+        keeper.clipped_backward(nn.functional.cross_entropy(out, y, reduction="sum"), 1.0)
+        keeper.add_noise(std=1.0, generator=torch.Generator(), expected_batch_size=6.0)
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert [g.dtype for g in grads] == [torch.float32] * 2 + [torch.float64] * 2
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
