@@ -361,10 +361,11 @@ def test_a_rogue_site_claiming_a_billion_rows_and_no_privacy_cost_changes_nothin
     pki: Pki, tmp_path: Path, digits: tuple[np.ndarray, ...], baseline: float
 ) -> None:
     st, slowest, acc, charged = _job_with_rogue(pki, tmp_path, digits, blunt)
-    # "Within a few points": the rejected rogue's capped share (max_site_weight 0.5) goes to
-    # the current model, so each round moves about half as far as without it; after the same
-    # rounds accuracy lands 0-7 points below the baseline (6.4 seen in one CI run).
-    assert abs(acc - baseline) <= 0.08, (acc, baseline)
+    # The rejected rogue's capped share is spread over the accepted updates: no round is
+    # scaled towards the current model, so the model is the honest sites' (within the spread
+    # of two DP runs: 0.1-2.5 points in 7 runs, and 0-2.1 between two honest runs).
+    assert not [e.message for e in st.events if "scaled" in e.message]
+    assert abs(acc - baseline) <= 0.05, (acc, baseline)
     assert slowest < STATUS_LIMIT_S, slowest
     assert [sorted(r.site_ids) for r in st.history] == [list(HONEST)] * 4
     rejected = [e for e in st.events if e.site_id == ROGUE and "rejected" in e.message]
