@@ -1,39 +1,18 @@
 """A mixture job's checkpoint: where it stands after its last committed round (written with
-that round, ``orchestrator.core.store.GmmStateRow``), enough to continue after a restart; and
-its record of every release each site was sent (``Charged``, written before each dispatch)."""
+that round, ``orchestrator.core.store.GmmStateRow``), enough to continue after a restart. What
+each site was sent is in the job ledger, written before each dispatch (``JobThread._send``)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from common.clustering.bootstrap import MixtureStandardErrors
 from common.clustering.federated_em import FederatedBIC, FederatedEM, machine_from_state
 from common.clustering.model import GaussianMixtureParams
-from common.dp.events import event_from_dict
 from common.errors import InvalidSpecError, JobFailedError
-
-Charged = dict[str, list[dict[str, Any]]]
-"""Per site, every release it was sent: {"round", "release", "noise_multiplier",
-"sample_rate", "steps"}."""
-
-
-def read_charged(text: str) -> Charged:
-    """The record of releases as saved; JobFailedError when it cannot be read."""
-    try:
-        charged: Charged = json.loads(text) if text else {}
-        for records in charged.values():
-            for c in records:
-                event_from_dict(c), int(c["round"]), str(c["release"])
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
-        raise JobFailedError(
-            f"the job's charged releases are unreadable ({err}); cannot resume"
-        ) from None
-    return charged
-
 
 CHECKPOINT_VERSION = 1
 PHASES = ("fit", "boot", "release")

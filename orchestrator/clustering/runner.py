@@ -16,16 +16,18 @@ too few sites answer it, the mixture is released without standard errors, and it
 counts the bootstrap release (a site may have been charged before it failed).
 
 Restarts. A mixture job survives an orchestrator restart (SIGTERM or SIGKILL) and resumes
-where it stopped. Its state lives in the store (``orchestrator.core.store.GmmStateRow``, JSON):
+where it stopped. Its state lives in the store:
 
-* the *checkpoint*, written in the same transaction as each round it follows: the method, the
-  columns, the declared box, the participating sites, the last committed round, the phase
-  (``fit`` → ``boot`` → ``release``), the EM state machine with everything it holds
-  (``common.clustering``, "Checkpoints": the seed, even one drawn from the clock, σ, every K's
-  model, statistics, log-likelihood history and stopping state, the eval round's values for
-  BIC, the pending request), the one-shot merged model, the bootstrap's standard errors;
-* the *charged releases*: per site, every release it was sent (round, kind, ``DpEvent``),
-  written **before** the request is dispatched (write-ahead, like the sites' own ledgers).
+* the *checkpoint* (``orchestrator.clustering.checkpoint``, in ``GmmStateRow``), written in
+  the same transaction as each round it follows: the method, the columns, the declared box,
+  the participating sites, the last committed round, the phase (``fit`` → ``boot`` →
+  ``release``), the EM state machine with everything it holds (``common.clustering``,
+  "Checkpoints": the seed, even one drawn from the clock, σ, every K's model, statistics,
+  log-likelihood history and stopping state, the eval round's values for BIC, the pending
+  request), the one-shot merged model, the bootstrap's standard errors;
+* the *charged releases*: the job ledger's rows, one per site and release (round, events),
+  written **before** the request is dispatched (write-ahead, like the sites' own ledgers:
+  ``JobThread._send``).
 
 On start the coordinator resumes every pending or running job; a mixture job reloads its
 checkpoint, waits for its sites to dial back in, and sends the pending request again: the round
@@ -45,6 +47,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -60,14 +63,14 @@ from common.clustering.merge import merge_mixtures
 from common.clustering.model import GaussianMixtureParams
 from common.domain import SiteStatus
 from common.dp.accounting import EpsilonBound, compute_epsilon
-from common.dp.events import DpEvent, event_from_dict, event_to_dict
+from common.dp.events import DpEvent, event_to_dict
 from common.errors import InvalidSpecError, InvalidUpdateError, JobFailedError
 from common.specs import GmmJobSpec
-from orchestrator.clustering.checkpoint import Charged, Progress, read_charged
+from orchestrator.clustering.checkpoint import Progress
 from orchestrator.clustering.setup import bootstrap_events, build_machine, declared_box
 from orchestrator.core.fanout import FanOutResult
-from orchestrator.core.store import GmmStateRow, RoundRow, atomic_write
-from orchestrator.jobs.accounting import charge_row, job_epsilon
+from orchestrator.core.store import ChargeRow, GmmStateRow, RoundRow, atomic_write
+from orchestrator.jobs.accounting import charged_events
 from orchestrator.jobs.base import JobThread
 from orchestrator.jobs.model_card import model_card
 from orchestrator.planning import ACCOUNTANT, online_holders
@@ -82,7 +85,6 @@ class GmmRunner(JobThread):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.spec = GmmJobSpec.model_validate_json(self.store.job(self.job_id).spec_json)
-        self._charged: Charged = {}
 
     def _sites(self) -> list[SiteStatus]:
         """The online sites holding the dataset, once there are min_sites of them."""
@@ -165,11 +167,9 @@ class GmmRunner(JobThread):
             phase="fit",
             machine=machine,
         )
-        self._charged = {}
         self.store.save_gmm_state(
             self.job_id,
             checkpoint=prog.to_json(),
-            charged=json.dumps(self._charged),
             state="running",
             participants={s: 0.0 for s in site_ids},
         )
@@ -190,12 +190,11 @@ class GmmRunner(JobThread):
         return prog
 
     def _resume(self, saved: GmmStateRow) -> Progress:
-        """The job's state after its last committed round, with every release sent so far."""
+        """The job's state after its last committed round; every release sent so far is in
+        the job ledger (and its account)."""
         prog = Progress.from_json(saved.checkpoint)
-        self._charged = read_charged(saved.charged)
         interrupted = sorted(
-            {int(c["round"]) for recs in self._charged.values() for c in recs}
-            - set(range(prog.round + 1))
+            {c.round for c in self.store.charges(self.job_id)} - set(range(prog.round + 1))
         )
         self.store.update_job(self.job_id, state="running")
         self._event(
@@ -222,18 +221,10 @@ class GmmRunner(JobThread):
         kind: str,
         request_json: str,
         events: list[DpEvent],
-        release: str,
     ) -> FanOutResult:
-        """Record the release for every site (write-ahead: the resumable record, then the job
-        ledger), then send it: a restart anywhere after this leaves it counted, whether or
-        not a site answered (or was charged)."""
-        for sid in site_ids:
-            self._charged.setdefault(sid, []).extend(
-                {"round": rnd, "release": release, **event_to_dict(e)} for e in events
-            )
-        self.store.save_gmm_state(
-            self.job_id, charged=json.dumps(self._charged), epsilon=self._epsilon().epsilon
-        )
+        """Charge the release to every site in the job ledger (write-ahead, ``JobThread._send``:
+        a restart anywhere after this leaves it counted, whether or not a site answered or
+        was charged), then send it."""
         return self._send(
             site_ids,
             rnd,
@@ -246,24 +237,14 @@ class GmmRunner(JobThread):
             timeout_s=self.spec.round_timeout_s,
         )
 
+    def _record(self, rows: Sequence[ChargeRow]) -> None:
+        """The job ledger's write-ahead charges, and the job's ε with them."""
+        super()._record(rows)
+        self.store.update_job(self.job_id, epsilon=self._epsilon().epsilon)
+
     def _site_epsilons(self) -> dict[str, EpsilonBound]:
-        """Each site's ε, composed from every release it was sent (the resumable record, which
-        also holds what a job started before the job ledger had), by the one composition
-        every job kind uses (``orchestrator.jobs.accounting``)."""
-        rows = [
-            charge_row(
-                job_id=self.job_id,
-                round=int(c["round"]),
-                site_id=sid,
-                dataset=self.spec.dataset,
-                task_id=f"{sid}/{i}",
-                events=[(str(c["release"]), event_from_dict(c))],
-                delta=self.spec.dp.delta,
-            )
-            for sid, records in sorted(self._charged.items())
-            for i, c in enumerate(records)
-        ]
-        return job_epsilon(rows, delta=self.spec.dp.delta).per_site
+        """Each site's ε, composed from every release it was sent (the job's account)."""
+        return self.account.sync(self.store).exact().per_site
 
     def _epsilon(self) -> EpsilonBound:
         """The job's ε: the maximum over sites (disjoint rows)."""
@@ -300,7 +281,6 @@ class GmmRunner(JobThread):
                 kind="gmm",
                 request_json=body,
                 events=request_events(request),
-                release=str(request.get("kind", "gmm")),
             )
             for sid, f in sorted(res.failures.items()):
                 self._event("warning", f"site {sid} failed round {rnd} ({f.code}): {f.reason}", sid)
@@ -353,7 +333,6 @@ class GmmRunner(JobThread):
             kind="gmm",
             request_json=json.dumps({"columns": prog.columns, "request": boot.request()}),
             events=boot.planned_events(),
-            release="gmm.boot",
         )
         for sid, f in sorted(res.failures.items()):
             self._event(
@@ -415,7 +394,6 @@ class GmmRunner(JobThread):
             kind="gmm_local",
             request_json=body,
             events=machine.planned_events(),
-            release="gmm.local",
         )
         for sid, f in sorted(res.failures.items()):
             self._event("warning", f"site {sid} failed its local fit ({f.code}): {f.reason}", sid)
@@ -504,14 +482,14 @@ class GmmRunner(JobThread):
             rounds=len(self.store.rounds(self.job_id)),
             sites=[
                 {
-                    "site_id": sid,
-                    "epsilon": site_eps[sid].epsilon,
-                    "events": [event_to_dict(event_from_dict(c)) for c in records],
+                    "site_id": s.site_id,
+                    "epsilon": s.epsilon,
+                    "events": [event_to_dict(e.event) for e in s.events],
                 }
-                for sid, records in sorted(self._charged.items())
+                for s in self.account.spends({sid: b.epsilon for sid, b in site_eps.items()})
             ],
             secure_noise={
-                sid: bool(policies.get(sid, {}).get("secure_noise", False)) for sid in self._charged
+                sid: bool(policies.get(sid, {}).get("secure_noise", False)) for sid in site_eps
             },
             bounds=prog.bounds.tolist(),
         )
@@ -534,11 +512,16 @@ class GmmRunner(JobThread):
         standard errors mean (and do not)."""
         spec = self.spec
         assert spec.bootstrap is not None
-        # The site with the largest ε; its ε without its bootstrap release(s).
+        # The site with the largest ε; its ε without its bootstrap release(s): those of the
+        # bootstrap round (``prog.round``, the last; a re-sent one has the same number).
         site_eps = self._site_epsilons()
         top = max(site_eps, key=lambda s: site_eps[s].epsilon) if site_eps else None
-        records = self._charged.get(top, []) if top is not None else []
-        rest = [event_from_dict(c) for c in records if c["release"] != "gmm.boot"]
+        rest = [
+            e.event
+            for c in self.store.charges(self.job_id)
+            if c.site_id == top and c.round != prog.round
+            for e in charged_events(c.events)
+        ]
         without = compute_epsilon(rest, delta=spec.dp.delta, accountant=ACCOUNTANT)
         boot_sigma = self._bootstrap_events(prog.machine)[0].noise_multiplier
         return {
