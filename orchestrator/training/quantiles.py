@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,7 +29,6 @@ from orchestrator.core.broker import Broker
 from orchestrator.core.fanout import fan_out
 from orchestrator.core.store import ChargeRow, Store
 from orchestrator.jobs.accounting import charged_event_dict
-from orchestrator.jobs.base import JobStopped
 from orchestrator.planning import quantile_event
 
 UNIFORM_WEIGHT = 0.02
@@ -108,23 +106,19 @@ def release_quantile_edges(
     site_ids: Sequence[str],
     check: Callable[[], None],
     event: Callable[..., None],
-    stopping: threading.Event | None = None,
+    record: Callable[[list[ChargeRow]], None],
 ) -> JobSpec:
     """``spec`` with DP quantile edges in its encoding (``spec`` itself when it has no
     quantile columns or they were released already), stored as the job's spec.
 
-    ``check`` runs while the sites are asked and may raise (a cancelled job); ``stopping``
-    set (the orchestrator shutting down) raises JobStopped: the job resumes after a restart
-    and asks again (what was received is charged either way).
+    ``check`` runs while the sites are asked and may raise (``JobThread._abandon_if_stopped``:
+    a cancelled job, or JobStopped when the orchestrator shuts down: the job resumes after a
+    restart and asks again); ``record`` writes the charges of what was received (charged
+    either way).
 
     Raises:
         JobFailedError: no site released usable histograms.
     """
-
-    def guard() -> None:
-        check()
-        if stopping is not None and stopping.is_set():
-            raise JobStopped()
 
     enc = spec.encoding
     if enc.numeric != "quantile" or enc.edges_released:
@@ -144,7 +138,7 @@ def release_quantile_edges(
             timeout_s=spec.round_timeout_s,
             round_=0,
             rounds=spec.rounds,
-            check=guard,
+            check=check,
         )
         charged = ChargedEvent("metrics", assigned)
         rows: list[ChargeRow] = []
@@ -176,7 +170,7 @@ def release_quantile_edges(
             for name, h in hist.items():
                 sums[name] = sums[name] + h if name in sums else h
             used.append(sid)
-        store.add_charges(rows)  # received, so charged: even answers then rejected
+        record(rows)  # received, so charged: even answers then rejected
         for sid, fail in sorted(res.failures.items()):
             event("warning", f"site {sid} released no quantile histograms: {fail.reason}", sid)
         if not used:

@@ -111,9 +111,9 @@ class JobRunner(JobThread):
             job_id=self.job_id,
             spec=self.spec,
             site_ids=[p.site_id for p in participants],
-            check=self._check_cancelled,
+            check=self._abandon_if_stopped,
             event=self._event,
-            stopping=self.stopping,
+            record=self._record,
         )
         self.store.update_job(self.job_id, state="running")
         self.on_change(self.job_id)
