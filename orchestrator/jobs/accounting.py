@@ -2,9 +2,10 @@
 
 One :class:`JobAccount` per job serves every reader: the rounds' history, the status a
 client watches, the card and the ledger view. :meth:`JobAccount.sync` folds only the charge
-rows recorded since the last call (the store's row ids grow with every write, and a job's
-rows are written by its own thread, one transaction after another), so a read in round 200
-costs what it costs in round 2.
+rows recorded since the last call, so a read in round 200 costs what it costs in round 2. It
+reads by increasing row id, which never skips a row because a job's rows have one writer at a
+time (the job's thread, or a one-shot release's single call), each transaction committed
+before the next one starts, and row ids grow with every write.
 
 Per site the account keeps the history merged by (σ, q), which is exact (self-composition
 is composition: :func:`common.dp.accounting.compute_epsilon` merges the same way):
