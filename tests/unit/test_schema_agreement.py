@@ -13,6 +13,7 @@ from common.specs import model_dims, parse_job_spec
 from orchestrator.coordinator import Coordinator
 from orchestrator.planning import job_events, plan_job, quantile_event
 from orchestrator.schemas import agree, disagreement, job_disagreement, with_encoding
+from orchestrator.training.kind import with_derived_encoding
 
 INCOME = ColumnInfo("income", "numeric", min=0.0, max=1000.0)
 HOME = ColumnInfo("home", "categorical", categories=("owner", "rent"))
@@ -200,14 +201,14 @@ def test_offline_and_disabled_sites_never_block(tmp_path: Path) -> None:
         coord.register(_registration("squatter", odd))
         spec = parse_job_spec(_job())
         with pytest.raises(InvalidSpecError, match=r"\{honest\} versus \{squatter\}"):
-            coord._with_encoding(spec)
+            with_derived_encoding(spec, coord.sites(), coord.max_parameters)
         coord.set_site_enabled("squatter", False)
-        derived, agreement = coord._with_encoding(spec)
+        derived, agreement = with_derived_encoding(spec, coord.sites(), coord.max_parameters)
         assert agreement.sites == ("honest",) and not agreement.excluded
         assert model_dims(derived.model) == (6, 2)
         coord.register(_registration("late", odd))
         coord.broker.disconnect("late")  # registered once, offline now
-        _, agreement = coord._with_encoding(spec)
+        _, agreement = with_derived_encoding(spec, coord.sites(), coord.max_parameters)
         assert agreement.sites == ("honest",) and "late" not in agreement.excluded
     finally:
         coord.stop()
