@@ -30,7 +30,8 @@ against per-example gradients from ``torch.func`` and the update against Opacus.
 
 Whatever a record holds, the sum stays finite and each example adds at most ``C``: norms
 cannot overflow (dense layers on vectors take them in float64; other layers from tensors
-max-normalised per example, the scales in float64), and an example whose book-kept tensors
+max-normalised per example, the scales in float64: :mod:`site_agent.clipping_normalised`),
+and an example whose book-kept tensors
 hold a NaN or an infinity gets factor 0 and zeroed rows, so it contributes nothing
 (``tests/unit/test_finite_clipping.py``).
 
@@ -63,6 +64,13 @@ from torch import Tensor, nn
 from torch.nn.grad import conv1d_input, conv2d_input
 
 from common.dp import noise
+from site_agent.clipping_normalised import (
+    Out,
+    accumulate,
+    prepare,
+    trainable,
+    write_clipped_sum,
+)
 
 _CLIP_EPS = 1e-6
 """Opacus' guard in ``max_grad_norm / (norm + 1e-6)`` (``opacus.optimizers.optimizer``)."""
@@ -216,159 +224,13 @@ def supports(net: nn.Module) -> bool:
 # -- per-example norms and the clipped sum, layer by layer ------------------------------------
 
 
-_MAX_FACTOR = 1e24
-"""Cap on the float32 multiplier ``c_i · s_i`` applied to an example's max-normalised
-tensors. It is at most ``C / ‖Ĝ_i‖`` (the normalised gradient's norm), which for a dense
-layer on vectors is at most ``C``; only a gradient that cancels to below ``C·10⁻²⁴`` of its
-scale could reach the cap, and the cap only ever scales a contribution *down*. With entries
-of ``ĝ`` and ``â`` in ``[-1, 1]`` it keeps every term of the clipped sum below ``10²⁴``."""
-
-
-def _as_sequence(x: Tensor) -> Tensor:
-    """``(B, …, d)`` → ``(B, T, d)``: a dense layer's positions as a sequence."""
-    return x.reshape(x.shape[0], -1, x.shape[-1])
-
-
-def _unfold(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
-    """The conv's input patches, ``(B, C_in·k, T)``: the conv is ``W · patches``."""
-    if isinstance(conv, nn.Conv2d):
-        padding = conv.padding
-        assert not isinstance(padding, str)  # refused by supports()
-        return F.unfold(
-            x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
-        )
-    return F.unfold(
-        x.unsqueeze(2),
-        (1, conv.kernel_size[0]),
-        dilation=(1, conv.dilation[0]),
-        padding=(0, int(conv.padding[0])),
-        stride=(1, conv.stride[0]),
-    )
-
-
-def _normalise(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Each example divided by its largest absolute value; those scales (float64); and
-    whether the example's values are all finite.
-
-    Rows holding a NaN or an infinity become zeros (scale 1). Entries of the result lie in
-    ``[-1, 1]``, so squares and Gram matrices of it cannot overflow float32 whatever the
-    input's magnitude; the scales carry the magnitude in float64, where ``(3.4·10³⁸)⁴``
-    still fits. Always the same three passes whatever the values (no data-dependent branch):
-    the max-norm (NaN or ∞ for a non-finite row), a division (by ∞ for such a row), and
-    zeroing what is not finite.
-    """
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    rows = x.reshape(x.shape[0], -1)
-    # max |x| per row without an |x| copy (vector_norm's ord=∞ is ten times slower); NaN and
-    # ∞ propagate through amax/amin and maximum.
-    scale = torch.maximum(rows.amax(1), -rows.amin(1))
-    ok = torch.isfinite(scale)
-    one = torch.ones((), dtype=x.dtype, device=x.device)
-    scale = torch.where(scale > 0, scale, one)
-    out = x / torch.where(ok, scale, math.inf).view(shape)
-    torch.nan_to_num_(out, nan=0.0, posinf=0.0, neginf=0.0)
-    return out, torch.where(ok, scale, one).to(torch.float64), ok
-
-
-def _gram_or_materialise(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Squared norms of the per-example products ``g_iᵀ a_i`` for ``a (B,T,d)``, ``g (B,T,p)``.
-
-    Returns ``(norms², per_example)`` where ``per_example`` is the ``(B, p, d)`` gradient if
-    it was materialised (cheaper than the Gram matrices when ``T² > p·d``), else ``None``.
-    The inputs are max-normalised (:func:`_normalise`), so nothing here overflows.
-    """
-    t, d, p = a.shape[1], a.shape[2], g.shape[2]
-    if t == 1:
-        return (a.square().sum((1, 2))) * (g.square().sum((1, 2))), None
-    if t * t <= p * d:
-        gram_a = torch.bmm(a, a.transpose(1, 2))
-        gram_g = torch.bmm(g, g.transpose(1, 2))
-        return (gram_a * gram_g).sum((1, 2)), None
-    per_example = torch.bmm(g.transpose(1, 2), a)
-    return per_example.square().sum((1, 2)), per_example
-
-
-@dataclass
-class _LayerGrad:
-    """One layer's book-kept tensors, prepared for norms and the clipped sum.
-
-    Only trainable parameters count: a frozen weight contributes neither to the norm nor to
-    the sum (as in Opacus, which clips the gradients of trainable parameters only).
-
-    Tensors are max-normalised per example: the layer's true per-example weight gradient is
-    ``weight_scale_i · (ĝ_iᵀ â_i)`` and its bias gradient ``bias_scale_i · Σ_t ĝ_it``.
-    """
-
-    layer: nn.Module
-    sq_norm: Tensor
-    """float64 ``(B,)``: the layer's share of each example's squared gradient norm."""
-    bad: Tensor
-    """bool ``(B,)``: examples whose book-kept tensors hold a NaN or an infinity."""
-    weight_scale: Tensor
-    bias_scale: Tensor
-    a: Tensor | None = None
-    """Inputs ``(B, T, d)`` for the product ``(c ⊙ g)ᵀ a``; ``None`` if not needed."""
-    g: Tensor | None = None
-    weight_per_example: Tensor | None = None
-    bias_per_example: Tensor | None = None
-
-
-def _trainable(layer: nn.Module, name: str) -> bool:
-    p = getattr(layer, name, None)
-    return isinstance(p, Tensor) and p.requires_grad
-
-
-def _prepare(tape: _Tape) -> _LayerGrad:
-    """A layer other than :func:`_is_dense`'s: max-normalised tensors, norms and flags."""
-    layer = tape.layer
-    a_raw, g_raw = tape.saved[0]
-    a_raw, a_scale, a_ok = _normalise(a_raw)
-    g_raw, g_scale, g_ok = _normalise(g_raw)
-    ok = a_ok & g_ok
-    sq_scale = (a_scale * g_scale).square()
-    item = _LayerGrad(
-        layer,
-        sq_norm=a_scale.new_zeros(a_scale.shape),
-        bad=~ok,
-        weight_scale=a_scale * g_scale,
-        bias_scale=g_scale,
-    )
-    if isinstance(layer, nn.GroupNorm):  # per-example gradients are (B, C): materialise
-        dims = tuple(range(2, g_raw.dim()))
-        if _trainable(layer, "weight"):
-            w = (a_raw * g_raw).sum(dims) if dims else a_raw * g_raw
-            item.weight_per_example = w
-            item.sq_norm = item.sq_norm + w.square().sum(1).to(torch.float64) * sq_scale
-        if _trainable(layer, "bias"):
-            item.bias_per_example = g_raw.sum(dims) if dims else g_raw
-    else:
-        if isinstance(layer, nn.Linear):
-            a, g = _as_sequence(a_raw), _as_sequence(g_raw)
-        else:
-            assert isinstance(layer, (nn.Conv1d, nn.Conv2d))
-            # patches (B, d, T) → (B, T, d); output gradient (B, C_out, *spatial) → (B, T, C_out)
-            a = _unfold(layer, a_raw).transpose(1, 2)
-            g = g_raw.reshape(g_raw.shape[0], g_raw.shape[1], -1).transpose(1, 2)
-        if _trainable(layer, "weight"):
-            sq, item.weight_per_example = _gram_or_materialise(a, g)
-            item.sq_norm = item.sq_norm + sq.to(torch.float64) * sq_scale
-            if item.weight_per_example is None:
-                item.a, item.g = a, g
-        if _trainable(layer, "bias"):
-            item.bias_per_example = g.sum(1)
-    if item.bias_per_example is not None:
-        b_sq = item.bias_per_example.square().sum(1).to(torch.float64)
-        item.sq_norm = item.sq_norm + b_sq * g_scale.square()
-    return item
-
-
 def _is_dense(tape: _Tape) -> bool:
     """A dense layer on one vector per example (the MLPs' layers) with a trainable weight."""
     a = tape.saved[0][0]
     return (
         isinstance(tape.layer, nn.Linear)
         and a.numel() == a.shape[0] * a.shape[-1]
-        and _trainable(tape.layer, "weight")
+        and trainable(tape.layer, "weight")
     )
 
 
@@ -386,7 +248,7 @@ def _dense_sq_norms(tapes: list[_Tape]) -> Tensor:
     """
     norm_a = torch.stack([_row_norms(t.saved[0][0]) for t in tapes])
     norm_g = torch.stack([_row_norms(t.saved[0][1]) for t in tapes])
-    biased = [_trainable(t.layer, "bias") for t in tapes]
+    biased = [trainable(t.layer, "bias") for t in tapes]
     norm_a.square_()
     if all(biased):
         norm_a.add_(1.0)
@@ -407,7 +269,7 @@ def _rows(x: Tensor) -> Tensor:
     return x if x.dim() == 2 else x.reshape(x.shape[0], -1)
 
 
-def _write_dense(layer: nn.Module, a: Tensor, g: Tensor, factors: Tensor, out: _Out) -> None:
+def _write_dense(layer: nn.Module, a: Tensor, g: Tensor, factors: Tensor, out: Out) -> None:
     """``(c ⊙ g)ᵀ a`` and ``Σ_i c_i g_i``, written straight into the gradients' storage;
     ``factors`` in the parameters' dtype."""
     assert isinstance(layer, nn.Linear)
@@ -419,63 +281,16 @@ def _write_dense(layer: nn.Module, a: Tensor, g: Tensor, factors: Tensor, out: _
     a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
     dest = out.get(id(layer.weight))
     if dest is None:
-        _accumulate(layer.weight, scaled.t() @ a)
+        accumulate(layer.weight, scaled.t() @ a)
     else:
         torch.mm(scaled.t(), a, out=dest)
-    if _trainable(layer, "bias"):
+    if trainable(layer, "bias"):
         assert layer.bias is not None
         dest = out.get(id(layer.bias))
         if dest is None:
-            _accumulate(layer.bias, scaled.sum(0))
+            accumulate(layer.bias, scaled.sum(0))
         else:
             torch.sum(scaled, 0, out=dest)
-
-
-_Out = dict[int, Tensor]
-"""Where each parameter's clipped sum is written, by the parameter's ``id``: a view of the
-keeper's gradient buffer (:class:`BookKeeper`); a parameter not in it gets a new tensor,
-added to ``p.grad``."""
-
-
-def _multiplier(factors: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """``min(c_i · scale_i, cap)`` in the parameters' dtype (computed in float64)."""
-    return (factors * scale).clamp(max=_MAX_FACTOR).to(dtype)
-
-
-def _write_clipped_sum(item: _LayerGrad, factors: Tensor, out: _Out) -> None:
-    """Write the layer's clipped sums (``factors`` float64)."""
-    layer = item.layer
-    if _trainable(layer, "weight"):
-        weight = layer.weight
-        assert isinstance(weight, Tensor)
-        mult = _multiplier(factors, item.weight_scale, weight.dtype)
-        if item.weight_per_example is not None:
-            w_sum = torch.einsum("b,b...->...", mult, item.weight_per_example)
-        else:  # (c ⊙ g)ᵀ a summed over examples and positions: one matrix product
-            assert item.a is not None and item.g is not None
-            scaled = item.g * mult.view(-1, 1, 1)
-            w_sum = scaled.flatten(0, 1).t() @ item.a.flatten(0, 1)
-        _store(weight, w_sum.reshape(weight.shape), out)
-    if item.bias_per_example is not None:
-        bias = layer.bias
-        assert isinstance(bias, Tensor)
-        mult = _multiplier(factors, item.bias_scale, bias.dtype)
-        _store(bias, (mult @ item.bias_per_example).reshape(bias.shape), out)
-
-
-def _store(param: Tensor, value: Tensor, out: _Out) -> None:
-    dest = out.get(id(param))
-    if dest is None:
-        _accumulate(param, value)
-    else:
-        dest.copy_(value)
-
-
-def _accumulate(param: Tensor, value: Tensor) -> None:
-    if param.grad is None:
-        param.grad = value.detach().to(param.dtype).contiguous()
-    else:
-        param.grad.add_(value)
 
 
 class BookKeeper:
@@ -499,7 +314,7 @@ class BookKeeper:
         self._tapes: list[_Tape] = []
         self._params: list[Tensor] = []
         self._flat: Tensor | None = None
-        self._views: _Out = {}
+        self._views: Out = {}
         self._summed = False
 
     @contextmanager
@@ -581,7 +396,7 @@ class BookKeeper:
         others: list[_Tape] = []
         for tape in self._tapes:
             (dense if _is_dense(tape) else others).append(tape)
-        items = [_prepare(t) for t in others]
+        items = [prepare(t.layer, *t.saved[0]) for t in others]
         sq_norms = (
             _dense_sq_norms(dense) if dense else torch.zeros((), dtype=torch.float64, device=device)
         )
@@ -604,7 +419,7 @@ class BookKeeper:
                 a, g = tape.saved[0]
                 _write_dense(tape.layer, a, g, dense_factors, out)
         for item in items:
-            _write_clipped_sum(item, factors, out)
+            write_clipped_sum(item, factors, out)
         for p in self._params:
             if id(p) in out:
                 p.grad = out[id(p)]
