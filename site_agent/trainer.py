@@ -147,18 +147,17 @@ def choose_grad_sample_mode(spec: ModelSpec) -> str:
 
     * ``"bk"``: book-keeping clipping (Bu et al., ICML 2023; :mod:`site_agent.clipping`):
       one backward pass that keeps each layer's activations and output gradients, then the
-      per-example norms and the clipped sum from them. Noise and averaging are Opacus'
-      (``DPOptimizerFastGradientClipping``).
+      per-example norms and the clipped sum from them, then the noise and the averaging
+      (:meth:`site_agent.clipping.BookKeeper.add_noise`).
     * ``"ghost"``: Opacus' ghost clipping (Li et al., ICLR 2022; Bu et al., NeurIPS 2022):
       the same norms, but a *second* backward pass on the loss re-weighted by the clipping
       factors. Conv and GroupNorm layers fall back to materialised per-example gradients.
     * ``"hooks"``: Opacus' per-example gradients for every layer, kept until the optimiser
       clips them: ``B × |θ|`` floats.
 
-    ``bench/bench_dp_step.py`` measures all three against a non-private step; ``"bk"`` is
-    the fastest on every kind of the zoo, and on the MLPs it stays under twice a
-    non-private step. A model with a layer :mod:`site_agent.clipping` does not handle
-    would train with ``"ghost"``.
+    ``bench/bench_dp_step.py`` measures them against a non-private step (``--modes``);
+    ``"bk"`` is the fastest on every kind of the zoo. A model with a layer
+    :mod:`site_agent.clipping` does not handle would train with ``"ghost"``.
     """
     return _mode_for(build_model(spec))
 
