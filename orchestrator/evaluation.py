@@ -20,9 +20,8 @@ from common.domain import Evaluation, SiteEvaluation, SiteStatus
 from common.errors import InvalidSpecError, NotFoundError
 from common.training.pipeline import card_encoding
 from orchestrator.core.broker import Broker
-from orchestrator.core.fanout import fan_out
 from orchestrator.core.store import Store
-from orchestrator.jobs.accounting import record_one_shot
+from orchestrator.jobs.base import send_one_shot
 from orchestrator.jobs.kinds import EVALUATE
 from orchestrator.metric_pooling import EVALUATE_LOSS_BOUND, pool_metrics, pooled_to_dict
 from orchestrator.planning import online_holders
@@ -77,25 +76,18 @@ def evaluate_model(
         }
     )
     eval_id = f"eval-{job_id}-{uuid.uuid4().hex[:6]}"
-    res = fan_out(
+    # What each site was charged, in the job ledger like any job's (orchestrator.jobs).
+    res = send_one_shot(
         broker,
-        site_ids=holders,
-        job_id=eval_id,
-        kind="evaluate",
-        dataset=dataset,
-        request_json=request,
-        blob=weights,
-        timeout_s=timeout_s,
-    )
-    # What each site was charged, in the job ledger like any job's (orchestrator.jobs.accounting).
-    record_one_shot(
         store,
-        job_id=eval_id,
         kind=EVALUATE.name,
+        job_id=eval_id,
+        site_ids=holders,
         dataset=dataset,
         delta=DELTA,
         request_json=request,
-        answers={sid: u.meta for sid, u in res.updates.items()},
+        timeout_s=timeout_s,
+        blob=weights,
     )
     per_site = [
         SiteEvaluation(sid, None, error=f"left out: {why}") for sid, why in sorted(left_out.items())

@@ -19,9 +19,8 @@ from common.dp import noise
 from common.errors import InvalidSpecError, NotFoundError
 from common.synthesis.discretisation import Schema
 from orchestrator.core.broker import Broker
-from orchestrator.core.fanout import fan_out
 from orchestrator.core.store import Store
-from orchestrator.jobs.accounting import record_one_shot
+from orchestrator.jobs.base import send_one_shot
 from orchestrator.jobs.kinds import SYNTH
 from orchestrator.planning import online_holders
 from orchestrator.synthesis_tree import combine, fit_and_sample
@@ -59,25 +58,17 @@ def synthesize(
         }
     )
     synth_id = f"synth-{uuid.uuid4().hex[:10]}"
-    res = fan_out(
+    res = send_one_shot(
         broker,
-        site_ids=holders,
+        store,
+        kind=SYNTH.name,
         job_id=synth_id,
-        kind="synth",
+        site_ids=holders,
         dataset=dataset,
+        delta=delta,
         request_json=request,
         timeout_s=timeout_s,
     )
-    if store is not None:  # what each site was charged, in the job ledger like any job's
-        record_one_shot(
-            store,
-            job_id=synth_id,
-            kind=SYNTH.name,
-            dataset=dataset,
-            delta=delta,
-            request_json=request,
-            answers={sid: u.meta for sid, u in res.updates.items()},
-        )
     problems = {sid: f"{f.code}: {f.reason}" for sid, f in res.failures.items()}
     if not res.updates:
         raise NotFoundError(

@@ -14,7 +14,9 @@
   again), job events, and failing the job visibly, never hanging it, on any error.
 
 A kind supplies ``_run`` (its rounds and its release) and its own checkpoint; it is
-registered in ``orchestrator.jobs.kinds``.
+registered in ``orchestrator.jobs.kinds``. A one-shot release (synthetic data, evaluation)
+has no thread: :func:`send_one_shot` asks the sites once and records what each was charged
+as a job of its kind.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from common.errors import DpfedError, JobFailedError
 from orchestrator.core.broker import Broker
 from orchestrator.core.fanout import FanOutResult, fan_out
 from orchestrator.core.store import ChargeRow, Store
-from orchestrator.jobs.accounting import JobAccount, charge_row
+from orchestrator.jobs.accounting import JobAccount, charge_row, record_one_shot
 
 log = logging.getLogger("dpfed.orchestrator")
 
@@ -190,3 +192,42 @@ class JobThread(threading.Thread):
         self.store.update_job(self.job_id, state="failed", error=reason)
         log.error("job=%s failed: %s", self.job_id, reason)
         self.on_change(self.job_id)
+
+
+def send_one_shot(
+    broker: Broker,
+    store: Store | None,
+    *,
+    kind: str,
+    job_id: str,
+    site_ids: list[str],
+    dataset: str,
+    delta: float,
+    request_json: str,
+    timeout_s: float,
+    blob: bytes = b"",
+) -> FanOutResult:
+    """A one-shot release: the request to every site, the answers collected until all
+    answered or ``timeout_s``, and each answering site's charges (as its DP report lists
+    them) recorded as a completed job ``job_id`` of ``kind`` (not recorded without a store)."""
+    res = fan_out(
+        broker,
+        site_ids=site_ids,
+        job_id=job_id,
+        kind=kind,
+        dataset=dataset,
+        request_json=request_json,
+        blob=blob,
+        timeout_s=timeout_s,
+    )
+    if store is not None:
+        record_one_shot(
+            store,
+            job_id=job_id,
+            kind=kind,
+            dataset=dataset,
+            delta=delta,
+            request_json=request_json,
+            answers={sid: u.meta for sid, u in res.updates.items()},
+        )
+    return res
