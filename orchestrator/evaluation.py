@@ -17,6 +17,7 @@ import time
 import uuid
 
 from common.domain import Evaluation, SiteEvaluation, SiteStatus
+from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, NotFoundError
 from common.training.pipeline import card_encoding
 from orchestrator.core.broker import Broker
@@ -76,6 +77,12 @@ def evaluate_model(
         }
     )
     eval_id = f"eval-{job_id}-{uuid.uuid4().hex[:6]}"
+    # The request fixes each site's release: one σ-noised set of sums (the site's evaluate
+    # handler). That, never a site's report, is what is charged and stated.
+    from common.dp.accounting import compute_epsilon  # the accountants load torch: import late
+
+    event = DpEvent(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
+    site_epsilon = compute_epsilon([event], delta=DELTA).epsilon
     # What each site was charged, in the job ledger like any job's (orchestrator.jobs).
     res = send_one_shot(
         broker,
@@ -88,6 +95,7 @@ def evaluate_model(
         request_json=request,
         timeout_s=timeout_s,
         blob=weights,
+        assigned=[("metrics", event)],  # the kind a one-shot release is reported under
     )
     per_site = [
         SiteEvaluation(sid, None, error=f"left out: {why}") for sid, why in sorted(left_out.items())
@@ -99,12 +107,12 @@ def evaluate_model(
         if sid in res.updates:
             meta = res.updates[sid].meta
             m = meta.metrics
-            per_site.append(SiteEvaluation(sid, m, epsilon=meta.dp_report.task_epsilon))
+            per_site.append(SiteEvaluation(sid, m, epsilon=site_epsilon))
             if m is not None:
                 correct += m.correct_sum
                 loss += m.loss_sum
                 n += m.num_examples
-            eps = max(eps, meta.dp_report.task_epsilon)
+            eps = site_epsilon
         else:
             fail = res.failures.get(sid)
             per_site.append(

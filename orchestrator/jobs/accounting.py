@@ -292,10 +292,15 @@ def record_one_shot(
     delta: float,
     request_json: str,
     answers: Mapping[str, UpdateMeta],
-) -> None:
+    assigned: Sequence[tuple[str, DpEvent]] | None = None,
+) -> JobEpsilon | None:
     """A one-shot release (``synth``, ``evaluate``): a completed job row of that kind and each
-    answering site's charges as its DP report lists them, so ``status`` and ``ledger`` show
-    them like a training job's."""
+    answering site's charges, so ``status`` and ``ledger`` show them like a training job's.
+
+    With ``assigned`` (the (kind, event) pairs the request fixes for every site, e.g. an
+    evaluation's σ), each answering site is charged exactly those, whatever its report says;
+    without it (synth: the marginals a site measures follow its own declared schema), the
+    events its DP report lists. Returns the job's ε, or None when nothing was charged."""
     now = time.time()
     store.add_job(
         JobRow(
@@ -321,16 +326,22 @@ def record_one_shot(
             site_id=sid,
             dataset=dataset,
             task_id=meta.task_id,
-            events=[(e.kind, e.event) for e in meta.dp_report.events],
-            delta=meta.dp_report.delta or delta,
+            events=(
+                list(assigned)
+                if assigned is not None
+                else [(e.kind, e.event) for e in meta.dp_report.events]
+            ),
+            delta=delta if assigned is not None else (meta.dp_report.delta or delta),
             num_examples=meta.num_examples,
             dataset_epsilon=meta.dp_report.dataset_epsilon,
             policy_delta=meta.dp_report.policy_delta,
         )
         for sid, meta in sorted(answers.items())
-        if meta.dp_report.events
+        if assigned is not None or meta.dp_report.events
     ]
-    if rows:
-        store.add_charges(rows)
-        eps = job_epsilon(rows, delta=delta)
-        store.update_job(job_id, epsilon=eps.epsilon, accountant=eps.accountant)
+    if not rows:
+        return None
+    store.add_charges(rows)
+    eps = job_epsilon(rows, delta=delta)
+    store.update_job(job_id, epsilon=eps.epsilon, accountant=eps.accountant)
+    return eps

@@ -206,10 +206,12 @@ def send_one_shot(
     request_json: str,
     timeout_s: float,
     blob: bytes = b"",
+    assigned: Sequence[tuple[str, DpEvent]] | None = None,
 ) -> FanOutResult:
     """A one-shot release: the request to every site, the answers collected until all
-    answered or ``timeout_s``, and each answering site's charges (as its DP report lists
-    them) recorded as a completed job ``job_id`` of ``kind`` (not recorded without a store)."""
+    answered or ``timeout_s``, and each answering site's charges recorded as a completed job
+    ``job_id`` of ``kind`` (not recorded without a store): ``assigned`` where the request fixes
+    them, else as its DP report lists them (:func:`record_one_shot`)."""
     res = fan_out(
         broker,
         site_ids=site_ids,
@@ -229,5 +231,6 @@ def send_one_shot(
             delta=delta,
             request_json=request_json,
             answers={sid: u.meta for sid, u in res.updates.items()},
+            assigned=assigned,
         )
     return res

@@ -96,3 +96,46 @@ def test_one_shot_releases_are_jobs_with_charges(tmp_path: Path) -> None:
         compute_epsilon([DpEvent(5.0, 1.0, 3)], delta=1e-5).epsilon
     )
     store.close()
+
+
+def test_a_one_shot_release_with_assigned_events_never_charges_what_a_site_reports(
+    tmp_path: Path,
+) -> None:
+    """An evaluation fixes each site's release (σ, one step); a site reporting less noise
+    spent, or none at all, is charged the assigned event all the same."""
+    store = Store(tmp_path)
+    assigned = DpEvent(2.0, 1.0, 1)
+    understated = DpReport(
+        events=(ChargedEvent("metrics", DpEvent(500.0, 1.0, 1)),),
+        max_grad_norm=0.0,
+        delta=0.5,
+        task_epsilon=0.001,
+        job_epsilon=0.001,
+        dataset_epsilon=0.001,
+        policy_delta=1e-5,
+        accountant="prv",
+    )
+    silent = DpReport((), 0.0, 0.0, 0.0, 0.0, 0.0, 1e-5, "prv")
+    answers = {
+        "a": UpdateMeta("a", "task-a", 7, understated, None, 0, "", ""),
+        "b": UpdateMeta("b", "task-b", 9, silent, None, 0, "", ""),
+    }
+    eps = accounting.record_one_shot(
+        store,
+        job_id="eval-1",
+        kind="evaluate",
+        dataset="d",
+        delta=1e-5,
+        request_json=json.dumps({"noise_multiplier": 2.0}),
+        answers=answers,
+        assigned=[("metrics", assigned)],
+    )
+    rows = sorted(store.charges("eval-1"), key=lambda r: r.site_id)
+    assert [r.site_id for r in rows] == ["a", "b"]
+    for r in rows:
+        assert r.delta == 1e-5
+        assert [e["noise_multiplier"] for e in r.events] == [2.0]
+    expected = compute_epsilon([assigned], delta=1e-5).epsilon
+    assert eps is not None and eps.epsilon == pytest.approx(expected)
+    assert store.job("eval-1").epsilon == pytest.approx(expected)
+    store.close()
