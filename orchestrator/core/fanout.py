@@ -37,18 +37,21 @@ def fan_out(
     job_spec_json: str = "",
     check: Callable[[], None] | None = None,
     noise_multipliers: Mapping[str, float] | None = None,
+    task_ids: Mapping[str, str] | None = None,
 ) -> FanOutResult:
     """Dispatch ``kind`` with the same request to every site; a site that does not answer
     in time is a failure. ``check`` runs at every poll and may raise to abandon the fan-out
     (a job's cancellation or shutdown); the unanswered tasks are then withdrawn.
-    ``noise_multipliers`` gives each site its assigned σ (admission); 0 otherwise."""
+    ``noise_multipliers`` gives each site its assigned σ (admission); 0 otherwise.
+    ``task_ids``: each site's task id, where the caller recorded it ahead (a charge written
+    before dispatch); a fresh one otherwise."""
     sha = hashlib.sha256(blob).hexdigest()
     deadline = time.time() + timeout_s
     results: queue.Queue[Result] = queue.Queue()
     outstanding: dict[str, str] = {}
     for sid in site_ids:
         task = TaskAssignment(
-            task_id=uuid.uuid4().hex,
+            task_id=(task_ids or {}).get(sid) or uuid.uuid4().hex,
             job_id=job_id,
             round=round_,
             rounds=rounds,

@@ -150,20 +150,7 @@ class JobThread(threading.Thread):
         """Charge every site ``events`` (write-ahead), then send each the request and collect
         the answers until all answered or ``timeout_s`` passed; stops at cancellation or
         shutdown (the unanswered tasks are withdrawn)."""
-        self._record(
-            [
-                charge_row(
-                    job_id=self.job_id,
-                    round=rnd,
-                    site_id=sid,
-                    dataset=dataset,
-                    task_id=uuid.uuid4().hex,
-                    events=events,
-                    delta=delta,
-                )
-                for sid in site_ids
-            ]
-        )
+        task_ids = self._charge_ahead(site_ids, rnd, dataset=dataset, delta=delta, events=events)
         return fan_out(
             self.broker,
             site_ids=site_ids,
@@ -176,7 +163,36 @@ class JobThread(threading.Thread):
             round_=rnd,
             rounds=1,
             check=self._abandon_if_stopped,
+            task_ids=task_ids,
         )
+
+    def _charge_ahead(
+        self,
+        site_ids: Sequence[str],
+        rnd: int,
+        *,
+        dataset: str,
+        delta: float,
+        events: Sequence[tuple[str, DpEvent]],
+    ) -> dict[str, str]:
+        """Write every site's charge for a task it is about to be sent (write-ahead: a crash
+        or an unanswered task leaves the release counted); returns each site's task id."""
+        task_ids = {sid: uuid.uuid4().hex for sid in site_ids}
+        self._record(
+            [
+                charge_row(
+                    job_id=self.job_id,
+                    round=rnd,
+                    site_id=sid,
+                    dataset=dataset,
+                    task_id=task_ids[sid],
+                    events=events,
+                    delta=delta,
+                )
+                for sid in site_ids
+            ]
+        )
+        return task_ids
 
     # ------------------------------------------------------------------ events
 

@@ -21,14 +21,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from common.domain import ChargedEvent
 from common.errors import InvalidSpecError, InvalidUpdateError, JobFailedError
 from common.schema.encoding import FeatureEncoding, derive_encoding, uniform_edges
 from common.specs import JobSpec, parse_job_spec
 from orchestrator.core.broker import Broker
 from orchestrator.core.fanout import fan_out
-from orchestrator.core.store import ChargeRow, Store
-from orchestrator.jobs.accounting import charged_event_dict
+from orchestrator.core.store import Store
 from orchestrator.planning import quantile_event
 
 UNIFORM_WEIGHT = 0.02
@@ -106,15 +104,16 @@ def release_quantile_edges(
     site_ids: Sequence[str],
     check: Callable[[], None],
     event: Callable[..., None],
-    record: Callable[[list[ChargeRow]], None],
+    charge_ahead: Callable[..., dict[str, str]],
 ) -> JobSpec:
     """``spec`` with DP quantile edges in its encoding (``spec`` itself when it has no
     quantile columns or they were released already), stored as the job's spec.
 
     ``check`` runs while the sites are asked and may raise (``JobThread._abandon_if_stopped``:
     a cancelled job, or JobStopped when the orchestrator shuts down: the job resumes after a
-    restart and asks again); ``record`` writes the charges of what was received (charged
-    either way).
+    restart and asks again); ``charge_ahead`` (``JobThread._charge_ahead``) writes every
+    asked site's charge before the request is sent, so an answer then rejected, a site that
+    does not answer and a crash mid-request all leave the release counted.
 
     Raises:
         JobFailedError: no site released usable histograms.
@@ -128,6 +127,13 @@ def release_quantile_edges(
     assigned = quantile_event(spec)
     edges: dict[str, tuple[float, ...]] = {}
     if request["columns"] and assigned is not None:
+        task_ids = charge_ahead(
+            list(site_ids),
+            0,
+            dataset=spec.dataset,
+            delta=spec.dp.delta,
+            events=[("metrics", assigned)],
+        )
         res = fan_out(
             broker,
             site_ids=list(site_ids),
@@ -139,29 +145,13 @@ def release_quantile_edges(
             round_=0,
             rounds=spec.rounds,
             check=check,
+            task_ids=task_ids,
         )
-        charged = ChargedEvent("metrics", assigned)
-        rows: list[ChargeRow] = []
         sums: dict[str, npt.NDArray[np.float64]] = {}
         used: list[str] = []
         for sid, upd in sorted(res.updates.items()):
             upd.payload.close()
             meta = upd.meta
-            rows.append(
-                ChargeRow(
-                    job_id=job_id,
-                    round=0,
-                    site_id=sid,
-                    dataset=spec.dataset,
-                    task_id=meta.task_id,
-                    num_examples=meta.num_examples,
-                    max_grad_norm=0.0,
-                    delta=spec.dp.delta,
-                    dataset_epsilon=meta.dp_report.dataset_epsilon,
-                    policy_delta=meta.dp_report.policy_delta,
-                    events=[charged_event_dict(charged)],
-                )
-            )
             try:
                 hist = _histograms(meta.result_json, request["columns"], request["grid"])
             except InvalidUpdateError as err:
@@ -170,7 +160,6 @@ def release_quantile_edges(
             for name, h in hist.items():
                 sums[name] = sums[name] + h if name in sums else h
             used.append(sid)
-        record(rows)  # received, so charged: even answers then rejected
         for sid, fail in sorted(res.failures.items()):
             event("warning", f"site {sid} released no quantile histograms: {fail.reason}", sid)
         if not used:

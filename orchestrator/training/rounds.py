@@ -113,7 +113,7 @@ class JobRunner(JobThread):
             site_ids=[p.site_id for p in participants],
             check=self._abandon_if_stopped,
             event=self._event,
-            record=self._record,
+            charge_ahead=self._charge_ahead,
         )
         self.store.update_job(self.job_id, state="running")
         self.on_change(self.job_id)

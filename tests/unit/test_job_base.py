@@ -142,3 +142,54 @@ def test_a_failure_fails_the_job_visibly(tmp_path: Path) -> None:
     job.run()
     row = store.job("job-1")
     assert row.state == "failed" and "RuntimeError: boom" in (row.error or "")
+
+
+def test_quantile_edges_are_charged_before_the_request_is_sent(tmp_path: Path) -> None:
+    """The DP quantile release (before round 1) is charged write-ahead like every release:
+    sites that never answer are counted, and the ledger row names the task that was sent."""
+    from common.domain import ColumnInfo
+    from common.schema.encoding import derive_encoding, uniform_edges
+    from common.specs import parse_job_spec
+    from orchestrator.training.quantiles import release_quantile_edges
+
+    income = ColumnInfo("income", "numeric", min=0.0, max=1000.0, nullable=True)
+    label = ColumnInfo("status", "categorical", categories=("good", "bad"), nullable=False)
+    enc = derive_encoding(
+        [income], label, numeric="quantile", edges={"income": uniform_edges(0.0, 1000.0, 4)}
+    ).to_dict()
+    spec = parse_job_spec(
+        {
+            "dataset": "d",
+            "model": {"kind": "linear"},
+            "rounds": 2,
+            "batch_size": 16,
+            "dp": {"noise_multiplier": 1.0, "delta": DELTA},
+            "encoding": {**enc, "bins": 4},
+            "round_timeout_s": 5,
+        }
+    )
+    job, store, broker = _job(tmp_path)
+    sent: list[str] = []
+    dispatch = broker.dispatch_into
+
+    def dispatch_into(site_id: str, task: TaskAssignment, blob: Any, out: Any) -> None:
+        sent.append(task.task_id)
+        dispatch(site_id, task, blob, out)
+
+    broker.dispatch_into = dispatch_into  # type: ignore[method-assign]
+    with pytest.raises(JobFailedError, match="no site released quantile histograms"):
+        release_quantile_edges(
+            store=store,
+            broker=broker,  # type: ignore[arg-type]
+            job_id="job-1",
+            spec=spec,
+            site_ids=["a", "b"],
+            check=job._abandon_if_stopped,
+            event=job._event,
+            charge_ahead=job._charge_ahead,
+        )
+    assert broker.charged_at_dispatch == [2, 2]  # both charges in the ledger first
+    rows = store.charges("job-1")
+    assert sorted(r.site_id for r in rows) == ["a", "b"] and {r.round for r in rows} == {0}
+    assert sorted(r.task_id for r in rows) == sorted(sent)
+    assert job.account.exact().epsilon > 0
