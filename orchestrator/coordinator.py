@@ -70,10 +70,20 @@ class Coordinator:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Resume every job that was pending or running when the orchestrator stopped."""
+        """Resume every job that was pending or running when the orchestrator stopped; a
+        one-shot release that was in flight ends as failed (its charges, written before it
+        was sent, stand)."""
         for row in self.store.jobs():
-            if row.state in ("pending", "running"):
-                self._start_runner(row.job_id)
+            if row.state not in ("pending", "running"):
+                continue
+            if kind_of_spec(row.spec_json).runner is None:
+                self.store.update_job(
+                    row.job_id,
+                    state="failed",
+                    error="the orchestrator stopped while this release was in flight",
+                )
+                continue
+            self._start_runner(row.job_id)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         # Close the broker first: no update is acknowledged after this, so each round that

@@ -95,7 +95,8 @@ def evaluate_model(
         request_json=request,
         timeout_s=timeout_s,
         blob=weights,
-        assigned=[("metrics", event)],  # the kind a one-shot release is reported under
+        # The kind a one-shot release is reported under; the same event for every site.
+        assigned={sid: [("metrics", event)] for sid in holders},
     )
     per_site = [
         SiteEvaluation(sid, None, error=f"left out: {why}") for sid, why in sorted(left_out.items())

@@ -6,18 +6,29 @@ same declared schema, sums the counts (``orchestrator.synthesis_tree.combine``),
 maximum spanning tree of two-way marginals and samples rows (``fit_and_sample``, MST-style,
 McKenna et al. 2021).
 No single site's rows or counts are published: only rows sampled from the summed model.
+
+What each site is charged is computed here from public inputs, before the request goes out:
+the default plan for the number of columns it will measure (the request's, or its published
+catalog's features and label; :func:`common.synthesis.marginals.planned_events`). A site whose
+DP report or measurement states another σ or another number of marginals is left out of the
+synthesis (its stated variances would weigh its counts) and is charged the planned events all
+the same.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
-from common.domain import SiteStatus
+from common.domain import DatasetInfo, SiteStatus, UpdateMeta
 from common.dp import noise
-from common.errors import InvalidSpecError, NotFoundError
+from common.dp.events import DpEvent
+from common.errors import DpfedError, InvalidSpecError, NotFoundError
 from common.synthesis.discretisation import Schema
+from common.synthesis.marginals import marginal_plan, planned_events
 from orchestrator.core.broker import Broker
 from orchestrator.core.store import Store
 from orchestrator.jobs.base import send_one_shot
@@ -46,9 +57,17 @@ def synthesize(
         raise InvalidSpecError(f"rows must be between 1 and {MAX_ROWS}")
     if not 0 < epsilon <= 100:
         raise InvalidSpecError("epsilon must be in (0, 100]")
-    holders = [s.site_id for s, _ in online_holders(sites, dataset)]
+    holding = online_holders(sites, dataset)
+    holders = [s.site_id for s, _ in holding]
     if not holders:
         raise NotFoundError(f"no online site exposes dataset {dataset!r}")
+    by_count: dict[int, tuple[DpEvent, ...]] = {}
+    planned: dict[str, tuple[DpEvent, ...]] = {}
+    for site, ds in holding:
+        d = _measured_columns(ds, columns)
+        if d not in by_count:
+            by_count[d] = planned_events(d, target_epsilon=epsilon, delta=delta)
+        planned[site.site_id] = by_count[d]
     request = json.dumps(
         {
             "target_epsilon": epsilon,
@@ -68,6 +87,7 @@ def synthesize(
         delta=delta,
         request_json=request,
         timeout_s=timeout_s,
+        assigned={sid: [("metrics", e) for e in events] for sid, events in planned.items()},
     )
     problems = {sid: f"{f.code}: {f.reason}" for sid, f in res.failures.items()}
     if not res.updates:
@@ -76,22 +96,33 @@ def synthesize(
             + "; ".join(f"{sid}: {why}" for sid, why in sorted(problems.items()))
         )
     measurements = []
+    used: list[str] = []
     schema: Schema | None = None
+    layouts: dict[str, list[tuple[list[str], list[int], float]]] = {}
     for sid, upd in sorted(res.updates.items()):
         try:
             body = json.loads(upd.meta.result_json)
             site_schema = Schema.from_dict(body["schema"])
-        except (ValueError, KeyError, TypeError, RecursionError, InvalidSpecError):
-            problems[sid] = "INVALID_ARGUMENT: malformed measurement"
+            combine([body["measurement"]])  # well-formed on its own
+        except (ValueError, KeyError, TypeError, RecursionError, DpfedError):
+            problems[sid] = "INVALID_ARGUMENT: malformed measurement; left out (charged as planned)"
+            continue
+        fingerprint = site_schema.fingerprint()
+        if fingerprint not in layouts:
+            layouts[fingerprint] = _planned_layout(site_schema, epsilon=epsilon, delta=delta)
+        mismatch = _off_plan(upd.meta, body["measurement"], planned[sid], layouts[fingerprint])
+        if mismatch:
+            problems[sid] = f"INVALID_ARGUMENT: {mismatch}; left out (charged as planned)"
             continue
         if schema is None:
             schema = site_schema
-        elif site_schema.fingerprint() != schema.fingerprint():
+        elif fingerprint != schema.fingerprint():
             raise InvalidSpecError(
                 f"site {sid} declares a different schema (types, bounds or categories) for "
                 f"dataset {dataset!r} than the other sites; align their site.yaml `columns`"
             )
         measurements.append(body["measurement"])
+        used.append(sid)
     if schema is None:
         raise NotFoundError(f"no usable measurement of dataset {dataset!r}: {problems}")
     combined = combine(measurements)
@@ -101,7 +132,7 @@ def synthesize(
         "rows": rows,
         "epsilon_per_site": epsilon,
         "delta": delta,
-        "sites": sorted(res.updates),
+        "sites": used,
         "sites_missing": problems,
         "columns": list(schema.names),
         "method": "MST-style: summed noisy 1- and 2-way marginals, maximum spanning tree, "
@@ -109,3 +140,56 @@ def synthesize(
         "guarantee": f"({epsilon:g}, {delta:g})-DP for each record at its own site",
     }
     return frame.to_csv(index=False), info
+
+
+def _measured_columns(info: DatasetInfo, columns: Sequence[str]) -> int:
+    """How many columns a site measures: the request's, or all its published features and
+    its label (``site_agent.handlers.synth``)."""
+    return len(columns) if columns else len(info.columns) + 1
+
+
+def _planned_layout(
+    schema: Schema, *, epsilon: float, delta: float
+) -> list[tuple[list[str], list[int], float]]:
+    """The marginals a site declaring ``schema`` measures for this request, in order: their
+    columns, shape and noise variance σ² (``site_agent.handlers.synth``'s plan)."""
+    plan = marginal_plan(schema, target_epsilon=epsilon, delta=delta)
+    return [
+        (list(m.columns), [schema.column(c).bins for c in m.columns], m.noise_std**2)
+        for m in plan.marginals
+    ]
+
+
+def _off_plan(
+    meta: UpdateMeta,
+    measurement: Any,
+    planned: Sequence[DpEvent],
+    layout: Sequence[tuple[list[str], list[int], float]],
+) -> str:
+    """Why a site's answer departs from its planned release (empty when it does not): its DP
+    report must list exactly the events it was charged (``planned``, from the catalog's
+    column count), and its measurement the marginals, shapes and variances that the plan for
+    its declared schema fixes (its stated variances would weigh its counts)."""
+    reported = [(e.kind, e.event) for e in meta.dp_report.events]
+    if len(reported) != len(planned) or any(
+        kind != "metrics"
+        or got.steps != want.steps
+        or got.sample_rate != want.sample_rate
+        or not math.isclose(got.noise_multiplier, want.noise_multiplier, rel_tol=1e-9)
+        for (kind, got), want in zip(reported, planned, strict=False)
+    ):
+        return "its DP report states other DP events than the request fixed"
+    if sum(e.steps for e in planned) != len(layout):
+        return "it declares other columns than its catalog publishes"
+    stated = [
+        (list(m["columns"]), list(m["shape"]), float(m["variance"]))
+        for m in measurement["marginals"]
+    ]
+    if len(stated) != len(layout) or any(
+        cols != want_cols or shape != want_shape or not math.isclose(var, want_var, rel_tol=1e-9)
+        for (cols, shape, var), (want_cols, want_shape, want_var) in zip(
+            stated, layout, strict=True
+        )
+    ):
+        return "its measurement states other marginals or noise than the request fixed"
+    return ""

@@ -43,6 +43,7 @@ __all__ = [
     "PlannedMarginal",
     "marginal_plan",
     "measure_site",
+    "planned_events",
 ]
 
 
@@ -177,6 +178,46 @@ class MeasurementPlan:
         )
 
 
+def _uniform_sigma(
+    num_marginals: int, *, target_epsilon: float, delta: float, accountant: str
+) -> float:
+    """The one σ at which ``num_marginals`` Gaussian releases of sensitivity 1 cost at most
+    ``target_epsilon`` together (q = 1, one step each)."""
+    return calibrate_noise_multiplier(
+        target_epsilon=target_epsilon,
+        sample_rate=1.0,
+        steps=num_marginals,
+        delta=delta,
+        accountant=accountant,
+    )
+
+
+def planned_events(
+    num_columns: int, *, target_epsilon: float, delta: float, accountant: str = "prv"
+) -> tuple[DpEvent, ...]:
+    """What a site's default plan (:func:`marginal_plan` without ``pairs`` or
+    ``one_way_share``: every one- and two-way marginal at one σ) charges for a schema of
+    ``num_columns`` columns: ``(DpEvent(σ, 1.0, d + d(d−1)/2),)``.
+
+    It depends on the column count and the request only, never on the bins, categories or
+    rows, so the orchestrator computes it from the site's published catalog and charges it
+    whatever the site reports (``orchestrator.synthesis``); ``tests/unit/test_synth.py``
+    checks it equals the plan's events.
+
+    Raises:
+        InvalidSpecError: fewer than one column.
+        PrivacyAccountingError: no σ up to the calibrator's limit meets the target.
+    """
+    if num_columns < 1:
+        raise InvalidSpecError(
+            f"A synthetic-data plan needs at least one column, got {num_columns}."
+        )
+    count = num_columns + num_columns * (num_columns - 1) // 2
+    target = _finite_float(target_epsilon, "The target ε")
+    sigma = _uniform_sigma(count, target_epsilon=target, delta=delta, accountant=accountant)
+    return (DpEvent(sigma, 1.0, count),)
+
+
 def marginal_plan(
     schema: Schema,
     *,
@@ -217,13 +258,7 @@ def marginal_plan(
     one_way = [] if share == 0.0 else [(n,) for n in names]
 
     def calibrate(steps: int) -> float:
-        return calibrate_noise_multiplier(
-            target_epsilon=target,
-            sample_rate=1.0,
-            steps=steps,
-            delta=delta,
-            accountant=accountant,
-        )
+        return _uniform_sigma(steps, target_epsilon=target, delta=delta, accountant=accountant)
 
     if share is None or share == 0.0:
         cols: list[tuple[str, ...]] = [*one_way, *pair_list]

@@ -22,7 +22,8 @@ Each bound names the accountant that produced it (PRV, or PLD/RDP where PRV fell
 A charge row (:func:`charge_row`) is one site's charges for one task, for every job kind;
 its events are stored as :func:`charged_event_dict` gives them (``common.dp.events``' dict
 form plus the release's kind). A one-shot release (synthetic data, evaluation) gets a job row
-of its own kind (:func:`record_one_shot`), so it is listed like any job.
+of its own kind, its charges written before the request is sent
+(:func:`open_one_shot`), so it is listed like any job.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.domain import ChargedEvent, LedgerRow, SiteSpend, UpdateMeta
+from common.domain import ChargedEvent, LedgerRow, SiteSpend
 from common.dp.accounting import EpsilonBound, compute_epsilon
 from common.dp.events import DpEvent, event_from_dict, event_to_dict
 from common.dp.running import running_epsilon
@@ -283,7 +284,7 @@ def charge_row(
     )
 
 
-def record_one_shot(
+def open_one_shot(
     store: Store,
     *,
     job_id: str,
@@ -291,16 +292,25 @@ def record_one_shot(
     dataset: str,
     delta: float,
     request_json: str,
-    answers: Mapping[str, UpdateMeta],
-    assigned: Sequence[tuple[str, DpEvent]] | None = None,
-) -> JobEpsilon | None:
-    """A one-shot release (``synth``, ``evaluate``): a completed job row of that kind and each
-    answering site's charges, so ``status`` and ``ledger`` show them like a training job's.
+    task_ids: Mapping[str, str],
+    assigned: Mapping[str, Sequence[tuple[str, DpEvent]]],
+) -> None:
+    """Before a one-shot release (``synth``, ``evaluate``) is sent: a running job row of that
+    kind, and every site's charge for the task it is about to receive (write-ahead, in one
+    transaction), so ``status`` and ``ledger`` show it like a training job's.
 
-    With ``assigned`` (the (kind, event) pairs the request fixes for every site, e.g. an
-    evaluation's σ), each answering site is charged exactly those, whatever its report says;
-    without it (synth: the marginals a site measures follow its own declared schema), the
-    events its DP report lists. Returns the job's ε, or None when nothing was charged."""
+    What is charged is ``assigned[site]``, the (kind, event) pairs the request fixes for that
+    site and that the orchestrator computed from public inputs (an evaluation's σ, the
+    synthetic-data plan for the site's published columns), never what a site will report.
+    A site that then refuses or does not answer stays counted: an over-count, never an
+    under-count. :func:`close_one_shot` ends the job.
+
+    Raises:
+        ValueError: a site without assigned events.
+    """
+    missing = sorted(set(task_ids) - set(assigned))
+    if missing:
+        raise ValueError(f"one-shot release {job_id}: no assigned events for {missing}")
     now = time.time()
     store.add_job(
         JobRow(
@@ -308,7 +318,7 @@ def record_one_shot(
             name=kind,
             dataset=dataset,
             spec_json=json.dumps({"kind": kind, "request": json.loads(request_json or "{}")}),
-            state="completed",
+            state="running",
             round=1,
             rounds=1,
             epsilon=0.0,
@@ -316,7 +326,7 @@ def record_one_shot(
             accountant=ACCOUNTANT,
             created_at=now,
             updated_at=now,
-            participants={sid: 0.0 for sid in answers},
+            participants={},
         )
     )
     rows = [
@@ -325,23 +335,30 @@ def record_one_shot(
             round=1,
             site_id=sid,
             dataset=dataset,
-            task_id=meta.task_id,
-            events=(
-                list(assigned)
-                if assigned is not None
-                else [(e.kind, e.event) for e in meta.dp_report.events]
-            ),
-            delta=delta if assigned is not None else (meta.dp_report.delta or delta),
-            num_examples=meta.num_examples,
-            dataset_epsilon=meta.dp_report.dataset_epsilon,
-            policy_delta=meta.dp_report.policy_delta,
+            task_id=task_id,
+            events=list(assigned[sid]),
+            delta=delta,
         )
-        for sid, meta in sorted(answers.items())
-        if assigned is not None or meta.dp_report.events
+        for sid, task_id in sorted(task_ids.items())
     ]
-    if not rows:
-        return None
-    store.add_charges(rows)
-    eps = job_epsilon(rows, delta=delta)
-    store.update_job(job_id, epsilon=eps.epsilon, accountant=eps.accountant)
+    if rows:
+        store.add_charges(rows)
+
+
+def close_one_shot(
+    store: Store, *, job_id: str, answered: Sequence[str], error: str = ""
+) -> JobEpsilon | None:
+    """End a one-shot release opened by :func:`open_one_shot`: completed with the answering
+    sites as participants, or failed with ``error``; its ε from every charge written ahead.
+    Returns the job's ε, or None when no site was charged."""
+    rows = store.charges(job_id)
+    eps = job_epsilon(rows, delta=store.job(job_id).delta) if rows else None
+    fields: dict[str, Any] = {
+        "state": "failed" if error else "completed",
+        "error": error,
+        "participants": {sid: 0.0 for sid in sorted(answered)},
+    }
+    if eps is not None:
+        fields.update(epsilon=eps.epsilon, accountant=eps.accountant)
+    store.update_job(job_id, **fields)
     return eps

@@ -15,8 +15,8 @@
 
 A kind supplies ``_run`` (its rounds and its release) and its own checkpoint; it is
 registered in ``orchestrator.jobs.kinds``. A one-shot release (synthetic data, evaluation)
-has no thread: :func:`send_one_shot` asks the sites once and records what each was charged
-as a job of its kind.
+has no thread: :func:`send_one_shot` records what each site is charged as a job of its kind,
+then asks the sites once.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from common.dp.events import DpEvent
@@ -33,7 +33,7 @@ from common.errors import DpfedError, JobFailedError
 from orchestrator.core.broker import Broker
 from orchestrator.core.fanout import FanOutResult, fan_out
 from orchestrator.core.store import ChargeRow, Store
-from orchestrator.jobs.accounting import JobAccount, charge_row, record_one_shot
+from orchestrator.jobs.accounting import JobAccount, charge_row, close_one_shot, open_one_shot
 
 log = logging.getLogger("dpfed.orchestrator")
 
@@ -221,32 +221,47 @@ def send_one_shot(
     delta: float,
     request_json: str,
     timeout_s: float,
+    assigned: Mapping[str, Sequence[tuple[str, DpEvent]]],
     blob: bytes = b"",
-    assigned: Sequence[tuple[str, DpEvent]] | None = None,
 ) -> FanOutResult:
-    """A one-shot release: the request to every site, the answers collected until all
-    answered or ``timeout_s``, and each answering site's charges recorded as a completed job
-    ``job_id`` of ``kind`` (not recorded without a store): ``assigned`` where the request fixes
-    them, else as its DP report lists them (:func:`record_one_shot`)."""
-    res = fan_out(
-        broker,
-        site_ids=site_ids,
-        job_id=job_id,
-        kind=kind,
-        dataset=dataset,
-        request_json=request_json,
-        blob=blob,
-        timeout_s=timeout_s,
-    )
+    """A one-shot release: each site's ``assigned`` charge written to the job ledger as job
+    ``job_id`` of ``kind`` *before* the request goes out (:func:`open_one_shot`; nothing is
+    recorded without a store), the request to every site, the answers collected until all
+    answered or ``timeout_s``, then the job closed (:func:`close_one_shot`): completed with
+    the answering sites, or failed when none answered or the fan-out raised."""
+    task_ids = {sid: uuid.uuid4().hex for sid in site_ids}
     if store is not None:
-        record_one_shot(
+        open_one_shot(
             store,
             job_id=job_id,
             kind=kind,
             dataset=dataset,
             delta=delta,
             request_json=request_json,
-            answers={sid: u.meta for sid, u in res.updates.items()},
+            task_ids=task_ids,
             assigned=assigned,
+        )
+    try:
+        res = fan_out(
+            broker,
+            site_ids=site_ids,
+            job_id=job_id,
+            kind=kind,
+            dataset=dataset,
+            request_json=request_json,
+            blob=blob,
+            timeout_s=timeout_s,
+            task_ids=task_ids,
+        )
+    except BaseException as err:
+        if store is not None:
+            close_one_shot(store, job_id=job_id, answered=[], error=f"not sent: {err}")
+        raise
+    if store is not None:
+        close_one_shot(
+            store,
+            job_id=job_id,
+            answered=sorted(res.updates),
+            error="" if res.updates else "no site answered",
         )
     return res

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
-from common.domain import ChargedEvent, DpReport, UpdateMeta
 from common.dp.accounting import EpsilonBound, compute_epsilon
 from common.dp.events import DpEvent
 from common.specs import parse_job_spec
-from orchestrator.core.store import Store
 from orchestrator.jobs import accounting
 from orchestrator.training.update_bounds import Assignment, assigned_worst_case
 
@@ -65,77 +60,3 @@ def test_a_rejected_update_is_charged_the_most_its_task_could_cost() -> None:
         q, steps = a.schedule(n)
         honest = compute_epsilon([DpEvent(1.0, q, steps)], delta=1e-5).epsilon
         assert compute_epsilon([worst["train"]], delta=1e-5).epsilon >= honest
-
-
-def test_one_shot_releases_are_jobs_with_charges(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    report = DpReport(
-        events=(ChargedEvent("synth", DpEvent(5.0, 1.0, 3)),),
-        max_grad_norm=0.0,
-        delta=1e-5,
-        task_epsilon=1.0,
-        job_epsilon=1.0,
-        dataset_epsilon=2.0,
-        policy_delta=1e-5,
-        accountant="prv",
-    )
-    meta = UpdateMeta("a", "task-1", 7, report, None, 0, "", "")
-    accounting.record_one_shot(
-        store,
-        job_id="synth-1",
-        kind="synth",
-        dataset="d",
-        delta=1e-5,
-        request_json=json.dumps({"target_epsilon": 1.0}),
-        answers={"a": meta},
-    )
-    (row,) = store.charges("synth-1")
-    assert row.site_id == "a" and row.events[0]["kind"] == "synth"
-    job = store.job("synth-1")
-    assert job.state == "completed" and job.epsilon == pytest.approx(
-        compute_epsilon([DpEvent(5.0, 1.0, 3)], delta=1e-5).epsilon
-    )
-    store.close()
-
-
-def test_a_one_shot_release_with_assigned_events_never_charges_what_a_site_reports(
-    tmp_path: Path,
-) -> None:
-    """An evaluation fixes each site's release (σ, one step); a site reporting less noise
-    spent, or none at all, is charged the assigned event all the same."""
-    store = Store(tmp_path)
-    assigned = DpEvent(2.0, 1.0, 1)
-    understated = DpReport(
-        events=(ChargedEvent("metrics", DpEvent(500.0, 1.0, 1)),),
-        max_grad_norm=0.0,
-        delta=0.5,
-        task_epsilon=0.001,
-        job_epsilon=0.001,
-        dataset_epsilon=0.001,
-        policy_delta=1e-5,
-        accountant="prv",
-    )
-    silent = DpReport((), 0.0, 0.0, 0.0, 0.0, 0.0, 1e-5, "prv")
-    answers = {
-        "a": UpdateMeta("a", "task-a", 7, understated, None, 0, "", ""),
-        "b": UpdateMeta("b", "task-b", 9, silent, None, 0, "", ""),
-    }
-    eps = accounting.record_one_shot(
-        store,
-        job_id="eval-1",
-        kind="evaluate",
-        dataset="d",
-        delta=1e-5,
-        request_json=json.dumps({"noise_multiplier": 2.0}),
-        answers=answers,
-        assigned=[("metrics", assigned)],
-    )
-    rows = sorted(store.charges("eval-1"), key=lambda r: r.site_id)
-    assert [r.site_id for r in rows] == ["a", "b"]
-    for r in rows:
-        assert r.delta == 1e-5
-        assert [e["noise_multiplier"] for e in r.events] == [2.0]
-    expected = compute_epsilon([assigned], delta=1e-5).epsilon
-    assert eps is not None and eps.epsilon == pytest.approx(expected)
-    assert store.job("eval-1").epsilon == pytest.approx(expected)
-    store.close()

@@ -31,7 +31,12 @@ from common.dp.calibrate import calibrate_noise_multiplier
 from common.dp.events import DpEvent
 from common.errors import InvalidSpecError, InvalidUpdateError
 from common.synthesis.discretisation import ColumnSchema, MeasurementDict, Schema, infer_schema
-from common.synthesis.marginals import MeasurementPlan, marginal_plan, measure_site
+from common.synthesis.marginals import (
+    MeasurementPlan,
+    marginal_plan,
+    measure_site,
+    planned_events,
+)
 from orchestrator.synthesis_tree import combine, fit_and_sample, fit_tree, measurement_events
 
 DELTA = 1e-5
@@ -241,6 +246,18 @@ def test_calibrated_noise_keeps_each_sites_epsilon_within_the_target(
         s1, s2 = one_way[0].noise_std, two_way[0].noise_std
         precision_1, precision_2 = d / s1**2, p / s2**2
         assert precision_1 / (precision_1 + precision_2) == pytest.approx(share, rel=1e-9)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 5])
+def test_the_orchestrators_planned_events_are_the_sites_plan(d: int) -> None:
+    """What the orchestrator charges a site for synthetic data (from the column count the
+    request and the catalog fix) is exactly what the site's own plan charges, whatever the
+    columns' kinds and bins."""
+    schema = Schema(mixed_schema().columns[:d])
+    plan = marginal_plan(schema, target_epsilon=2.0, delta=DELTA)
+    assert planned_events(d, target_epsilon=2.0, delta=DELTA) == plan.events
+    with pytest.raises(InvalidSpecError, match="at least one column"):
+        planned_events(0, target_epsilon=2.0, delta=DELTA)
 
 
 def test_selected_pairs_and_bad_plans() -> None:
