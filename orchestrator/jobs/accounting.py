@@ -92,7 +92,6 @@ class _Site:
     """One site's charges for the job, folded."""
 
     history: dict[tuple[float, float], int] = field(default_factory=dict)  # (σ, q) → steps
-    events: list[ChargedEvent] = field(default_factory=list)
     train_steps: int = 0
     last_train: DpEvent | None = None  # the last charge's last training event
     num_examples: int = 0
@@ -106,7 +105,6 @@ class _Site:
         for e in evs:
             key = (e.event.noise_multiplier, e.event.sample_rate)
             self.history[key] = self.history.get(key, 0) + e.event.steps
-        self.events.extend(evs)
         self.train_steps += sum(e.steps for e in train)
         self.last_train = train[-1] if train else None
         self.num_examples = c.num_examples
@@ -118,6 +116,11 @@ class _Site:
 
     def merged(self) -> list[DpEvent]:
         return [DpEvent(s, q, n) for (s, q), n in sorted(self.history.items())]
+
+    @property
+    def events(self) -> list[ChargedEvent]:
+        """Every charged event, dataset by dataset (in the order each was first charged)."""
+        return [e for ledger in self.ledgers.values() for e in ledger.events]
 
 
 def _finite(sid: str, bound: EpsilonBound) -> EpsilonBound:
