@@ -128,6 +128,7 @@ def synthesize(
     combined = combine(measurements)
     frame = fit_and_sample(combined, schema, rows=rows, rng=noise.private_numpy_rng())
     info = {
+        "job_id": synth_id,
         "dataset": dataset,
         "rows": rows,
         "epsilon_per_site": epsilon,

@@ -140,7 +140,8 @@ def synth(
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(csv_text)
     err_console.print(
-        f"wrote {rows} synthetic rows to {out_file}: {inert(info['guarantee'])}; sites "
+        f"wrote {rows} synthetic rows to {out_file} (release {inert(info['job_id'])}, in "
+        f"`orchestrator ledger`): {inert(info['guarantee'])}; sites "
         f"{inert(', '.join(str(s) for s in info['sites']))}"  # type: ignore[attr-defined]
         + (f"; missing: {inert(info['sites_missing'])}" if info.get("sites_missing") else "")
     )
