@@ -56,8 +56,8 @@ def test_synth_of_the_credit_table_through_the_cli(federation: Federation, tmp_p
     assert abs(good - (real[LABEL] == "good").mean()) < 0.1, good
 
     (planned,) = planned_events(len(COLUMNS), target_epsilon=EPSILON, delta=DELTA)
-    with fed.client() as c:
-        rows, _ = c.ledger()
+    with fed.client() as client:
+        rows, _ = client.ledger()
     charged = {r.site_id: r for r in rows if r.job_id == job_id}
     assert sorted(charged) == sorted(SITE_IDS)
     for site_id, row in charged.items():
