@@ -49,12 +49,12 @@ from common.clustering.wire import (
     parse_request,
     parse_result,
 )
-from common.dp.events import DpEvent
+from common.dp.events import DpEvent, event_from_dict, event_to_dict
 from common.errors import InvalidSpecError, InvalidUpdateError
 
 __all__ = ["STATE_VERSION", "MixtureJob"]
 
-STATE_VERSION: Final = 1
+STATE_VERSION: Final = 2
 
 _RANGE_RTOL: Final = 1e-6
 _STOP_Z: Final = 2.0
@@ -523,7 +523,7 @@ class MixtureJob:
             "round": self._round,
             "phase": self._phase,
             "pending": self._pending,
-            "events": [[e.noise_multiplier, e.sample_rate, e.steps] for e in self._events],
+            "events": [event_to_dict(e) for e in self._events],
             "n_sites_last_round": self.n_sites_last_round,
             "runs": [run.to_dict() for run in self._runs.values()],
         }
@@ -547,5 +547,5 @@ class MixtureJob:
         self._round = int(state["round"])
         self._phase = phase
         self._pending = None if pending is None else dict(pending)
-        self._events = [DpEvent(float(e[0]), float(e[1]), int(e[2])) for e in state["events"]]
+        self._events = [event_from_dict(e) for e in state["events"]]
         self.n_sites_last_round = int(state["n_sites_last_round"])

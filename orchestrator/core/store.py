@@ -127,15 +127,13 @@ class GmmStateRow(Base):
     """A mixture job's resumable state (``orchestrator.clustering.runner``), as JSON text.
 
     ``checkpoint``: everything needed to continue after the last committed round (written with
-    that round). ``charged``: every release each site was *sent* (written before each
-    dispatch, so it also holds a round that a restart interrupted); the card's ε is composed
-    from it.
+    that round). What each site was charged is in the job ledger (``ChargeRow``, written
+    before each dispatch), like every job kind's.
     """
 
     __tablename__ = "gmm_state"
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.job_id"), primary_key=True)
     checkpoint: Mapped[str] = mapped_column(Text, default="")
-    charged: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 
@@ -333,37 +331,25 @@ class Store:
         with self.session() as s:
             return s.get(GmmStateRow, job_id)
 
-    def _set_gmm_state(
-        self, s: Session, job_id: str, *, checkpoint: str | None, charged: str | None
-    ) -> None:
+    def _set_gmm_state(self, s: Session, job_id: str, *, checkpoint: str) -> None:
         row = s.get(GmmStateRow, job_id)
         if row is None:
-            row = GmmStateRow(job_id=job_id, checkpoint="", charged="")
+            row = GmmStateRow(job_id=job_id, checkpoint="")
             s.add(row)
-        if checkpoint is not None:
-            row.checkpoint = checkpoint
-        if charged is not None:
-            row.charged = charged
+        row.checkpoint = checkpoint
         row.updated_at = time.time()
 
-    def save_gmm_state(
-        self,
-        job_id: str,
-        *,
-        checkpoint: str | None = None,
-        charged: str | None = None,
-        **job_fields: Any,
-    ) -> None:
-        """Write a mixture job's checkpoint and/or charged releases (and job fields) at once."""
+    def save_gmm_state(self, job_id: str, *, checkpoint: str, **job_fields: Any) -> None:
+        """Write a mixture job's checkpoint (and job fields) at once."""
         with self.session() as s:
-            self._set_gmm_state(s, job_id, checkpoint=checkpoint, charged=charged)
+            self._set_gmm_state(s, job_id, checkpoint=checkpoint)
             _update_job_row(s, job_id, job_fields)
 
     def commit_gmm_round(self, rnd: RoundRow, checkpoint: str, **job_fields: Any) -> None:
         """Record a mixture job's finished round with the checkpoint after it, atomically."""
         with self.session() as s:
             s.merge(rnd)
-            self._set_gmm_state(s, rnd.job_id, checkpoint=checkpoint, charged=None)
+            self._set_gmm_state(s, rnd.job_id, checkpoint=checkpoint)
             _update_job_row(s, rnd.job_id, job_fields)
 
     def add_charges(self, charges: list[ChargeRow]) -> None:
