@@ -23,13 +23,20 @@ requests' statistics (:func:`site_agent.gmm_stats.exact_partials`: ``gmm`` and
 in the agent). Counts are sums of integers, exact in any order; the mixture sums are floats,
 hence the fixed blocks and order.
 
+The workers read the Parquet files when a release is computed, so the engine checks first
+that they are still the files the agent counted (:class:`SourceVersion`: each file's identity
+and Parquet footer, no row read) and refuses the release otherwise, as the in-agent path
+refuses a table that changed since start-up.
+
 The same map-reduce on Spark: ``docs/distributed-statistics.md``.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import operator
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +61,9 @@ class Partition:
     row_group: int
 
 
-def partitions(cfg: DatasetConfig) -> list[Partition]:
-    """The dataset's partitions in a fixed order: every row group of the Parquet file, or of
-    each ``*.parquet`` file of a folder, sorted by name."""
+def source_files(cfg: DatasetConfig) -> list[Path]:
+    """The dataset's Parquet files in a fixed order: the file, or each ``*.parquet`` file of
+    a folder, sorted by name."""
     if cfg.source_format() != "parquet" or cfg.path is None:
         raise InvalidSpecError(
             f"The dataset {cfg.name!r} has engine: dask, which reads Parquet; its source is "
@@ -66,8 +73,14 @@ def partitions(cfg: DatasetConfig) -> list[Partition]:
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files or not all(f.exists() for f in files):
         raise InvalidSpecError(f"The dataset path {path} holds no Parquet file.")
+    return files
+
+
+def partitions(cfg: DatasetConfig) -> list[Partition]:
+    """The dataset's partitions in a fixed order: every row group of each of its
+    :func:`source_files`."""
     out: list[Partition] = []
-    for f in files:
+    for f in source_files(cfg):
         try:
             groups = pq.ParquetFile(f).metadata.num_row_groups
         except Exception as err:
@@ -76,6 +89,53 @@ def partitions(cfg: DatasetConfig) -> list[Partition]:
             ) from None
         out.extend(Partition(str(f), g) for g in range(groups))
     return out
+
+
+PARQUET_MAGIC = b"PAR1"
+
+
+@dataclass(frozen=True)
+class SourceVersion:
+    """Which bytes a Parquet dataset's partitions are read from, from metadata alone: for
+    each of its :func:`source_files`, the path, the file's identity (device, inode, size,
+    mtime in ns: :func:`site_agent.data.row_store.file_identity`, the row cache's key) and
+    the SHA-256 of its Parquet footer (the schema, the row groups' sizes and offsets and the
+    column chunks' statistics, so that a same-size rewrite within one mtime tick still
+    differs). Files added to or removed from a folder change it too. Equal versions mean the
+    same files unless someone rewrote a file in place to the same size, footer and mtime."""
+
+    files: tuple[tuple[str, tuple[int, int, int, int], str], ...]
+
+
+def _file_version(path: Path) -> tuple[str, tuple[int, int, int, int], str]:
+    """One file's entry of a :class:`SourceVersion`: the identity and the footer are read
+    from the same open file, so a replacement in between cannot pair one file's identity
+    with another's footer."""
+    from site_agent.data.row_store import file_identity  # agent only: row_store needs torch
+
+    try:
+        with path.open("rb") as f:
+            identity = file_identity(os.fstat(f.fileno()))
+            size = identity[2]
+            if size < 12:
+                raise ValueError("shorter than a Parquet header and footer")
+            f.seek(size - 8)
+            tail = f.read(8)
+            footer_len = int.from_bytes(tail[:4], "little")
+            if tail[4:] != PARQUET_MAGIC or footer_len > size - 12:
+                raise ValueError("no Parquet footer")
+            f.seek(size - 8 - footer_len)
+            footer = f.read(footer_len)
+    except (OSError, ValueError) as err:
+        raise InvalidSpecError(
+            f"The dataset file {path} is not a readable Parquet file ({err})."
+        ) from None
+    return str(path), identity, hashlib.sha256(footer).hexdigest()
+
+
+def source_version(cfg: DatasetConfig) -> SourceVersion:
+    """The dataset's :class:`SourceVersion` now (reads each file's metadata and footer)."""
+    return SourceVersion(tuple(_file_version(f) for f in source_files(cfg)))
 
 
 def load_partition(cfg: DatasetConfig, names: tuple[str, ...], part: Partition) -> LocalDataset:
@@ -249,19 +309,67 @@ class StatsEngine:
     """A dataset's exact statistics computed by the engine (``engine: dask``): the agent's
     handlers call :meth:`fold` **after** they admitted and charged the release, add the
     noise to its result, and release it. ``client`` is a ``distributed.Client`` or None
-    (:data:`SYNCHRONOUS`: in-process)."""
+    (:data:`SYNCHRONOUS`: in-process).
 
-    def __init__(self, cfg: DatasetConfig, names: Sequence[str], client: Any | None) -> None:
+    ``version`` is the :class:`SourceVersion` of the files the agent counted at start-up (its
+    catalog's counts and split sizes are of those files); the engine refuses, with
+    :class:`~common.errors.InvalidSpecError`, to compute on other files: when it is built
+    (before the handler's charge) and in :meth:`fold`, before any statistic is computed and
+    again after, so that a file replaced while the workers read it is refused too. Without
+    ``version`` the files are those present when the engine is built.
+
+    Raises:
+        InvalidSpecError: ``version`` is given and the files differ from it now.
+    """
+
+    def __init__(
+        self,
+        cfg: DatasetConfig,
+        names: Sequence[str],
+        client: Any | None,
+        *,
+        version: SourceVersion | None = None,
+    ) -> None:
         self.cfg = cfg
         self.names = tuple(names)
         self.client = client
+        self._since = "the site agent started" if version is not None else "this task started"
+        self.version = version if version is not None else source_version(cfg)
+        if version is not None:
+            self.check_source()
+
+    def check_source(self) -> None:
+        """Refuse unless the dataset's files are still those of :attr:`version` (metadata and
+        footers only; no row is read).
+
+        Raises:
+            InvalidSpecError: a file was replaced, written, added or removed.
+        """
+        try:
+            now = source_version(self.cfg)
+        except InvalidSpecError as err:
+            raise self._changed(f" ({err})") from None
+        if now != self.version:
+            raise self._changed("")
+
+    def _changed(self, detail: str) -> InvalidSpecError:
+        return InvalidSpecError(
+            f"The dataset {self.cfg.name!r} changed since {self._since}{detail}; restart the agent."
+        )
 
     def fold(self, fn: Partial, zero: Any, add: Callable[[Any, Any], Any] = operator.add) -> Any:
-        """``fn`` mapped over the dataset's partitions (on the cluster), folded in order."""
-        if self.client is None:
-            parts = local_partials(self.cfg, self.names, fn)
-        else:
-            parts = dask_partials(self.client, self.cfg, self.names, fn)
+        """``fn`` mapped over the dataset's partitions (on the cluster), folded in order, if
+        the files are those of :attr:`version` before and after (:meth:`check_source`)."""
+        self.check_source()
+        try:
+            if self.client is None:
+                parts = local_partials(self.cfg, self.names, fn)
+            else:
+                parts = dask_partials(self.client, self.cfg, self.names, fn)
+        except Exception:
+            self.check_source()  # a file replaced under a worker: say so, not its read error
+            raise
+        self.check_source()
         return fold(parts, zero, add)
 
 

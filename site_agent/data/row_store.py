@@ -69,16 +69,23 @@ def _fingerprint(payload: object) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """A file's identity from its metadata alone: ``(device, inode, size, mtime in ns)``.
+    Replacing the file (a new inode) or writing to it (size, mtime) changes it; the data
+    rows are not read. The engine path (:func:`site_agent.dask_engine.source_version`) uses
+    the same identity."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def data_version(cfg: DatasetConfig, feature_names: tuple[str, ...], key: bytes) -> str:
     """The version of a dataset's rows: its source file's identity and the declarations that
     decide each row's typed content and side. Any change gives a new version."""
     assert cfg.path is not None
-    st = Path(cfg.path).stat()
     label = cfg.label_schema()
     return _fingerprint(
         {
             "path": str(Path(cfg.path).resolve()),
-            "file": [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns],
+            "file": list(file_identity(Path(cfg.path).stat())),
             "format": cfg.source_format(),
             "name": cfg.name,
             "features": list(feature_names),

@@ -8,38 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 
+from common.clustering.model import GaussianMixtureParams
 from site_agent import dask_engine
 from site_agent.config import SiteConfig, load_site_config
 from site_agent.data.loading import iter_typed_chunks, load_dataset
 from site_agent.handlers.quantiles import QuantileColumn, histogram_counts
+from tests.unit.dask_sites import COLUMNS, write_loans
 
-COLUMNS: dict[str, Any] = {
-    "amount": {"type": "numeric", "min": 0, "max": 1000},
-    "age": {"type": "numeric", "min": 18, "max": 100, "nullable": False},
-    "home": {"type": "categorical", "categories": ["owner", "rent"]},
-    "status": {"type": "categorical", "categories": ["good", "bad"]},
-}
 ROW_GROUP = 150
 
 
 def _site(root: Path, rows: int = 1000, **site: Any) -> SiteConfig:
-    rng = np.random.default_rng(3)
-    amount = rng.uniform(-50, 1200, rows)
-    amount[rng.random(rows) < 0.1] = np.nan
-    frame = pd.DataFrame(
-        {
-            "amount": amount,
-            "age": rng.integers(10, 110, rows).astype(float),
-            "home": rng.choice(np.array(["owner", "rent", "castle", None], dtype=object), rows),
-            "status": rng.choice(np.array(["good", "bad", "maybe", None], dtype=object), rows),
-        }
-    )
-    root.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(root / "loans.parquet", row_group_size=ROW_GROUP)
+    write_loans(root / "loans.parquet", rows=rows, seed=3, row_group=ROW_GROUP)
     cfg = {
         "site_id": "bank-a",
         "orchestrator": "127.0.0.1:1",
@@ -75,9 +58,7 @@ def _maps(cfg: SiteConfig) -> dict[str, Any]:
 
     ds = cfg.datasets[0]
     schema = site_schema(ds, (*FEATURES, "status"), 8)
-    import site_agent.gmm_stats as gs
-
-    params = gs.GaussianMixtureParams(
+    params = GaussianMixtureParams(
         np.array([0.5, 0.5]),
         np.array([[200.0, 30.0], [700.0, 70.0]]),
         np.array([[1e4, 50.0], [2e4, 80.0]]),

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 
@@ -21,29 +20,12 @@ from site_agent import dask_engine
 from site_agent.boundary.ledger import Ledger
 from site_agent.boundary.pipeline import SitePipeline
 from site_agent.config import load_site_config
-
-COLUMNS: dict[str, Any] = {
-    "amount": {"type": "numeric", "min": 0, "max": 1000},
-    "age": {"type": "numeric", "min": 18, "max": 100, "nullable": False},
-    "home": {"type": "categorical", "categories": ["owner", "rent"]},
-    "status": {"type": "categorical", "categories": ["good", "bad"]},
-}
+from tests.unit.dask_sites import COLUMNS, write_loans
 
 
 def _write_data(root: Path, rows: int = 600) -> None:
-    rng = np.random.default_rng(5)
-    amount = rng.uniform(-50, 1200, rows)
-    amount[rng.random(rows) < 0.1] = np.nan
-    frame = pd.DataFrame(
-        {
-            "amount": amount,
-            "age": rng.integers(10, 110, rows).astype(float),
-            "home": rng.choice(np.array(["owner", "rent", "castle", None], dtype=object), rows),
-            "status": rng.choice(np.array(["good", "bad", "maybe", None], dtype=object), rows),
-        }
-    )
-    root.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(root / "loans.parquet", row_group_size=110)
+    """``root/loans.parquet``: ``rows`` loans in row groups of 110 rows."""
+    write_loans(root / "loans.parquet", rows=rows, seed=5, row_group=110)
 
 
 def _executor(root: Path, data: Path, engine: str, scheduler: str) -> SitePipeline:
