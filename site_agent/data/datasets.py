@@ -30,11 +30,13 @@ from common.schema.encoding import FeatureEncoding
 from site_agent.config import DatasetConfig, SiteConfig
 from site_agent.dask_engine import (
     SYNCHRONOUS,
+    SourceVersion,
     StatsEngine,
     engine_client,
     local_partials,
     partitions,
     row_count,
+    source_version,
 )
 from site_agent.data.loading import LocalDataset, feature_names, load_dataset
 from site_agent.data.row_store import DiskDataset, EncodedRows
@@ -75,6 +77,8 @@ class SiteDatasets:
         self._splits: dict[str, Split] = {}
         self._shapes: dict[str, Shape] = {}
         self._disk: dict[str, DiskDataset] = {}
+        self._versions: dict[str, SourceVersion] = {}
+        """The files each ``engine: dask`` dataset was counted on (start-up)."""
         self.dask_client: Any | None = None
         self.loads = 0
         """How many tables were read whole so far (tests check when data is read)."""
@@ -128,7 +132,15 @@ class SiteDatasets:
             val = int(np.count_nonzero(record_digests(ds, key) < threshold)) if fraction else 0
             return len(ds) - val, val
 
+        version = source_version(cfg)
         counted = [value for _, value in local_partials(cfg, names, sides)]
+        if source_version(cfg) != version:
+            raise InvalidSpecError(
+                f"The dataset {cfg.name!r} changed while the site agent counted it; restart "
+                "the agent."
+            )
+        with self._lock:
+            self._versions.setdefault(cfg.name, version)
         n_train = sum(t for t, _ in counted)
         n_val = sum(v for _, v in counted)
         return Shape(n_train, n_val if fraction > 0 else None, names, cfg.label)
@@ -211,7 +223,9 @@ class SiteDatasets:
         with self._lock:
             if self.dask_client is None and self.config.dask_scheduler != SYNCHRONOUS:
                 self.dask_client = engine_client(self.config.dask_scheduler)
-            return StatsEngine(cfg, names, self.dask_client)
+            client, version = self.dask_client, self._versions[name]
+        # Refuses (before the charge) a source that changed since it was counted.
+        return StatsEngine(cfg, names, client, version=version)
 
     def exact_rows(self, name: str) -> int | Callable[[], int]:
         """The catalog's exact count: the shape's, or (``engine: dask``) a function the

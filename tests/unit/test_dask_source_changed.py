@@ -285,12 +285,6 @@ def test_a_site_refuses_a_release_whose_file_changed_after_its_charge(
         ex.ledger.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="site_agent/data/datasets.py does not yet pass the version it counted at start-up "
-    "to StatsEngine(version=...); each task's engine takes the files it finds",
-)
 def test_a_site_refuses_a_file_replaced_after_start_up(tmp_path: Path) -> None:
     _write_data(tmp_path / "data")
     ex = _executor(tmp_path / "site", tmp_path / "data", "dask", "synchronous")
@@ -300,5 +294,7 @@ def test_a_site_refuses_a_file_replaced_after_start_up(tmp_path: Path) -> None:
         with pytest.raises(InvalidSpecError, match="changed since the site agent started"):
             meta, _ = ex.execute(_task("quantiles", QUANTILES, "q"), b"")
             json.loads(meta.result_json)
+        # Refused when the task's engine is set up, before its charge.
+        assert [e.kind for e in ex.ledger.entries(dataset="loans")] == ["catalog"]
     finally:
         ex.ledger.close()
