@@ -3,7 +3,9 @@ bootstrap standard errors, and resuming after an orchestrator restart."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -136,11 +138,28 @@ def test_federated_dp_em_recovers_the_components_and_bic_picks_k(
 ) -> None:
     with _federation(tmp_path, {"max_epsilon": 20.0, "delta": 1e-5}) as c:
         job_id, card, weights = _run_job(c, spec)
-    assert card["kind"] == "gmm" and card["model"]["K"] == 3
+    assert card["kind"] == "gmm"
     if "k_range" in spec:
-        assert card["model_selection"]["chosen_k"] == 3
-        assert set(card["model_selection"]["bic"]) == {"2", "3", "4"}
+        sel = card["model_selection"]
+        assert set(sel["bic"]) == set(sel["bic_sd"]) == {"2", "3", "4"}
+        # What select_k_by_bic promises: the smallest K whose BIC is within z sds of the
+        # minimum. With three true components it keeps K=4 only when the DP noise makes K=4
+        # look better by more than that, which happens at a fixed rate: 1.0% at this ε (4 of
+        # 400 runs of this machine against in-process sites, noise from seeded generators;
+        # the loss each fit owes to the noise sat within noise_loglik_loss's prediction, z
+        # mean 0.07, sd 0.87), 2-3% at ε = 10-16 and 1 in 1350 at ε = 30: the heavy tail of
+        # the smallest component's loss, not the 62-nat BIC penalty, decides. So the test
+        # checks the rule on the card's own numbers and that K=2 is never chosen (BIC ~2.7e4
+        # above; its margin was ≥ 5.5 sds in every run, 2 would do), and below, that the
+        # chosen model holds the three components (in all 2140 simulated runs, K=4 too).
+        bic = {int(k): v for k, v in sel["bic"].items()}
+        sd = {int(k): v for k, v in sel["bic_sd"].items()}
+        z = inspect.signature(FederatedBIC).parameters["z"].default
+        best = min(bic, key=lambda k: (bic[k], k))
+        within = [k for k in sorted(bic) if bic[k] <= bic[best] + z * math.hypot(sd[k], sd[best])]
+        assert sel["chosen_k"] == within[0] == card["model"]["K"] and sel["chosen_k"] >= 3, sel
     else:
+        assert card["model"]["K"] == 3
         assert card["method"].startswith("one-shot")
     assert card["epsilon"] <= 3.0 * 1.01
     assert "uncertainty" not in card
