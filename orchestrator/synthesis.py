@@ -28,7 +28,7 @@ from common.dp import noise
 from common.dp.events import DpEvent
 from common.errors import DpfedError, InvalidSpecError, NotFoundError
 from common.synthesis.discretisation import Schema
-from common.synthesis.marginals import marginal_plan, planned_events
+from common.synthesis.marginals import default_marginals, planned_events
 from orchestrator.core.broker import Broker
 from orchestrator.core.store import Store
 from orchestrator.jobs.base import send_one_shot
@@ -98,7 +98,6 @@ def synthesize(
     measurements = []
     used: list[str] = []
     schema: Schema | None = None
-    layouts: dict[str, list[tuple[list[str], list[int], float]]] = {}
     for sid, upd in sorted(res.updates.items()):
         try:
             body = json.loads(upd.meta.result_json)
@@ -107,16 +106,13 @@ def synthesize(
         except (ValueError, KeyError, TypeError, RecursionError, DpfedError):
             problems[sid] = "INVALID_ARGUMENT: malformed measurement; left out (charged as planned)"
             continue
-        fingerprint = site_schema.fingerprint()
-        if fingerprint not in layouts:
-            layouts[fingerprint] = _planned_layout(site_schema, epsilon=epsilon, delta=delta)
-        mismatch = _off_plan(upd.meta, body["measurement"], planned[sid], layouts[fingerprint])
+        mismatch = _off_plan(upd.meta, body["measurement"], planned[sid], site_schema)
         if mismatch:
             problems[sid] = f"INVALID_ARGUMENT: {mismatch}; left out (charged as planned)"
             continue
         if schema is None:
             schema = site_schema
-        elif fingerprint != schema.fingerprint():
+        elif site_schema.fingerprint() != schema.fingerprint():
             raise InvalidSpecError(
                 f"site {sid} declares a different schema (types, bounds or categories) for "
                 f"dataset {dataset!r} than the other sites; align their site.yaml `columns`"
@@ -149,28 +145,17 @@ def _measured_columns(info: DatasetInfo, columns: Sequence[str]) -> int:
     return len(columns) if columns else len(info.columns) + 1
 
 
-def _planned_layout(
-    schema: Schema, *, epsilon: float, delta: float
-) -> list[tuple[list[str], list[int], float]]:
-    """The marginals a site declaring ``schema`` measures for this request, in order: their
-    columns, shape and noise variance σ² (``site_agent.handlers.synth``'s plan)."""
-    plan = marginal_plan(schema, target_epsilon=epsilon, delta=delta)
-    return [
-        (list(m.columns), [schema.column(c).bins for c in m.columns], m.noise_std**2)
-        for m in plan.marginals
-    ]
-
-
 def _off_plan(
     meta: UpdateMeta,
     measurement: Any,
     planned: Sequence[DpEvent],
-    layout: Sequence[tuple[list[str], list[int], float]],
+    schema: Schema,
 ) -> str:
     """Why a site's answer departs from its planned release (empty when it does not): its DP
     report must list exactly the events it was charged (``planned``, from the catalog's
-    column count), and its measurement the marginals, shapes and variances that the plan for
-    its declared schema fixes (its stated variances would weigh its counts)."""
+    column count), and its measurement the default plan's marginals for its declared
+    ``schema`` (:func:`~common.synthesis.marginals.default_marginals`), with their shapes and
+    the planned variance σ² (its stated variances would weigh its counts)."""
     reported = [(e.kind, e.event) for e in meta.dp_report.events]
     if len(reported) != len(planned) or any(
         kind != "metrics"
@@ -180,8 +165,14 @@ def _off_plan(
         for (kind, got), want in zip(reported, planned, strict=False)
     ):
         return "its DP report states other DP events than the request fixed"
-    if sum(e.steps for e in planned) != len(layout):
+    marginals = default_marginals(schema)
+    (event,) = planned  # the default plan: one σ for every marginal
+    if event.steps != len(marginals):
         return "it declares other columns than its catalog publishes"
+    layout = [
+        (list(cols), [schema.column(c).bins for c in cols], event.noise_multiplier**2)
+        for cols in marginals
+    ]
     stated = [
         (list(m["columns"]), list(m["shape"]), float(m["variance"]))
         for m in measurement["marginals"]

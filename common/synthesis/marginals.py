@@ -41,6 +41,7 @@ from common.synthesis.discretisation import (
 __all__ = [
     "MeasurementPlan",
     "PlannedMarginal",
+    "default_marginals",
     "marginal_plan",
     "measure_site",
     "planned_events",
@@ -190,6 +191,14 @@ def _uniform_sigma(
         delta=delta,
         accountant=accountant,
     )
+
+
+def default_marginals(schema: Schema) -> list[tuple[str, ...]]:
+    """The marginals of the default plan (:func:`marginal_plan` without ``pairs`` or
+    ``one_way_share``), in the order a site measures them: every column, then every pair of
+    columns in schema order. All share the σ of :func:`planned_events`."""
+    names = schema.names
+    return [*((n,) for n in names), *combinations(names, 2)]
 
 
 def planned_events(

@@ -33,6 +33,7 @@ from common.errors import InvalidSpecError, InvalidUpdateError
 from common.synthesis.discretisation import ColumnSchema, MeasurementDict, Schema, infer_schema
 from common.synthesis.marginals import (
     MeasurementPlan,
+    default_marginals,
     marginal_plan,
     measure_site,
     planned_events,
@@ -256,6 +257,7 @@ def test_the_orchestrators_planned_events_are_the_sites_plan(d: int) -> None:
     schema = Schema(mixed_schema().columns[:d])
     plan = marginal_plan(schema, target_epsilon=2.0, delta=DELTA)
     assert planned_events(d, target_epsilon=2.0, delta=DELTA) == plan.events
+    assert default_marginals(schema) == [m.columns for m in plan.marginals]
     with pytest.raises(InvalidSpecError, match="at least one column"):
         planned_events(0, target_epsilon=2.0, delta=DELTA)
 
