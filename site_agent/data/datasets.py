@@ -78,7 +78,7 @@ class SiteDatasets:
         self._shapes: dict[str, Shape] = {}
         self._disk: dict[str, DiskDataset] = {}
         self._versions: dict[str, SourceVersion] = {}
-        """The files each ``engine: dask`` dataset was counted on (start-up)."""
+        """The files each Parquet dataset was counted or loaded from (start-up)."""
         self.dask_client: Any | None = None
         self.loads = 0
         """How many tables were read whole so far (tests check when data is read)."""
@@ -155,8 +155,17 @@ class SiteDatasets:
         cfg = self.require_in_memory(name)
         with self._lock:
             if name not in self._splits:
+                parquet = cfg.source_format() == "parquet"
+                version = source_version(cfg) if parquet else None
                 full = load_dataset(cfg)
                 self.loads += 1
+                if version is not None:
+                    if source_version(cfg) != version:
+                        raise InvalidSpecError(
+                            f"The dataset {name!r} changed while the site agent loaded it; "
+                            "restart the agent."
+                        )
+                    self._versions.setdefault(name, version)
                 if cfg.validation_fraction > 0:
                     # Each record's side comes from a keyed hash of that record alone.
                     key = split_key(self.config.state_dir)
@@ -226,6 +235,16 @@ class SiteDatasets:
             client, version = self.dask_client, self._versions[name]
         # Refuses (before the charge) a source that changed since it was counted.
         return StatsEngine(cfg, names, client, version=version)
+
+    def parquet_engine(self, name: str) -> StatsEngine:
+        """The in-process map over a Parquet dataset's partitions (``engine: local``), held
+        like the cluster's (:meth:`engine`) to the files the agent counted or loaded at
+        start-up: it refuses a source that changed since."""
+        cfg = self.config_of(name)
+        names = self.shape(name).feature_names  # loads or counts the files first
+        with self._lock:
+            version = self._versions.get(name)
+        return StatsEngine(cfg, names, None, version=version)
 
     def exact_rows(self, name: str) -> int | Callable[[], int]:
         """The catalog's exact count: the shape's, or (``engine: dask``) a function the

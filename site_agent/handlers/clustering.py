@@ -123,7 +123,7 @@ def _answer(
     ``engine: local``, the same map in this process); the others stream the rows here."""
     cfg = site.datasets.config_of(dataset)
     if engine is None and cfg.source_format() == "parquet":
-        engine = StatsEngine(cfg, site.datasets.shape(dataset).feature_names, None)
+        engine = site.datasets.parquet_engine(dataset)
     if engine is not None and request.get("kind") != "gmm.boot":
         stats_map = MixtureRequestStats(columns, cfg.chunk_rows, request)
         rows, partials = engine.fold(stats_map, (0, []), add_mixture)

@@ -106,6 +106,20 @@ def test_a_table_that_changed_since_start_up_is_refused(tmp_path: Path) -> None:
         _close(ex)
 
 
+def test_a_local_parquet_table_that_changed_since_start_up_is_refused(tmp_path: Path) -> None:
+    """``engine: local``: the mixture statistics map over the Parquet files in the agent
+    (``StatsEngine`` without a cluster); they are held to the files loaded at start-up."""
+    _write_data(tmp_path / "data", rows=600)
+    ex = _executor(tmp_path / "site", tmp_path / "data", "local", "synchronous")
+    try:
+        assert ex.datasets.loads == 1
+        _write_data(tmp_path / "data", rows=400)
+        with pytest.raises(InvalidSpecError, match="changed since the site agent started"):
+            ex.execute(_task("gmm_local", LOCAL_FIT, "g"), b"")
+    finally:
+        _close(ex)
+
+
 def test_a_disk_dataset_refuses_an_in_memory_task_before_any_charge(tmp_path: Path) -> None:
     _write_data(tmp_path / "data")
     ex = _executor(tmp_path / "site", tmp_path / "data", "local", "synchronous")
