@@ -32,6 +32,7 @@ import json
 import math
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -287,6 +288,32 @@ def charge_row(
     )
 
 
+def charges_ahead(
+    *,
+    job_id: str,
+    round: int,
+    dataset: str,
+    delta: float,
+    events: Mapping[str, Sequence[tuple[str, DpEvent]]],
+) -> tuple[dict[str, str], list[ChargeRow]]:
+    """Each site's charge for a task it is about to be sent, under a fresh task id:
+    ``(task ids by site, charge rows)``, to be written before any task is dispatched."""
+    task_ids = {sid: uuid.uuid4().hex for sid in events}
+    rows = [
+        charge_row(
+            job_id=job_id,
+            round=round,
+            site_id=sid,
+            dataset=dataset,
+            task_id=task_ids[sid],
+            events=list(site_events),
+            delta=delta,
+        )
+        for sid, site_events in sorted(events.items())
+    ]
+    return task_ids, rows
+
+
 def open_one_shot(
     store: Store,
     *,
@@ -295,25 +322,19 @@ def open_one_shot(
     dataset: str,
     delta: float,
     request_json: str,
-    task_ids: Mapping[str, str],
     assigned: Mapping[str, Sequence[tuple[str, DpEvent]]],
-) -> None:
+) -> dict[str, str]:
     """Before a one-shot release (``synth``, ``evaluate``) is sent: a running job row of that
-    kind, and every site's charge for the task it is about to receive (write-ahead, in one
-    transaction), so ``status`` and ``ledger`` show it like a training job's.
+    kind, and every site's charge for the task it is about to receive (write-ahead,
+    :func:`charges_ahead`), so ``status`` and ``ledger`` show it like a training job's.
+    Returns each site's task id.
 
     What is charged is ``assigned[site]``, the (kind, event) pairs the request fixes for that
     site and that the orchestrator computed from public inputs (an evaluation's σ, the
     synthetic-data plan for the site's published columns), never what a site will report.
     A site that then refuses or does not answer stays counted: an over-count, never an
     under-count. :func:`close_one_shot` ends the job.
-
-    Raises:
-        ValueError: a site without assigned events.
     """
-    missing = sorted(set(task_ids) - set(assigned))
-    if missing:
-        raise ValueError(f"one-shot release {job_id}: no assigned events for {missing}")
     now = time.time()
     store.add_job(
         JobRow(
@@ -332,20 +353,12 @@ def open_one_shot(
             participants={},
         )
     )
-    rows = [
-        charge_row(
-            job_id=job_id,
-            round=1,
-            site_id=sid,
-            dataset=dataset,
-            task_id=task_id,
-            events=list(assigned[sid]),
-            delta=delta,
-        )
-        for sid, task_id in sorted(task_ids.items())
-    ]
+    task_ids, rows = charges_ahead(
+        job_id=job_id, round=1, dataset=dataset, delta=delta, events=assigned
+    )
     if rows:
         store.add_charges(rows)
+    return task_ids
 
 
 def close_one_shot(

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
@@ -33,7 +32,12 @@ from common.errors import DpfedError, JobFailedError
 from orchestrator.core.broker import Broker
 from orchestrator.core.fanout import FanOutResult, fan_out
 from orchestrator.core.store import ChargeRow, Store
-from orchestrator.jobs.accounting import JobAccount, charge_row, close_one_shot, open_one_shot
+from orchestrator.jobs.accounting import (
+    JobAccount,
+    charges_ahead,
+    close_one_shot,
+    open_one_shot,
+)
 
 log = logging.getLogger("dpfed.orchestrator")
 
@@ -177,21 +181,14 @@ class JobThread(threading.Thread):
     ) -> dict[str, str]:
         """Write every site's charge for a task it is about to be sent (write-ahead: a crash
         or an unanswered task leaves the release counted); returns each site's task id."""
-        task_ids = {sid: uuid.uuid4().hex for sid in site_ids}
-        self._record(
-            [
-                charge_row(
-                    job_id=self.job_id,
-                    round=rnd,
-                    site_id=sid,
-                    dataset=dataset,
-                    task_id=task_ids[sid],
-                    events=events,
-                    delta=delta,
-                )
-                for sid in site_ids
-            ]
+        task_ids, rows = charges_ahead(
+            job_id=self.job_id,
+            round=rnd,
+            dataset=dataset,
+            delta=delta,
+            events={sid: events for sid in site_ids},
         )
+        self._record(rows)
         return task_ids
 
     # ------------------------------------------------------------------ events
@@ -229,17 +226,19 @@ def send_one_shot(
     recorded without a store), the request to every site, the answers collected until all
     answered or ``timeout_s``, then the job closed (:func:`close_one_shot`): completed with
     the answering sites, or failed when none answered or the fan-out raised."""
-    task_ids = {sid: uuid.uuid4().hex for sid in site_ids}
+    missing = sorted(set(site_ids) - set(assigned))
+    if missing:
+        raise ValueError(f"one-shot release {job_id}: no assigned events for {missing}")
+    task_ids = None
     if store is not None:
-        open_one_shot(
+        task_ids = open_one_shot(
             store,
             job_id=job_id,
             kind=kind,
             dataset=dataset,
             delta=delta,
             request_json=request_json,
-            task_ids=task_ids,
-            assigned=assigned,
+            assigned={sid: assigned[sid] for sid in site_ids},
         )
     try:
         res = fan_out(
